@@ -1,0 +1,76 @@
+"""Threshold and score normalisation from held-out good images. numpy only (no torch).
+
+The normalisation is affine and clipped: `low` (the smallest good score) maps to 0, the threshold to
+0.5, and `threshold + (threshold - low)` to 1. The same mapping applied to anomaly maps gives heatmaps
+whose 0.5 level is the decision boundary. Without labelled anomalies the threshold sits above the
+good-score distribution (never below its median), so calibration cannot collapse into flagging
+everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from stpm.config import CalibrationConfig
+
+
+@dataclass(frozen=True)
+class Calibration:
+    threshold: float
+    low: float  # maps to normalised 0
+    method: str
+    quantile: float
+    margin: float
+    n_images: int
+    good_stats: dict  # min, median, max, mean, std of the held-out good scores
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def calibrate(good_scores: np.ndarray, cfg: CalibrationConfig = CalibrationConfig()) -> Calibration:
+    """Good image scores [N] -> Calibration. Needs at least one score; two or more for a spread."""
+    s = np.asarray(good_scores, dtype=np.float64).ravel()
+    if s.size == 0:
+        raise ValueError("calibration needs at least one held-out good image score")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("calibration scores contain NaN or inf")
+    lo, med, hi = float(s.min()), float(np.median(s)), float(s.max())
+    spread = max(hi - med, 1e-12 * max(abs(hi), 1.0))
+    if cfg.method == "quantile":
+        if not 0.5 <= cfg.quantile <= 1.0:
+            raise ValueError(f"quantile must lie in [0.5, 1], got {cfg.quantile}")
+        thr = float(np.quantile(s, cfg.quantile)) + cfg.margin * spread
+    elif cfg.method == "max_margin":
+        thr = hi + cfg.margin * spread
+    else:
+        raise ValueError(f"unknown calibration method {cfg.method!r}")
+    thr = max(thr, med + 1e-12)
+    low = min(lo, thr - spread)  # keep thr - low > 0 even with a single score
+    stats = {"min": lo, "median": med, "max": hi, "mean": float(s.mean()), "std": float(s.std())}
+    return Calibration(thr, low, cfg.method, cfg.quantile, cfg.margin, int(s.size), stats)
+
+
+def normalize(scores: np.ndarray, threshold: float, low: float) -> np.ndarray:
+    """Affine map low -> 0, threshold -> 0.5, clipped to [0, 1]. Works on scores and maps alike."""
+    scale = 0.5 / max(threshold - low, 1e-12)
+    return np.clip(0.5 + (np.asarray(scores, dtype=np.float64) - threshold) * scale, 0.0, 1.0)
+
+
+def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) maximising F1 given labelled anomalies (labels 1 = anomalous)."""
+    from sklearn.metrics import precision_recall_curve
+
+    labels = np.asarray(labels).astype(int)
+    if labels.min() == labels.max():
+        raise ValueError("F1-optimal threshold needs both good and anomalous images")
+    p, r, t = precision_recall_curve(labels, np.asarray(scores, dtype=np.float64))
+    f1 = 2 * p * r / np.maximum(p + r, 1e-12)
+    i = int(np.argmax(f1[:-1]))
+    return float(t[i]), float(f1[i])

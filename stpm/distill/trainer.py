@@ -1,0 +1,163 @@
+"""Plain training loops. The teacher is frozen and kept in eval mode in one place: `FrozenTeacher`."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyper-parameter of a training run."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    amp: bool = True  # used only on CUDA
+    progress: bool = False
+    grad_clip: float = 0.0  # 0 disables clipping
+
+
+class FrozenTeacher(nn.Module):
+    """Wraps a trained model: no gradients, always eval mode (train() cannot switch it back), no_grad forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        super().train(False)
+        self.model.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.model(x)
+
+
+class Objective(nn.Module):
+    """A distillation method: owns the student (and helpers), returns one scalar loss per batch.
+
+    `student` is what gets evaluated and exported. Trainable parameters are those with requires_grad.
+    """
+
+    student: nn.Module
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(objective: Objective, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, cfg: TrainConfig, scaler: torch.amp.GradScaler | None = None,
+                    desc: str = "train") -> float:
+    """One pass over `loader`; returns the mean loss."""
+    objective.train()
+    total, count = 0.0, 0
+    for x, y in tqdm(loader, desc=desc, disable=not cfg.progress, leave=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, cfg.amp):
+            loss = objective(x, y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable_parameters(objective), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        total += float(loss.detach()) * len(x)
+        count += len(x)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, device: torch.device, batch_size: int = 1000) -> Tensor:
+    """Logits of `model` in eval mode for all of x (restores the previous mode). [N, ...] -> [N, K] on CPU."""
+    was_training = model.training
+    model.eval()
+    out = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def count_errors(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> int:
+    """Number of misclassified examples."""
+    return int((predict_logits(model, x, device).argmax(-1) != y).sum())
+
+
+@dataclass
+class History:
+    """Per-epoch training losses and (optional) test errors; snapshots of the student if requested."""
+
+    losses: list[float] = field(default_factory=list)
+    test_errors: list[int] = field(default_factory=list)
+    snapshots: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+
+def fit(objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device: torch.device,
+        eval_data: tuple[Tensor, Tensor] | None = None, snapshot_epochs: tuple[int, ...] = (),
+        checkpoint_path: Path | None = None, desc: str = "fit") -> History:
+    """Train `objective` for cfg.epochs; evaluate objective.student on eval_data after each epoch.
+
+    snapshot_epochs: 1-based epochs after which a copy of the student's state_dict is kept (ESKD).
+    checkpoint_path: the student's final state_dict is saved there (weights only).
+    """
+    objective.to(device)
+    optimizer = make_optimizer(trainable_parameters(objective), cfg)
+    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
+    hist = History()
+    for epoch in range(1, cfg.epochs + 1):
+        hist.losses.append(train_one_epoch(objective, train_loader, optimizer, device, cfg, scaler,
+                                           desc=f"{desc} {epoch}/{cfg.epochs}"))
+        if eval_data is not None:
+            hist.test_errors.append(count_errors(objective.student, eval_data[0], eval_data[1], device))
+        if epoch in snapshot_epochs:
+            hist.snapshots[epoch] = copy.deepcopy({k: v.detach().cpu() for k, v in
+                                                   objective.student.state_dict().items()})
+    if checkpoint_path is not None:
+        save_checkpoint(objective.student, checkpoint_path)
+    return hist
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    """Weights only: {"model": state_dict}."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

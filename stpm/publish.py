@@ -1,0 +1,61 @@
+"""Assemble and atomically publish a bundle from a trained model and its calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stpm import bundle
+from stpm.calibrate import Calibration
+from stpm.config import ModelConfig, to_dict
+from stpm.model import STPM
+from stpm.weights import save_weights
+
+
+def build_manifest(
+    name: str,
+    model_cfg: ModelConfig,
+    calibration: Calibration,
+    teacher_source: str,
+    training: dict[str, Any],
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "format_version": bundle.FORMAT_VERSION,
+        "name": bundle.check_name(name),
+        "version": None,  # set by bundle.publish
+        "created_at": bundle.utc_now(),
+        "model": to_dict(model_cfg),
+        "teacher_weights_source": teacher_source,
+        "calibration": calibration.to_dict(),
+        "training": training,
+        "data": data,
+        "files": {},
+        "library_versions": bundle.library_versions(),
+    }
+
+
+def publish_model(
+    models_dir: str | Path,
+    model: STPM,
+    manifest: dict[str, Any],
+    before_publish: Callable[[Path], None] | None = None,
+) -> tuple[str, Path]:
+    """Write weights + manifest into a staging folder, run `before_publish(staging)` (e.g. the ONNX
+    export with its parity check), then rename into the next version. Nothing is visible until the
+    rename; on any error the staging folder is removed. -> (version, bundle path)."""
+    import shutil
+
+    name = manifest["name"]
+    staging = bundle.new_staging_dir(models_dir, name)
+    try:
+        manifest = dict(manifest)
+        manifest["files"] = save_weights(model.cpu(), staging)
+        bundle.write_manifest(staging, manifest)
+        if before_publish is not None:
+            before_publish(staging)
+        return bundle.publish(staging, models_dir, name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
