@@ -1,0 +1,92 @@
+"""Every error is JSON `{"error": code, "detail": message}` with the right status (never an HTML page)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("app")
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class APIError(StarletteHTTPException):
+    """An error with a machine-readable code. `extra` is merged into the JSON body."""
+
+    def __init__(
+        self,
+        status_code: int,
+        error: str,
+        detail: str,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(status_code=status_code, detail=detail, headers=headers)
+        self.error = error
+        self.extra = extra or {}
+
+
+def error_body(status: int, detail: Any, error: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"error": error or _CODES.get(status, "error"), "detail": detail, **extra}
+
+
+def error_response(status: int, detail: Any, error: str | None = None, headers=None, **extra) -> JSONResponse:
+    return JSONResponse(jsonable_encoder(error_body(status, detail, error, **extra)), status, headers=headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc, APIError):
+        return error_response(exc.status_code, exc.detail, exc.error, exc.headers, **exc.extra)
+    detail = exc.detail
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no route {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"method {request.method} is not allowed on {request.url.path}"
+    return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errs = exc.errors()
+    parts = []
+    for e in errs:
+        loc = tuple(e.get("loc", ()))
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "missing" and loc[:1] == ("body",) and len(loc) > 1:
+            msg = f"missing multipart field {loc[1]!r}"
+        parts.append(f"{_loc(loc)}: {msg}")
+    clean = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errs]
+    return error_response(422, "; ".join(parts) or "invalid request", "validation_error", errors=clean)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

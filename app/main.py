@@ -1,0 +1,131 @@
+"""The FastAPI app: `create_app(settings)` builds one; `uvicorn app.main:create_app --factory` serves one.
+
+Extension points for later features (training jobs, the web page):
+* routers live in ``app/routes/`` and are included in :func:`create_app` (``ROUTERS``);
+* ``app.state.settings``, ``app.state.registry`` (:class:`app.registry.ModelRegistry`),
+  ``app.state.metrics`` (:class:`app.metrics.Metrics`);
+* ``app.state.public_paths`` / ``app.state.public_prefixes``: paths served without the API key;
+* ``app.state.startup_hooks`` / ``app.state.shutdown_hooks``: async callables ``hook(app)`` run in the
+  lifespan after the registry starts / before it stops (e.g. a job worker).
+
+Nothing here imports torch: scoring runs on stpm.runtime (onnxruntime + numpy + Pillow).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from app.errors import install_error_handlers
+from app.metrics import Metrics
+from app.middleware import APIKeyMiddleware, MetricsMiddleware, RequestLimitMiddleware
+from app.registry import ModelRegistry
+from app.routes import health, models, score
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+ROUTERS = (health.router, score.router, models.router)
+
+DESCRIPTION = """
+Unsupervised visual anomaly detection (STPM). POST images to `/score` to get, for each, a score in
+[0, 1] (0.5 = the calibrated threshold), a decision and optionally a heatmap.
+
+Errors are JSON `{"error": code, "detail": message}`. When the server has an API key, send it as
+`X-API-Key: KEY` or `Authorization: Bearer KEY` (every route but `/healthz` and `/readyz`).
+"""
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    scorer_factory: Callable[[Path], Any] | None = None,
+) -> FastAPI:
+    """Build the app. `scorer_factory(bundle_dir)` overrides how scorers are made (tests, benchmarks)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    registry = ModelRegistry(settings, metrics, scorer_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await registry.start()
+        for hook in app.state.startup_hooks:
+            await hook(app)
+        try:
+            yield
+        finally:
+            for hook in reversed(app.state.shutdown_hooks):
+                try:
+                    await hook(app)
+                except Exception:  # noqa: BLE001
+                    log.exception("shutdown hook failed")
+            await registry.stop()
+
+    app = FastAPI(
+        title="STPM anomaly detection",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.registry = registry
+    app.state.started_at = time.time()
+    app.state.public_paths = {"/healthz", "/readyz"}
+    app.state.public_prefixes = []
+    app.state.startup_hooks = []
+    app.state.shutdown_hooks = []
+    if settings.public_docs:
+        app.state.public_paths |= {"/docs", "/docs/oauth2-redirect", "/openapi.json"}
+
+    install_error_handlers(app)
+    for r in ROUTERS:
+        app.include_router(r)
+
+    # Added last = outermost: metrics see every answer, including 401 and 413.
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value(), state=app.state)
+    app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            if settings.api_key is not None:
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                    "Bearer": {"type": "http", "scheme": "bearer"},
+                }
+                schema["security"] = [{"ApiKey": []}, {"Bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _version() -> str:
+    try:
+        import importlib.metadata as md
+
+        return md.version("stpm")
+    except Exception:  # noqa: BLE001
+        return "0"
+
+
+def __getattr__(name: str):
+    """`app.main.app`: built on first access from the environment (for `uvicorn app.main:app`)."""
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(name)

@@ -1,0 +1,478 @@
+"""Loaded scorers per model version, the default model, hot reload, and micro-batching.
+
+* Resolution is done on every request against the model store (a directory listing and a few stats,
+  well under a millisecond), so a newly published or activated version is used by the very next
+  request; a background poll (``reload_interval_s``) loads and warms it before that request arrives.
+* The default model (requests without ``model``): ``settings.default_model`` if set, else the only
+  model, else the model most recently published or activated (its folder's mtime).
+* Each loaded version owns a :class:`Batcher`: concurrent requests are queued and coalesced into one
+  ONNX Runtime call of up to ``batch_max_images`` images, run in a small thread pool so the event loop
+  never blocks. Versions that are no longer active, not used for ``IDLE_UNLOAD_S`` and not serving a
+  request are unloaded; so are deleted ones.
+
+State is touched from the event loop and from loader threads; a lock guards the tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stpm import bundle
+from stpm.bundle import BundleError, ModelNotFoundError
+
+from app.errors import APIError
+from app.metrics import Metrics
+from app.settings import Settings
+
+log = logging.getLogger("app.registry")
+
+IDLE_UNLOAD_S = 60.0
+
+
+class NoModelError(APIError):
+    def __init__(self, models_dir: Path):
+        super().__init__(
+            409,
+            "no_model",
+            f"no model has been trained yet (model store {models_dir} is empty): train one with "
+            "`stpm train --data DIR --name NAME` (or POST /train) and it is picked up automatically",
+        )
+
+
+def model_error(exc: BundleError) -> APIError:
+    """Map the store's exceptions onto HTTP: unknown -> 404, malformed reference -> 400."""
+    if isinstance(exc, ModelNotFoundError):
+        return APIError(404, "model_not_found", str(exc))
+    return APIError(400, "invalid_model_name", str(exc))
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    overlay: bool = False
+    raw_map_png: bool = False
+    map_size: Any = None  # None | "input" | (h, w)
+
+
+@dataclass
+class _Job:
+    images: list
+    names: list[str]
+    opts: ScoreOptions
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Coalesces concurrent score() calls for one scorer into batched calls on a thread pool."""
+
+    def __init__(self, scorer, label: str, executor: ThreadPoolExecutor, settings: Settings, metrics: Metrics):
+        self.scorer = scorer
+        self.label = label
+        self.executor = executor
+        self.max_images = settings.batch_max_images
+        self.wait_s = settings.batch_wait_ms / 1000.0
+        self.concurrency = settings.inference_threads
+        self.metrics = metrics
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._carry: deque[_Job] = deque()
+        self._task: asyncio.Task | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
+        self.batches = 0
+
+    def _ensure_started(self) -> None:
+        if self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._sem = asyncio.Semaphore(self.concurrency)
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher:{self.label}")
+
+    async def submit(self, images: Sequence, names: Sequence[str], opts: ScoreOptions) -> tuple[list, float]:
+        """-> (ScoreResults in order, seconds spent queued)."""
+        self._ensure_started()
+        job = _Job(list(images), list(names), opts, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(job)
+        return await job.future
+
+    async def _next(self, timeout: float | None) -> _Job | None:
+        if self._carry:
+            return self._carry.popleft()
+        if timeout is None:
+            return await self._queue.get()
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            if timeout <= 0:
+                return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._sem.acquire()
+            try:
+                first = await self._next(None)
+            except BaseException:
+                self._sem.release()
+                raise
+            batch, n = [first], len(first.images)
+            deadline = loop.time() + self.wait_s
+            while n < self.max_images:
+                nxt = await self._next(deadline - loop.time())
+                if nxt is None:
+                    break
+                if n + len(nxt.images) > self.max_images:
+                    self._carry.append(nxt)
+                    break
+                batch.append(nxt)
+                n += len(nxt.images)
+            t = loop.create_task(self._run(batch))
+            self._running.add(t)
+            t.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self.executor, self._score_sync, batch)
+        except BaseException as e:  # noqa: BLE001 - delivered to every waiting request
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
+            if not isinstance(e, Exception):
+                raise
+            return
+        finally:
+            self._sem.release()
+        self.batches += 1
+        self.metrics.inference.labels(self.label).observe(time.perf_counter() - start)
+        self.metrics.batch_size.labels(self.label).observe(sum(len(j.images) for j in batch))
+        for job, res in zip(batch, results):
+            if not job.future.done():
+                job.future.set_result((res, start - job.enqueued))
+
+    def _score_sync(self, batch: list[_Job]) -> list[list]:
+        """Runs in the executor: one scorer call per group of jobs with the same options."""
+        out: list[list | None] = [None] * len(batch)
+        groups: dict[ScoreOptions, list[int]] = {}
+        for i, job in enumerate(batch):
+            groups.setdefault(job.opts, []).append(i)
+        for opts, idx in groups.items():
+            images = [im for i in idx for im in batch[i].images]
+            names = [nm for i in idx for nm in batch[i].names]
+            results = []
+            for s in range(0, len(images), self.max_images):  # a single large request is chunked
+                results.extend(
+                    self.scorer.score(
+                        images[s : s + self.max_images],
+                        names=names[s : s + self.max_images],
+                        map_size=opts.map_size,
+                        overlay=opts.overlay,
+                        raw_map_png=opts.raw_map_png,
+                    )
+                )
+            k = 0
+            for i in idx:
+                m = len(batch[i].images)
+                out[i] = results[k : k + m]
+                k += m
+        return out  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for t in list(self._running):
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        pending = list(self._carry)
+        while self._queue is not None and not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        for job in pending:
+            if not job.future.done():
+                job.future.set_exception(APIError(503, "shutting_down", "the server is shutting down"))
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    path: Path
+    scorer: Any
+    manifest: dict
+    batcher: Batcher
+    loaded_at: float
+    load_seconds: float
+    warm: bool
+    in_use: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+def default_scorer_factory(settings: Settings) -> Callable[[Path], Any]:
+    def make(path: Path):
+        from stpm.runtime import Scorer  # imported lazily: onnxruntime, never torch
+
+        return Scorer(
+            path,
+            providers=tuple(settings.providers),
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            precision=settings.precision,
+            max_pixels=settings.max_pixels,
+            max_batch=settings.batch_max_images,
+        )
+
+    return make
+
+
+class ModelRegistry:
+    """The service's view of the model store. Create one per app; stored on ``app.state.registry``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        scorer_factory: Callable[[Path], Any] | None = None,
+    ):
+        self.settings = settings
+        self.models_dir = Path(settings.models_dir)
+        self.metrics = metrics
+        self.scorer_factory = scorer_factory or default_scorer_factory(settings)
+        self.executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="stpm-infer")
+        self._loaded: dict[tuple[str, str], LoadedModel] = {}
+        self._load_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._lock = threading.RLock()
+        self._poller: asyncio.Task | None = None
+        self.last_error: str | None = None  # the last load failure, shown by /readyz
+        self.on_change: list[Callable[[str, str, str], None]] = []  # hooks: (event, name, version)
+
+    # ----- resolution (cheap, synchronous) -----
+
+    def default_name(self) -> str | None:
+        if self.settings.default_model:
+            return bundle.parse_ref(self.settings.default_model)[0]
+        names = bundle.list_models(self.models_dir)
+        if not names:
+            return None
+        if len(names) == 1:
+            return names[0]
+
+        def stamp(n: str) -> tuple[int, str]:
+            try:
+                return (os.stat(self.models_dir / n).st_mtime_ns, n)
+            except OSError:
+                return (0, n)
+
+        return max(names, key=stamp)
+
+    def resolve(self, ref: str | None) -> tuple[str, str]:
+        """'name' | 'name/vN' | None (the default) -> (name, version). Raises APIError 400/404/409."""
+        try:
+            if ref is None or not ref.strip():
+                if self.settings.default_model:
+                    ref = self.settings.default_model
+                else:
+                    name = self.default_name()
+                    if name is None:
+                        raise NoModelError(self.models_dir)
+                    ref = name
+            path = bundle.resolve(self.models_dir, ref)
+        except BundleError as e:
+            if ref is None and isinstance(e, ModelNotFoundError):
+                raise NoModelError(self.models_dir) from None
+            raise model_error(e) from None
+        return path.parent.name, path.name
+
+    # ----- loading -----
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._loaded.values())
+
+    def peek(self, name: str, version: str) -> LoadedModel | None:
+        with self._lock:
+            return self._loaded.get((name, version))
+
+    async def get(self, ref: str | None) -> LoadedModel:
+        """Resolve and return a loaded, warmed-up model, loading it (off the event loop) if needed."""
+        name, version = self.resolve(ref)
+        return await self.load(name, version)
+
+    async def load(self, name: str, version: str) -> LoadedModel:
+        key = (name, version)
+        lm = self.peek(name, version)
+        if lm is not None:
+            lm.last_used = time.monotonic()
+            return lm
+        lock = self._load_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            lm = self.peek(name, version)
+            if lm is None:
+                lm = await asyncio.to_thread(self._load_sync, name, version)
+                with self._lock:
+                    self._loaded[key] = lm
+                    self.metrics.models_loaded.set(len(self._loaded))
+                self._notify("loaded", name, version)
+                await self._evict_lru()
+        lm.last_used = time.monotonic()
+        return lm
+
+    def _load_sync(self, name: str, version: str) -> LoadedModel:
+        label = f"{name}/{version}"
+        path = self.models_dir / name / version
+        t0 = time.perf_counter()
+        try:
+            manifest = bundle.read_manifest(path)
+            scorer = self.scorer_factory(path)
+            warm = False
+            if self.settings.warmup:
+                scorer.warmup()
+                warm = True
+        except Exception as e:
+            self.metrics.model_loads.labels(label, "error").inc()
+            self.last_error = f"{label}: {type(e).__name__}: {e}"
+            log.error("loading model %s failed: %s", label, e)
+            if isinstance(e, ModelNotFoundError):
+                raise APIError(404, "model_not_found", str(e)) from None
+            raise APIError(
+                503, "model_unavailable", f"model {label} could not be loaded: {type(e).__name__}: {e}"
+            ) from None
+        dt = time.perf_counter() - t0
+        self.metrics.model_loads.labels(label, "ok").inc()
+        self.metrics.model_load_seconds.observe(dt)
+        self.last_error = None
+        log.info("loaded model %s in %.2f s (providers %s)", label, dt, getattr(scorer, "providers", "?"))
+        batcher = Batcher(scorer, label, self.executor, self.settings, self.metrics)
+        return LoadedModel(name, version, path, scorer, manifest, batcher, time.time(), dt, warm or not self.settings.warmup)
+
+    async def unload(self, name: str, version: str, reason: str = "unloaded") -> bool:
+        with self._lock:
+            lm = self._loaded.pop((name, version), None)
+            self.metrics.models_loaded.set(len(self._loaded))
+        if lm is None:
+            return False
+        await lm.batcher.close()
+        self.metrics.model_loads.labels(lm.ref, reason).inc()
+        self._notify(reason, name, version)
+        log.info("%s model %s", reason, lm.ref)
+        return True
+
+    async def _evict_lru(self) -> None:
+        with self._lock:
+            extra = len(self._loaded) - self.settings.max_loaded_models
+            if extra <= 0:
+                return
+            idle = sorted((lm for lm in self._loaded.values() if lm.in_use == 0), key=lambda m: m.last_used)
+        for lm in idle[:extra]:
+            await self.unload(lm.name, lm.version, "evicted")
+
+    def _notify(self, event: str, name: str, version: str) -> None:
+        for hook in list(self.on_change):
+            try:
+                hook(event, name, version)
+            except Exception:  # noqa: BLE001
+                log.exception("registry hook failed")
+
+    # ----- scoring -----
+
+    async def score(self, lm: LoadedModel, images: Sequence, names: Sequence[str], opts: ScoreOptions):
+        lm.in_use += 1
+        lm.last_used = time.monotonic()
+        try:
+            return await lm.batcher.submit(images, names, opts)
+        finally:
+            lm.in_use -= 1
+            lm.last_used = time.monotonic()
+
+    def in_use(self, name: str, version: str) -> bool:
+        lm = self.peek(name, version)
+        return lm is not None and lm.in_use > 0
+
+    # ----- hot reload -----
+
+    async def refresh(self) -> None:
+        """Load the default model's current version; unload deleted and idle superseded versions."""
+        try:
+            name, version = self.resolve(None)
+        except APIError:
+            name = version = None
+        if name is not None:
+            try:
+                await self.load(name, version)
+            except APIError:
+                pass  # recorded in last_error / metrics; retried on the next poll
+        now = time.monotonic()
+        for lm in self.loaded():
+            if lm.in_use:
+                continue
+            gone = not (lm.path / bundle.MANIFEST).is_file()
+            try:
+                active = bundle.get_active(self.models_dir, lm.name)
+            except BundleError:
+                active = None
+            superseded = lm.version != active and now - lm.last_used > IDLE_UNLOAD_S
+            if gone or superseded:
+                await self.unload(lm.name, lm.version, "unloaded")
+
+    async def _poll(self) -> None:
+        interval = self.settings.reload_interval_s
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the poller must survive anything
+                log.exception("model store poll failed")
+            await asyncio.sleep(interval)
+
+    async def start(self) -> None:
+        if self.settings.reload_interval_s > 0:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="registry-poll")
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            try:
+                await self._poller
+            except (asyncio.CancelledError, Exception):
+                pass
+        for lm in self.loaded():
+            await self.unload(lm.name, lm.version, "unloaded")
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ----- readiness -----
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            lm = await self.get(None)
+        except APIError as e:
+            return False, {"error": e.error, "detail": e.detail}
+        ok = lm.warm
+        return ok, {
+            "model": lm.name,
+            "version": lm.version,
+            "warm": lm.warm,
+            "providers": list(getattr(lm.scorer, "providers", []) or []),
+            "load_seconds": round(lm.load_seconds, 3),
+        }

@@ -1,0 +1,40 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from app.schemas import ErrorResponse, Health, Ready
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz(request: Request) -> Health:
+    return Health(uptime_s=round(time.time() - request.app.state.started_at, 3))
+
+
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    summary="Readiness: the default model is loaded and a warm-up inference passed",
+    responses={503: {"model": Ready, "description": "No model yet, or it failed to load"}},
+)
+async def readyz(request: Request):
+    ok, info = await request.app.state.registry.readiness()
+    body = Ready(ready=ok, **info).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}, 401: {"model": ErrorResponse}},
+)
+async def metrics(request: Request) -> Response:
+    m = request.app.state.metrics
+    return Response(m.render(), media_type=m.content_type)

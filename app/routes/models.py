@@ -1,0 +1,169 @@
+"""The model store: list, inspect, activate and delete versions."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path as PathParam, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from stpm import bundle
+from stpm.bundle import BundleError
+
+from app.errors import APIError
+from app.registry import ModelRegistry, model_error
+from app.schemas import ActivateResponse, DeleteResponse, ErrorResponse, ModelDetail, ModelList, ModelSummary, VersionDetail
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "Malformed name or version"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "No such model or version"},
+}
+Name = Annotated[str, PathParam(description="Model name", examples=["bottle"])]
+Version = Annotated[str, PathParam(description="Version: v1, v2, ...", examples=["v2"])]
+
+
+def _check(name: str, version: str | None = None) -> None:
+    try:
+        bundle.check_name(name)
+        if version is not None:
+            bundle.check_version(version)
+    except BundleError as e:
+        raise model_error(e) from None
+
+
+def _version_info(reg: ModelRegistry, name: str, version: str, active: str | None) -> tuple[dict[str, Any], dict]:
+    man = bundle.read_manifest(reg.models_dir / name / version)
+    model = man.get("model") or {}
+    cal = man.get("calibration") or {}
+    info = {
+        "version": version,
+        "active": version == active,
+        "loaded": reg.peek(name, version) is not None,
+        "created_at": man.get("created_at"),
+        "threshold": cal.get("threshold"),
+        "image_size": model.get("image_size"),
+        "backbone": model.get("backbone"),
+        "metrics": man.get("metrics"),
+    }
+    return info, man
+
+
+def _summary(reg: ModelRegistry, name: str, default: str | None) -> tuple[dict[str, Any], dict[str, dict]]:
+    versions = bundle.list_versions(reg.models_dir, name)
+    if not versions:
+        raise APIError(404, "model_not_found", f"no model named {name!r}")
+    active = bundle.get_active(reg.models_dir, name)
+    infos, manifests = [], {}
+    for v in versions:
+        try:
+            info, man = _version_info(reg, name, v, active)
+        except BundleError:
+            continue  # deleted or being deleted meanwhile
+        infos.append(info)
+        manifests[v] = man
+    return {"name": name, "active_version": active, "default": name == default, "versions": infos}, manifests
+
+
+def _default(reg: ModelRegistry) -> str | None:
+    try:
+        return reg.default_name()
+    except BundleError:
+        return None
+
+
+@router.get("", response_model=ModelList, summary="All models with their versions", responses=ERRORS)
+async def list_models(request: Request):
+    reg: ModelRegistry = request.app.state.registry
+
+    def work():
+        default = _default(reg)
+        out = []
+        for n in bundle.list_models(reg.models_dir):
+            try:
+                out.append(_summary(reg, n, default)[0])
+            except APIError:
+                continue
+        return {"default_model": default, "models": out}
+
+    return await run_in_threadpool(work)
+
+
+@router.get("/{name}", response_model=ModelDetail, summary="One model: versions, metrics, the active manifest",
+            responses=ERRORS)
+async def get_model(request: Request, name: Name):
+    _check(name)
+    reg: ModelRegistry = request.app.state.registry
+    summary, manifests = await run_in_threadpool(_summary, reg, name, _default(reg))
+    return {**summary, "manifest": manifests.get(summary["active_version"], {})}
+
+
+@router.get("/{name}/versions/{version}", response_model=VersionDetail, summary="One version and its manifest",
+            responses=ERRORS)
+async def get_version(request: Request, name: Name, version: Version):
+    _check(name, version)
+    reg: ModelRegistry = request.app.state.registry
+    try:
+        bundle.resolve(reg.models_dir, f"{name}/{version}")
+        info, man = _version_info(reg, name, version, bundle.get_active(reg.models_dir, name))
+    except BundleError as e:
+        raise model_error(e) from None
+    return {**info, "name": name, "manifest": man}
+
+
+@router.post(
+    "/{name}/versions/{version}/activate",
+    response_model=ActivateResponse,
+    summary="Make a version the one `name` resolves to (loaded and warmed up before the answer)",
+    responses={**ERRORS, 503: {"model": ErrorResponse, "description": "The version cannot be loaded"}},
+)
+async def activate(request: Request, name: Name, version: Version):
+    _check(name, version)
+    reg: ModelRegistry = request.app.state.registry
+    try:
+        bundle.resolve(reg.models_dir, f"{name}/{version}")
+        previous = bundle.get_active(reg.models_dir, name)
+        await reg.load(name, version)  # refuse to activate what cannot serve
+        bundle.set_active(reg.models_dir, name, version)
+    except BundleError as e:
+        raise model_error(e) from None
+    return {"name": name, "active_version": version, "previous_version": previous, "loaded": True}
+
+
+@router.delete(
+    "/{name}/versions/{version}",
+    response_model=DeleteResponse,
+    summary="Delete a version (not the active or an in-use one unless force=true)",
+    responses={**ERRORS, 409: {"model": ErrorResponse, "description": "The version is active or serving requests"}},
+)
+async def delete_version(
+    request: Request,
+    name: Name,
+    version: Version,
+    force: Annotated[bool, Query(description="Delete even the active / in-use version")] = False,
+):
+    _check(name, version)
+    reg: ModelRegistry = request.app.state.registry
+    try:
+        bundle.resolve(reg.models_dir, f"{name}/{version}")
+        active = bundle.get_active(reg.models_dir, name)
+    except BundleError as e:
+        raise model_error(e) from None
+    if not force:
+        if version == active:
+            raise APIError(
+                409, "version_in_use", f"{name}/{version} is the active version; activate another one first "
+                "or pass force=true",
+            )
+        if reg.in_use(name, version):
+            raise APIError(409, "version_in_use", f"{name}/{version} is serving requests; retry or pass force=true")
+    try:
+        await run_in_threadpool(bundle.delete_version, reg.models_dir, name, version)
+    except BundleError as e:
+        raise model_error(e) from None
+    lm = reg.peek(name, version)
+    if lm is not None and lm.in_use == 0:
+        await reg.unload(name, version, "unloaded")
+    return {"name": name, "deleted_version": version, "active_version": bundle.get_active(reg.models_dir, name)}

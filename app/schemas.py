@@ -1,0 +1,178 @@
+"""Response models (documented in OpenAPI with real examples)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+HeatmapMode = Literal["none", "overlay", "map", "both"]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="Machine-readable code")
+    detail: Any = Field(description="What went wrong and what to do")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "invalid_image",
+                    "detail": "broken.png: cannot decode (OSError: image file is truncated)",
+                    "files": [{"file": "broken.png", "reason": "cannot decode (OSError: image file is truncated)"}],
+                }
+            ]
+        },
+        extra="allow",
+    )
+
+
+class ScoreItem(BaseModel):
+    file: str = Field(description="The uploaded file name")
+    raw_score: float = Field(description="Max of the anomaly map, in the model's own units")
+    score: float = Field(ge=0, le=1, description="Normalised score in [0, 1]; 0.5 is the decision threshold")
+    is_anomaly: bool
+    threshold: float = Field(description="The raw-score threshold used (normalised: always 0.5)")
+    width: int = Field(description="Input width in pixels (after EXIF orientation)")
+    height: int
+    timings_ms: dict[str, float] = Field(description="decode, queue and the scorer's own stages")
+    overlay_png: str | None = Field(None, description="Base64 PNG: the image with the heatmap blended on top")
+    map_png: str | None = Field(None, description="Base64 PNG: the normalised anomaly map as grayscale")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    version: str
+    batch_images: int = Field(description="Images in this request")
+    results: list[ScoreItem] = Field(description="One per uploaded file, in upload order")
+    timings_ms: dict[str, float]
+
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "bottle",
+                    "version": "v3",
+                    "batch_images": 2,
+                    "results": [
+                        {
+                            "file": "good_000.png",
+                            "raw_score": 0.0312,
+                            "score": 0.21,
+                            "is_anomaly": False,
+                            "threshold": 0.0544,
+                            "width": 512,
+                            "height": 512,
+                            "timings_ms": {"decode": 3.1, "queue": 0.4, "preprocess": 1.2, "inference": 38.5, "render": 0.0},
+                            "overlay_png": None,
+                            "map_png": None,
+                        },
+                        {
+                            "file": "broken_large_000.png",
+                            "raw_score": 0.1911,
+                            "score": 1.0,
+                            "is_anomaly": True,
+                            "threshold": 0.0544,
+                            "width": 512,
+                            "height": 512,
+                            "timings_ms": {"decode": 3.0, "queue": 0.4, "preprocess": 1.2, "inference": 38.5, "render": 0.0},
+                            "overlay_png": None,
+                            "map_png": None,
+                        },
+                    ],
+                    "timings_ms": {"total": 52.7},
+                }
+            ]
+        },
+    )
+
+
+class VersionInfo(BaseModel):
+    version: str
+    active: bool = Field(description="The version `name` resolves to")
+    loaded: bool = Field(description="Held in memory by this server process")
+    created_at: str | None = None
+    threshold: float | None = None
+    image_size: int | None = None
+    backbone: str | None = None
+    metrics: dict[str, Any] | None = None
+    model_config = ConfigDict(protected_namespaces=())
+
+
+class ModelSummary(BaseModel):
+    name: str
+    active_version: str | None
+    default: bool = Field(description="Used by /score when the request names no model")
+    versions: list[VersionInfo]
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "bottle",
+                    "active_version": "v2",
+                    "default": True,
+                    "versions": [
+                        {"version": "v1", "active": False, "loaded": False, "created_at": "2025-05-01T10:00:00+00:00",
+                         "threshold": 0.061, "image_size": 256, "backbone": "resnet18", "metrics": None},
+                        {"version": "v2", "active": True, "loaded": True, "created_at": "2025-05-02T09:30:00+00:00",
+                         "threshold": 0.0544, "image_size": 256, "backbone": "resnet18",
+                         "metrics": {"image_auroc": 0.998, "pixel_auroc": 0.981}},
+                    ],
+                }
+            ]
+        }
+    )
+
+
+class ModelList(BaseModel):
+    default_model: str | None = Field(description="What /score uses without `model`")
+    models: list[ModelSummary]
+
+
+class ModelDetail(ModelSummary):
+    manifest: dict[str, Any] = Field(description="The active version's manifest.json")
+
+
+class VersionDetail(VersionInfo):
+    name: str
+    manifest: dict[str, Any]
+
+
+class ActivateResponse(BaseModel):
+    name: str
+    active_version: str
+    previous_version: str | None
+    loaded: bool
+
+
+class DeleteResponse(BaseModel):
+    name: str
+    deleted_version: str
+    active_version: str | None = Field(description="What `name` resolves to now (None: no versions left)")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    uptime_s: float
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "uptime_s": 12.5}]})
+
+
+class Ready(BaseModel):
+    ready: bool
+    model: str | None = None
+    version: str | None = None
+    warm: bool | None = None
+    providers: list[str] | None = None
+    load_seconds: float | None = None
+    error: str | None = None
+    detail: str | None = None
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {"ready": True, "model": "bottle", "version": "v2", "warm": True,
+                 "providers": ["CPUExecutionProvider"], "load_seconds": 0.41}
+            ]
+        },
+    )

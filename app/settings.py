@@ -1,0 +1,88 @@
+"""Service settings: environment variables with the prefix STPM_ (and a `.env` file), flags override.
+
+Example: STPM_MODELS_DIR=/data/models STPM_API_KEY=secret STPM_PORT=9000 stpm serve
+List settings accept JSON (`["cuda", "cpu"]`) or a comma-separated string (`cuda,cpu`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from stpm.imageio import DEFAULT_MAX_PIXELS
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STPM_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # Where and how to listen (used by `stpm serve`).
+    models_dir: Path = Field(Path("models"), description="The model store: models/<name>/<vN>/")
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 in a container")
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads its own models)")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    # Inference.
+    providers: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("auto",), description="ONNX Runtime providers in order of preference: auto, cuda, tensorrt, cpu"
+    )
+    intra_op_threads: int | None = Field(None, ge=0, description="ONNX Runtime intra-op threads (None: ORT's default)")
+    inter_op_threads: int | None = Field(None, ge=0)
+    precision: Literal["fp32", "fp16"] = "fp32"
+    default_model: str | None = Field(
+        None, description="Model used when a request names none: NAME or NAME/VERSION. "
+        "Unset: the only model, or the most recently published one"
+    )
+    warmup: bool = Field(True, description="Run one inference when a model is loaded (needed for /readyz)")
+    max_loaded_models: int = Field(4, ge=1, description="Scorers kept in memory (least recently used evicted)")
+    reload_interval_s: float = Field(
+        2.0, ge=0, description="How often the model store is polled for new/activated versions (0: only on requests)"
+    )
+
+    # Micro-batching of concurrent requests (per loaded model).
+    batch_max_images: int = Field(16, ge=1, description="Images per ONNX Runtime call at most")
+    batch_wait_ms: float = Field(
+        1.0, ge=0, description="How long the first queued request waits for company before its batch runs"
+    )
+    inference_threads: int = Field(1, ge=1, description="Batches running at once per model")
+
+    # Request limits (bad input never yields a 5xx).
+    max_files: int = Field(32, ge=1, description="Files per /score request")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Bytes per uploaded file")
+    max_request_bytes: int = Field(
+        100 * 1024 * 1024, ge=1, description="Bytes per request body (Content-Length and streamed)"
+    )
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Decoded pixels per image (decompression bombs)")
+
+    # Security.
+    api_key: SecretStr | None = Field(
+        None, description="When set, every route except /healthz and /readyz needs X-API-Key or Authorization: Bearer"
+    )
+    public_docs: bool = Field(False, description="Serve /docs and /openapi.json without the API key")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, v):
+        if isinstance(v, str):
+            s = v.strip()
+            if s.startswith("["):
+                import json
+
+                return tuple(json.loads(s))
+            return tuple(p.strip() for p in s.split(",") if p.strip())
+        return v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v):
+        return None if v in ("", None) else v
+
+    @field_validator("default_model", mode="before")
+    @classmethod
+    def _empty_model_is_none(cls, v):
+        return None if v in ("", None) else v
