@@ -1,0 +1,174 @@
+"""ONNX export: parity with torch on real images, manifest records, metadata, staging-dir export."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from stpm import bundle  # noqa: E402
+from stpm import export as ex  # noqa: E402
+from stpm.calibrate import calibrate  # noqa: E402
+from stpm.config import ModelConfig  # noqa: E402
+from stpm.imageio import read_image  # noqa: E402
+from stpm.model import build_stpm  # noqa: E402
+from stpm.publish import build_manifest, publish_model  # noqa: E402
+
+SIZE = 64
+
+
+def shared_data() -> Path | None:
+    env = os.environ.get("STPM_SHARED_DATA")
+    p = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return p if p.is_dir() else None
+
+
+def bottle_images(n_good: int = 4, n_bad: int = 4) -> tuple[list[np.ndarray], list[int]]:
+    root = shared_data()
+    bottle = root / "mvtec_ad_bottle_512" / "bottle" if root else None
+    if bottle is None or not bottle.is_dir():
+        pytest.skip("real data absent: set STPM_SHARED_DATA or place ../shared/data beside the repository")
+    good = sorted((bottle / "test" / "good").glob("*.png"))[:n_good]
+    bad = sorted((bottle / "test" / "broken_large").glob("*.png"))[:n_bad]
+    return [read_image(p) for p in good + bad], [0] * len(good) + [1] * len(bad)
+
+
+def tiny_model(seed: int = 0):
+    """resnet18 STPM without ImageNet weights; the student is the teacher slightly perturbed."""
+    cfg = ModelConfig(backbone="resnet18", pretrained=False, image_size=SIZE)
+    torch.manual_seed(seed)
+    model, _ = build_stpm(cfg)
+    model.student.load_state_dict(model.teacher.state_dict())
+    with torch.no_grad():
+        for p in model.student.parameters():
+            if p.ndim > 1:
+                p.add_(0.3 * p.std() * torch.randn_like(p))
+    return model.eval(), cfg
+
+
+def torch_scores(model, images: list[np.ndarray]) -> np.ndarray:
+    from stpm.loss import anomaly_map, image_score
+
+    x = torch.from_numpy(ex.prepare_batch(images, SIZE)).float() / 255.0
+    with torch.no_grad():
+        t, s = model(x)
+        return image_score(anomaly_map(t, s, (SIZE, SIZE))).numpy()
+
+
+def make_bundle(models_dir: Path, images: list[np.ndarray], export: bool = True) -> Path:
+    """Publish a tiny bundle calibrated so that the given images fall on both sides of the threshold."""
+    model, cfg = tiny_model()
+    scores = np.sort(torch_scores(model, images))
+    cal = calibrate(scores[: len(scores) // 2])
+    manifest = build_manifest("tiny", cfg, cal, "random-init", {}, {})
+    hook = (lambda d: ex.export_bundle(d, check_images=images)) if export else None
+    _, path = publish_model(models_dir, model, manifest, before_publish=hook)
+    return path
+
+
+@pytest.fixture(scope="module")
+def real():
+    return bottle_images()
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, real):
+    """Published without export, then exported in place (the `stpm export MODEL` path)."""
+    path = make_bundle(tmp_path_factory.mktemp("models"), real[0], export=False)
+    exports = ex.export_bundle(path, check_images=real[0])
+    return path, exports
+
+
+def test_onnx_matches_torch_on_real_images(published, real):
+    path, exports = published
+    p = exports["parity"]
+    assert p["ok"] and p["n_images"] == len(real[0]) and p["check_images"] == "given"
+    assert p["max_abs_score"] <= ex.DEFAULT_ATOL
+    assert p["max_abs_map_normalised"] <= ex.DEFAULT_ATOL
+    assert p["decision_flips"] == 0
+
+    # independently of export's own check: torch's STPM maths vs the ONNX graph
+    import onnxruntime as ort
+    from stpm.weights import load_model
+
+    model, manifest = load_model(path)
+    ref = torch_scores(model, real[0])
+    sess = ort.InferenceSession(str(path / ex.SCORER_ONNX), providers=["CPUExecutionProvider"])
+    amap, raw, score = sess.run(None, {"images": ex.prepare_batch(real[0], SIZE)})
+    assert amap.shape == (len(real[0]), SIZE, SIZE) and amap.dtype == np.float32
+    thr, low = manifest["calibration"]["threshold"], manifest["calibration"]["low"]
+    np.testing.assert_allclose(raw, ref, rtol=1e-4, atol=1e-3 * (thr - low))
+    decisions = ref >= thr
+    assert 0 < decisions.sum() < len(decisions), "calibration should put images on both sides"
+    np.testing.assert_array_equal(raw >= thr, decisions)
+    from stpm.calibrate import normalize
+
+    np.testing.assert_allclose(score, normalize(ref, thr, low), atol=1e-3)
+    np.testing.assert_allclose(raw, amap.reshape(len(raw), -1).max(axis=1), rtol=1e-6)
+
+
+def test_manifest_records_exports_and_metadata(published):
+    path, exports = published
+    manifest = bundle.read_manifest(path)
+    assert manifest["exports"] == exports
+    assert exports["opset"] == 17
+    assert exports["scorer"]["inputs"]["images"] == {"dtype": "uint8", "shape": ["N", 3, SIZE, SIZE], "layout": "NCHW RGB"}
+    digest = bundle.manifest_digest(manifest)
+    assert exports["manifest_digest"] == digest
+    for fname in (ex.TEACHER_ONNX, ex.STUDENT_ONNX, ex.SCORER_ONNX):
+        assert exports["files"][fname]["sha256"] == bundle.sha256_file(path / fname)
+        m = onnx.load(str(path / fname), load_external_data=False)
+        meta = {p.key: p.value for p in m.metadata_props}
+        assert meta["stpm.name"] == "tiny" and meta["stpm.version"] == manifest["version"] == "v1"
+        assert meta["stpm.manifest_digest"] == digest
+    m = onnx.load(str(path / ex.SCORER_ONNX), load_external_data=False)
+    inp = m.graph.input[0]
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
+    assert [o.name for o in m.graph.output] == list(ex.SCORER_OUTPUTS)
+    # weights and calibration untouched: the digest identifies the same model as before export
+    assert bundle.manifest_digest({k: v for k, v in manifest.items() if k != "exports"}) == digest
+
+
+def test_feature_graphs_match(published, real):
+    path, exports = published
+    import onnxruntime as ort
+
+    assert exports["parity"]["teacher_max_abs_feature"] < 1e-3
+    assert exports["parity"]["student_max_abs_feature"] < 1e-3
+    sess = ort.InferenceSession(str(path / ex.STUDENT_ONNX), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((2, 3, 96, 80), dtype=np.float32)  # dynamic spatial size
+    feats = sess.run(None, {"images": x})
+    assert [f.shape[1] for f in feats] == [64, 128, 256] and feats[0].shape[2:] == (24, 20)
+
+
+def test_export_in_staging_before_publish(tmp_path, real):
+    path = make_bundle(tmp_path, real[0][:4], export=True)
+    manifest = bundle.read_manifest(path)
+    assert manifest["version"] == "v1" and manifest["exports"]["parity"]["ok"]
+    m = onnx.load(str(path / ex.SCORER_ONNX), load_external_data=False)
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert meta["stpm.version"] == "staged"
+    assert meta["stpm.manifest_digest"] == bundle.manifest_digest({**manifest, "version": None})
+
+
+def test_parity_failure_raises_and_leaves_bundle_as_it_was(published, real, monkeypatch):
+    path, _ = published
+    before = {f.name: bundle.sha256_file(f) for f in path.iterdir()}
+    real_ort = ex.ort_outputs
+
+    def off(session, batch, chunk=8):
+        amap, raw, score = real_ort(session, batch, chunk)
+        return amap * 1.5, raw * 1.5, score
+
+    monkeypatch.setattr(ex, "ort_outputs", off)
+    with pytest.raises(ex.ExportParityError) as e:
+        ex.export_bundle(path, check_images=real[0][:2])
+    assert not e.value.report["ok"] and e.value.report["max_abs_raw_score_normalised"] > ex.DEFAULT_ATOL
+    assert {f.name: bundle.sha256_file(f) for f in path.iterdir()} == before
