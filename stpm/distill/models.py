@@ -4,6 +4,7 @@ Names: mlp<H> (two hidden layers of H ReLUs, e.g. mlp1200, mlp800, mlp30), mlp<H
 dropout 0.2 on the input and 0.5 on hidden units, Hinton's regularised teacher), cnn<D> (plain CNN
 with D conv layers, seed 002's TAKD family), torchvision:<name>, timm:<name>, or "package.module:attr"
 (a callable taking num_classes=...).
+cnn<D>x<W> sets the first-stage width W (second stage 2W; default 16).
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ class RepeatChannels(nn.Module):
 
 
 _MLP = re.compile(r"^mlp(\d+)(d?)$")
-_CNN = re.compile(r"^cnn(\d+)$")
+_CNN = re.compile(r"^cnn(\d+)(?:x(\d+))?$")
 
 
 def build_model(name: str, spec: InputSpec) -> nn.Module:
@@ -105,7 +106,8 @@ def build_model(name: str, spec: InputSpec) -> nn.Module:
         return MLP(spec.in_channels * spec.image_size**2, (h, h), spec.num_classes,
                    input_dropout=0.2 if reg else 0.0, hidden_dropout=0.5 if reg else 0.0)
     if m := _CNN.match(name):
-        return PlainCNN(int(m.group(1)), spec.in_channels, spec.image_size, spec.num_classes)
+        w = int(m.group(2) or 16)
+        return PlainCNN(int(m.group(1)), spec.in_channels, spec.image_size, spec.num_classes, widths=(w, 2 * w))
     if name.startswith("torchvision:"):
         import torchvision
 

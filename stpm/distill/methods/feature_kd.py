@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from stpm.distill import losses
 from stpm.distill.features import FeatureHooks
 from stpm.distill.methods.offline import frozen
+from stpm.distill.trainer import Objective
 
 
 @torch.no_grad()
@@ -43,7 +44,7 @@ class HintRegressor(nn.Module):
         return out
 
 
-class _FeatureObjective(nn.Module):
+class _FeatureObjective(Objective):
     """Shared plumbing: student + frozen teacher with hooks on the given layers."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, student_layers: tuple[str, ...],

@@ -131,3 +131,24 @@ class SoftLabelObjective(Objective):
         if self.training:
             x = noise_inputs(x, self.max_shift, self.noise_std)
         return losses.soft_cross_entropy(self.student(x), y)
+
+
+class CachedKDObjective(Objective):
+    """Hinton KD with the teacher's logits precomputed once (frozen teacher, eval mode, no augmentation).
+
+    y is [B, 1 + K]: column 0 the label (-1 = unlabelled), columns 1: the teacher logits. Same loss as
+    KDObjective; cheaper when many students learn from one teacher (temperature sweeps).
+    """
+
+    def __init__(self, student: nn.Module, temperature: float, hard_weight: float) -> None:
+        super().__init__()
+        self.student, self.temperature, self.hard_weight = student, temperature, hard_weight
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        labels, teacher_logits = y[:, 0].long(), y[:, 1:]
+        return losses.hinton_loss(self.student(x), teacher_logits, labels, self.temperature, self.hard_weight)
+
+
+def pack_labels_and_logits(labels: Tensor, teacher_logits: Tensor) -> Tensor:
+    """[N], [N, K] -> [N, 1 + K] targets for CachedKDObjective."""
+    return torch.cat([labels.float()[:, None], teacher_logits.float()], dim=1)

@@ -1,0 +1,72 @@
+"""Shared helpers for benchmarks/distill_*.py: args, seeding, mean/std tables, JSON results."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def parse_args(description: str, default_epochs: int) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=default_epochs)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None, help="JSON result path (default benchmarks/results/...)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float], digits: int = 2) -> str:
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def write_result(name: str, args: argparse.Namespace, payload: dict, started: float) -> Path:
+    out = args.out or RESULTS / f"distill_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "command": " ".join([Path(sys.executable).name] + sys.argv),
+               "seeds": args.seeds, "epochs": args.epochs, "machine": machine(),
+               "wall_seconds": round(time.time() - started, 1), **payload}
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out}")
+    return out
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
+    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))

@@ -1,0 +1,1 @@
+"""Classifier knowledge distillation: pure losses, methods, plain trainer, CLI (`stpm distill`)."""

@@ -1,0 +1,33 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def shared_data() -> Path:
+    env = os.environ.get("STPM_SHARED_DATA")
+    return Path(env) if env else ROOT / ".." / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def digits_batch():
+    """A tiny real batch: 64 scikit-learn digits (8x8, 1 channel) and their labels."""
+    from stpm.distill.data import digits_split
+
+    torch.set_num_threads(1)
+    s = digits_split(1400, split_seed=0)
+    return s.x_train[:64], s.y_train[:64]
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    raw = shared_data() / "mnist_test10k" / "MNIST" / "raw"
+    if not (raw / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST test10k not found at {raw} (set STPM_SHARED_DATA to the shared data folder)")
+    return raw
