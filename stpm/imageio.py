@@ -33,12 +33,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         a = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if a.max() > 255 else 255.0
         a8 = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a8, mode="L").convert("RGB")
+        return Image.fromarray(a8).convert("RGB")
     if img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
         lo, hi = float(a.min()), float(a.max())
         a8 = ((a - lo) / (hi - lo or 1.0) * 255.0 + 0.5).astype(np.uint8)
-        return Image.fromarray(a8, mode="L").convert("RGB")
+        return Image.fromarray(a8).convert("RGB")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):

@@ -1,0 +1,250 @@
+"""`stpm train | eval | export | predict | bench | serve | distill`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODELS_DIR = os.environ.get("STPM_MODELS_DIR", "models")
+
+
+def _common(p: argparse.ArgumentParser, training: bool = False) -> None:
+    p.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, help="model store (env STPM_MODELS_DIR)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    if training:
+        p.add_argument("--backbone", default="resnet18",
+                       help="teacher: resnet18, resnet34, wide_resnet50_2, efficientnet_lite0")
+        p.add_argument("--image-size", type=int, default=256)
+        p.add_argument("--epochs", type=int, default=100)
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--seed", type=int, default=0)
+
+
+def _positive(v: str) -> int:
+    i = int(v)
+    if i < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return i
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stpm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a student on good images and publish a model version")
+    p.add_argument("data", help="MVTec category folder (uses train/good) or a folder of good images")
+    p.add_argument("--name", required=True, help="model name in the store")
+    _common(p, training=True)
+    p.add_argument("--student-backbone", default=None, help="student architecture (default: same as teacher)")
+    p.add_argument("--layers", default="", help="comma-separated feature layers (default: backbone's 3 stages)")
+    p.add_argument("--combine", choices=["product", "sum"], default="product")
+    p.add_argument("--sigma", type=float, default=0.0, help="Gaussian smoothing of the map (pixels)")
+    p.add_argument("--lr", type=float, default=0.4)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--patience", type=int, default=0, help="early stopping after N epochs without improvement")
+    p.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps per epoch (smoke tests)")
+    p.add_argument("--augment", action="store_true", help="mild photometric jitter")
+    p.add_argument("--calibration", choices=["max_margin", "quantile"], default="max_margin")
+    p.add_argument("--quantile", type=float, default=0.99)
+    p.add_argument("--margin", type=float, default=0.1)
+    p.add_argument("--no-pretrained", action="store_true", help="random teacher (tests only)")
+    p.add_argument("--weights", default=None, help="teacher ImageNet weight file")
+    p.add_argument("--weights-dir", default=None, help="directory of weight files (env STPM_WEIGHTS_DIR)")
+    p.add_argument("--run-dir", default=None, help="checkpoint folder (default runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images and report them")
+    p.add_argument("--no-export", action="store_true", help="do not write the ONNX files")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile (CUDA)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--activate", action="store_true", help="make the new version the active one")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model on an MVTec-layout test set")
+    p.add_argument("model", help="NAME or NAME/VERSION")
+    p.add_argument("data", help="MVTec category folder (uses test/ and ground_truth/)")
+    _common(p)
+    p.add_argument("--out", default=None, help="report folder (default runs/eval-NAME-VERSION)")
+    p.add_argument("--no-record", action="store_true", help="do not record the metrics in the manifest")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write teacher.onnx, student.onnx and the fused scorer.onnx")
+    p.add_argument("model", help="NAME or NAME/VERSION")
+    _common(p)
+    p.add_argument("--fp16", action="store_true", help="also write an FP16 scorer (GPUs)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="score images; write overlays and a JSON")
+    p.add_argument("model", help="NAME or NAME/VERSION")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    _common(p)
+    p.add_argument("--out", default="predictions", help="output folder")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="speed benchmark: torch eager vs ONNX Runtime vs the full path")
+    try:
+        from stpm import bench
+
+        bench.add_arguments(p)
+        p.set_defaults(func=bench.main)
+    except ImportError as e:
+        p.set_defaults(func=lambda a, e=e: _unavailable("bench", e))
+
+    p = sub.add_parser("serve", help="start the HTTP service (uvicorn)")
+    try:
+        from app import serve
+
+        serve.add_arguments(p)
+        p.set_defaults(func=serve.main)
+    except ImportError as e:
+        p.set_defaults(func=lambda a, e=e: _unavailable("serve", e))
+
+    try:
+        from stpm.distill import cli as distill_cli
+
+        distill_cli.register(sub)
+    except ImportError as e:
+        p = sub.add_parser("distill", help="classifier knowledge distillation")
+        p.set_defaults(func=lambda a, e=e: _unavailable("distill", e))
+    return parser
+
+
+def _unavailable(what: str, e: Exception) -> int:
+    print(f"stpm {what}: not available in this installation ({e})", file=sys.stderr)
+    return 2
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from stpm import bundle
+    from stpm.config import CalibrationConfig, ModelConfig, TrainConfig
+    from stpm.pipeline import train_and_publish
+
+    model_cfg = ModelConfig(
+        backbone=a.backbone, student_backbone=a.student_backbone,
+        layers=tuple(x for x in a.layers.split(",") if x), image_size=a.image_size,
+        pretrained=not a.no_pretrained, weights=a.weights, combine=a.combine, sigma=a.sigma,
+    )
+    train_cfg = TrainConfig(
+        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
+        val_fraction=a.val_fraction, patience=a.patience, seed=a.seed, device=a.device, amp=a.amp,
+        compile=a.compile, num_workers=a.workers, augment=a.augment, max_steps=a.max_steps,
+    )
+    calib_cfg = CalibrationConfig(method=a.calibration, quantile=a.quantile, margin=a.margin)
+    run_dir = Path(a.run_dir or Path("runs") / a.name)
+    out = train_and_publish(a.data, a.name, a.models_dir, model_cfg, train_cfg, calib_cfg, run_dir,
+                            a.weights_dir, a.skip_bad, a.resume, not a.no_export)
+    for p, reason in out.skipped:
+        print(f"skipped {p}: {reason}", file=sys.stderr)
+    if out.version is None:
+        print(f"interrupted after {out.fit.epochs_run} epoch(s); checkpoint kept in {run_dir}. "
+              f"Continue with: stpm train {a.data} --name {a.name} --resume", file=sys.stderr)
+        return 130
+    if a.activate:
+        bundle.set_active(a.models_dir, a.name, out.version)
+    cal = out.calibration
+    print(json.dumps({
+        "model": f"{a.name}/{out.version}", "path": str(out.path), "best_epoch": out.fit.best_epoch,
+        "best_val_loss": out.fit.best_val_loss, "epochs_run": out.fit.epochs_run,
+        "threshold": cal.threshold, "good_scores": cal.good_stats, "seconds": round(out.fit.seconds, 1),
+    }, indent=2))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from stpm import bundle
+    from stpm.evaluate import evaluate
+    from stpm.train import resolve_device
+    from stpm.weights import load_model
+
+    path = bundle.resolve(a.models_dir, a.model)
+    model, manifest = load_model(path)
+    out = Path(a.out or Path("runs") / f"eval-{manifest['name']}-{manifest['version']}")
+    report = evaluate(model.to(resolve_device(a.device)), manifest, a.data, resolve_device(a.device), out)
+    if not a.no_record:
+        from stpm.data import list_images, test_samples  # noqa: F401  (same data as evaluated)
+
+        manifest = bundle.read_manifest(path)
+        manifest.setdefault("metrics", {})[str(Path(a.data).resolve().name)] = {
+            "data": str(a.data), "evaluated_at": bundle.utc_now(), **report["metrics"]["overall"],
+            "per_defect": report["metrics"]["per_defect"],
+        }
+        bundle.write_manifest(path, manifest)
+    o = report["metrics"]["overall"]
+    print(json.dumps({k: o[k] for k in ("image_auroc", "pixel_auroc", "aupro_0.3", "image_f1_max",
+                                         "at_calibrated_threshold") if k in o}, indent=2))
+    print(f"report: {out / 'report.json'}  pictures: {out / 'index.html'}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from stpm import bundle
+    from stpm.export import export_bundle
+
+    path = bundle.resolve(a.models_dir, a.model)
+    info = export_bundle(path, fp16=a.fp16)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from stpm import bundle
+    from stpm.imageio import ImageDecodeError, is_image_path
+    from stpm.runtime import Scorer
+
+    path = bundle.resolve(a.models_dir, a.model)
+    if not (path / "scorer.onnx").is_file():
+        print(f"{path} has no scorer.onnx: run `stpm export {a.model}` first", file=sys.stderr)
+        return 2
+    files: list[Path] = []
+    for item in a.images:
+        p = Path(item)
+        files.extend(sorted(q for q in p.iterdir() if is_image_path(q)) if p.is_dir() else [p])
+    scorer = Scorer(path)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, failed = [], 0
+    for f in files:
+        try:
+            r = scorer.score([f.read_bytes()], names=[str(f)], map_size="input", overlay=True)[0]
+        except (ImageDecodeError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        overlay = out / f"{f.stem}_overlay.png"
+        overlay.write_bytes(r.overlay_png)
+        results.append({"file": str(f), "raw_score": r.raw_score, "score": r.score, "is_anomaly": r.is_anomaly,
+                        "threshold": r.threshold, "overlay": str(overlay)})
+    report = {"model": f"{scorer.name}/{scorer.version}", "results": results}
+    (out / "predictions.json").write_text(json.dumps(report, indent=2))
+    for r in results:
+        flag = "ANOMALY" if r["is_anomaly"] else "ok"
+        print(f"{r['score']:.3f}  {flag:7s}  {r['file']}")
+    print(f"wrote {out / 'predictions.json'}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from stpm.bundle import BundleError
+    from stpm.data import DataError
+
+    try:
+        return int(args.func(args) or 0)
+    except (BundleError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"stpm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

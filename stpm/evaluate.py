@@ -1,0 +1,169 @@
+"""Evaluate a model on an MVTec-layout test set: metrics per defect type and overall, plus pictures."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stpm import metrics
+from stpm.calibrate import normalize
+from stpm.data import Sample, load_images, load_mask, test_samples, to_tensor
+from stpm.model import STPM
+from stpm.train import predict
+
+
+def score_samples(
+    model: STPM, samples: list[Sample], image_size: int, device: torch.device, combine: str, sigma: float
+) -> dict[str, np.ndarray]:
+    """Decode, score and load masks -> images uint8 [N,S,S,3], maps [N,S,S], scores [N], masks, labels."""
+    images, _, _ = load_images([s.path for s in samples], image_size)
+    maps, scores = predict(model, to_tensor(images), device, combine, sigma)
+    masks = np.stack([load_mask(s.mask, image_size) for s in samples])
+    labels = np.array([s.label for s in samples])
+    return {"images": images, "maps": maps, "scores": scores, "masks": masks, "labels": labels}
+
+
+def compute_metrics(
+    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, defects: list[str],
+    threshold: float | None,
+) -> dict[str, Any]:
+    """Overall metrics and one block per defect type (that type against all good images)."""
+
+    def block(sel: np.ndarray) -> dict[str, Any]:
+        y, s = labels[sel], scores[sel]
+        out: dict[str, Any] = {"n_images": int(sel.sum()), "n_anomalous": int(y.sum()),
+                               "image_auroc": metrics.auroc(y, s)}
+        has_masks = masks[sel].any()
+        out["pixel_auroc"] = metrics.auroc(masks[sel], maps[sel]) if has_masks else None
+        out["aupro_0.3"] = metrics.aupro(masks[sel], maps[sel]) if has_masks else None
+        if 0 < y.sum() < y.size:
+            out["image_f1_max"], out["f1_max_threshold"] = metrics.f1_max(y, s)
+        if threshold is not None:
+            out["at_calibrated_threshold"] = metrics.at_threshold(y, s, threshold)
+        return out
+
+    good = labels == 0
+    report = {"overall": block(np.ones_like(labels, dtype=bool)), "per_defect": {}}
+    for d in sorted(set(defects) - {"good"}):
+        report["per_defect"][d] = block(good | (np.array(defects) == d))
+    return report
+
+
+def _overlay(image: np.ndarray, nmap: np.ndarray) -> np.ndarray:
+    import matplotlib
+
+    rgb = matplotlib.colormaps["jet"](nmap)[..., :3]
+    return (0.55 * image / 255.0 + 0.45 * rgb).clip(0, 1)
+
+
+def write_pictures(
+    out_dir: Path, result: dict[str, np.ndarray], samples: list[Sample], threshold: float, low: float,
+    n_cases: int = 4,
+) -> list[str]:
+    """ROC curves and a grid (image | heatmap overlay | ground truth) of the best and worst cases."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    labels, scores = result["labels"], result["scores"]
+    defects = np.array([s.defect for s in samples])
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if labels.min() != labels.max():
+        fpr, tpr = metrics.roc_points(labels, scores)
+        ax.plot(fpr, tpr, lw=2, label=f"all (AUROC {metrics.auroc(labels, scores):.3f})")
+        for d in sorted(set(defects) - {"good"}):
+            sel = (labels == 0) | (defects == d)
+            f, t = metrics.roc_points(labels[sel], scores[sel])
+            ax.plot(f, t, lw=1, label=f"{d} ({metrics.auroc(labels[sel], scores[sel]):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image-level ROC")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "roc.png", dpi=110)
+    plt.close(fig)
+    files.append("roc.png")
+
+    anomalous = np.nonzero(labels == 1)[0]
+    good = np.nonzero(labels == 0)[0]
+    cases = [("best: highest-scored defects", anomalous[np.argsort(-scores[anomalous])][:n_cases]),
+             ("worst: lowest-scored defects", anomalous[np.argsort(scores[anomalous])][:n_cases]),
+             ("worst: highest-scored good", good[np.argsort(-scores[good])][:n_cases])]
+    for title, idx in cases:
+        if len(idx) == 0:
+            continue
+        fig, axes = plt.subplots(len(idx), 3, figsize=(7.5, 2.5 * len(idx)), squeeze=False)
+        for row, i in enumerate(idx):
+            nmap = normalize(result["maps"][i], threshold, low)
+            axes[row, 0].imshow(result["images"][i])
+            axes[row, 0].set_title(f"{samples[i].defect}/{samples[i].path.name}", fontsize=7)
+            axes[row, 1].imshow(_overlay(result["images"][i], nmap))
+            axes[row, 1].set_title(f"score {normalize(scores[i], threshold, low):.2f} (raw {scores[i]:.3g})",
+                                   fontsize=7)
+            axes[row, 2].imshow(result["masks"][i], cmap="gray", vmin=0, vmax=1)
+            axes[row, 2].set_title("ground truth", fontsize=7)
+            for a in axes[row]:
+                a.axis("off")
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        name = title.split(":")[0] + "_" + title.split(": ")[1].replace(" ", "_").replace("-", "") + ".png"
+        fig.savefig(out_dir / name, dpi=90)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def write_html(out_dir: Path, report: dict[str, Any], pictures: list[str]) -> None:
+    rows = []
+    for key, blk in [("overall", report["metrics"]["overall"]), *report["metrics"]["per_defect"].items()]:
+        cal = blk.get("at_calibrated_threshold", {})
+
+        def f(v):
+            return "–" if v is None else f"{v:.3f}"
+
+        rows.append(
+            f"<tr><td>{html.escape(key)}</td><td>{blk['n_images']}</td><td>{f(blk['image_auroc'])}</td>"
+            f"<td>{f(blk['pixel_auroc'])}</td><td>{f(blk['aupro_0.3'])}</td><td>{f(blk.get('image_f1_max'))}</td>"
+            f"<td>{f(cal.get('precision'))}</td><td>{f(cal.get('recall'))}</td></tr>"
+        )
+    imgs = "".join(f'<h3>{html.escape(p)}</h3><img src="{html.escape(p)}">' for p in pictures)
+    (out_dir / "index.html").write_text(
+        "<!doctype html><meta charset=utf-8><title>STPM evaluation</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;border-bottom:1px solid #ddd}"
+        "img{max-width:100%}</style>"
+        f"<h1>{html.escape(report['model'])}</h1><p>data: {html.escape(report['data'])}</p>"
+        "<table><tr><th>subset</th><th>images</th><th>image AUROC</th><th>pixel AUROC</th><th>AUPRO@0.3</th>"
+        "<th>F1-max</th><th>precision @thr</th><th>recall @thr</th></tr>" + "".join(rows) + "</table>" + imgs
+    )
+
+
+def evaluate(
+    model: STPM, manifest: dict[str, Any], data: str | Path, device: torch.device, out_dir: str | Path | None,
+) -> dict[str, Any]:
+    """Full evaluation of a bundle's model on `data` (MVTec layout); writes report.json + pictures."""
+    cfg = manifest["model"]
+    cal = manifest["calibration"]
+    samples = test_samples(data)
+    result = score_samples(model, samples, cfg["image_size"], device, cfg["combine"], cfg["sigma"])
+    m = compute_metrics(result["labels"], result["scores"], result["masks"], result["maps"],
+                        [s.defect for s in samples], cal["threshold"])
+    report: dict[str, Any] = {
+        "model": f"{manifest['name']}/{manifest['version']}", "data": str(data), "image_size": cfg["image_size"],
+        "threshold": cal["threshold"], "metrics": m,
+        "per_image": [{"file": str(s.path), "defect": s.defect, "raw_score": float(sc),
+                       "score": float(normalize(sc, cal["threshold"], cal["low"]))}
+                      for s, sc in zip(samples, result["scores"])],
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report["pictures"] = write_pictures(out, result, samples, cal["threshold"], cal["low"])
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        write_html(out, report, report["pictures"])
+    return report
