@@ -1,0 +1,181 @@
+"""Model registry routes, hot reload, readiness, metrics, the API key, and the torch-free scoring process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from test_api_helpers import REPO, add_version, make_store, png, synthetic_rgb
+
+
+def settings(models_dir, **kw) -> Settings:
+    return Settings(_env_file=None, models_dir=models_dir, reload_interval_s=0, **kw)
+
+
+def one_file():
+    return [("files", ("a.png", png(synthetic_rgb(1)), "image/png"))]
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return make_store(tmp_path, versions=2)
+
+
+def test_list_get_activate_delete(store):
+    with TestClient(create_app(settings(store))) as c:
+        r = c.get("/models")
+        assert r.status_code == 200
+        body = r.json()
+        assert body["default_model"] == "demo"
+        [m] = body["models"]
+        assert m["active_version"] == "v2" and m["default"]
+        assert [v["version"] for v in m["versions"]] == ["v1", "v2"]
+        assert m["versions"][1]["threshold"] > 0 and m["versions"][1]["image_size"] == 64
+
+        d = c.get("/models/demo").json()
+        assert d["manifest"]["version"] == "v2" and "calibration" in d["manifest"]
+        v = c.get("/models/demo/versions/v1").json()
+        assert v["version"] == "v1" and v["active"] is False and v["manifest"]["name"] == "demo"
+
+        assert c.post("/score", files=one_file()).json()["version"] == "v2"
+        r = c.post("/models/demo/versions/v1/activate")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"name": "demo", "active_version": "v1", "previous_version": "v2", "loaded": True}
+        assert c.post("/score", files=one_file()).json()["version"] == "v1"
+
+        # the active version is protected; the other one is not
+        r = c.delete("/models/demo/versions/v1")
+        assert r.status_code == 409 and r.json()["error"] == "version_in_use"
+        r = c.delete("/models/demo/versions/v2")
+        assert r.status_code == 200 and r.json()["active_version"] == "v1"
+        assert not (store / "demo" / "v2").exists()
+        r = c.delete("/models/demo/versions/v1", params={"force": "true"})
+        assert r.status_code == 200 and r.json()["active_version"] is None
+        assert c.get("/models").json()["models"] == []
+        assert c.post("/score", files=one_file()).status_code == 409
+
+
+def test_models_routes_reject_unknown_and_malformed(store):
+    with TestClient(create_app(settings(store))) as c:
+        assert c.get("/models/nosuch").status_code == 404
+        assert c.get("/models/demo/versions/v7").status_code == 404
+        assert c.post("/models/demo/versions/v7/activate").status_code == 404
+        assert c.delete("/models/demo/versions/v7").status_code == 404
+        for path in ("/models/..%2e", "/models/a%20b", "/models/demo/versions/x1", "/models/demo/versions/v1%2f..",
+                     "/models/.env/versions/v1/activate"):
+            r = c.get(path) if "activate" not in path else c.post(path)
+            assert r.status_code in (400, 404), (path, r.text)
+            assert r.json()["error"] in ("invalid_model_name", "not_found"), (path, r.text)
+        assert c.get("/models/a%20b").json()["error"] == "invalid_model_name"
+        assert c.delete("/models/demo/versions/latest").status_code == 400
+
+
+def test_hot_reload_on_new_version(store):
+    with TestClient(create_app(settings(store))) as c:
+        assert c.post("/score", files=one_file()).json()["version"] == "v2"
+        assert add_version(store) == "v3"
+        r = c.post("/score", files=one_file())
+        assert r.json()["version"] == "v3"  # the very next request uses it
+        loaded = {lm.version for lm in c.app.state.registry.loaded()}
+        assert "v3" in loaded
+
+
+def test_background_poll_loads_new_version_and_readyz(tmp_path):
+    models = tmp_path / "models"
+    s = Settings(_env_file=None, models_dir=models, reload_interval_s=0.2)
+    with TestClient(create_app(s)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"] == "no_model"
+        assert c.get("/healthz").status_code == 200
+        make_store(tmp_path, versions=1)
+        reg = c.app.state.registry
+        deadline = time.monotonic() + 20
+        while not reg.loaded() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [lm.ref for lm in reg.loaded()] == ["demo/v1"]  # loaded before any request
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.json()["ready"] and r.json()["warm"]
+
+
+def test_broken_bundle_is_503_not_500(store):
+    (store / "demo" / "v2" / "scorer.onnx").write_bytes(b"garbage")
+    with TestClient(create_app(settings(store))) as c:
+        r = c.post("/score", files=one_file())
+        assert r.status_code == 503 and r.json()["error"] == "model_unavailable"
+        assert c.get("/readyz").status_code == 503
+        assert c.post("/score", files=one_file(), params={"model": "demo/v1"}).status_code == 200
+
+
+def test_metrics(store):
+    with TestClient(create_app(settings(store))) as c:
+        c.post("/score", files=one_file())
+        c.post("/score", files=[("files", ("bad.png", b"nope", "image/png"))])
+        text = c.get("/metrics").text
+        assert 'stpm_http_requests_total{method="POST",route="/score",status="200"} 1.0' in text
+        assert 'stpm_http_requests_total{method="POST",route="/score",status="422"} 1.0' in text
+        assert 'stpm_images_scored_total{model="demo/v2"} 1.0' in text
+        assert 'stpm_model_loads_total{model="demo/v2",result="ok"} 1.0' in text
+        assert "stpm_anomaly_score_bucket" in text and "stpm_http_request_duration_seconds_bucket" in text
+        assert "stpm_anomalies_flagged_total" in text or "stpm_anomalies_flagged" in text
+        assert 'stpm_rejected_inputs_total{reason="invalid_image"} 1.0' in text
+    # a second app in the same process has its own registry: no duplicate-metric error, fresh counts
+    with TestClient(create_app(settings(store))) as c2:
+        assert 'route="/score"' not in c2.get("/metrics").text
+
+
+def test_api_key(store):
+    s = settings(store, api_key="s3cret-key")
+    with TestClient(create_app(s)) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 200
+        for method, path in (("GET", "/models"), ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                             ("POST", "/score"), ("GET", "/nope")):
+            r = c.request(method, path)
+            assert r.status_code == 401, (path, r.text)
+            assert r.json()["error"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/models", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.get("/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/models", headers={"X-API-Key": "s3cret-key"}).status_code == 200
+        assert c.get("/models", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        r = c.post("/score", files=one_file(), headers={"X-API-Key": "s3cret-key"})
+        assert r.status_code == 200
+        schema = c.get("/openapi.json", headers={"X-API-Key": "s3cret-key"}).json()
+        assert "ApiKey" in schema["components"]["securitySchemes"]
+
+
+def test_openapi_has_examples(store):
+    with TestClient(create_app(settings(store))) as c:
+        schema = c.get("/openapi.json").json()
+        comps = schema["components"]["schemas"]
+        assert comps["ScoreResponse"]["examples"][0]["results"][0]["file"]
+        assert "/score/overlay" in schema["paths"]
+        assert "413" in schema["paths"]["/score"]["post"]["responses"]
+
+
+def test_scoring_process_does_not_import_torch(store):
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from app.main import create_app
+from app.settings import Settings
+from PIL import Image
+import io, numpy as np
+buf = io.BytesIO(); Image.fromarray(np.zeros((70, 70, 3), np.uint8)).save(buf, "PNG")
+with TestClient(create_app(Settings(_env_file=None, models_dir={str(store)!r}))) as c:
+    r = c.post("/score", files=[("files", ("a.png", buf.getvalue(), "image/png"))], params={{"heatmap": "both"}})
+    assert r.status_code == 200, r.text
+    c.get("/models"); c.get("/readyz"); c.get("/metrics")
+bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "torchvision", "timm")))
+print("LOADED", bad)
+sys.exit(1 if bad else 0)
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "LOADED []" in p.stdout
