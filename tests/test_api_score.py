@@ -24,12 +24,12 @@ def settings(models_dir, **kw) -> Settings:
     return Settings(_env_file=None, models_dir=models_dir, reload_interval_s=0, **kw)
 
 
-@pytest.fixture()
-def store(tmp_path):
-    return make_store(tmp_path, versions=1)
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("score"), versions=1)  # read-only in this module
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def client(store):
     with TestClient(create_app(settings(store, max_files=4))) as c:
         yield c
@@ -262,7 +262,7 @@ def test_concurrent_requests_are_micro_batched_and_loop_stays_free(store):
             self.inner.warmup()
 
         def score(self, *a, **kw):
-            time.sleep(0.3)  # blocking, like a long inference: must not stall the event loop
+            time.sleep(0.6)  # blocking, like a long inference: must not stall the event loop
             return self.inner.score(*a, **kw)
 
     app = create_app(settings(store, batch_wait_ms=5), scorer_factory=Slow)
@@ -273,16 +273,17 @@ def test_concurrent_requests_are_micro_batched_and_loop_stays_free(store):
             t0 = time.perf_counter()
             scoring = [asyncio.create_task(ac.post("/score", files=upload(png(synthetic_rgb(i)), names=[f"{i}.png"])))
                        for i in range(8)]
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
+            t1 = time.perf_counter()
             h = await ac.get("/healthz")
-            t_health = time.perf_counter() - t0
+            t_health = time.perf_counter() - t1
             rs = await asyncio.gather(*scoring)
             return h, t_health, rs, time.perf_counter() - t0
 
     h, t_health, rs, total = asyncio.run(run())
-    assert h.status_code == 200 and t_health < 0.25, t_health
+    assert h.status_code == 200 and t_health < 0.4, t_health  # not stuck behind a 0.6 s inference
     assert [r.status_code for r in rs] == [200] * 8
     assert [r.json()["results"][0]["file"] for r in rs] == [f"{i}.png" for i in range(8)]
     lm = app.state.registry.loaded()[0]
     assert lm.batcher.batches <= 1 + 3, lm.batcher.batches  # warm-up request + a few batches, not 8
-    assert total < 8 * 0.3
+    assert total < 8 * 0.6 * 0.6  # far from serial
