@@ -43,6 +43,7 @@ STUDENT_ONNX = "student.onnx"
 SCORER_ONNX = "scorer.onnx"
 SCORER_FP16_ONNX = "scorer_fp16.onnx"
 SCORER_INT8_ONNX = "scorer_int8.onnx"
+REJECTED_INT8_ONNX = ".scorer_int8_rejected.onnx"  # kept only on request (benchmarks), never recorded
 SCORER_OUTPUTS = ("anomaly_map", "raw_score", "score")
 DEFAULT_ATOL = 1e-3  # normalised units: 0.5 is the threshold
 DEFAULT_FP16_ATOL = 2e-2
@@ -382,12 +383,14 @@ def quantize_int8(
     max_decision_disagreement: float = 0.0,
     max_auroc_drop: float = 0.005,
     per_channel: bool = True,
+    keep_rejected: bool = False,
 ) -> dict[str, Any]:
     """Static INT8 quantisation of scorer.onnx's convolutions (QDQ, calibrated on good images), then
     parity vs fp32 ONNX on `check_images`: decision agreement and, with labels (1 = anomalous),
     AUROC change. The file `scorer_int8.onnx` is kept and recorded under exports["int8"] with
     `shipped: True` only if agreement and AUROC hold; otherwise it is deleted and the numbers
-    are recorded with `shipped: False`. Returns exports["int8"]."""
+    are recorded with `shipped: False` (keep_rejected: kept as REJECTED_INT8_ONNX, for timing).
+    Returns exports["int8"]."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -443,6 +446,8 @@ def quantize_int8(
     if ok:
         exports["files"][SCORER_INT8_ONNX] = _file_entry(dst)
     else:
+        if keep_rejected:
+            os.replace(dst, bundle_dir / REJECTED_INT8_ONNX)
         dst.unlink(missing_ok=True)
         exports["files"].pop(SCORER_INT8_ONNX, None)
     exports["int8"] = out
@@ -461,6 +466,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-dir", default=None, help="folder of real images for the parity check")
     p.add_argument("--check-count", type=int, default=8)
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="tolerance in normalised score units")
+    p.add_argument("--int8-data", default=None,
+                   help="MVTec category folder: also quantise to INT8 (calibrated on train/good), shipped "
+                        "only if decisions and AUROC on its test set hold")
+    p.add_argument("--int8-calibration-images", type=int, default=32)
 
 
 def _bundle_path(model: str, models_dir: str) -> Path:
@@ -494,6 +503,14 @@ def main(args: argparse.Namespace) -> int:
         return 1
     print(f"exported {path}: {', '.join(ex['files'])}")
     print(json.dumps(ex["parity"], indent=2))
+    if args.int8_data:
+        from stpm.bench import mvtec_split
+
+        train, test, labels = mvtec_split(Path(args.int8_data))
+        n = args.int8_calibration_images
+        cal = train[:: max(1, len(train) // n)][:n]
+        q = quantize_int8(path, [read_image(p) for p in cal], [read_image(p) for p in test], labels)
+        print(json.dumps(q, indent=2))
     return 0
 
 

@@ -1,0 +1,314 @@
+"""`stpm bench`: torch eager vs ONNX Runtime vs the full scoring path, side by side in one run.
+
+Same images, same model, same thread count for every contender:
+  - torch eager (CPU): the fused scorer module (uint8 batch -> map, scores) under torch.no_grad,
+  - ONNX Runtime CPU, bare session: `scorer.onnx` on a ready uint8 batch,
+  - full path: encoded bytes -> decode -> resize -> score -> heatmap overlay PNG (stpm.runtime.Scorer),
+  - optionally ONNX Runtime INT8 (static quantisation calibrated on good images) with its parity.
+Also the physical bound: FLOPs of teacher + student per image (torch.utils.flop_counter) over a
+measured fp32 GEMM rate (torch.matmul on large square matrices).
+
+The benchmark works on a temporary copy of the bundle, so the bundle itself is never modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timeit(fn: Callable[[], Any], seconds: float, min_iters: int = 5, warmup: int = 2) -> np.ndarray:
+    """Call fn repeatedly for about `seconds` (at least min_iters times); -> latencies in ms."""
+    for _ in range(warmup):
+        fn()
+    lat = []
+    t_end = time.perf_counter() + seconds
+    while len(lat) < min_iters or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        lat.append((time.perf_counter() - t0) * 1e3)
+    return np.asarray(lat)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], seconds: float, rounds: int = 4,
+                min_iters: int = 3) -> dict[str, np.ndarray]:
+    """Time several contenders in alternating rounds (each gets seconds / rounds per round), so that
+    load from other processes on a shared machine hits them alike; -> latencies in ms per contender."""
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        for k, fn in fns.items():
+            out[k].extend(timeit(fn, seconds / rounds, min_iters=max(1, min_iters // rounds or 1),
+                                 warmup=2 if r == 0 else 0))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def summarize(lat_ms: np.ndarray, batch: int) -> dict[str, float]:
+    return {
+        "batch": batch,
+        "iters": int(len(lat_ms)),
+        "images_per_s": float(batch * len(lat_ms) / (lat_ms.sum() / 1e3)),
+        "ms_per_image": float(lat_ms.mean() / batch),
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+    }
+
+
+def gemm_rate(n: int = 2048, seconds: float = 3.0) -> float:
+    """Measured fp32 matmul rate in GFLOP/s (best of repeated n x n products)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    lat = timeit(lambda: torch.matmul(a, b), seconds, min_iters=3)
+    return 2 * n**3 / (lat.min() / 1e3) / 1e9
+
+
+def model_flops(model, image_size: int) -> float:
+    """FLOPs (2 x multiply-accumulates) of teacher + student for one image."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(1, 3, image_size, image_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    return float(fc.get_total_flops())
+
+
+def load_images(images_dir: str | Path, n: int) -> list[bytes]:
+    from stpm.export import image_files
+
+    files = image_files(images_dir)
+    if not files:
+        raise FileNotFoundError(f"no images under {images_dir}")
+    step = max(1, len(files) // n)  # spread over defect types when given an MVTec test folder
+    return [p.read_bytes() for p in files[::step][:n]]
+
+
+def mvtec_split(category_dir: Path) -> tuple[list[Path], list[Path], list[int]]:
+    """(train/good files, test files, test labels 1 = defective) of an MVTec category folder."""
+    from stpm.imageio import is_image_path
+
+    train = sorted(p for p in (category_dir / "train" / "good").iterdir() if is_image_path(p))
+    test, labels = [], []
+    for d in sorted((category_dir / "test").iterdir()):
+        if d.is_dir():
+            fs = sorted(p for p in d.iterdir() if is_image_path(p))
+            test += fs
+            labels += [0 if d.name == "good" else 1] * len(fs)
+    return train, test, labels
+
+
+def run_bench(
+    bundle_dir: str | Path,
+    images_dir: str | Path,
+    batch_sizes: Sequence[int] = (1, 16),
+    seconds: float = 8.0,
+    threads: int | None = None,
+    overlay_size: str = "input",
+    int8_data: str | Path | None = None,
+    int8_calibration_images: int = 32,
+    out_json: str | Path | None = None,
+    print_table: bool = True,
+) -> dict[str, Any]:
+    """Benchmark a bundle on the images in `images_dir`; -> results dict (also written to out_json).
+
+    seconds: measuring time per contender and batch size. threads: intra-op threads for torch and
+    ONNX Runtime alike (None: the number of CPUs). overlay_size: "input" (overlay at each image's own
+    size) or "model" (at the model's image size). int8_data: an MVTec category folder: quantise on
+    its train/good images, then measure decision agreement and AUROC change on its test set."""
+    import onnxruntime as ort
+    import torch
+
+    from stpm import export as ex
+    from stpm.imageio import decode_image, read_image, resize_rgb
+    from stpm.runtime import Scorer
+    from stpm.weights import load_model
+
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    tmp = Path(tempfile.mkdtemp(prefix="stpm-bench-"))
+    try:
+        work = tmp / "bundle"
+        shutil.copytree(bundle_dir, work)
+        model, manifest = load_model(work)
+        size = int(manifest["model"]["image_size"])
+        if SCORER not in (manifest.get("exports") or {}).get("files", {}):
+            ex.export_bundle(work)
+            manifest = json.loads((work / "manifest.json").read_text())
+
+        max_b = max(batch_sizes)
+        blobs = load_images(images_dir, max(max_b, 8))
+        while len(blobs) < max_b:
+            blobs = blobs + blobs
+        decoded = [decode_image(b) for b in blobs]
+        u8 = np.stack([resize_rgb(d, size).transpose(2, 0, 1) for d in decoded])
+
+        res: dict[str, Any] = {
+            "bundle": f"{manifest['name']}/{manifest.get('version')}",
+            "model": {k: manifest["model"].get(k) for k in ("backbone", "student_backbone", "layers", "image_size", "combine")},
+            "images": {"dir": str(images_dir), "n": len(blobs), "source_size": list(decoded[0].shape[:2])},
+            "machine": {
+                "cpu": cpu_name(), "cpus": os.cpu_count(), "threads": threads,
+                "load_avg_at_start": list(os.getloadavg()),
+                "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+                "providers_available": ort.get_available_providers(),
+            },
+            "seconds_per_measurement": seconds,
+            "overlay_size": overlay_size,
+            "results": {},
+        }
+        R = res["results"]
+
+        # the physical bound
+        flops = model_flops(model, size)
+        rate = gemm_rate()
+        bound_ms = flops / (rate * 1e9) * 1e3
+        res["bound"] = {"gflop_per_image": flops / 1e9, "gemm_gflops": rate, "fp32_bound_ms": bound_ms}
+
+        scorer_t = ex.fused_scorer(model, manifest)
+        scorer_rt = Scorer(work, providers=("cpu",), intra_op_threads=threads, max_batch=max_b)
+        sess = scorer_rt.session
+        map_size = None if overlay_size == "input" else (size, size)
+
+        sess8 = None
+        if int8_data is not None:
+            train, test, labels = mvtec_split(Path(int8_data))
+            cal_files = train[:: max(1, len(train) // int8_calibration_images)][:int8_calibration_images]
+            q = ex.quantize_int8(work, [read_image(p) for p in cal_files], [read_image(p) for p in test], labels,
+                                 keep_rejected=True)
+            res["int8"] = q
+            sess8 = ort.InferenceSession(str(work / (ex.SCORER_INT8_ONNX if q["shipped"] else ex.REJECTED_INT8_ONNX)),
+                                         _session_options(threads), providers=["CPUExecutionProvider"])
+
+        for b in batch_sizes:
+            xb = torch.from_numpy(u8[:b].copy())
+            nb = u8[:b].copy()
+            bl = blobs[:b]
+
+            def torch_step():
+                with torch.inference_mode():
+                    scorer_t(xb)
+
+            timings: list[dict[str, float]] = []
+
+            def full():
+                out = scorer_rt.score(bl, map_size=map_size, overlay=True)
+                timings.extend(r.timings for r in out)
+
+            fns = {"torch_eager": torch_step, "ort_cpu": lambda: sess.run(None, {"images": nb}), "full_path": full}
+            if sess8 is not None:
+                fns["ort_cpu_int8"] = lambda: sess8.run(None, {"images": nb})
+            for k, lat in interleaved(fns, seconds).items():
+                R[f"{k}_b{b}"] = summarize(lat, b)
+            R[f"full_path_b{b}"]["breakdown_ms_per_image"] = {
+                k: float(np.mean([t[k] for t in timings])) for k in ("decode_ms", "infer_ms", "render_ms")
+            }
+
+        b1 = batch_sizes[0]
+        t_ms, o_ms, f_ms = (R[f"{k}_b{b1}"]["ms_per_image"] for k in ("torch_eager", "ort_cpu", "full_path"))
+        res["ratios"] = {
+            f"ort_over_torch_b{b1}": o_ms / t_ms,
+            f"full_over_ort_b{b1}": f_ms / o_ms,
+            f"ort_over_fp32_bound_b{b1}": o_ms / bound_ms,
+            "best_ort_fp32_over_bound": min(R[f"ort_cpu_b{b}"]["ms_per_image"] for b in batch_sizes) / bound_ms,
+        }
+        if int8_data is not None:
+            res["ratios"]["int8_over_fp32_bound_best"] = (
+                min(R[f"ort_cpu_int8_b{b}"]["ms_per_image"] for b in batch_sizes) / bound_ms)
+        res["machine"]["load_avg_at_end"] = list(os.getloadavg())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(res, indent=2) + "\n")
+    if print_table:
+        print(format_table(res))
+    return res
+
+
+SCORER = "scorer.onnx"
+
+
+def _session_options(threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return so
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """Markdown table of the results (also used for docs/BENCHMARKS.md)."""
+    lines = [
+        "| contender | batch | images/s | ms/image | p50 ms (batch) | p99 ms (batch) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in res["results"].items():
+        name = key.rsplit("_b", 1)[0]
+        lines.append(f"| {name} | {r['batch']} | {r['images_per_s']:.1f} | {r['ms_per_image']:.1f} | "
+                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    b = res["bound"]
+    lines.append("")
+    lines.append(f"teacher + student: {b['gflop_per_image']:.2f} GFLOP/image; measured fp32 GEMM "
+                 f"{b['gemm_gflops']:.0f} GFLOP/s -> fp32 bound {b['fp32_bound_ms']:.1f} ms/image")
+    lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
+    for key, r in res["results"].items():
+        if "breakdown_ms_per_image" in r:
+            bd = r["breakdown_ms_per_image"]
+            lines.append(f"{key}: decode+resize {bd['decode_ms']:.1f} ms, infer {bd['infer_ms']:.1f} ms, "
+                         f"render (overlay PNG at {res['overlay_size']} size) {bd['render_ms']:.1f} ms per image")
+    if "int8" in res:
+        q = res["int8"]
+        lines.append(f"int8: decision agreement {q['decision_agreement']:.4f} on {q['n_check_images']} test images, "
+                     f"AUROC fp32 {q.get('auroc_fp32', float('nan')):.4f} -> int8 {q.get('auroc_int8', float('nan')):.4f}, "
+                     f"shipped: {q['shipped']}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, or a bundle folder")
+    p.add_argument("images", help="folder of images to score (e.g. an MVTec category's test folder)")
+    p.add_argument("--models-dir", default=os.environ.get("STPM_MODELS_DIR", "models"))
+    p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
+    p.add_argument("--seconds", type=float, default=8.0, help="measuring time per contender and batch size")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all CPUs)")
+    p.add_argument("--overlay-size", choices=("input", "model"), default="input")
+    p.add_argument("--int8-data", default=None, help="MVTec category folder: try static INT8 and measure parity")
+    p.add_argument("--json", default=None, help="write the results here")
+
+
+def main(args: argparse.Namespace) -> int:
+    from stpm.export import _bundle_path
+
+    path = _bundle_path(args.model, args.models_dir)
+    run_bench(path, args.images, tuple(int(b) for b in args.batch_sizes.split(",")), args.seconds,
+              args.threads, args.overlay_size, args.int8_data, out_json=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(ap)
+    raise SystemExit(main(ap.parse_args()))
