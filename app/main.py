@@ -64,7 +64,7 @@ def create_app(
             for hook in reversed(app.state.shutdown_hooks):
                 try:
                     await hook(app)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("shutdown hook failed")
             await registry.stop()
 

@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stpm import bundle
-from stpm.bundle import BundleError, ModelNotFoundError
-
 from app.errors import APIError
 from app.metrics import Metrics
 from app.settings import Settings
+from stpm import bundle
+from stpm.bundle import BundleError, ModelNotFoundError
 
 log = logging.getLogger("app.registry")
 
@@ -45,7 +44,8 @@ class NoModelError(APIError):
             409,
             "no_model",
             f"no model has been trained yet (model store {models_dir} is empty): train one with "
-            "`stpm train --data DIR --name NAME` (or POST /train) and it is picked up automatically",
+            "`stpm train GOOD_IMAGES_DIR --name NAME --models-dir MODELS_DIR` (or POST /train); "
+            "it is picked up automatically",
         )
 
 
@@ -147,7 +147,7 @@ class Batcher:
         start = time.perf_counter()
         try:
             results = await loop.run_in_executor(self.executor, self._score_sync, batch)
-        except BaseException as e:  # noqa: BLE001 - delivered to every waiting request
+        except BaseException as e:
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
@@ -195,12 +195,12 @@ class Batcher:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001, S110 - shutting down
                 pass
         for t in list(self._running):
             try:
                 await t
-            except (asyncio.CancelledError, Exception):
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001, S110 - shutting down
                 pass
         pending = list(self._carry)
         while self._queue is not None and not self._queue.empty():
@@ -349,7 +349,7 @@ class ModelRegistry:
             if self.settings.warmup:
                 scorer.warmup()
                 warm = True
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any load failure becomes a 503
             self.metrics.model_loads.labels(label, "error").inc()
             self.last_error = f"{label}: {type(e).__name__}: {e}"
             log.error("loading model %s failed: %s", label, e)
@@ -391,7 +391,7 @@ class ModelRegistry:
         for hook in list(self.on_change):
             try:
                 hook(event, name, version)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("registry hook failed")
 
     # ----- scoring -----
@@ -442,7 +442,7 @@ class ModelRegistry:
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the poller must survive anything
+            except Exception:
                 log.exception("model store poll failed")
             await asyncio.sleep(interval)
 
@@ -455,7 +455,7 @@ class ModelRegistry:
             self._poller.cancel()
             try:
                 await self._poller
-            except (asyncio.CancelledError, Exception):
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001, S110 - shutting down
                 pass
         for lm in self.loaded():
             await self.unload(lm.name, lm.version, "unloaded")

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path as PathParam, Query, Request
+from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
-
-from stpm import bundle
-from stpm.bundle import BundleError
 
 from app.errors import APIError
 from app.registry import ModelRegistry, model_error
-from app.schemas import ActivateResponse, DeleteResponse, ErrorResponse, ModelDetail, ModelList, ModelSummary, VersionDetail
+from app.schemas import (
+    ActivateResponse,
+    DeleteResponse,
+    ErrorResponse,
+    ModelDetail,
+    ModelList,
+    VersionDetail,
+)
+from stpm import bundle
+from stpm.bundle import BundleError
 
 router = APIRouter(prefix="/models", tags=["models"])
 

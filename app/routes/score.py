@@ -10,11 +10,10 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from stpm.imageio import ImageDecodeError, decode_image
-
 from app.errors import APIError
 from app.registry import ScoreOptions
 from app.schemas import ErrorResponse, HeatmapMode, ScoreResponse
+from stpm.imageio import ImageDecodeError, decode_image
 
 router = APIRouter(tags=["score"])
 
