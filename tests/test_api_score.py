@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_api_helpers import make_store, png, real_images, synthetic_rgb
 
 from app.main import create_app
 from app.settings import Settings
-from test_api_helpers import make_store, png, real_images, synthetic_rgb
 
 
 def settings(models_dir, **kw) -> Settings:

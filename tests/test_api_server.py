@@ -6,7 +6,6 @@ import concurrent.futures as cf
 
 import httpx
 import pytest
-
 from test_api_helpers import make_store, png, real_images, start_uvicorn, stop, synthetic_rgb
 
 
