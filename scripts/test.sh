@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Fresh machine -> everything the tests need -> the whole suite. `.ci/run` runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# The CUDA-capable builds that lie on the build machines' disk; they run on CPU too.
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+.venv/bin/python -m pip install -q -e ".[train,test]"
+# Browser tests drive Debian's Chromium (no browser downloads: the machines are offline).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "warning: could not install chromium; browser tests will skip" >&2
+fi
+exec .venv/bin/python -m pytest "$@"
