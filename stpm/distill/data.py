@@ -99,14 +99,32 @@ def mnist_split(n_train: int = 8000, split_seed: int = 0, raw_dir: Path | None =
                  f"MNIST t10k split {n_train}/{len(labels) - n_train} (split seed {split_seed})")
 
 
-def digits_split(n_train: int = 1400, split_seed: int = 0) -> Split:
-    """scikit-learn's bundled 8x8 digits (1797 images), scaled to [0, 1] then standardised."""
+def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as (images [1797, 8, 8] in 0..16, labels [1797]).
+
+    Reads sklearn/datasets/data/digits.csv.gz directly (what load_digits reads) so that importing
+    scikit-learn, slow on a busy CPU, is avoided; falls back to load_digits.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.submodule_search_locations:
+        csv = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+        if csv.is_file():
+            data = np.loadtxt(csv, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
+    return d.images, d.target
+
+
+def digits_split(n_train: int = 1400, split_seed: int = 0) -> Split:
+    """scikit-learn's bundled 8x8 digits (1797 images), scaled to [0, 1] then standardised."""
+    images, targets = load_sklearn_digits()
+    x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)
     x = (x - x.mean()) / x.std()
-    y = torch.from_numpy(d.target.astype(np.int64))
+    y = torch.from_numpy(targets.astype(np.int64))
     tr, te = deterministic_split(len(y), n_train, split_seed)
     return Split(x[tr], y[tr], x[te], y[te], 10,
                  f"sklearn digits split {n_train}/{len(y) - n_train} (split seed {split_seed})")

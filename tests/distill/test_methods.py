@@ -1,0 +1,151 @@
+"""Each method: one step runs on a tiny real batch (sklearn digits), its loss falls over a few steps,
+and the teacher never changes."""
+import copy
+
+import pytest
+import torch
+
+from stpm.distill import methods as M
+from stpm.distill.models import InputSpec, build_model
+from stpm.distill.trainer import FrozenTeacher, TrainConfig, make_optimizer, trainable_parameters
+
+SPEC = InputSpec(1, 8, 10)
+
+
+def _teacher(name, x, y, steps=30):
+    torch.manual_seed(1)
+    t = build_model(name, SPEC)
+    obj = M.CrossEntropyObjective(t)
+    opt = make_optimizer(trainable_parameters(obj), TrainConfig(lr=3e-3))
+    for _ in range(steps):
+        opt.zero_grad()
+        obj(x, y).backward()
+        opt.step()
+    return t
+
+
+@pytest.fixture(scope="module")
+def teachers(digits_batch):
+    x, y = digits_batch
+    return {"cnn4": _teacher("cnn4", x, y), "mlp64": _teacher("mlp64", x, y)}
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _objectives(x, y, teachers):
+    torch.manual_seed(0)
+    cnn_t, mlp_t = teachers["cnn4"], teachers["mlp64"]
+    s = lambda name="cnn2": build_model(name, SPEC)  # noqa: E731
+    aligner = lambda: M.LatentAligner((64, 32 * 4 * 4), latent_dim=8, hidden=32)  # noqa: E731
+    return {
+        "ce": lambda: (M.CrossEntropyObjective(s()), []),
+        "kd": lambda: (M.KDObjective(s(), cnn_t, 4.0, 0.5), [cnn_t]),
+        "semi_kd": lambda: (M.KDObjective(s(), cnn_t, 4.0, 0.5), [cnn_t]),  # half the labels hidden below
+        "logit_mse": lambda: (M.LogitMatchingObjective(s(), cnn_t, 0.5), [cnn_t]),
+        "dkd": lambda: (M.DKDObjective(s(), cnn_t, 4.0, 1.0, 8.0, 1.0), [cnn_t]),
+        "fitnets": lambda: (M.FitNetObjective(s(), cnn_t, "stage2", "stage2", x[:4], 1.0), [cnn_t]),
+        "fitnets_mlp_to_cnn": lambda: (M.FitNetObjective(s("mlp16"), mlp_t, "body", "body", x[:4], 1.0), [mlp_t]),
+        "at": lambda: (M.AttentionTransferObjective(s(), cnn_t, ("stage1", "stage2"), ("stage1", "stage2"), 1000.0),
+               [cnn_t]),
+        "fsp": lambda: (M.FSPObjective(s(), cnn_t, ("stage1", "stage2"), ("stage1", "stage2"), 1.0), [cnn_t]),
+        "mutual": lambda: (M.MutualObjective([s(), s("mlp32"), s("cnn4")], 1.0), []),
+        "multi_teacher": lambda: (M.MultiTeacherKD(s(), [cnn_t, mlp_t], 4.0, 0.5), [cnn_t, mlp_t]),
+        "disjoint": lambda: (M.DisjointMergeKD(s(), [_half(cnn_t, 0), _half(mlp_t, 5)], [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
+                                       10, 2.0), [cnn_t, mlp_t]),
+        "aligner": lambda: (M.AlignerObjective(aligner(), [mlp_t, cnn_t], ("body", "stage2"), 0.5, 1.0), [mlp_t, cnn_t]),
+        "latent_kd": lambda: (M.LatentKDObjective(s("mlp16"), "body", 16, [mlp_t, cnn_t], ("body", "stage2"), aligner(), 8,
+                                          4.0, 0.5, 1.0), [mlp_t, cnn_t]),
+    }
+
+
+class _Half(torch.nn.Module):
+    """A teacher restricted to five of its outputs (stands in for a teacher trained on one half)."""
+
+    def __init__(self, model, start):
+        super().__init__()
+        self.model, self.start = model, start
+
+    def forward(self, x):
+        return self.model(x)[:, self.start:self.start + 5]
+
+
+def _half(model, start):
+    return _Half(model, start)
+
+
+NAMES = ["ce", "kd", "semi_kd", "logit_mse", "dkd", "fitnets", "fitnets_mlp_to_cnn", "at", "fsp", "mutual",
+         "multi_teacher", "disjoint", "aligner", "latent_kd"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_method_lowers_its_loss_and_leaves_teachers_unchanged(name, digits_batch, teachers):
+    x, y = digits_batch
+    if name == "semi_kd":
+        y = y.clone()
+        y[::2] = -1
+    obj, teacher_list = _objectives(x, y, teachers)[name]()
+    before = [_state(t) for t in teacher_list]
+    opt = make_optimizer(trainable_parameters(obj), TrainConfig(lr=3e-3))
+    obj.train()
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = obj(x, y)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    for t, b in zip(teacher_list, before):
+        for k, v in t.state_dict().items():
+            torch.testing.assert_close(v, b[k], rtol=0, atol=0, msg=f"teacher tensor {k} changed")
+    for t in teacher_list:
+        assert not any(p.requires_grad for p in t.parameters())
+
+
+def test_frozen_teacher_stays_in_eval_mode_and_gets_no_gradients(digits_batch):
+    x, y = digits_batch
+    torch.manual_seed(0)
+    teacher = build_model("mlp64d", SPEC)  # dropout: eval mode makes it deterministic
+    obj = M.KDObjective(build_model("mlp16", SPEC), teacher, 4.0, 0.5)
+    obj.train()
+    assert obj.student.training
+    assert not obj.teacher.training and not teacher.training
+    assert torch.equal(obj.teacher(x), obj.teacher(x))
+    assert isinstance(obj.teacher, FrozenTeacher)
+    obj.teacher.train(True)
+    assert not teacher.training
+    obj(x, y).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.requires_grad is False for p in teacher.parameters())
+
+
+def test_takd_chain_and_eskd_and_noisy_student_run_end_to_end(digits_batch):
+    x, y = digits_batch
+    cfg = M.RunConfig(TrainConfig(epochs=2, lr=3e-3), batch_size=16, seed=0)
+    dev = torch.device("cpu")
+    torch.manual_seed(0)
+    chain = [build_model(n, SPEC) for n in ("cnn6", "cnn4", "cnn2")]
+    hists = M.takd_chain(chain, x, y, cfg, dev, temperature=4.0, hard_weight=0.5, train_first=True,
+                         eval_data=(x, y))
+    assert len(hists) == 3 and all(len(h.losses) == 2 for h in hists)
+    assert all(h.losses[-1] < h.losses[0] for h in hists)
+    # ESKD: keep the epoch-1 teacher snapshot and distil from it
+    teacher = build_model("mlp32", SPEC)
+    hist = M.train_classifier(teacher, x, y, cfg, dev, snapshot_epochs=(1, 2))
+    early = M.eskd_teacher(lambda: build_model("mlp32", SPEC), hist.snapshots, 1)
+    assert not torch.equal(early.head.weight, teacher.head.weight)
+    torch.testing.assert_close(M.eskd_teacher(lambda: build_model("mlp32", SPEC), hist.snapshots, 2).head.weight,
+                               teacher.head.weight)
+    with pytest.raises(KeyError):
+        M.eskd_teacher(lambda: build_model("mlp32", SPEC), hist.snapshots, 5)
+    # Noisy Student: two iterations on pseudo-labels of "unlabelled" images
+    ns = M.NoisyStudentConfig(iterations=2, soft=False, temperature=1.0, max_shift=1, noise_std=0.1)
+    out = M.noisy_student(teacher, lambda: build_model("mlp32d", SPEC), x[:32], y[:32], x[32:], ns, cfg, dev,
+                          eval_data=(x, y))
+    assert len(out) == 2 and out[0][0] is not out[1][0]
+    targets = M.pseudo_labels(teacher, x[32:], dev, 1.0, soft=False)
+    assert torch.equal(targets.argmax(-1), teacher.eval()(x[32:]).argmax(-1))
