@@ -27,12 +27,12 @@ from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import APIKeyMiddleware, MetricsMiddleware, RequestLimitMiddleware
 from app.registry import ModelRegistry
-from app.routes import health, models, score
+from app.routes import health, models, score, train
 from app.settings import Settings
 
 log = logging.getLogger("app")
 
-ROUTERS = (health.router, score.router, models.router)
+ROUTERS = (health.router, score.router, models.router, train.router)
 
 DESCRIPTION = """
 Unsupervised visual anomaly detection (STPM). POST images to `/score` to get, for each, a score in
@@ -87,6 +87,10 @@ def create_app(
     if settings.public_docs:
         app.state.public_paths |= {"/docs", "/docs/oauth2-redirect", "/openapi.json"}
 
+    if settings.train_enabled:
+        from app.jobs import install as install_jobs
+
+        install_jobs(app)  # POST /train: job store + training worker (lifespan hooks)
     install_error_handlers(app)
     for r in ROUTERS:
         app.include_router(r)

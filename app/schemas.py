@@ -176,3 +176,48 @@ class Ready(BaseModel):
             ]
         },
     )
+
+
+class TrainJob(BaseModel):
+    """A training job (POST /train, GET /train/{id})."""
+
+    job_id: str
+    name: str = Field(description="The model the job publishes a new version of")
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    params: dict[str, Any] = Field(description="model / train / calibration configuration and `activate`")
+    progress: dict[str, Any] | None = Field(
+        None, description="phase, epoch, epochs, step, steps, loss, val_loss, best_val_loss, eta_s, elapsed_s"
+    )
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    updated_at: str
+    error: str | None = Field(None, description="Why it failed or was cancelled (or a note on success)")
+    version: str | None = Field(None, description="The published version when succeeded")
+    model: str | None = Field(None, description="NAME/VERSION to pass to /score?model=")
+    activated: bool
+    n_images: int
+    uploads_kept: bool
+    cancel_requested: bool
+    queue_position: int | None = Field(None, description="1 = runs next (queued jobs only)")
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {"job_id": "3f2c9a0e8b7d4c1a9e6f5d4c3b2a1908", "name": "bottle", "state": "running",
+                 "params": {"model": {"backbone": "resnet18", "image_size": 256}, "train": {"epochs": 100},
+                            "activate": True},
+                 "progress": {"phase": "training", "epoch": 3, "epochs": 100, "step": 5, "steps": 6,
+                              "loss": 0.812, "val_loss": 0.9, "best_val_loss": 0.9, "eta_s": 410.2,
+                              "elapsed_s": 13.1},
+                 "created_at": "2025-05-02T09:30:00.000+00:00", "started_at": "2025-05-02T09:30:00.200+00:00",
+                 "finished_at": None, "updated_at": "2025-05-02T09:30:13.300+00:00", "error": None,
+                 "version": None, "model": None, "activated": False, "n_images": 209, "uploads_kept": True,
+                 "cancel_requested": False, "queue_position": None}
+            ]
+        },
+    )
+
+
+class TrainJobList(BaseModel):
+    jobs: list[TrainJob] = Field(description="Newest first")

@@ -59,6 +59,26 @@ class Settings(BaseSettings):
     )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Decoded pixels per image (decompression bombs)")
 
+    # Training jobs (POST /train; see app/jobs and docs/SERVICE.md "Training jobs").
+    data_dir: Path = Field(Path("data"), description="Job store (jobs.sqlite3) and the uploads of training jobs")
+    train_enabled: bool = Field(True, description="Serve /train and run a local training worker")
+    train_concurrency: int = Field(1, ge=1, description="Training jobs running at once (one per device)")
+    train_min_images: int = Field(10, ge=3, description="Good images a training upload needs at least")
+    train_max_images: int = Field(5000, ge=1, description="Images per training upload at most")
+    train_max_archive_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Uncompressed bytes of a zip/tar upload at most (zip bombs)"
+    )
+    train_upload_retention: Literal["keep", "delete"] = Field(
+        "keep", description="Uploaded images of finished jobs: keep them, or delete them when the job ends"
+    )
+    train_device: str = Field("auto", description="Training device: auto, cpu, cuda, cuda:1")
+    train_threads: int | None = Field(None, ge=1, description="torch CPU threads of a training process")
+    train_weights_dir: Path | None = Field(None, description="Folder with ImageNet teacher weights (offline hosts)")
+    train_cancel_grace_s: float = Field(
+        30.0, ge=0, description="A cancelled running job that has not stopped after this long is killed"
+    )
+    train_max_epochs: int = Field(1000, ge=1, description="Largest `epochs` a job may ask for")
+
     # Security.
     api_key: SecretStr | None = Field(
         None, description="When set, every route except /healthz and /readyz needs X-API-Key or Authorization: Bearer"
@@ -82,7 +102,7 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, v):
         return None if v in ("", None) else v
 
-    @field_validator("default_model", mode="before")
+    @field_validator("default_model", "train_weights_dir", "train_threads", mode="before")
     @classmethod
     def _empty_model_is_none(cls, v):
         return None if v in ("", None) else v

@@ -19,7 +19,16 @@ from stpm.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
 from stpm.data import ImageArrayDataset, fingerprint, good_train_dir, list_images, load_images, to_tensor
 from stpm.model import build_stpm
 from stpm.publish import build_manifest, publish_model
-from stpm.train import FitResult, ProgressFn, fit, predict, resolve_device, seed_everything, split_indices
+from stpm.train import (
+    FitResult,
+    ProgressFn,
+    TrainingStopped,
+    fit,
+    predict,
+    resolve_device,
+    seed_everything,
+    split_indices,
+)
 
 log = logging.getLogger("stpm.pipeline")
 MIN_GOOD_IMAGES = 3
@@ -105,6 +114,8 @@ def train_and_publish(
             from stpm.export import export_bundle
 
             export_bundle(staging, check_images=check_images)
+        if should_stop is not None and should_stop():  # last chance to cancel: nothing is visible yet
+            raise TrainingStopped("stop requested before publishing")
 
     t0 = time.monotonic()
     version, path = publish_model(models_dir, model, manifest, before_publish)

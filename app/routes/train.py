@@ -1,0 +1,170 @@
+"""Training jobs: POST /train (upload good images, 202 + job id), GET /train[/{id}], DELETE /train/{id}."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import APIError
+from app.jobs.store import STATES, Job, JobStore
+from app.jobs.uploads import Limits, UploadError, store_upload
+from app.schemas import ErrorResponse, TrainJob, TrainJobList
+from stpm import bundle
+from stpm.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
+
+router = APIRouter(prefix="/train", tags=["train"])
+
+# stpm.backbones.SPECS (kept here because the API process does not import torch; a test checks they agree)
+BACKBONES = ("resnet18", "resnet34", "wide_resnet50_2", "efficientnet_lite0")
+JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+ERRORS = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "No such job"},
+}
+JobId = Annotated[str, PathParam(description="The job id from POST /train")]
+
+_M, _T, _C = ModelConfig(), TrainConfig(), CalibrationConfig()
+
+
+def _engine(request: Request) -> tuple[JobStore, object]:
+    store = getattr(request.app.state, "job_store", None)
+    runner = getattr(request.app.state, "job_runner", None)
+    if store is None or runner is None:
+        raise APIError(503, "training_unavailable", "training jobs are disabled (setting train_enabled) or the job "
+                       "store has not started")
+    return store, runner
+
+
+def _public(store: JobStore, job: Job) -> dict:
+    return {**job.public(), "queue_position": store.queue_position(job)}
+
+
+def _get(store: JobStore, job_id: str) -> Job:
+    job = store.get(job_id) if JOB_ID_RE.match(job_id) else None
+    if job is None:
+        raise APIError(404, "job_not_found", f"no training job {job_id!r}")
+    return job
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=TrainJob,
+    summary="Train a new model version on uploaded good images (runs in the background)",
+    responses={
+        **ERRORS,
+        413: {"model": ErrorResponse, "description": "Request, an image, an archive or the image count over the limit"},
+        422: {"model": ErrorResponse, "description": "A file is not a decodable image (all named in `files`), too "
+              "few images, or a bad parameter"},
+        507: {"model": ErrorResponse, "description": "Disk full while storing the upload (nothing stored)"},
+    },
+)
+async def submit(
+    request: Request,
+    files: Annotated[list[UploadFile], File(description="Good images (repeat the field), and/or zip/tar archives "
+                                                        "of them (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")],
+    name: Annotated[str, Form(description="Model name; the job publishes its next version", examples=["bottle"])],
+    backbone: Annotated[Literal[BACKBONES], Form(description="Teacher/student architecture")] = _M.backbone,  # type: ignore[valid-type]
+    image_size: Annotated[int, Form(ge=32, le=1024, description="Training and scoring resolution (pixels)")] = _M.image_size,
+    pretrained: Annotated[bool, Form(description="ImageNet teacher weights (false: random teacher, tests only)")] = True,
+    epochs: Annotated[int, Form(ge=1)] = _T.epochs,
+    batch_size: Annotated[int, Form(ge=1, le=1024)] = _T.batch_size,
+    lr: Annotated[float, Form(gt=0, le=10)] = _T.lr,
+    momentum: Annotated[float, Form(ge=0, lt=1)] = _T.momentum,
+    weight_decay: Annotated[float, Form(ge=0, le=1)] = _T.weight_decay,
+    val_fraction: Annotated[float, Form(gt=0, lt=1, description="Held out for validation and calibration")] = _T.val_fraction,
+    patience: Annotated[int, Form(ge=0, description="Early stopping on the validation loss (0: off)")] = _T.patience,
+    seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = _T.seed,
+    augment: Annotated[bool, Form()] = _T.augment,
+    max_steps: Annotated[int, Form(ge=0, description="Cap on steps per epoch (0: none)")] = _T.max_steps,
+    calibration: Annotated[Literal["max_margin", "quantile"], Form(description="Threshold method")] = _C.method,
+    activate: Annotated[bool, Form(description="Make the new version active when the job succeeds")] = False,
+):
+    store, runner = _engine(request)
+    s = request.app.state.settings
+    try:
+        bundle.check_name(name)
+    except bundle.BundleError as e:
+        raise APIError(422, "invalid_name", str(e)) from None
+    if epochs > s.train_max_epochs:
+        raise APIError(422, "invalid_parameter", f"epochs={epochs}: at most {s.train_max_epochs} "
+                       "(setting train_max_epochs)")
+    params = {
+        "model": to_dict(ModelConfig(backbone=backbone, image_size=image_size, pretrained=pretrained)),
+        "train": to_dict(TrainConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            val_fraction=val_fraction, patience=patience, seed=seed, augment=augment, max_steps=max_steps,
+        )),
+        "calibration": to_dict(CalibrationConfig(method=calibration)),
+        "activate": activate,
+    }
+    params["train"].pop("device")  # the server's setting (train_device), not the client's
+    limits = Limits(s.train_min_images, s.train_max_images, s.max_upload_bytes, s.train_max_archive_bytes,
+                    s.max_pixels)
+    job_id = uuid.uuid4().hex
+    jobs_root = s.data_dir.resolve() / "jobs"
+    uploads = [(f.filename or f"file{i}", f.file) for i, f in enumerate(files)]
+    try:
+        stored = await run_in_threadpool(store_upload, uploads, jobs_root, job_id, limits)
+    except UploadError as e:
+        request.app.state.metrics.rejected.labels(e.error).inc(max(1, len(e.files)))
+        raise APIError(e.status, e.error, e.detail, {"files": e.files} if e.files else None) from None
+    n = len(stored.images)
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        shutil.rmtree(stored.job_dir, ignore_errors=True)
+        raise APIError(422, "invalid_parameter", f"val_fraction={val_fraction} leaves no training image out of {n}")
+    try:
+        job = await run_in_threadpool(store.create, job_id, name, params, stored.job_dir, n, stored.fingerprint)
+    except BaseException:
+        shutil.rmtree(stored.job_dir, ignore_errors=True)
+        raise
+    runner.submit(job_id)
+    return JSONResponse(_public(store, job), status_code=202, headers={"Location": f"/train/{job_id}"})
+
+
+@router.get("", response_model=TrainJobList, summary="Training jobs, newest first", responses=ERRORS)
+async def list_jobs(
+    request: Request,
+    state: Annotated[Literal[STATES] | None, Query(description="Only jobs in this state")] = None,  # type: ignore[valid-type]
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+):
+    store, _ = _engine(request)
+
+    def work():
+        return {"jobs": [_public(store, j) for j in store.list(state, limit, offset)]}
+
+    return await run_in_threadpool(work)
+
+
+@router.get("/{job_id}", response_model=TrainJob, summary="One job: state, progress, error, resulting version",
+            responses=ERRORS)
+async def get_job(request: Request, job_id: JobId):
+    store, _ = _engine(request)
+    return _public(store, await run_in_threadpool(_get, store, job_id))
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=TrainJob,
+    summary="Cancel a queued job (200, cancelled at once) or a running one (202, stops within seconds)",
+    responses={**ERRORS, 202: {"model": TrainJob, "description": "Running: cancel requested"},
+               409: {"model": ErrorResponse, "description": "The job has already finished"}},
+)
+async def cancel_job(request: Request, job_id: JobId):
+    store, runner = _engine(request)
+    job = await run_in_threadpool(_get, store, job_id)
+    if job.finished:
+        raise APIError(409, "job_finished", f"job {job_id} has already finished ({job.state}); nothing to cancel")
+    job = await run_in_threadpool(runner.cancel, job_id)
+    status = 202 if job.state == "running" else 200
+    return JSONResponse(_public(store, job), status_code=status)
