@@ -80,8 +80,8 @@ def create_app(
     app.state.metrics = metrics
     app.state.registry = registry
     app.state.started_at = time.time()
-    app.state.public_paths = {"/healthz", "/readyz"}
-    app.state.public_prefixes = []
+    app.state.public_paths = {"/healthz", "/readyz", *ui.PUBLIC_PATHS}  # the web page asks for the key itself
+    app.state.public_prefixes = [*ui.PUBLIC_PREFIXES]
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
     if settings.public_docs:
