@@ -27,12 +27,12 @@ from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import APIKeyMiddleware, MetricsMiddleware, RequestLimitMiddleware
 from app.registry import ModelRegistry
-from app.routes import health, models, score, train
+from app.routes import health, models, score, train, ui
 from app.settings import Settings
 
 log = logging.getLogger("app")
 
-ROUTERS = (health.router, score.router, models.router, train.router)
+ROUTERS = (health.router, score.router, models.router, ui.router, train.router)
 
 DESCRIPTION = """
 Unsupervised visual anomaly detection (STPM). POST images to `/score` to get, for each, a score in
