@@ -176,8 +176,7 @@ def test_readable_errors():
 
 def test_backbone_list_matches_the_library():
     pytest.importorskip("torch")
-    from stpm.backbones import SPECS
-
     from app.routes.train import BACKBONES
+    from stpm.backbones import SPECS
 
     assert set(BACKBONES) == set(SPECS)

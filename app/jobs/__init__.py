@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from app.jobs.store import JobStore
 from app.jobs.worker import JobRunner, LocalRunner
 
-__all__ = ["JobStore", "JobRunner", "LocalRunner", "install"]
+__all__ = ["JobRunner", "JobStore", "LocalRunner", "install"]
 
 
 def install(app: FastAPI) -> None:

@@ -35,8 +35,8 @@ def _die_with_parent() -> None:
 
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except Exception:  # noqa: BLE001 - the watchdog thread below covers it
-            pass
+        except Exception as e:  # noqa: BLE001 - the watchdog thread below covers it
+            log.debug("prctl(PR_SET_PDEATHSIG) unavailable: %s", e)
 
     def watch() -> None:
         while True:
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("job %s: published %s but the job row was no longer ours", job.id, outcome.version)
         log.info("job %s succeeded: %s/%s", job.id, job.name, outcome.version)
         return 0
-    except BaseException as e:  # noqa: BLE001 - every failure becomes a readable job error
+    except BaseException as e:
         log.exception("job %s failed", job.id)
         store.finish(job.id, "failed", token=args.token, error=readable_error(e))
         return 1

@@ -20,9 +20,9 @@ import os
 import re
 import shutil
 import tarfile
+import time
 import zipfile
 import zlib
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +136,7 @@ def _zip_members(name: str, f: IO[bytes], lim: Limits, budget: _Budget) -> Itera
 
 def _tar_members(name: str, f: IO[bytes], lim: Limits, budget: _Budget) -> Iterator[tuple[str, bytes | str]]:
     try:
-        tf = tarfile.open(fileobj=f, mode="r:*")
+        tf = tarfile.open(fileobj=f, mode="r:*")  # noqa: SIM115 - closed below, after streaming
     except (tarfile.TarError, OSError, EOFError) as e:
         yield name, f"not a readable tar archive ({e})"
         return
@@ -161,6 +161,8 @@ def _tar_members(name: str, f: IO[bytes], lim: Limits, budget: _Budget) -> Itera
             yield label, (m.read() if m is not None else "cannot read from the archive")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         yield name, f"corrupt tar archive ({type(e).__name__}: {e})"
+    finally:
+        tf.close()
 
 
 def _is_tar(name: str) -> bool:

@@ -141,7 +141,7 @@ class LocalRunner:
             if child.proc.poll() is None:
                 child.proc.kill()
                 child.proc.wait(10)
-            self._settle(child.job.id, f"server stopped while the job was running; resubmit it")
+            self._settle(child.job.id, "server stopped while the job was running; resubmit it")
         self._children.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -192,7 +192,7 @@ class LocalRunner:
                     self._wake.clear()
                     continue
                 self._tick()
-            except Exception:  # noqa: BLE001 - the worker must survive a store hiccup
+            except Exception:
                 log.exception("training worker loop failed; retrying")
                 time.sleep(1.0)
             self._wake.wait(POLL_S)
