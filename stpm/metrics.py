@@ -24,9 +24,9 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
 
 
 def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
-    """Precision, recall, F1, false-positive rate of the decision `score > threshold`."""
+    """Precision, recall, F1, false-positive rate of the decision `score >= threshold` (as served)."""
     y = np.asarray(labels).astype(bool)
-    pred = np.asarray(scores) > threshold
+    pred = np.asarray(scores) >= threshold
     tp, fp = int(np.sum(pred & y)), int(np.sum(pred & ~y))
     fn, tn = int(np.sum(~pred & y)), int(np.sum(~pred & ~y))
     precision = tp / (tp + fp) if tp + fp else 0.0

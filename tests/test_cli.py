@@ -1,0 +1,80 @@
+"""The CLI answers bad input with a clear message and exit code 2, never a traceback."""
+
+import json
+import shutil
+
+import pytest
+
+from stpm.cli import main
+
+
+def test_train_on_a_folder_with_bad_files_names_them(tmp_path, bottle_good, capsys):
+    data = tmp_path / "good"
+    data.mkdir()
+    for p in bottle_good[:4]:
+        shutil.copy(p, data / p.name)
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    rc = main(["train", str(data), "--name", "x", "--models-dir", str(tmp_path / "m"), "--no-pretrained",
+               "--image-size", "32", "--epochs", "1", "--no-export"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "broken.png" in err and "--skip-bad" in err
+    assert not (tmp_path / "m" / "x").exists() or not any((tmp_path / "m" / "x").glob("v*"))
+
+
+def test_train_skip_bad_trains_publishes_and_reports(tmp_path, bottle_good, capsys):
+    data = tmp_path / "good"
+    data.mkdir()
+    for p in bottle_good[:5]:
+        shutil.copy(p, data / p.name)
+    (data / "empty.png").write_bytes(b"")
+    rc = main(["train", str(data), "--name", "x", "--models-dir", str(tmp_path / "m"), "--no-pretrained",
+               "--image-size", "32", "--epochs", "1", "--batch-size", "2", "--no-export", "--skip-bad",
+               "--run-dir", str(tmp_path / "run"), "--activate"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "skipped" in err and "empty.png" in err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["model"] == "x/v1" and summary["threshold"] > 0
+    assert (tmp_path / "m" / "x" / "ACTIVE").read_text().strip() == "v1"
+    manifest = json.loads((tmp_path / "m" / "x" / "v1" / "manifest.json").read_text())
+    assert manifest["data"]["n_images"] == 5 and manifest["data"]["skipped"][0].endswith("empty.png")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "nosuchmodel", "."], "no model named 'nosuchmodel'"),
+    (["eval", "../etc/passwd", "."], "invalid model"),
+    (["export", "a/b/c"], "invalid model reference"),
+    (["train", "/nonexistent/folder", "--name", "x"], "does not exist"),
+    (["train", ".", "--name", "../evil"], "invalid model name"),
+])
+def test_bad_references_and_folders_get_clear_errors(tmp_path, capsys, args, message):
+    rc = main([*args, "--models-dir", str(tmp_path)])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_exports_and_predict_writes_overlays_and_json(tmp_path, bottle, bottle_good, capsys):
+    from PIL import Image
+
+    m = str(tmp_path / "m")
+    data = tmp_path / "good"
+    data.mkdir()
+    for p in bottle_good[:4]:
+        shutil.copy(p, data / p.name)
+    rc = main(["train", str(data), "--name", "p", "--models-dir", m, "--no-pretrained", "--image-size", "32",
+               "--epochs", "1", "--batch-size", "2", "--run-dir", str(tmp_path / "run")])
+    assert rc == 0, capsys.readouterr().err
+    bundle_dir = tmp_path / "m" / "p" / "v1"
+    assert {"scorer.onnx", "teacher.onnx", "student.onnx"} <= {f.name for f in bundle_dir.iterdir()}
+    assert json.loads((bundle_dir / "manifest.json").read_text())["exports"]
+    capsys.readouterr()
+    defect = bottle / "test" / "broken_large" / "000.png"
+    rc = main(["predict", "p", str(defect), str(tmp_path / "good" / bottle_good[0].name), "--models-dir", m,
+               "--out", str(tmp_path / "pred")])
+    assert rc == 0
+    report = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert report["model"] == "p/v1" and len(report["results"]) == 2
+    for r in report["results"]:
+        assert 0.0 <= r["score"] <= 1.0 and r["is_anomaly"] == (r["raw_score"] >= r["threshold"])
+        with Image.open(r["overlay"]) as im:
+            assert im.size == (512, 512)  # overlays at the input's size
