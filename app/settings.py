@@ -60,7 +60,9 @@ class Settings(BaseSettings):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Decoded pixels per image (decompression bombs)")
 
     # Training jobs (POST /train; see app/jobs and docs/SERVICE.md "Training jobs").
-    data_dir: Path = Field(Path("data"), description="Job store (jobs.sqlite3) and the uploads of training jobs")
+    data_dir: Path | None = Field(
+        None, description="Job store (jobs.sqlite3) and the uploads of training jobs (default: `data` beside models_dir)"
+    )
     train_enabled: bool = Field(True, description="Serve /train and run a local training worker")
     train_concurrency: int = Field(1, ge=1, description="Training jobs running at once (one per device)")
     train_min_images: int = Field(10, ge=3, description="Good images a training upload needs at least")
@@ -102,7 +104,12 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, v):
         return None if v in ("", None) else v
 
-    @field_validator("default_model", "train_weights_dir", "train_threads", mode="before")
+    @field_validator("default_model", "data_dir", "train_weights_dir", "train_threads", mode="before")
     @classmethod
     def _empty_model_is_none(cls, v):
         return None if v in ("", None) else v
+
+    @property
+    def jobs_data_dir(self) -> Path:
+        """`data_dir`, or `data` beside the model store."""
+        return (self.data_dir or Path(self.models_dir).resolve().parent / "data").resolve()

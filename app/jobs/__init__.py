@@ -3,8 +3,6 @@ each training in its own process (see worker.py for the runner interface and res
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import FastAPI
 
 from app.jobs.store import JobStore
@@ -20,7 +18,7 @@ def install(app: FastAPI) -> None:
         from starlette.concurrency import run_in_threadpool
 
         s = app.state.settings
-        store = await run_in_threadpool(JobStore, Path(s.data_dir).resolve() / "jobs.sqlite3")
+        store = await run_in_threadpool(JobStore, s.jobs_data_dir / "jobs.sqlite3")
         runner = LocalRunner(store, s)
         runner.start()
         app.state.job_store, app.state.job_runner = store, runner

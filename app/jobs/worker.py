@@ -116,7 +116,7 @@ class LocalRunner:
         self.settings = settings
         self.python = python
         self.models_dir = Path(settings.models_dir).resolve()
-        self.data_dir = Path(settings.data_dir).resolve()
+        self.data_dir = settings.jobs_data_dir
         self.jobs_root = self.data_dir / "jobs"
         self.concurrency = settings.train_concurrency
         self._children: dict[str, _Child] = {}

@@ -110,7 +110,7 @@ async def submit(
     limits = Limits(s.train_min_images, s.train_max_images, s.max_upload_bytes, s.train_max_archive_bytes,
                     s.max_pixels)
     job_id = uuid.uuid4().hex
-    jobs_root = s.data_dir.resolve() / "jobs"
+    jobs_root = s.jobs_data_dir / "jobs"
     uploads = [(f.filename or f"file{i}", f.file) for i, f in enumerate(files)]
     try:
         stored = await run_in_threadpool(store_upload, uploads, jobs_root, job_id, limits)
