@@ -163,7 +163,8 @@ def average_teacher_probs(teacher_logits: list[Tensor], temperature: float) -> T
 
 
 def merge_disjoint_probs(
-    teacher_logits: list[Tensor], class_indices: list[list[int]], num_classes: int, temperature: float
+    teacher_logits: list[Tensor], class_indices: list[list[int]], num_classes: int, temperature: float,
+    weighting: str = "confidence",
 ) -> Tensor:
     """Merge teachers with disjoint label sets into one distribution over the union of classes.
 
@@ -171,7 +172,8 @@ def merge_disjoint_probs(
     Each teacher's softened distribution is placed at its global indices and weighted by the teacher's
     confidence (its max probability at T=1), normalised over teachers:
     p[:, class_indices[k][j]] = w_k * softmax(z^{t_k}/T)[:, j], w_k = c_k / sum_l c_l.
-    K x [B, N_k] -> [B, num_classes]; rows sum to one.
+    weighting="energy": w_k = softmax_k(logsumexp(z^{t_k}/T)), which equals a softmax over the teachers'
+    concatenated logits. K x [B, N_k] -> [B, num_classes]; rows sum to one.
     """
     flat = [c for idx in class_indices for c in idx]
     if len(set(flat)) != len(flat):
@@ -181,8 +183,13 @@ def merge_disjoint_probs(
     for z, idx in zip(teacher_logits, class_indices, strict=True):
         if z.shape[-1] != len(idx):
             raise ValueError(f"teacher has {z.shape[-1]} outputs but {len(idx)} class indices")
-    conf = torch.stack([F.softmax(z, dim=-1).max(dim=-1).values for z in teacher_logits], dim=-1)  # [B, K]
-    weights = conf / conf.sum(-1, keepdim=True)
+    if weighting == "confidence":
+        conf = torch.stack([F.softmax(z, dim=-1).max(dim=-1).values for z in teacher_logits], dim=-1)  # [B, K]
+        weights = conf / conf.sum(-1, keepdim=True)
+    elif weighting == "energy":
+        weights = F.softmax(torch.stack([torch.logsumexp(z / temperature, -1) for z in teacher_logits], -1), -1)
+    else:
+        raise ValueError(f"unknown weighting {weighting!r}: confidence | energy")
     out = teacher_logits[0].new_zeros(teacher_logits[0].shape[0], num_classes)
     for k, (z, idx) in enumerate(zip(teacher_logits, class_indices)):
         index = torch.as_tensor(idx, device=z.device, dtype=torch.long)

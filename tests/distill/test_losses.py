@@ -112,6 +112,10 @@ def test_merge_disjoint_maps_class_indices():
     torch.testing.assert_close(p.sum(-1), torch.ones(2))
     # the more confident teacher wins the argmax: row 1, B is sure of class 0
     assert p[1].argmax().item() == 0
+    # energy weighting == a softmax over the concatenated logits, placed at the global indices
+    pe = losses.merge_disjoint_probs([za, zb], idx, 10, 1.0, weighting="energy")
+    cat = torch.softmax(torch.cat([za, zb], -1), -1)
+    torch.testing.assert_close(pe[:, [3, 7, 0, 9, 5]], cat)
     with pytest.raises(ValueError):
         losses.merge_disjoint_probs([za, zb], [[3, 7], [7, 9, 5]], 10, 1.0)
     with pytest.raises(ValueError):

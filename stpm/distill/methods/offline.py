@@ -92,16 +92,16 @@ class DisjointMergeKD(Objective):
     """
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], class_indices: list[list[int]],
-                 num_classes: int, temperature: float) -> None:
+                 num_classes: int, temperature: float, weighting: str = "confidence") -> None:
         super().__init__()
         self.student = student
         self.teachers = nn.ModuleList([frozen(t) for t in teachers])
         self.class_indices = [list(c) for c in class_indices]
-        self.num_classes, self.temperature = num_classes, temperature
+        self.num_classes, self.temperature, self.weighting = num_classes, temperature, weighting
 
     def merged_target(self, x: Tensor) -> Tensor:
         return losses.merge_disjoint_probs([t(x) for t in self.teachers], self.class_indices,
-                                           self.num_classes, self.temperature)
+                                           self.num_classes, self.temperature, self.weighting)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return losses.soft_cross_entropy(self.student(x), self.merged_target(x), self.temperature)
