@@ -85,8 +85,10 @@ RUN pip install ".[train,gpu]" "torch==${TORCH_VERSION}" "onnxruntime-gpu==${ORT
  && python -c "import torch; assert torch.version.cuda, 'torch has no CUDA'"
 COPY stpm ./stpm
 COPY app ./app
+# (-I: check the installed package, not the sources in the working directory; the web page's files
+# are package data)
 RUN pip install --no-deps --force-reinstall . \
- && python -c "import app.main, stpm.cli"
+ && python -I -c "import pathlib, app.main, stpm.cli; assert any((pathlib.Path(app.main.__file__).parent / 'static').iterdir())"
 
 FROM torch-cpu AS deps-cpu
 ARG TORCH_VERSION
@@ -98,8 +100,10 @@ RUN pip install ".[train]" "torch==${TORCH_VERSION}+cpu" \
  && python -c "import torch; assert torch.version.cuda is None, torch.version.cuda"
 COPY stpm ./stpm
 COPY app ./app
+# (-I: check the installed package, not the sources in the working directory; the web page's files
+# are package data)
 RUN pip install --no-deps --force-reinstall . \
- && python -c "import app.main, stpm.cli"
+ && python -I -c "import pathlib, app.main, stpm.cli; assert any((pathlib.Path(app.main.__file__).parent / 'static').iterdir())"
 
 # ---------------------------------------------------------------- runtime images
 # The two runtime stages differ only in their base, the venv they copy and the device settings.
