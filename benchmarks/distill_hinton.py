@@ -55,20 +55,21 @@ def main() -> None:
                 student = build_model(f"mlp{width}", spec)
                 run(CachedKDObjective(student, t, HARD_WEIGHT), data.x_train, targets, cfg, dev, desc="kd")
                 add(f"mlp{width} soft T={t:g}", count_errors(student, *test, dev))
+        rows = [[k, fmt(v), f"{mean_std(v)[0] * n_test / 100:.1f}"] for k, v in res.items()]
+        print_table(["model", "test error % (mean ± std)", "errors / 2000"], rows)
+        best = {}
+        for width in (300, 30):
+            means = {t: mean_std(res[f"mlp{width} soft T={t:g}"])[0] for t in TEMPERATURES}
+            best[f"mlp{width}"] = min(means, key=means.get)
+            print(f"best T for mlp{width}: {best[f'mlp{width}']:g}")
+        write_result("hinton", args, {
+            "completed_seeds": args.seeds[:args.seeds.index(seed) + 1],
+            "data": data.description, "hard_weight": HARD_WEIGHT, "temperatures": TEMPERATURES,
+            "test_error_percent": res, "best_temperature": best,
+            "seed_reference": {"teacher 1200 (errors/10k)": 67, "800 hard": 146, "800 soft": 74,
+                               "best T 300 units": ">= 8", "best T 30 units": "2.5-4"},
+        }, started)
 
-    rows = [[k, fmt(v), f"{mean_std(v)[0] * n_test / 100:.1f}"] for k, v in res.items()]
-    print_table(["model", "test error % (mean ± std)", "errors / 2000"], rows)
-    best = {}
-    for width in (300, 30):
-        means = {t: mean_std(res[f"mlp{width} soft T={t:g}"])[0] for t in TEMPERATURES}
-        best[f"mlp{width}"] = min(means, key=means.get)
-        print(f"best T for mlp{width}: {best[f'mlp{width}']:g}")
-    write_result("hinton", args, {
-        "data": data.description, "hard_weight": HARD_WEIGHT, "temperatures": TEMPERATURES,
-        "test_error_percent": res, "best_temperature": best,
-        "seed_reference": {"teacher 1200 (errors/10k)": 67, "800 hard": 146, "800 soft": 74,
-                           "best T 300 units": ">= 8", "best T 30 units": "2.5-4"},
-    }, started)
 
 
 if __name__ == "__main__":

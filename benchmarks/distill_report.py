@@ -1,0 +1,84 @@
+"""Print the markdown tables of docs/DISTILLATION.md from benchmarks/results/distill_*.json.
+
+python benchmarks/distill_report.py
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def ms(v: list[float], d: int = 2) -> str:
+    s = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.fmean(v):.{d}f} ± {s:.{d}f}"
+
+
+def load(name: str) -> dict | None:
+    p = RESULTS / f"distill_{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def header(r: dict) -> str:
+    seeds = r.get("completed_seeds", r["seeds"])
+    return (f"Command: `{r['command']}` · seeds {seeds} · epochs {r['epochs']} · {r['data']} · "
+            f"machine: {r['machine']} · wall {r['wall_seconds'] / 60:.0f} min\n")
+
+
+def hinton(r: dict) -> str:
+    e = r["test_error_percent"]
+    out = [header(r), "| model | ours: test error % (2,000 test digits) | seed 002 (10,000 test digits) |",
+           "|---|---|---|"]
+    ref = {"teacher mlp1200d": "67 errors (0.67 %)", "mlp800 hard": "146 errors (1.46 %)",
+           "mlp800 soft T=20": "74 errors (0.74 %)"}
+    for k, v in ref.items():
+        if k in e:
+            out.append(f"| {k} | {ms(e[k])} | {v} |")
+    out += ["", "| T | mlp300 soft: error % | mlp30 soft: error % |", "|---|---|---|"]
+    out.append(f"| hard labels only | {ms(e['mlp300 hard'])} | {ms(e['mlp30 hard'])} |")
+    for t in r["temperatures"]:
+        k3, k30 = f"mlp300 soft T={t:g}", f"mlp30 soft T={t:g}"
+        if k3 in e and k30 in e:
+            out.append(f"| {t:g} | {ms(e[k3])} | {ms(e[k30])} |")
+    b = r["best_temperature"]
+    out.append(f"\nBest T (lowest mean error): 300 units **{b['mlp300']:g}** (seed: 8 and above), "
+               f"30 units **{b['mlp30']:g}** (seed: 2.5-4).")
+    return "\n".join(out)
+
+
+def cnn(r: dict) -> str:
+    a = r["test_accuracy_percent"]
+    s = r["student"]
+    takd_ref = r["seed_reference"]["TAKD CNN CIFAR-10 (S=2, TA=4, T=10)"]
+    row_ref = r["seed_reference"]["ResNet8 CIFAR-10"]
+    out = [header(r), "Teachers: " + ", ".join(f"{k} {ms(v)} %" for k, v in a.items() if not k.startswith("student")),
+           "", f"| method ({s}) | ours: MNIST accuracy % | seed 002: plain CNN S=2, CIFAR-10 |", "|---|---|---|"]
+    for m in ("NOKD", "BLKD", "TAKD"):
+        out.append(f"| {m} | {ms(a[f'student {s} {m}'])} | {takd_ref[m]} |")
+    out += ["", f"| method ({s}) | ours: MNIST accuracy % | seed 002: ResNet8, CIFAR-10 |", "|---|---|---|"]
+    for m in ("NOKD", "BLKD", "FitNets", "AT", "FSP", "Mutual", "TAKD", "DKD"):
+        k = f"student {s} {m}"
+        if k in a:
+            out.append(f"| {m} | {ms(a[k])} | {row_ref.get(m, '—')} |")
+    return "\n".join(out)
+
+
+def simple(r: dict, key: str, col: str) -> str:
+    out = [header(r), f"| model | {col} |", "|---|---|"]
+    out += [f"| {k} | {ms(v)} |" for k, v in r[key].items()]
+    return "\n".join(out)
+
+
+def main() -> None:
+    for name, fn in (("hinton", hinton), ("cnn", cnn),
+                     ("disjoint", lambda r: simple(r, "accuracy_percent", "test accuracy %")),
+                     ("noisy_student", lambda r: simple(r, "accuracy_percent", "test accuracy %")),
+                     ("latent", lambda r: simple(r, "accuracy_percent", "test accuracy %"))):
+        r = load(name)
+        print(f"\n<!-- {name} -->\n" + (fn(r) if r else f"(no results/distill_{name}.json yet)"))
+
+
+if __name__ == "__main__":
+    main()
