@@ -16,6 +16,9 @@ import numpy as np
 from stpm.config import CalibrationConfig
 
 
+REL_SPREAD_FLOOR = 0.05
+
+
 @dataclass(frozen=True)
 class Calibration:
     threshold: float
@@ -42,7 +45,9 @@ def calibrate(good_scores: np.ndarray, cfg: CalibrationConfig = CalibrationConfi
     if not np.all(np.isfinite(s)):
         raise ValueError("calibration scores contain NaN or inf")
     lo, med, hi = float(s.min()), float(np.median(s)), float(s.max())
-    spread = max(hi - med, 1e-12 * max(abs(hi), 1.0))
+    # The spread sets the margin and the normalisation scale. Few (or identical) scores say little
+    # about the tail, so it never drops below their std or 5 % of the score scale.
+    spread = max(hi - med, float(s.std()), REL_SPREAD_FLOOR * abs(hi), 1e-12)
     if cfg.method == "quantile":
         if not 0.5 <= cfg.quantile <= 1.0:
             raise ValueError(f"quantile must lie in [0.5, 1], got {cfg.quantile}")

@@ -52,3 +52,10 @@ def test_bad_input_is_refused():
         calibrate(np.array([1.0, np.nan]))
     with pytest.raises(ValueError):
         calibrate(np.array([1.0]), CalibrationConfig(method="median"))
+
+
+def test_a_single_good_score_gives_a_sane_normalisation_scale():
+    cal = calibrate(np.array([2.0]))
+    assert cal.threshold > 2.0
+    assert cal.threshold - cal.low >= 0.05 * 2.0 - 1e-12  # no 1e-12 scales that blow up float noise
+    assert normalize(2.0 + 1e-6, cal.threshold, cal.low) == pytest.approx(normalize(2.0, cal.threshold, cal.low), abs=1e-4)
