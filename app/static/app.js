@@ -198,8 +198,12 @@ function setupTabs() {
       if (e.key === "End") { e.preventDefault(); select(tabs[tabs.length - 1], true); }
     });
   });
-  const initial = tabs.find((t) => "#" + t.dataset.tab === location.hash);
-  if (initial) select(initial);
+  const fromHash = () => {
+    const t = tabs.find((x) => "#" + x.dataset.tab === location.hash);
+    if (t && t.getAttribute("aria-selected") !== "true") select(t);
+  };
+  window.addEventListener("hashchange", fromHash);
+  fromHash();
   return select;
 }
 let selectTab = () => {};
@@ -309,6 +313,7 @@ function newResultCard(file) {
   $(".file", card).textContent = file.name;
   $(".file", card).title = file.name;
   const orig = $("img.original", card);
+  orig.addEventListener("error", () => orig.closest("figure").remove(), { once: true });  // not an image the browser shows
   orig.src = URL.createObjectURL(file);
   orig.alt = "Uploaded image " + file.name;
   const dec = $(".decision", card);
@@ -664,7 +669,7 @@ async function loadJobs() {
   const rows = jobs.slice(0, 10).map((j) => {
     const r = jobResult(j);
     const st = jobState(j);
-    return el("tr", { class: jobId(j) === jobId(state.job) ? "current" : null },
+    return el("tr", { class: jobId(j) === jobId(state.job) ? "current" : null, "data-job": jobId(j), "data-name": r.name },
       el("td", {}, el("code", { text: String(jobId(j)).slice(0, 8), title: jobId(j) })),
       el("td", { text: r.name || "" }),
       el("td", {}, el("span", { class: "pill " + ({ succeeded: "ok", failed: "bad", cancelled: "warn", running: "info" }[st] || ""), text: st })),
@@ -719,15 +724,15 @@ function modelCard(m) {
     const details = el("details", { class: "version-details" }, el("summary", { text: "Calibration & manifest" }), el("div", { class: "muted", text: "loading…" }));
     details.addEventListener("toggle", () => { if (details.open && !details.dataset.loaded) loadVersionDetails(m.name, v.version, details); }, { once: false });
     return el("tr", { class: v.active ? "current" : null, "data-version": v.version },
-      el("td", {}, el("strong", { text: v.version }), " ",
+      el("td", { "data-label": "Version" }, el("strong", { text: v.version }), " ",
         v.active ? el("span", { class: "pill ok", text: "active" }) : null, " ",
         v.loaded ? el("span", { class: "pill", text: "loaded", title: "In this server's memory" }) : null),
-      el("td", { text: fmtDate(v.created_at) }),
-      el("td", { text: [v.backbone, v.image_size ? v.image_size + " px" : null].filter(Boolean).join(" · ") || "—" }),
-      el("td", { class: "num", text: v.threshold != null ? fmtNum(v.threshold) : "—" }),
-      el("td", {}, v.metrics ? metricsList(v.metrics) : el("span", { class: "muted", text: "not evaluated" })),
-      el("td", {}, el("div", { class: "row-actions" },
-        v.active ? null : el("button", { type: "button", class: "small", text: "Activate", "aria-label": `Activate ${m.name}/${v.version}`, onclick: (e) => activateVersion(m.name, v.version, e.currentTarget) }),
+      el("td", { "data-label": "Created", text: fmtDate(v.created_at) }),
+      el("td", { "data-label": "Backbone", text: [v.backbone, v.image_size ? v.image_size + " px" : null].filter(Boolean).join(" · ") || "—" }),
+      el("td", { class: "num", "data-label": "Threshold (raw)", text: v.threshold != null ? fmtNum(v.threshold) : "—" }),
+      el("td", { "data-label": "Metrics" }, v.metrics ? metricsList(v.metrics) : el("span", { class: "muted", text: "not evaluated" })),
+      el("td", { class: "cell-actions" }, el("div", { class: "row-actions" },
+        v.active ? null : el("button", { type: "button", class: "small", text: "Activate", title: "Load it, warm it up, then make it what “" + m.name + "” means", "aria-label": `Activate ${m.name}/${v.version}`, onclick: (e) => activateVersion(m.name, v.version, e.currentTarget) }),
         el("button", { type: "button", class: "danger small", text: "Delete", "aria-label": `Delete ${m.name}/${v.version}`, onclick: () => deleteVersion(m.name, v.version, v.active) })),
         details));
   });
@@ -738,7 +743,7 @@ function modelCard(m) {
       el("span", { class: "muted", text: `${m.versions.length} version${m.versions.length === 1 ? "" : "s"} · active ${m.active_version || "—"}` }),
       el("span", { class: "spacer" }),
       el("button", { type: "button", class: "ghost small", text: "Score with it", onclick: () => { fillModelSelect(m.name, ""); showTab("score"); } })),
-    el("div", { class: "table-wrap" }, el("table", {},
+    el("div", { class: "table-wrap" }, el("table", { class: "stack" },
       el("thead", {}, el("tr", {}, ["Version", "Created", "Backbone", "Threshold (raw)", "Metrics", ""].map((h) => el("th", { scope: "col", text: h })))),
       el("tbody", {}, rows))));
 }
