@@ -331,8 +331,10 @@ def export_bundle(
 
 
 def _export_fp16(model, manifest, bundle_dir, batch, ref, threshold, low, opset, atol) -> dict[str, Any]:
-    """Half-precision backbones (map maths stay fp32) for GPUs. Parity is measured with ONNX Runtime's
-    CPU provider where it can run the graph; otherwise the file is kept and parity recorded as unmeasured."""
+    """Half-precision backbones (map maths stay fp32) for GPUs. Parity against torch fp32 is measured
+    with ONNX Runtime's CPU provider (tolerance `atol`, normalised units); a graph that fails it is
+    deleted and recorded as not shipped. Where the CPU provider cannot run it, the file is kept and
+    parity recorded as unmeasured."""
     import copy
 
     half_model = copy.deepcopy(model).half()
@@ -343,7 +345,7 @@ def _export_fp16(model, manifest, bundle_dir, batch, ref, threshold, low, opset,
     _onnx_export(scorer, torch.zeros(1, 3, size, size, dtype=torch.uint8), path, ["images"], SCORER_OUTPUTS, axes, opset)
     _set_metadata(path, manifest, {"stpm.graph": "scorer", "stpm.precision": "fp16",
                                    "stpm.threshold": repr(threshold), "stpm.low": repr(low)})
-    out: dict[str, Any] = {"file": SCORER_FP16_ONNX}
+    out: dict[str, Any] = {"file": SCORER_FP16_ONNX, "shipped": True}
     try:
         got = ort_outputs(_ort_session(path), batch)
     except Exception as e:  # CPU provider without fp16 kernels
@@ -352,6 +354,10 @@ def _export_fp16(model, manifest, bundle_dir, batch, ref, threshold, low, opset,
         return out
     out["parity"] = parity_report(ref, got, threshold, low, atol)
     out["parity"]["provider"] = "CPUExecutionProvider"
+    out["parity"]["reference"] = "torch fp32"
+    if not out["parity"]["ok"]:  # recorded, not shipped: Scorer(precision="fp16") then refuses the bundle
+        path.unlink(missing_ok=True)
+        out["file"], out["shipped"] = None, False
     return out
 
 

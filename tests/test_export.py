@@ -172,3 +172,32 @@ def test_parity_failure_raises_and_leaves_bundle_as_it_was(published, real, monk
         ex.export_bundle(path, check_images=real[0][:2])
     assert not e.value.report["ok"] and e.value.report["max_abs_raw_score_normalised"] > ex.DEFAULT_ATOL
     assert {f.name: bundle.sha256_file(f) for f in path.iterdir()} == before
+
+
+def test_fp16_and_int8_variants(published, real, tmp_path):
+    import shutil
+
+    from stpm.runtime import Scorer
+
+    path = tmp_path / "b"
+    shutil.copytree(published[0], path)
+    exports = ex.export_bundle(path, fp16=True, check_images=real[0][:3])
+    f16 = exports["fp16"]
+    if f16["parity"] is not None:  # measured on ONNX Runtime CPU against torch fp32
+        assert f16["shipped"] == f16["parity"]["ok"]
+    if f16["shipped"]:
+        assert exports["files"][ex.SCORER_FP16_ONNX]["sha256"] == bundle.sha256_file(path / ex.SCORER_FP16_ONNX)
+        assert Scorer(path, precision="fp16").score([real[0][0]])[0].raw_score > 0
+
+    # criteria wide open: the mechanics (file, record, runtime) whatever this random model's agreement
+    q = ex.quantize_int8(path, real[0][:2], real[0], real[1], max_decision_disagreement=1.0, max_auroc_drop=1.0)
+    assert q["shipped"] and 0.0 <= q["decision_agreement"] <= 1.0 and "auroc_change" in q
+    m = bundle.read_manifest(path)
+    assert m["exports"]["int8"] == q and ex.SCORER_INT8_ONNX in m["exports"]["files"]
+    s8 = Scorer(path, precision="int8")
+    assert s8.session.get_modelmeta().custom_metadata_map["stpm.precision"] == "int8"
+    assert len(s8.score(real[0][:2])) == 2
+    # strict criteria that cannot hold: recorded, not shipped, file gone
+    q = ex.quantize_int8(path, real[0][:2], real[0], real[1], max_decision_disagreement=-1.0)
+    assert not q["shipped"] and not (path / ex.SCORER_INT8_ONNX).exists()
+    assert ex.SCORER_INT8_ONNX not in bundle.read_manifest(path)["exports"]["files"]
