@@ -21,6 +21,26 @@ def load(name: str) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def merge_seed_files(name: str) -> dict | None:
+    """Merge distill_<name>_seed<N>.json files (one seed per process, run in parallel) into one result."""
+    files = sorted(RESULTS.glob(f"distill_{name}_seed*.json"))
+    if not files:
+        return None
+    parts = [json.loads(f.read_text()) for f in files]
+    merged = dict(parts[0])
+    key = next(k for k in ("test_error_percent", "accuracy_percent", "test_accuracy_percent") if k in merged)
+    merged[key] = {k: [x for p in parts for x in p[key].get(k, [])] for k in parts[0][key]}
+    merged["completed_seeds"] = [s for p in parts for s in p.get("completed_seeds", p["seeds"])]
+    merged["command"] = " ; ".join(p["command"] for p in parts) + " (one process per seed, in parallel)"
+    merged["wall_seconds"] = max(p["wall_seconds"] for p in parts)
+    if name == "hinton":
+        e = merged[key]
+        merged["best_temperature"] = {
+            f"mlp{w}": min(merged["temperatures"], key=lambda t: statistics.fmean(e[f"mlp{w} soft T={t:g}"]))
+            for w in (300, 30)}
+    return merged
+
+
 def header(r: dict) -> str:
     seeds = r.get("completed_seeds", r["seeds"])
     return (f"Command: `{r['command']}` · seeds {seeds} · epochs {r['epochs']} · {r['data']} · "
@@ -76,7 +96,7 @@ def main() -> None:
                      ("disjoint", lambda r: simple(r, "accuracy_percent", "test accuracy %")),
                      ("noisy_student", lambda r: simple(r, "accuracy_percent", "test accuracy %")),
                      ("latent", lambda r: simple(r, "accuracy_percent", "test accuracy %"))):
-        r = load(name)
+        r = merge_seed_files(name) or load(name)
         print(f"\n<!-- {name} -->\n" + (fn(r) if r else f"(no results/distill_{name}.json yet)"))
 
 

@@ -149,15 +149,27 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (best effort where directories can't be fsynced)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """sha256 over the sorted (file name, content digest) pairs: identifies a training set."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda q: q.name):
+        h.update(p.name.encode())
+        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+    return h.hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -167,7 +179,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> None:
@@ -207,7 +219,7 @@ def publish(staging: Path, models_dir: str | Path, name: str) -> tuple[str, Path
             if target.exists():
                 continue
             raise
-        _fsync_dir(d)
+        fsync_dir(d)
         return version, target
 
 
@@ -216,7 +228,7 @@ def delete_version(models_dir: str | Path, name: str, version: str) -> None:
     path = resolve(models_dir, f"{name}/{version}")
     trash = path.with_name(f".deleted-{version}-{uuid.uuid4().hex}")
     os.rename(path, trash)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     active = Path(models_dir) / name / ACTIVE
     if active.is_file() and active.read_text().strip() == version:
         active.unlink()

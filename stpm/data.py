@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from stpm.bundle import fingerprint  # noqa: F401  (re-exported: part of the data API)
 from stpm.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, is_image_path, read_image, resize_rgb
 
 
@@ -93,15 +93,6 @@ def load_mask(path: Path | None, image_size: int) -> np.ndarray:
         return np.zeros((image_size, image_size), dtype=bool)
     m = Image.open(path).convert("L").resize((image_size, image_size), Image.NEAREST)
     return np.asarray(m) > 127
-
-
-def fingerprint(paths: list[Path]) -> str:
-    """sha256 over the sorted (file name, content digest) pairs: identifies a training set."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda q: q.name):
-        h.update(p.name.encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
 
 
 class ImageArrayDataset(Dataset):

@@ -6,11 +6,11 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
+from test_api_helpers import stop  # noqa: F401  (re-exported for the job tests)
 import numpy as np
 from PIL import Image
 
@@ -102,44 +102,16 @@ def job_pid(data_dir: Path, job_id: str) -> int:
 
 
 def start_server(models: Path, data: Path, env_extra: dict[str, str] | None = None, timeout: float = 60.0):
-    """`python -m app.serve` on 127.0.0.1:<free port>; -> (process, base url)."""
-    from test_api_helpers import free_port
+    """`python -m app.serve` on 127.0.0.1:<free port> with a jobs data dir; -> (process, base url)."""
+    from test_api_helpers import start_uvicorn
 
-    port = free_port()
-    env = {**os.environ, "STPM_MODELS_DIR": str(models), "STPM_DATA_DIR": str(data), "STPM_RELOAD_INTERVAL_S": "0.3",
-           "STPM_TRAIN_THREADS": "1", **(env_extra or {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not start in time")
+    env = {"STPM_DATA_DIR": str(data), "STPM_RELOAD_INTERVAL_S": "0.3", "STPM_TRAIN_THREADS": "1", **(env_extra or {})}
+    return start_uvicorn(models, env, timeout)
 
 
 def kill9(proc: subprocess.Popen) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def visible_versions(models: Path, name: str) -> list[str]:

@@ -168,6 +168,42 @@ def test_bad_file_is_named_and_the_rest_still_scored(page, server, tmp_path):
     shot(page, "bad-file")
 
 
+def test_drag_and_drop_and_keyboard_pick(page, server):
+    import base64
+
+    img = need_images("broken_large", 1)[0]
+    page.goto(server + "/")
+    page.wait_for_selector("#score-model option[value='demo']", state="attached")
+    data = page.evaluate_handle(
+        """([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, { type: "image/png" }));
+            return dt;
+        }""",
+        [base64.b64encode(img.read_bytes()).decode(), "dropped.png"],
+    )
+    page.dispatch_event("#dropzone", "dragenter", {"dataTransfer": data})
+    assert "drag" in page.get_attribute("#dropzone", "class")
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": data})
+    card = page.locator(".result:not(.pending)")
+    card.wait_for()
+    assert card.locator("h3").inner_text() == "dropped.png"
+    assert loaded(card.locator("img.overlay"))
+    # Keyboard: focus the drop zone, Enter opens the file picker.
+    page.focus("#dropzone")
+    with page.expect_file_chooser() as fc:
+        page.keyboard.press("Enter")
+    assert fc.value.is_multiple()
+    with page.expect_file_chooser() as fc:
+        page.click("#dropzone")
+    assert fc.value.element.get_attribute("id") == "score-files"
+    page.click("#tab-train")
+    with page.expect_file_chooser() as fc:
+        page.click("label:has-text('Choose a folder')")
+    assert fc.value.element.get_attribute("id") == "train-folder"
+
+
 def test_api_key_flow_and_no_model_message(page, keyed_server):
     good = need_images("good", 1)[0]
     page.goto(keyed_server + "/")

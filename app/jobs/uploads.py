@@ -14,7 +14,6 @@ Storage: into `<jobs>/.incoming-<id>/`, every file fsynced, then the folder is r
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from stpm.bundle import fingerprint, fsync_dir
 from stpm.imageio import ImageDecodeError, decode_image
 
 IMAGES = "images"
@@ -59,19 +59,6 @@ class Limits:
     max_image_bytes: int
     max_archive_bytes: int
     max_pixels: int
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _safe_name(name: str) -> str:
@@ -194,15 +181,6 @@ def _write_durably(path: Path, data: bytes) -> None:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())
-
-
-def fingerprint(paths: list[Path]) -> str:
-    """Same digest as stpm.data.fingerprint (torch-free copy): sorted (file name, sha256 of content)."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda q: q.name):
-        h.update(p.name.encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
 
 
 def store_upload(uploads: list[tuple[str, IO[bytes]]], jobs_root: Path, job_id: str, lim: Limits) -> StoredUpload:

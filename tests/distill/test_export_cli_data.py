@@ -112,3 +112,21 @@ def test_mnist_md5_mismatch_is_an_error(tmp_path, mnist_dir):
         f.write(b"x")
     with pytest.raises(ValueError, match="md5"):
         load_mnist_test10k(tmp_path)
+
+
+def test_image_folder_split_reads_classes_and_splits(tmp_path):
+    from PIL import Image
+
+    from stpm.distill.data import load_split
+
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs", "apples"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    s = load_split(str(tmp_path), None, image_size=16)
+    assert s.num_classes == 3
+    assert s.x_train.shape == (12, 3, 16, 16) and s.x_test.shape == (3, 3, 16, 16)
+    assert sorted(torch.cat([s.y_train, s.y_test]).tolist()) == [0] * 5 + [1] * 5 + [2] * 5
+    with pytest.raises(ValueError):
+        load_split(str(tmp_path / "missing"), None)

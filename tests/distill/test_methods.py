@@ -1,6 +1,5 @@
 """Each method: one step runs on a tiny real batch (sklearn digits), its loss falls over a few steps,
 and the teacher never changes."""
-import copy
 
 import pytest
 import torch
