@@ -78,6 +78,28 @@ async function api(path, { method = "GET", body = null, query = null } = {}) {
   return data;
 }
 
+/** POST a FormData with upload progress (fetch cannot report it); same errors as api(). */
+function apiUpload(path, body, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", path);
+    xhr.setRequestHeader("Accept", "application/json");
+    const key = apiKey();
+    if (key) xhr.setRequestHeader("X-API-Key", key);
+    xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); });
+    xhr.addEventListener("error", () => reject(new ApiError(0, null, "Cannot reach the server — is it running? (upload failed)")));
+    xhr.addEventListener("load", () => {
+      let data = null;
+      try { data = xhr.responseText ? JSON.parse(xhr.responseText) : null; } catch { data = null; }
+      if (xhr.status >= 200 && xhr.status < 300) return resolve(data);
+      const err = new ApiError(xhr.status, data, `HTTP ${xhr.status}`);
+      if (xhr.status === 401) askForKey(err);
+      reject(err);
+    });
+    xhr.send(body);
+  });
+}
+
 /** A message an engineer can act on, for any API error. */
 function explain(err, context = "") {
   if (!(err instanceof ApiError)) return String(err && err.message || err);
@@ -476,9 +498,12 @@ async function startTraining() {
   fd.append("activate", $("#train-activate").checked ? "true" : "false");
   const btn = $("#train-start");
   btn.disabled = true;
-  btn.replaceChildren(el("span", { class: "spinner", "aria-hidden": "true" }), ` Uploading ${state.trainFiles.length} images…`);
+  const label = el("span", { text: ` Uploading ${state.trainFiles.length} images…` });
+  btn.replaceChildren(el("span", { class: "spinner", "aria-hidden": "true" }), label);
   try {
-    const res = await api("train", { method: "POST", body: fd });
+    const res = await apiUpload("train", fd, (f) => {
+      label.textContent = f < 1 ? ` Uploading ${state.trainFiles.length} images… ${Math.round(f * 100)} %` : " Checking the images…";
+    });
     const id = res.job_id || res.id;
     localStorage.setItem(JOB_STORAGE, id);
     watchJob(id, res);
