@@ -105,7 +105,7 @@ def write_section(doc: Path, body: str, heading: str = "## Speed") -> None:
     """Replace (or append) one `## ` section of a markdown file, leaving the rest as it is."""
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     section = f"{heading}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
     else:

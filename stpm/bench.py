@@ -68,7 +68,7 @@ def summarize(lat: np.ndarray, batch: int) -> dict[str, float]:
     wall, cpu = lat[:, 0], lat[:, 1]
     return {
         "batch": batch,
-        "iters": int(len(wall)),
+        "iters": len(wall),
         "images_per_s": float(batch * len(wall) / (wall.sum() / 1e3)),
         "ms_per_image": float(wall.mean() / batch),
         "p50_ms": float(np.percentile(wall, 50)),
@@ -221,22 +221,22 @@ def run_bench(
             nb = u8[:b].copy()
             bl = blobs[:b]
 
-            def torch_step():
+            def torch_step(xb=xb):
                 with torch.inference_mode():
                     scorer_t(xb)
 
             timings: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
 
-            def full(key, map_size):
+            def full(key, map_size, bl=bl, timings=timings):
                 def step():
                     out = scorer_rt.score(bl, map_size=map_size, overlay=True)
                     timings[key].extend(r.timings for r in out)
                 return step
 
-            fns = {"torch_eager": torch_step, "ort_cpu": lambda: sess.run(None, {"images": nb})}
+            fns = {"torch_eager": torch_step, "ort_cpu": lambda nb=nb: sess.run(None, {"images": nb})}
             fns.update({k: full(k, ms) for k, ms in variants.items()})
             if sess8 is not None:
-                fns["ort_cpu_int8"] = lambda: sess8.run(None, {"images": nb})
+                fns["ort_cpu_int8"] = lambda nb=nb: sess8.run(None, {"images": nb})
             for k, lat in interleaved(fns, seconds).items():
                 R[f"{k}_b{b}"] = summarize(lat, b)
             for k in variants:

@@ -183,7 +183,7 @@ def parity_report(
     flips = dec0 != dec1
     borderline = flips & (np.abs(s0 - 0.5) <= atol) & (np.abs(s1 - 0.5) <= atol)
     report = {
-        "n_images": int(len(r0)),
+        "n_images": len(r0),
         "max_abs_map": d_map,
         "max_abs_raw_score": d_raw,
         "max_abs_map_normalised": d_map * scale,
@@ -348,7 +348,7 @@ def _export_fp16(model, manifest, bundle_dir, batch, ref, threshold, low, opset,
     out: dict[str, Any] = {"file": SCORER_FP16_ONNX, "shipped": True}
     try:
         got = ort_outputs(_ort_session(path), batch)
-    except Exception as e:  # CPU provider without fp16 kernels
+    except Exception as e:  # noqa: BLE001 - a CPU provider without fp16 kernels fails in many ways
         out["parity"] = None
         out["parity_note"] = f"not measurable on ONNX Runtime CPU here ({type(e).__name__}); measure on a GPU"
         return out
@@ -540,6 +540,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "ExportParityError", "FusedScorer", "export_bundle", "quantize_int8", "fused_scorer", "prepare_batch",
-    "parity_report", "add_arguments", "main", "SCORER_ONNX", "SCORER_FP16_ONNX", "SCORER_INT8_ONNX",
+    "SCORER_FP16_ONNX",
+    "SCORER_INT8_ONNX",
+    "SCORER_ONNX",
+    "ExportParityError",
+    "FusedScorer",
+    "add_arguments",
+    "export_bundle",
+    "fused_scorer",
+    "main",
+    "parity_report",
+    "prepare_batch",
+    "quantize_int8",
 ]

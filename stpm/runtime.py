@@ -298,4 +298,4 @@ class Scorer:
         return f"Scorer({self.name}/{self.version}, {self.precision}, {self.providers[0]})"
 
 
-__all__ = ["Scorer", "ScoreResult", "choose_providers", "as_rgb", "PRECISION_FILES"]
+__all__ = ["PRECISION_FILES", "ScoreResult", "Scorer", "as_rgb", "choose_providers"]

@@ -11,13 +11,13 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from stpm import bundle  # noqa: E402
-from stpm import export as ex  # noqa: E402
-from stpm.calibrate import calibrate  # noqa: E402
-from stpm.config import ModelConfig  # noqa: E402
-from stpm.imageio import read_image  # noqa: E402
-from stpm.model import build_stpm  # noqa: E402
-from stpm.publish import build_manifest, publish_model  # noqa: E402
+from stpm import bundle
+from stpm import export as ex
+from stpm.calibrate import calibrate
+from stpm.config import ModelConfig
+from stpm.imageio import read_image
+from stpm.model import build_stpm
+from stpm.publish import build_manifest, publish_model
 
 SIZE = 64
 
@@ -94,6 +94,7 @@ def test_onnx_matches_torch_on_real_images(published, real):
 
     # independently of export's own check: torch's STPM maths vs the ONNX graph
     import onnxruntime as ort
+
     from stpm.weights import load_model
 
     model, manifest = load_model(path)
@@ -174,6 +175,7 @@ def test_parity_failure_raises_and_leaves_bundle_as_it_was(published, real, monk
     assert {f.name: bundle.sha256_file(f) for f in path.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_fp16_and_int8_variants(published, real, tmp_path):
     import shutil
 
