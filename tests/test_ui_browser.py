@@ -3,7 +3,7 @@ app served by uvicorn on 127.0.0.1.
 
 Needs `/usr/bin/chromium` (apt-get install chromium) and the `playwright` package; never runs
 `playwright install`. Real images come from ../shared/data (or $STPM_SHARED_DATA). Screenshots go to
-test-artifacts/; with STPM_UPDATE_DOC_IMAGES=1 the score and train views are also written to docs/img/.
+test-artifacts/; with STPM_UPDATE_DOC_IMAGES=1 the train view is also written to docs/img/.
 
     .venv/bin/python -m pytest -m browser tests/test_ui_browser.py
 """
@@ -147,7 +147,7 @@ def test_score_real_images_shows_overlays_scores_and_json(page, server):
     raw.locator("summary").click()
     text = raw.locator("pre").inner_text()
     assert '"score"' in text and '"model": "demo"' in text and "base64 chars" in text
-    shot(page, "score", doc=True)
+    shot(page, "score")  # docs/img/ui-score.png shows a trained model instead (docs/UI.md)
 
 
 def test_bad_file_is_named_and_the_rest_still_scored(page, server, tmp_path):
