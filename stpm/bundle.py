@@ -24,8 +24,9 @@ VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 MANIFEST = "manifest.json"
 ACTIVE = "ACTIVE"
 FORMAT_VERSION = 1
-# Manifest sections that record derived artefacts; excluded from the digest that identifies a model.
-DERIVED_KEYS = ("exports", "metrics")
+# Excluded from the digest that identifies what a model computes: derived artefacts, and the version
+# name (given at publish time, after the staged export wrote the digest into the ONNX metadata).
+DERIVED_KEYS = ("exports", "metrics", "version")
 
 
 class BundleError(ValueError):

@@ -76,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write teacher.onnx, student.onnx and the fused scorer.onnx")
-    p.add_argument("model", help="NAME or NAME/VERSION")
-    _common(p)
-    p.add_argument("--fp16", action="store_true", help="also write an FP16 scorer (GPUs)")
-    p.set_defaults(func=cmd_export)
+    from stpm import export
+
+    export.add_arguments(p)
+    p.set_defaults(func=export.main)
 
     p = sub.add_parser("predict", help="score images; write overlays and a JSON")
     p.add_argument("model", help="NAME or NAME/VERSION")
@@ -180,16 +180,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
     print(json.dumps({k: o[k] for k in ("image_auroc", "pixel_auroc", "aupro_0.3", "image_f1_max",
                                          "at_calibrated_threshold") if k in o}, indent=2))
     print(f"report: {out / 'report.json'}  pictures: {out / 'index.html'}")
-    return 0
-
-
-def cmd_export(a: argparse.Namespace) -> int:
-    from stpm import bundle
-    from stpm.export import export_bundle
-
-    path = bundle.resolve(a.models_dir, a.model)
-    info = export_bundle(path, fp16=a.fp16)
-    print(json.dumps(info, indent=2, default=str))
     return 0
 
 

@@ -124,7 +124,7 @@ def _set_metadata(path: Path, manifest: dict[str, Any], extra: dict[str, str]) -
     m = onnx.load(str(path))
     props = {
         "stpm.name": str(manifest.get("name")),
-        # a staged bundle (export inside publish) has no version yet; its digest is taken with version None
+        # a staged bundle (export inside publish) has no version yet; the digest does not depend on it
         "stpm.version": str(manifest.get("version") or "staged"),
         "stpm.manifest_digest": bundle.manifest_digest(manifest),
         "stpm.image_size": str(manifest["model"]["image_size"]),

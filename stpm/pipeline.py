@@ -107,7 +107,7 @@ def train_and_publish(
         "val_files": [paths[i].name for i in val_idx],
     }
     manifest = build_manifest(name, model_cfg, cal, teacher_source, training, data_info)
-    check_images = [images[i] for i in val_idx[:4]]
+    check_images = [images[i] for i in val_idx[:8]]  # real images for the ONNX parity check
 
     def before_publish(staging: Path) -> None:
         if export:

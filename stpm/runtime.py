@@ -196,8 +196,7 @@ class Scorer:
     def _check_metadata(self, path: Path) -> None:
         meta = self.session.get_modelmeta().custom_metadata_map
         digest = meta.get("stpm.manifest_digest")
-        accepted = {bundle.manifest_digest(self.manifest), bundle.manifest_digest({**self.manifest, "version": None})}
-        if digest not in accepted:
+        if digest != bundle.manifest_digest(self.manifest):  # the digest ignores the version name
             raise bundle.BundleError(f"{path} was exported from a different model (manifest digest mismatch)")
 
     # ------------------------------------------------------------------------------- inference
