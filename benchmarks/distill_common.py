@@ -18,8 +18,10 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def parse_args(description: str, default_epochs: int) -> argparse.Namespace:
+def parse_args(description: str, default_epochs: int, flags: tuple[str, ...] = ()) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
+    for flag in flags:
+        p.add_argument(flag, action="store_true")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=default_epochs)
     p.add_argument("--threads", type=int, default=1)

@@ -2,7 +2,7 @@
 temperature is high (>= 8) for a 300-unit student and low (2.5-4) for a 30-unit student.
 
 Data: the 10,000 MNIST test digits split 8,000 train / 2,000 test (split seed 0).
-python benchmarks/distill_hinton.py [--seeds 0 1 2] [--epochs 15]
+python benchmarks/distill_hinton.py [--seeds 0 1 2] [--epochs 15] [--no-sweep: only the 800-unit hard/soft pair]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ BIG_T = 20.0  # Hinton's temperature for the 800-unit student
 
 
 def main() -> None:
-    args = parse_args(__doc__, default_epochs=15)
+    args = parse_args(__doc__, default_epochs=15, flags=("--no-sweep",))
     started = time.time()
     data = mnist_split(8000, split_seed=0)
     spec = InputSpec(1, 28, 10)
@@ -44,7 +44,7 @@ def main() -> None:
                          RunConfig(TrainConfig(epochs=2 * args.epochs, lr=1e-3), 128, seed), dev)
         add("teacher mlp1200d", count_errors(teacher, *test, dev))
         targets = pack_labels_and_logits(data.y_train, predict_logits(teacher, data.x_train, dev))
-        for width in (800, 300, 30):
+        for width in ((800,) if args.no_sweep else (800, 300, 30)):
             seed_all(seed)
             hard = build_model(f"mlp{width}", spec)
             train_classifier(hard, data.x_train, data.y_train, cfg, dev)
@@ -58,7 +58,7 @@ def main() -> None:
         rows = [[k, fmt(v), f"{mean_std(v)[0] * n_test / 100:.1f}"] for k, v in res.items()]
         print_table(["model", "test error % (mean ± std)", "errors / 2000"], rows)
         best = {}
-        for width in (300, 30):
+        for width in (() if args.no_sweep else (300, 30)):
             means = {t: mean_std(res[f"mlp{width} soft T={t:g}"])[0] for t in TEMPERATURES}
             best[f"mlp{width}"] = min(means, key=means.get)
             print(f"best T for mlp{width}: {best[f'mlp{width}']:g}")
