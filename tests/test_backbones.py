@@ -17,7 +17,7 @@ def test_efficientnet_lite0_weights_rank_a_real_cat_photo_as_a_cat():
     from PIL import Image
 
     model = backbones.load_efficientnet_lite0_classifier()
-    img = np.asarray(Image.fromarray(skimage_data.chelsea()).resize((224, 224), Image.BILINEAR))
+    img = np.array(Image.fromarray(skimage_data.chelsea()).resize((224, 224), Image.BILINEAR))
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
     x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
