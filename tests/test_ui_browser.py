@@ -102,6 +102,9 @@ def page(browser):
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
     pg.set_default_timeout(20_000)
+    # Turn file-chooser interception on now: the first expect_file_chooser() enables it lazily, and a
+    # key press can race ahead of that and open a real (invisible) dialog instead.
+    pg.on("filechooser", lambda chooser: None)
     yield pg
     ctx.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -174,6 +177,14 @@ def test_drag_and_drop_and_keyboard_pick(page, server):
     img = need_images("broken_large", 1)[0]
     page.goto(server + "/")
     page.wait_for_selector("#score-model option[value='demo']", state="attached")
+    # Keyboard and click open the file picker.
+    page.focus("#dropzone")
+    with page.expect_file_chooser() as fc:
+        page.keyboard.press("Enter")
+    assert fc.value.is_multiple()
+    with page.expect_file_chooser() as fc:
+        page.click("#dropzone")
+    assert fc.value.element.get_attribute("id") == "score-files"
     data = page.evaluate_handle(
         """([b64, name]) => {
             const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
@@ -190,14 +201,6 @@ def test_drag_and_drop_and_keyboard_pick(page, server):
     card.wait_for()
     assert card.locator("h3").inner_text() == "dropped.png"
     assert loaded(card.locator("img.overlay"))
-    # Keyboard: focus the drop zone, Enter opens the file picker.
-    page.focus("#dropzone")
-    with page.expect_file_chooser() as fc:
-        page.keyboard.press("Enter")
-    assert fc.value.is_multiple()
-    with page.expect_file_chooser() as fc:
-        page.click("#dropzone")
-    assert fc.value.element.get_attribute("id") == "score-files"
     page.click("#tab-train")
     with page.expect_file_chooser() as fc:
         page.click("label:has-text('Choose a folder')")
