@@ -10,13 +10,12 @@ from __future__ import annotations
 import time
 
 import torch
-from distill_common import fmt, mean_std, parse_args, print_table, seed_all, write_result
+from distill_common import AccuracyLog, fmt, mean_std, parse_args, print_table, seed_all, write_result
 
 from stpm.distill.data import mnist_split
 from stpm.distill.methods import (AttentionTransferObjective, CrossEntropyObjective, DKDObjective,
                                   FitNetObjective, FSPObjective, KDObjective, MutualObjective, RunConfig, run)
 from stpm.distill.models import InputSpec, build_model
-from stpm.distill.trainer import count_errors
 
 TEACHER, ASSISTANT, STUDENT = "cnn10x8", "cnn4x8", "cnn2x8"
 T, HARD_WEIGHT = 4.0, 0.5
@@ -31,14 +30,9 @@ def main() -> None:
     spec = InputSpec(1, 28, 10)
     dev = torch.device("cpu")
     xtr, ytr, test = data.x_train, data.y_train, (data.x_test, data.y_test)
-    n_test = len(data.y_test)
     example = xtr[:8]
-    acc: dict[str, list[float]] = {}
-
-    def add(key: str, model: torch.nn.Module) -> None:
-        a = 100.0 * (1 - count_errors(model, *test, dev) / n_test)
-        acc.setdefault(key, []).append(a)
-        print(f"  {key}: {a:.2f}% ({time.time() - started:.0f}s)", flush=True)
+    log = AccuracyLog(*test, dev, started)
+    acc, add = log.values, log.add
 
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)

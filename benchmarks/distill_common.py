@@ -35,6 +35,23 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class AccuracyLog:
+    """Test-set accuracy (%) per key, one value per seed, printed as it is recorded."""
+
+    def __init__(self, x_test: torch.Tensor, y_test: torch.Tensor, device: torch.device,
+                 started: float | None = None):
+        self.x_test, self.y_test, self.device, self.started = x_test, y_test, device, started
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, key: str, model: torch.nn.Module) -> None:
+        from stpm.distill.trainer import count_errors
+
+        acc = 100.0 * (1 - count_errors(model, self.x_test, self.y_test, self.device) / len(self.y_test))
+        self.values.setdefault(key, []).append(acc)
+        elapsed = f" ({time.time() - self.started:.0f}s)" if self.started is not None else ""
+        print(f"  {key}: {acc:.2f}%{elapsed}", flush=True)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

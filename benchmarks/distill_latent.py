@@ -10,14 +10,14 @@ from __future__ import annotations
 import time
 
 import torch
-from distill_common import fmt, mean_std, parse_args, print_table, seed_all, write_result
+from distill_common import AccuracyLog, fmt, mean_std, parse_args, print_table, seed_all, write_result
 
 from stpm.distill.data import mnist_split
 from stpm.distill.methods import (AlignerObjective, CrossEntropyObjective, LatentAligner, LatentKDObjective,
                                   MultiTeacherKD, RunConfig, run)
 from stpm.distill.methods.feature_kd import probe_shapes
 from stpm.distill.models import InputSpec, build_model
-from stpm.distill.trainer import TrainConfig, count_errors
+from stpm.distill.trainer import TrainConfig
 
 TEACHERS = (("mlp1200", "body"), ("cnn4x8", "stage2"))
 STUDENT, STUDENT_DIM = "mlp30", 30
@@ -31,12 +31,8 @@ def main() -> None:
     spec = InputSpec(1, 28, 10)
     dev = torch.device("cpu")
     xtr, ytr, test = data.x_train, data.y_train, (data.x_test, data.y_test)
-    res: dict[str, list[float]] = {}
-
-    def add(key: str, model: torch.nn.Module) -> None:
-        acc = 100.0 * (1 - count_errors(model, *test, dev) / len(data.y_test))
-        res.setdefault(key, []).append(acc)
-        print(f"  {key}: {acc:.2f}%", flush=True)
+    log = AccuracyLog(*test, dev)
+    res, add = log.values, log.add
 
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
