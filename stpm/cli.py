@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -75,11 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-record", action="store_true", help="do not record the metrics in the manifest")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="write teacher.onnx, student.onnx and the fused scorer.onnx")
-    from stpm import export
-
-    export.add_arguments(p)
-    p.set_defaults(func=export.main)
+    _module_command(sub, "export", "write teacher.onnx, student.onnx and the fused scorer.onnx", "stpm.export")
 
     p = sub.add_parser("predict", help="score images; write overlays and a JSON")
     p.add_argument("model", help="NAME or NAME/VERSION")
@@ -88,32 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="output folder")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("bench", help="speed benchmark: torch eager vs ONNX Runtime vs the full path")
-    try:
-        from stpm import bench
-
-        bench.add_arguments(p)
-        p.set_defaults(func=bench.main)
-    except ImportError as e:
-        p.set_defaults(func=lambda a, e=e: _unavailable("bench", e))
-
-    p = sub.add_parser("serve", help="start the HTTP service (uvicorn)")
-    try:
-        from app import serve
-
-        serve.add_arguments(p)
-        p.set_defaults(func=serve.main)
-    except ImportError as e:
-        p.set_defaults(func=lambda a, e=e: _unavailable("serve", e))
+    _module_command(sub, "bench", "speed benchmark: torch eager vs ONNX Runtime vs the full path", "stpm.bench")
+    _module_command(sub, "serve", "start the HTTP service (uvicorn)", "app.serve")
 
     try:
         from stpm.distill import cli as distill_cli
 
         distill_cli.register(sub)
     except ImportError as e:
-        p = sub.add_parser("distill", help="classifier knowledge distillation")
-        p.set_defaults(func=lambda a, e=e: _unavailable("distill", e))
+        _mark_unavailable(sub.add_parser("distill", help="classifier knowledge distillation"), "distill", e)
     return parser
+
+
+def _module_command(sub: argparse._SubParsersAction, name: str, help: str, module: str) -> None:
+    """A sub-command implemented by `module` (its add_arguments + main). If the module cannot be
+    imported (e.g. torch absent in a scoring-only install), the command stays listed and says why."""
+    p = sub.add_parser(name, help=help)
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        _mark_unavailable(p, name, e)
+        return
+    mod.add_arguments(p)
+    p.set_defaults(func=mod.main)
+
+
+def _mark_unavailable(p: argparse.ArgumentParser, name: str, e: ImportError) -> None:
+    """Any arguments are accepted so the user sees why the command is missing, not a usage error."""
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=lambda a: _unavailable(name, e))
 
 
 def _unavailable(what: str, e: Exception) -> int:
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from stpm.bundle import BundleError
-    from stpm.data import DataError
+    from stpm.imageio import DataError
 
     try:
         return int(args.func(args) or 0)

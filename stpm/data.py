@@ -11,11 +11,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from stpm.bundle import fingerprint  # noqa: F401  (re-exported: part of the data API)
+from stpm.imageio import DataError
 from stpm.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, is_image_path, read_image, resize_rgb
-
-
-class DataError(ValueError):
-    """A data folder that cannot be used; the message names the folder or every bad file."""
 
 
 @dataclass(frozen=True)

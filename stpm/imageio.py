@@ -26,6 +26,10 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
+class DataError(ValueError):
+    """A data folder that cannot be used; the message names the folder or every bad file."""
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img

@@ -78,3 +78,19 @@ def test_train_exports_and_predict_writes_overlays_and_json(tmp_path, bottle, bo
         assert 0.0 <= r["score"] <= 1.0 and r["is_anomaly"] == (r["raw_score"] >= r["threshold"])
         with Image.open(r["overlay"]) as im:
             assert im.size == (512, 512)  # overlays at the input's size
+
+
+def test_scoring_only_install_serves_without_torch():
+    """`pip install .` has no torch: `stpm serve` must still work, and torch commands say what is missing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "from stpm.cli import main\n"
+        "try:\n    main(['serve', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "sys.exit(main(['export', 'm']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "--models-dir" in r.stdout, r.stderr
+    assert r.returncode == 2 and "stpm export: not available in this installation" in r.stderr, r.stderr
