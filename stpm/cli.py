@@ -166,10 +166,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
     path = bundle.resolve(a.models_dir, a.model)
     model, manifest = load_model(path)
     out = Path(a.out or Path("runs") / f"eval-{manifest['name']}-{manifest['version']}")
-    report = evaluate(model.to(resolve_device(a.device)), manifest, a.data, resolve_device(a.device), out)
+    device = resolve_device(a.device)
+    report = evaluate(model.to(device), manifest, a.data, device, out)
     if not a.no_record:
-        from stpm.data import list_images, test_samples  # noqa: F401  (same data as evaluated)
-
         manifest = bundle.read_manifest(path)
         manifest.setdefault("metrics", {})[str(Path(a.data).resolve().name)] = {
             "data": str(a.data), "evaluated_at": bundle.utc_now(), **report["metrics"]["overall"],

@@ -92,10 +92,14 @@ def write_pictures(
 
     anomalous = np.nonzero(labels == 1)[0]
     good = np.nonzero(labels == 0)[0]
-    cases = [("best: highest-scored defects", anomalous[np.argsort(-scores[anomalous])][:n_cases]),
-             ("worst: lowest-scored defects", anomalous[np.argsort(scores[anomalous])][:n_cases]),
-             ("worst: highest-scored good", good[np.argsort(-scores[good])][:n_cases])]
-    for title, idx in cases:
+    cases = [
+        ("best: highest-scored defects", "best_highestscored_defects.png",
+         anomalous[np.argsort(-scores[anomalous])][:n_cases]),
+        ("worst: lowest-scored defects", "worst_lowestscored_defects.png",
+         anomalous[np.argsort(scores[anomalous])][:n_cases]),
+        ("worst: highest-scored good", "worst_highestscored_good.png", good[np.argsort(-scores[good])][:n_cases]),
+    ]
+    for title, name, idx in cases:
         if len(idx) == 0:
             continue
         fig, axes = plt.subplots(len(idx), 3, figsize=(7.5, 2.5 * len(idx)), squeeze=False)
@@ -112,7 +116,6 @@ def write_pictures(
                 a.axis("off")
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
-        name = title.split(":")[0] + "_" + title.split(": ")[1].replace(" ", "_").replace("-", "") + ".png"
         fig.savefig(out_dir / name, dpi=90)
         plt.close(fig)
         files.append(name)

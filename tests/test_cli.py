@@ -8,11 +8,17 @@ import pytest
 from stpm.cli import main
 
 
-def test_train_on_a_folder_with_bad_files_names_them(tmp_path, bottle_good, capsys):
+def good_folder(tmp_path, images, n):
+    """A folder holding copies of the first n real good images."""
     data = tmp_path / "good"
     data.mkdir()
-    for p in bottle_good[:4]:
+    for p in images[:n]:
         shutil.copy(p, data / p.name)
+    return data
+
+
+def test_train_on_a_folder_with_bad_files_names_them(tmp_path, bottle_good, capsys):
+    data = good_folder(tmp_path, bottle_good, 4)
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     rc = main(["train", str(data), "--name", "x", "--models-dir", str(tmp_path / "m"), "--no-pretrained",
                "--image-size", "32", "--epochs", "1", "--no-export"])
@@ -22,10 +28,7 @@ def test_train_on_a_folder_with_bad_files_names_them(tmp_path, bottle_good, caps
 
 
 def test_train_skip_bad_trains_publishes_and_reports(tmp_path, bottle_good, capsys):
-    data = tmp_path / "good"
-    data.mkdir()
-    for p in bottle_good[:5]:
-        shutil.copy(p, data / p.name)
+    data = good_folder(tmp_path, bottle_good, 5)
     (data / "empty.png").write_bytes(b"")
     rc = main(["train", str(data), "--name", "x", "--models-dir", str(tmp_path / "m"), "--no-pretrained",
                "--image-size", "32", "--epochs", "1", "--batch-size", "2", "--no-export", "--skip-bad",
@@ -57,10 +60,7 @@ def test_train_exports_and_predict_writes_overlays_and_json(tmp_path, bottle, bo
     from PIL import Image
 
     m = str(tmp_path / "m")
-    data = tmp_path / "good"
-    data.mkdir()
-    for p in bottle_good[:4]:
-        shutil.copy(p, data / p.name)
+    data = good_folder(tmp_path, bottle_good, 4)
     rc = main(["train", str(data), "--name", "p", "--models-dir", m, "--no-pretrained", "--image-size", "32",
                "--epochs", "1", "--batch-size", "2", "--run-dir", str(tmp_path / "run")])
     assert rc == 0, capsys.readouterr().err
@@ -94,3 +94,23 @@ def test_scoring_only_install_serves_without_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "--models-dir" in r.stdout, r.stderr
     assert r.returncode == 2 and "stpm export: not available in this installation" in r.stderr, r.stderr
+
+
+def test_eval_writes_report_pictures_and_records_metrics(tmp_path, bottle, bottle_good, capsys):
+    m = str(tmp_path / "m")
+    data = good_folder(tmp_path, bottle_good, 5)
+    assert main(["train", str(data), "--name", "e", "--models-dir", m, "--no-pretrained", "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "2", "--no-export", "--run-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "ev"
+    assert main(["eval", "e", str(bottle), "--models-dir", m, "--out", str(out)]) == 0
+    assert {f.name for f in out.iterdir()} == {
+        "report.json", "index.html", "roc.png", "best_highestscored_defects.png",
+        "worst_lowestscored_defects.png", "worst_highestscored_good.png"}
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["per_image"]) == 83
+    assert set(report["metrics"]["per_defect"]) == {"broken_large", "broken_small", "contamination"}
+    for key in ("image_auroc", "pixel_auroc", "aupro_0.3"):
+        assert 0.0 <= report["metrics"]["overall"][key] <= 1.0
+    recorded = json.loads((tmp_path / "m" / "e" / "v1" / "manifest.json").read_text())["metrics"]["bottle"]
+    assert recorded["image_auroc"] == report["metrics"]["overall"]["image_auroc"]
