@@ -58,15 +58,11 @@ ready uint8 batch; `full_path` is `stpm.runtime.Scorer.score` on encoded 512 px 
 resize, inference, normalised map, Turbo overlay, PNG encode), with the overlay at the input size
 (`full_path`) or at the model size (`full_path_model_overlay`). p50/p99 are per call (a whole batch).
 
-**Shared-machine caveat.** These runs shared 2 vCPUs with several training jobs (load average 10-15):
-wall-clock numbers are 10-40x slower than a quiet machine and are not comparable with the issue's
-reference figures (176 GFLOP/s GEMM, ~65 ms torch eager). The runs therefore use one thread
-(`--threads 1`) and compare **CPU time** per image (process CPU seconds, which other jobs' load
-inflates far less than wall time; for a single-threaded run it is what a quiet core would take), and
-the fp32 bound uses the GEMM rate per CPU-second measured in the same run. Contention inflates CPU
-time too (shared caches), and inflates GEMM and convolutions alike, so the ratios are the result and
-the absolute numbers are not. Rerun `benchmarks/speed.py` on a quiet machine (2 threads) for the
-absolute figures.
+**Load.** Check the "Machine" line of each run: a run taken while other jobs loaded the 2 shared cores
+(load average 10-15, as for the INT8 work below: `benchmarks/results/speed-bottle-lite0-t1.json`,
+`speed-resnet18-t1.json`, run with `--threads 1`) is 10-40x slower in wall time and must be read by
+its CPU-time ratios only; a run on a quiet machine (load average < 2) gives the wall-clock figures.
+Either way the contenders run interleaved in one run, so the ratios compare like with like.
 
 **Bound.** FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add) on
 teacher + student: 7.33 GFLOP per 256 px image for ResNet18 to layer3, matching the issue's 7.3. ONNX
@@ -81,7 +77,7 @@ variant tried loses too much: decision agreement with fp32 0.72 on the 83 test i
 convolutions kept in fp32 -0.060). STPM scores are small teacher/student feature differences, and
 8-bit activation noise on both feature pyramids is of the same order (likely shifting scores across
 the fp32 threshold and blurring the ranking). It is also not faster here: this EPYC has AVX2 but no
-VNNI, and the int8 graph takes ~20 CPU-ms against ~14 for fp32 (table above). **INT8 is not shipped**
+VNNI, and the int8 graph takes ~20 CPU-ms against ~14 for fp32 (`speed-bottle-lite0-t1.json`). **INT8 is not shipped**
 (`exports.int8.shipped = false`; `Scorer(precision="int8")` refuses such a bundle). Ways forward,
 not done here: quantisation-aware training of the student, keeping the last block of each pyramid
 level in fp32, or a threshold recalibrated for the int8 graph.
