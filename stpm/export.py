@@ -337,7 +337,7 @@ def export_bundle(
         ref = torch_reference(scorer, batch)
         got = ort_outputs(_ort_session(tmp[SCORER_ONNX]), batch)
         parity = parity_report(ref, got, threshold, low, atol)  # per tile
-        parity["n_tiles"] = parity.pop("n_images")
+        parity["n_tiles"], parity["n_images"] = parity["n_images"], len(imgs)
         parity["check_images"] = source
         parity["images"] = image_parity(tiling.stitch_all(ref[0], tiled), tiling.stitch_all(got[0], tiled), spec,
                                         threshold, low, atol)
