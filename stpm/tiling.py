@@ -196,15 +196,6 @@ def stitch(tile_maps: np.ndarray, p: TilePlan) -> np.ndarray:
     return acc / count
 
 
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """bool [H, W] -> bool [h, w] (size = (h, w)), nearest neighbour."""
-    h, w = int(size[0]), int(size[1])
-    m = np.asarray(mask, dtype=bool)
-    if m.shape == (h, w):
-        return m
-    return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
-
-
 def image_score(amap: np.ndarray, spec: ImageScore = ImageScore()) -> float:
     """An image's score from its map (any shape). The one function evaluation, calibration and the
     runtime use, so they agree."""
@@ -334,7 +325,6 @@ __all__ = [
     "predict_maps",
     "resize_map",
     "resolve",
-    "resize_mask",
     "run_tiles",
     "score_from_manifest",
     "stitch",
