@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 
 from stpm.config import TilingConfig
 from stpm.imageio import resize_rgb
