@@ -27,7 +27,7 @@ from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfi
 from stpm.imageio import ImageDecodeError, resize_rgb
 from stpm.runtime import Scorer
 
-from conftest import SHARED_DATA, require
+from tests.conftest import SHARED_DATA, require
 
 SIZE = 64
 H, W = 120, 300  # 1:2.5
