@@ -335,3 +335,33 @@ def test_kolektorsdd_train_export_score_end_to_end(tmp_path):
         assert r.anomaly_map.shape == (h, w) and Image.open(io.BytesIO(r.overlay_png)).size == (w, h)
         assert r.tiles >= 3 and r.scaled_size[1] == SIZE  # width 250 -> one tile wide, several along the length
         assert abs(r.scaled_size[0] / r.scaled_size[1] - h / w) < 0.02
+
+
+def test_train_form_fields_reach_the_job_configs(tmp_path):
+    """POST /train's geometry and image-score fields become the job's TilingConfig and ModelConfig (as the
+    training process reads them); bad values are 422. The queue is held: nothing trains here."""
+    from fastapi.testclient import TestClient
+    from test_jobs_helpers import form, png_bytes
+
+    from app.main import create_app
+    from app.settings import Settings
+    from stpm.config import from_dict
+
+    s = Settings(_env_file=None, models_dir=tmp_path / "models", data_dir=tmp_path / "data", reload_interval_s=0,
+                 warmup=False, train_min_images=3)
+    app = create_app(s)
+    with TestClient(app) as c:
+        app.state.job_runner.concurrency = 0
+        files = [("files", (f"{i}.png", png_bytes(i), "image/png")) for i in range(4)]
+        r = c.post("/train", data=form("geo", epochs=1, tiling="tile", resolution=200, overlap=0.4,
+                                       image_score="topk_mean", topk=50), files=files)
+        assert r.status_code == 202, r.text
+        params = r.json()["params"]
+        assert from_dict(TilingConfig, params["tiling"]) == TilingConfig(resolution=200, overlap=0.4)
+        m = from_dict(ModelConfig, params["model"])
+        assert (m.image_score, m.topk) == ("topk_mean", 50)
+        r = c.post("/train", data=form("geo", epochs=1), files=files)
+        assert from_dict(TilingConfig, r.json()["params"]["tiling"]) == TilingConfig()  # the defaults: tiles
+        for bad in ({"topk": 2.5, "image_score": "topk_mean"}, {"tiling": "stretch"}, {"overlap": 1.0}):
+            r = c.post("/train", data=form("geo", epochs=1, **bad), files=files)
+            assert r.status_code == 422, (bad, r.text)
