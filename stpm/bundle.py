@@ -23,7 +23,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 MANIFEST = "manifest.json"
 ACTIVE = "ACTIVE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest["tiling"] (stpm.tiling); format 1 bundles squash to image_size
 # Excluded from the digest that identifies what a model computes: derived artefacts, and the version
 # name (given at publish time, after the staged export wrote the digest into the ONNX metadata).
 DERIVED_KEYS = ("exports", "metrics", "version")

@@ -19,7 +19,8 @@ def _common(p: argparse.ArgumentParser, training: bool = False) -> None:
     if training:
         p.add_argument("--backbone", default="resnet18",
                        help="teacher: resnet18, resnet34, wide_resnet50_2, efficientnet_lite0")
-        p.add_argument("--image-size", type=int, default=256)
+        p.add_argument("--image-size", "--tile-size", dest="image_size", type=int, default=256,
+                       help="model input S in pixels: images are covered by S x S tiles (default 256)")
         p.add_argument("--epochs", type=int, default=100)
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--seed", type=int, default=0)
@@ -45,6 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="", help="comma-separated feature layers (default: backbone's 3 stages)")
     p.add_argument("--combine", choices=["product", "sum"], default="product")
     p.add_argument("--sigma", type=float, default=0.0, help="Gaussian smoothing of the map (pixels)")
+    p.add_argument("--image-score", choices=["max", "topk_mean"], default="max",
+                   help="image score from the stitched map: its maximum, or the mean of its top-k values")
+    p.add_argument("--topk", type=float, default=0.01,
+                   help="for topk_mean: < 1 a fraction of the map's pixels, >= 1 a number of pixels")
+    p.add_argument("--tiling", choices=["tile", "squash"], default="tile",
+                   help="tile: keep the aspect ratio, one fixed scale, overlapping S x S tiles (default); "
+                        "squash: resize every image to S x S (loses thin defects in elongated images)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="pixels the training images' median short side is scaled to (default: S, so an image "
+                        "of the median size is one tile high or wide)")
+    p.add_argument("--scale", type=float, default=None, help="fixed input -> model scale (wins over --resolution)")
+    p.add_argument("--overlap", type=float, default=0.25, help="minimum overlap of neighbouring tiles (fraction)")
+    p.add_argument("--max-upscale", type=float, default=2.0,
+                   help="smaller images are upscaled to one tile by at most this factor, else refused")
+    p.add_argument("--max-tiles", type=int, default=64, help="images needing more tiles are refused")
     p.add_argument("--lr", type=float, default=0.4)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -123,14 +139,17 @@ def _unavailable(what: str, e: Exception) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from stpm import bundle
-    from stpm.config import CalibrationConfig, ModelConfig, TrainConfig
+    from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig
     from stpm.pipeline import train_and_publish
 
     model_cfg = ModelConfig(
         backbone=a.backbone, student_backbone=a.student_backbone,
         layers=tuple(x for x in a.layers.split(",") if x), image_size=a.image_size,
         pretrained=not a.no_pretrained, weights=a.weights, combine=a.combine, sigma=a.sigma,
+        image_score=a.image_score, topk=a.topk,
     )
+    tiling_cfg = TilingConfig(mode=a.tiling, resolution=a.resolution, scale=a.scale, overlap=a.overlap,
+                              max_upscale=a.max_upscale, max_tiles=a.max_tiles)
     train_cfg = TrainConfig(
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         val_fraction=a.val_fraction, patience=a.patience, seed=a.seed, device=a.device, amp=a.amp,
@@ -138,7 +157,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     )
     calib_cfg = CalibrationConfig(method=a.calibration, quantile=a.quantile, margin=a.margin)
     run_dir = Path(a.run_dir or Path("runs") / a.name)
-    out = train_and_publish(a.data, a.name, a.models_dir, model_cfg, train_cfg, calib_cfg, run_dir,
+    out = train_and_publish(a.data, a.name, a.models_dir, model_cfg, train_cfg, calib_cfg, tiling_cfg, run_dir,
                             a.weights_dir, a.skip_bad, a.resume, not a.no_export)
     for p, reason in out.skipped:
         print(f"skipped {p}: {reason}", file=sys.stderr)
@@ -153,6 +172,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         "model": f"{a.name}/{out.version}", "path": str(out.path), "best_epoch": out.fit.best_epoch,
         "best_val_loss": out.fit.best_val_loss, "epochs_run": out.fit.epochs_run,
         "threshold": cal.threshold, "good_scores": cal.good_stats, "seconds": round(out.fit.seconds, 1),
+        "tiling": bundle.read_manifest(out.path)["tiling"],
     }, indent=2))
     return 0
 

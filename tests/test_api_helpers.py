@@ -49,8 +49,9 @@ def synthetic_rgb(seed: int = 0, size: int = 96) -> np.ndarray:
     return np.clip(base + rng.integers(-10, 10, base.shape), 0, 255).astype(np.uint8)
 
 
-def build_bundle(models_dir: Path, name: str = "demo", seed: int = 0) -> tuple[str, Path]:
-    """Publish a tiny exported bundle `name/vN` into models_dir; -> (version, path). Uses torch."""
+def build_bundle(models_dir: Path, name: str = "demo", seed: int = 0, geometry=None) -> tuple[str, Path]:
+    """Publish a tiny exported bundle `name/vN` into models_dir; -> (version, path). Uses torch.
+    geometry: a stpm.tiling.Geometry (default: squash to IMAGE_SIZE)."""
     import torch
 
     from stpm.calibrate import calibrate
@@ -74,7 +75,7 @@ def build_bundle(models_dir: Path, name: str = "demo", seed: int = 0) -> tuple[s
         t, s = model(x)
         scores = image_score(anomaly_map(t, s, (IMAGE_SIZE, IMAGE_SIZE))).numpy()
     cal = calibrate(scores)
-    manifest = build_manifest(name, cfg, cal, "random-init", {"epochs": 0}, {"n_images": 4})
+    manifest = build_manifest(name, cfg, cal, "random-init", {"epochs": 0}, {"n_images": 4}, geometry)
     return publish_model(models_dir, model, manifest, before_publish=lambda d: export_bundle(d))
 
 

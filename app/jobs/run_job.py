@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         from stpm import bundle
-        from stpm.config import CalibrationConfig, ModelConfig, TrainConfig, from_dict
+        from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, from_dict
         from stpm.pipeline import train_and_publish
         from stpm.train import TrainingStopped
 
@@ -135,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg = from_dict(ModelConfig, params["model"])
         train_cfg = from_dict(TrainConfig, {**params["train"], "device": args.device})
         calib_cfg = from_dict(CalibrationConfig, params.get("calibration", {}))
+        tiling_cfg = from_dict(TilingConfig, params.get("tiling", {}))
         job_dir = Path(job.job_dir)
         images = sorted((job_dir / "images").iterdir())
         outcome = None
         try:
             outcome = train_and_publish(
-                images, job.name, args.models_dir, model_cfg, train_cfg, calib_cfg,
+                images, job.name, args.models_dir, model_cfg, train_cfg, calib_cfg, tiling_cfg,
                 run_dir=job_dir / "run", weights_dir=args.weights_dir, skip_bad=False, resume=False, export=True,
                 progress=progress, should_stop=should_stop, show_bar=False,
             )

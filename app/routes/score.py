@@ -14,6 +14,7 @@ from app.errors import APIError
 from app.registry import ScoreOptions
 from app.schemas import ErrorResponse, HeatmapMode, ScoreResponse
 from stpm.imageio import ImageDecodeError, decode_image
+from stpm.tiling import TilingError
 
 router = APIRouter(tags=["score"])
 
@@ -26,7 +27,9 @@ ERRORS = {
     404: {"model": ErrorResponse, "description": "Unknown model or version"},
     409: {"model": ErrorResponse, "description": "No model trained yet"},
     413: {"model": ErrorResponse, "description": "Too many files, a file or the request too large"},
-    422: {"model": ErrorResponse, "description": "A file is not a decodable image within the limits, or a field is missing"},
+    422: {"model": ErrorResponse, "description": "A file is not a decodable image within the limits (`invalid_image`), "
+          "its size does not fit the model's geometry (`unsupported_image_size`: smaller than one tile at the "
+          "model's scale, or more tiles than allowed), or a field is missing"},
     503: {"model": ErrorResponse, "description": "The model could not be loaded"},
 }
 
@@ -76,14 +79,33 @@ async def _read_and_decode(request: Request, files: list[UploadFile]) -> tuple[l
     return arrays, names, times
 
 
-def _options(heatmap: str, heatmap_size: str, image_size: int) -> ScoreOptions:
+def _check_geometry(request: Request, scorer, arrays: list, names: list[str]) -> None:
+    """422 naming every image the model's tiling cannot cover, before anything is queued (a batch
+    shared with other requests must not fail because of one of them)."""
+    plan = getattr(scorer, "plan", None)
+    if plan is None:  # a scorer without geometry (test doubles)
+        return
+    errors = []
+    for arr, name in zip(arrays, names):
+        try:
+            plan(arr.shape[0], arr.shape[1])
+        except TilingError as e:
+            errors.append({"file": name, "reason": str(e)})
+    if errors:
+        request.app.state.metrics.rejected.labels("unsupported_image_size").inc(len(errors))
+        raise APIError(422, "unsupported_image_size", "; ".join(f"{e['file']}: {e['reason']}" for e in errors),
+                       {"files": errors})
+
+
+def _options(heatmap: str, heatmap_size: str) -> ScoreOptions:
     if heatmap == "none":
         return ScoreOptions()
-    # map_size None: PNGs rendered at each input's size without keeping the float map around.
+    # map_size None: PNGs rendered at each input's size without keeping the float map around;
+    # "model": the map's own size, the input at the model's scale (tiled bundles keep the aspect ratio).
     return ScoreOptions(
         overlay=heatmap in ("overlay", "both"),
         raw_map_png=heatmap in ("map", "both"),
-        map_size=None if heatmap_size == "input" else (image_size, image_size),
+        map_size=None if heatmap_size == "input" else "model",
     )
 
 
@@ -106,14 +128,17 @@ async def score(
     model: Annotated[str | None, Query(max_length=200, description=MODEL_DOC, examples=["bottle", "bottle/v2"])] = None,
     heatmap: Annotated[HeatmapMode, Query(description="Add base64 PNGs: the overlay, the raw normalised map, both")] = "none",
     heatmap_size: Annotated[
-        Literal["input", "model"], Query(description="Heatmaps at the input's size or the model's")
+        Literal["input", "model"],
+        Query(description="Heatmaps at the input's size, or at the model's scale (the map's own resolution; "
+                          "the aspect ratio is kept unless the model squashes)"),
     ] = "input",
 ):
     t0 = time.perf_counter()
     registry = request.app.state.registry
     lm = await registry.get(model)
     arrays, names, decode_ms = await _read_and_decode(request, files)
-    results, queued_s = await registry.score(lm, arrays, names, _options(heatmap, heatmap_size, lm.scorer.image_size))
+    _check_geometry(request, lm.scorer, arrays, names)
+    results, queued_s = await registry.score(lm, arrays, names, _options(heatmap, heatmap_size))
     metrics = request.app.state.metrics
     items = []
     for r, arr, dms in zip(results, arrays, decode_ms):
@@ -129,6 +154,9 @@ async def score(
                 "threshold": float(r.threshold),
                 "width": int(arr.shape[1]),
                 "height": int(arr.shape[0]),
+                "tiles": int(r.tiles),
+                "scaled_width": int(r.scaled_size[1]),
+                "scaled_height": int(r.scaled_size[0]),
                 "timings_ms": timings,
                 "overlay_png": _b64(r.overlay_png),
                 "map_png": _b64(r.map_png),
@@ -167,7 +195,8 @@ async def score_overlay(
     registry = request.app.state.registry
     lm = await registry.get(model)
     arrays, names, _ = await _read_and_decode(request, files)
-    results, _ = await registry.score(lm, arrays, names, _options(kind, heatmap_size, lm.scorer.image_size))
+    _check_geometry(request, lm.scorer, arrays, names)
+    results, _ = await registry.score(lm, arrays, names, _options(kind, heatmap_size))
     r = results[0]
     request.app.state.metrics.observe_result(lm.ref, float(r.score), bool(r.is_anomaly))
     png = r.overlay_png if kind == "overlay" else r.map_png

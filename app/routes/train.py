@@ -17,7 +17,8 @@ from app.jobs.store import STATES, Job, JobStore
 from app.jobs.uploads import Limits, UploadError, store_upload
 from app.schemas import ErrorResponse, TrainJob, TrainJobList
 from stpm import bundle
-from stpm.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
+from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, to_dict
+from stpm.tiling import ImageScore
 
 router = APIRouter(prefix="/train", tags=["train"])
 
@@ -31,7 +32,7 @@ ERRORS = {
 }
 JobId = Annotated[str, PathParam(description="The job id from POST /train")]
 
-_M, _T, _C = ModelConfig(), TrainConfig(), CalibrationConfig()
+_M, _T, _C, _G = ModelConfig(), TrainConfig(), CalibrationConfig(), TilingConfig()
 
 
 def _engine(request: Request) -> tuple[JobStore, object]:
@@ -73,7 +74,19 @@ async def submit(
                                                         "of them (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")],
     name: Annotated[str, Form(description="Model name; the job publishes its next version", examples=["bottle"])],
     backbone: Annotated[Literal[BACKBONES], Form(description="Teacher/student architecture")] = _M.backbone,  # type: ignore[valid-type]
-    image_size: Annotated[int, Form(ge=32, le=1024, description="Training and scoring resolution (pixels)")] = _M.image_size,
+    image_size: Annotated[int, Form(ge=32, le=1024, description="Model input S (pixels): images are covered by "
+                                   "S x S tiles")] = _M.image_size,
+    tiling: Annotated[Literal["tile", "squash"], Form(description="tile: keep the aspect ratio at one fixed scale, "
+                      "overlapping tiles; squash: resize every image to S x S")] = _G.mode,
+    resolution: Annotated[int | None, Form(ge=16, le=8192, description="Pixels the images' median short side is "
+                          "scaled to (default: S)")] = _G.resolution,
+    scale: Annotated[float | None, Form(gt=0, le=16, description="Fixed input -> model scale (wins over "
+                     "resolution)")] = _G.scale,
+    overlap: Annotated[float, Form(ge=0, lt=1, description="Minimum overlap of neighbouring tiles")] = _G.overlap,
+    image_score: Annotated[Literal["max", "topk_mean"], Form(description="Image score from the map: its maximum "
+                           "or the mean of its top-k values")] = _M.image_score,
+    topk: Annotated[float, Form(gt=0, description="topk_mean: < 1 a fraction of the map's pixels, >= 1 a number "
+                    "of pixels")] = _M.topk,
     pretrained: Annotated[bool, Form(description="ImageNet teacher weights (false: random teacher, tests only)")] = True,
     epochs: Annotated[int, Form(ge=1)] = _T.epochs,
     batch_size: Annotated[int, Form(ge=1, le=1024)] = _T.batch_size,
@@ -97,8 +110,14 @@ async def submit(
     if epochs > s.train_max_epochs:
         raise APIError(422, "invalid_parameter", f"epochs={epochs}: at most {s.train_max_epochs} "
                        "(setting train_max_epochs)")
+    try:
+        ImageScore(image_score, topk)
+    except ValueError as e:
+        raise APIError(422, "invalid_parameter", str(e)) from None
     params = {
-        "model": to_dict(ModelConfig(backbone=backbone, image_size=image_size, pretrained=pretrained)),
+        "model": to_dict(ModelConfig(backbone=backbone, image_size=image_size, pretrained=pretrained,
+                                     image_score=image_score, topk=topk)),
+        "tiling": to_dict(TilingConfig(mode=tiling, resolution=resolution, scale=scale, overlap=overlap)),
         "train": to_dict(TrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
             val_fraction=val_fraction, patience=patience, seed=seed, augment=augment, max_steps=max_steps,

@@ -416,7 +416,8 @@ async function scoreEntries(entries, model) {
           const rest = [];
           for (const e of chunk) {
             if (badNames.has(e.file.name)) {
-              failResultCard(e.card, `${e.file.name} is not a readable image: ${badNames.get(e.file.name)}`, err.body);
+              const why = err.body.error === "unsupported_image_size" ? "cannot be scored by this model" : "is not a readable image";
+              failResultCard(e.card, `${e.file.name} ${why}: ${badNames.get(e.file.name)}`, err.body);
             } else rest.push(e);
           }
           if (rest.length === chunk.length) { for (const e of chunk) failResultCard(e.card, explain(err), err.body); rest.length = 0; }
