@@ -92,6 +92,12 @@ def _extract_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
+def has_valid_key(headers: list[tuple[bytes, bytes]], api_key: str) -> bool:
+    """Whether a request carries the API key (for public routes that show more to a keyed client)."""
+    given = _extract_key(headers)
+    return given is not None and hmac.compare_digest(given, api_key.encode())
+
+
 class APIKeyMiddleware:
     def __init__(self, app: ASGIApp, api_key: str, state):
         self.app = app

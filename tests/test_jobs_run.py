@@ -152,8 +152,11 @@ def test_server_killed_mid_job_restarts_truthfully(tmp_path):
         wait_dead(child)  # the training process does not outlive its server
     finally:
         stop(proc)
-    # what a kill during publishing would leave: a staging folder with a complete-looking bundle
-    staging = models / "demo" / ".staging-deadbeef"
+    # what a kill during publishing would leave: a staging folder, owned by the dead training process,
+    # with a complete-looking bundle
+    from stpm import bundle
+
+    staging = models / "demo" / f".staging-{child}-{bundle._host_tag()}-{'0' * 32}"
     staging.mkdir(parents=True)
     (staging / "manifest.json").write_text(json.dumps({"name": "demo", "version": None}))
 

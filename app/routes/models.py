@@ -170,7 +170,5 @@ async def delete_version(
         await run_in_threadpool(bundle.delete_version, reg.models_dir, name, version)
     except BundleError as e:
         raise model_error(e) from None
-    lm = reg.peek(name, version)
-    if lm is not None and lm.in_use == 0:
-        await reg.unload(name, version, "unloaded")
+    await reg.forget(name, version, "deleted")  # requests in flight finish; no new one gets it
     return {"name": name, "deleted_version": version, "active_version": bundle.get_active(reg.models_dir, name)}
