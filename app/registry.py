@@ -150,7 +150,7 @@ class Batcher:
             except BaseException:
                 self._sem.release()
                 raise
-            batch, n = [first], len(first.images)
+            batch, n, nxt = [first], len(first.images), None
             deadline = loop.time() + self.wait_s
             while n < self.max_images:
                 nxt = await self._next(deadline - loop.time())

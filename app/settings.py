@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         100 * 1024 * 1024, ge=1, description="Bytes per request body (Content-Length and streamed)"
     )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Decoded pixels per image (decompression bombs)")
+    max_request_pixels: int = Field(
+        3 * DEFAULT_MAX_PIXELS, ge=1, description="Memory budget of one /score request: decoded pixels of all its "
+        "images plus the pixels of every heatmap it asks for (see app/budget.py)"
+    )
 
     # Training jobs (POST /train; see app/jobs and docs/SERVICE.md "Training jobs").
     data_dir: Path | None = Field(

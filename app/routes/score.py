@@ -10,6 +10,7 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from app import budget
 from app.errors import APIError
 from app.registry import ScoreOptions
 from app.schemas import ErrorResponse, HeatmapMode, ScoreResponse
@@ -25,13 +26,18 @@ ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "Unknown model or version"},
     409: {"model": ErrorResponse, "description": "No model trained yet"},
-    413: {"model": ErrorResponse, "description": "Too many files, a file or the request too large"},
+    413: {"model": ErrorResponse, "description": "Too many files, a file or the request too large, or the request's "
+          "images and heatmaps over the pixel budget (max_request_pixels)"},
     422: {"model": ErrorResponse, "description": "A file is not a decodable image within the limits, or a field is missing"},
     503: {"model": ErrorResponse, "description": "The model could not be loaded"},
 }
 
 
-async def _read_and_decode(request: Request, files: list[UploadFile]) -> tuple[list, list[str], list[float]]:
+async def _read_and_decode(
+    request: Request, files: list[UploadFile], heatmaps: int, heatmap_side: int | None
+) -> tuple[list, list[str], list[float]]:
+    """Read, check the pixel budget from the headers, then decode. heatmaps: outputs per image (0-2);
+    heatmap_side: None when heatmaps are rendered at each input's size, else the model's side."""
     s = request.app.state.settings
     metrics = request.app.state.metrics
     if len(files) > s.max_files:
@@ -56,6 +62,13 @@ async def _read_and_decode(request: Request, files: list[UploadFile]) -> tuple[l
         names.append(name)
         blobs.append(data)
 
+    sizes = await run_in_threadpool(lambda: [budget.header_size(b) for b in blobs])
+    try:
+        budget.check(budget.count_pixels(sizes, heatmaps, heatmap_side), len(blobs), s.max_request_pixels)
+    except APIError:
+        metrics.rejected.labels("too_many_pixels").inc()
+        raise
+
     def decode_all():
         arrays, errors, times = [], [], []
         for data, name in zip(blobs, names):
@@ -74,6 +87,11 @@ async def _read_and_decode(request: Request, files: list[UploadFile]) -> tuple[l
             422, "invalid_image", "; ".join(f"{e['file']}: {e['reason']}" for e in errors), {"files": errors}
         )
     return arrays, names, times
+
+
+def _outputs(heatmap: str) -> int:
+    """Heatmap images rendered per input."""
+    return {"none": 0, "overlay": 1, "map": 1, "both": 2}[heatmap]
 
 
 def _options(heatmap: str, heatmap_size: str, image_size: int) -> ScoreOptions:
@@ -112,7 +130,8 @@ async def score(
     t0 = time.perf_counter()
     registry = request.app.state.registry
     lm = await registry.get(model)
-    arrays, names, decode_ms = await _read_and_decode(request, files)
+    side = None if heatmap_size == "input" else lm.scorer.image_size
+    arrays, names, decode_ms = await _read_and_decode(request, files, _outputs(heatmap), side)
     results, queued_s = await registry.score(lm, arrays, names, _options(heatmap, heatmap_size, lm.scorer.image_size))
     metrics = request.app.state.metrics
     items = []
@@ -166,7 +185,8 @@ async def score_overlay(
         raise APIError(422, "validation_error", f"/score/overlay takes exactly one file in field 'files', got {len(files)}")
     registry = request.app.state.registry
     lm = await registry.get(model)
-    arrays, names, _ = await _read_and_decode(request, files)
+    side = None if heatmap_size == "input" else lm.scorer.image_size
+    arrays, names, _ = await _read_and_decode(request, files, 1, side)
     results, _ = await registry.score(lm, arrays, names, _options(kind, heatmap_size, lm.scorer.image_size))
     r = results[0]
     request.app.state.metrics.observe_result(lm.ref, float(r.score), bool(r.is_anomaly))
