@@ -75,8 +75,9 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=1, description="Uncompressed bytes of a zip/tar upload at most (zip bombs)"
     )
     train_upload_retention: Literal["keep", "delete"] = Field(
-        "keep", description="Uploaded images of finished jobs: keep them, or delete them when the job ends"
+        "delete", description="Uploaded images of finished jobs: delete them when the job ends, or keep them"
     )
+    train_max_queued: int = Field(20, ge=1, description="Jobs waiting to run at most; POST /train answers 429 beyond")
     train_device: str = Field("auto", description="Training device: auto, cpu, cuda, cuda:1")
     train_threads: int | None = Field(None, ge=1, description="torch CPU threads of a training process")
     train_weights_dir: Path | None = Field(None, description="Folder with ImageNet teacher weights (offline hosts)")

@@ -29,6 +29,8 @@ ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "No such job"},
 }
+MAX_EPOCHS = 100_000  # the schema's bound; the server's own (train_max_epochs) is usually lower
+MAX_OFFSET = 1_000_000_000
 JobId = Annotated[str, PathParam(description="The job id from POST /train")]
 
 _M, _T, _C = ModelConfig(), TrainConfig(), CalibrationConfig()
@@ -62,6 +64,7 @@ def _get(store: JobStore, job_id: str) -> Job:
     responses={
         **ERRORS,
         413: {"model": ErrorResponse, "description": "Request, an image, an archive or the image count over the limit"},
+        429: {"model": ErrorResponse, "description": "The training queue is full (train_max_queued); retry later"},
         422: {"model": ErrorResponse, "description": "A file is not a decodable image (all named in `files`), too "
               "few images, or a bad parameter"},
         507: {"model": ErrorResponse, "description": "Disk full while storing the upload (nothing stored)"},
@@ -75,16 +78,17 @@ async def submit(
     backbone: Annotated[Literal[BACKBONES], Form(description="Teacher/student architecture")] = _M.backbone,  # type: ignore[valid-type]
     image_size: Annotated[int, Form(ge=32, le=1024, description="Training and scoring resolution (pixels)")] = _M.image_size,
     pretrained: Annotated[bool, Form(description="ImageNet teacher weights (false: random teacher, tests only)")] = True,
-    epochs: Annotated[int, Form(ge=1)] = _T.epochs,
+    epochs: Annotated[int, Form(ge=1, le=MAX_EPOCHS, description="At most the server's train_max_epochs")] = _T.epochs,
     batch_size: Annotated[int, Form(ge=1, le=1024)] = _T.batch_size,
-    lr: Annotated[float, Form(gt=0, le=10)] = _T.lr,
-    momentum: Annotated[float, Form(ge=0, lt=1)] = _T.momentum,
-    weight_decay: Annotated[float, Form(ge=0, le=1)] = _T.weight_decay,
-    val_fraction: Annotated[float, Form(gt=0, lt=1, description="Held out for validation and calibration")] = _T.val_fraction,
-    patience: Annotated[int, Form(ge=0, description="Early stopping on the validation loss (0: off)")] = _T.patience,
+    lr: Annotated[float, Form(gt=0, le=10, allow_inf_nan=False)] = _T.lr,
+    momentum: Annotated[float, Form(ge=0, lt=1, allow_inf_nan=False)] = _T.momentum,
+    weight_decay: Annotated[float, Form(ge=0, le=1, allow_inf_nan=False)] = _T.weight_decay,
+    val_fraction: Annotated[float, Form(gt=0, lt=1, allow_inf_nan=False,
+                                        description="Held out for validation and calibration")] = _T.val_fraction,
+    patience: Annotated[int, Form(ge=0, le=MAX_EPOCHS, description="Early stopping on the validation loss (0: off)")] = _T.patience,
     seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = _T.seed,
     augment: Annotated[bool, Form()] = _T.augment,
-    max_steps: Annotated[int, Form(ge=0, description="Cap on steps per epoch (0: none)")] = _T.max_steps,
+    max_steps: Annotated[int, Form(ge=0, le=1_000_000_000, description="Cap on steps per epoch (0: none)")] = _T.max_steps,
     calibration: Annotated[Literal["max_margin", "quantile"], Form(description="Threshold method")] = _C.method,
     activate: Annotated[bool, Form(description="Make the new version active when the job succeeds")] = False,
 ):
@@ -97,6 +101,11 @@ async def submit(
     if epochs > s.train_max_epochs:
         raise APIError(422, "invalid_parameter", f"epochs={epochs}: at most {s.train_max_epochs} "
                        "(setting train_max_epochs)")
+    queued = await run_in_threadpool(store.list, "queued", s.train_max_queued, 0)
+    if len(queued) >= s.train_max_queued:
+        raise APIError(429, "queue_full", f"{len(queued)} training jobs are already waiting; at most "
+                       f"{s.train_max_queued} (setting train_max_queued): retry when one has started",
+                       headers={"Retry-After": "60"})
     params = {
         "model": to_dict(ModelConfig(backbone=backbone, image_size=image_size, pretrained=pretrained)),
         "train": to_dict(TrainConfig(
@@ -136,7 +145,7 @@ async def list_jobs(
     request: Request,
     state: Annotated[Literal[STATES] | None, Query(description="Only jobs in this state")] = None,  # type: ignore[valid-type]
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ):
     store, _ = _engine(request)
 
