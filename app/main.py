@@ -120,12 +120,14 @@ def create_app(
     # Added last = outermost: metrics see every answer, including 401 and 413.
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value(), state=app.state)
-    app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_request_bytes,
+                       body_timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            document_errors(schema, keyed=settings.api_key is not None, public=app.state.public_paths)
             if settings.api_key is not None:
                 schema.setdefault("components", {})["securitySchemes"] = {
                     "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -137,6 +139,43 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+BODY_ERRORS = {
+    "400": "Malformed request, Content-Length, multipart body or boundary",
+    "408": "The request body stalled (setting body_timeout_s)",
+    "413": "The request body over the limit (setting max_request_bytes)",
+    "415": "Not multipart/form-data",
+}
+
+
+def document_errors(schema: dict, keyed: bool, public: set[str]) -> None:
+    """Make the spec say what the server answers: every error is `ErrorResponse` (422 included, not
+    FastAPI's HTTPValidationError); routes with a body can answer 400/408/413/415; with an API key every
+    non-public route can answer 401."""
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, ops in schema.get("paths", {}).items():
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            extra: dict[str, str] = {}
+            if "requestBody" in op:
+                extra.update(BODY_ERRORS)
+            if op.get("parameters") or "requestBody" in op:
+                extra["422"] = "A parameter or field is invalid"
+            if keyed and path not in public:
+                extra["401"] = "Missing or wrong API key"
+            for code, text in extra.items():
+                responses.setdefault(code, {"description": text})
+            for code, resp in responses.items():
+                if not code.startswith(("4", "5")):
+                    continue
+                content = resp.get("content", {}).get("application/json", {})
+                ref = content.get("schema", {}).get("$ref", "")
+                if not content or ref.endswith("/HTTPValidationError"):
+                    resp["content"] = {"application/json": {"schema": dict(ERROR_REF)}}
+    for unused in ("HTTPValidationError", "ValidationError"):
+        comps.pop(unused, None)
 
 
 def _version() -> str:

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         100 * 1024 * 1024, ge=1, description="Bytes per request body (Content-Length and streamed)"
     )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Decoded pixels per image (decompression bombs)")
+    body_timeout_s: float = Field(
+        20.0, gt=0, description="A request whose body stops arriving for this long is answered 408 (stalled uploads)"
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, requests still running after this long are cancelled (0: wait for all)"
+    )
     max_request_pixels: int = Field(
         3 * DEFAULT_MAX_PIXELS, ge=1, description="Memory budget of one /score request: decoded pixels of all its "
         "images plus the pixels of every heatmap it asks for (see app/budget.py)"

@@ -12,11 +12,12 @@ from starlette.concurrency import run_in_threadpool
 
 from app import budget
 from app.errors import APIError
+from app.multipart import MultipartRoute
 from app.registry import ScoreOptions
 from app.schemas import ErrorResponse, HeatmapMode, ScoreResponse
 from stpm.imageio import ImageDecodeError, decode_image
 
-router = APIRouter(tags=["score"])
+router = APIRouter(tags=["score"], route_class=MultipartRoute)
 
 FILES_DOC = "Images (PNG, JPEG, BMP, TIFF, WebP, ...); repeat the field for several. 16-bit, CMYK, palette and alpha are converted."
 MODEL_DOC = "`name` (its active version) or `name/vN`; default: the server's default model"
@@ -120,7 +121,7 @@ def _b64(b: bytes | None) -> str | None:
 )
 async def score(
     request: Request,
-    files: Annotated[list[UploadFile], File(description=FILES_DOC)],
+    files: Annotated[list[UploadFile], File(description=FILES_DOC, min_length=1)],
     model: Annotated[str | None, Query(max_length=200, description=MODEL_DOC, examples=["bottle", "bottle/v2"])] = None,
     heatmap: Annotated[HeatmapMode, Query(description="Add base64 PNGs: the overlay, the raw normalised map, both")] = "none",
     heatmap_size: Annotated[
@@ -176,7 +177,7 @@ async def score(
 )
 async def score_overlay(
     request: Request,
-    files: Annotated[list[UploadFile], File(description="Exactly one image")],
+    files: Annotated[list[UploadFile], File(description="Exactly one image", min_length=1, max_length=1)],
     model: Annotated[str | None, Query(max_length=200, description=MODEL_DOC)] = None,
     kind: Annotated[Literal["overlay", "map"], Query(description="The blended overlay or the grayscale map")] = "overlay",
     heatmap_size: Annotated[Literal["input", "model"], Query()] = "input",

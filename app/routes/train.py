@@ -13,13 +13,14 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import APIError
+from app.multipart import MultipartRoute
 from app.jobs.store import STATES, Job, JobStore
 from app.jobs.uploads import Limits, UploadError, store_upload
 from app.schemas import ErrorResponse, TrainJob, TrainJobList
 from stpm import bundle
 from stpm.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
 
-router = APIRouter(prefix="/train", tags=["train"])
+router = APIRouter(prefix="/train", tags=["train"], route_class=MultipartRoute)
 
 # stpm.backbones.SPECS (kept here because the API process does not import torch; a test checks they agree)
 BACKBONES = ("resnet18", "resnet34", "wide_resnet50_2", "efficientnet_lite0")
@@ -28,10 +29,12 @@ JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "No such job"},
+    503: {"model": ErrorResponse, "description": "Training is disabled (setting train_enabled)"},
 }
 MAX_EPOCHS = 100_000  # the schema's bound; the server's own (train_max_epochs) is usually lower
 MAX_OFFSET = 1_000_000_000
-JobId = Annotated[str, PathParam(description="The job id from POST /train")]
+JobId = Annotated[str, PathParam(description="The job id from POST /train (others: 404)",
+                                 json_schema_extra={"pattern": JOB_ID_RE.pattern})]
 
 _M, _T, _C = ModelConfig(), TrainConfig(), CalibrationConfig()
 
@@ -73,8 +76,10 @@ def _get(store: JobStore, job_id: str) -> Job:
 async def submit(
     request: Request,
     files: Annotated[list[UploadFile], File(description="Good images (repeat the field), and/or zip/tar archives "
-                                                        "of them (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")],
-    name: Annotated[str, Form(description="Model name; the job publishes its next version", examples=["bottle"])],
+                                                        "of them (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)",
+                                            min_length=1)],
+    name: Annotated[str, Form(description="Model name; the job publishes its next version (others: 422)",
+                              examples=["bottle"], json_schema_extra={"pattern": bundle.NAME_PATTERN})],
     backbone: Annotated[Literal[BACKBONES], Form(description="Teacher/student architecture")] = _M.backbone,  # type: ignore[valid-type]
     image_size: Annotated[int, Form(ge=32, le=1024, description="Training and scoring resolution (pixels)")] = _M.image_size,
     pretrained: Annotated[bool, Form(description="ImageNet teacher weights (false: random teacher, tests only)")] = True,
