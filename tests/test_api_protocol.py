@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_api_helpers import make_store, png, start_uvicorn, stop, synthetic_rgb
+from test_api_helpers import make_store, png, raw_request, split_response, start_uvicorn, stop, synthetic_rgb
 
 from app.main import create_app
 from app.settings import Settings
@@ -86,29 +86,6 @@ def test_a_well_formed_body_without_files_names_the_field(client):
     r = client.post("/score", content=multipart(part("file", png(synthetic_rgb(1)))), headers=MP)
     assert r.status_code == 422 and "missing multipart field 'files'" in r.json()["detail"]
     assert client.post("/score", content=multipart(part("files", png(synthetic_rgb(1)))), headers=MP).status_code == 200
-
-
-def raw_request(url: str, data: bytes, read_timeout: float = 30.0) -> bytes:
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=read_timeout) as s:
-        s.sendall(data)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except TimeoutError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    return out
-
-
-def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
 
 
 @pytest.fixture(scope="module")

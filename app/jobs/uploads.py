@@ -289,6 +289,8 @@ def _items(uploads: list[tuple[str, IO[bytes]]], lim: Limits) -> Iterator[tuple[
         elif _is_tar(name):
             f.seek(0)
             yield from _tar_members(name, f, lim, budget)
+        elif name.lower().endswith(".zip"):
+            yield name, "not a readable zip archive (no end-of-archive record: truncated or not a zip)"
         else:
             f.seek(0)
             data = _read_capped(f, lim.max_image_bytes)
