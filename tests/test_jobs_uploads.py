@@ -62,8 +62,10 @@ def test_too_few_images_bad_name_and_bad_parameters_are_422(client):
     assert r.status_code == 422 and "backbone" in r.json()["detail"]
     r = c.post("/train", data=form("demo", epochs=0), files=image_files(5))
     assert r.status_code == 422 and "epochs" in r.json()["detail"]
-    r = c.post("/train", data=form("demo"))
-    assert r.status_code == 422 and "files" in r.json()["detail"]
+    r = c.post("/train", data=form("demo"))  # no file: httpx sends a urlencoded form
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+    r = c.post("/train", data=form("demo"), files=[("note", (None, b"no images here"))])
+    assert r.status_code == 422 and "'files'" in r.json()["detail"]
     assert _stored(data) == []
     assert c.get("/train/0123456789abcdef0123456789abcdef").status_code == 404
     assert c.get("/train/nope").json()["error"] == "job_not_found"
