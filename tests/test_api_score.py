@@ -167,9 +167,11 @@ def test_wrong_multipart_field_and_no_body(client):
     assert r.status_code == 422
     assert r.json()["error"] == "validation_error" and "'files'" in r.json()["detail"]
     r = client.post("/score", json={"files": "x"})
-    assert r.status_code == 422
+    assert r.status_code == 415 and "application/json" in r.json()["detail"]
     r = client.post("/score", data={"files": "not a file"})
-    assert r.status_code == 422
+    assert r.status_code == 415 and "application/x-www-form-urlencoded" in r.json()["detail"]
+    r = client.post("/score", data={"files": "not a file"}, files=[("other", (None, b"x"))])  # multipart, no file
+    assert r.status_code == 422 and r.json()["error"] == "validation_error"
 
 
 def test_too_many_files(client):
