@@ -103,13 +103,14 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--max-request-pixels", type=int, default=None, help="default: the server's default")
     ap.add_argument("--intra-op-threads", type=int, default=1)
+    ap.add_argument("--cases", type=int, nargs="+", default=None, help="run only these cases (0-based)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "memory.json")
     args = ap.parse_args()
 
     from app.settings import Settings
 
     defaults = Settings(_env_file=None)
-    budget = args.max_request_pixels or defaults.max_request_pixels
+    budget = args.max_request_pixels or getattr(defaults, "max_request_pixels", 3 * DEFAULT_MAX_PIXELS)
     models_dir = args.models_dir or Path("/tmp/stpm-load-models")
     models_dir.mkdir(parents=True, exist_ok=True)
     model = args.model or build_models(models_dir, args.image_size)
@@ -142,7 +143,9 @@ def main() -> int:
             c.post("/score", files=[("files", ("warm.jpg", photo(512, 512, 0), "image/jpeg"))])
             idle = proc_status(proc.pid)["VmRSS"]
             print(f"idle RSS {idle:.0f} MB; budget {budget} pixels", flush=True)
-            for case in cases(defaults.max_pixels, budget, defaults.max_files):
+            for i, case in enumerate(cases(defaults.max_pixels, budget, defaults.max_files)):
+                if args.cases is not None and i not in args.cases:
+                    continue
                 blobs = ([solid_png(case["w"])] * case["n"] if case.get("solid") else
                          [photo(case["w"], case["h"], i) for i in range(case["n"])])
                 files = [("files", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
