@@ -84,7 +84,7 @@ async def parse_multipart(request: Request) -> None:
         await form.close()
         raise APIError(400, "invalid_multipart", "the multipart body ends before its closing boundary "
                        f"(--{boundary.decode('latin-1')}--): the upload is truncated")
-    request._form = form  # noqa: SLF001 - Starlette's cache of the parsed form, read by request.form()
+    request._form = form
 
 
 class MultipartRoute(APIRoute):

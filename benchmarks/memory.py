@@ -12,7 +12,7 @@ and prints the Markdown for docs/BENCHMARKS.md.
 Without --models-dir a random-init ResNet18 bundle is built once into /tmp/stpm-load-models (memory
 does not depend on the weights). The images are the real MVTec bottle photo (../shared/data) scaled
 up, with noise so that the heatmap PNGs do not compress to nothing, saved as JPEG (each under the
-20 MiB per-file limit); without the data a synthetic gradient stands in.
+20 MiB per-file limit); without the data a random 512 px image stands in.
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
-
 from load import build_models, test_image  # benchmarks/load.py
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stpm.imageio import DEFAULT_MAX_PIXELS  # noqa: E402
+from stpm.imageio import DEFAULT_MAX_PIXELS
 
 
 def proc_status(pid: int) -> dict[str, float]:

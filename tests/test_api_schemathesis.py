@@ -34,7 +34,7 @@ def test_live_openapi_conformance(tmp_path):
         cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "-H", f"X-API-Key: {KEY}",
                "--checks", ",".join(CHECKS), "--max-examples", str(MAX_EXAMPLES), "--generation-deterministic",
                "--request-timeout", "60", "--no-color"]
-        r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-6000:]
         summary = [ln for ln in out.splitlines() if "generated" in ln and "passed" in ln]

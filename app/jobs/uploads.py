@@ -46,7 +46,7 @@ JUNK = {"thumbs.db", "desktop.ini"}
 XZ_MEMLIMIT = 256 * 1024 * 1024  # decompressor memory of an xz stream (a huge dictionary is a memory bomb)
 
 
-def max_entries(lim: "Limits") -> int:
+def max_entries(lim: Limits) -> int:
     """Entries (files, folders, junk) an archive may hold: room for every image, a folder and a
     __MACOSX twin each."""
     return 3 * lim.max_images + 100

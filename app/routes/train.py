@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import APIError
-from app.multipart import MultipartRoute
 from app.jobs.store import STATES, Job, JobStore
 from app.jobs.uploads import Limits, UploadError, store_upload
+from app.multipart import MultipartRoute
 from app.schemas import ErrorResponse, TrainJob, TrainJobList
 from stpm import bundle
 from stpm.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
