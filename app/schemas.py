@@ -9,9 +9,24 @@ from pydantic import BaseModel, ConfigDict, Field
 HeatmapMode = Literal["none", "overlay", "map", "both"]
 
 
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="Where: e.g. [\"query\", \"offset\"] or [\"body\", \"files\"]")
+    msg: str
+    type: str
+
+
+class FileError(BaseModel):
+    file: str = Field(description="The uploaded file (archive:member for archive contents)")
+    reason: str
+
+
 class ErrorResponse(BaseModel):
+    """Every error the service answers (4xx and 5xx), 422 validation errors included."""
+
     error: str = Field(description="Machine-readable code")
-    detail: Any = Field(description="What went wrong and what to do")
+    detail: str = Field(description="What went wrong and what to do")
+    errors: list[FieldError] | None = Field(None, description="validation_error: every invalid field")
+    files: list[FileError] | None = Field(None, description="invalid_image / invalid_upload: every bad file")
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [

@@ -153,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                          f"(after {where} completed epoch(s)); no version was published")
             log.info("job %s cancelled", job.id)
             return 0
-        activated, note = False, None
+        note = None
         if params.get("activate"):
             try:
                 bundle.set_active(args.models_dir, job.name, outcome.version)
-                activated = True
             except Exception as e:  # noqa: BLE001
                 note = f"published {job.name}/{outcome.version} but could not activate it: {readable_error(e)}"
+        # the first version of a new name is activated by the publish itself (stpm.bundle)
+        activated = bundle.get_active(args.models_dir, job.name) == outcome.version
         if not store.finish(job.id, "succeeded", token=args.token, version=outcome.version, activated=activated,
                             error=note):
             log.error("job %s: published %s but the job row was no longer ours", job.id, outcome.version)

@@ -15,12 +15,13 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import APIError
 from app.jobs.store import STATES, Job, JobStore
 from app.jobs.uploads import Limits, UploadError, store_upload
+from app.multipart import MultipartRoute
 from app.schemas import ErrorResponse, TrainJob, TrainJobList
 from stpm import bundle
 from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, to_dict
 from stpm.tiling import ImageScore
 
-router = APIRouter(prefix="/train", tags=["train"])
+router = APIRouter(prefix="/train", tags=["train"], route_class=MultipartRoute)
 
 # stpm.backbones.SPECS (kept here because the API process does not import torch; a test checks they agree)
 BACKBONES = ("resnet18", "resnet34", "wide_resnet50_2", "efficientnet_lite0")
@@ -29,8 +30,12 @@ JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "No such job"},
+    503: {"model": ErrorResponse, "description": "Training is disabled (setting train_enabled)"},
 }
-JobId = Annotated[str, PathParam(description="The job id from POST /train")]
+MAX_EPOCHS = 100_000  # the schema's bound; the server's own (train_max_epochs) is usually lower
+MAX_OFFSET = 1_000_000_000
+JobId = Annotated[str, PathParam(description="The job id from POST /train (others: 404)",
+                                 json_schema_extra={"pattern": JOB_ID_RE.pattern})]
 
 _M, _T, _C, _G = ModelConfig(), TrainConfig(), CalibrationConfig(), TilingConfig()
 
@@ -63,6 +68,7 @@ def _get(store: JobStore, job_id: str) -> Job:
     responses={
         **ERRORS,
         413: {"model": ErrorResponse, "description": "Request, an image, an archive or the image count over the limit"},
+        429: {"model": ErrorResponse, "description": "The training queue is full (train_max_queued); retry later"},
         422: {"model": ErrorResponse, "description": "A file is not a decodable image (all named in `files`), too "
               "few images, or a bad parameter"},
         507: {"model": ErrorResponse, "description": "Disk full while storing the upload (nothing stored)"},
@@ -71,8 +77,10 @@ def _get(store: JobStore, job_id: str) -> Job:
 async def submit(
     request: Request,
     files: Annotated[list[UploadFile], File(description="Good images (repeat the field), and/or zip/tar archives "
-                                                        "of them (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")],
-    name: Annotated[str, Form(description="Model name; the job publishes its next version", examples=["bottle"])],
+                                                        "of them (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)",
+                                            min_length=1)],
+    name: Annotated[str, Form(description="Model name; the job publishes its next version (others: 422)",
+                              examples=["bottle"], json_schema_extra={"pattern": bundle.NAME_PATTERN})],
     backbone: Annotated[Literal[BACKBONES], Form(description="Teacher/student architecture")] = _M.backbone,  # type: ignore[valid-type]
     image_size: Annotated[int, Form(ge=32, le=1024, description="Model input S (pixels): images are covered by "
                                    "S x S tiles")] = _M.image_size,
@@ -88,16 +96,17 @@ async def submit(
     topk: Annotated[float, Form(gt=0, description="topk_mean: < 1 a fraction of the map's pixels, >= 1 a number "
                     "of pixels")] = _M.topk,
     pretrained: Annotated[bool, Form(description="ImageNet teacher weights (false: random teacher, tests only)")] = True,
-    epochs: Annotated[int, Form(ge=1)] = _T.epochs,
+    epochs: Annotated[int, Form(ge=1, le=MAX_EPOCHS, description="At most the server's train_max_epochs")] = _T.epochs,
     batch_size: Annotated[int, Form(ge=1, le=1024)] = _T.batch_size,
-    lr: Annotated[float, Form(gt=0, le=10)] = _T.lr,
-    momentum: Annotated[float, Form(ge=0, lt=1)] = _T.momentum,
-    weight_decay: Annotated[float, Form(ge=0, le=1)] = _T.weight_decay,
-    val_fraction: Annotated[float, Form(gt=0, lt=1, description="Held out for validation and calibration")] = _T.val_fraction,
-    patience: Annotated[int, Form(ge=0, description="Early stopping on the validation loss (0: off)")] = _T.patience,
+    lr: Annotated[float, Form(gt=0, le=10, allow_inf_nan=False)] = _T.lr,
+    momentum: Annotated[float, Form(ge=0, lt=1, allow_inf_nan=False)] = _T.momentum,
+    weight_decay: Annotated[float, Form(ge=0, le=1, allow_inf_nan=False)] = _T.weight_decay,
+    val_fraction: Annotated[float, Form(gt=0, lt=1, allow_inf_nan=False,
+                                        description="Held out for validation and calibration")] = _T.val_fraction,
+    patience: Annotated[int, Form(ge=0, le=MAX_EPOCHS, description="Early stopping on the validation loss (0: off)")] = _T.patience,
     seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = _T.seed,
     augment: Annotated[bool, Form()] = _T.augment,
-    max_steps: Annotated[int, Form(ge=0, description="Cap on steps per epoch (0: none)")] = _T.max_steps,
+    max_steps: Annotated[int, Form(ge=0, le=1_000_000_000, description="Cap on steps per epoch (0: none)")] = _T.max_steps,
     calibration: Annotated[Literal["max_margin", "quantile"], Form(description="Threshold method")] = _C.method,
     activate: Annotated[bool, Form(description="Make the new version active when the job succeeds")] = False,
 ):
@@ -114,6 +123,11 @@ async def submit(
         ImageScore(image_score, topk)
     except ValueError as e:
         raise APIError(422, "invalid_parameter", str(e)) from None
+    queued = await run_in_threadpool(store.list, "queued", s.train_max_queued, 0)
+    if len(queued) >= s.train_max_queued:
+        raise APIError(429, "queue_full", f"{len(queued)} training jobs are already waiting; at most "
+                       f"{s.train_max_queued} (setting train_max_queued): retry when one has started",
+                       headers={"Retry-After": "60"})
     params = {
         "model": to_dict(ModelConfig(backbone=backbone, image_size=image_size, pretrained=pretrained,
                                      image_score=image_score, topk=topk)),
@@ -155,7 +169,7 @@ async def list_jobs(
     request: Request,
     state: Annotated[Literal[STATES] | None, Query(description="Only jobs in this state")] = None,  # type: ignore[valid-type]
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ):
     store, _ = _engine(request)
 
