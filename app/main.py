@@ -50,7 +50,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app. `scorer_factory(bundle_dir)` overrides how scorers are made (tests, benchmarks)."""
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(replica=settings.replica)
     registry = ModelRegistry(settings, metrics, scorer_factory)
 
     @asynccontextmanager

@@ -1,4 +1,4 @@
-"""`stpm train | eval | export | predict | bench | serve | distill`."""
+"""`stpm train | eval | export | predict | bench | serve | worker | distill`."""
 
 from __future__ import annotations
 
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _module_command(sub, "bench", "speed benchmark: torch eager vs ONNX Runtime vs the full path", "stpm.bench")
     _module_command(sub, "serve", "start the HTTP service (uvicorn)", "app.serve")
+    _module_command(sub, "worker", "run training jobs from the Celery queue (scaled mode, docs/SCALING.md)",
+                    "app.celery_worker")
 
     try:
         from stpm.distill import cli as distill_cli

@@ -14,7 +14,8 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
 async def healthz(request: Request) -> Health:
-    return Health(uptime_s=round(time.time() - request.app.state.started_at, 3))
+    return Health(uptime_s=round(time.time() - request.app.state.started_at, 3),
+                  replica=request.app.state.settings.replica)
 
 
 @router.get(
