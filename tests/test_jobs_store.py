@@ -190,3 +190,19 @@ def test_sweep_settles_only_dead_workers_runs_truthfully(store, tmp_path):
     assert j.state == "succeeded" and j.version == "v1" and "was published, then its worker" in j.error
     assert store.get(cancelled).state == "cancelled"
     assert store.get(alive).state == "running"
+
+
+def test_a_duplicate_or_late_delivery_of_a_task_changes_nothing(store, tmp_path):
+    pytest.importorskip("celery", reason="the scale extra (Celery) is not installed")
+    from app.jobs.celery_queue import run_task
+
+    settings = Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data")
+    done, live = new(store), new(store)
+    _, token = store.claim(done, "w-dead")
+    store.finish(done, "failed", token=token, error="its worker died")
+    store.claim(live, "w-busy")
+    before = (store.get(done), store.get(live))
+    # what a worker does with a redelivered message (visibility timeout, a restarted worker, a revoked task)
+    assert run_task(store, settings, done, "w-other") == "failed"
+    assert run_task(store, settings, live, "w-other") == "running"
+    assert (store.get(done), store.get(live)) == before

@@ -148,6 +148,10 @@ def _shutting_down() -> bool:
 
 def run_task(store: JobStore, settings: Settings, job_id: str, worker: str) -> str:
     """The body of task `stpm.train` on a worker; -> the job's state when it returns."""
+    if _shutting_down():  # delivered while this worker stops: back to the queue for another worker
+        from celery.exceptions import Reject
+
+        raise Reject(f"worker {worker} is shutting down", requeue=True)
     claimed = store.claim(job_id, worker=worker)
     if claimed is None:
         job = store.get(job_id)
