@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=None,
                         help="jobs at once (default STPM_TRAIN_CONCURRENCY, 1: one job per GPU)")
-    parser.add_argument("--hostname", default=None, help="worker name (default stpm-PID@HOST)")
+    parser.add_argument("--hostname", default=None,
+                        help="worker name, %%h = this host (default stpm-PID@HOST; one worker per container: stpm@%%h)")
     parser.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--ping", action="store_true",
+                        help="exit 0 if the worker named by --hostname answers over the broker, else 1 (health checks)")
     parser.add_argument("--requeue", action="store_true",
                         help="send the task of every queued job again and exit (after the broker lost its data)")
     parser.add_argument("--env-file", default=None, help="read settings from this file instead of ./.env")
@@ -52,8 +56,13 @@ def main(args: argparse.Namespace) -> int:
     from app.jobs.store import JobStore
     from app.jobs.worker import LocalRunner
 
-    store = JobStore(settings.jobs_store_target, settings.jobs_db_pool_size)
     app = make_celery(settings)
+    if args.ping:
+        name = (args.hostname or "stpm@%h").replace("%h", socket.gethostname())
+        answers = app.control.ping(destination=[name], timeout=3.0)
+        print(answers or f"no answer from {name}")
+        return 0 if answers else 1
+    store = JobStore(settings.jobs_store_target, settings.jobs_db_pool_size)
     register_task(app, store, settings)
     if args.requeue:
         print(f"re-sent {requeue(app, store)} queued job(s)")

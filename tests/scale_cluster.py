@@ -95,6 +95,12 @@ class Cluster:
             time.sleep(0.1)
         raise RuntimeError(f"worker {name} did not become ready: {self.log_tail(name)}")
 
+    def ping(self, name: str) -> bool:
+        """`stpm worker --ping` (the compose health check): does the worker answer over the broker?"""
+        r = subprocess.run([sys.executable, "-m", "app.celery_worker", "--ping", f"--hostname={name}@test"],
+                           cwd=REPO, env=self._env({}), capture_output=True, timeout=60)
+        return r.returncode == 0
+
     def kill_worker(self, name: str) -> None:
         proc = self.workers.pop(name)
         os.kill(proc.pid, signal.SIGKILL)

@@ -137,6 +137,7 @@ def test_sigkill_of_a_worker_mid_job_fails_that_job_only(cluster):
         bystander = r.json()["job_id"]
         wait_for(a, bystander, lambda j: j["state"] != "queued", timeout=60, what="the bystander to start")
         pid = store(c).get(doomed).pid
+        assert c.ping(victim)  # a worker that is training still answers its health check
         c.kill_worker(victim)
         t0 = time.monotonic()
         failed = wait_for(a, doomed, finished, timeout=STALE_AFTER_S + 30, what="the dead worker's job to settle")
@@ -144,6 +145,7 @@ def test_sigkill_of_a_worker_mid_job_fails_that_job_only(cluster):
         assert f"its worker {victim}@test stopped sending heartbeats" in failed["error"]
         assert time.monotonic() - t0 < STALE_AFTER_S + 15
         assert not pid_alive(pid)  # its training process died with the worker
+        assert not c.ping(victim)
         other = wait_for(b, bystander, finished, timeout=180, what="the bystander")
         assert other["state"] == "succeeded" and other["worker"] != f"{victim}@test", other
         c.start_worker(victim)  # back to two workers; the dead one's unacknowledged task must change nothing
