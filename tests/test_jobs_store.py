@@ -206,3 +206,29 @@ def test_a_duplicate_or_late_delivery_of_a_task_changes_nothing(store, tmp_path)
     assert run_task(store, settings, done, "w-other") == "failed"
     assert run_task(store, settings, live, "w-other") == "running"
     assert (store.get(done), store.get(live)) == before
+
+
+def test_migrating_the_embedded_history_into_the_shared_store(tmp_path, target):
+    from app.jobs.migrate import copy_jobs, main
+
+    src = JobStore(tmp_path / "embedded.sqlite3")
+    done, queued = new(src, "old"), new(src, "old")
+    _, token = src.claim(done, "local@host")
+    src.set_progress(done, token, {"epoch": 3})
+    src.finish(done, "succeeded", token=token, version="v7")
+    dst = JobStore(target)
+    try:
+        own = new(dst, "new")
+        assert copy_jobs(src, dst) == 2 and copy_jobs(src, dst) == 0  # idempotent
+        moved = dst.get(done)
+        assert (moved.state, moved.version, moved.progress, moved.worker) == ("succeeded", "v7", {"epoch": 3},
+                                                                              "local@host")
+        assert dst.get(own).seq < dst.get(done).seq < dst.get(queued).seq  # order kept, after the target's own
+        assert dst.claim_next("w")[0].id == own and dst.claim_next("w")[0].id == queued
+        src.claim(new(src, "busy"), "local@host")
+        with pytest.raises(ValueError, match="running jobs"):
+            copy_jobs(src, dst)
+        assert main([str(tmp_path / "embedded.sqlite3"), target]) == 2
+    finally:
+        src.close()
+        dst.close()
