@@ -232,3 +232,15 @@ def test_migrating_the_embedded_history_into_the_shared_store(tmp_path, target):
     finally:
         src.close()
         dst.close()
+
+
+def test_a_postgresql_restart_costs_no_request(postgres):
+    s = JobStore(postgres.create_db(f"t{uuid.uuid4().hex[:12]}"))
+    try:
+        a = new(s)
+        postgres.stop()  # every pooled connection is now dead
+        postgres.start()
+        assert s.get(a).state == "queued"  # checked on checkout, replaced, answered
+        assert s.claim(a, "w") is not None
+    finally:
+        s.close()
