@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from app.jobs.store import Job, JobStore
+from app.jobs.uploads import clean_incoming
 from app.jobs.worker import LocalRunner
 from app.settings import Settings
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("app.jobs.celery")
 TASK = "stpm.train"
 QUEUE = "stpm-train"
+INCOMING_MAX_AGE_S = 3600.0  # another replica may be storing an upload right now: only older ones go
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -87,6 +89,12 @@ class Sweeper:
                     send(self.celery, self.supervisor.store, job.id)
 
     def _run(self) -> None:
+        if self.celery is not None:  # an API replica: half-stored uploads of replicas that crashed
+            try:
+                jobs_root = self.settings.jobs_data_dir / "jobs"
+                clean_incoming(jobs_root, self.supervisor.store.ids(), min_age_s=INCOMING_MAX_AGE_S)
+            except Exception as e:  # noqa: BLE001 - best effort; the next start tries again
+                log.warning("cleaning half-stored uploads failed: %s", e)
         while not self._stop.wait(sweep_interval(self.settings)):
             try:
                 self.sweep()

@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.schemas import ErrorResponse, Health, Ready
 
@@ -38,4 +39,5 @@ async def readyz(request: Request):
 )
 async def metrics(request: Request) -> Response:
     m = request.app.state.metrics
-    return Response(m.render(), media_type=m.content_type)
+    body = await run_in_threadpool(m.render)  # the job-state gauge reads the job store
+    return Response(body, media_type=m.content_type)
