@@ -42,6 +42,7 @@ log = logging.getLogger("app.jobs")
 REPO = Path(__file__).resolve().parents[2]
 POLL_S = 0.25
 KILL_AFTER_TERM_S = 5.0
+CANCEL_CHECK_S = 1.0  # how often a Celery worker checks whether its job's cancel grace has run out
 RESTART_REASON = "server restarted while the job was running; resubmit it (its uploads are kept: {kept})"
 WORKER_STOPPED = "the worker stopped while the job was running; resubmit it"
 WORKER_LOST = ("its worker {worker} stopped sending heartbeats {age:.0f} s ago (the worker or its host died, or lost "
@@ -276,7 +277,7 @@ class LocalRunner:
         child = self._children.pop(job.id, None)
         if child is None:  # the process could not start; _launch failed the job
             return self._state(job.id)
-        next_beat = 0.0
+        next_beat = next_cancel_check = 0.0
         while (code := child.proc.poll()) is None:
             try:
                 if time.monotonic() >= next_beat:
@@ -291,7 +292,9 @@ class LocalRunner:
                     _stop_child(child)
                     self._settle(job.id, WORKER_STOPPED)
                     return self._state(job.id)
-                self._escalate_cancel(child)
+                if time.monotonic() >= next_cancel_check:  # the training process itself polls more often
+                    next_cancel_check = time.monotonic() + CANCEL_CHECK_S
+                    self._escalate_cancel(child)
             except Exception as e:  # noqa: BLE001 - the job store is unreachable: keep supervising, retry
                 log.warning("job %s: job store unreachable (%s); retrying", job.id, e)
             time.sleep(POLL_S)
