@@ -18,6 +18,7 @@ The job row (PostgreSQL when scaled) is the truth; a broker message only says "r
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -143,8 +144,6 @@ class CeleryRunner:
 
 
 def worker_name() -> str:
-    import os
-
     return f"stpm-{os.getpid()}@{socket.gethostname()}"
 
 
