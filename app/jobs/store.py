@@ -24,6 +24,7 @@ that died (see app/jobs/worker.py, `sweep_stale`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -159,10 +160,13 @@ class _Row(tuple):
         return tuple.__getitem__(self, key)
 
 
+@functools.lru_cache(maxsize=64)
+def _row_class(names: tuple[str, ...]) -> type[_Row]:
+    return type("Row", (_Row,), {"names": names})
+
+
 def _pg_row_factory(cursor):
-    names = tuple(c.name for c in cursor.description or ())
-    cls = type("Row", (_Row,), {"names": names})
-    return lambda values: cls(values)
+    return _row_class(tuple(c.name for c in cursor.description or ()))
 
 
 class _PgConn:
