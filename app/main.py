@@ -72,7 +72,7 @@ def create_app(
     """Build the app. `scorer_factory(bundle_dir)` overrides how scorers are made (tests, benchmarks)."""
     settings = settings or Settings()
     limit_malloc_arenas()
-    metrics = Metrics()
+    metrics = Metrics(replica=settings.replica)
     registry = ModelRegistry(settings, metrics, scorer_factory)
 
     @asynccontextmanager

@@ -181,7 +181,8 @@ class DeleteResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     uptime_s: float
-    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "uptime_s": 12.5}]})
+    replica: str | None = Field(None, description="Which replica answered (setting replica_name, default HOST:PORT)")
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "uptime_s": 12.5, "replica": "api-1:8000"}]})
 
 
 class Ready(BaseModel):
@@ -226,6 +227,7 @@ class TrainJob(BaseModel):
     uploads_kept: bool
     cancel_requested: bool
     queue_position: int | None = Field(None, description="1 = runs next (queued jobs only)")
+    worker: str | None = Field(None, description="Who runs or ran it: the server's host, or a Celery worker")
     model_config = ConfigDict(
         protected_namespaces=(),
         json_schema_extra={

@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
             os.environ[env] = str(value)
     env_file = getattr(args, "env_file", None)
 
-    from pydantic import ValidationError
+    from pydantic import SecretStr, ValidationError
 
     from app.settings import Settings
 
@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         # Workers rebuild settings from the environment: export what the file said.
         for name, value in settings.model_dump().items():
             if value is not None and f"STPM_{name.upper()}" not in os.environ:
-                if name == "api_key":
+                if isinstance(value, SecretStr):
                     value = value.get_secret_value()
                 elif name == "providers":
                     value = ",".join(value)

@@ -1,6 +1,6 @@
-"""`stpm train | eval | export | predict | activate | bench | serve | distill`.
+"""`stpm train | eval | export | predict | activate | bench | serve | worker | distill`.
 
-The modules behind `export`, `bench`, `serve` and `distill` are imported only when that command runs
+The modules behind `export`, `bench`, `serve`, `worker` and `distill` are imported only when that command runs
 (`build_parser(command)`): `stpm serve`, the Docker entry point, must not pay for torch."""
 
 from __future__ import annotations
@@ -115,6 +115,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _module_command(sub, command, "bench", "speed benchmark: torch eager vs ONNX Runtime vs the full path",
                     "stpm.bench")
     _module_command(sub, command, "serve", "start the HTTP service (uvicorn)", "app.serve")
+    _module_command(sub, command, "worker", "run training jobs from the Celery queue (scaled mode, docs/SCALING.md)",
+                    "app.celery_worker")
 
     distill_help = "classifier knowledge distillation"
     if command != "distill":

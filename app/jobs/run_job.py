@@ -1,10 +1,11 @@
-"""One training job in its own process: `python -m app.jobs.run_job JOB_ID --db ... --token ...`.
+"""One training job in its own process: `python -m app.jobs.run_job JOB_ID --token ...` (job store in --db or
+the environment).
 
-Started by the worker (app.jobs.worker.LocalRunner); it is the only place that imports torch. It
-reads its parameters from the job row, reports progress into it, polls the row for a cancel request
-(through `should_stop`), and writes the final state, all guarded by its run token. It exits when its
-parent (the server) dies, so a killed server never leaves a training process behind that could
-publish or write state the restarted server did not expect.
+Started by the worker (app.jobs.worker.LocalRunner, in the server or in a Celery worker); it is the only
+place that imports torch. It reads its parameters from the job row, reports progress into it, polls the
+row for a cancel request (through `should_stop`), and writes the final state, all guarded by its run
+token. It exits when its parent (the server or worker) dies, so a killed server never leaves a training
+process behind that could publish or write state the restarted server did not expect.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from app.jobs.store import JobStore
+from app.jobs.store import STORE_ENV, JobStore
 
 log = logging.getLogger("app.jobs.run_job")
 PROGRESS_EVERY_S = 0.5
@@ -65,7 +66,8 @@ def readable_error(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m app.jobs.run_job")
     p.add_argument("job_id")
-    p.add_argument("--db", required=True)
+    p.add_argument("--db", default=os.environ.get(STORE_ENV),
+                   help=f"job store: SQLite file or postgresql:// URL (default: environment {STORE_ENV})")
     p.add_argument("--token", required=True)
     p.add_argument("--models-dir", required=True)
     p.add_argument("--device", default="auto")
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _die_with_parent()
 
-    store = JobStore(args.db)
+    if not args.db:
+        p.error(f"no job store: pass --db or set {STORE_ENV}")
+    store = JobStore(args.db, pool_size=1)
     job = store.get(args.job_id)
     if job is None or job.state != "running" or job.run_token != args.token:
         log.error("job %s is not running under this token; nothing to do", args.job_id)

@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.middleware import has_valid_key
 from app.schemas import ErrorResponse, Health, Ready
@@ -15,7 +16,8 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
 async def healthz(request: Request) -> Health:
-    return Health(uptime_s=round(time.time() - request.app.state.started_at, 3))
+    return Health(uptime_s=round(time.time() - request.app.state.started_at, 3),
+                  replica=request.app.state.settings.replica)
 
 
 @router.get(
@@ -43,4 +45,5 @@ async def readyz(request: Request):
 )
 async def metrics(request: Request) -> Response:
     m = request.app.state.metrics
-    return Response(m.render(), media_type=m.content_type)
+    body = await run_in_threadpool(m.render)  # the job-state gauge reads the job store
+    return Response(body, media_type=m.content_type)

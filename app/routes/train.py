@@ -160,7 +160,7 @@ async def submit(
     except BaseException:
         shutil.rmtree(stored.job_dir, ignore_errors=True)
         raise
-    runner.submit(job_id)
+    await run_in_threadpool(runner.submit, job_id)  # Celery: a round trip to the broker
     return JSONResponse(_public(store, job), status_code=202, headers={"Location": f"/train/{job_id}"})
 
 
