@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stpm import bundle
-from stpm import tiling
+from stpm import backends, bundle, tiling
 from stpm.imageio import resize_rgb
 from stpm.loss import anomaly_map, image_score
 from stpm.model import STPM
@@ -188,14 +187,8 @@ def prepare_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
 
 
 def _ort_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """The reference session (ONNX Runtime, CPU provider), made by stpm.backends like every session."""
+    return backends.cpu_session(path, threads)
 
 
 def parity_report(
@@ -275,7 +268,8 @@ def torch_reference(scorer: FusedScorer, batch: np.ndarray, chunk: int = 8):
 
 
 def ort_outputs(session, batch: np.ndarray, chunk: int = 8):
-    outs = [session.run(list(SCORER_OUTPUTS), {"images": batch[i:i + chunk]}) for i in range(0, len(batch), chunk)]
+    """A scorer session (any stpm.backends session) on a uint8 batch, `chunk` tiles per run."""
+    outs = [session.run(batch[i:i + chunk]) for i in range(0, len(batch), chunk)]
     return tuple(np.concatenate([o[k] for o in outs]).astype(np.float32) for k in range(3))
 
 
@@ -291,11 +285,17 @@ def export_bundle(
     check_images: Sequence[np.ndarray] | None = None,
     atol: float = DEFAULT_ATOL,
     fp16_atol: float = DEFAULT_FP16_ATOL,
+    precisions: Sequence[str] = ("bf16",),
 ) -> dict[str, Any]:
     """Write teacher.onnx, student.onnx, scorer.onnx (+ scorer_fp16.onnx) into `bundle_dir`, check
     parity against torch on `check_images` (uint8 RGB arrays, any size; None: 4 synthetic images),
     record everything under manifest["exports"] and return that dict. Raises ExportParityError
-    if the fp32 scorer disagrees with torch beyond `atol`; the bundle is then left as it was."""
+    if the fp32 scorer disagrees with torch beyond `atol`; the bundle is then left as it was.
+    precisions: lower precisions of the same graph to check against fp32 on the check images and
+    record (shipped or not): "bf16" (OpenVINO, see check_bf16)."""
+    unknown = set(precisions) - {"bf16"}
+    if unknown:
+        raise ValueError(f"precisions: only bf16 is checked at export (int8: quantize_int8), got {sorted(unknown)}")
     bundle_dir = Path(bundle_dir)
     t0 = time.perf_counter()
     model, manifest = load_model(bundle_dir)
@@ -347,7 +347,7 @@ def export_bundle(
         for fname, which in ((TEACHER_ONNX, "teacher"), (STUDENT_ONNX, "student")):
             with torch.no_grad():
                 tf = _Features(model, which)(xf)
-            of = _ort_session(tmp[fname]).run(None, {"images": xf.numpy()})
+            of = _ort_session(tmp[fname]).run_outputs(None, {"images": xf.numpy()})
             parity[f"{which}_max_abs_feature"] = float(max(np.max(np.abs(a.numpy() - b)) for a, b in zip(tf, of)))
         if not parity["ok"]:
             im = parity["images"]
@@ -399,6 +399,15 @@ def export_bundle(
     manifest["exports"] = exports
     bundle.write_manifest(bundle_dir, manifest)
     log.info("exported %s/%s: parity %s", manifest.get("name"), manifest.get("version"), parity)
+    if "bf16" in precisions:
+        try:
+            exports["bf16"] = check_bf16(bundle_dir, imgs)
+        except Exception as e:  # noqa: BLE001 - a backend failure costs the bf16 option, never the export
+            log.warning("bf16 check failed for %s: %s", bundle_dir, e)
+            exports["bf16"] = {"backend": "openvino", "shipped": False, "measured": False,
+                               "reason": f"check failed: {type(e).__name__}: {e}"}
+            manifest["exports"] = exports
+            bundle.write_manifest(bundle_dir, manifest)
     return exports
 
 
@@ -433,6 +442,92 @@ def _export_fp16(model, manifest, bundle_dir, batch, ref, threshold, low, opset,
     return out
 
 
+# ------------------------------------------------------------------------------ lower precisions
+
+DEFAULT_MIN_AGREEMENT = 0.995  # decisions (raw score >= threshold) equal to fp32 on at least this share
+DEFAULT_MAX_AUROC_MOVE = 0.005  # |AUROC(low precision) - AUROC(fp32)| at most, when labels are given
+DEFAULT_MAX_SCORE_MOVE = 0.05  # |normalised score - fp32's| at most (0.5 = threshold): a gate that means
+# something even on the few good images a training run keeps for the check
+
+
+def decision_parity(
+    ref_raw: np.ndarray, got_raw: np.ndarray, threshold: float, low: float, labels: Sequence[int] | None,
+    min_agreement: float, max_auroc_move: float, max_score_move: float,
+) -> dict[str, Any]:
+    """Image scores of a lower precision vs fp32 (same images): decisions, AUROC, normalised score moves."""
+    scale = 0.5 / max(threshold - low, 1e-12)
+    norm = lambda r: np.clip(0.5 + (np.asarray(r, np.float64) - threshold) * scale, 0, 1)  # noqa: E731
+    flips = (ref_raw >= threshold) != (got_raw >= threshold)
+    out: dict[str, Any] = {
+        "n_check_images": int(len(ref_raw)),
+        "decision_agreement": float(1.0 - flips.mean()),
+        "decision_flips": int(flips.sum()),
+        "max_abs_score_vs_fp32": float(np.max(np.abs(norm(ref_raw) - norm(got_raw)))),
+        "median_rel_raw_score_vs_fp32": float(np.median(np.abs(got_raw - ref_raw) / np.maximum(np.abs(ref_raw), 1e-12))),
+    }
+    ok = out["decision_agreement"] >= min_agreement and out["max_abs_score_vs_fp32"] <= max_score_move
+    if labels is not None:
+        from sklearn.metrics import roc_auc_score
+
+        y = np.asarray(labels, dtype=int)
+        out["auroc_fp32"] = float(roc_auc_score(y, ref_raw))
+        out["auroc"] = float(roc_auc_score(y, got_raw))
+        out["auroc_change"] = out["auroc"] - out["auroc_fp32"]
+        ok = ok and abs(out["auroc_change"]) <= max_auroc_move
+    out["criteria"] = {"min_decision_agreement": min_agreement, "max_auroc_move": max_auroc_move,
+                       "max_abs_score_move": max_score_move}
+    out["ok"] = bool(ok)
+    return out
+
+
+def session_image_scores(session, tiled: tiling.TiledImages, spec: tiling.ImageScore, chunk: int = 8) -> np.ndarray:
+    """Per-image raw scores of a scorer session on tiled images (stitched, the manifest's score function)."""
+    maps = ort_outputs(session, nchw(tiled.tiles), chunk)[0]
+    return tiling.image_scores(tiling.stitch_all(maps, tiled), spec)
+
+
+def check_bf16(
+    bundle_dir: str | Path,
+    check_images: Sequence[np.ndarray],
+    check_labels: Sequence[int] | None = None,
+    *,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    max_auroc_move: float = DEFAULT_MAX_AUROC_MOVE,
+    max_score_move: float = DEFAULT_MAX_SCORE_MOVE,
+    write: bool = True,
+) -> dict[str, Any]:
+    """bf16 on OpenVINO (same scorer.onnx, bf16 inference precision) vs fp32 ONNX Runtime on
+    `check_images`: recorded under manifest exports["bf16"], `shipped` only if the criteria hold.
+    Where this CPU has no bf16 instructions or openvino is missing nothing is measured: the record says
+    so and bf16 is not shipped (re-run on a bf16 machine)."""
+    bundle_dir = Path(bundle_dir)
+    manifest = bundle.read_manifest(bundle_dir)
+    exports = manifest.get("exports")
+    if not exports or SCORER_ONNX not in exports.get("files", {}):
+        raise bundle.BundleError(f"{bundle_dir}: export the fp32 scorer first")
+    why = backends.openvino_available() or backends.cpu_precision_support("bf16")
+    out: dict[str, Any] = {"backend": "openvino", "file": SCORER_ONNX, "cpu": backends.cpu_name(),
+                           "method": "OpenVINO CPU, INFERENCE_PRECISION_HINT=bf16 on the fp32 graph"}
+    if why:
+        out.update(shipped=False, measured=False, reason=f"not measured: {why}")
+    else:
+        geometry, spec = tiling.from_manifest(manifest), tiling.score_from_manifest(manifest)
+        cal = manifest["calibration"]
+        tiled = tile_check_images(check_images, geometry)
+        t0 = time.perf_counter()
+        ref = session_image_scores(_ort_session(bundle_dir / SCORER_ONNX), tiled, spec)
+        got = session_image_scores(backends.create_session(bundle_dir / SCORER_ONNX, "openvino", "bf16"), tiled, spec)
+        out["parity"] = decision_parity(ref, got, float(cal["threshold"]), float(cal["low"]), check_labels,
+                                        min_agreement, max_auroc_move, max_score_move)
+        out.update(measured=True, shipped=out["parity"]["ok"], seconds=round(time.perf_counter() - t0, 2))
+    if write:
+        exports["bf16"] = out
+        manifest["exports"] = exports
+        bundle.write_manifest(bundle_dir, manifest)
+    log.info("bf16 for %s: %s", bundle_dir, "shipped" if out["shipped"] else "not shipped")
+    return out
+
+
 # ------------------------------------------------------------------------------------------ INT8
 
 class _CalibrationReader:
@@ -464,6 +559,7 @@ def quantize_int8(
     calibrate_method: str = "percentile",
     skip_depthwise: bool = False,
     keep_rejected: bool = False,
+    engine: str = "onnxruntime",
 ) -> dict[str, Any]:
     """Static INT8 quantisation of scorer.onnx's convolutions (QDQ, calibrated on good images), then
     parity vs fp32 ONNX on `check_images`: decision agreement and, with labels (1 = anomalous),
@@ -472,7 +568,11 @@ def quantize_int8(
     int8 loses most. The file `scorer_int8.onnx` is kept and recorded under exports["int8"] with
     `shipped: True` only if agreement and AUROC hold; otherwise it is deleted and the numbers
     are recorded with `shipped: False` (keep_rejected: kept as REJECTED_INT8_ONNX, for timing).
-    Returns exports["int8"]."""
+    engine: "onnxruntime" (quantize_static; parity measured on ONNX Runtime) or "nncf" (NNCF
+    post-training quantisation, mixed preset with bias correction; parity measured on OpenVINO, which
+    runs it: the record's `backend` says where the int8 graph may be used). Returns exports["int8"]."""
+    if engine not in ("onnxruntime", "nncf"):
+        raise ValueError(f"engine must be onnxruntime or nncf, got {engine!r}")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -494,38 +594,46 @@ def quantize_int8(
     try:
         import onnx
 
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         excluded = []
-        if skip_depthwise:
+        if engine == "nncf":
+            _nncf_quantize(src, dst, nchw(tile_check_images(calibration_images, geometry).tiles))
+        else:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        if skip_depthwise and engine == "onnxruntime":
             g = onnx.load(str(pre), load_external_data=False).graph
             for n in g.node:
                 group = next((a.i for a in n.attribute if a.name == "group"), 1)
                 if n.op_type == "Conv" and group > 1:
                     excluded.append(n.name)
-        quantize_static(
-            str(pre), str(dst), _CalibrationReader(nchw(tile_check_images(calibration_images, geometry).tiles)),
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=methods[calibrate_method], nodes_to_exclude=excluded,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                           "CalibPercentile": 99.999},
-        )
+        if engine == "onnxruntime":
+            quantize_static(
+                str(pre), str(dst), _CalibrationReader(nchw(tile_check_images(calibration_images, geometry).tiles)),
+                quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=per_channel,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=methods[calibrate_method], nodes_to_exclude=excluded,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                               "CalibPercentile": 99.999},
+            )
     finally:
         pre.unlink(missing_ok=True)
     _set_metadata(dst, manifest, {"stpm.graph": "scorer", "stpm.precision": "int8",
                                   "stpm.threshold": repr(threshold), "stpm.low": repr(low)})
     tiled = tile_check_images(check_images, geometry)
     batch = nchw(tiled.tiles)
-    ref_t, got_t = ort_outputs(_ort_session(src), batch), ort_outputs(_ort_session(dst), batch)
+    got_session = (backends.create_session(dst, "openvino", "int8") if engine == "nncf" else _ort_session(dst))
+    ref_t, got_t = ort_outputs(_ort_session(src), batch), ort_outputs(got_session, batch)
     ref_maps, got_maps = tiling.stitch_all(ref_t[0], tiled), tiling.stitch_all(got_t[0], tiled)
     ref_raw, got_raw = tiling.image_scores(ref_maps, spec), tiling.image_scores(got_maps, spec)
     scale = 0.5 / max(threshold - low, 1e-12)
     agree = float(np.mean((ref_raw >= threshold) == (got_raw >= threshold)))
     out: dict[str, Any] = {
         "file": SCORER_INT8_ONNX,
-        "method": f"onnxruntime quantize_static, QDQ, Conv only, {calibrate_method} calibration, "
-                  f"{'per-channel' if per_channel else 'per-tensor'} int8 weights, uint8 activations"
-                  + (f", {len(excluded)} depthwise convs kept fp32" if excluded else ""),
+        "backend": "openvino" if engine == "nncf" else "onnxruntime",
+        "method": (f"onnxruntime quantize_static, QDQ, Conv only, {calibrate_method} calibration, "
+                   f"{'per-channel' if per_channel else 'per-tensor'} int8 weights, uint8 activations"
+                   + (f", {len(excluded)} depthwise convs kept fp32" if excluded else "")
+                   if engine == "onnxruntime" else
+                   "NNCF post-training quantisation (mixed preset, fast bias correction), run on OpenVINO"),
         "n_calibration_images": len(calibration_images),
         "n_check_images": len(check_images),
         "decision_agreement": agree,
@@ -557,6 +665,17 @@ def quantize_int8(
     return out
 
 
+def _nncf_quantize(src: Path, dst: Path, tiles: np.ndarray) -> None:
+    """NNCF post-training quantisation of an ONNX scorer (QDQ ONNX out), calibrated on uint8 tiles."""
+    import nncf
+    import onnx
+
+    model = onnx.load(str(src))
+    data = nncf.Dataset([tiles[i:i + 1] for i in range(len(tiles))], lambda x: {"images": x})
+    q = nncf.quantize(model, data, subset_size=len(tiles), preset=nncf.QuantizationPreset.MIXED)
+    onnx.save(q, str(dst))
+
+
 # ------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -571,6 +690,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MVTec category folder: also quantise to INT8 (calibrated on train/good), shipped "
                         "only if decisions and AUROC on its test set hold")
     p.add_argument("--int8-calibration-images", type=int, default=32)
+    p.add_argument("--int8-engine", choices=("onnxruntime", "nncf"), default="nncf",
+                   help="int8 quantiser: NNCF (run on OpenVINO) or ONNX Runtime's quantize_static")
+    p.add_argument("--precisions", default="bf16",
+                   help="lower precisions to check against fp32 and record ('bf16' or '' for none); with "
+                        "--int8-data, bf16 is checked on that folder's labelled test set too")
 
 
 def _bundle_path(model: str, models_dir: str) -> Path:
@@ -603,8 +727,10 @@ def main(args: argparse.Namespace) -> int:
                 tiling.plan(im.shape[0], im.shape[1], geometry)
             except tiling.TilingError as e:
                 raise ValueError(f"{f}: {e}") from None
+    precisions = tuple(x for x in args.precisions.split(",") if x)
     try:
-        ex = export_bundle(path, fp16=args.fp16, opset=args.opset, check_images=imgs, atol=args.atol)
+        ex = export_bundle(path, fp16=args.fp16, opset=args.opset, check_images=imgs, atol=args.atol,
+                           precisions=precisions)
     except ExportParityError as e:
         print(f"export failed: {e}")
         print(json.dumps(e.report, indent=2))
@@ -617,7 +743,10 @@ def main(args: argparse.Namespace) -> int:
         train, test, labels = mvtec_split(Path(args.int8_data))
         n = args.int8_calibration_images
         cal = train[:: max(1, len(train) // n)][:n]
-        q = quantize_int8(path, [read_image(p) for p in cal], [read_image(p) for p in test], labels)
+        test_imgs = [read_image(p) for p in test]
+        if "bf16" in precisions:
+            print(json.dumps(check_bf16(path, test_imgs, labels), indent=2))
+        q = quantize_int8(path, [read_image(p) for p in cal], test_imgs, labels, engine=args.int8_engine)
         print(json.dumps(q, indent=2))
     return 0
 
@@ -629,6 +758,8 @@ __all__ = [
     "ExportParityError",
     "FusedScorer",
     "add_arguments",
+    "check_bf16",
+    "decision_parity",
     "export_bundle",
     "fused_scorer",
     "main",

@@ -1,10 +1,11 @@
-"""Heatmap rendering for the scorer: colormap, overlay, PNG encoding. numpy + Pillow only (no torch).
+"""Heatmap rendering for the scorer: colormap, overlay, PNG / JPEG / WebP encoding. numpy + Pillow only (no torch).
 
 Maps here are normalised anomaly maps in [0, 1] (0.5 = the decision threshold), float32 [H, W].
 """
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -12,6 +13,10 @@ import numpy as np
 from PIL import Image
 
 PNG_COMPRESS_LEVEL = 1  # fast zlib level: these PNGs are served once, speed beats a few percent of size
+FORMATS = ("png", "jpeg", "webp")
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+JPEG_QUALITY = 90
+WEBP_QUALITY = 80  # lossy, method 0 (the fastest): smallest files, but slower to encode than PNG here
 
 
 def _turbo_lut() -> np.ndarray:
@@ -86,3 +91,20 @@ def png_bytes(arr: np.ndarray) -> bytes:
     data = co.compress(raw) + co.flush()  # from the array's buffer: no second copy of the rows
     ihdr = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def encode(arr: np.ndarray, fmt: str = "png") -> bytes:
+    """uint8 [H, W] or [H, W, 3] -> image bytes in `fmt`: "png" (lossless, this module's encoder),
+    "jpeg" (quality 90, 4:2:0; ~6x faster to encode than PNG at 512 px and ~4x smaller) or "webp"
+    (lossy, quality 80; the smallest)."""
+    if fmt == "png":
+        return png_bytes(arr)
+    if fmt not in FORMATS:
+        raise ValueError(f"heatmap format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    buf = io.BytesIO()
+    img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8))
+    if fmt == "jpeg":
+        img.save(buf, "JPEG", quality=JPEG_QUALITY)
+    else:
+        img.save(buf, "WEBP", quality=WEBP_QUALITY, method=0)
+    return buf.getvalue()

@@ -1,10 +1,16 @@
-"""ONNX Runtime scorer: bundle -> scores, maps and heatmap PNGs. numpy, onnxruntime and Pillow only.
+"""The scorer: bundle -> scores, maps and heatmap images. numpy, Pillow and an inference backend only.
 
 This is the service's scoring path; it must not import torch (a test checks `sys.modules`).
 
-    scorer = Scorer("models/bottle/v3")
-    [r] = scorer.score([png_bytes], map_size="input", overlay=True)
-    r.score, r.is_anomaly, r.overlay_png
+    scorer = Scorer("models/bottle/v3")                      # backend / precision: STPM_BACKEND / STPM_PRECISION, else auto
+    [r] = scorer.score([png_bytes], map_size="input", overlay=True, heatmap_format="jpeg")
+    r.score, r.is_anomaly, r.overlay_image
+    scorer.selection                                          # which backend and precision run, and why
+
+Sessions come from stpm.backends (ONNX Runtime CPU/CUDA/TensorRT, OpenVINO; fp32, fp16, bf16, int8).
+Scoring has two phases so a server can run them on different threads: `infer_images` (decode, tile,
+run the graph, stitch, image score: the decision) and `render` (maps and heatmap images); `score`
+runs both.
 
 The graph (`scorer.onnx`, see stpm.export) takes uint8 tiles [N, 3, S, S] and carries preprocessing;
 this module decodes, plans and cuts tiles at the bundle's geometry (stpm.tiling, manifest["tiling"]),
@@ -23,23 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from stpm import bundle, render, tiling
+from stpm import backends, bundle, render, tiling
+from stpm.backends import PRECISION_FILES, choose_providers
 from stpm.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_rgb
 
 log = logging.getLogger(__name__)
 
-PRECISION_FILES = {"fp32": "scorer.onnx", "fp16": "scorer_fp16.onnx", "int8": "scorer_int8.onnx"}
-AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-PROVIDER_ALIASES = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-}
-OUTPUTS = ("anomaly_map", "raw_score", "score")
 MapSize = None | str | tuple[int, int]  # None, "input", "model" (the map's own size at the model's scale), (H, W)
 
 
@@ -51,43 +47,33 @@ class ScoreResult:
     is_anomaly: bool
     threshold: float  # raw units
     anomaly_map: np.ndarray | None = None  # float32 [H, W] in [0, 1] at the requested size
-    overlay_png: bytes | None = None
-    map_png: bytes | None = None  # grayscale 8-bit: the normalised map * 255 (128 = threshold)
+    overlay_image: bytes | None = None  # the image with the coloured map blended on, in heatmap_format
+    map_image: bytes | None = None  # grayscale: the normalised map * 255 (128 = threshold), in heatmap_format
+    heatmap_format: str = "png"
     # decode_ms: decode + resize + tiling of this image; infer_ms: its tiles' share of the runs;
-    # render_ms: stitching, score, map/PNGs
+    # render_ms: maps and heatmap images (stitching and the image score count to infer_ms)
     timings: dict[str, float] = field(default_factory=dict)
     tiles: int = 1  # tiles the model scored for this image
     scaled_size: tuple[int, int] = (0, 0)  # (height, width) of the image at the model's scale: the map's own size
 
+    @property
+    def overlay_png(self) -> bytes | None:
+        """The overlay bytes (historical name: they are in `heatmap_format`, PNG by default)."""
+        return self.overlay_image
 
-def choose_providers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
-    """Requested names ("auto", short aliases or full provider names) -> the installed ones, in order.
+    @property
+    def map_png(self) -> bytes | None:
+        """The grayscale map bytes (historical name: they are in `heatmap_format`)."""
+        return self.map_image
 
-    "auto" means TensorRT -> CUDA -> CPU. Requested providers that are not installed are dropped with
-    a warning; the CPU provider always closes the list as the last fallback. Unknown names raise."""
-    wanted: list[str] = []
-    explicit: set[str] = set()
-    for r in requested:
-        if r == "auto":
-            wanted.extend(AUTO_PROVIDERS)
-            continue
-        full = PROVIDER_ALIASES.get(r.lower(), r)
-        if not full.endswith("ExecutionProvider"):
-            raise ValueError(f"unknown execution provider {r!r}; use auto, {', '.join(PROVIDER_ALIASES)} or a full name")
-        wanted.append(full)
-        explicit.add(full)
-    out: list[str] = []
-    for p in wanted:
-        if p in out:
-            continue
-        if p in available:
-            out.append(p)
-        elif p in explicit:
-            log.warning("execution provider %s is not available in this onnxruntime (%s); falling back",
-                        p, ", ".join(available))
-    if "CPUExecutionProvider" not in out:
-        out.append("CPUExecutionProvider")
-    return out
+
+@dataclass
+class Scored:
+    """One image after inference, before rendering: what `render` needs to finish it."""
+
+    result: ScoreResult
+    rgb: np.ndarray  # uint8 [H, W, 3] at the input's size
+    amap: np.ndarray  # float32 raw stitched map [h, w] at the model's scale
 
 
 def as_rgb(image: np.ndarray, name: str) -> np.ndarray:
@@ -119,8 +105,13 @@ def as_rgb(image: np.ndarray, name: str) -> np.ndarray:
 
 
 class Scorer:
-    """A bundle's exported scorer on ONNX Runtime. Thread-safe for concurrent `score` calls
-    (ONNX Runtime sessions are); `max_batch` images go through the graph per run."""
+    """A bundle's exported scorer on the backend and precision `stpm.backends.select` picks. Thread-safe
+    for concurrent `score` calls; `max_batch` tiles go through the graph per run.
+
+    backend: "onnxruntime", "openvino" or "auto"; precision: "fp32", "fp16", "bf16", "int8" or "auto";
+    None reads STPM_BACKEND / STPM_PRECISION, else "auto" (the fastest candidate on this machine that
+    the bundle records as holding parity). A precision the bundle lacks falls back to fp32 with a
+    warning (`selection.warnings`)."""
 
     def __init__(
         self,
@@ -128,14 +119,13 @@ class Scorer:
         providers: Sequence[str] = ("auto",),
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
-        precision: str = "fp32",
+        precision: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_batch: int = 16,
         verify: bool = True,
         trt_cache_dir: str | Path | None = None,
+        backend: str | None = None,
     ):
-        if precision not in PRECISION_FILES:
-            raise ValueError(f"precision must be one of {', '.join(PRECISION_FILES)}, got {precision!r}")
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.bundle_dir = Path(bundle_dir)
@@ -151,61 +141,29 @@ class Scorer:
         self.threshold: float = float(cal["threshold"])
         self.low: float = float(cal["low"])
         self._scale = 0.5 / max(self.threshold - self.low, 1e-12)
-        self.precision = precision
         self.max_pixels = max_pixels
         self.max_batch = max_batch
 
-        fname = PRECISION_FILES[precision]
-        path = self.bundle_dir / fname
-        exports = self.manifest.get("exports") or {}
-        recorded = (exports.get("files") or {}).get(fname)
-        if not path.is_file() or recorded is None:
-            hint = "run `stpm export`" if precision != "int8" else "int8 was not shipped for this bundle (see exports.int8)"
-            raise bundle.BundleError(f"{self.bundle_dir}: no {precision} scorer ({fname}); {hint}")
-        if verify and bundle.sha256_file(path) != recorded["sha256"]:
-            raise bundle.BundleError(f"{self.bundle_dir}: {fname} does not match its sha256 in the manifest")
-
-        available = ort.get_available_providers()
-        chosen = choose_providers(providers, available)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.enable_cpu_mem_arena = True
-        so.enable_mem_pattern = True  # fixed spatial size: the memory plan is reused across runs
-        so.log_severity_level = 3
-        if intra_op_threads is not None:
-            so.intra_op_num_threads = int(intra_op_threads)
-        if inter_op_threads is not None:
-            so.inter_op_num_threads = int(inter_op_threads)
-        s = self.image_size
-        opts: list[dict[str, Any]] = []
-        for p in chosen:
-            if p == "TensorrtExecutionProvider":
-                o: dict[str, Any] = {
-                    "trt_fp16_enable": precision == "fp16",
-                    "trt_int8_enable": False,
-                    "trt_profile_min_shapes": f"images:1x3x{s}x{s}",
-                    "trt_profile_opt_shapes": f"images:{max_batch}x3x{s}x{s}",
-                    "trt_profile_max_shapes": f"images:{max_batch}x3x{s}x{s}",
-                }
-                if trt_cache_dir is not None:
-                    o.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache_dir))
-                opts.append(o)
-            elif p == "CUDAExecutionProvider":
-                opts.append({"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "EXHAUSTIVE"})
-            else:
-                opts.append({})
-        self.session = ort.InferenceSession(str(path), so, providers=chosen, provider_options=opts)
-        self.providers: list[str] = list(self.session.get_providers())
-        if self.providers[0] != chosen[0]:
-            log.warning("execution provider %s failed to initialise; running on %s", chosen[0], self.providers[0])
-        log.info("scorer %s/%s (%s) on %s", self.name, self.version, precision, ", ".join(self.providers))
-        self._io_binding = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        if verify:  # every scorer graph the selection may load, before any is parsed
+            files = (self.manifest.get("exports") or {}).get("files") or {}
+            for fname in sorted(set(PRECISION_FILES.values())):
+                f = self.bundle_dir / fname
+                if fname in files and f.is_file() and bundle.sha256_file(f) != files[fname]["sha256"]:
+                    raise bundle.BundleError(f"{self.bundle_dir}: {fname} does not match its sha256 in the manifest")
+        self.session, self.selection = backends.select(
+            self.bundle_dir, self.manifest, self.image_size, backend, precision, providers=providers,
+            intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads, max_batch=max_batch,
+            trt_cache_dir=trt_cache_dir)
+        self.backend: str = self.selection.backend
+        self.precision: str = self.selection.precision
+        self.providers: list[str] = list(self.session.devices)
+        path = self.bundle_dir / PRECISION_FILES[self.precision]
+        log.info("scorer %s/%s on %s/%s (%s): %s", self.name, self.version, self.backend, self.precision,
+                 ", ".join(self.providers), self.selection.reason)
         self._check_metadata(path)
 
     def _check_metadata(self, path: Path) -> None:
-        meta = self.session.get_modelmeta().custom_metadata_map
-        digest = meta.get("stpm.manifest_digest")
+        digest = self.session.metadata().get("stpm.manifest_digest")
         if digest != bundle.manifest_digest(self.manifest):  # the digest ignores the version name
             raise bundle.BundleError(f"{path} was exported from a different model (manifest digest mismatch)")
 
@@ -213,17 +171,7 @@ class Scorer:
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uint8 [N, 3, S, S] -> (raw anomaly maps [N, S, S], raw scores [N], normalised scores [N])."""
-        batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        if self._io_binding:
-            io = self.session.io_binding()
-            io.bind_cpu_input("images", batch)
-            for o in OUTPUTS:
-                io.bind_output(o, "cuda")
-            self.session.run_with_iobinding(io)
-            maps, raw, score = io.copy_outputs_to_cpu()
-        else:
-            maps, raw, score = self.session.run(list(OUTPUTS), {"images": batch})
-        return maps, raw, score
+        return self.session.run(batch)
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run the graph once per batch size so the first request does not pay for allocation / tuning."""
@@ -263,21 +211,25 @@ class Scorer:
         map_size: MapSize = None,
         overlay: bool = False,
         raw_map_png: bool = False,
+        heatmap_format: str = "png",
     ) -> list[ScoreResult]:
         """Score images (encoded bytes or decoded arrays). map_size: None (no map), "input" (each image's
         own size), "model" (the map's own size: the image at the model's scale) or (H, W). Overlay / map
-        PNGs are rendered at map_size, or at the input size when map_size is None. Raises
-        ImageDecodeError for an undecodable input or one the geometry cannot cover (nothing is scored
-        then). Tiles of all images go through the graph together, `max_batch` per run."""
+        images are rendered at map_size, or at the input size when map_size is None, encoded as
+        heatmap_format ("png", "jpeg" or "webp"). Raises ImageDecodeError for an undecodable input or
+        one the geometry cannot cover (nothing is scored then). Tiles of all images go through the graph
+        together, `max_batch` per run."""
+        check_render_options(map_size, heatmap_format)
+        return self.render(self.infer_images(images, names=names), map_size=map_size, overlay=overlay,
+                           raw_map_png=raw_map_png, heatmap_format=heatmap_format)
+
+    def infer_images(self, images: Sequence[bytes | np.ndarray], *, names: Sequence[str] | None = None) -> list[Scored]:
+        """Decode, tile, run the graph, stitch and score: each image's decision, not yet rendered."""
         n = len(images)
         if names is None:
             names = [f"image{i}" for i in range(n)]
         elif len(names) != n:
             raise ValueError(f"{n} images but {len(names)} names")
-        if not (map_size is None or map_size in ("input", "model") or
-                (isinstance(map_size, (tuple, list)) and len(map_size) == 2 and all(int(v) >= 1 for v in map_size))):
-            raise ValueError(f"map_size must be None, 'input', 'model' or (height, width), got {map_size!r}")
-
         rgbs, plans, decode_ms = [], [], []
         for img, nm in zip(images, names):
             t0 = time.perf_counter()
@@ -287,10 +239,10 @@ class Scorer:
             plans.append(p)
 
         # tiles of all images, in order, through the graph `max_batch` at a time; an image is finished
-        # (stitched, scored, rendered) as soon as its last tile has been scored
+        # (stitched, scored) as soon as its last tile has been scored
         parts: list[list[tuple[np.ndarray, float, float]]] = [[] for _ in range(n)]
         infer_ms = [0.0] * n
-        results: list[ScoreResult | None] = [None] * n
+        out: list[Scored | None] = [None] * n
         queue: list[np.ndarray] = []
         owners: list[int] = []
 
@@ -307,9 +259,10 @@ class Scorer:
             queue.clear()
             owners.clear()
             for i in done:
-                results[i] = self._finish(i, names[i], rgbs[i], plans[i], parts[i], map_size, overlay, raw_map_png)
-                results[i].timings = {"decode_ms": decode_ms[i], "infer_ms": infer_ms[i],
-                                      "render_ms": results[i].timings["render_ms"]}
+                t1 = time.perf_counter()
+                out[i] = self._decide(names[i], rgbs[i], plans[i], parts[i])
+                out[i].result.timings = {"decode_ms": decode_ms[i],
+                                         "infer_ms": infer_ms[i] + (time.perf_counter() - t1) * 1e3}
                 parts[i] = []
 
         for i in range(n):
@@ -323,14 +276,11 @@ class Scorer:
                     run()
         if queue:
             run()
-        return results  # type: ignore[return-value]
+        return out  # type: ignore[return-value]
 
-    def _finish(
-        self, i: int, name: str, rgb: np.ndarray, p: tiling.TilePlan, parts: list[tuple[np.ndarray, float, float]],
-        map_size: MapSize, overlay: bool, raw_map_png: bool,
-    ) -> ScoreResult:
-        """One image's tile outputs -> its ScoreResult (stitched map, image score, renders)."""
-        t1 = time.perf_counter()
+    def _decide(self, name: str, rgb: np.ndarray, p: tiling.TilePlan,
+                parts: list[tuple[np.ndarray, float, float]]) -> Scored:
+        """One image's tile outputs -> its stitched map, image score and decision."""
         amap = tiling.stitch(np.stack([m for m, _, _ in parts]), p)
         if self._graph_score:
             raw, score = parts[0][1], parts[0][2]
@@ -341,26 +291,54 @@ class Scorer:
             name=name, raw_score=raw, score=score, is_anomaly=bool(raw >= self.threshold), threshold=self.threshold,
             tiles=p.n_tiles, scaled_size=(p.h, p.w),
         )
-        if map_size is not None or overlay or raw_map_png:
-            if map_size in (None, "input"):
-                size = rgb.shape[:2]
-            elif map_size == "model":
-                size = (p.h, p.w)
-            else:
-                size = (int(map_size[0]), int(map_size[1]))
-            nmap = render.resize_map(self.normalise(amap), size)
-            if map_size is not None:
-                r.anomaly_map = nmap
-            if overlay:
-                base = rgb if rgb.shape[:2] == size else resize_rgb(rgb, size)
-                r.overlay_png = render.png_bytes(render.overlay(base, nmap))
-            if raw_map_png:
-                r.map_png = render.png_bytes(render.to_uint8(nmap))
-        r.timings = {"render_ms": (time.perf_counter() - t1) * 1e3}
-        return r
+        return Scored(r, rgb, amap)
+
+    def render(
+        self,
+        scored: Sequence[Scored],
+        *,
+        map_size: MapSize = None,
+        overlay: bool = False,
+        raw_map_png: bool = False,
+        heatmap_format: str = "png",
+    ) -> list[ScoreResult]:
+        """Maps and heatmap images of scored images (see `score`); -> their ScoreResults. Safe to run on
+        another thread than inference (a server renders one batch while the next is inferred)."""
+        check_render_options(map_size, heatmap_format)
+        out = []
+        for sc in scored:
+            t1 = time.perf_counter()
+            r, rgb = sc.result, sc.rgb
+            if map_size is not None or overlay or raw_map_png:
+                if map_size in (None, "input"):
+                    size = rgb.shape[:2]
+                elif map_size == "model":
+                    size = r.scaled_size
+                else:
+                    size = (int(map_size[0]), int(map_size[1]))
+                nmap = render.resize_map(self.normalise(sc.amap), size)
+                if map_size is not None:
+                    r.anomaly_map = nmap
+                if overlay:
+                    base = rgb if rgb.shape[:2] == size else resize_rgb(rgb, size)
+                    r.overlay_image = render.encode(render.overlay(base, nmap), heatmap_format)
+                if raw_map_png:
+                    r.map_image = render.encode(render.to_uint8(nmap), heatmap_format)
+                r.heatmap_format = heatmap_format
+            r.timings = {**r.timings, "render_ms": (time.perf_counter() - t1) * 1e3}
+            out.append(r)
+        return out
 
     def __repr__(self) -> str:
-        return f"Scorer({self.name}/{self.version}, {self.precision}, {self.providers[0]})"
+        return f"Scorer({self.name}/{self.version}, {self.backend}/{self.precision}, {self.providers[0]})"
 
 
-__all__ = ["PRECISION_FILES", "ScoreResult", "Scorer", "as_rgb", "choose_providers"]
+def check_render_options(map_size: MapSize, heatmap_format: str) -> None:
+    if not (map_size is None or map_size in ("input", "model") or
+            (isinstance(map_size, (tuple, list)) and len(map_size) == 2 and all(int(v) >= 1 for v in map_size))):
+        raise ValueError(f"map_size must be None, 'input', 'model' or (height, width), got {map_size!r}")
+    if heatmap_format not in render.FORMATS:
+        raise ValueError(f"heatmap_format must be one of {', '.join(render.FORMATS)}, got {heatmap_format!r}")
+
+
+__all__ = ["PRECISION_FILES", "ScoreResult", "Scored", "Scorer", "as_rgb", "check_render_options", "choose_providers"]

@@ -197,7 +197,7 @@ def test_fp16_and_int8_variants(published, real, tmp_path):
     m = bundle.read_manifest(path)
     assert m["exports"]["int8"] == q and ex.SCORER_INT8_ONNX in m["exports"]["files"]
     s8 = Scorer(path, precision="int8")
-    assert s8.session.get_modelmeta().custom_metadata_map["stpm.precision"] == "int8"
+    assert s8.precision == "int8" and s8.session.metadata()["stpm.precision"] == "int8"
     assert len(s8.score(real[0][:2])) == 2
     # strict criteria that cannot hold: recorded, not shipped, file gone
     q = ex.quantize_int8(path, real[0][:2], real[0], real[1], max_decision_disagreement=-1.0)
