@@ -9,9 +9,11 @@
 * The cache of loaded scorers is keyed by name/version and checked against the bundle on disk at
   every request (the manifest's inode and mtime): a deleted or replaced bundle is never served.
 * Each loaded version owns a :class:`Batcher`: concurrent requests are queued and coalesced into one
-  ONNX Runtime call of up to ``batch_max_images`` images, run in a small thread pool so the event loop
-  never blocks. Versions that are no longer active, not used for ``IDLE_UNLOAD_S`` and not serving a
-  request are unloaded; so are deleted ones.
+  inference call of up to ``batch_max_images`` images, run in a small thread pool so the event loop
+  never blocks; heatmaps are rendered on another pool, so the next batch infers meanwhile. Batch size
+  and wait default to the values measured for the model's backend (``BATCH_DEFAULTS``). Versions that
+  are no longer active, not used for ``IDLE_UNLOAD_S`` and not serving a request are unloaded; so are
+  deleted ones.
 
 State is touched from the event loop and from loader threads; a lock guards the tables.
 """
@@ -39,6 +41,17 @@ from stpm.bundle import BundleError, ModelNotFoundError, NoActiveVersionError
 log = logging.getLogger("app.registry")
 
 IDLE_UNLOAD_S = 60.0
+# (images per batch, wait ms) per backend when the settings leave them unset; measured with
+# benchmarks/load.py --sweep (docs/BENCHMARKS.md, "Micro-batching").
+BATCH_DEFAULTS: dict[str, tuple[int, float]] = {"onnxruntime": (16, 1.0), "openvino": (16, 1.0)}
+SCORER_MAX_BATCH = 16  # tiles per graph run inside a scorer
+
+
+def batch_policy(settings: Settings, backend: str | None) -> tuple[int, float]:
+    """(max images, wait ms) of a model's batcher: the settings, else the backend's measured default."""
+    n, wait = BATCH_DEFAULTS.get(backend or "onnxruntime", BATCH_DEFAULTS["onnxruntime"])
+    return (settings.batch_max_images or n,
+            settings.batch_wait_ms if settings.batch_wait_ms is not None else wait)
 
 
 class NoModelError(APIError):
@@ -84,6 +97,11 @@ class ScoreOptions:
     overlay: bool = False
     raw_map_png: bool = False
     map_size: Any = None  # None | "input" | (h, w)
+    heatmap_format: str = "png"
+
+    @property
+    def renders(self) -> bool:
+        return self.overlay or self.raw_map_png or self.map_size is not None
 
 
 @dataclass
@@ -98,12 +116,14 @@ class _Job:
 class Batcher:
     """Coalesces concurrent score() calls for one scorer into batched calls on a thread pool."""
 
-    def __init__(self, scorer, label: str, executor: ThreadPoolExecutor, settings: Settings, metrics: Metrics):
+    def __init__(self, scorer, label: str, executor: ThreadPoolExecutor, settings: Settings, metrics: Metrics,
+                 render_executor: ThreadPoolExecutor | None = None):
         self.scorer = scorer
         self.label = label
         self.executor = executor
-        self.max_images = settings.batch_max_images
-        self.wait_s = settings.batch_wait_ms / 1000.0
+        self.render_executor = render_executor or executor
+        self.max_images, wait_ms = batch_policy(settings, getattr(scorer, "backend", None))
+        self.wait_s = wait_ms / 1000.0
         self.concurrency = settings.inference_threads
         self.metrics = metrics
         self._queue: asyncio.Queue[_Job] | None = None
@@ -170,8 +190,13 @@ class Batcher:
     async def _run(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
+        released = False
         try:
-            results = await loop.run_in_executor(self.executor, self._score_sync, batch)
+            scored = await loop.run_in_executor(self.executor, self._infer_sync, batch)
+            self._sem.release()  # the next batch may infer while this one renders
+            released = True
+            self.metrics.inference.labels(self.label).observe(time.perf_counter() - start)
+            results = await loop.run_in_executor(self.render_executor, self._render_sync, batch, scored)
         except BaseException as e:
             for job in batch:
                 if not job.future.done():
@@ -180,41 +205,56 @@ class Batcher:
                 raise
             return
         finally:
-            self._sem.release()
+            if not released:
+                self._sem.release()
         self.batches += 1
-        self.metrics.inference.labels(self.label).observe(time.perf_counter() - start)
         self.metrics.batch_size.labels(self.label).observe(sum(len(j.images) for j in batch))
         for job, res in zip(batch, results):
             job.images = []  # scored: the decoded images are no longer needed
             if not job.future.done():
                 job.future.set_result((res, start - job.enqueued))
 
-    def _score_sync(self, batch: list[_Job]) -> list[list]:
-        """Runs in the executor: one scorer call per group of jobs with the same options."""
-        out: list[list | None] = [None] * len(batch)
-        groups: dict[ScoreOptions, list[int]] = {}
-        for i, job in enumerate(batch):
-            groups.setdefault(job.opts, []).append(i)
-        for opts, idx in groups.items():
-            images = [im for i in idx for im in batch[i].images]
-            names = [nm for i in idx for nm in batch[i].names]
-            results = []
-            for s in range(0, len(images), self.max_images):  # a single large request is chunked
-                results.extend(
-                    self.scorer.score(
-                        images[s : s + self.max_images],
-                        names=names[s : s + self.max_images],
-                        map_size=opts.map_size,
-                        overlay=opts.overlay,
-                        raw_map_png=opts.raw_map_png,
-                    )
-                )
-            k = 0
-            for i in idx:
-                m = len(batch[i].images)
-                out[i] = results[k : k + m]
-                k += m
-        return out  # type: ignore[return-value]
+    def _two_phase(self) -> bool:
+        return hasattr(self.scorer, "infer_images") and hasattr(self.scorer, "render")
+
+    def _infer_sync(self, batch: list[_Job]) -> list[list]:
+        """Runs on the inference thread: every job's images decided (scored, not rendered), in chunks of
+        max_images (a single large request is chunked). A scorer without the two phases (a test
+        double) scores and renders here."""
+        images = [im for job in batch for im in job.images]
+        names = [nm for job in batch for nm in job.names]
+        flat: list = []
+        for s in range(0, len(images), self.max_images):
+            if self._two_phase():
+                flat.extend(self.scorer.infer_images(images[s : s + self.max_images],
+                                                     names=names[s : s + self.max_images]))
+            else:
+                flat.extend(self._legacy_score(images[s : s + self.max_images], names[s : s + self.max_images],
+                                               batch, s))
+        out, k = [], 0
+        for job in batch:
+            out.append(flat[k : k + len(job.images)])
+            k += len(job.images)
+        return out
+
+    def _legacy_score(self, images: list, names: list[str], batch: list[_Job], start: int) -> list:
+        opts_of = [job.opts for job in batch for _ in job.images][start : start + len(images)]
+        out: list = [None] * len(images)
+        for opts in dict.fromkeys(opts_of):
+            idx = [i for i, o in enumerate(opts_of) if o == opts]
+            res = self.scorer.score([images[i] for i in idx], names=[names[i] for i in idx], map_size=opts.map_size,
+                                    overlay=opts.overlay, raw_map_png=opts.raw_map_png)
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out
+
+    def _render_sync(self, batch: list[_Job], scored: list[list]) -> list[list]:
+        """Runs on the render pool: each job's maps and heatmap images, with its own options."""
+        if not self._two_phase():
+            return scored
+        return [self.scorer.render(sc, map_size=job.opts.map_size, overlay=job.opts.overlay,
+                                   raw_map_png=job.opts.raw_map_png, heatmap_format=job.opts.heatmap_format)
+                for job, sc in zip(batch, scored)]
 
     async def close(self) -> None:
         if self._task is not None:
@@ -267,8 +307,9 @@ def default_scorer_factory(settings: Settings) -> Callable[[Path], Any]:
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             precision=settings.precision,
+            backend=settings.backend,
             max_pixels=settings.max_pixels,
-            max_batch=settings.batch_max_images,
+            max_batch=settings.batch_max_images or SCORER_MAX_BATCH,
         )
 
     return make
@@ -288,6 +329,7 @@ class ModelRegistry:
         self.metrics = metrics
         self.scorer_factory = scorer_factory or default_scorer_factory(settings)
         self.executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="stpm-infer")
+        self.render_executor = ThreadPoolExecutor(max_workers=settings.render_threads, thread_name_prefix="stpm-render")
         self._loaded: dict[tuple[str, str], LoadedModel] = {}
         self._load_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._lock = threading.RLock()
@@ -401,8 +443,10 @@ class ModelRegistry:
         self.metrics.model_loads.labels(label, "ok").inc()
         self.metrics.model_load_seconds.observe(dt)
         self.last_error = None
-        log.info("loaded model %s in %.2f s (providers %s)", label, dt, getattr(scorer, "providers", "?"))
-        batcher = Batcher(scorer, label, self.executor, self.settings, self.metrics)
+        sel = getattr(scorer, "selection", None)
+        log.info("loaded model %s in %.2f s (providers %s)%s", label, dt, getattr(scorer, "providers", "?"),
+                 f"; {sel.backend}/{sel.precision}: {sel.reason}" if sel is not None else "")
+        batcher = Batcher(scorer, label, self.executor, self.settings, self.metrics, self.render_executor)
         return LoadedModel(name, version, path, scorer, manifest, batcher, time.time(), dt,
                            warm or not self.settings.warmup, identity)
 
@@ -520,6 +564,7 @@ class ModelRegistry:
         for lm in self.loaded():
             await self.unload(lm.name, lm.version, "unloaded")
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.render_executor.shutdown(wait=False, cancel_futures=True)
 
     # ----- readiness -----
 
@@ -537,4 +582,14 @@ class ModelRegistry:
             "warm": lm.warm,
             "providers": list(getattr(lm.scorer, "providers", []) or []),
             "load_seconds": round(lm.load_seconds, 3),
+            **inference_info(lm),
         }
+
+
+def inference_info(lm: LoadedModel) -> dict[str, Any]:
+    """How a loaded model runs: backend, precision, why (the selection), and its batching."""
+    sel = getattr(lm.scorer, "selection", None)
+    if sel is None:
+        return {}
+    return {"backend": sel.backend, "precision": sel.precision, "selection": sel.to_dict(),
+            "batch_max_images": lm.batcher.max_images, "batch_wait_ms": lm.batcher.wait_s * 1000.0}

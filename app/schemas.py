@@ -55,8 +55,11 @@ class ScoreItem(BaseModel):
                                      "own resolution (what heatmap_size=model returns)")
     scaled_height: int | None = None
     timings_ms: dict[str, float] = Field(description="decode, queue and the scorer's own stages")
-    overlay_png: str | None = Field(None, description="Base64 PNG: the image with the heatmap blended on top")
-    map_png: str | None = Field(None, description="Base64 PNG: the normalised anomaly map as grayscale")
+    overlay_png: str | None = Field(None, description="Base64 image in `heatmap_format` (PNG by default; the field "
+                                    "name is historical): the image with the heatmap blended on top")
+    map_png: str | None = Field(None, description="Base64 image in `heatmap_format`: the normalised anomaly map "
+                                "as grayscale")
+    heatmap_format: str | None = Field(None, description="png, jpeg or webp: the encoding of overlay_png / map_png")
 
 
 class ScoreResponse(BaseModel):
@@ -122,6 +125,9 @@ class VersionInfo(BaseModel):
     image_size: int | None = None
     backbone: str | None = None
     metrics: dict[str, Any] | None = None
+    precisions: dict[str, str] | None = Field(None, description="Per precision: `available`, or why the bundle "
+                                              "does not offer it (file missing, parity not held)")
+    inference: dict[str, Any] | None = Field(None, description="When loaded: backend, precision, why, batching")
     model_config = ConfigDict(protected_namespaces=())
 
 
@@ -192,6 +198,12 @@ class Ready(BaseModel):
     warm: bool | None = None
     providers: list[str] | None = None
     load_seconds: float | None = None
+    backend: str | None = Field(None, description="Inference backend in use (onnxruntime, openvino)")
+    precision: str | None = Field(None, description="Precision in use (fp32, fp16, bf16, int8)")
+    selection: dict[str, Any] | None = Field(None, description="What was asked, what runs and why: the "
+                                             "candidates' timings under auto, fallback warnings")
+    batch_max_images: int | None = None
+    batch_wait_ms: float | None = None
     error: str | None = None
     detail: str | None = None
     model_config = ConfigDict(

@@ -33,7 +33,13 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int | None = Field(None, ge=0, description="ONNX Runtime intra-op threads (None: ORT's default)")
     inter_op_threads: int | None = Field(None, ge=0)
-    precision: Literal["fp32", "fp16"] = "fp32"
+    backend: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto", description="Inference backend (stpm.backends); auto: the fastest on this machine, timed at load"
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
+        "auto", description="auto: the fastest precision the bundle records as holding parity and this machine "
+        "runs natively; a precision the bundle lacks falls back to fp32 with a warning"
+    )
     default_model: str | None = Field(
         None, description="Model used when a request names none: NAME or NAME/VERSION. "
         "Unset: the only model, or the most recently published one"
@@ -45,11 +51,17 @@ class Settings(BaseSettings):
     )
 
     # Micro-batching of concurrent requests (per loaded model).
-    batch_max_images: int = Field(16, ge=1, description="Images per ONNX Runtime call at most")
-    batch_wait_ms: float = Field(
-        1.0, ge=0, description="How long the first queued request waits for company before its batch runs"
+    batch_max_images: int | None = Field(
+        None, ge=1, description="Images per batch at most (unset: the measured default of the model's backend)"
+    )
+    batch_wait_ms: float | None = Field(
+        None, ge=0, description="How long the first queued request waits for company before its batch runs "
+        "(unset: the measured default of the model's backend)"
     )
     inference_threads: int = Field(1, ge=1, description="Batches running at once per model")
+    render_threads: int = Field(
+        1, ge=1, description="Threads rendering heatmaps (off the inference thread: a batch renders while the next infers)"
+    )
 
     # Request limits (bad input never yields a 5xx).
     max_files: int = Field(32, ge=1, description="Files per /score request")
@@ -136,7 +148,7 @@ class Settings(BaseSettings):
         return None if v in ("", None) else v
 
     @field_validator("default_model", "data_dir", "train_weights_dir", "train_threads", "broker_url", "jobs_db",
-                     "replica_name", mode="before")
+                     "replica_name", "batch_max_images", "batch_wait_ms", mode="before")
     @classmethod
     def _empty_model_is_none(cls, v):
         return None if v in ("", None) else v

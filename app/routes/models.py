@@ -9,7 +9,7 @@ from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import APIError
-from app.registry import ModelRegistry, model_error
+from app.registry import ModelRegistry, inference_info, model_error
 from app.schemas import (
     ActivateResponse,
     DeleteResponse,
@@ -18,7 +18,7 @@ from app.schemas import (
     ModelList,
     VersionDetail,
 )
-from stpm import bundle
+from stpm import backends, bundle
 from stpm.bundle import BundleError
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -57,7 +57,11 @@ def _version_info(reg: ModelRegistry, name: str, version: str, active: str | Non
         "image_size": model.get("image_size"),
         "backbone": model.get("backbone"),
         "metrics": man.get("metrics"),
+        "precisions": {k: v or "available" for k, v in backends.bundle_precisions(man, reg.models_dir / name / version).items()},
     }
+    lm = reg.peek(name, version)
+    if lm is not None:
+        info["inference"] = inference_info(lm) or None
     return info, man
 
 

@@ -1,4 +1,4 @@
-"""POST /score (JSON, many images) and POST /score/overlay (one image -> image/png)."""
+"""POST /score (JSON, many images) and POST /score/overlay (one image -> image/png, jpeg or webp)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from app.multipart import MultipartRoute
 from app.registry import ScoreOptions
 from app.schemas import ErrorResponse, HeatmapMode, ScoreResponse
 from stpm.imageio import ImageDecodeError, decode_image
+from stpm.render import MEDIA_TYPES
 from stpm.tiling import TilingError
 
 router = APIRouter(tags=["score"], route_class=MultipartRoute)
@@ -134,15 +135,21 @@ def _model_map_pixels(scorer):
     return pixels
 
 
-def _options(heatmap: str, heatmap_size: str) -> ScoreOptions:
+HeatmapFormat = Literal["png", "jpeg", "webp"]
+FORMAT_DOC = ("Encoding of the heatmap images: png (lossless, default), jpeg (quality 90: ~6x faster to encode "
+              "and ~4x smaller at 512 px), webp (lossy, the smallest)")
+
+
+def _options(heatmap: str, heatmap_size: str, heatmap_format: str = "png") -> ScoreOptions:
     if heatmap == "none":
         return ScoreOptions()
-    # map_size None: PNGs rendered at each input's size without keeping the float map around;
+    # map_size None: images rendered at each input's size without keeping the float map around;
     # "model": the map's own size, the input at the model's scale (tiled bundles keep the aspect ratio).
     return ScoreOptions(
         overlay=heatmap in ("overlay", "both"),
         raw_map_png=heatmap in ("map", "both"),
         map_size=None if heatmap_size == "input" else "model",
+        heatmap_format=heatmap_format,
     )
 
 
@@ -169,6 +176,7 @@ async def score(
         Query(description="Heatmaps at the input's size, or at the model's scale (the map's own resolution; "
                           "the aspect ratio is kept unless the model squashes)"),
     ] = "input",
+    heatmap_format: Annotated[HeatmapFormat, Query(description=FORMAT_DOC)] = "png",
 ):
     t0 = time.perf_counter()
     registry = request.app.state.registry
@@ -176,7 +184,7 @@ async def score(
     model_pixels = None if heatmap_size == "input" else _model_map_pixels(lm.scorer)
     arrays, names, decode_ms = await _read_and_decode(request, files, _outputs(heatmap), model_pixels)
     _check_geometry(request, lm.scorer, arrays, names)
-    results, queued_s = await registry.score(lm, arrays, names, _options(heatmap, heatmap_size))
+    results, queued_s = await registry.score(lm, arrays, names, _options(heatmap, heatmap_size, heatmap_format))
     metrics = request.app.state.metrics
     items = []
     for r, arr, dms in zip(results, arrays, decode_ms):
@@ -198,6 +206,7 @@ async def score(
                 "timings_ms": timings,
                 "overlay_png": _b64(r.overlay_png),
                 "map_png": _b64(r.map_png),
+                "heatmap_format": heatmap_format if heatmap != "none" else None,
             }
         )
     return {
@@ -211,12 +220,12 @@ async def score(
 
 @router.post(
     "/score/overlay",
-    summary="Score one image and get its heatmap as image/png (for `curl -o overlay.png`)",
+    summary="Score one image and get its heatmap as an image (PNG by default; for `curl -o overlay.png`)",
     response_class=Response,
     responses={
         200: {
-            "content": {"image/png": {}},
-            "description": "The PNG; the score and decision are in the X-STPM-* headers",
+            "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+            "description": "The image in heatmap_format; the score and decision are in the X-STPM-* headers",
         },
         **ERRORS,
     },
@@ -227,6 +236,7 @@ async def score_overlay(
     model: Annotated[str | None, Query(max_length=200, description=MODEL_DOC)] = None,
     kind: Annotated[Literal["overlay", "map"], Query(description="The blended overlay or the grayscale map")] = "overlay",
     heatmap_size: Annotated[Literal["input", "model"], Query()] = "input",
+    heatmap_format: Annotated[HeatmapFormat, Query(description=FORMAT_DOC)] = "png",
 ) -> Response:
     if len(files) != 1:
         raise APIError(422, "validation_error", f"/score/overlay takes exactly one file in field 'files', got {len(files)}")
@@ -235,10 +245,10 @@ async def score_overlay(
     model_pixels = None if heatmap_size == "input" else _model_map_pixels(lm.scorer)
     arrays, names, _ = await _read_and_decode(request, files, 1, model_pixels)
     _check_geometry(request, lm.scorer, arrays, names)
-    results, _ = await registry.score(lm, arrays, names, _options(kind, heatmap_size))
+    results, _ = await registry.score(lm, arrays, names, _options(kind, heatmap_size, heatmap_format))
     r = results[0]
     request.app.state.metrics.observe_result(lm.ref, float(r.score), bool(r.is_anomaly))
-    png = r.overlay_png if kind == "overlay" else r.map_png
+    image = r.overlay_png if kind == "overlay" else r.map_png
     headers = {
         "X-STPM-Model": lm.ref,
         "X-STPM-Score": f"{float(r.score):.6f}",
@@ -246,4 +256,4 @@ async def score_overlay(
         "X-STPM-Threshold": f"{float(r.threshold):.6g}",
         "X-STPM-Is-Anomaly": "true" if r.is_anomaly else "false",
     }
-    return Response(png, media_type="image/png", headers=headers)
+    return Response(image, media_type=MEDIA_TYPES[heatmap_format], headers=headers)

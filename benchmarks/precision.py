@@ -1,0 +1,88 @@
+"""Lower-precision parity on real test sets: bf16 (OpenVINO) and int8 (NNCF on OpenVINO; ONNX Runtime static)
+against fp32, per bundle; writes benchmarks/results/precision.json and the "### Precision parity" block.
+
+    .venv/bin/python benchmarks/precision.py --bundle bottle=models/bottle/v1 --bundle metal_plate=models/metal_plate/v1
+
+Each bundle is copied to a temporary folder (the originals are not changed) and checked on its MVTec /
+MPDD category's full test set: decision agreement with fp32 (target >= 0.995), |AUROC change| (target
+<= 0.005), the largest normalised score move. int8 is calibrated on 32 train/good images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+DATA = {"bottle": "mvtec_ad_bottle_512/bottle", "metal_plate": "mpdd_metal_plate_512/metal_plate"}
+
+
+def main() -> int:
+    from speed import shared_data, write_section
+    from stpm import backends
+    from stpm import export as ex
+    from stpm.bench import mvtec_split
+    from stpm.imageio import read_image
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", action="append", required=True, help="DATASET=BUNDLE_DIR (bottle, metal_plate)")
+    ap.add_argument("--int8", default="nncf,onnxruntime", help="int8 engines to try ('' for none)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "precision.json"))
+    ap.add_argument("--no-doc", action="store_true")
+    a = ap.parse_args()
+
+    res = {"cpu": backends.cpu_name(), "cpu_flags": sorted(f for f in backends.cpu_flags()
+                                                            if "bf16" in f or "vnni" in f or "amx" in f),
+           "load_avg_at_start": list(os.getloadavg()), "bundles": {}}
+    for spec in a.bundle:
+        ds, path = spec.split("=", 1)
+        train, test, labels = mvtec_split(shared_data() / DATA[ds])
+        cal = [read_image(p) for p in train[:: max(1, len(train) // 32)][:32]]
+        imgs = [read_image(p) for p in test]
+        with tempfile.TemporaryDirectory(prefix="stpm-precision-") as tmp:
+            work = Path(tmp) / "b"
+            shutil.copytree(path, work)
+            r = {"bundle": path, "n_test": len(imgs), "bf16": ex.check_bf16(work, imgs, labels)}
+            for engine in [e for e in a.int8.split(",") if e]:
+                r[f"int8_{engine}"] = ex.quantize_int8(work, cal, imgs, labels, engine=engine,
+                                                       max_decision_disagreement=0.005, max_auroc_drop=0.005)
+        res["bundles"][ds] = r
+        print(ds, json.dumps(r, indent=1), flush=True)
+    res["load_avg_at_end"] = list(os.getloadavg())
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    if not a.no_doc:
+        write_section(ROOT / "docs" / "BENCHMARKS.md", table(res, " ".join(sys.argv[1:])), "### Precision parity")
+    return 0
+
+
+def table(res: dict, args: str) -> str:
+    lines = [f"Command: `.venv/bin/python benchmarks/precision.py {args}` (JSON: `benchmarks/results/precision.json`).",
+             f"CPU: {res['cpu']} (flags: {', '.join(res['cpu_flags'])}).", "",
+             "| data | precision | backend | decision agreement | flips | AUROC fp32 -> low | max score move | shipped |",
+             "|---|---|---|---:|---:|---|---:|---|"]
+    for ds, r in res["bundles"].items():
+        for key in [k for k in r if k == "bf16" or k.startswith("int8")]:
+            q = r[key]
+            p = q.get("parity", q)
+            if "decision_agreement" not in p:
+                lines.append(f"| {ds} | {key} | {q.get('backend')} | - | - | - | - | no ({q.get('reason')}) |")
+                continue
+            auroc_low = p.get("auroc", p.get("auroc_int8", float("nan")))
+            flips = p.get("decision_flips", round((1 - p["decision_agreement"]) * p["n_check_images"]))
+            lines.append(f"| {ds} ({p['n_check_images']} test images) | {key} | {q.get('backend')} | "
+                         f"{p['decision_agreement']:.3f} | {flips} | {p['auroc_fp32']:.4f} -> {auroc_low:.4f} | "
+                         f"{p['max_abs_score_vs_fp32']:.3f} | {'yes' if q['shipped'] else 'no'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
