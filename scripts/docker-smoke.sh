@@ -28,6 +28,7 @@
 #   STPM_SMOKE_TORCH_INDEX  index for torch's dependencies (default https://pypi.org/simple)
 #   STPM_SMOKE_NO_CACHE=1   build without BuildKit's layer cache (as on a fresh machine)
 #   STPM_SMOKE_KEEP=1       keep the image, the wheels and a dockerd this script started
+#   STPM_SMOKE_MIN_FREE_GB  free disk the build needs in Docker's data root, else SKIP (default 25)
 #   DOCKER / COMPOSE        the docker client / a Compose v2 command to use
 #   STPM_SMOKE_COMPOSE=skip do not fetch Debian 13's Compose v2 when no v2 client is at hand
 set -euo pipefail
@@ -121,8 +122,8 @@ install_debian_packages() {
         skip "missing ${missing[*]} and cannot install them (needs root and apt-get)"
     fi
     say "installing ${missing[*]} (Debian packages)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
-        || skip "could not install ${missing[*]}"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") \
+        >"$WORK/apt.log" 2>&1 || { tail -n 20 "$WORK/apt.log" >&2; skip "could not install ${missing[*]}"; }
 }
 
 engine() {
@@ -149,6 +150,13 @@ engine() {
         fi
     fi
     say "daemon: $("$D" version --format '{{.Server.Version}}'), $("$D" info --format '{{.OperatingSystem}}, {{.NCPU}} CPUs, storage {{.Driver}}')"
+    # A build from scratch fills ~19 GB (the 5.5 GB venv in a build layer and in the image, the export).
+    local root free
+    root="$("$D" info --format '{{.DockerRootDir}}')"
+    free="$(df --output=avail -B1G "$root" | tail -n 1 | tr -d ' ')"
+    if [ "$free" -lt "${STPM_SMOKE_MIN_FREE_GB:-25}" ] && ! "$D" image inspect "$IMAGE" >/dev/null 2>&1; then
+        skip "only $free GB free in $root; a build from scratch needs ~${STPM_SMOKE_MIN_FREE_GB:-25} GB"
+    fi
 }
 
 # ---------------------------------------------------------------- 2-4. base, wheels, build
