@@ -7,7 +7,7 @@
 # line, so nothing is pulled for it). Offline or behind a TLS-inspecting proxy (docs/DOCKER.md):
 #   --build-arg BASE_IMAGE=...          a local base (scripts/docker-base.sh makes Debian bookworm)
 #   --secret id=ca,src=BUNDLE.pem       extra CA bundle for pip/HTTPS, mounted per RUN, never in a layer
-#   docker/wheels/*.whl                 local wheels (torch, torchvision...) pip prefers to the index
+#   docker/wheels/*.whl                 local wheels (torch, torchvision...) offered next to the index
 #   docker/weights/*.pth                teacher weights to bake in without downloading them
 # scripts/docker-smoke.sh builds the CPU image that way and runs it end to end.
 #
@@ -71,8 +71,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 
 # CPU builds of torch + torchvision (no CUDA libraries: ~1 GB instead of ~5). Wheels in docker/wheels
-# win over the index (offline builds); the nms call fails when torchvision's operators do not match
-# the installed torch (e.g. PyPI's CUDA torchvision next to a +cpu torch).
+# stand in for an unreachable index (offline builds). The nms call fails when torchvision's operators
+# do not match the installed torch (e.g. PyPI's CUDA torchvision next to a +cpu torch).
 FROM python AS torch-cpu
 ARG TORCH_CPU_VERSION
 ARG TORCHVISION_CPU_VERSION
