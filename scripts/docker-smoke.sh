@@ -56,7 +56,7 @@ COMPOSE_FILES=()
 PHASE=""
 
 say() { printf 'docker-smoke: %s\n' "$*"; }
-die() { say "FAILED: $*" >&2; printf 'docker-smoke: %d passed, 1 failed\n' "$PASSED"; exit 1; }
+die() { say "FAILED: $*" >&2; printf 'docker-smoke: %d passed, 1 failed\n' "$PASSED" >&2; exit 1; }
 ok() { PASSED=$((PASSED + 1)); say "ok: $*"; }
 step() {  # step NAME COMMAND...: run and time one step
     local name="$1" t s
