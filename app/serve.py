@@ -79,6 +79,8 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("app").warning(
             "model store %s does not exist yet; /score answers 409 until a model is trained", settings.models_dir
         )
+    from app.protocol import protocol_class
+
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -87,6 +89,8 @@ def main(args: argparse.Namespace) -> int:
         workers=settings.workers,
         log_level=settings.log_level,
         access_log=settings.log_level in ("debug", "trace"),
+        http=protocol_class(),  # JSON error bodies for requests the HTTP parser refuses
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
     )
     return 0
 

@@ -58,6 +58,16 @@ class Settings(BaseSettings):
         100 * 1024 * 1024, ge=1, description="Bytes per request body (Content-Length and streamed)"
     )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Decoded pixels per image (decompression bombs)")
+    body_timeout_s: float = Field(
+        20.0, gt=0, description="A request whose body stops arriving for this long is answered 408 (stalled uploads)"
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, requests still running after this long are cancelled (0: wait for all)"
+    )
+    max_request_pixels: int = Field(
+        3 * DEFAULT_MAX_PIXELS, ge=1, description="Memory budget of one /score request: decoded pixels of all its "
+        "images plus the pixels of every heatmap it asks for (see app/budget.py)"
+    )
 
     # Training jobs (POST /train; see app/jobs and docs/SERVICE.md "Training jobs").
     data_dir: Path | None = Field(
@@ -71,8 +81,9 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=1, description="Uncompressed bytes of a zip/tar upload at most (zip bombs)"
     )
     train_upload_retention: Literal["keep", "delete"] = Field(
-        "keep", description="Uploaded images of finished jobs: keep them, or delete them when the job ends"
+        "delete", description="Uploaded images of finished jobs: delete them when the job ends, or keep them"
     )
+    train_max_queued: int = Field(20, ge=1, description="Jobs waiting to run at most; POST /train answers 429 beyond")
     train_device: str = Field("auto", description="Training device: auto, cpu, cuda, cuda:1")
     train_threads: int | None = Field(None, ge=1, description="torch CPU threads of a training process")
     train_weights_dir: Path | None = Field(None, description="Folder with ImageNet teacher weights (offline hosts)")

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         from stpm import bundle
-        from stpm.config import CalibrationConfig, ModelConfig, TrainConfig, from_dict
+        from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, from_dict
         from stpm.pipeline import train_and_publish
         from stpm.train import TrainingStopped
 
@@ -135,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg = from_dict(ModelConfig, params["model"])
         train_cfg = from_dict(TrainConfig, {**params["train"], "device": args.device})
         calib_cfg = from_dict(CalibrationConfig, params.get("calibration", {}))
+        tiling_cfg = from_dict(TilingConfig, params.get("tiling", {}))
         job_dir = Path(job.job_dir)
         images = sorted((job_dir / "images").iterdir())
         outcome = None
         try:
             outcome = train_and_publish(
-                images, job.name, args.models_dir, model_cfg, train_cfg, calib_cfg,
+                images, job.name, args.models_dir, model_cfg, train_cfg, calib_cfg, tiling_cfg,
                 run_dir=job_dir / "run", weights_dir=args.weights_dir, skip_bad=False, resume=False, export=True,
                 progress=progress, should_stop=should_stop, show_bar=False,
             )
@@ -152,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                          f"(after {where} completed epoch(s)); no version was published")
             log.info("job %s cancelled", job.id)
             return 0
-        activated, note = False, None
+        note = None
         if params.get("activate"):
             try:
                 bundle.set_active(args.models_dir, job.name, outcome.version)
-                activated = True
             except Exception as e:  # noqa: BLE001
                 note = f"published {job.name}/{outcome.version} but could not activate it: {readable_error(e)}"
+        # the first version of a new name is activated by the publish itself (stpm.bundle)
+        activated = bundle.get_active(args.models_dir, job.name) == outcome.version
         if not store.finish(job.id, "succeeded", token=args.token, version=outcome.version, activated=activated,
                             error=note):
             log.error("job %s: published %s but the job row was no longer ours", job.id, outcome.version)

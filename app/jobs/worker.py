@@ -206,7 +206,7 @@ class LocalRunner:
             if job.pid and _is_our_process(job.pid, job.id):
                 log.warning("job %s: killing its training process %d left from a previous server", job.id, job.pid)
                 _kill_and_wait(job.pid)
-            kept = "yes" if not job.uploads_deleted else "no"
+            kept = "yes" if not job.uploads_deleted and self.settings.train_upload_retention == "keep" else "no"
             self._settle(job.id, RESTART_REASON.format(kept=kept))
         removed = clean_staging(self.models_dir)
         if removed:
