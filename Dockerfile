@@ -28,7 +28,7 @@
 # (torch 2.10.0 on PyPI is the CUDA 12.8 / cuDNN 9.10 build; onnxruntime-gpu 1.26.0 the CUDA 12 one.)
 #
 # Python dependencies come only from pyproject.toml: the project is installed with its declared extras
-# (`.[train,gpu]`, `.[train]`); the only extra arguments pin versions of packages pyproject declares
+# (`.[train,gpu,scale]`, `.[train,scale]`); the only extra arguments pin versions of packages pyproject declares
 # (torch, onnxruntime-gpu) because their builds must match the base image. tests/test_docker.py
 # checks this.
 
@@ -110,7 +110,7 @@ COPY pyproject.toml README.md ./
 # GPU one so the CUDA execution provider is really there (checked below; no GPU needed to list it).
 RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
     --mount=type=bind,source=docker/wheels,target=/wheels \
-    pip install --find-links /wheels ".[train,gpu]" "torch==${TORCH_VERSION}" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
+    pip install --find-links /wheels ".[train,gpu,scale]" "torch==${TORCH_VERSION}" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
  && pip uninstall -y onnxruntime \
  && pip install --find-links /wheels --no-deps --force-reinstall "onnxruntime-gpu==${ORT_GPU_VERSION}" \
  && python -c "import onnxruntime as o; p = o.get_available_providers(); assert 'CUDAExecutionProvider' in p, p" \
@@ -131,7 +131,7 @@ COPY pyproject.toml README.md ./
 # torch/torchvision are already installed; pinning torch makes pip fail rather than swap in another build.
 RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
     --mount=type=bind,source=docker/wheels,target=/wheels \
-    pip install --find-links /wheels ".[train]" "torch==${TORCH_CPU_VERSION}" \
+    pip install --find-links /wheels ".[train,scale]" "torch==${TORCH_CPU_VERSION}" \
  && python -c "import onnxruntime as o; print(o.get_available_providers())"
 COPY stpm ./stpm
 COPY app ./app

@@ -432,8 +432,9 @@ def test_pip_installs_only_what_pyproject_declares(dockerfile, pyproject):
                     assert declared[name].contains(spec.version, prereleases=True), (
                         f"{stage.name}: {a} is outside pyproject's {req.name}{declared[name]}"
                     )
-    assert project_installs.get("deps-gpu") == {"train", "gpu"}, project_installs
-    assert project_installs.get("deps-cpu") == {"train"}, project_installs
+    # `scale`: the image also serves as a Celery worker (docker-compose.scale.yml, `stpm worker`)
+    assert project_installs.get("deps-gpu") == {"train", "gpu", "scale"}, project_installs
+    assert project_installs.get("deps-cpu") == {"train", "scale"}, project_installs
 
 
 def test_images_install_their_own_venv(dockerfile):
