@@ -28,8 +28,9 @@ def shared_data() -> Path:
     return Path(env) if env else ROOT.parent / "shared" / "data"
 
 
-def speed_bundle(models_dir: Path, image_size: int = 256) -> Path:
-    """resnet18 teacher + student (random weights), calibrated on a few random images, exported."""
+def speed_bundle(models_dir: Path, image_size: int = 256, backbone: str = "resnet18",
+                 student_backbone: str | None = None) -> Path:
+    """resnet18 teacher + student by default (random weights), calibrated on a few random images, exported."""
     import numpy as np
     import torch
 
@@ -40,13 +41,13 @@ def speed_bundle(models_dir: Path, image_size: int = 256) -> Path:
     from stpm.model import build_stpm
     from stpm.publish import build_manifest, publish_model
 
-    cfg = ModelConfig(backbone="resnet18", pretrained=False, image_size=image_size)
+    cfg = ModelConfig(backbone=backbone, student_backbone=student_backbone, pretrained=False, image_size=image_size)
     model, _ = build_stpm(cfg, seed=0)
     model.eval()
     with torch.no_grad():
         t, s = model(torch.rand(4, 3, image_size, image_size))
         scores = image_score(anomaly_map(t, s, (image_size, image_size))).numpy()
-    manifest = build_manifest("speed-resnet18", cfg, calibrate(np.asarray(scores)), "random-init", {}, {})
+    manifest = build_manifest(f"speed-{backbone}", cfg, calibrate(np.asarray(scores)), "random-init", {}, {})
     _, path = publish_model(models_dir, model, manifest, before_publish=lambda d: export_bundle(d))
     return path
 

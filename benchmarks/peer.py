@@ -1,0 +1,223 @@
+"""Side by side with the peer: anomalib 2.7.0 STFPM (its own virtualenv) vs this project's Scorer, in one run.
+
+    .venv/bin/python benchmarks/peer.py --peer-python /work/venvs/anomalib/bin/python --rounds 8 --per-round 15
+
+The peer's virtualenv: `python -m venv V && V/bin/pip install anomalib==2.7.0 openvino lightning timm
+onnxscript`. Its timm backbone is built with `pretrained=False` (patched here: offline, and speed does
+not depend on the weights); it is exported with `Stfpm.to_openvino(input_size=(512, 512))` (its
+pre-processing, 512 -> 256 resize and normalisation, inside the graph) and run by
+`OpenVINOInferencer.predict(path)`: its default (bf16 inference precision where the CPU has it) and
+forced to f32. This project: a ResNet18 STPM bundle at 256 px with random weights (benchmarks/speed.py's
+speed_bundle), `Scorer(backend="auto", precision="auto")`, `score([file bytes], overlay=True)`: decode,
+resize, inference, overlay at the input's 512 px, encoded PNG or JPEG; and the bare session on a ready
+uint8 [1, 3, 256, 256] tensor.
+
+Every contender is a persistent worker process (models loaded and warmed once); rounds are interleaved
+(each round runs every contender for --per-round images, in a rotating order) so all see the same load.
+Per image: wall ms and the worker process's CPU ms (all its threads). The output JSON carries the CPU
+model and flags, and the load average at the start of every round. Results: benchmarks/results/peer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PEER_KINDS = ("peer_ov_default", "peer_ov_f32")
+OUR_KINDS = ("ours_full_png", "ours_full_jpeg", "ours_bare_session")
+QUALITY_KINDS = ("quality_full_png", "quality_full_jpeg", "quality_bare_session")  # EfficientNet-Lite0 teacher
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+def _peer_predictor(kind: str, workdir: Path):
+    import timm
+
+    create = timm.create_model
+
+    def no_download(*args, **kw):  # offline: speed does not depend on the weights
+        kw["pretrained"] = False
+        return create(*args, **kw)
+
+    timm.create_model = no_download
+    from anomalib.deploy import OpenVINOInferencer
+    from anomalib.models import Stfpm
+
+    xml = workdir / "peer_ov" / "weights" / "openvino" / "model.xml"
+    if not xml.is_file():
+        model = Stfpm(backbone="resnet18")
+        model.eval()
+        model.to_openvino(export_root=workdir / "peer_ov", input_size=(512, 512))
+    config = {"INFERENCE_PRECISION_HINT": "f32"} if kind == "peer_ov_f32" else None
+    inf = OpenVINOInferencer(path=xml, device="CPU", config=config)
+    info = {"inference_precision": str(inf.model.get_property("INFERENCE_PRECISION_HINT")),
+            "threads": int(inf.model.get_property("INFERENCE_NUM_THREADS"))}
+    return (lambda path: float(inf.predict(str(path)).pred_score.ravel()[0])), info
+
+
+def _our_predictor(kind: str, bundle_dir: Path):
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    from stpm.runtime import Scorer
+
+    s = Scorer(bundle_dir, backend="auto", precision="auto")
+    info = {"backend": s.backend, "precision": s.precision, "selection": s.selection.to_dict()}
+    if kind.endswith("_bare_session"):
+        batch = np.random.default_rng(0).integers(0, 256, (1, 3, s.image_size, s.image_size), dtype=np.uint8)
+        return (lambda path: float(s.infer(batch)[1][0])), info
+    fmt = "jpeg" if kind.endswith("_full_jpeg") else "png"
+
+    def predict(path: Path) -> float:
+        r = s.score([path.read_bytes()], overlay=True, heatmap_format=fmt)[0]
+        assert r.overlay_image is not None
+        return r.raw_score
+
+    return predict, info
+
+
+def worker(kind: str, workdir: Path, bundle_dir: Path | None, images: list[Path]) -> None:
+    """Load, warm up, say ready; then for each "N" on stdin score the next N images and answer with times.
+    The answers go to the original stdout; whatever the libraries print goes to stderr."""
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    if kind in PEER_KINDS:
+        predict, info = _peer_predictor(kind, workdir)
+    else:
+        predict, info = _our_predictor(kind, bundle_dir)
+    for p in images[:5]:
+        predict(p)
+    print(json.dumps({"ready": kind, "info": info}), file=proto, flush=True)
+    i = 0
+    for line in sys.stdin:
+        n = int(line)
+        wall, cpu = [], []
+        for _ in range(n):
+            p = images[i % len(images)]
+            i += 1
+            w0, c0 = time.perf_counter(), time.process_time()
+            predict(p)
+            cpu.append((time.process_time() - c0) * 1e3)
+            wall.append((time.perf_counter() - w0) * 1e3)
+        print(json.dumps({"wall_ms": wall, "cpu_ms": cpu}), file=proto, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+def cpu_info() -> dict:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((x.split(":", 1)[1].strip() for x in text.splitlines() if x.startswith("model name")), platform.processor())
+    flags = next((x.split(":", 1)[1].split() for x in text.splitlines() if x.startswith("flags")), [])
+    keep = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4"))]
+    return {"model": model, "cores": os.cpu_count(), "simd_flags": sorted(keep)}
+
+
+def pct(xs: list[float], q: float) -> float:
+    import numpy as np
+
+    return round(float(np.percentile(np.asarray(xs), q)), 2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--peer-python", default="/work/venvs/anomalib/bin/python")
+    ap.add_argument("--images", default=None, help="folder of 512 px PNGs (default: the bottle test set)")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--per-round", type=int, default=15)
+    ap.add_argument("--kinds", default=",".join(PEER_KINDS + OUR_KINDS + QUALITY_KINDS))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peer.json"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--bundle", default=None, help="our ResNet18 bundle (default: random weights at 256 px); the quality one is always built")
+    a = ap.parse_args()
+
+    if a.images:
+        images = sorted(Path(a.images).rglob("*.png"))
+    else:
+        data = Path(os.environ.get("STPM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+        images = sorted((data / "mvtec_ad_bottle_512" / "bottle" / "test").rglob("*.png"))
+    if not images:
+        sys.exit("no images found (--images, or the shared bottle data)")
+    if a.worker:
+        worker(a.worker, Path(a.workdir), Path(a.bundle) if a.bundle else None, images)
+        return 0
+
+    kinds = a.kinds.split(",")
+    tmp = Path(tempfile.mkdtemp(prefix="stpm-peer-"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT))
+    from speed import speed_bundle
+
+    bundles = {}
+    if any(k in OUR_KINDS for k in kinds):
+        bundles["ours"] = a.bundle or str(speed_bundle(tmp / "models"))
+    if any(k in QUALITY_KINDS for k in kinds):  # the quality default: EfficientNet-Lite0 teacher, ResNet18 student
+        bundles["quality"] = str(speed_bundle(tmp / "models", backbone="efficientnet_lite0", student_backbone="resnet18"))
+    procs, infos = {}, {}
+    for k in kinds:  # one at a time: model export / load must not overlap the others' warm-up
+        py = a.peer_python if k in PEER_KINDS else sys.executable
+        cmd = [py, str(Path(__file__).resolve()), "--worker", k, "--workdir", str(tmp)]
+        cmd += ["--images", a.images] if a.images else []
+        cmd += ["--bundle", bundles[k.split("_")[0]]] if k not in PEER_KINDS else []
+        env = {**os.environ, "TRUST_REMOTE_CODE": "1", "PYTHONWARNINGS": "ignore"}
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+        line = p.stdout.readline()
+        if not line:
+            sys.exit(f"worker {k} failed to start ({p.wait()})")
+        infos[k] = json.loads(line)["info"]
+        procs[k] = p
+        print(f"{k} ready: {infos[k]}", file=sys.stderr, flush=True)
+
+    wall = {k: [] for k in kinds}
+    cpu = {k: [] for k in kinds}
+    loads = []
+    for r in range(a.rounds):
+        loads.append(round(os.getloadavg()[0], 2))
+        order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
+        for k in order:
+            procs[k].stdin.write(f"{a.per_round}\n")
+            procs[k].stdin.flush()
+            res = json.loads(procs[k].stdout.readline())
+            wall[k] += res["wall_ms"]
+            cpu[k] += res["cpu_ms"]
+        print(f"round {r + 1}/{a.rounds} load {loads[-1]}: "
+              + ", ".join(f"{k} {pct(wall[k], 50)}" for k in kinds), file=sys.stderr, flush=True)
+    for p in procs.values():
+        p.stdin.close()
+        p.wait(timeout=60)
+
+    rows = {k: {"p50_ms": pct(wall[k], 50), "p95_ms": pct(wall[k], 95), "cpu_p50_ms": pct(cpu[k], 50),
+                "cpu_p95_ms": pct(cpu[k], 95), "n": len(wall[k]), "info": infos[k]} for k in kinds}
+    out = {"command": " ".join([Path(sys.executable).name] + sys.argv), "cpu": cpu_info(),
+           "load_average_per_round": loads, "load_average_end": [round(x, 2) for x in os.getloadavg()],
+           "images": f"{len(images)} PNGs, first {images[0]}", "rows": rows}
+    if "peer_ov_default" in rows:
+        ref = rows["peer_ov_default"]["p50_ms"]
+        out["vs_peer_ov_default_p50"] = {k: round(v["p50_ms"] / ref, 3) for k, v in rows.items()}
+    out["decode_render_share_of_bare"] = {}
+    for who in ("ours", "quality"):
+        if f"{who}_bare_session" in rows:
+            bare, bare_cpu = rows[f"{who}_bare_session"]["p50_ms"], rows[f"{who}_bare_session"]["cpu_p50_ms"]
+            for f in ("png", "jpeg"):
+                if f"{who}_full_{f}" in rows:
+                    r = rows[f"{who}_full_{f}"]
+                    out["decode_render_share_of_bare"][f"{who}_full_{f}"] = {
+                        "wall": round((r["p50_ms"] - bare) / bare, 3), "cpu": round((r["cpu_p50_ms"] - bare_cpu) / bare_cpu, 3)}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
