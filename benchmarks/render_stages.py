@@ -1,0 +1,56 @@
+"""CPU ms per stage of the full path's decode and render, 512 px bottle PNGs: median of 20 (process time).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/render_stages.py
+
+decode (stpm.imageio.decode_image), the 256 -> 512 map resize, the Turbo overlay blend, and the overlay's
+encoding as PNG / JPEG / WebP (stpm.render). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stpm import render  # noqa: E402
+from stpm.imageio import decode_image  # noqa: E402
+
+
+def cpu_ms(fn, n: int = 20) -> float:
+    ts = []
+    for i in range(n):
+        t0 = time.process_time()
+        fn(i)
+        ts.append((time.process_time() - t0) * 1e3)
+    return round(float(np.median(ts)), 2)
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed import shared_data
+
+    paths = sorted((shared_data() / "mvtec_ad_bottle_512" / "bottle" / "test").rglob("*.png"))[:20]
+    if not paths:
+        sys.exit("the bottle test PNGs are needed (../shared/data)")
+    data = [p.read_bytes() for p in paths]
+    rgb = decode_image(data[0])
+    small = np.random.default_rng(0).random((256, 256)).astype(np.float32)
+    big = render.resize_map(small, rgb.shape[:2])
+    ov = render.overlay(rgb, big)
+    out = {"image": f"{rgb.shape[1]}x{rgb.shape[0]} PNG", "decode": cpu_ms(lambda i: decode_image(data[i % len(data)])),
+           "resize_map_256_to_input": cpu_ms(lambda i: render.resize_map(small, rgb.shape[:2])),
+           "overlay_blend": cpu_ms(lambda i: render.overlay(rgb, big))}
+    for f in render.FORMATS:
+        out[f"encode_{f}"] = cpu_ms(lambda i, f=f: render.encode(ov, f))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
