@@ -327,3 +327,15 @@ def test_fast_decoders_refuse_broken_files_with_a_named_error(real):
         with pytest.raises(ImageDecodeError) as e:
             decode_image(data[: len(data) // 2], name="cut.img")
         assert e.value.name == "cut.img"
+
+
+def test_map_resize_is_pillows_bilinear_whichever_library_runs_it():
+    from stpm import render
+
+    rng = np.random.default_rng(0)
+    for src, size in (((256, 256), (512, 512)), ((40, 70), (123, 301)), ((256, 256), (64, 100)), ((33, 47), (33, 200))):
+        m = rng.random(src).astype(np.float32)
+        pil = np.asarray(Image.fromarray(m, mode="F").resize((size[1], size[0]), Image.BILINEAR))
+        got = render.resize_map(m, size)
+        assert got.shape == size and got.dtype == np.float32
+        np.testing.assert_allclose(got, pil, atol=1e-5)
