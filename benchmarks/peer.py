@@ -15,7 +15,7 @@ uint8 [1, 3, 256, 256] tensor.
 Every contender is a persistent worker process (models loaded and warmed once); rounds are interleaved
 (each round runs every contender for --per-round images, in a rotating order) so all see the same load.
 Per image: wall ms and the worker process's CPU ms (all its threads). The output JSON carries the CPU
-model and flags, and the load average at the start of every round. Results: benchmarks/results/peer.json.
+model and flags, and the load average at the start of every round. Results: benchmarks/results/peer.json (--out).
 """
 
 from __future__ import annotations
