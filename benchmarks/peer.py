@@ -170,7 +170,8 @@ def main() -> int:
         cmd += ["--images", a.images] if a.images else []
         cmd += ["--bundle", bundles[k.split("_")[0]]] if k not in PEER_KINDS else []
         env = {**os.environ, "TRUST_REMOTE_CODE": "1", "PYTHONWARNINGS": "ignore"}
-        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                             cwd=str(tmp))  # the peer writes ./openvino_cache: keep it out of the repo
         line = p.stdout.readline()
         if not line:
             sys.exit(f"worker {k} failed to start ({p.wait()})")
