@@ -360,7 +360,7 @@ def test_teacher_build_arg_names_known_backbones(dockerfile):
     assert set(teachers) <= set(SPECS), teachers
     tvm = pytest.importorskip("torchvision.models")
     for name in teachers:
-        if name == "efficientnet_lite0":
+        if name.startswith("efficientnet_lite"):
             continue
         url = tvm.get_model_weights(name).IMAGENET1K_V1.url
         assert url.rsplit("/", 1)[-1] == SPECS[name].weight_file, "hub file name = the name stpm looks up"

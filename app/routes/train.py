@@ -24,7 +24,7 @@ from stpm.tiling import ImageScore
 router = APIRouter(prefix="/train", tags=["train"], route_class=MultipartRoute)
 
 # stpm.backbones.SPECS (kept here because the API process does not import torch; a test checks they agree)
-BACKBONES = ("resnet18", "resnet34", "wide_resnet50_2", "efficientnet_lite0")
+BACKBONES = ("resnet18", "resnet34", "wide_resnet50_2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 ERRORS = {
