@@ -91,7 +91,7 @@ def gemm_rate(n: int = 2048, seconds: float = 3.0) -> dict[str, float]:
 
 
 def model_flops(model, image_size: int) -> float:
-    """FLOPs (2 x multiply-accumulates) of teacher + student for one image."""
+    """FLOPs (2 x multiply-accumulates) of one tile through a map module (stpm: teacher + student)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -149,7 +149,7 @@ def run_bench(
     from stpm import export as ex
     from stpm.imageio import decode_image, read_image, resize_rgb
     from stpm.runtime import Scorer
-    from stpm.weights import load_model
+    from stpm.weights import load_map
 
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -157,7 +157,7 @@ def run_bench(
     try:
         work = tmp / "bundle"
         shutil.copytree(bundle_dir, work)
-        model, manifest = load_model(work)
+        model, manifest = load_map(work)
         size = int(manifest["model"]["image_size"])
         if SCORER not in (manifest.get("exports") or {}).get("files", {}):
             ex.export_bundle(work)

@@ -21,7 +21,8 @@ def _common(p: argparse.ArgumentParser, training: bool = False) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     if training:
         p.add_argument("--backbone", default="resnet18",
-                       help="teacher: resnet18, resnet34, wide_resnet50_2, efficientnet_lite0")
+                       help="teacher: resnet18, resnet34, wide_resnet50_2, efficientnet_lite0, efficientnet_lite1, "
+                            "efficientnet_lite2")
         p.add_argument("--image-size", "--tile-size", dest="image_size", type=int, default=256,
                        help="model input S in pixels: images are covered by S x S tiles (default 256)")
         p.add_argument("--epochs", type=int, default=100)
@@ -49,7 +50,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--student-backbone", default=None, help="student architecture (default: same as teacher)")
     p.add_argument("--layers", default="", help="comma-separated feature layers (default: backbone's 3 stages)")
     p.add_argument("--combine", choices=["product", "sum"], default="product")
-    p.add_argument("--sigma", type=float, default=0.0, help="Gaussian smoothing of the map (pixels)")
+    p.add_argument("--method", choices=["stpm", "patchcore"], default="stpm",
+                   help="stpm: train a student to match the teacher; patchcore: a memory bank of the teacher's "
+                        "patch features (no training loop)")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="Gaussian smoothing of the map in tile pixels (default: stpm 0, patchcore 4)")
+    p.add_argument("--coreset-ratio", type=float, default=0.1,
+                   help="patchcore: share of the training patches kept in the memory bank (greedy coreset)")
+    p.add_argument("--bank-size", type=int, default=16384, help="patchcore: at most this many memory-bank rows")
+    p.add_argument("--neighbourhood", type=int, default=3,
+                   help="patchcore: patch features averaged over this many positions square")
     p.add_argument("--image-score", choices=["max", "topk_mean"], default="max",
                    help="image score from the stitched map: its maximum, or the mean of its top-k values")
     p.add_argument("--topk", type=float, default=0.01,
@@ -173,7 +183,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         backbone=a.backbone, student_backbone=a.student_backbone,
         layers=tuple(x for x in a.layers.split(",") if x), image_size=a.image_size,
         pretrained=not a.no_pretrained, weights=a.weights, combine=a.combine, sigma=a.sigma,
-        image_score=a.image_score, topk=a.topk,
+        image_score=a.image_score, topk=a.topk, method=a.method, bank_size=a.bank_size, coreset_ratio=a.coreset_ratio,
+        neighbourhood=a.neighbourhood,
     )
     tiling_cfg = TilingConfig(mode=a.tiling, resolution=a.resolution, scale=a.scale, overlap=a.overlap,
                               max_upscale=a.max_upscale, max_tiles=a.max_tiles)
@@ -195,12 +206,16 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.activate:
         bundle.set_active(a.models_dir, a.name, out.version)
     cal = out.calibration
-    print(json.dumps({
-        "model": f"{a.name}/{out.version}", "path": str(out.path), "best_epoch": out.fit.best_epoch,
-        "best_val_loss": out.fit.best_val_loss, "epochs_run": out.fit.epochs_run,
-        "threshold": cal.threshold, "good_scores": cal.good_stats, "seconds": round(out.fit.seconds, 1),
-        "tiling": bundle.read_manifest(out.path)["tiling"],
-    }, indent=2))
+    manifest = bundle.read_manifest(out.path)
+    summary = {"model": f"{a.name}/{out.version}", "path": str(out.path), "method": manifest["model"]["method"]}
+    if manifest["model"]["method"] == "stpm":
+        summary.update(best_epoch=out.fit.best_epoch, best_val_loss=out.fit.best_val_loss,
+                       epochs_run=out.fit.epochs_run)
+    else:
+        summary.update(manifest["training"].get(manifest["model"]["method"], {}))
+    summary.update(threshold=cal.threshold, good_scores=cal.good_stats, seconds=round(out.fit.seconds, 1),
+                   tiling=manifest["tiling"])
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -222,10 +237,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from stpm import bundle
     from stpm.evaluate import evaluate
     from stpm.train import resolve_device
-    from stpm.weights import load_model
+    from stpm.weights import load_map
 
     path = bundle.resolve(a.models_dir, a.model)
-    model, manifest = load_model(path)
+    model, manifest = load_map(path)
     out = Path(a.out or Path("runs") / f"eval-{manifest['name']}-{manifest['version']}")
     device = resolve_device(a.device)
     report = evaluate(model.to(device), manifest, a.data, device, out)

@@ -9,6 +9,7 @@ Combine = Literal["product", "sum"]
 ThresholdMethod = Literal["quantile", "max_margin"]
 ImageScoreMethod = Literal["max", "topk_mean"]
 TilingMode = Literal["tile", "squash"]
+Method = Literal["stpm", "patchcore"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -18,16 +19,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ModelConfig:
     """What the network is. Stored in every bundle's manifest."""
 
+    method: Method = "stpm"  # stpm: a student learns the teacher (stpm.train); patchcore: a memory bank
     backbone: str = "resnet18"
-    student_backbone: str | None = None  # None: same architecture as the teacher
-    layers: tuple[str, ...] = ()  # empty: the backbone's default (the paper's three stages)
+    student_backbone: str | None = None  # None: same architecture as the teacher (stpm only)
+    layers: tuple[str, ...] = ()  # empty: the method's default (stpm: three stages; patchcore: the middle two)
     image_size: int = 256  # the model input S: the tile size
     pretrained: bool = True
     weights: str | None = None  # explicit teacher weight file (wins over every other source)
     combine: Combine = "product"  # how per-layer maps are fused: the paper multiplies
-    sigma: float = 0.0  # Gaussian smoothing of the map, in output pixels (0: off)
+    sigma: float | None = None  # Gaussian smoothing of the map, in tile pixels (None: the method's default)
     image_score: ImageScoreMethod = "max"  # image score from the stitched map (stpm.tiling.image_score)
     topk: float = 0.01  # for "topk_mean": < 1 a fraction of the map's pixels, >= 1 a number of pixels
+    coreset_ratio: float = 0.1  # patchcore: share of the training patches kept in the memory bank ...
+    bank_size: int = 16384  # ... at most this many rows (the search cost per tile grows with it)
+    neighbourhood: int = 3  # patchcore: patch features are averaged over this many positions square
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

@@ -39,9 +39,10 @@ from torch import nn
 from stpm import bundle
 from stpm import tiling
 from stpm.imageio import resize_rgb
-from stpm.loss import anomaly_map, image_score
+from stpm.loss import image_score
 from stpm.model import STPM
-from stpm.weights import load_model
+from stpm.methods import STPMMap
+from stpm.weights import load_map
 
 log = logging.getLogger(__name__)
 
@@ -65,31 +66,20 @@ class ExportParityError(RuntimeError):
 
 
 class FusedScorer(nn.Module):
-    """uint8 images [N, 3, S, S] -> (anomaly_map [N, S, S] raw, raw_score [N], score [N] in [0, 1])."""
+    """uint8 images [N, 3, S, S] -> (anomaly_map [N, S, S] raw, raw_score [N], score [N] in [0, 1]).
 
-    def __init__(
-        self,
-        model: STPM,
-        image_size: int,
-        combine: str,
-        sigma: float,
-        threshold: float,
-        low: float,
-        half: bool = False,
-    ):
+    `amap` is any method's map module (stpm.methods): float [N, 3, S, S] in [0, 1] -> [N, S, S]."""
+
+    def __init__(self, amap: nn.Module, threshold: float, low: float, half: bool = False):
         super().__init__()
-        self.model = model
-        self.image_size = int(image_size)
-        self.combine = combine
-        self.sigma = float(sigma)
+        self.amap = amap
         self.half = half
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
         self.register_buffer("scale", torch.tensor(0.5 / max(threshold - low, 1e-12), dtype=torch.float32))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = images.to(torch.float16 if self.half else torch.float32) * (1.0 / 255.0)
-        t, s = self.model(x)
-        amap = anomaly_map(t, s, (self.image_size, self.image_size), self.combine, self.sigma)
+        amap = self.amap(x).float()
         raw = image_score(amap)
         score = torch.clamp(0.5 + (raw - self.threshold) * self.scale, 0.0, 1.0)
         return amap, raw, score
@@ -106,12 +96,9 @@ class _Features(nn.Module):
         return tuple(f)
 
 
-def fused_scorer(model: STPM, manifest: dict[str, Any], half: bool = False) -> FusedScorer:
-    m, c = manifest["model"], manifest["calibration"]
-    return FusedScorer(
-        model, m["image_size"], m.get("combine", "product"), m.get("sigma", 0.0),
-        c["threshold"], c["low"], half=half,
-    ).eval()
+def fused_scorer(amap: nn.Module, manifest: dict[str, Any], half: bool = False) -> FusedScorer:
+    c = manifest["calibration"]
+    return FusedScorer(amap, c["threshold"], c["low"], half=half).eval()
 
 
 def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, input_names, output_names,
@@ -292,33 +279,39 @@ def export_bundle(
     atol: float = DEFAULT_ATOL,
     fp16_atol: float = DEFAULT_FP16_ATOL,
 ) -> dict[str, Any]:
-    """Write teacher.onnx, student.onnx, scorer.onnx (+ scorer_fp16.onnx) into `bundle_dir`, check
+    """Write scorer.onnx (+ scorer_fp16.onnx; and for stpm bundles teacher.onnx, student.onnx: the
+    feature pyramids) into `bundle_dir`, check
     parity against torch on `check_images` (uint8 RGB arrays, any size; None: 4 synthetic images),
     record everything under manifest["exports"] and return that dict. Raises ExportParityError
     if the fp32 scorer disagrees with torch beyond `atol`; the bundle is then left as it was."""
     bundle_dir = Path(bundle_dir)
     t0 = time.perf_counter()
-    model, manifest = load_model(bundle_dir)
+    amap, manifest = load_map(bundle_dir)
+    stpm_model = amap.model if isinstance(amap, STPMMap) else None  # the feature graphs exist for STPM only
     size = int(manifest["model"]["image_size"])
     geometry, spec = tiling.from_manifest(manifest), tiling.score_from_manifest(manifest)
     cal = manifest["calibration"]
     threshold, low = float(cal["threshold"]), float(cal["low"])
     digest = bundle.manifest_digest(manifest)
-    scorer = fused_scorer(model, manifest)
+    scorer = fused_scorer(amap, manifest)
 
     example_u8 = torch.zeros(1, 3, size, size, dtype=torch.uint8)
     example_f = torch.zeros(1, 3, size, size, dtype=torch.float32)
     files: dict[str, Any] = {}
     # Written under temporary names and renamed into place only once parity holds, so a failed
     # re-export leaves a bundle's previous exports (files and records) as they were.
-    tmp = {f: bundle_dir / f".{f}.tmp" for f in (TEACHER_ONNX, STUDENT_ONNX, SCORER_ONNX)}
+    graphs = (TEACHER_ONNX, STUDENT_ONNX, SCORER_ONNX) if stpm_model is not None else (SCORER_ONNX,)
+    feature_graphs = ((TEACHER_ONNX, "teacher"), (STUDENT_ONNX, "student")) if stpm_model is not None else ()
+    tmp = {f: bundle_dir / f".{f}.tmp" for f in graphs}
+    feat_names: list[str] = []
     try:
-        n_layers = len(model.teacher_features(example_f))
-        feat_names = [f"feat{i}" for i in range(n_layers)]
-        for fname, which in ((TEACHER_ONNX, "teacher"), (STUDENT_ONNX, "student")):
+        if stpm_model is not None:
+            feat_names = [f"feat{i}" for i in range(len(stpm_model.teacher_features(example_f)))]
+        for fname, which in feature_graphs:
             axes = {"images": {0: "N", 2: "H", 3: "W"},
                     **{n: {0: "N", 2: f"H{i}", 3: f"W{i}"} for i, n in enumerate(feat_names)}}
-            _onnx_export(_Features(model, which).eval(), example_f, tmp[fname], ["images"], feat_names, axes, opset)
+            _onnx_export(_Features(stpm_model, which).eval(), example_f, tmp[fname], ["images"], feat_names, axes,
+                         opset)
             _set_metadata(tmp[fname], manifest, {"stpm.graph": which})
 
         axes = {"images": {0: "N"}, "anomaly_map": {0: "N"}, "raw_score": {0: "N"}, "score": {0: "N"}}
@@ -344,9 +337,9 @@ def export_bundle(
         parity["ok"] = bool(parity["ok"] and parity["images"]["ok"])
         # the feature graphs too: max abs difference over every pyramid level, on one image
         xf = torch.from_numpy(batch[:1]).float() / 255.0
-        for fname, which in ((TEACHER_ONNX, "teacher"), (STUDENT_ONNX, "student")):
+        for fname, which in feature_graphs:
             with torch.no_grad():
-                tf = _Features(model, which)(xf)
+                tf = _Features(stpm_model, which)(xf)
             of = _ort_session(tmp[fname]).run(None, {"images": xf.numpy()})
             parity[f"{which}_max_abs_feature"] = float(max(np.max(np.abs(a.numpy() - b)) for a, b in zip(tf, of)))
         if not parity["ok"]:
@@ -380,15 +373,16 @@ def export_bundle(
             "spatial_size": "fixed (the calibrated image_size, one tile); batch dynamic",
             "tiling": "outside the graph: stpm.tiling with manifest['tiling'] and model.image_score",
         },
-        "features": {
-            "inputs": {"images": {"dtype": "float32", "shape": ["N", 3, "H", "W"], "range": [0, 1]}},
-            "outputs": feat_names,
-        },
         "parity": parity,
     }
+    if feat_names:
+        exports["features"] = {
+            "inputs": {"images": {"dtype": "float32", "shape": ["N", 3, "H", "W"], "range": [0, 1]}},
+            "outputs": feat_names,
+        }
 
     if fp16:
-        exports["fp16"] = _export_fp16(model, manifest, bundle_dir, batch, ref, threshold, low, opset, fp16_atol)
+        exports["fp16"] = _export_fp16(amap, manifest, bundle_dir, batch, ref, threshold, low, opset, fp16_atol)
         if exports["fp16"].get("file"):
             files[SCORER_FP16_ONNX] = _file_entry(bundle_dir / SCORER_FP16_ONNX)
 
@@ -402,15 +396,14 @@ def export_bundle(
     return exports
 
 
-def _export_fp16(model, manifest, bundle_dir, batch, ref, threshold, low, opset, atol) -> dict[str, Any]:
+def _export_fp16(amap, manifest, bundle_dir, batch, ref, threshold, low, opset, atol) -> dict[str, Any]:
     """Half-precision backbones (map maths stay fp32) for GPUs. Parity against torch fp32 is measured
     with ONNX Runtime's CPU provider (tolerance `atol`, normalised units); a graph that fails it is
     deleted and recorded as not shipped. Where the CPU provider cannot run it, the file is kept and
     parity recorded as unmeasured."""
     import copy
 
-    half_model = copy.deepcopy(model).half()
-    scorer = fused_scorer(half_model, manifest, half=True)
+    scorer = fused_scorer(copy.deepcopy(amap).half(), manifest, half=True)
     path = bundle_dir / SCORER_FP16_ONNX
     size = int(manifest["model"]["image_size"])
     axes = {"images": {0: "N"}, "anomaly_map": {0: "N"}, "raw_score": {0: "N"}, "score": {0: "N"}}

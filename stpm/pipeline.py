@@ -22,6 +22,7 @@ from stpm.imageio import read_image
 from stpm.model import build_stpm
 from stpm.publish import build_manifest, publish_model
 from stpm.tiling import ImageScore, image_scores, predict_maps
+from stpm.methods import STPMMap, resolved, tile_fn
 from stpm.train import (
     FitResult,
     ProgressFn,
@@ -30,7 +31,6 @@ from stpm.train import (
     resolve_device,
     seed_everything,
     split_indices,
-    stpm_tile_fn,
 )
 
 log = logging.getLogger("stpm.pipeline")
@@ -71,6 +71,7 @@ def train_and_publish(
     from stpm.bundle import check_name
 
     check_name(name)
+    model_cfg = resolved(model_cfg)  # method defaults (layers, sigma) made explicit, validated before any work
     spec = ImageScore(model_cfg.image_score, model_cfg.topk)  # validated before any work
     paths = list(data) if isinstance(data, list) else list_images(good_train_dir(data))
     if len(paths) < MIN_GOOD_IMAGES:
@@ -81,6 +82,7 @@ def train_and_publish(
     train_idx, val_idx = split_indices(len(paths), train_cfg.val_fraction, train_cfg.seed)
     train_set, val_set = tiled.subset(train_idx), tiled.subset(val_idx)
     del tiled
+    n_train_tiles = len(train_set.tiles)
     log.info("geometry %s: %d training tiles from %d images, %d validation tiles from %d images",
              geometry, len(train_set.tiles), len(train_idx), len(val_set.tiles), len(val_idx))
     gen = seed_everything(train_cfg.seed)
@@ -89,33 +91,48 @@ def train_and_publish(
         import torch
 
         torch.use_deterministic_algorithms(True, warn_only=True)
-    model, teacher_source = build_stpm(model_cfg, weights_dir, seed=train_cfg.seed)
-    n_train_tiles = len(train_set.tiles)
-    train_loader = DataLoader(
-        ImageArrayDataset(train_set.tiles, augment=train_cfg.augment), batch_size=train_cfg.batch_size,
-        shuffle=True, drop_last=n_train_tiles > train_cfg.batch_size, generator=gen,
-        num_workers=train_cfg.num_workers,
-    )
-    val_loader = DataLoader(ImageArrayDataset(val_set.tiles), batch_size=train_cfg.batch_size)
-    checkpoint = None
-    if run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        checkpoint = Path(run_dir) / "checkpoint.pt"
-    result = fit(model, train_loader, val_loader, train_cfg, device, checkpoint, resume, progress, should_stop,
-                 show_bar)
-    if result.interrupted:
-        return TrainOutcome(None, None, result, None, skipped)
+    method_info: dict[str, Any] = {}
+    if model_cfg.method == "patchcore":
+        from stpm import patchcore
 
-    val_maps = predict_maps(stpm_tile_fn(model, device, model_cfg.combine, model_cfg.sigma), val_set,
-                            train_cfg.batch_size)
+        t0 = time.monotonic()
+        amap, teacher_source, method_info = patchcore.fit(
+            model_cfg, train_set.tiles, device, weights_dir, train_cfg.seed, train_cfg.batch_size, progress,
+            should_stop, show_bar)
+        if should_stop is not None and should_stop():
+            raise TrainingStopped("stop requested")
+        result = FitResult(best_epoch=0, best_val_loss=float("nan"), epochs_run=0, seconds=time.monotonic() - t0)
+        trained = amap
+    else:
+        model, teacher_source = build_stpm(model_cfg, weights_dir, seed=train_cfg.seed)
+        train_loader = DataLoader(
+            ImageArrayDataset(train_set.tiles, augment=train_cfg.augment), batch_size=train_cfg.batch_size,
+            shuffle=True, drop_last=n_train_tiles > train_cfg.batch_size, generator=gen,
+            num_workers=train_cfg.num_workers,
+        )
+        val_loader = DataLoader(ImageArrayDataset(val_set.tiles), batch_size=train_cfg.batch_size)
+        checkpoint = None
+        if run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            checkpoint = Path(run_dir) / "checkpoint.pt"
+        result = fit(model, train_loader, val_loader, train_cfg, device, checkpoint, resume, progress, should_stop,
+                     show_bar)
+        if result.interrupted:
+            return TrainOutcome(None, None, result, None, skipped)
+        amap, trained = STPMMap(model, model_cfg.combine, float(model_cfg.sigma)), model
+
+    val_maps = predict_maps(tile_fn(amap.to(device), device), val_set, train_cfg.batch_size)
     cal = calibrate(image_scores(val_maps, spec), calib_cfg)
     training: dict[str, Any] = {
         "config": to_dict(train_cfg), "calibration_config": to_dict(calib_cfg),
         "tiling_config": to_dict(tiling_cfg),
-        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss if model_cfg.method == "stpm" else None,
         "stopped_early": result.stopped_early, "seconds": round(result.seconds, 2),
         "history": result.history, "device": str(device),
     }
+    if method_info:
+        training[model_cfg.method] = method_info
     short = sorted(min(h, w) for h, w in sizes)
     data_info = {
         "source": str(data) if not isinstance(data, list) else f"{len(paths)} uploaded files",
@@ -137,7 +154,7 @@ def train_and_publish(
             raise TrainingStopped("stop requested before publishing")
 
     t0 = time.monotonic()
-    version, path = publish_model(models_dir, model, manifest, before_publish)
+    version, path = publish_model(models_dir, trained, manifest, before_publish)
     log.info("published %s/%s in %.1fs", name, version, time.monotonic() - t0)
     return TrainOutcome(version, path, result, cal, skipped)
 

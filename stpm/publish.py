@@ -9,7 +9,7 @@ from typing import Any
 from stpm import bundle
 from stpm.calibrate import Calibration
 from stpm.config import ModelConfig, to_dict
-from stpm.model import STPM
+from torch import nn
 from stpm.tiling import Geometry
 from stpm.weights import save_weights
 
@@ -46,7 +46,7 @@ def build_manifest(
 
 def publish_model(
     models_dir: str | Path,
-    model: STPM,
+    model: nn.Module,
     manifest: dict[str, Any],
     before_publish: Callable[[Path], None] | None = None,
 ) -> tuple[str, Path]:

@@ -133,15 +133,9 @@ def predict(
 
 def stpm_tile_fn(model: STPM, device: torch.device, combine: str = "product", sigma: float = 0.0) -> TileFn:
     """STPM as a per-tile map function for stpm.tiling.predict_maps: uint8 [N, 3, S, S] -> float32 [N, S, S]."""
+    from stpm.methods import STPMMap, tile_fn
 
-    @torch.no_grad()
-    def fn(batch: np.ndarray) -> np.ndarray:
-        model.eval()
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).float().div_(255.0)
-        t, s = model(x)
-        return anomaly_map(t, s, tuple(x.shape[-2:]), combine, sigma).float().cpu().numpy()
-
-    return fn
+    return tile_fn(STPMMap(model, combine, sigma), device)
 
 
 @dataclass
