@@ -49,7 +49,7 @@ def build_models(models_dir: Path, image_size: int) -> str:
     from stpm.publish import build_manifest, publish_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="resnet18", pretrained=False, image_size=image_size)
+    cfg = ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=image_size)
     model, _ = build_stpm(cfg, seed=0)
     model.eval()
     x = torch.rand(4, 3, image_size, image_size)

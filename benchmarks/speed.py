@@ -40,7 +40,7 @@ def speed_bundle(models_dir: Path, image_size: int = 256) -> Path:
     from stpm.model import build_stpm
     from stpm.publish import build_manifest, publish_model
 
-    cfg = ModelConfig(backbone="resnet18", pretrained=False, image_size=image_size)
+    cfg = ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=image_size)
     model, _ = build_stpm(cfg, seed=0)
     model.eval()
     with torch.no_grad():

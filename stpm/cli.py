@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from stpm.config import ModelConfig  # torch-free: the defaults live there
+
 DEFAULT_MODELS_DIR = os.environ.get("STPM_MODELS_DIR", "models")
 
 
@@ -20,8 +22,8 @@ def _common(p: argparse.ArgumentParser, training: bool = False) -> None:
     p.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, help="model store (env STPM_MODELS_DIR)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     if training:
-        p.add_argument("--backbone", default="resnet18",
-                       help="teacher: resnet18, resnet34, wide_resnet50_2, efficientnet_lite0, efficientnet_lite1, "
+        p.add_argument("--backbone", default=ModelConfig.backbone,
+                       help=f"teacher (default {ModelConfig.backbone}): resnet18, resnet34, wide_resnet50_2, efficientnet_lite0, efficientnet_lite1, "
                             "efficientnet_lite2")
         p.add_argument("--image-size", "--tile-size", dest="image_size", type=int, default=256,
                        help="model input S in pixels: images are covered by S x S tiles (default 256)")
@@ -50,18 +52,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--student-backbone", default=None, help="student architecture (default: same as teacher)")
     p.add_argument("--layers", default="", help="comma-separated feature layers (default: backbone's 3 stages)")
     p.add_argument("--combine", choices=["product", "sum"], default="product")
-    p.add_argument("--method", choices=["stpm", "patchcore"], default="stpm",
+    p.add_argument("--method", choices=["stpm", "patchcore"], default=ModelConfig.method,
                    help="stpm: train a student to match the teacher; patchcore: a memory bank of the teacher's "
-                        "patch features (no training loop)")
+                        f"patch features (no training loop); default {ModelConfig.method}")
     p.add_argument("--sigma", type=float, default=None,
-                   help="Gaussian smoothing of the map in tile pixels (default: stpm 0, patchcore 4)")
+                   help="Gaussian smoothing of the map in tile pixels (default: chosen on synthetic anomalies "
+                        "of the held-out good images among stpm 0/4, patchcore 4/8)")
     p.add_argument("--coreset-ratio", type=float, default=0.1,
                    help="patchcore: share of the training patches kept in the memory bank (greedy coreset)")
     p.add_argument("--bank-size", type=int, default=16384, help="patchcore: at most this many memory-bank rows")
     p.add_argument("--neighbourhood", type=int, default=3,
                    help="patchcore: patch features averaged over this many positions square")
-    p.add_argument("--image-score", choices=["max", "topk_mean"], default="max",
-                   help="image score from the stitched map: its maximum, or the mean of its top-k values")
+    p.add_argument("--image-score", choices=["auto", "max", "topk_mean"], default=ModelConfig.image_score,
+                   help="image score from the stitched map: its maximum, or the mean of its top-k values "
+                        "(auto, the default: chosen on synthetic anomalies of the held-out good images)")
     p.add_argument("--topk", type=float, default=0.01,
                    help="for topk_mean: < 1 a fraction of the map's pixels, >= 1 a number of pixels")
     p.add_argument("--tiling", choices=["tile", "squash"], default="tile",
@@ -213,6 +217,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                        epochs_run=out.fit.epochs_run)
     else:
         summary.update(manifest["training"].get(manifest["model"]["method"], {}))
+    m = manifest["model"]
+    summary.update(sigma=m["sigma"], image_score=m["image_score"])
     summary.update(threshold=cal.threshold, good_scores=cal.good_stats, seconds=round(out.fit.seconds, 1),
                    tiling=manifest["tiling"])
     print(json.dumps(summary, indent=2))

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 Combine = Literal["product", "sum"]
 ThresholdMethod = Literal["quantile", "max_margin"]
-ImageScoreMethod = Literal["max", "topk_mean"]
+ImageScoreMethod = Literal["max", "topk_mean", "auto"]
 TilingMode = Literal["tile", "squash"]
 Method = Literal["stpm", "patchcore"]
 
@@ -19,16 +19,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ModelConfig:
     """What the network is. Stored in every bundle's manifest."""
 
-    method: Method = "stpm"  # stpm: a student learns the teacher (stpm.train); patchcore: a memory bank
-    backbone: str = "resnet18"
+    # Defaults chosen by measurement (docs/BENCHMARKS.md, "Quality"): the memory bank on the
+    # EfficientNet-Lite1 ImageNet teacher beat STPM on every shared set and needs no training loop.
+    method: Method = "patchcore"  # stpm: a student learns the teacher (stpm.train); patchcore: a memory bank
+    backbone: str = "efficientnet_lite1"
     student_backbone: str | None = None  # None: same architecture as the teacher (stpm only)
     layers: tuple[str, ...] = ()  # empty: the method's default (stpm: three stages; patchcore: the middle two)
     image_size: int = 256  # the model input S: the tile size
     pretrained: bool = True
     weights: str | None = None  # explicit teacher weight file (wins over every other source)
     combine: Combine = "product"  # how per-layer maps are fused: the paper multiplies
-    sigma: float | None = None  # Gaussian smoothing of the map, in tile pixels (None: the method's default)
-    image_score: ImageScoreMethod = "max"  # image score from the stitched map (stpm.tiling.image_score)
+    sigma: float | None = None  # Gaussian smoothing of the map, in tile pixels (None: chosen, stpm.selection)
+    image_score: ImageScoreMethod = "auto"  # image score from the stitched map (auto: chosen, stpm.selection)
     topk: float = 0.01  # for "topk_mean": < 1 a fraction of the map's pixels, >= 1 a number of pixels
     coreset_ratio: float = 0.1  # patchcore: share of the training patches kept in the memory bank ...
     bank_size: int = 16384  # ... at most this many rows (the search cost per tile grows with it)

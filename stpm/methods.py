@@ -21,7 +21,6 @@ from stpm.loss import anomaly_map
 from stpm.model import STPM
 
 METHODS = ("stpm", "patchcore")
-DEFAULT_SIGMA = {"stpm": 0.0, "patchcore": 4.0}  # the paper's (none) / PatchCore's (4 px at 224-256)
 
 
 class STPMMap(nn.Module):
@@ -46,12 +45,13 @@ def method_of(model: dict[str, Any] | ModelConfig) -> str:
 
 
 def resolved(cfg: ModelConfig) -> ModelConfig:
-    """cfg with every method-dependent default made explicit (what a manifest records)."""
+    """cfg with the method-dependent defaults made explicit and validated. `sigma` None and
+    `image_score` "auto" stay open: stpm.selection chooses them after fitting."""
     from stpm import backbones
 
     m = method_of(cfg)
-    sigma = DEFAULT_SIGMA[m] if cfg.sigma is None else float(cfg.sigma)
-    if sigma < 0:
+    sigma = None if cfg.sigma is None else float(cfg.sigma)  # None: stpm.selection chooses
+    if sigma is not None and sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     layers = cfg.layers
     if m == "patchcore":
@@ -79,4 +79,4 @@ def tile_fn(amap: nn.Module, device: torch.device) -> Callable[[np.ndarray], np.
     return fn
 
 
-__all__ = ["DEFAULT_SIGMA", "METHODS", "STPMMap", "method_of", "resolved", "tile_fn"]
+__all__ = ["METHODS", "STPMMap", "method_of", "resolved", "tile_fn"]

@@ -26,6 +26,8 @@ from stpm import backbones
 from stpm.loss import gaussian_blur
 
 BANK_CHUNK = 4096  # bank rows per matmul in the nearest-neighbour search
+MIN_BANK = 2048  # memory-bank rows kept however small the coreset ratio
+DEFAULT_SIGMA = 4.0  # PatchCore's smoothing at 224-256 px inputs
 
 
 def default_layers(backbone: str) -> tuple[str, ...]:
@@ -198,6 +200,12 @@ def build_features(cfg, weights_dir=None) -> tuple[PatchFeatures, str]:
     return PatchFeatures(teacher, cfg.mean, cfg.std, cfg.neighbourhood), source
 
 
+def bank_rows(n_patches: int, ratio: float, cap: int) -> int:
+    """Memory-bank rows: `ratio` of the patches, at most `cap`; small training sets keep up to
+    MIN_BANK rows (a bank that small costs nothing to search, and a few images need every patch)."""
+    return min(cap, max(math.ceil(ratio * n_patches), min(n_patches, MIN_BANK)))
+
+
 def fit_bank(patches: torch.Tensor, bank_size: int, seed: int = 0) -> torch.Tensor:
     """Patch features [M, D] -> memory bank [min(bank_size, M), D] (greedy coreset)."""
     idx = greedy_coreset(patches, bank_size, seed=seed)
@@ -246,9 +254,10 @@ def fit(
     if progress is not None:
         progress({"phase": "memory bank (coreset)", "epoch": 1, "epochs": 1, "step": len(tiles),
                   "steps": len(tiles)})
-    bank = fit_bank(patches, min(cfg.bank_size, math.ceil(cfg.coreset_ratio * len(patches))), seed=seed)
+    bank = fit_bank(patches, bank_rows(len(patches), cfg.coreset_ratio, cfg.bank_size), seed=seed)
     t2 = time.monotonic()
-    amap = PatchCoreMap(features.cpu(), bank, float(cfg.sigma)).eval()
+    sigma = DEFAULT_SIGMA if cfg.sigma is None else float(cfg.sigma)  # stpm.selection may change it
+    amap = PatchCoreMap(features.cpu(), bank, sigma).eval()
     info = {"n_patches": int(len(patches)), "feature_dim": int(patches.shape[1]), "bank_size": int(len(bank)),
             "features_seconds": round(t1 - t0, 2), "coreset_seconds": round(t2 - t1, 2),
             "seconds": round(t2 - t0, 2)}

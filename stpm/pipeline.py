@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from stpm.model import build_stpm
 from stpm.publish import build_manifest, publish_model
 from stpm.tiling import ImageScore, image_scores, predict_maps
 from stpm.methods import STPMMap, resolved, tile_fn
+from stpm.selection import AUTO, select
 from stpm.train import (
     FitResult,
     ProgressFn,
@@ -72,7 +73,8 @@ def train_and_publish(
 
     check_name(name)
     model_cfg = resolved(model_cfg)  # method defaults (layers, sigma) made explicit, validated before any work
-    spec = ImageScore(model_cfg.image_score, model_cfg.topk)  # validated before any work
+    if model_cfg.image_score != AUTO:
+        ImageScore(model_cfg.image_score, model_cfg.topk)  # validated before any work
     paths = list(data) if isinstance(data, list) else list_images(good_train_dir(data))
     if len(paths) < MIN_GOOD_IMAGES:
         raise ValueError(f"{len(paths)} good image(s) found; at least {MIN_GOOD_IMAGES} are needed")
@@ -119,10 +121,17 @@ def train_and_publish(
                      show_bar)
         if result.interrupted:
             return TrainOutcome(None, None, result, None, skipped)
-        amap, trained = STPMMap(model, model_cfg.combine, float(model_cfg.sigma)), model
+        amap, trained = STPMMap(model, model_cfg.combine, float(model_cfg.sigma or 0.0)), model
 
-    val_maps = predict_maps(tile_fn(amap.to(device), device), val_set, train_cfg.batch_size)
-    cal = calibrate(image_scores(val_maps, spec), calib_cfg)
+    if progress is not None:
+        progress({"phase": "selection and calibration", "epoch": result.epochs_run, "epochs": result.epochs_run})
+    amap.to(device)
+    val_images = [read_image(paths[i]) for i in val_idx]
+    chosen = select(amap, lambda m: tile_fn(m, device), val_set, val_images, geometry, model_cfg, train_cfg.seed,
+                    train_cfg.batch_size)
+    model_cfg = replace(model_cfg, sigma=chosen.chosen.sigma, image_score=chosen.chosen.image_score)
+    spec = ImageScore(model_cfg.image_score, model_cfg.topk)
+    cal = calibrate(image_scores(chosen.good_maps, spec), calib_cfg)
     training: dict[str, Any] = {
         "config": to_dict(train_cfg), "calibration_config": to_dict(calib_cfg),
         "tiling_config": to_dict(tiling_cfg),
@@ -133,6 +142,7 @@ def train_and_publish(
     }
     if method_info:
         training[model_cfg.method] = method_info
+    training["selection"] = chosen.report
     short = sorted(min(h, w) for h, w in sizes)
     data_info = {
         "source": str(data) if not isinstance(data, list) else f"{len(paths)} uploaded files",
@@ -143,7 +153,7 @@ def train_and_publish(
         "n_train_tiles": n_train_tiles, "n_val_tiles": len(val_set.tiles),
     }
     manifest = build_manifest(name, model_cfg, cal, teacher_source, training, data_info, geometry)
-    check_images = [read_image(paths[i]) for i in val_idx[:8]]  # real images for the ONNX parity check
+    check_images = val_images[:8]  # real images for the ONNX parity check
 
     def before_publish(staging: Path) -> None:
         if export:

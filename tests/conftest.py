@@ -42,7 +42,7 @@ def trained(tmp_path_factory, bottle_good):
     models_dir = tmp_path_factory.mktemp("models")
     out = train_and_publish(
         bottle_good[:24], "bottle-tiny", models_dir,
-        ModelConfig(backbone="efficientnet_lite0", image_size=96),
+        ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=96),
         TrainConfig(epochs=6, batch_size=4, lr=0.1, seed=0, device="cpu"),
         CalibrationConfig(), export=False, show_bar=False,
     )

@@ -89,7 +89,7 @@ def test_offline_without_weights_says_how_to_provide_them(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(backbones.WeightsNotFoundError) as e:
-        build_stpm(ModelConfig(backbone="resnet18"))
+        build_stpm(ModelConfig(method="stpm", backbone="resnet18"))
     msg = str(e.value)
     assert "--weights" in msg and "STPM_WEIGHTS_DIR" in msg and "resnet18-f37072fd.pth" in msg
     with pytest.raises(backbones.WeightsNotFoundError, match="does not exist"):

@@ -40,7 +40,7 @@ def bottle_images(n_good: int = 4, n_bad: int = 4) -> tuple[list[np.ndarray], li
 
 def tiny_model(seed: int = 0):
     """resnet18 STPM without ImageNet weights; the student is the teacher slightly perturbed."""
-    cfg = ModelConfig(backbone="resnet18", pretrained=False, image_size=SIZE)
+    cfg = ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=SIZE)
     torch.manual_seed(seed)
     model, _ = build_stpm(cfg)
     model.student.load_state_dict(model.teacher.state_dict())

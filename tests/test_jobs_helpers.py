@@ -17,7 +17,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 # Tiny and offline: random-init ResNet18 at 64 px (no ImageNet download).
-TINY = {"backbone": "resnet18", "image_size": "64", "pretrained": "false", "batch_size": "4", "lr": "0.1"}
+TINY = {"method": "stpm", "backbone": "resnet18", "image_size": "64", "pretrained": "false", "batch_size": "4", "lr": "0.1"}
 
 
 def shared_data() -> Path:

@@ -81,7 +81,7 @@ def syn(tmp_path_factory):
         paths.append(p)
     with one_thread():
         out = train_and_publish(paths, "syn", root / "models",
-                                ModelConfig(backbone="efficientnet_lite0", image_size=SIZE),
+                                ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=SIZE),
                                 TrainConfig(epochs=8, batch_size=8, lr=0.1, device="cpu"), CalibrationConfig(),
                                 TilingConfig(), show_bar=False)
     return out.path
@@ -317,7 +317,7 @@ def test_kolektorsdd_train_export_score_end_to_end(tmp_path):
     root = require(SHARED_DATA / "kolektorsdd_half" / "kolektorsdd")
     good = sorted((root / "train" / "good").glob("*.png"))[:8]
     with one_thread():
-        out = train_and_publish(good, "kos", tmp_path, ModelConfig(backbone="efficientnet_lite0", image_size=SIZE),
+        out = train_and_publish(good, "kos", tmp_path, ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=SIZE),
                                 TrainConfig(epochs=1, batch_size=8, lr=0.1, device="cpu"), CalibrationConfig(),
                                 TilingConfig(), show_bar=False)
     m = bundle.read_manifest(out.path)

@@ -96,10 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         store.set_progress(job.id, args.token, {"phase": phase["name"], "elapsed_s": round(now - t_start, 2), **extra})
 
     def progress(d: dict) -> None:
-        phase["name"] = "training"
+        d = dict(d)
+        new_phase = d.pop("phase", "training")  # patchcore: "patch features", "memory bank (coreset)", ...
+        if new_phase != phase["name"]:
+            last.pop("train_t0", None)  # the ETA restarts with each phase
+            phase["name"] = new_phase
+            force_phase = True
+        else:
+            force_phase = False
         d = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
         epoch_end = "val_loss" in d
-        if "eta_s" not in d:  # step-level ETA from the fraction done
+        if "eta_s" not in d and "steps" in d and "step" in d:  # step-level ETA from the fraction done
             done = (d["epoch"] - 1) * d["steps"] + d["step"]
             total = d["epochs"] * d["steps"]
             started = last.setdefault("train_t0", time.monotonic())
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in ("val_loss", "best_val_loss"):
                 if k in last.get("epoch_end", {}):
                     d.setdefault(k, last["epoch_end"][k])
-        report(d, force=epoch_end)
+        report(d, force=epoch_end or force_phase)
 
     def should_stop() -> bool:
         now = time.monotonic()

@@ -81,7 +81,11 @@ async def submit(
                                             min_length=1)],
     name: Annotated[str, Form(description="Model name; the job publishes its next version (others: 422)",
                               examples=["bottle"], json_schema_extra={"pattern": bundle.NAME_PATTERN})],
+    method: Annotated[Literal["stpm", "patchcore"], Form(description="patchcore: a memory bank of the teacher's "
+                      "patch features (no training loop, the default); stpm: a student learns the teacher")] = _M.method,
     backbone: Annotated[Literal[BACKBONES], Form(description="Teacher/student architecture")] = _M.backbone,  # type: ignore[valid-type]
+    sigma: Annotated[float | None, Form(ge=0, le=64, description="Gaussian smoothing of the map in tile pixels "
+                     "(empty: chosen on synthetic anomalies of the held-out good images)")] = _M.sigma,
     image_size: Annotated[int, Form(ge=32, le=1024, description="Model input S (pixels): images are covered by "
                                    "S x S tiles")] = _M.image_size,
     tiling: Annotated[Literal["tile", "squash"], Form(description="tile: keep the aspect ratio at one fixed scale, "
@@ -91,8 +95,8 @@ async def submit(
     scale: Annotated[float | None, Form(gt=0, le=16, description="Fixed input -> model scale (wins over "
                      "resolution)")] = _G.scale,
     overlap: Annotated[float, Form(ge=0, lt=1, description="Minimum overlap of neighbouring tiles")] = _G.overlap,
-    image_score: Annotated[Literal["max", "topk_mean"], Form(description="Image score from the map: its maximum "
-                           "or the mean of its top-k values")] = _M.image_score,
+    image_score: Annotated[Literal["auto", "max", "topk_mean"], Form(description="Image score from the map: its "
+                           "maximum or the mean of its top-k values (auto: chosen on synthetic anomalies)")] = _M.image_score,
     topk: Annotated[float, Form(gt=0, description="topk_mean: < 1 a fraction of the map's pixels, >= 1 a number "
                     "of pixels")] = _M.topk,
     pretrained: Annotated[bool, Form(description="ImageNet teacher weights (false: random teacher, tests only)")] = True,
@@ -120,7 +124,7 @@ async def submit(
         raise APIError(422, "invalid_parameter", f"epochs={epochs}: at most {s.train_max_epochs} "
                        "(setting train_max_epochs)")
     try:
-        ImageScore(image_score, topk)
+        ImageScore("topk_mean" if image_score == "auto" else image_score, topk)
     except ValueError as e:
         raise APIError(422, "invalid_parameter", str(e)) from None
     queued = await run_in_threadpool(store.list, "queued", s.train_max_queued, 0)
@@ -129,8 +133,8 @@ async def submit(
                        f"{s.train_max_queued} (setting train_max_queued): retry when one has started",
                        headers={"Retry-After": "60"})
     params = {
-        "model": to_dict(ModelConfig(backbone=backbone, image_size=image_size, pretrained=pretrained,
-                                     image_score=image_score, topk=topk)),
+        "model": to_dict(ModelConfig(method=method, backbone=backbone, image_size=image_size, pretrained=pretrained,
+                                     sigma=sigma, image_score=image_score, topk=topk)),
         "tiling": to_dict(TilingConfig(mode=tiling, resolution=resolution, scale=scale, overlap=overlap)),
         "train": to_dict(TrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
