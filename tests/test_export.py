@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +17,13 @@ from stpm.config import ModelConfig
 from stpm.imageio import read_image
 from stpm.model import build_stpm
 from stpm.publish import build_manifest, publish_model
+from tests.conftest import BOTTLE, require
 
 SIZE = 64
 
 
-def shared_data() -> Path | None:
-    env = os.environ.get("STPM_SHARED_DATA")
-    p = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return p if p.is_dir() else None
-
-
 def bottle_images(n_good: int = 4, n_bad: int = 4) -> tuple[list[np.ndarray], list[int]]:
-    root = shared_data()
-    bottle = root / "mvtec_ad_bottle_512" / "bottle" if root else None
-    if bottle is None or not bottle.is_dir():
-        pytest.skip("real data absent: set STPM_SHARED_DATA or place ../shared/data beside the repository")
+    bottle = require(BOTTLE)
     good = sorted((bottle / "test" / "good").glob("*.png"))[:n_good]
     bad = sorted((bottle / "test" / "broken_large").glob("*.png"))[:n_bad]
     return [read_image(p) for p in good + bad], [0] * len(good) + [1] * len(bad)
