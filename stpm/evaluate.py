@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from stpm import metrics
 from stpm.calibrate import normalize
@@ -21,12 +22,20 @@ from stpm.train import stpm_tile_fn
 
 def score_samples(
     model: STPM, samples: list[Sample], geometry: Geometry, device: torch.device, combine: str = "product",
-    sigma: float = 0.0, spec: ImageScore = ImageScore(), batch_size: int = 16,
+    sigma: float = 0.0, spec: ImageScore = ImageScore(), batch_size: int = 16, progress: bool = True,
 ) -> dict[str, Any]:
     """Decode, tile, score, stitch and load masks. -> maps (list of float32 [h_i, w_i], each image at the
-    model's scale), scores [N], masks (list of bool [h_i, w_i], nearest-resized), labels [N], plans."""
+    model's scale), scores [N], masks (list of bool [h_i, w_i], nearest-resized), labels [N], plans.
+    progress: a tqdm bar over the tiles (on a terminal)."""
     tiled, _, _ = load_tiled([s.path for s in samples], geometry)
-    maps = predict_maps(stpm_tile_fn(model, device, combine, sigma), tiled, batch_size)
+    tile_fn = stpm_tile_fn(model, device, combine, sigma)
+    with tqdm(total=len(tiled.tiles), desc="eval", unit="tile", disable=None if progress else True) as bar:
+        def counted(batch: np.ndarray) -> np.ndarray:
+            out = tile_fn(batch)
+            bar.update(len(batch))
+            return out
+
+        maps = predict_maps(counted, tiled, batch_size)
     masks = [load_mask(s.mask, (p.h, p.w)) for s, p in zip(samples, tiled.plans)]
     labels = np.array([s.label for s in samples])
     return {"maps": maps, "scores": image_scores(maps, spec), "masks": masks, "labels": labels,
@@ -169,13 +178,15 @@ def write_html(out_dir: Path, report: dict[str, Any], pictures: list[str]) -> No
 
 def evaluate(
     model: STPM, manifest: dict[str, Any], data: str | Path, device: torch.device, out_dir: str | Path | None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Full evaluation of a bundle's model on `data` (MVTec layout); writes report.json + pictures."""
+    """Full evaluation of a bundle's model on `data` (MVTec layout); writes report.json + pictures (into
+    out_dir, never into the bundle). progress: a tqdm bar (on a terminal)."""
     cfg = manifest["model"]
     cal = manifest["calibration"]
     geometry, spec = from_manifest(manifest), score_from_manifest(manifest)
     samples = test_samples(data)
-    result = score_samples(model, samples, geometry, device, cfg["combine"], cfg["sigma"], spec)
+    result = score_samples(model, samples, geometry, device, cfg["combine"], cfg["sigma"], spec, progress=progress)
     m = compute_metrics(result["labels"], result["scores"], result["masks"], result["maps"],
                         [s.defect for s in samples], cal["threshold"])
     report: dict[str, Any] = {

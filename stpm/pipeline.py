@@ -16,7 +16,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from stpm.calibrate import Calibration, calibrate
-from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, to_dict
+from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, TrainingConfig, to_dict
 from stpm.data import ImageArrayDataset, fingerprint, good_train_dir, list_images, load_training_tiles
 from stpm.imageio import read_image
 from stpm.model import build_stpm
@@ -28,7 +28,7 @@ from stpm.train import (
     TrainingStopped,
     fit,
     resolve_device,
-    seed_everything,
+    reproducible,
     split_indices,
     stpm_tile_fn,
 )
@@ -44,6 +44,27 @@ class TrainOutcome:
     fit: FitResult
     calibration: Calibration | None
     skipped: list[tuple[Path, str]]
+
+
+def run_training(
+    data: str | Path | list[Path],
+    name: str,
+    models_dir: str | Path,
+    config: TrainingConfig = TrainingConfig(),
+    *,
+    run_dir: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    skip_bad: bool = False,
+    resume: bool = False,
+    export: bool = True,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    show_bar: bool = True,
+) -> TrainOutcome:
+    """`train_and_publish` with one TrainingConfig: what `stpm train`, the training worker and
+    `stpm.train` call. A new config section is passed on here."""
+    return train_and_publish(data, name, models_dir, config.model, config.train, config.calibration, config.tiling,
+                             run_dir, weights_dir, skip_bad, resume, export, progress, should_stop, show_bar)
 
 
 def train_and_publish(
@@ -83,61 +104,57 @@ def train_and_publish(
     del tiled
     log.info("geometry %s: %d training tiles from %d images, %d validation tiles from %d images",
              geometry, len(train_set.tiles), len(train_idx), len(val_set.tiles), len(val_idx))
-    gen = seed_everything(train_cfg.seed)
     device = resolve_device(train_cfg.device)
-    if device.type == "cpu":
-        import torch
+    with reproducible(train_cfg.seed, device) as gen:  # seeded; the caller's RNGs and settings come back after
+        model, teacher_source = build_stpm(model_cfg, weights_dir, seed=train_cfg.seed)
+        n_train_tiles = len(train_set.tiles)
+        train_loader = DataLoader(
+            ImageArrayDataset(train_set.tiles, augment=train_cfg.augment), batch_size=train_cfg.batch_size,
+            shuffle=True, drop_last=n_train_tiles > train_cfg.batch_size, generator=gen,
+            num_workers=train_cfg.num_workers,
+        )
+        val_loader = DataLoader(ImageArrayDataset(val_set.tiles), batch_size=train_cfg.batch_size)
+        checkpoint = None
+        if run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            checkpoint = Path(run_dir) / "checkpoint.pt"
+        result = fit(model, train_loader, val_loader, train_cfg, device, checkpoint, resume, progress, should_stop,
+                     show_bar)
+        if result.interrupted:
+            return TrainOutcome(None, None, result, None, skipped)
 
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    model, teacher_source = build_stpm(model_cfg, weights_dir, seed=train_cfg.seed)
-    n_train_tiles = len(train_set.tiles)
-    train_loader = DataLoader(
-        ImageArrayDataset(train_set.tiles, augment=train_cfg.augment), batch_size=train_cfg.batch_size,
-        shuffle=True, drop_last=n_train_tiles > train_cfg.batch_size, generator=gen,
-        num_workers=train_cfg.num_workers,
-    )
-    val_loader = DataLoader(ImageArrayDataset(val_set.tiles), batch_size=train_cfg.batch_size)
-    checkpoint = None
-    if run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        checkpoint = Path(run_dir) / "checkpoint.pt"
-    result = fit(model, train_loader, val_loader, train_cfg, device, checkpoint, resume, progress, should_stop,
-                 show_bar)
-    if result.interrupted:
-        return TrainOutcome(None, None, result, None, skipped)
+        val_maps = predict_maps(stpm_tile_fn(model, device, model_cfg.combine, model_cfg.sigma), val_set,
+                                train_cfg.batch_size)
+        cal = calibrate(image_scores(val_maps, spec), calib_cfg)
+        training: dict[str, Any] = {
+            "config": to_dict(train_cfg), "calibration_config": to_dict(calib_cfg),
+            "tiling_config": to_dict(tiling_cfg),
+            "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+            "stopped_early": result.stopped_early, "seconds": round(result.seconds, 2),
+            "history": result.history, "device": str(device),
+        }
+        short = sorted(min(h, w) for h, w in sizes)
+        data_info = {
+            "source": str(data) if not isinstance(data, list) else f"{len(paths)} uploaded files",
+            "fingerprint": fingerprint(paths), "n_images": len(paths), "n_train": len(train_idx),
+            "n_val": len(val_idx), "skipped": [str(p) for p, _ in skipped],
+            "val_files": [paths[i].name for i in val_idx],
+            "short_side_px": {"min": short[0], "median": float(np.median(short)), "max": short[-1]},
+            "n_train_tiles": n_train_tiles, "n_val_tiles": len(val_set.tiles),
+        }
+        manifest = build_manifest(name, model_cfg, cal, teacher_source, training, data_info, geometry)
+        check_images = [read_image(paths[i]) for i in val_idx[:8]]  # real images for the ONNX parity check
 
-    val_maps = predict_maps(stpm_tile_fn(model, device, model_cfg.combine, model_cfg.sigma), val_set,
-                            train_cfg.batch_size)
-    cal = calibrate(image_scores(val_maps, spec), calib_cfg)
-    training: dict[str, Any] = {
-        "config": to_dict(train_cfg), "calibration_config": to_dict(calib_cfg),
-        "tiling_config": to_dict(tiling_cfg),
-        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-        "stopped_early": result.stopped_early, "seconds": round(result.seconds, 2),
-        "history": result.history, "device": str(device),
-    }
-    short = sorted(min(h, w) for h, w in sizes)
-    data_info = {
-        "source": str(data) if not isinstance(data, list) else f"{len(paths)} uploaded files",
-        "fingerprint": fingerprint(paths), "n_images": len(paths), "n_train": len(train_idx),
-        "n_val": len(val_idx), "skipped": [str(p) for p, _ in skipped],
-        "val_files": [paths[i].name for i in val_idx],
-        "short_side_px": {"min": short[0], "median": float(np.median(short)), "max": short[-1]},
-        "n_train_tiles": n_train_tiles, "n_val_tiles": len(val_set.tiles),
-    }
-    manifest = build_manifest(name, model_cfg, cal, teacher_source, training, data_info, geometry)
-    check_images = [read_image(paths[i]) for i in val_idx[:8]]  # real images for the ONNX parity check
+        def before_publish(staging: Path) -> None:
+            if export:
+                from stpm.export import export_bundle
 
-    def before_publish(staging: Path) -> None:
-        if export:
-            from stpm.export import export_bundle
+                export_bundle(staging, check_images=check_images)
+            if should_stop is not None and should_stop():  # last chance to cancel: nothing is visible yet
+                raise TrainingStopped("stop requested before publishing")
 
-            export_bundle(staging, check_images=check_images)
-        if should_stop is not None and should_stop():  # last chance to cancel: nothing is visible yet
-            raise TrainingStopped("stop requested before publishing")
-
-    t0 = time.monotonic()
-    version, path = publish_model(models_dir, model, manifest, before_publish)
-    log.info("published %s/%s in %.1fs", name, version, time.monotonic() - t0)
-    return TrainOutcome(version, path, result, cal, skipped)
+        t0 = time.monotonic()
+        version, path = publish_model(models_dir, model, manifest, before_publish)
+        log.info("published %s/%s in %.1fs", name, version, time.monotonic() - t0)
+        return TrainOutcome(version, path, result, cal, skipped)
 

@@ -11,9 +11,7 @@ from safetensors.torch import load_file, save_file
 from stpm import bundle
 from stpm.config import ModelConfig, from_dict
 from stpm.model import STPM, build_stpm
-
-TEACHER_FILE = "teacher.safetensors"
-STUDENT_FILE = "student.safetensors"
+from stpm.names import STUDENT_WEIGHTS, TEACHER_WEIGHTS
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -23,9 +21,9 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_weights(model: STPM, folder: str | Path) -> dict[str, str]:
     """Write teacher and student weights into `folder`; -> {file name: sha256}."""
     folder = Path(folder)
-    save_file(_contiguous(model.teacher.state_dict()), str(folder / TEACHER_FILE))
-    save_file(_contiguous(model.student_state_dict()), str(folder / STUDENT_FILE))
-    return {f: bundle.sha256_file(folder / f) for f in (TEACHER_FILE, STUDENT_FILE)}
+    save_file(_contiguous(model.teacher.state_dict()), str(folder / TEACHER_WEIGHTS))
+    save_file(_contiguous(model.student_state_dict()), str(folder / STUDENT_WEIGHTS))
+    return {f: bundle.sha256_file(folder / f) for f in (TEACHER_WEIGHTS, STUDENT_WEIGHTS)}
 
 
 def model_config(manifest: dict[str, Any]) -> ModelConfig:
@@ -46,8 +44,8 @@ def load_model(bundle_dir: str | Path, verify: bool = True) -> tuple[STPM, dict[
     cfg = model_config(manifest)
     # Architecture only: the teacher's ImageNet weights are the bundle's own copy.
     model, _ = build_stpm(ModelConfig(**{**cfg.__dict__, "pretrained": False}))
-    model.teacher.load_state_dict(load_file(str(bundle_dir / TEACHER_FILE)), strict=True)
-    sd = load_file(str(bundle_dir / STUDENT_FILE))
+    model.teacher.load_state_dict(load_file(str(bundle_dir / TEACHER_WEIGHTS)), strict=True)
+    sd = load_file(str(bundle_dir / STUDENT_WEIGHTS))
     model.student.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("student.")}, strict=True)
     if model.projections is not None:
         model.projections.load_state_dict(

@@ -12,6 +12,7 @@ onnx = pytest.importorskip("onnx")
 
 from stpm import bundle
 from stpm import export as ex
+from stpm import names
 from stpm.calibrate import calibrate
 from stpm.config import ModelConfig
 from stpm.imageio import read_image
@@ -90,7 +91,7 @@ def test_onnx_matches_torch_on_real_images(published, real):
 
     model, manifest = load_model(path)
     ref = torch_scores(model, real[0])
-    sess = ort.InferenceSession(str(path / ex.SCORER_ONNX), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path / names.SCORER_ONNX), providers=["CPUExecutionProvider"])
     amap, raw, score = sess.run(None, {"images": ex.prepare_batch(real[0], SIZE)})
     assert amap.shape == (len(real[0]), SIZE, SIZE) and amap.dtype == np.float32
     thr, low = manifest["calibration"]["threshold"], manifest["calibration"]["low"]
@@ -112,18 +113,18 @@ def test_manifest_records_exports_and_metadata(published):
     assert exports["scorer"]["inputs"]["images"] == {"dtype": "uint8", "shape": ["N", 3, SIZE, SIZE], "layout": "NCHW RGB"}
     digest = bundle.manifest_digest(manifest)
     assert exports["manifest_digest"] == digest
-    for fname in (ex.TEACHER_ONNX, ex.STUDENT_ONNX, ex.SCORER_ONNX):
+    for fname in (names.TEACHER_ONNX, names.STUDENT_ONNX, names.SCORER_ONNX):
         assert exports["files"][fname]["sha256"] == bundle.sha256_file(path / fname)
         m = onnx.load(str(path / fname), load_external_data=False)
         meta = {p.key: p.value for p in m.metadata_props}
         assert meta["stpm.name"] == "tiny" and meta["stpm.version"] == manifest["version"] == "v1"
         assert meta["stpm.manifest_digest"] == digest
-    m = onnx.load(str(path / ex.SCORER_ONNX), load_external_data=False)
+    m = onnx.load(str(path / names.SCORER_ONNX), load_external_data=False)
     inp = m.graph.input[0]
     assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = inp.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
-    assert [o.name for o in m.graph.output] == list(ex.SCORER_OUTPUTS)
+    assert [o.name for o in m.graph.output] == list(names.SCORER_OUTPUTS)
     # weights and calibration untouched: the digest identifies the same model as before export
     assert bundle.manifest_digest({k: v for k, v in manifest.items() if k != "exports"}) == digest
 
@@ -134,7 +135,7 @@ def test_feature_graphs_match(published, real):
 
     assert exports["parity"]["teacher_max_abs_feature"] < 1e-3
     assert exports["parity"]["student_max_abs_feature"] < 1e-3
-    sess = ort.InferenceSession(str(path / ex.STUDENT_ONNX), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path / names.STUDENT_ONNX), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((2, 3, 96, 80), dtype=np.float32)  # dynamic spatial size
     feats = sess.run(None, {"images": x})
     assert [f.shape[1] for f in feats] == [64, 128, 256] and feats[0].shape[2:] == (24, 20)
@@ -144,7 +145,7 @@ def test_export_in_staging_before_publish(tmp_path, real):
     path = make_bundle(tmp_path, real[0][:4], export=True)
     manifest = bundle.read_manifest(path)
     assert manifest["version"] == "v1" and manifest["exports"]["parity"]["ok"]
-    m = onnx.load(str(path / ex.SCORER_ONNX), load_external_data=False)
+    m = onnx.load(str(path / names.SCORER_ONNX), load_external_data=False)
     meta = {p.key: p.value for p in m.metadata_props}
     assert meta["stpm.version"] == "staged"
     assert meta["stpm.manifest_digest"] == bundle.manifest_digest({**manifest, "version": None})
@@ -179,18 +180,18 @@ def test_fp16_and_int8_variants(published, real, tmp_path):
     if f16["parity"] is not None:  # measured on ONNX Runtime CPU against torch fp32
         assert f16["shipped"] == f16["parity"]["ok"]
     if f16["shipped"]:
-        assert exports["files"][ex.SCORER_FP16_ONNX]["sha256"] == bundle.sha256_file(path / ex.SCORER_FP16_ONNX)
+        assert exports["files"][names.SCORER_FP16_ONNX]["sha256"] == bundle.sha256_file(path / names.SCORER_FP16_ONNX)
         assert Scorer(path, precision="fp16").score([real[0][0]])[0].raw_score > 0
 
     # criteria wide open: the mechanics (file, record, runtime) whatever this random model's agreement
     q = ex.quantize_int8(path, real[0][:2], real[0], real[1], max_decision_disagreement=1.0, max_auroc_drop=1.0)
     assert q["shipped"] and 0.0 <= q["decision_agreement"] <= 1.0 and "auroc_change" in q
     m = bundle.read_manifest(path)
-    assert m["exports"]["int8"] == q and ex.SCORER_INT8_ONNX in m["exports"]["files"]
+    assert m["exports"]["int8"] == q and names.SCORER_INT8_ONNX in m["exports"]["files"]
     s8 = Scorer(path, precision="int8")
     assert s8.session.get_modelmeta().custom_metadata_map["stpm.precision"] == "int8"
     assert len(s8.score(real[0][:2])) == 2
     # strict criteria that cannot hold: recorded, not shipped, file gone
     q = ex.quantize_int8(path, real[0][:2], real[0], real[1], max_decision_disagreement=-1.0)
-    assert not q["shipped"] and not (path / ex.SCORER_INT8_ONNX).exists()
-    assert ex.SCORER_INT8_ONNX not in bundle.read_manifest(path)["exports"]["files"]
+    assert not q["shipped"] and not (path / names.SCORER_INT8_ONNX).exists()
+    assert names.SCORER_INT8_ONNX not in bundle.read_manifest(path)["exports"]["files"]
