@@ -155,7 +155,8 @@ class CalibrationConfig:
     method: ThresholdMethod = field(default="max_margin", metadata=option(
         "threshold from the held-out good images' scores: max_margin (their maximum plus a margin) or "
         "quantile", name="calibration"))
-    quantile: float = field(default=0.99, metadata=option("for quantile: which quantile", gt=0, le=1))
+    quantile: float = field(default=0.99, metadata=option("for quantile: which quantile of the good scores",
+                                                          ge=0.5, le=1))
     margin: float = field(default=0.1, metadata=option(
         "for max_margin: threshold = max + margin x spread of the good scores", ge=0, le=10))
 

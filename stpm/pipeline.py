@@ -19,7 +19,7 @@ from stpm.calibrate import Calibration, calibrate
 from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, TrainingConfig, to_dict
 from stpm.data import ImageArrayDataset, fingerprint, good_train_dir, list_images, load_training_tiles
 from stpm.imageio import read_image
-from stpm.model import build_stpm
+from stpm.model import STPM, build_stpm
 from stpm.publish import build_manifest, publish_model
 from stpm.tiling import ImageScore, image_scores, predict_maps
 from stpm.train import (
@@ -44,6 +44,7 @@ class TrainOutcome:
     fit: FitResult
     calibration: Calibration | None
     skipped: list[tuple[Path, str]]
+    model: STPM | None = None  # the trained model as it is in memory (on CPU once published)
 
 
 def run_training(
@@ -156,5 +157,5 @@ def train_and_publish(
         t0 = time.monotonic()
         version, path = publish_model(models_dir, model, manifest, before_publish)
         log.info("published %s/%s in %.1fs", name, version, time.monotonic() - t0)
-        return TrainOutcome(version, path, result, cal, skipped)
+        return TrainOutcome(version, path, result, cal, skipped, model)
 

@@ -169,6 +169,8 @@ def test_parity_failure_raises_and_leaves_bundle_as_it_was(published, real, monk
 
 @pytest.mark.slow
 def test_fp16_and_int8_variants(published, real, tmp_path):
+    """fp16: parity against torch fp32 measured on ONNX Runtime CPU decides whether the graph ships;
+    either way something is asserted. INT8: the mechanics (record, runtime, refusal)."""
     import shutil
 
     from stpm.runtime import Scorer
@@ -177,11 +179,20 @@ def test_fp16_and_int8_variants(published, real, tmp_path):
     shutil.copytree(published[0], path)
     exports = ex.export_bundle(path, fp16=True, check_images=real[0][:3])
     f16 = exports["fp16"]
-    if f16["parity"] is not None:  # measured on ONNX Runtime CPU against torch fp32
-        assert f16["shipped"] == f16["parity"]["ok"]
-    if f16["shipped"]:
+    if f16["parity"] is None:  # a platform whose ONNX Runtime CPU provider has no fp16 kernels
+        pytest.skip(f"fp16 parity not measurable here: {f16['parity_note']}")
+    assert f16["parity"]["provider"] == "CPUExecutionProvider" and f16["parity"]["reference"] == "torch fp32"
+    assert f16["shipped"] == f16["parity"]["ok"]
+    fp32 = Scorer(path).score(real[0])
+    if f16["shipped"]:  # recorded, and it scores like fp32 within its tolerance
         assert exports["files"][names.SCORER_FP16_ONNX]["sha256"] == bundle.sha256_file(path / names.SCORER_FP16_ONNX)
-        assert Scorer(path, precision="fp16").score([real[0][0]])[0].raw_score > 0
+        half = Scorer(path, precision="fp16").score(real[0])
+        assert max(abs(a.score - b.score) for a, b in zip(fp32, half)) <= ex.DEFAULT_FP16_ATOL
+    else:  # parity failed: not shipped, refused by name, and the service's fallback serves fp32
+        assert not (path / names.SCORER_FP16_ONNX).exists() and names.SCORER_FP16_ONNX not in exports["files"]
+        with pytest.raises(bundle.BundleError, match="no fp16 scorer"):
+            Scorer(path, precision="fp16")
+        assert Scorer(path, precision="fp16", fall_back_to_fp32=True).precision == "fp32"
 
     # criteria wide open: the mechanics (file, record, runtime) whatever this random model's agreement
     q = ex.quantize_int8(path, real[0][:2], real[0], real[1], max_decision_disagreement=1.0, max_auroc_drop=1.0)
