@@ -180,10 +180,13 @@ def test_sweep_settles_only_dead_workers_runs_truthfully(store, tmp_path):
     store.request_cancel(cancelled)
     time.sleep(1.0)  # (published versions count when created after the job started, to the second)
     _published(models, "m1", "fp1")
-    time.sleep(0.3)
+    # Staleness well above scheduling noise: on a loaded machine 0.25 s between the heartbeat and the
+    # second sweep was sometimes exceeded, and the live job was (correctly) judged stale.
+    stale_s = 2.0
+    time.sleep(stale_s)
     store.heartbeat(alive, tokens[alive])
-    assert sorted(sup.sweep_stale(0.25)) == sorted([dead, published, cancelled])
-    assert sup.sweep_stale(0.25) == []  # settled once: a second sweeper finds nothing
+    assert sorted(sup.sweep_stale(stale_s)) == sorted([dead, published, cancelled])
+    assert sup.sweep_stale(stale_s) == []  # settled once: a second sweeper finds nothing
     j = store.get(dead)
     assert j.state == "failed" and "its worker w-gone stopped sending heartbeats" in j.error
     j = store.get(published)

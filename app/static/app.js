@@ -544,11 +544,15 @@ function jobResult(j) {
 
 function watchJob(id, initial = null) {
   clearTimeout(state.pollTimer);
+  // A poll already in flight for the previously watched job must not render over this one when its
+  // answer arrives (clearTimeout cannot stop it): every watch gets a generation number.
+  const gen = (state.watchGen = (state.watchGen || 0) + 1);
   state.job = initial ? { ...initial, job_id: id } : { job_id: id, state: "queued" };
   renderJob();
   const tick = async () => {
     try {
       const j = await api(`train/${encodeURIComponent(id)}`);
+      if (gen !== state.watchGen) return;  // the user switched to another job meanwhile
       state.job = j;
       renderJob();
       if (TERMINAL.has(jobState(j))) {
@@ -557,6 +561,7 @@ function watchJob(id, initial = null) {
         return;
       }
     } catch (err) {
+      if (gen !== state.watchGen) return;
       if (err instanceof ApiError && err.status === 404) {
         localStorage.removeItem(JOB_STORAGE);
         $("#job-error").textContent = "This job is no longer known to the server (restarted?).";
@@ -672,7 +677,7 @@ async function cancelJob() {
   if (!ok) return;
   try {
     const j = await api(`train/${encodeURIComponent(id)}`, { method: "DELETE" });
-    if (j && jobState(j)) { state.job = j; renderJob(); }
+    if (j && jobState(j) && jobId(state.job) === id) { state.job = j; renderJob(); }
     if (TERMINAL.has(jobState(j))) loadJobs();
   } catch (err) {
     showBanner(explain(err, "Could not cancel the job"));
