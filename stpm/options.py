@@ -115,7 +115,7 @@ def option_named(name: str) -> TrainingOption:
 def check(opt: TrainingOption, value: Any) -> Any:
     """A value for `opt` (a Python value, or text from a command line or a form) -> the config value.
     Raises ValueError naming the option, the value and what is allowed."""
-    if value is None or (isinstance(value, str) and value == "" and opt.optional):
+    if value is None or (opt.optional and isinstance(value, str) and _means_none(opt, value)):
         if opt.optional:
             return None
         raise ValueError(f"{opt.name}: a value is required")
@@ -123,6 +123,15 @@ def check(opt: TrainingOption, value: Any) -> Any:
         items = [x.strip() for x in value.split(",")] if isinstance(value, str) else list(value)
         return tuple(_check_one(opt, x) for x in items if x != "")
     return _check_one(opt, value)
+
+
+def _means_none(opt: TrainingOption, text: str) -> bool:
+    """For an optional option: "" (an empty form field), or "none" where that cannot be a real value."""
+    t = text.strip()
+    if t == "":
+        return True
+    return t.lower() == "none" and (opt.kind is not str or opt.choices is not None) and not (
+        opt.choices and t in opt.choices)
 
 
 def _check_one(opt: TrainingOption, value: Any) -> Any:
@@ -199,6 +208,8 @@ def _help(o: TrainingOption) -> str:
         extra.append(f"default {','.join(o.default) if o.many else o.default}")
     if o.bounds_text():
         extra.append(o.bounds_text())
+    if o.optional:
+        extra.append("none: unset" if o.kind is not str or o.choices else "empty: unset")
     return o.help + (f" ({'; '.join(extra)})" if extra else "")
 
 

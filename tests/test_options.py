@@ -38,7 +38,7 @@ def other_value(o):
     elif o.kind is int:
         candidates = [o.default + 1, o.default - 1]
     else:
-        candidates = [o.default / 2, o.default + 0.5]
+        candidates = [o.default / 2, o.default + 0.5, (o.default + lo) / 2]
     for v in candidates:
         try:
             if check(o, v) == v and v != o.default:
@@ -159,12 +159,19 @@ def test_unknown_names_and_bad_values_are_refused_by_name():
         stpm.train("data", name="x", colour="red")  # explicit keywords: no catch-all
 
 
-def test_a_new_config_field_appears_in_the_cli_the_api_and_the_job_runner(monkeypatch, tmp_path):
-    """What the lead's `method` option will do: declared once in ModelConfig, offered everywhere."""
+def test_new_config_fields_appear_in_the_cli_the_api_and_the_job_runner(monkeypatch):
+    """What the lead's PatchCore options will do: declared once in ModelConfig (a Literal `method`, `sigma`
+    turned `float | None`, a bounded float, an optional int), offered by the CLI, POST /train's form and
+    OpenAPI, and read back by the job runner, with None reachable everywhere it is allowed."""
     hints = typing.get_type_hints(ModelConfig)
-    model_fields = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata)) for f in fields(ModelConfig)]
-    model_fields.append(("method", typing.Literal["stpm", "patchcore", "auto"],
-                         field(default="stpm", metadata=option("anomaly method"))))
+    model_fields = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
+                    for f in fields(ModelConfig) if f.name != "sigma"]
+    model_fields += [
+        ("method", typing.Literal["stpm", "patchcore", "auto"], field(default="stpm", metadata=option("anomaly method"))),
+        ("sigma", float | None, field(default=None, metadata=option("map smoothing (default: the method's)", ge=0))),
+        ("coreset_ratio", float, field(default=0.1, metadata=option("memory bank fraction kept", gt=0, le=1))),
+        ("bank_size", int | None, field(default=None, metadata=option("memory bank cap", ge=1))),
+    ]
     NewModel = make_dataclass("ModelConfig", model_fields, frozen=True)
     NewTraining = make_dataclass(
         "TrainingConfig", [("model", NewModel, field(default_factory=NewModel))]
@@ -174,30 +181,51 @@ def test_a_new_config_field_appears_in_the_cli_the_api_and_the_job_runner(monkey
     monkeypatch.setattr(options_module, "TrainingConfig", NewTraining)
     training_options.cache_clear()
     try:
-        method = options_module.option_named("method")
+        method, sigma = options_module.option_named("method"), options_module.option_named("sigma")
         assert method.choices == ("stpm", "patchcore", "auto") and method.section == "model"
+        assert sigma.kind is float and sigma.optional and sigma.default is None
         # the CLI
-        args = build_parser("train").parse_args(["train", "d", "--name", "n", "--method", "patchcore"])
-        assert options_module.from_args(args).model.method == "patchcore"
+        parser = build_parser("train")
+        base = ["train", "d", "--name", "n"]
+        m = options_module.from_args(parser.parse_args(base)).model
+        assert (m.method, m.sigma, m.coreset_ratio, m.bank_size) == ("stpm", None, 0.1, None)
+        m = options_module.from_args(parser.parse_args(
+            base + ["--method", "patchcore", "--sigma", "2.5", "--coreset-ratio", "0.25", "--bank-size", "1000"])).model
+        assert (m.method, m.sigma, m.coreset_ratio, m.bank_size) == ("patchcore", 2.5, 0.25, 1000)
+        assert options_module.from_args(parser.parse_args(base + ["--sigma", "none"])).model.sigma is None
+        for bad in (["--method", "nearest"], ["--sigma", "-1"], ["--sigma", "wide"], ["--coreset-ratio", "0"],
+                    ["--bank-size", "0.5"]):
+            with pytest.raises(SystemExit):
+                parser.parse_args(base + bad)
         # the API form and its OpenAPI, through the same generator POST /train uses
         from app.routes.train import with_option_fields
 
         seen = {}
 
         async def endpoint(name: str = "x", **opts):
+            seen.clear()
             seen.update(opts)
             return {}
 
         api = FastAPI()
         api.post("/t")(with_option_fields(endpoint, tuple(o for o in training_options() if o.api)))
         with TestClient(api) as c:
-            assert c.post("/t", data={"method": "patchcore"}).status_code == 200
-            assert c.post("/t", data={"method": "nearest"}).status_code == 422
+            assert c.post("/t", data={"method": "patchcore", "sigma": "2.5", "bank_size": "1000"}).status_code == 200
+            m = build(seen).model
+            assert (m.method, m.sigma, m.bank_size, m.coreset_ratio) == ("patchcore", 2.5, 1000, 0.1)
+            assert c.post("/t", data={"sigma": ""}).status_code == 200 and build(seen).model.sigma is None
+            for bad in ({"method": "nearest"}, {"sigma": "-1"}, {"sigma": "nan"}, {"coreset_ratio": "0"},
+                        {"bank_size": "1.5"}):
+                r = c.post("/t", data=bad)
+                assert r.status_code == 422 and next(iter(bad)) in r.text, (bad, r.text)
             schema = c.get("/openapi.json").json()["components"]["schemas"]
-        assert any(s.get("properties", {}).get("method", {}).get("enum") == ["stpm", "patchcore", "auto"]
-                   for s in schema.values())
-        cfg = build(seen)
+        props = next(s["properties"] for s in schema.values() if "method" in s.get("properties", {}))
+        assert props["method"]["enum"] == ["stpm", "patchcore", "auto"]
+        assert {a.get("type") for a in props["sigma"]["anyOf"]} == {"number", "null"}
+        assert next(a for a in props["sigma"]["anyOf"] if a.get("type") == "number")["minimum"] == 0
+        assert props["coreset_ratio"]["exclusiveMinimum"] == 0 and props["coreset_ratio"]["maximum"] == 1
         # the job runner's side: stored parameters -> configs
-        assert from_params(to_params(cfg)).model.method == "patchcore"
+        cfg = build({"method": "patchcore", "sigma": 2.5})
+        assert from_params(to_params(cfg)) == cfg and from_params(to_params(build({}))).model.sigma is None
     finally:
         training_options.cache_clear()
