@@ -114,6 +114,73 @@ def png_encode_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def load_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/load.py: the service under K concurrent clients vs the bare scorer."""
+    m, bare, rss = res["machine"], res["bare_scorer"], res["server_rss_mb"]
+    threads = res["intra_op_threads"] or "default"
+    lines = [f"Machine: {m['cpus']} CPUs ({m['platform']}), load average {m['loadavg_1m_at_end']:.1f} at the end; "
+             f"ORT intra-op threads: {threads}; model `{res['model']}`, image `{res['image']}` "
+             f"({res['image_bytes'] / 1000:.0f} kB), heatmap={res['heatmap']}.", "",
+             "| clients | req/s | p50 ms | p99 ms | errors | server RSS MB |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['clients']} | {r['req_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | "
+                     f"{r['server_rss_mb']:.0f} |")
+    errors = sum(r["errors"] for r in res["runs"])
+    ov = res["http_overhead_batch1"]
+    peak = max([rss["after"]] + [r["server_rss_mb"] for r in res["runs"]])
+    lines += ["", f"Bare scorer (batch 1, decode + infer, mean of before and after the load): p50 "
+              f"{bare['p50_ms']:.0f} ms. HTTP overhead at batch 1 (p50): **{100 * ov:+.1f} %** (target <= 25 %: "
+              f"{_verdict(ov <= 0.25)}). Server RSS {rss['before']:.0f} MB idle with the model loaded, "
+              f"{rss['after']:.0f} MB after the runs (target <= 400 MB: {_verdict(peak <= 400)}). Errors: {errors} "
+              f"(target 0: {_verdict(errors == 0)}). Mean images per inference batch: {res['mean_batch_images']:.2f}."]
+    return "\n".join(lines)
+
+
+def memory_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/memory.py: peak and resident memory of the server per request shape."""
+    m, st = res["machine"], res["settings"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, load average {m['load_avg_1_5_15'][0]:.1f} (1 min) at the end. "
+             f"Budget `STPM_MAX_REQUEST_PIXELS` {st['max_request_pixels']}, {st['intra_op_threads']} ORT thread(s), "
+             f"model at {st['model_image_size']} px. Server idle RSS with the model loaded: {res['idle_rss_mb']} MB.", "",
+             "| request | status | sent MB | answer MB | s | peak RSS MB | RSS after MB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in res["cases"]:
+        lines.append(f"| {r['case']} | {r['status']} | {r['request_mb']} | {r['response_mb']} | {r['seconds']} | "
+                     f"{r['peak_rss_mb']} | {r['rss_after_mb']} |")
+    lines += ["", f"Worst accepted request: peak RSS **{res['worst_accepted_peak_rss_mb']} MB**."]
+    return "\n".join(lines)
+
+
+def scale_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/scale.py: scoring vs API replicas, training jobs vs workers."""
+    out = [f"Command: `.venv/bin/python benchmarks/{res['command']}` ({res['when']}); machine: {res['machine']['cpus']} "
+           f"CPUs, {res['machine']['platform']}.", ""]
+    if res.get("scoring"):
+        out += ["| API replicas x ORT threads | req/s | p50 ms | p99 ms | errors | load avg before |",
+                "|---|---|---|---|---|---|"]
+        for r in res["scoring"]:
+            out.append(f"| {r['replicas']} x {r['intra_op_threads']} | {r['req_per_s']:.2f} | {r['p50_ms']:.0f} | "
+                       f"{r['p99_ms']:.0f} | {r['errors']} | {r['load_avg_before']:.1f} |")
+        out.append("")
+    if res.get("jobs"):
+        out += ["| workers | jobs | wall s | jobs/min | mean job s | Redis cmds/job | PG commits/job | PG rows "
+                "written/job | idle Redis cmds/s | idle PG commits/s | load avg before |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["jobs"]:
+            p, i = r["per_job_during_batch"], r["idle_per_s"]
+            out.append(f"| {r['workers']} | {r['jobs']} | {r['wall_s']} | {r['jobs_per_min']} | {r['mean_job_s']} | "
+                       f"{p['redis_commands']} | {p['pg_commits']} | {p['pg_rows_inserted'] + p['pg_rows_updated']} | "
+                       f"{i['redis_commands']} | {i['pg_commits']} | {r['load_avg_before']:.1f} |")
+        walls = {r["workers"]: r["wall_s"] for r in res["jobs"]}
+        if 1 in walls and 2 in walls:
+            out += ["", f"2 workers finish the batch **{walls[1] / walls[2]:.2f}x** faster than 1."]
+    return "\n".join(out).strip()
+
+
 # ------------------------------------------------------------------------------------ the registry
 
 @dataclass(frozen=True)
@@ -136,6 +203,12 @@ BLOCKS: dict[str, Block] = {
         ".venv/bin/python benchmarks/speed.py --bundle <trained EfficientNet-Lite0 bottle bundle, 128 px> --threads 1 "
         "--int8-data ../shared/data/mvtec_ad_bottle_512/bottle --out benchmarks/results/speed-bottle-lite0-t1.json"),
     "png_encode": Block("benchmarks/png_encode.py", "png_encode.json", png_encode_markdown),
+    "load_default": Block("benchmarks/load.py", "load_default.json", load_markdown),
+    "load_intra1": Block("benchmarks/load.py", "load_intra1.json", load_markdown),
+    "memory": Block("benchmarks/memory.py", "memory.json", memory_markdown),
+    "memory_before": Block("benchmarks/memory.py", "memory_before.json", memory_markdown),
+    "scale": Block("benchmarks/scale.py", "scale.json", scale_markdown),
+    "scale-jobs": Block("benchmarks/scale.py", "scale-jobs.json", scale_markdown),
 }
 
 

@@ -15,9 +15,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import report  # noqa: E402
 
 # Sections whose prose has been audited: outside generated blocks they hold no measured figure. The
-# numbers they may state are setup and targets (learning rate, momentum, AUROC targets, the share held out).
-AUDITED = ("## Quality", "## Speed")
-SETUP_NUMBERS = {"0.4", "0.1", "0.9", "0.98", "0.97", "20 %"}
+# numbers they may state are setup and targets: learning rate, momentum, AUROC targets, the share held out,
+# the HTTP overhead target, the job runner's polling intervals (code constants, not measurements).
+AUDITED = ("## Quality", "## Service", "## Scale-out", "## Speed")
+SETUP_NUMBERS = {"0.4", "0.1", "0.9", "0.98", "0.97", "20 %", "25 %", "0.25", "0.3", "0.5"}
 FIGURE = re.compile(r"\d+\.\d+|\d+(?:\.\d+)? ?%|\d+(?:\.\d+)?x\b")
 
 
@@ -48,6 +49,7 @@ def test_audited_prose_holds_no_measured_figures():
     for heading in AUDITED:
         prose = report.BLOCK.sub("", _section(text, heading))
         prose = re.sub(r"```.*?```", "", prose, flags=re.DOTALL)
+        prose = re.sub(r"\b\d+\.\d+\.\d+\.\d+\b", "", prose)  # addresses
         figures = [f for f in FIGURE.findall(prose) if f not in SETUP_NUMBERS]
         assert not figures, f"{heading}: figures typed by hand outside generated blocks: {figures}"
 
