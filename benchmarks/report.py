@@ -1,5 +1,6 @@
-"""The generated blocks of docs/BENCHMARKS.md: each one is the Markdown of one result file in
-benchmarks/results/, rendered here, and marked in the doc so nobody types into it. Torch-free.
+"""The generated blocks of docs/BENCHMARKS.md and docs/DISTILLATION.md: each one is the Markdown of one
+result file in benchmarks/results/ (or one run's per-seed files), rendered here, and marked in the doc so
+nobody types into it. Torch-free.
 
     <!-- BEGIN generated KEY: ... do not edit -->
     ...
@@ -7,7 +8,7 @@ benchmarks/results/, rendered here, and marked in the doc so nobody types into i
 
 A benchmark script writes its own block after a run (`write_block`); `python benchmarks/report.py`
 re-renders every block from the result files (`--check`: fail if a block differs, as tests/test_docs.py
-does). Text outside the blocks is prose: it explains, it does not hold measured figures.
+does). Text outside the blocks is prose: it explains and reads the tables.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: `benchmarks` and `stpm` import from the checkout
+    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
+DISTILL_DOC = ROOT / "docs" / "DISTILLATION.md"
+DOCS = (DOC, DISTILL_DOC)
 BLOCK = re.compile(r"<!-- BEGIN generated (?P<key>[\w.-]+):[^>]*-->\n(?P<body>.*?)<!-- END generated (?P=key) -->",
                    re.DOTALL)
 
@@ -132,11 +137,14 @@ def load_markdown(res: dict[str, Any]) -> str:
     errors = sum(r["errors"] for r in res["runs"])
     ov = res["http_overhead_batch1"]
     peak = max([rss["after"]] + [r["server_rss_mb"] for r in res["runs"]])
+    overhead = ("not measured (no 1-client run)" if ov is None
+                else f"**{100 * ov:+.1f} %** (target <= 25 %: {_verdict(ov <= 0.25)})")
+    batch = res["mean_batch_images"]
     lines += ["", f"Bare scorer (batch 1, decode + infer, mean of before and after the load): p50 "
-              f"{bare['p50_ms']:.0f} ms. HTTP overhead at batch 1 (p50): **{100 * ov:+.1f} %** (target <= 25 %: "
-              f"{_verdict(ov <= 0.25)}). Server RSS {rss['before']:.0f} MB idle with the model loaded, "
-              f"{rss['after']:.0f} MB after the runs (target <= 400 MB: {_verdict(peak <= 400)}). Errors: {errors} "
-              f"(target 0: {_verdict(errors == 0)}). Mean images per inference batch: {res['mean_batch_images']:.2f}."]
+              f"{bare['p50_ms']:.0f} ms. HTTP overhead at batch 1 (p50): {overhead}. Server RSS {rss['before']:.0f} "
+              f"MB idle with the model loaded, {rss['after']:.0f} MB after the runs (target <= 400 MB: "
+              f"{_verdict(peak <= 400)}). Errors: {errors} (target 0: {_verdict(errors == 0)}). Mean images per "
+              f"inference batch: {'not recorded' if batch is None else f'{batch:.2f}'}."]
     return "\n".join(lines)
 
 
@@ -189,6 +197,8 @@ class Block:
     result: str  # file name in benchmarks/results/
     render: Callable[[dict[str, Any]], str]
     command: str | None = None  # for result files written before the script recorded its command
+    doc: Path = DOC
+    load: Callable[[], dict[str, Any]] | None = None  # instead of reading `result` (e.g. merged seed files)
 
 
 BLOCKS: dict[str, Block] = {
@@ -212,9 +222,28 @@ BLOCKS: dict[str, Block] = {
 }
 
 
+def _distill_blocks() -> dict[str, Block]:
+    from benchmarks import distill_report as d
+
+    def loader(name: str) -> Callable[[], dict[str, Any]]:
+        def load() -> dict[str, Any]:
+            r = d.merge_seed_files(name) or d.load(name)
+            if r is None:
+                raise FileNotFoundError(f"no benchmarks/results/distill_{name}*.json")
+            return r
+        return load
+
+    return {f"distill_{name}": Block(f"benchmarks/distill_{script}.py", f"distill_{name}*.json", fn,
+                                     doc=DISTILL_DOC, load=loader(name))
+            for name, script, fn in d.TABLES}
+
+
+BLOCKS.update(_distill_blocks())
+
+
 def render(key: str) -> str:
     b = BLOCKS[key]
-    res = json.loads((RESULTS / b.result).read_text())
+    res = b.load() if b.load else json.loads((RESULTS / b.result).read_text())
     if b.command and "command" not in res:
         res["command"] = b.command
     return b.render(res).strip() + "\n"
@@ -223,7 +252,7 @@ def render(key: str) -> str:
 def begin_marker(key: str) -> str:
     b = BLOCKS[key]
     return (f"<!-- BEGIN generated {key}: written by {b.script} from benchmarks/results/{b.result}; do not edit, "
-            "rerun the script or benchmarks/report.py -->")
+            "rerun benchmarks/report.py -->")
 
 
 def replace_block(text: str, key: str, body: str) -> str:
@@ -261,19 +290,21 @@ def rendered(text: str) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="re-render docs/BENCHMARKS.md's generated blocks from benchmarks/results/")
+    ap = argparse.ArgumentParser(description="re-render the docs' generated blocks from benchmarks/results/")
     ap.add_argument("--check", action="store_true", help="only report blocks that differ (exit 1)")
     a = ap.parse_args()
-    text = DOC.read_text()
-    new = rendered(text)
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        new = rendered(text)
+        stale += [k for k, v in blocks_in(text).items() if v != blocks_in(new)[k]]
+        if not a.check:
+            doc.write_text(new)
     if a.check:
-        stale = [k for k, v in blocks_in(text).items() if v != blocks_in(new)[k]]
         print("stale blocks: " + ", ".join(stale) if stale else "all generated blocks match their result files")
         return 1 if stale else 0
-    DOC.write_text(new)
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main())

@@ -17,7 +17,9 @@ How to add an option (it then appears in all of those at once):
    - `name=` gives it another public name where the field name would be ambiguous (TilingConfig.mode
      is `tiling`); `aliases=` adds CLI spellings; `api=False` keeps it off POST /train (a path or a
      resource of the server's: the teacher weight file, the device, DataLoader workers);
-   - a field set only in code (never by users) takes `metadata=internal("why")` instead.
+   - a field set only in code (never by users) takes `metadata=internal("why")` instead;
+   - a field without metadata is still offered (name, type, default, choices) but has no help or bounds,
+     and tests/test_options.py fails until it gets `option(...)` or `internal(...)`.
 2. Use it where it acts (pipeline, model, ...). A new *dataclass* (a new section, e.g. a method's own
    settings) also becomes a field of `TrainingConfig` below, and `stpm.pipeline.run_training` passes
    it on to the training code.

@@ -5,6 +5,7 @@ field added to a config dataclass appears in all of them at once (checked here w
 from __future__ import annotations
 
 import inspect
+import sys
 import typing
 from dataclasses import field, fields, make_dataclass
 
@@ -171,6 +172,7 @@ def test_new_config_fields_appear_in_the_cli_the_api_and_the_job_runner(monkeypa
         ("sigma", float | None, field(default=None, metadata=option("map smoothing (default: the method's)", ge=0))),
         ("coreset_ratio", float, field(default=0.1, metadata=option("memory bank fraction kept", gt=0, le=1))),
         ("bank_size", int | None, field(default=None, metadata=option("memory bank cap", ge=1))),
+        ("neighbourhood", int, field(default=3)),  # no option metadata yet: offered anyway, without help or bounds
     ]
     NewModel = make_dataclass("ModelConfig", model_fields, frozen=True)
     NewTraining = make_dataclass(
@@ -190,8 +192,9 @@ def test_new_config_fields_appear_in_the_cli_the_api_and_the_job_runner(monkeypa
         m = options_module.from_args(parser.parse_args(base)).model
         assert (m.method, m.sigma, m.coreset_ratio, m.bank_size) == ("stpm", None, 0.1, None)
         m = options_module.from_args(parser.parse_args(
-            base + ["--method", "patchcore", "--sigma", "2.5", "--coreset-ratio", "0.25", "--bank-size", "1000"])).model
-        assert (m.method, m.sigma, m.coreset_ratio, m.bank_size) == ("patchcore", 2.5, 0.25, 1000)
+            base + ["--method", "patchcore", "--sigma", "2.5", "--coreset-ratio", "0.25", "--bank-size", "1000",
+                    "--neighbourhood", "5"])).model
+        assert (m.method, m.sigma, m.coreset_ratio, m.bank_size, m.neighbourhood) == ("patchcore", 2.5, 0.25, 1000, 5)
         assert options_module.from_args(parser.parse_args(base + ["--sigma", "none"])).model.sigma is None
         for bad in (["--method", "nearest"], ["--sigma", "-1"], ["--sigma", "wide"], ["--coreset-ratio", "0"],
                     ["--bank-size", "0.5"]):
@@ -210,12 +213,13 @@ def test_new_config_fields_appear_in_the_cli_the_api_and_the_job_runner(monkeypa
         api = FastAPI()
         api.post("/t")(with_option_fields(endpoint, tuple(o for o in training_options() if o.api)))
         with TestClient(api) as c:
-            assert c.post("/t", data={"method": "patchcore", "sigma": "2.5", "bank_size": "1000"}).status_code == 200
+            r = c.post("/t", data={"method": "patchcore", "sigma": "2.5", "bank_size": "1000", "neighbourhood": "5"})
+            assert r.status_code == 200, r.text
             m = build(seen).model
-            assert (m.method, m.sigma, m.bank_size, m.coreset_ratio) == ("patchcore", 2.5, 1000, 0.1)
+            assert (m.method, m.sigma, m.bank_size, m.coreset_ratio, m.neighbourhood) == ("patchcore", 2.5, 1000, 0.1, 5)
             assert c.post("/t", data={"sigma": ""}).status_code == 200 and build(seen).model.sigma is None
             for bad in ({"method": "nearest"}, {"sigma": "-1"}, {"sigma": "nan"}, {"coreset_ratio": "0"},
-                        {"bank_size": "1.5"}):
+                        {"bank_size": "1.5"}, {"neighbourhood": "three"}):
                 r = c.post("/t", data=bad)
                 assert r.status_code == 422 and next(iter(bad)) in r.text, (bad, r.text)
             schema = c.get("/openapi.json").json()["components"]["schemas"]
@@ -229,3 +233,14 @@ def test_new_config_fields_appear_in_the_cli_the_api_and_the_job_runner(monkeypa
         assert from_params(to_params(cfg)) == cfg and from_params(to_params(build({}))).model.sigma is None
     finally:
         training_options.cache_clear()
+
+
+def test_stpm_train_stays_the_function_after_the_training_module_is_imported():
+    """stpm/train.py (the training loop) shares the public function's name: importing it, as the first
+    `stpm.train(...)` call does, must not replace `stpm.train`."""
+    import stpm.train  # noqa: F401  (the submodule)
+    from stpm.api import train
+    from stpm.train import fit
+
+    assert stpm.train is train and callable(fit)
+    assert "torch" in sys.modules["stpm.train"].__dict__
