@@ -269,6 +269,7 @@ def default_scorer_factory(settings: Settings) -> Callable[[Path], Any]:
             precision=settings.precision,
             max_pixels=settings.max_pixels,
             max_batch=settings.batch_max_images,
+            fall_back_to_fp32=True,  # a version without the fp16 graph (e.g. made by POST /train) serves fp32
         )
 
     return make

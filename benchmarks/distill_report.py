@@ -1,4 +1,5 @@
-"""Print the markdown tables of docs/DISTILLATION.md from benchmarks/results/distill_*.json.
+"""The markdown tables of docs/DISTILLATION.md from benchmarks/results/distill_*.json (its generated
+blocks: benchmarks/report.py writes them into the doc; this prints them).
 
 python benchmarks/distill_report.py
 """
@@ -103,11 +104,18 @@ def simple(r: dict, key: str, col: str) -> str:
     return "\n".join(out)
 
 
+def accuracy(r: dict) -> str:
+    return simple(r, "accuracy_percent", "test accuracy %")
+
+
+TABLES = (  # (result name, the benchmark script distill_<script>.py, renderer)
+    ("hinton", "hinton", hinton), ("hinton800", "hinton", hinton800), ("cnn", "cnn", cnn),
+    ("disjoint", "disjoint", accuracy), ("noisy_student", "noisy_student", accuracy), ("latent", "latent", accuracy),
+)
+
+
 def main() -> None:
-    for name, fn in (("hinton", hinton), ("hinton800", hinton800), ("cnn", cnn),
-                     ("disjoint", lambda r: simple(r, "accuracy_percent", "test accuracy %")),
-                     ("noisy_student", lambda r: simple(r, "accuracy_percent", "test accuracy %")),
-                     ("latent", lambda r: simple(r, "accuracy_percent", "test accuracy %"))):
+    for name, _, fn in TABLES:
         r = merge_seed_files(name) or load(name)
         print(f"\n<!-- {name} -->\n" + (fn(r) if r else f"(no results/distill_{name}.json yet)"))
 

@@ -4,7 +4,8 @@
 
 Teacher: EfficientNet-Lite0 with genuine ImageNet weights (the pretrained teacher available offline);
 students: the same architecture, and ResNet18 with 1x1 projections. Writes a JSON with every number and
-prints a Markdown table for docs/BENCHMARKS.md.
+prints its Markdown table; a result file registered in benchmarks/report.py (quality_128px,
+quality_256px) also rewrites its block of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -81,14 +82,12 @@ def main() -> int:
             Path(a.out).write_text(json.dumps({
                 "command": " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
                 f"{torch.get_num_threads()} threads, torch {torch.__version__}", "rows": rows}, indent=2))
-    print("\n| dataset | student | epochs | image AUROC | pixel AUROC | AUPRO@0.3 | F1-max | P/R @ calibrated thr "
-          "| s/epoch | train img/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        c = r["calibrated"] or {}
-        print(f"| {r['dataset']} | {r['student']} | {r['epochs']} (best {r['best_epoch']}) | {r['image_auroc']:.3f} "
-              f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} | {c.get('precision', 0):.2f} / "
-              f"{c.get('recall', 0):.2f} | {r['train_s_per_epoch']:.0f} | {r['train_images_per_s']:.2f} |")
+    from benchmarks.report import BLOCKS, DOC, quality_markdown, write_block
+
+    res = json.loads(Path(a.out).read_text())
+    print(quality_markdown(res))
+    if Path(a.out).stem in BLOCKS:
+        write_block(DOC, Path(a.out).stem, quality_markdown(res))
     return 0
 
 

@@ -42,17 +42,23 @@ from stpm.imageio import resize_rgb
 from stpm.loss import image_score
 from stpm.model import STPM
 from stpm.methods import STPMMap
+from stpm.names import (
+    INPUT,
+    REJECTED_INT8_ONNX,
+    SCORER_FP16_ONNX,
+    SCORER_INT8_ONNX,
+    SCORER_ONNX,
+    SCORER_OUTPUTS,
+    STUDENT_ONNX,
+    TEACHER_ONNX,
+    feature_output,
+)
+from stpm.runtime import ort_session
 from stpm.weights import load_map
 
 log = logging.getLogger(__name__)
 
-TEACHER_ONNX = "teacher.onnx"
-STUDENT_ONNX = "student.onnx"
-SCORER_ONNX = "scorer.onnx"
-SCORER_FP16_ONNX = "scorer_fp16.onnx"
-SCORER_INT8_ONNX = "scorer_int8.onnx"
-REJECTED_INT8_ONNX = ".scorer_int8_rejected.onnx"  # kept only on request (benchmarks), never recorded
-SCORER_OUTPUTS = ("anomaly_map", "raw_score", "score")
+SCORER_AXES = {n: {0: "N"} for n in (INPUT, *SCORER_OUTPUTS)}  # dynamic batch; the tile size is fixed
 DEFAULT_ATOL = 1e-3  # normalised units: 0.5 is the threshold
 DEFAULT_FP16_ATOL = 2e-2
 
@@ -174,17 +180,6 @@ def prepare_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     return np.stack([resize_rgb(np.asarray(im, dtype=np.uint8), size).transpose(2, 0, 1) for im in images])
 
 
-def _ort_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def parity_report(
     ref: tuple[np.ndarray, np.ndarray, np.ndarray],
     got: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -262,7 +257,7 @@ def torch_reference(scorer: FusedScorer, batch: np.ndarray, chunk: int = 8):
 
 
 def ort_outputs(session, batch: np.ndarray, chunk: int = 8):
-    outs = [session.run(list(SCORER_OUTPUTS), {"images": batch[i:i + chunk]}) for i in range(0, len(batch), chunk)]
+    outs = [session.run(list(SCORER_OUTPUTS), {INPUT: batch[i:i + chunk]}) for i in range(0, len(batch), chunk)]
     return tuple(np.concatenate([o[k] for o in outs]).astype(np.float32) for k in range(3))
 
 
@@ -306,16 +301,15 @@ def export_bundle(
     feat_names: list[str] = []
     try:
         if stpm_model is not None:
-            feat_names = [f"feat{i}" for i in range(len(stpm_model.teacher_features(example_f)))]
+            feat_names = [feature_output(i) for i in range(len(stpm_model.teacher_features(example_f)))]
         for fname, which in feature_graphs:
-            axes = {"images": {0: "N", 2: "H", 3: "W"},
+            axes = {INPUT: {0: "N", 2: "H", 3: "W"},
                     **{n: {0: "N", 2: f"H{i}", 3: f"W{i}"} for i, n in enumerate(feat_names)}}
-            _onnx_export(_Features(stpm_model, which).eval(), example_f, tmp[fname], ["images"], feat_names, axes,
+            _onnx_export(_Features(stpm_model, which).eval(), example_f, tmp[fname], [INPUT], feat_names, axes,
                          opset)
             _set_metadata(tmp[fname], manifest, {"stpm.graph": which})
 
-        axes = {"images": {0: "N"}, "anomaly_map": {0: "N"}, "raw_score": {0: "N"}, "score": {0: "N"}}
-        _onnx_export(scorer, example_u8, tmp[SCORER_ONNX], ["images"], SCORER_OUTPUTS, axes, opset)
+        _onnx_export(scorer, example_u8, tmp[SCORER_ONNX], [INPUT], SCORER_OUTPUTS, SCORER_AXES, opset)
         _set_metadata(tmp[SCORER_ONNX], manifest, {
             "stpm.graph": "scorer", "stpm.precision": "fp32",
             "stpm.threshold": repr(threshold), "stpm.low": repr(low),
@@ -328,7 +322,7 @@ def export_bundle(
         tiled = tile_check_images(imgs, geometry)
         batch = nchw(tiled.tiles)
         ref = torch_reference(scorer, batch)
-        got = ort_outputs(_ort_session(tmp[SCORER_ONNX]), batch)
+        got = ort_outputs(ort_session(tmp[SCORER_ONNX]), batch)
         parity = parity_report(ref, got, threshold, low, atol)  # per tile
         parity["n_tiles"], parity["n_images"] = parity["n_images"], len(imgs)
         parity["check_images"] = source
@@ -340,7 +334,7 @@ def export_bundle(
         for fname, which in feature_graphs:
             with torch.no_grad():
                 tf = _Features(stpm_model, which)(xf)
-            of = _ort_session(tmp[fname]).run(None, {"images": xf.numpy()})
+            of = ort_session(tmp[fname]).run(None, {INPUT: xf.numpy()})
             parity[f"{which}_max_abs_feature"] = float(max(np.max(np.abs(a.numpy() - b)) for a, b in zip(tf, of)))
         if not parity["ok"]:
             im = parity["images"]
@@ -364,7 +358,7 @@ def export_bundle(
         "files": files,
         "scorer": {
             "file": SCORER_ONNX,
-            "inputs": {"images": {"dtype": "uint8", "shape": ["N", 3, size, size], "layout": "NCHW RGB"}},
+            "inputs": {INPUT: {"dtype": "uint8", "shape": ["N", 3, size, size], "layout": "NCHW RGB"}},
             "outputs": {
                 "anomaly_map": {"dtype": "float32", "shape": ["N", size, size], "units": "raw score"},
                 "raw_score": {"dtype": "float32", "shape": ["N"], "units": "max of the tile's map"},
@@ -377,7 +371,7 @@ def export_bundle(
     }
     if feat_names:
         exports["features"] = {
-            "inputs": {"images": {"dtype": "float32", "shape": ["N", 3, "H", "W"], "range": [0, 1]}},
+            "inputs": {INPUT: {"dtype": "float32", "shape": ["N", 3, "H", "W"], "range": [0, 1]}},
             "outputs": feat_names,
         }
 
@@ -406,13 +400,13 @@ def _export_fp16(amap, manifest, bundle_dir, batch, ref, threshold, low, opset, 
     scorer = fused_scorer(copy.deepcopy(amap).half(), manifest, half=True)
     path = bundle_dir / SCORER_FP16_ONNX
     size = int(manifest["model"]["image_size"])
-    axes = {"images": {0: "N"}, "anomaly_map": {0: "N"}, "raw_score": {0: "N"}, "score": {0: "N"}}
-    _onnx_export(scorer, torch.zeros(1, 3, size, size, dtype=torch.uint8), path, ["images"], SCORER_OUTPUTS, axes, opset)
+    _onnx_export(scorer, torch.zeros(1, 3, size, size, dtype=torch.uint8), path, [INPUT], SCORER_OUTPUTS, SCORER_AXES,
+                 opset)
     _set_metadata(path, manifest, {"stpm.graph": "scorer", "stpm.precision": "fp16",
                                    "stpm.threshold": repr(threshold), "stpm.low": repr(low)})
     out: dict[str, Any] = {"file": SCORER_FP16_ONNX, "shipped": True}
     try:
-        got = ort_outputs(_ort_session(path), batch)
+        got = ort_outputs(ort_session(path), batch)
     except Exception as e:  # noqa: BLE001 - a CPU provider without fp16 kernels fails in many ways
         out["parity"] = None
         out["parity_note"] = f"not measurable on ONNX Runtime CPU here ({type(e).__name__}); measure on a GPU"
@@ -439,7 +433,7 @@ class _CalibrationReader:
         if self.i >= len(self.batch):
             return None
         self.i += 1
-        return {"images": self.batch[self.i - 1:self.i]}
+        return {INPUT: self.batch[self.i - 1:self.i]}
 
     def rewind(self):
         self.i = 0
@@ -509,7 +503,7 @@ def quantize_int8(
                                   "stpm.threshold": repr(threshold), "stpm.low": repr(low)})
     tiled = tile_check_images(check_images, geometry)
     batch = nchw(tiled.tiles)
-    ref_t, got_t = ort_outputs(_ort_session(src), batch), ort_outputs(_ort_session(dst), batch)
+    ref_t, got_t = ort_outputs(ort_session(src), batch), ort_outputs(ort_session(dst), batch)
     ref_maps, got_maps = tiling.stitch_all(ref_t[0], tiled), tiling.stitch_all(got_t[0], tiled)
     ref_raw, got_raw = tiling.image_scores(ref_maps, spec), tiling.image_scores(got_maps, spec)
     scale = 0.5 / max(threshold - low, 1e-12)
@@ -554,7 +548,6 @@ def quantize_int8(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, or a bundle folder")
-    p.add_argument("--models-dir", default="models")
     p.add_argument("--fp16", action="store_true", help="also write scorer_fp16.onnx (for GPUs)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--check-dir", default=None, help="folder of real images for the parity check")
@@ -566,29 +559,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-calibration-images", type=int, default=32)
 
 
-def _bundle_path(model: str, models_dir: str) -> Path:
-    p = Path(model)
-    if (p / bundle.MANIFEST).is_file():
-        return p
-    return bundle.resolve(models_dir, model)
-
-
-def image_files(folder: str | Path, limit: int | None = None) -> list[Path]:
-    from stpm.imageio import is_image_path
-
-    files = sorted(p for p in Path(folder).rglob("*") if is_image_path(p))
-    return files[:limit] if limit else files
-
-
 def main(args: argparse.Namespace) -> int:
     import json
 
+    from stpm.data import good_train_dir, list_images, test_samples
     from stpm.imageio import read_image
 
-    path = _bundle_path(args.model, args.models_dir)
+    path = bundle.locate(args.models_dir, args.model)
     imgs = None
     if args.check_dir:
-        files = image_files(args.check_dir, args.check_count)
+        files = list_images(args.check_dir, recursive=True)[:args.check_count]
         imgs = [read_image(f) for f in files]
         geometry = tiling.from_manifest(bundle.read_manifest(path))
         for f, im in zip(files, imgs):
@@ -605,12 +585,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"exported {path}: {', '.join(ex['files'])}")
     print(json.dumps(ex["parity"], indent=2))
     if args.int8_data:
-        from stpm.bench import mvtec_split
-
-        train, test, labels = mvtec_split(Path(args.int8_data))
+        train, test = list_images(good_train_dir(args.int8_data)), test_samples(args.int8_data)
         n = args.int8_calibration_images
         cal = train[:: max(1, len(train) // n)][:n]
-        q = quantize_int8(path, [read_image(p) for p in cal], [read_image(p) for p in test], labels)
+        q = quantize_int8(path, [read_image(p) for p in cal], [read_image(s.path) for s in test], [s.label for s in test])
         print(json.dumps(q, indent=2))
     return 0
 

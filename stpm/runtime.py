@@ -26,11 +26,11 @@ import numpy as np
 import onnxruntime as ort
 
 from stpm import bundle, render, tiling
+from stpm.names import INPUT, PRECISION_FILES, SCORER_OUTPUTS
 from stpm.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_rgb
 
 log = logging.getLogger(__name__)
 
-PRECISION_FILES = {"fp32": "scorer.onnx", "fp16": "scorer_fp16.onnx", "int8": "scorer_int8.onnx"}
 AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -39,7 +39,6 @@ PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
     "openvino": "OpenVINOExecutionProvider",
 }
-OUTPUTS = ("anomaly_map", "raw_score", "score")
 MapSize = None | str | tuple[int, int]  # None, "input", "model" (the map's own size at the model's scale), (H, W)
 
 
@@ -90,6 +89,31 @@ def choose_providers(requested: Sequence[str], available: Sequence[str]) -> list
     return out
 
 
+def ort_session(
+    path: str | Path,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    provider_options: Sequence[dict[str, Any]] | None = None,
+    intra_op_threads: int | None = None,
+    inter_op_threads: int | None = None,
+) -> ort.InferenceSession:
+    """An ONNX Runtime session on a bundle's graph: full graph optimisation, sequential execution,
+    memory arena and pattern (fixed spatial size: the plan is reused across runs), quiet logs.
+    The one place sessions are made (Scorer, export parity, INT8 checks, bench) until the backends
+    module (issue 13) owns session creation."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.enable_cpu_mem_arena = True
+    so.enable_mem_pattern = True
+    so.log_severity_level = 3
+    if intra_op_threads is not None:
+        so.intra_op_num_threads = int(intra_op_threads)
+    if inter_op_threads is not None:
+        so.inter_op_num_threads = int(inter_op_threads)
+    return ort.InferenceSession(str(path), so, providers=list(providers),
+                                provider_options=list(provider_options) if provider_options is not None else None)
+
+
 def as_rgb(image: np.ndarray, name: str) -> np.ndarray:
     """A decoded array -> uint8 RGB [H, W, 3]. Accepts gray [H, W] / [H, W, 1], RGB, RGBA (composited on
     black, as stpm.imageio does for files), uint8, uint16 (/257) and float in [0, 1]."""
@@ -133,6 +157,7 @@ class Scorer:
         max_batch: int = 16,
         verify: bool = True,
         trt_cache_dir: str | Path | None = None,
+        fall_back_to_fp32: bool = False,
     ):
         if precision not in PRECISION_FILES:
             raise ValueError(f"precision must be one of {', '.join(PRECISION_FILES)}, got {precision!r}")
@@ -155,10 +180,16 @@ class Scorer:
         self.max_pixels = max_pixels
         self.max_batch = max_batch
 
-        fname = PRECISION_FILES[precision]
-        path = self.bundle_dir / fname
         exports = self.manifest.get("exports") or {}
-        recorded = (exports.get("files") or {}).get(fname)
+        files = exports.get("files") or {}
+        fname = PRECISION_FILES[precision]
+        if fall_back_to_fp32 and precision != "fp32" and (fname not in files or not (self.bundle_dir / fname).is_file()):
+            log.warning("%s/%s has no %s scorer (%s); serving the fp32 scorer instead", self.name, self.version,
+                        precision, fname)
+            self.precision = precision = "fp32"
+            fname = PRECISION_FILES[precision]
+        path = self.bundle_dir / fname
+        recorded = files.get(fname)
         if not path.is_file() or recorded is None:
             hint = "run `stpm export`" if precision != "int8" else "int8 was not shipped for this bundle (see exports.int8)"
             raise bundle.BundleError(f"{self.bundle_dir}: no {precision} scorer ({fname}); {hint}")
@@ -167,16 +198,6 @@ class Scorer:
 
         available = ort.get_available_providers()
         chosen = choose_providers(providers, available)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.enable_cpu_mem_arena = True
-        so.enable_mem_pattern = True  # fixed spatial size: the memory plan is reused across runs
-        so.log_severity_level = 3
-        if intra_op_threads is not None:
-            so.intra_op_num_threads = int(intra_op_threads)
-        if inter_op_threads is not None:
-            so.inter_op_num_threads = int(inter_op_threads)
         s = self.image_size
         opts: list[dict[str, Any]] = []
         for p in chosen:
@@ -195,7 +216,7 @@ class Scorer:
                 opts.append({"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "EXHAUSTIVE"})
             else:
                 opts.append({})
-        self.session = ort.InferenceSession(str(path), so, providers=chosen, provider_options=opts)
+        self.session = ort_session(path, chosen, opts, intra_op_threads, inter_op_threads)
         self.providers: list[str] = list(self.session.get_providers())
         if self.providers[0] != chosen[0]:
             log.warning("execution provider %s failed to initialise; running on %s", chosen[0], self.providers[0])
@@ -216,13 +237,13 @@ class Scorer:
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
         if self._io_binding:
             io = self.session.io_binding()
-            io.bind_cpu_input("images", batch)
-            for o in OUTPUTS:
+            io.bind_cpu_input(INPUT, batch)
+            for o in SCORER_OUTPUTS:
                 io.bind_output(o, "cuda")
             self.session.run_with_iobinding(io)
             maps, raw, score = io.copy_outputs_to_cpu()
         else:
-            maps, raw, score = self.session.run(list(OUTPUTS), {"images": batch})
+            maps, raw, score = self.session.run(list(SCORER_OUTPUTS), {INPUT: batch})
         return maps, raw, score
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
@@ -239,8 +260,13 @@ class Scorer:
         """The tile plan of a height x width input; raises tiling.TilingError naming the size and the limit."""
         return tiling.plan(height, width, self.geometry)
 
-    def prepare(self, image: bytes | np.ndarray, name: str) -> tuple[np.ndarray, tiling.TilePlan]:
+    def prepare(self, image: bytes | np.ndarray | str | Path, name: str) -> tuple[np.ndarray, tiling.TilePlan]:
         """One input -> (uint8 RGB at its own size, its tile plan). Raises ImageDecodeError naming it."""
+        if isinstance(image, (str, Path)):
+            try:
+                image = Path(image).read_bytes()
+            except OSError as e:
+                raise ImageDecodeError(name, f"cannot read the file ({e.strerror or e})") from None
         if isinstance(image, (bytes, bytearray, memoryview)):
             rgb = decode_image(bytes(image), name, self.max_pixels)
         elif isinstance(image, np.ndarray):
@@ -257,21 +283,22 @@ class Scorer:
 
     def score(
         self,
-        images: Sequence[bytes | np.ndarray],
+        images: Sequence[bytes | np.ndarray | str | Path],
         *,
         names: Sequence[str] | None = None,
         map_size: MapSize = None,
         overlay: bool = False,
         raw_map_png: bool = False,
     ) -> list[ScoreResult]:
-        """Score images (encoded bytes or decoded arrays). map_size: None (no map), "input" (each image's
+        """Score images (image files, encoded bytes or decoded arrays; names default to the file paths).
+        map_size: None (no map), "input" (each image's
         own size), "model" (the map's own size: the image at the model's scale) or (H, W). Overlay / map
         PNGs are rendered at map_size, or at the input size when map_size is None. Raises
         ImageDecodeError for an undecodable input or one the geometry cannot cover (nothing is scored
         then). Tiles of all images go through the graph together, `max_batch` per run."""
         n = len(images)
         if names is None:
-            names = [f"image{i}" for i in range(n)]
+            names = [str(im) if isinstance(im, (str, Path)) else f"image{i}" for i, im in enumerate(images)]
         elif len(names) != n:
             raise ValueError(f"{n} images but {len(names)} names")
         if not (map_size is None or map_size in ("input", "model") or
@@ -363,4 +390,4 @@ class Scorer:
         return f"Scorer({self.name}/{self.version}, {self.precision}, {self.providers[0]})"
 
 
-__all__ = ["PRECISION_FILES", "ScoreResult", "Scorer", "as_rgb", "choose_providers"]
+__all__ = ["ScoreResult", "Scorer", "as_rgb", "choose_providers", "ort_session"]

@@ -16,10 +16,7 @@ from torch import nn
 from stpm import bundle
 from stpm.config import ModelConfig, from_dict
 from stpm.model import STPM, build_stpm
-
-TEACHER_FILE = "teacher.safetensors"
-STUDENT_FILE = "student.safetensors"
-BANK_FILE = "memory_bank.safetensors"
+from stpm.names import MEMORY_BANK_WEIGHTS, STUDENT_WEIGHTS, TEACHER_WEIGHTS
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -32,13 +29,13 @@ def save_weights(model: nn.Module, folder: str | Path) -> dict[str, str]:
 
     folder = Path(folder)
     if isinstance(model, STPM):
-        save_file(_contiguous(model.teacher.state_dict()), str(folder / TEACHER_FILE))
-        save_file(_contiguous(model.student_state_dict()), str(folder / STUDENT_FILE))
-        names = (TEACHER_FILE, STUDENT_FILE)
+        save_file(_contiguous(model.teacher.state_dict()), str(folder / TEACHER_WEIGHTS))
+        save_file(_contiguous(model.student_state_dict()), str(folder / STUDENT_WEIGHTS))
+        names = (TEACHER_WEIGHTS, STUDENT_WEIGHTS)
     elif isinstance(model, PatchCoreMap):
-        save_file(_contiguous(model.features.teacher.state_dict()), str(folder / TEACHER_FILE))
-        save_file({"bank": model.bank.detach().cpu().contiguous()}, str(folder / BANK_FILE))
-        names = (TEACHER_FILE, BANK_FILE)
+        save_file(_contiguous(model.features.teacher.state_dict()), str(folder / TEACHER_WEIGHTS))
+        save_file({"bank": model.bank.detach().cpu().contiguous()}, str(folder / MEMORY_BANK_WEIGHTS))
+        names = (TEACHER_WEIGHTS, MEMORY_BANK_WEIGHTS)
     else:
         raise TypeError(f"no bundle layout for {type(model).__name__}")
     return {f: bundle.sha256_file(folder / f) for f in names}
@@ -68,8 +65,8 @@ def load_model(bundle_dir: str | Path, verify: bool = True) -> tuple[STPM, dict[
     cfg = model_config(manifest)
     # Architecture only: the teacher's ImageNet weights are the bundle's own copy.
     model, _ = build_stpm(ModelConfig(**{**cfg.__dict__, "pretrained": False}))
-    model.teacher.load_state_dict(load_file(str(bundle_dir / TEACHER_FILE)), strict=True)
-    sd = load_file(str(bundle_dir / STUDENT_FILE))
+    model.teacher.load_state_dict(load_file(str(bundle_dir / TEACHER_WEIGHTS)), strict=True)
+    sd = load_file(str(bundle_dir / STUDENT_WEIGHTS))
     model.student.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("student.")}, strict=True)
     if model.projections is not None:
         model.projections.load_state_dict(
@@ -95,6 +92,6 @@ def load_map(bundle_dir: str | Path, verify: bool = True) -> tuple[nn.Module, di
         _verify(bundle_dir, manifest)
     cfg = model_config(manifest)
     features, _ = build_features(ModelConfig(**{**cfg.__dict__, "pretrained": False}))
-    features.teacher.load_state_dict(load_file(str(bundle_dir / TEACHER_FILE)), strict=True)
-    bank = load_file(str(bundle_dir / BANK_FILE))["bank"]
+    features.teacher.load_state_dict(load_file(str(bundle_dir / TEACHER_WEIGHTS)), strict=True)
+    bank = load_file(str(bundle_dir / MEMORY_BANK_WEIGHTS))["bank"]
     return PatchCoreMap(features, bank, float(m["sigma"])).eval(), manifest

@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 
 from stpm import bundle, tiling
 from stpm import export as ex
+from stpm import names
 from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig
 from stpm.imageio import ImageDecodeError, resize_rgb
 from stpm.runtime import Scorer
@@ -151,7 +152,7 @@ def test_torch_and_onnx_agree_on_tiles_and_on_stitched_maps_and_scores(syn, syn_
     import onnxruntime as ort
 
     tiled = tiling.tile_images(images, syn_scorer.geometry)
-    sess = ort.InferenceSession(str(syn / ex.SCORER_ONNX), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(syn / names.SCORER_ONNX), providers=["CPUExecutionProvider"])
     onnx_tiles = sess.run(["anomaly_map"], {"images": ex.nchw(tiled.tiles)})[0]
     from stpm.train import stpm_tile_fn
     from stpm.weights import load_model

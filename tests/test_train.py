@@ -127,15 +127,3 @@ def test_calibration_on_good_only_flags_few_good_images(trained, bottle, bottle_
     good = load_images(sorted((bottle / "test" / "good").glob("*.png")), size)[0]
     _, scores = predict(model, to_tensor(good), torch.device("cpu"))
     assert np.mean(scores >= c.threshold) <= 0.15, (c.threshold, scores)
-
-
-def test_bundle_round_trip_reproduces_scores_bit_for_bit(trained, bottle_good):
-    _, path, _ = trained
-    a, manifest = load_model(path)
-    b, _ = load_model(path)
-    x = to_tensor(load_images(bottle_good[30:33], manifest["model"]["image_size"])[0])
-    ma, sa = predict(a, x, torch.device("cpu"))
-    mb, sb = predict(b, x, torch.device("cpu"))
-    assert np.array_equal(sa, sb) and np.array_equal(ma, mb)
-    # and the bundle's weights are what was trained: the published manifest records the training run
-    assert manifest["training"]["epochs_run"] >= 1 and manifest["data"]["n_images"] == 24

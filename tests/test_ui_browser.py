@@ -304,9 +304,6 @@ def test_models_tab_activate_and_delete(page, server):
 
 
 def test_train_tiny_job_from_a_folder_cancel_another(page, server, tmp_path):
-    probe = httpx.post(server + "/train", data={"name": "probe"})
-    if probe.status_code == 404:
-        pytest.skip("the server has no POST /train yet (training-jobs issue 6 not landed)")
     folder = tmp_path / "good-bottles"
     folder.mkdir()
     for p in train_images(10):

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from app.jobs.store import STORE_ENV, JobStore
+from app.jobs.uploads import IMAGES
 
 log = logging.getLogger("app.jobs.run_job")
 PROGRESS_EVERY_S = 0.5
@@ -137,24 +138,25 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        from dataclasses import replace
+
         from stpm import bundle
-        from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, from_dict
-        from stpm.pipeline import train_and_publish
+        from stpm.config import from_params
+        from stpm.options import validate
+        from stpm.pipeline import run_training
         from stpm.train import TrainingStopped
 
         params = job.params
-        model_cfg = from_dict(ModelConfig, params["model"])
-        train_cfg = from_dict(TrainConfig, {**params["train"], "device": args.device})
-        calib_cfg = from_dict(CalibrationConfig, params.get("calibration", {}))
-        tiling_cfg = from_dict(TilingConfig, params.get("tiling", {}))
+        config = from_params(params)  # every section the API stored (stpm.config.TrainingConfig)
+        config = replace(config, train=replace(config.train, device=args.device))  # the server's device
+        validate(config)
         job_dir = Path(job.job_dir)
-        images = sorted((job_dir / "images").iterdir())
+        images = sorted((job_dir / IMAGES).iterdir())
         outcome = None
         try:
-            outcome = train_and_publish(
-                images, job.name, args.models_dir, model_cfg, train_cfg, calib_cfg, tiling_cfg,
-                run_dir=job_dir / "run", weights_dir=args.weights_dir, skip_bad=False, resume=False, export=True,
-                progress=progress, should_stop=should_stop, show_bar=False,
+            outcome = run_training(
+                images, job.name, args.models_dir, config, run_dir=job_dir / "run", weights_dir=args.weights_dir,
+                skip_bad=False, resume=False, export=True, progress=progress, should_stop=should_stop, show_bar=False,
             )
         except TrainingStopped:
             pass

@@ -45,7 +45,8 @@ def _check(name: str, version: str | None = None) -> None:
 
 
 def _version_info(reg: ModelRegistry, name: str, version: str, active: str | None) -> tuple[dict[str, Any], dict]:
-    man = bundle.read_manifest(reg.models_dir / name / version)
+    path = reg.models_dir / name / version
+    man = bundle.read_manifest(path)
     model = man.get("model") or {}
     cal = man.get("calibration") or {}
     info = {
@@ -56,7 +57,7 @@ def _version_info(reg: ModelRegistry, name: str, version: str, active: str | Non
         "threshold": cal.get("threshold"),
         "image_size": model.get("image_size"),
         "backbone": model.get("backbone"),
-        "metrics": man.get("metrics"),
+        "metrics": bundle.read_evaluations(path) or None,
     }
     return info, man
 
