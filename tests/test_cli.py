@@ -68,7 +68,7 @@ def test_train_exports_and_predict_writes_overlays_and_json(tmp_path, bottle, bo
 
     m = str(tmp_path / "m")
     data = good_folder(tmp_path, bottle_good, 4)
-    rc = main(["train", str(data), "--name", "p", "--models-dir", m, "--no-pretrained", "--image-size", "32",
+    rc = main(["train", str(data), "--name", "p", "--models-dir", m, "--no-pretrained", "--method", "stpm", "--image-size", "32",
                "--epochs", "1", "--batch-size", "2", "--run-dir", str(tmp_path / "run")])
     assert rc == 0, capsys.readouterr().err
     bundle_dir = tmp_path / "m" / "p" / "v1"
@@ -165,7 +165,8 @@ def test_eval_writes_report_pictures_and_records_metrics_beside_an_unchanged_ver
     assert main(["train", str(data), "--name", "e", "--models-dir", m, "--no-pretrained", "--image-size", "32",
                  "--epochs", "1", "--batch-size", "2", "--no-export", "--run-dir", str(tmp_path / "run")]) == 0
     version = tmp_path / "m" / "e" / "v1"
-    weights = {f: bundle.sha256_file(version / f) for f in (names.TEACHER_WEIGHTS, names.STUDENT_WEIGHTS)}
+    weights = {f.name: bundle.sha256_file(f) for f in version.glob("*.safetensors")}  # teacher + bank (default)
+    assert names.TEACHER_WEIGHTS in weights and names.MEMORY_BANK_WEIGHTS in weights
     published = bundle.read_manifest(version)
     assert main(["export", "e", "--models-dir", m]) == 0
     exported = bundle.read_manifest(version)

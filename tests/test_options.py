@@ -160,79 +160,60 @@ def test_unknown_names_and_bad_values_are_refused_by_name():
         stpm.train("data", name="x", colour="red")  # explicit keywords: no catch-all
 
 
-def test_new_config_fields_appear_in_the_cli_the_api_and_the_job_runner(monkeypatch):
-    """What the lead's PatchCore options will do: declared once in ModelConfig (a Literal `method`, `sigma`
-    turned `float | None`, a bounded float, an optional int), offered by the CLI, POST /train's form and
-    OpenAPI, and read back by the job runner, with None reachable everywhere it is allowed."""
-    hints = typing.get_type_hints(ModelConfig)
-    model_fields = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
-                    for f in fields(ModelConfig) if f.name != "sigma"]
-    model_fields += [
-        ("method", typing.Literal["stpm", "patchcore", "auto"], field(default="stpm", metadata=option("anomaly method"))),
-        ("sigma", float | None, field(default=None, metadata=option("map smoothing (default: the method's)", ge=0))),
-        ("coreset_ratio", float, field(default=0.1, metadata=option("memory bank fraction kept", gt=0, le=1))),
-        ("bank_size", int | None, field(default=None, metadata=option("memory bank cap", ge=1))),
-        ("neighbourhood", int, field(default=3)),  # no option metadata yet: offered anyway, without help or bounds
-    ]
-    NewModel = make_dataclass("ModelConfig", model_fields, frozen=True)
-    NewTraining = make_dataclass(
-        "TrainingConfig", [("model", NewModel, field(default_factory=NewModel))]
-        + [(f.name, f.type, field(default_factory=f.default_factory)) for f in fields(TrainingConfig)[1:]],
-        frozen=True)
-    monkeypatch.setattr(config_module, "TrainingConfig", NewTraining)
-    monkeypatch.setattr(options_module, "TrainingConfig", NewTraining)
+def test_the_patchcore_fields_appear_in_the_cli_the_api_and_the_job_runner():
+    """The PatchCore options, declared once in ModelConfig (a Literal `method`, `sigma: float | None`,
+    bounded numbers), are offered by the CLI, POST /train's form and OpenAPI, and read back by the job
+    runner, with None reachable everywhere it is allowed."""
     training_options.cache_clear()
-    try:
-        method, sigma = options_module.option_named("method"), options_module.option_named("sigma")
-        assert method.choices == ("stpm", "patchcore", "auto") and method.section == "model"
-        assert sigma.kind is float and sigma.optional and sigma.default is None
-        # the CLI
-        parser = build_parser("train")
-        base = ["train", "d", "--name", "n"]
-        m = options_module.from_args(parser.parse_args(base)).model
-        assert (m.method, m.sigma, m.coreset_ratio, m.bank_size) == ("stpm", None, 0.1, None)
-        m = options_module.from_args(parser.parse_args(
-            base + ["--method", "patchcore", "--sigma", "2.5", "--coreset-ratio", "0.25", "--bank-size", "1000",
-                    "--neighbourhood", "5"])).model
-        assert (m.method, m.sigma, m.coreset_ratio, m.bank_size, m.neighbourhood) == ("patchcore", 2.5, 0.25, 1000, 5)
-        assert options_module.from_args(parser.parse_args(base + ["--sigma", "none"])).model.sigma is None
-        for bad in (["--method", "nearest"], ["--sigma", "-1"], ["--sigma", "wide"], ["--coreset-ratio", "0"],
-                    ["--bank-size", "0.5"]):
-            with pytest.raises(SystemExit):
-                parser.parse_args(base + bad)
-        # the API form and its OpenAPI, through the same generator POST /train uses
-        from app.routes.train import with_option_fields
+    method, sigma = options_module.option_named("method"), options_module.option_named("sigma")
+    assert method.choices == ("stpm", "patchcore") and method.section == "model"
+    assert sigma.kind is float and sigma.optional and sigma.default is None
+    # the CLI
+    parser = build_parser("train")
+    base = ["train", "d", "--name", "n"]
+    m = options_module.from_args(parser.parse_args(base)).model
+    assert (m.method, m.sigma, m.image_score, m.coreset_ratio, m.bank_size) == ("patchcore", None, "auto", 0.1, 16384)
+    m = options_module.from_args(parser.parse_args(
+        base + ["--method", "stpm", "--sigma", "2.5", "--coreset-ratio", "0.25", "--bank-size", "1000",
+                "--neighbourhood", "5"])).model
+    assert (m.method, m.sigma, m.coreset_ratio, m.bank_size, m.neighbourhood) == ("stpm", 2.5, 0.25, 1000, 5)
+    assert options_module.from_args(parser.parse_args(base + ["--sigma", "none"])).model.sigma is None
+    for bad in (["--method", "nearest"], ["--sigma", "-1"], ["--sigma", "wide"], ["--coreset-ratio", "0"],
+                ["--bank-size", "0.5"], ["--neighbourhood", "11"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + bad)
+    # the API form and its OpenAPI, through the same generator POST /train uses
+    from app.routes.train import with_option_fields
 
-        seen = {}
+    seen = {}
 
-        async def endpoint(name: str = "x", **opts):
-            seen.clear()
-            seen.update(opts)
-            return {}
+    async def endpoint(name: str = "x", **opts):
+        seen.clear()
+        seen.update(opts)
+        return {}
 
-        api = FastAPI()
-        api.post("/t")(with_option_fields(endpoint, tuple(o for o in training_options() if o.api)))
-        with TestClient(api) as c:
-            r = c.post("/t", data={"method": "patchcore", "sigma": "2.5", "bank_size": "1000", "neighbourhood": "5"})
-            assert r.status_code == 200, r.text
-            m = build(seen).model
-            assert (m.method, m.sigma, m.bank_size, m.coreset_ratio, m.neighbourhood) == ("patchcore", 2.5, 1000, 0.1, 5)
-            assert c.post("/t", data={"sigma": ""}).status_code == 200 and build(seen).model.sigma is None
-            for bad in ({"method": "nearest"}, {"sigma": "-1"}, {"sigma": "nan"}, {"coreset_ratio": "0"},
-                        {"bank_size": "1.5"}, {"neighbourhood": "three"}):
-                r = c.post("/t", data=bad)
-                assert r.status_code == 422 and next(iter(bad)) in r.text, (bad, r.text)
-            schema = c.get("/openapi.json").json()["components"]["schemas"]
-        props = next(s["properties"] for s in schema.values() if "method" in s.get("properties", {}))
-        assert props["method"]["enum"] == ["stpm", "patchcore", "auto"]
-        assert {a.get("type") for a in props["sigma"]["anyOf"]} == {"number", "null"}
-        assert next(a for a in props["sigma"]["anyOf"] if a.get("type") == "number")["minimum"] == 0
-        assert props["coreset_ratio"]["exclusiveMinimum"] == 0 and props["coreset_ratio"]["maximum"] == 1
-        # the job runner's side: stored parameters -> configs
-        cfg = build({"method": "patchcore", "sigma": 2.5})
-        assert from_params(to_params(cfg)) == cfg and from_params(to_params(build({}))).model.sigma is None
-    finally:
-        training_options.cache_clear()
+    api = FastAPI()
+    api.post("/t")(with_option_fields(endpoint, tuple(o for o in training_options() if o.api)))
+    with TestClient(api) as c:
+        r = c.post("/t", data={"method": "stpm", "sigma": "2.5", "bank_size": "1000", "neighbourhood": "5"})
+        assert r.status_code == 200, r.text
+        m = build(seen).model
+        assert (m.method, m.sigma, m.bank_size, m.coreset_ratio, m.neighbourhood) == ("stpm", 2.5, 1000, 0.1, 5)
+        assert c.post("/t", data={"sigma": ""}).status_code == 200 and build(seen).model.sigma is None
+        for bad in ({"method": "nearest"}, {"sigma": "-1"}, {"sigma": "nan"}, {"coreset_ratio": "0"},
+                    {"bank_size": "1.5"}, {"neighbourhood": "three"}, {"image_score": "median"}):
+            r = c.post("/t", data=bad)
+            assert r.status_code == 422 and next(iter(bad)) in r.text, (bad, r.text)
+        schema = c.get("/openapi.json").json()["components"]["schemas"]
+    props = next(s["properties"] for s in schema.values() if "method" in s.get("properties", {}))
+    assert props["method"]["enum"] == ["stpm", "patchcore"]
+    assert set(props["image_score"]["enum"]) == {"max", "topk_mean", "auto"}
+    assert {a.get("type") for a in props["sigma"]["anyOf"]} == {"number", "null"}
+    assert next(a for a in props["sigma"]["anyOf"] if a.get("type") == "number")["minimum"] == 0
+    assert props["coreset_ratio"]["exclusiveMinimum"] == 0 and props["coreset_ratio"]["maximum"] == 1
+    # the job runner's side: stored parameters -> configs
+    cfg = build({"method": "stpm", "sigma": 2.5})
+    assert from_params(to_params(cfg)) == cfg and from_params(to_params(build({}))).model.sigma is None
 
 
 def test_stpm_train_stays_the_function_after_the_training_module_is_imported():
