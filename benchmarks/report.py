@@ -49,6 +49,32 @@ def quality_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TARGETS = {"bottle": (0.99, 0.97), "metal_plate": (0.98, 0.97), "kolektorsdd": (0.90, 0.95)}  # issue 12
+
+
+def methods_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/quality.py --configs: one row per data set and method configuration."""
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+             "| dataset | config | method (teacher) | sigma / image score | image AUROC | pixel AUROC | AUPRO@0.3 "
+             "| F1-max | P/R @ calibrated thr | train s | score ms/img | issue 12 target img / px |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        c = r["calibrated"] or {}
+        t = TARGETS.get(r["dataset"])
+        target = "—"
+        if t and r["config"] == "default":
+            ok = r["image_auroc"] >= t[0] and r["pixel_auroc"] >= t[1] and r["train_s"] <= 900
+            target = f"{t[0]:.2f} / {t[1]:.2f}, 15 min: {'met' if ok else 'missed'}"
+        method = r["method"] + (f", {r['epochs']} epochs" if r.get("epochs") else "")
+        teacher = r["teacher"] + (f" -> {r['student']}" if r.get("student") else "")
+        lines.append(
+            f"| {r['dataset']} | {r['config']} | {method} ({teacher}) | {r['sigma']:g} / {r['image_score']} "
+            f"| {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
+            f"| {c.get('precision', 0):.2f} / {c.get('recall', 0):.2f} | {r['train_s']:.0f} "
+            f"| {r['score_ms_per_image']:.0f} | {target} |")
+    return "\n".join(lines)
+
+
 def map_ablation_markdown(res: dict[str, Any]) -> str:
     lines = [f"Bundle: `{res['bundle']}` (a temporary bundle of the 128 px bottle run, not kept: rerunning needs a "
              "new bundle), data `" + res["data"] + "`.", "",
@@ -202,6 +228,7 @@ class Block:
 
 
 BLOCKS: dict[str, Block] = {
+    "quality_methods": Block("benchmarks/quality.py", "quality_methods.json", methods_markdown),
     "quality_128px": Block("benchmarks/quality.py", "quality_128px.json", quality_markdown),
     "quality_256px": Block("benchmarks/quality.py", "quality_256px.json", quality_markdown),
     "map_ablation_bottle": Block("benchmarks/map_ablation.py", "map_ablation_bottle.json", map_ablation_markdown),
