@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
+
+from stpm.distill.summary import format_mean_std, mean_std  # noqa: E402  (after the sys.path insert)
+
+__all__ = ["format_mean_std", "mean_std"]
 
 
 def parse_args(description: str, default_epochs: int, flags: tuple[str, ...] = ()) -> argparse.Namespace:
@@ -52,13 +55,8 @@ class AccuracyLog:
         print(f"  {key}: {acc:.2f}%{elapsed}", flush=True)
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def fmt(values: list[float], digits: int = 2) -> str:
-    m, s = mean_std(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return format_mean_std(values, digits)
 
 
 def machine() -> str:

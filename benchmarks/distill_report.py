@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(RESULTS.parents[1]))
+
+from stpm.distill.summary import format_mean_std  # noqa: E402
 
 
 def ms(v: list[float], d: int = 2) -> str:
-    s = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{statistics.fmean(v):.{d}f} ± {s:.{d}f}"
+    return format_mean_std(v, d)
 
 
 def load(name: str) -> dict | None:
