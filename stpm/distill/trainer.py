@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from stpm.distill.data import augmentation
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -24,6 +26,7 @@ class TrainConfig:
     amp: bool = True  # used only on CUDA
     progress: bool = False
     grad_clip: float = 0.0  # 0 disables clipping
+    augment: str = "none"  # training-batch augmentation: none | shift<N> | crop-flip (see data.augmentation)
 
 
 class FrozenTeacher(nn.Module):
@@ -80,9 +83,12 @@ def train_one_epoch(objective: Objective, loader: DataLoader, optimizer: torch.o
                     desc: str = "train") -> float:
     """One pass over `loader`; returns the mean loss."""
     objective.train()
+    augment = augmentation(cfg.augment)
     total, count = 0.0, 0
     for x, y in tqdm(loader, desc=desc, disable=not cfg.progress, leave=False):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if augment is not None:
+            x = augment(x)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, cfg.amp):
             loss = objective(x, y)
@@ -152,11 +158,22 @@ def fit(objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device
     return hist
 
 
-def save_checkpoint(model: nn.Module, path: Path) -> None:
-    """Weights only: {"model": state_dict}."""
+def save_checkpoint(model: nn.Module, path: Path, meta: dict | None = None) -> None:
+    """Weights only: {"model": state_dict} plus, when given, {"meta": JSON-able facts (model name, split...)}."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+    payload: dict = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if meta is not None:
+        payload["meta"] = meta
+    torch.save(payload, path)
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """(state_dict, meta) of a checkpoint written by save_checkpoint (meta {} if absent; a bare state_dict too)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "model" in state and isinstance(state["model"], dict):
+        return state["model"], dict(state.get("meta", {}))
+    return state, {}
 
 
 def default_device() -> torch.device:

@@ -27,7 +27,15 @@ def digits_batch():
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    raw = shared_data() / "mnist_test10k" / "MNIST" / "raw"
-    if not (raw / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"MNIST test10k not found at {raw} (set STPM_SHARED_DATA to the shared data folder)")
+    raw = shared_data() / "mnist_full" / "MNIST" / "raw"
+    if not (raw / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"full MNIST not found at {raw} (set STPM_SHARED_DATA to the shared data folder)")
     return raw
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    root = shared_data() / "cifar10_jpeg"
+    if not (root / "test.tar.gz").is_file():
+        pytest.skip(f"CIFAR-10 JPEG tarballs not found at {root} (set STPM_SHARED_DATA to the shared data folder)")
+    return root

@@ -56,6 +56,17 @@ def _objectives(x, y, teachers):
         "aligner": lambda: (M.AlignerObjective(aligner(), [mlp_t, cnn_t], ("body", "stage2"), 0.5, 1.0), [mlp_t, cnn_t]),
         "latent_kd": lambda: (M.LatentKDObjective(s("mlp16"), "body", 16, [mlp_t, cnn_t], ("body", "stage2"), aligner(), 8,
                                           4.0, 0.5, 1.0), [mlp_t, cnn_t]),
+        "sp": lambda: (M.SPObjective(s(), cnn_t, ("stage1", "stage2"), ("stage1", "stage2"), 3000.0), [cnn_t]),
+        "cc": lambda: (M.CCObjective(s(), cnn_t, "stage2", "stage2", x[:4], 1.0), [cnn_t]),
+        "vid": lambda: (M.VIDObjective(s(), cnn_t, ("stage1", "stage2"), ("stage1", "stage2"), x[:4], 1.0), [cnn_t]),
+        "vid_mlp": lambda: (M.VIDObjective(s("mlp16"), mlp_t, ("body",), ("body",), x[:4], 1.0), [mlp_t]),
+        "rkd": lambda: (M.RKDObjective(s(), cnn_t, "stage2", "stage2", 1.0), [cnn_t]),
+        "rkd_mlp": lambda: (M.RKDObjective(s("mlp16"), mlp_t, "body", "body", 1.0), [mlp_t]),
+        "pkt": lambda: (M.PKTObjective(s(), cnn_t, "stage2", "stage2", 30000.0), [cnn_t]),
+        "nst": lambda: (M.NSTObjective(s(), cnn_t, ("stage1", "stage2"), ("stage1", "stage2"), 50.0), [cnn_t]),
+        "crd": lambda: (M.CRDObjective(s(), cnn_t, "stage2", "stage2", x[:4], 0.8, bank_size=32), [cnn_t]),
+        "reviewkd": lambda: (M.ReviewKDObjective(s(), cnn_t, ("stage1", "stage2"), ("stage1", "stage2"), x[:4], 1.0),
+                             [cnn_t]),
     }
 
 
@@ -75,7 +86,8 @@ def _half(model, start):
 
 
 NAMES = ["ce", "kd", "semi_kd", "logit_mse", "dkd", "fitnets", "fitnets_mlp_to_cnn", "at", "fsp", "mutual",
-         "multi_teacher", "disjoint", "aligner", "latent_kd"]
+         "multi_teacher", "disjoint", "aligner", "latent_kd", "sp", "cc", "vid", "vid_mlp", "rkd", "rkd_mlp", "pkt",
+         "nst", "crd", "reviewkd"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -148,3 +160,48 @@ def test_takd_chain_and_eskd_and_noisy_student_run_end_to_end(digits_batch):
     assert len(out) == 2 and out[0][0] is not out[1][0]
     targets = M.pseudo_labels(teacher, x[32:], dev, 1.0, soft=False)
     assert torch.equal(targets.argmax(-1), teacher.eval()(x[32:]).argmax(-1))
+
+
+def test_crd_bank_fills_in_training_only_and_wraps(digits_batch, teachers):
+    x, y = digits_batch
+    torch.manual_seed(0)
+    obj = M.CRDObjective(build_model("cnn2", SPEC), teachers["cnn4"], "stage2", "stage2", x[:4], 0.8, bank_size=40)
+    obj.eval()
+    obj(x[:16], y[:16])
+    assert int(obj.filled) == 0
+    obj.train()
+    obj(x[:16], y[:16])
+    assert int(obj.filled) == 16 and int(obj.cursor) == 16
+    obj(x[:32], y[:32])
+    assert int(obj.filled) == 40 and int(obj.cursor) == 8  # 16 + 32 = 48 -> wrapped
+
+
+STOCK_METHODS = ["fitnets", "at", "fsp", "sp", "cc", "vid", "rkd", "pkt", "nst", "crd", "reviewkd"]
+
+
+@pytest.mark.parametrize("method", STOCK_METHODS)
+def test_new_methods_run_on_stock_torchvision_and_timm_models(method, digits_batch):
+    """The same API on stock models: a torchvision ResNet-18 student learns from a timm ResNet-10t teacher,
+    default layers (layer1..4, avgpool / global_pool) resolved by name."""
+    from stpm.distill.cli import KDSettings, make_objective
+    from stpm.distill.models import default_embedding_layer, default_feature_layers
+
+    x, y = digits_batch
+    x = torch.nn.functional.interpolate(x[:16], size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    y = y[:16]
+    spec = InputSpec(3, 32, 10)
+    torch.manual_seed(0)
+    student, teacher = build_model("torchvision:resnet18", spec), build_model("timm:resnet10t", spec)
+    assert default_embedding_layer(student) == "avgpool" and default_embedding_layer(teacher) == "global_pool"
+    obj = make_objective(KDSettings(method=method), student, teacher, x[:4], default_feature_layers(student),
+                         default_feature_layers(teacher))
+    before = _state(teacher)
+    opt = make_optimizer(trainable_parameters(obj), TrainConfig(lr=1e-3))
+    obj.train()
+    for _ in range(2):
+        opt.zero_grad()
+        loss = obj(x, y)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
