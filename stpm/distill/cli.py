@@ -118,7 +118,7 @@ def make_objective(settings: KDSettings, student: nn.Module, teacher: nn.Module,
         if s.method == "at":
             return M.AttentionTransferObjective(student, teacher, sl, tl, w, ce)
         if s.method == "fsp":
-            return M.FSPObjective(student, teacher, sl, tl, w, ce)
+            return M.FSPObjective(student, teacher, sl, tl, w, ce, example)
         if s.method == "sp":
             return M.SPObjective(student, teacher, sl[-1:], tl[-1:], w, ce)
         if s.method == "vid":

@@ -138,8 +138,14 @@ def read_cifar10_tar(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
-def load_cifar10(root: Path | None = None) -> tuple[np.ndarray, ...]:
-    """CIFAR-10 from shared/data/cifar10_jpeg: train [50000, 32, 32, 3] uint8, labels, test [10000, ...], labels."""
+def load_cifar10(root: Path | None = None, cache: Path | None = None) -> tuple[np.ndarray, ...]:
+    """CIFAR-10 from shared/data/cifar10_jpeg: train [50000, 32, 32, 3] uint8, labels, test [10000, ...], labels.
+
+    Decoding the 60,000 JPEGs takes ~30 s of CPU; `cache` (an .npz path) keeps the decoded arrays for reuse.
+    """
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache) as z:
+            return z["x_train"], z["y_train"], z["x_test"], z["y_test"]
     root = root or shared_data_dir() / "cifar10_jpeg"
     out = []
     for split in ("train", "test"):
@@ -147,6 +153,11 @@ def load_cifar10(root: Path | None = None) -> tuple[np.ndarray, ...]:
         if not p.is_file():
             raise FileNotFoundError(f"CIFAR-10 tarball missing: {p}")
         out += list(read_cifar10_tar(p))
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(cache).with_suffix(".tmp.npz")
+        np.savez(tmp, x_train=out[0], y_train=out[1], x_test=out[2], y_test=out[3])
+        tmp.replace(cache)
     return tuple(out)
 
 
@@ -196,9 +207,10 @@ def mnist_split(n_train: int | None = None, n_val: int = 0, split_seed: int = 0,
                       torch.from_numpy(yte.astype(np.int64)), 10, n_train, n_val, split_seed, "MNIST")
 
 
-def cifar10_split(n_train: int | None = None, n_val: int = 0, split_seed: int = 0, root: Path | None = None) -> Split:
+def cifar10_split(n_train: int | None = None, n_val: int = 0, split_seed: int = 0, root: Path | None = None,
+                  cache: Path | None = None) -> Split:
     """CIFAR-10 (JPEG q75 copy): train/validation drawn from the 50,000 training images; the official 10,000 test."""
-    xtr, ytr, xte, yte = load_cifar10(root)
+    xtr, ytr, xte, yte = load_cifar10(root, cache)
     norm = lambda a: _normalise(a, CIFAR10_MEAN, CIFAR10_STD)  # noqa: E731
     return _from_pool("cifar10", norm(xtr), torch.from_numpy(ytr), norm(xte), torch.from_numpy(yte), 10,
                       n_train, n_val, split_seed, "CIFAR-10 (JPEG q75)")

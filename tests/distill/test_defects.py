@@ -88,12 +88,14 @@ def test_cli_does_not_silently_ignore_hard_weight(method, tmp_path):
 
 
 def test_single_seed_tables_do_not_print_a_zero_spread():
-    """Defect 4: a single value was printed as "x ± 0.00", as if three seeds had agreed exactly."""
+    """Defect 4: a single value was printed as "x ± 0.00", as if three seeds had agreed exactly.
+    (The benchmarks' two formatters were folded into stpm.distill.summary.format_mean_std.)"""
     sys.path.insert(0, str(BENCHMARKS))
-    import distill_common
     import distill_report
 
-    for fmt in (distill_common.fmt, distill_report.ms):
+    from stpm.distill.summary import format_mean_std
+
+    for fmt in (format_mean_std, distill_report.ms):
         one = fmt([96.15])
         assert "±" not in one and "96.15" in one and "1 seed" in one
         assert fmt([1.0, 2.0, 3.0]) == "2.00 ± 1.00"

@@ -49,6 +49,8 @@ def _objectives(x, y, teachers):
         "at": lambda: (M.AttentionTransferObjective(s(), cnn_t, ("stage1", "stage2"), ("stage1", "stage2"), 1000.0),
                [cnn_t]),
         "fsp": lambda: (M.FSPObjective(s(), cnn_t, ("stage1", "stage2"), ("stage1", "stage2"), 1.0), [cnn_t]),
+        "fsp_narrow_student": lambda: (M.FSPObjective(s("cnn2x8"), cnn_t, ("stage1", "stage2"), ("stage1", "stage2"),
+                                                      1.0, example=x[:4]), [cnn_t]),
         "mutual": lambda: (M.MutualObjective([s(), s("mlp32"), s("cnn4")], 1.0), []),
         "multi_teacher": lambda: (M.MultiTeacherKD(s(), [cnn_t, mlp_t], 4.0, 0.5), [cnn_t, mlp_t]),
         "disjoint": lambda: (M.DisjointMergeKD(s(), [_half(cnn_t, 0), _half(mlp_t, 5)], [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
@@ -85,7 +87,7 @@ def _half(model, start):
     return _Half(model, start)
 
 
-NAMES = ["ce", "kd", "semi_kd", "logit_mse", "dkd", "fitnets", "fitnets_mlp_to_cnn", "at", "fsp", "mutual",
+NAMES = ["ce", "kd", "semi_kd", "logit_mse", "dkd", "fitnets", "fitnets_mlp_to_cnn", "at", "fsp", "fsp_narrow_student", "mutual",
          "multi_teacher", "disjoint", "aligner", "latent_kd", "sp", "cc", "vid", "vid_mlp", "rkd", "rkd_mlp", "pkt",
          "nst", "crd", "reviewkd"]
 

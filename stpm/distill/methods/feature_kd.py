@@ -104,17 +104,30 @@ class AttentionTransferObjective(_FeatureObjective):
 
 
 class FSPObjective(_FeatureObjective):
-    """CE(y) + weight * FSP loss between consecutive layer pairs (layers[i], layers[i+1])."""
+    """CE(y) + weight * FSP loss between consecutive layer pairs (layers[i], layers[i+1]).
+
+    FSP matrices are C1 x C2, so student layers whose channel count differs from the teacher's are first mapped
+    to it by a learned 1x1 conv (as FitNets' regressor); that needs `example` to probe the shapes.
+    """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, student_layers: tuple[str, ...],
-                 teacher_layers: tuple[str, ...], weight: float, ce_weight: float = 1.0) -> None:
+                 teacher_layers: tuple[str, ...], weight: float, ce_weight: float = 1.0,
+                 example: Tensor | None = None) -> None:
         if len(student_layers) != len(teacher_layers) or len(student_layers) < 2:
             raise ValueError("FSP needs the same number (>= 2) of student and teacher layers")
         super().__init__(student, teacher, student_layers, teacher_layers)
         self.weight, self.ce_weight = weight, ce_weight
+        self.adapters = nn.ModuleList()
+        if example is not None:
+            s_shapes = probe_shapes(student, student_layers, example)
+            t_shapes = probe_shapes(self.teacher.model, teacher_layers, example)
+            self.adapters = nn.ModuleList([nn.Identity() if a[1] == b[1] else nn.Conv2d(a[1], b[1], 1)
+                                           for a, b in zip(s_shapes, t_shapes)])
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         z, s, t = self._run(x)
+        if len(self.adapters):
+            s = [a(f) for a, f in zip(self.adapters, s)]
         s_pairs = list(zip(s[:-1], s[1:]))
         t_pairs = list(zip(t[:-1], t[1:]))
         return self.ce_weight * losses.hard_cross_entropy(z, y) + self.weight * losses.fsp_loss(s_pairs, t_pairs)
