@@ -180,3 +180,38 @@ def test_image_folder_split_reads_classes_and_splits(tmp_path):
     assert sorted(torch.cat([s.y_train, s.y_test]).tolist()) == [0] * 5 + [1] * 5 + [2] * 5
     with pytest.raises(ValueError):
         load_split("folder", tmp_path / "missing")
+
+
+def test_augmentations_move_and_mirror_whole_images():
+    from stpm.distill.data import augmentation, random_flip, random_translate
+
+    x = torch.zeros(64, 1, 9, 9)
+    x[:, :, 4, 4] = 1.0  # one bright pixel in the middle
+    g = torch.Generator().manual_seed(0)
+    moved = random_translate(x, 2, generator=g)
+    assert moved.shape == x.shape and torch.equal(moved.sum((1, 2, 3)), torch.ones(64))  # nothing lost at +-2
+    rows, cols = moved[:, 0].sum(2).argmax(1), moved[:, 0].sum(1).argmax(1)
+    assert set(rows.tolist()) <= set(range(2, 7)) and len(set(zip(rows.tolist(), cols.tolist()))) > 5
+    ramp = torch.arange(9.0).expand(64, 1, 9, 9)
+    flipped = random_flip(ramp, generator=torch.Generator().manual_seed(0))
+    mirrored = (flipped[:, 0, 0, 0] == 8).sum().item()
+    assert 10 < mirrored < 54 and torch.equal(flipped[flipped[:, 0, 0, 0] == 8], ramp.flip(-1)[:mirrored])
+    assert augmentation("none") is None and augmentation("shift2") is not None
+    with pytest.raises(ValueError):
+        augmentation("rotate")
+
+
+def test_takd_family_widths_layers_and_embedding():
+    from stpm.distill.models import count_parameters, default_embedding_layer
+
+    spec = InputSpec(3, 32, 10)
+    sizes = [count_parameters(build_model(f"takd{d}", spec)) for d in (2, 4, 6, 8, 10)]
+    assert sizes == sorted(sizes)  # deeper = larger, as in the TAKD paper's family
+    m = build_model("takd10x50", spec)
+    assert m.feature_layers == ("stages.0", "stages.1", "stages.2", "stages.3")
+    assert default_embedding_layer(m) == "embed"
+    hooks = FeatureHooks(m, ("stages.0", "embed"))
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert hooks.outputs["stages.0"].shape == (2, 16, 32, 32) and hooks.outputs["embed"].shape == (2, 64)
+    with pytest.raises(ValueError):
+        build_model("takd3", spec)

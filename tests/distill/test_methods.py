@@ -207,3 +207,42 @@ def test_new_methods_run_on_stock_torchvision_and_timm_models(method, digits_bat
         loss.backward()
         opt.step()
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_cached_objectives_equal_their_live_counterparts(digits_batch, teachers):
+    """Precomputed teacher outputs give the same loss as running the frozen teachers (no augmentation)."""
+    from stpm.distill import losses
+    from stpm.distill.features import FeatureHooks
+
+    x, y = digits_batch
+    cnn_t, mlp_t = teachers["cnn4"], teachers["mlp64"]
+    halves = [_half(cnn_t, 0), _half(mlp_t, 5)]
+    classes = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    torch.manual_seed(0)
+    student = build_model("cnn2", SPEC)
+    live = M.DisjointMergeKD(student, halves, classes, 10, 2.0, "energy").eval()
+    with torch.no_grad():
+        target = losses.merge_disjoint_probs([h(x) for h in halves], classes, 10, 2.0, "energy")
+    cached = M.SoftLabelObjective(student, 0, 0.0, temperature=2.0).eval()
+    torch.testing.assert_close(cached(x, target), live(x, y))
+    # aligner: concatenated cached features == hooks on the live teachers (same random negatives)
+    torch.manual_seed(0)
+    aligner = M.LatentAligner((64, 32 * 4 * 4), latent_dim=8, hidden=32)
+    live_al = M.AlignerObjective(aligner, [mlp_t, cnn_t], ("body", "stage2"), 0.5, 1.0)
+    hooks = [FeatureHooks(mlp_t, ("body",)), FeatureHooks(cnn_t, ("stage2",))]
+    with torch.no_grad():
+        mlp_t(x), cnn_t(x)
+    feats = [h.features()[0].flatten(1) for h in hooks]
+    cached_al = M.CachedAlignerObjective(aligner, (64, 512), 0.5, 1.0)
+    torch.manual_seed(1)
+    a = live_al(x, y)
+    torch.manual_seed(1)
+    torch.testing.assert_close(cached_al(torch.cat(feats, 1), y), a)
+    codes = M.shared_codes(aligner, feats)
+    torch.testing.assert_close(codes.norm(dim=1), torch.ones(len(x)))
+    # the latent student objective: soft CE + latent term, both parts used
+    obj = M.CachedLatentKDObjective(build_model("mlp16", SPEC), "body", 16, 10, 8, 2.0, 1.0)
+    packed = torch.cat([target, codes], 1)
+    total = obj(x, packed)
+    soft = losses.soft_cross_entropy(obj.student(x), target, 2.0)
+    assert total.item() > soft.item()
