@@ -48,7 +48,7 @@ def main() -> None:
     config = {"teacher": TEACHER, "assistants": [f"takd{a}x50" for a in ASSISTANTS], "student": STUDENT,
               "n_train": args.n_train, "n_val": N_VAL, "teacher_epochs": args.teacher_epochs,
               "early_teacher_epoch": early, "epochs": args.epochs, "temperature": T, "hard_weight": HARD_WEIGHT,
-              "lr": 1e-3, "batch_size": 128, "teacher_augment": "crop-flip", "student_augment": "none"}
+              "lr": 1e-3, "lr_schedule": "cosine", "batch_size": 128, "teacher_augment": "crop-flip", "student_augment": "none"}
     res = Results("cifar", args, config)
     data = cifar10_split(args.n_train, N_VAL, 0, cache=CIFAR_CACHE)
     res.data["data"] = data.description
@@ -61,8 +61,8 @@ def main() -> None:
         res.add(f"{key} | test acc", seed, accuracy(model, data.x_test, data.y_test), " %")
 
     for seed in args.seeds:
-        cfg = lambda epochs, augment="none": RunConfig(TrainConfig(epochs=epochs, lr=1e-3, augment=augment),  # noqa
-                                                        batch_size=128, seed=seed)
+        cfg = lambda epochs, augment="none": RunConfig(  # noqa: E731
+            TrainConfig(epochs=epochs, lr=1e-3, lr_schedule="cosine", augment=augment), batch_size=128, seed=seed)
         fresh = lambda name: (seed_all(seed), build_model(name, spec))[1]  # noqa: E731
         teacher_path = WORK / f"cifar_teacher_{TEACHER}_e{args.teacher_epochs}_n{args.n_train}_seed{seed}.pt"
         if args.row_only:

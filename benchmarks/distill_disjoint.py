@@ -60,7 +60,8 @@ def one_dataset(ds: str, seed: int, res: Results) -> None:
     res.data.setdefault("data", {})[ds] = data.description
     spec = InputSpec(data.x_train.shape[1], data.x_train.shape[-1], 10)
     dev = torch.device("cpu")
-    cfg = lambda epochs: RunConfig(TrainConfig(epochs=epochs, lr=1e-3), batch_size=128, seed=seed)  # noqa: E731
+    cfg = lambda epochs: RunConfig(TrainConfig(epochs=epochs, lr=1e-3, lr_schedule="cosine"),  # noqa: E731
+                                   batch_size=128, seed=seed)
     xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
     add = lambda key, value: res.add(f"{ds} {key} | acc", seed, value, " %")  # noqa: E731
 
@@ -121,7 +122,7 @@ def main() -> None:
     datasets = args.datasets.split(",")
     config = {"datasets": datasets, "setups": {d: SETUPS[d] for d in datasets}, "halves": list(HALVES),
               "students": list(STUDENTS), "temperature": T, "latent_dim": LATENT_DIM, "margin": MARGIN,
-              "latent_weight": LATENT_WEIGHT, "aligner_epochs": ALIGNER_EPOCHS, "lr": 1e-3, "batch_size": 128}
+              "latent_weight": LATENT_WEIGHT, "aligner_epochs": ALIGNER_EPOCHS, "lr": 1e-3, "lr_schedule": "cosine", "batch_size": 128}
     res = Results("disjoint", args, config)
     for seed in args.seeds:
         for ds in datasets:

@@ -32,7 +32,8 @@ def main() -> None:
                                 "--sweep-epochs": (int, 6, "300/30-unit student epochs")})
     config = {"teacher": "mlp1200d + shift2", "student": "mlp800", "hard_weight": HARD_WEIGHT, "big_t": BIG_T,
               "temperatures": TEMPERATURES, "teacher_epochs": args.teacher_epochs, "epochs": args.epochs,
-              "sweep_epochs": args.sweep_epochs, "n_val": N_VAL, "split_seed": 0, "lr": 1e-3, "batch_size": 128}
+              "sweep_epochs": args.sweep_epochs, "n_val": N_VAL, "split_seed": 0, "lr": 1e-3,
+              "lr_schedule": "cosine", "batch_size": 128}
     res = Results("hinton", args, config)
     data = mnist_split(n_val=N_VAL, split_seed=0)
     res.data["data"] = data.description
@@ -44,8 +45,8 @@ def main() -> None:
         res.add(f"{key} | test errors", seed, errors(model, data.x_test, data.y_test))
 
     for seed in args.seeds:
-        cfg = lambda epochs, augment="none": RunConfig(TrainConfig(epochs=epochs, lr=1e-3, augment=augment),  # noqa
-                                                        batch_size=128, seed=seed)
+        cfg = lambda epochs, augment="none": RunConfig(  # noqa: E731
+            TrainConfig(epochs=epochs, lr=1e-3, lr_schedule="cosine", augment=augment), batch_size=128, seed=seed)
         seed_all(seed)
         teacher = build_model("mlp1200d", spec)
         run(CrossEntropyObjective(teacher), data.x_train, data.y_train, cfg(args.teacher_epochs, "shift2"), dev,

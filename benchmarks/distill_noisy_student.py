@@ -31,6 +31,7 @@ def main() -> None:
     args = parse_args(__doc__, {})
     config = {"model": MODEL, "n_train": N_TRAIN, "n_labeled": N_LABELED, "epochs": EPOCHS,
               "teacher_epochs": TEACHER_EPOCHS, "noise": NOISE.__dict__ | {"augment": "crop-flip"}, "lr": 1e-3,
+              "lr_schedule": "cosine",
               "batch_size": 128}
     res = Results("noisy_student", args, config)
     data = cifar10_split(N_TRAIN, 0, 0, cache=CIFAR_CACHE)
@@ -41,11 +42,13 @@ def main() -> None:
         perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(seed))
         lab, unlab = perm[:N_LABELED], perm[N_LABELED:]
         x_l, y_l, x_u = data.x_train[lab], data.y_train[lab], data.x_train[unlab]
-        noisy = RunConfig(TrainConfig(epochs=EPOCHS, lr=1e-3, augment="crop-flip"), 128, seed)
+        noisy = RunConfig(TrainConfig(epochs=EPOCHS, lr=1e-3, lr_schedule="cosine", augment="crop-flip"), 128,
+                          seed)
         seed_all(seed)
         teacher = build_model(MODEL, spec)
         run(CrossEntropyObjective(teacher), x_l, y_l,
-            RunConfig(TrainConfig(epochs=TEACHER_EPOCHS, lr=1e-3, augment="crop-flip"), 128, seed), dev,
+            RunConfig(TrainConfig(epochs=TEACHER_EPOCHS, lr=1e-3, lr_schedule="cosine", augment="crop-flip"), 128,
+                      seed), dev,
             desc="teacher")
         res.add("teacher | test acc", seed, accuracy(teacher, data.x_test, data.y_test), " %")
         seed_all(seed)
@@ -56,7 +59,7 @@ def main() -> None:
         seed_all(seed)
         plain = NoisyStudentConfig(iterations=1, soft=True, temperature=1.0, max_shift=0, noise_std=0.0)
         ((student, _),) = noisy_student(teacher, lambda: build_model(MODEL, spec), x_l, y_l, x_u, plain,
-                                        RunConfig(TrainConfig(epochs=EPOCHS, lr=1e-3), 128, seed), dev)
+                                        RunConfig(TrainConfig(epochs=EPOCHS, lr=1e-3, lr_schedule="cosine"), 128, seed), dev)
         res.add("student without noise, iteration 1 (ablation) | test acc", seed,
                 accuracy(student, data.x_test, data.y_test), " %")
         update_doc("noisy_student")

@@ -158,6 +158,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine: decay to 0 over the run (default); constant")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--augment", default="none", help="none | shift<N> (random translation) | crop-flip")
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
@@ -310,7 +312,8 @@ def _setup(args: argparse.Namespace) -> tuple[Split, InputSpec, M.RunConfig, tor
         fail(f"--augment: {e}")
     cfg = M.RunConfig(TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                                   weight_decay=args.weight_decay, amp=not args.no_amp, progress=not args.no_progress,
-                                  augment=args.augment), batch_size=args.batch_size, seed=args.seed)
+                                  augment=args.augment, lr_schedule=args.lr_schedule),
+                      batch_size=args.batch_size, seed=args.seed)
     device = torch.device(args.device) if args.device else default_device()
     return data, spec, cfg, device
 

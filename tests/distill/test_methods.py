@@ -246,3 +246,24 @@ def test_cached_objectives_equal_their_live_counterparts(digits_batch, teachers)
     total = obj(x, packed)
     soft = losses.soft_cross_entropy(obj.student(x), target, 2.0)
     assert total.item() > soft.item()
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero(digits_batch):
+    from stpm.distill.trainer import make_scheduler
+
+    x, y = digits_batch
+    cfg = TrainConfig(epochs=3, lr=1e-2, lr_schedule="cosine")
+    opt = make_optimizer(list(build_model("mlp16", SPEC).parameters()), cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch=4)
+    lrs = []
+    for _ in range(12):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-12 and abs(lrs[5] - 5e-3) < 1e-3
+    assert make_scheduler(opt, TrainConfig(), 4) is None
+    with pytest.raises(ValueError):
+        make_scheduler(opt, TrainConfig(lr_schedule="step"), 4)
+    hist = M.run(M.CrossEntropyObjective(build_model("mlp16", SPEC)), x, y,
+                 M.RunConfig(TrainConfig(epochs=2, lr=3e-3, lr_schedule="cosine"), 16, 0), torch.device("cpu"))
+    assert hist.losses[-1] < hist.losses[0]
