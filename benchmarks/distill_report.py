@@ -79,7 +79,7 @@ def hinton(r: dict) -> str:
     out = [header(r), "| model | ours: test errors / 10,000 | per seed | seed 002: test errors / 10,000 |",
            "|---|---|---|---|"]
     ref = {"teacher 2x1200 dropout+jitter": "67", "2x800 hard labels": "146", "2x800 soft T=20": "74"}
-    for k, v in ref.items():
+    for k, v in ref.items():  # the teacher is one model shared by the seeds: one value
         key = f"{k} | test errors"
         if vals(r, key):
             out.append(f"| {k} | {ms(vals(r, key), 1)} | {per_seed(r, key, 0)} | {v} |")
