@@ -48,7 +48,8 @@ def main() -> None:
     config = {"teacher": TEACHER, "assistants": [f"takd{a}x50" for a in ASSISTANTS], "student": STUDENT,
               "n_train": args.n_train, "n_val": N_VAL, "teacher_epochs": args.teacher_epochs,
               "early_teacher_epoch": early, "epochs": args.epochs, "temperature": T, "hard_weight": HARD_WEIGHT,
-              "lr": 1e-3, "lr_schedule": "cosine", "batch_size": 128, "teacher_augment": "crop-flip", "student_augment": "none"}
+              "lr": 1e-3, "lr_schedule": "cosine", "batch_size": 128, "teacher_augment": "crop-flip",
+              "student_augment": "none"}
     res = Results("cifar", args, config)
     data = cifar10_split(args.n_train, N_VAL, 0, cache=CIFAR_CACHE)
     res.data["data"] = data.description

@@ -122,7 +122,8 @@ def main() -> None:
     datasets = args.datasets.split(",")
     config = {"datasets": datasets, "setups": {d: SETUPS[d] for d in datasets}, "halves": list(HALVES),
               "students": list(STUDENTS), "temperature": T, "latent_dim": LATENT_DIM, "margin": MARGIN,
-              "latent_weight": LATENT_WEIGHT, "aligner_epochs": ALIGNER_EPOCHS, "lr": 1e-3, "lr_schedule": "cosine", "batch_size": 128}
+              "latent_weight": LATENT_WEIGHT, "aligner_epochs": ALIGNER_EPOCHS, "lr": 1e-3,
+              "lr_schedule": "cosine", "batch_size": 128}
     res = Results("disjoint", args, config)
     for seed in args.seeds:
         for ds in datasets:

@@ -59,7 +59,8 @@ def main() -> None:
         seed_all(seed)
         plain = NoisyStudentConfig(iterations=1, soft=True, temperature=1.0, max_shift=0, noise_std=0.0)
         ((student, _),) = noisy_student(teacher, lambda: build_model(MODEL, spec), x_l, y_l, x_u, plain,
-                                        RunConfig(TrainConfig(epochs=EPOCHS, lr=1e-3, lr_schedule="cosine"), 128, seed), dev)
+                                        RunConfig(TrainConfig(epochs=EPOCHS, lr=1e-3, lr_schedule="cosine"), 128,
+                                                  seed), dev)
         res.add("student without noise, iteration 1 (ablation) | test acc", seed,
                 accuracy(student, data.x_test, data.y_test), " %")
         update_doc("noisy_student")

@@ -32,7 +32,8 @@ from stpm.distill.data import DATASETS, UNLABELED, Split, augmentation, load_spl
 from stpm.distill.export import check_parity, export_classifier_onnx
 from stpm.distill.methods.feature_kd import probe_shapes
 from stpm.distill.models import InputSpec, build_model, default_embedding_layer, default_feature_layers
-from stpm.distill.trainer import Objective, TrainConfig, count_errors, default_device, read_checkpoint, save_checkpoint
+from stpm.distill.trainer import (Objective, TrainConfig, count_errors, default_device, read_checkpoint,
+                                  save_checkpoint)
 
 METHODS = ("kd", "logit", "dkd", "fitnets", "at", "fsp", "sp", "cc", "vid", "rkd", "pkt", "nst", "crd", "reviewkd",
            "nokd")
@@ -173,7 +174,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 def _teacher_options(p: argparse.ArgumentParser, several: bool) -> None:
     if several:
         p.add_argument("--teachers", required=True, help="comma-separated teacher model names")
-        p.add_argument("--teacher-weights", required=True, help="comma-separated teacher checkpoints (stpm distill train)")
+        p.add_argument("--teacher-weights", required=True,
+                       help="comma-separated teacher checkpoints (stpm distill train)")
     else:
         p.add_argument("--teacher", required=True, help="teacher model name")
         p.add_argument("--teacher-weights", type=Path, default=None,
@@ -187,13 +189,15 @@ def _kd_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="T (kd, dkd; default 4)")
     p.add_argument("--hard-weight", type=float, default=None,
                    help="lambda in lambda*CE + (1-lambda)*soft term (kd, logit; default 0.5)")
-    p.add_argument("--ce-weight", type=float, default=None, help="weight of the CE term (dkd, feature methods; default 1)")
+    p.add_argument("--ce-weight", type=float, default=None,
+                   help="weight of the CE term (dkd, feature methods; default 1)")
     p.add_argument("--feature-weight", type=float, default=None,
                    help="weight of the feature/relation term; default per method: "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_FEATURE_WEIGHT.items()))
     p.add_argument("--dkd-alpha", type=float, default=None, help="DKD target-class weight (default 1)")
     p.add_argument("--dkd-beta", type=float, default=None, help="DKD non-target weight (default 8)")
-    p.add_argument("--student-layers", default=None, help=f"comma-separated feature layers ({', '.join(LAYER_METHODS)})")
+    p.add_argument("--student-layers", default=None,
+                   help=f"comma-separated feature layers ({', '.join(LAYER_METHODS)})")
     p.add_argument("--teacher-layers", default=None, help="comma-separated feature layers, paired in order")
     p.add_argument("--student-embedding", default=None, help=f"embedding layer ({', '.join(EMBEDDING_METHODS)})")
     p.add_argument("--teacher-embedding", default=None, help="teacher embedding layer")
@@ -496,7 +500,8 @@ def cmd_dml(args: argparse.Namespace) -> int:
         fail("--models needs at least two peers")
     peers = [build_model(n, spec) for n in names]
     M.run(M.MutualObjective(peers, args.temperature), data.x_train, data.y_train, cfg, device, desc="dml")
-    errors = {f"{i}:{n}": count_errors(m, data.x_test, data.y_test, device) for i, (n, m) in enumerate(zip(names, peers))}
+    errors = {f"{i}:{n}": count_errors(m, data.x_test, data.y_test, device)
+              for i, (n, m) in enumerate(zip(names, peers))}
     return _finish(args, peers[0], names[0], data, device,
                    {"command": "dml", "peers": names, "peer_test_errors": errors, "temperature": args.temperature,
                     "train": asdict(cfg.train)})

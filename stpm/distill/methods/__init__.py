@@ -10,14 +10,16 @@ from stpm.distill.methods.offline import (CachedKDObjective, CrossEntropyObjecti
                                           frozen, noise_inputs, pack_labels_and_logits)
 from stpm.distill.methods.pipelines import (NoisyStudentConfig, RunConfig, eskd_teacher, noisy_student,
                                             pseudo_labels, run, takd_chain, train_classifier)
-from stpm.distill.methods.relation_kd import CCObjective, CRDObjective, Embed, PKTObjective, RKDObjective, SPObjective
+from stpm.distill.methods.relation_kd import (CCObjective, CRDObjective, Embed, PKTObjective, RKDObjective,
+                                             SPObjective)
 
 __all__ = [
-    "AlignerObjective", "CachedAlignerObjective", "CachedLatentKDObjective", "AttentionFusion", "AttentionTransferObjective", "CCObjective", "CRDObjective",
-    "CachedKDObjective", "CrossEntropyObjective", "DKDObjective", "DisjointMergeKD", "Embed", "FSPObjective",
-    "FitNetObjective", "HintRegressor", "KDObjective", "LatentAligner", "LatentKDObjective",
-    "LogitMatchingObjective", "MultiTeacherKD", "MutualObjective", "NSTObjective", "NoisyStudentConfig",
-    "PKTObjective", "RKDObjective", "ReviewKDObjective", "RunConfig", "SPObjective", "SoftLabelObjective",
-    "VIDObjective", "VIDRegressor", "aligner_loss", "eskd_teacher", "frozen", "noise_inputs", "noisy_student",
-    "pack_labels_and_logits", "pseudo_labels", "run", "shared_codes", "takd_chain", "train_classifier",
+    "AlignerObjective", "AttentionFusion", "AttentionTransferObjective", "CCObjective", "CRDObjective",
+    "CachedAlignerObjective", "CachedKDObjective", "CachedLatentKDObjective", "CrossEntropyObjective",
+    "DKDObjective", "DisjointMergeKD", "Embed", "FSPObjective", "FitNetObjective", "HintRegressor",
+    "KDObjective", "LatentAligner", "LatentKDObjective", "LogitMatchingObjective", "MultiTeacherKD",
+    "MutualObjective", "NSTObjective", "NoisyStudentConfig", "PKTObjective", "RKDObjective",
+    "ReviewKDObjective", "RunConfig", "SPObjective", "SoftLabelObjective", "VIDObjective", "VIDRegressor",
+    "aligner_loss", "eskd_teacher", "frozen", "noise_inputs", "noisy_student", "pack_labels_and_logits",
+    "pseudo_labels", "run", "shared_codes", "takd_chain", "train_classifier",
 ]
