@@ -1,9 +1,15 @@
-# syntax=docker/dockerfile:1
-#
 # STPM anomaly-detection service: scoring API (ONNX Runtime) + training jobs (PyTorch).
 #
-#   docker build -t stpm:gpu .                  # GPU image (default target `gpu`)
-#   docker build -t stpm:cpu --target cpu .     # CPU-only image for hosts without a GPU
+#   DOCKER_BUILDKIT=1 docker build -t stpm:gpu .                  # GPU image (default target `gpu`)
+#   DOCKER_BUILDKIT=1 docker build -t stpm:cpu --target cpu .     # CPU-only image for hosts without a GPU
+#
+# BuildKit is required (RUN --mount); the daemon's built-in Dockerfile frontend is enough (no `syntax`
+# line, so nothing is pulled for it). Offline or behind a TLS-inspecting proxy (docs/DOCKER.md):
+#   --build-arg BASE_IMAGE=...          a local base (scripts/docker-base.sh makes Debian bookworm)
+#   --secret id=ca,src=BUNDLE.pem       extra CA bundle for pip/HTTPS, mounted per RUN, never in a layer
+#   docker/wheels/*.whl                 local wheels (torch, torchvision...) offered next to the index
+#   docker/weights/*.pth                teacher weights to bake in without downloading them
+# scripts/docker-smoke.sh builds the CPU image that way and runs it end to end.
 #
 # Version matrix of the GPU image (keep these consistent when bumping anything):
 #   base   nvidia/cuda:13.2.1-cudnn-runtime-ubuntu24.04  CUDA 13.2 runtime + cuDNN 9, Python 3.12
@@ -14,20 +20,27 @@
 #   Host   NVIDIA driver >= 580 (CUDA 13), GPU compute capability >= 7.5 (Turing or newer),
 #          NVIDIA Container Toolkit.
 #   Both wheels need Python >= 3.11, hence Ubuntu 24.04 (Python 3.12) rather than 22.04 (3.10).
+# The build stages run on BASE_IMAGE and the GPU image on CUDA_IMAGE: the two must have the same OS and
+# Python (the venv is copied across), as ubuntu:24.04 and the CUDA ubuntu24.04 images do.
 # Hosts stuck on a CUDA 12 driver (>= 525) build the same file with:
 #   --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 #   --build-arg TORCH_VERSION=2.10.0 --build-arg ORT_GPU_VERSION=1.26.0
 # (torch 2.10.0 on PyPI is the CUDA 12.8 / cuDNN 9.10 build; onnxruntime-gpu 1.26.0 the CUDA 12 one.)
 #
 # Python dependencies come only from pyproject.toml: the project is installed with its declared extras
-# (`.[train,gpu]`, `.[train]`); the only extra arguments pin versions of packages pyproject declares
-# (torch, onnxruntime-gpu) because their CUDA builds must match the base image. tests/test_docker.py
+# (`.[train,gpu,scale]`, `.[train,scale]`); the only extra arguments pin versions of packages pyproject declares
+# (torch, onnxruntime-gpu) because their builds must match the base image. tests/test_docker.py
 # checks this.
 
+ARG BASE_IMAGE=ubuntu:24.04
 ARG CUDA_IMAGE=nvidia/cuda:13.2.1-cudnn-runtime-ubuntu24.04
-ARG UBUNTU_IMAGE=ubuntu:24.04
 ARG TORCH_VERSION=2.15.0
 ARG ORT_GPU_VERSION=1.31.1
+# The CPU image's torch: a +cpu build from the PyTorch CPU index. torchvision follows it (pip picks the
+# release that requires this torch) unless TORCHVISION_CPU_VERSION pins it; the build checks that
+# torchvision's C++ operators load.
+ARG TORCH_CPU_VERSION=2.15.0+cpu
+ARG TORCHVISION_CPU_VERSION=
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 # Teachers whose ImageNet weights are baked into the image (comma- or space-separated):
 # resnet18, resnet34, wide_resnet50_2. efficientnet_lite0 needs nothing here: its weights ship in the
@@ -35,37 +48,53 @@ ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ARG TEACHERS=resnet18
 
 # ---------------------------------------------------------------- build stages (never shipped)
+# Every RUN that reaches the network mounts the optional `ca` secret over the system CA bundle, for that
+# command only: pip (PIP_CERT) and urllib (OpenSSL's default file) then trust a proxy's CA. Without the
+# secret the base image's own bundle is used. The bundle is never written to a layer.
 
-# Python 3.12 and an empty virtual environment. The runtime stages are Ubuntu 24.04 too, so the venv
-# (which points at /usr/bin/python3) can be copied into them as is.
-FROM ${UBUNTU_IMAGE} AS python
+# Python and an empty virtual environment. The runtime stages use the same OS, so the venv (which
+# points at /usr/bin/python3) can be copied into them as is. A base that already has the packages
+# (scripts/docker-base.sh) needs no apt, hence no network, here.
+FROM ${BASE_IMAGE} AS python
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
+RUN dpkg-query -W python3 python3-venv ca-certificates >/dev/null 2>&1 \
+ || { apt-get update \
+      && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+      && rm -rf /var/lib/apt/lists/*; } \
  && python3 -m venv /opt/venv
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 
-# CPU builds of torch + torchvision from the PyTorch CPU index (no CUDA libraries: ~1 GB instead of ~5).
+# CPU builds of torch + torchvision (no CUDA libraries: ~1 GB instead of ~5). Wheels in docker/wheels
+# stand in for an unreachable index (offline builds). The nms call fails when torchvision's operators
+# do not match the installed torch (e.g. PyPI's CUDA torchvision next to a +cpu torch).
 FROM python AS torch-cpu
-ARG TORCH_VERSION
+ARG TORCH_CPU_VERSION
+ARG TORCHVISION_CPU_VERSION
 ARG TORCH_CPU_INDEX
-RUN pip install --index-url "${TORCH_CPU_INDEX}" "torch==${TORCH_VERSION}+cpu" torchvision \
- && python -c "import torch; assert torch.version.cuda is None, torch.version.cuda"
+RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
+    --mount=type=bind,source=docker/wheels,target=/wheels \
+    pip install --find-links /wheels --index-url "${TORCH_CPU_INDEX}" \
+        "torch==${TORCH_CPU_VERSION}" "torchvision${TORCHVISION_CPU_VERSION:+==${TORCHVISION_CPU_VERSION}}" \
+ && python -c "import torch, torchvision; from torchvision.ops import nms; nms(torch.zeros(1, 4), torch.zeros(1), 0.5); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__)"
 
 # ImageNet teacher weights through torchvision's weights API, into the torch hub cache
 # ($TORCH_HOME/hub/checkpoints/<canonical file name>), where stpm.backbones finds them offline.
+# Files in docker/weights are put there first (torchvision then downloads nothing).
 # Independent of the project's sources, so code changes never re-download them.
 FROM torch-cpu AS weights
 ARG TEACHERS
 ENV TORCH_HOME=/opt/stpm/torch
-RUN python -c "import os, torchvision.models as tvm; names = os.environ['TEACHERS'].replace(',', ' ').split(); [tvm.get_model_weights(n).IMAGENET1K_V1.get_state_dict(progress=False) for n in names if n != 'efficientnet_lite0']" \
- && mkdir -p "${TORCH_HOME}/hub/checkpoints" \
+RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
+    --mount=type=bind,source=docker/weights,target=/weights \
+    mkdir -p "${TORCH_HOME}/hub/checkpoints" \
+ && find /weights -maxdepth 1 -name '*.pth' -exec cp -t "${TORCH_HOME}/hub/checkpoints" {} + \
+ && python -c "import os, torchvision.models as tvm; names = os.environ['TEACHERS'].replace(',', ' ').split(); [tvm.get_model_weights(n).IMAGENET1K_V1.get_state_dict(progress=False) for n in names if n != 'efficientnet_lite0']" \
  && ls -l "${TORCH_HOME}/hub/checkpoints"
 
 # Dependencies first, from pyproject.toml alone: with no sources present, `pip install ".[extras]"`
@@ -74,42 +103,52 @@ RUN python -c "import os, torchvision.models as tvm; names = os.environ['TEACHER
 FROM python AS deps-gpu
 ARG TORCH_VERSION
 ARG ORT_GPU_VERSION
+ARG PIP_INDEX_URL
 COPY pyproject.toml README.md ./
 # The base dependencies include the CPU `onnxruntime`, which shares the `onnxruntime` module with
 # `onnxruntime-gpu`; whichever is installed last owns the files. Remove the CPU one and reinstall the
 # GPU one so the CUDA execution provider is really there (checked below; no GPU needed to list it).
-RUN pip install ".[train,gpu]" "torch==${TORCH_VERSION}" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
+RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
+    --mount=type=bind,source=docker/wheels,target=/wheels \
+    pip install --find-links /wheels ".[train,gpu,scale]" "torch==${TORCH_VERSION}" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
  && pip uninstall -y onnxruntime \
- && pip install --no-deps --force-reinstall "onnxruntime-gpu==${ORT_GPU_VERSION}" \
+ && pip install --find-links /wheels --no-deps --force-reinstall "onnxruntime-gpu==${ORT_GPU_VERSION}" \
  && python -c "import onnxruntime as o; p = o.get_available_providers(); assert 'CUDAExecutionProvider' in p, p" \
  && python -c "import torch; assert torch.version.cuda, 'torch has no CUDA'"
 COPY stpm ./stpm
 COPY app ./app
-# (-I: check the installed package, not the sources in the working directory; the web page's files
-# are package data)
-RUN pip install --no-deps --force-reinstall . \
+# (building the package fetches setuptools, hence the mounts; -I: check the installed package, not the
+# sources in the working directory; the web page's files are package data)
+RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
+    --mount=type=bind,source=docker/wheels,target=/wheels \
+    pip install --find-links /wheels --no-deps --force-reinstall . \
  && python -I -c "import pathlib, app.main, stpm.cli; assert any((pathlib.Path(app.main.__file__).parent / 'static').iterdir())"
 
 FROM torch-cpu AS deps-cpu
-ARG TORCH_VERSION
+ARG TORCH_CPU_VERSION
+ARG PIP_INDEX_URL
 COPY pyproject.toml README.md ./
-# torch/torchvision are already the CPU builds; pinning torch here makes pip fail rather than swap in
-# the CUDA build from PyPI.
-RUN pip install ".[train]" "torch==${TORCH_VERSION}+cpu" \
- && python -c "import onnxruntime as o; print(o.get_available_providers())" \
- && python -c "import torch; assert torch.version.cuda is None, torch.version.cuda"
+# torch/torchvision are already installed; pinning torch makes pip fail rather than swap in another build.
+RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
+    --mount=type=bind,source=docker/wheels,target=/wheels \
+    pip install --find-links /wheels ".[train,scale]" "torch==${TORCH_CPU_VERSION}" \
+ && python -c "import onnxruntime as o; print(o.get_available_providers())"
 COPY stpm ./stpm
 COPY app ./app
-# (-I: check the installed package, not the sources in the working directory; the web page's files
-# are package data)
-RUN pip install --no-deps --force-reinstall . \
+# (building the package fetches setuptools, hence the mounts; -I: check the installed package, not the
+# sources in the working directory; the web page's files are package data)
+RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
+    --mount=type=bind,source=docker/wheels,target=/wheels \
+    pip install --find-links /wheels --no-deps --force-reinstall . \
  && python -I -c "import pathlib, app.main, stpm.cli; assert any((pathlib.Path(app.main.__file__).parent / 'static').iterdir())"
 
 # ---------------------------------------------------------------- runtime images
 # The two runtime stages differ only in their base, the venv they copy and the device settings.
+# python3, tini (PID 1: forwards SIGTERM to the server and reaps the processes training jobs leave
+# behind) and ca-certificates come from apt unless the base has them.
 
 # CPU-only image: `docker build --target cpu`.
-FROM ${UBUNTU_IMAGE} AS cpu
+FROM ${BASE_IMAGE} AS cpu
 ARG TEACHERS
 LABEL org.opencontainers.image.title="stpm" \
       org.opencontainers.image.description="STPM visual anomaly detection: scoring API and training jobs (CPU)" \
@@ -126,14 +165,16 @@ ENV DEBIAN_FRONTEND=noninteractive \
     STPM_PORT=8000 \
     STPM_PROVIDERS=cpu \
     STPM_TRAIN_DEVICE=cpu
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 tini ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
+RUN { dpkg-query -W python3 tini ca-certificates >/dev/null 2>&1 \
+      || { apt-get update \
+           && apt-get install -y --no-install-recommends python3 tini ca-certificates \
+           && rm -rf /var/lib/apt/lists/*; }; } \
  && groupadd --system --gid 10001 stpm \
  && useradd --system --uid 10001 --gid stpm --create-home --home-dir /home/stpm --shell /usr/sbin/nologin stpm \
  && install -d -o stpm -g stpm /data /data/models /data/jobs
 COPY --from=deps-cpu /opt/venv /opt/venv
 COPY --from=weights /opt/stpm/torch /opt/stpm/torch
+# Prove that every baked teacher resolves from the image, not from a download.
 RUN python -c "import os; from stpm.backbones import resolve_teacher_state_dict as r; srcs = [r(n)[1] for n in os.environ['TEACHERS'].replace(',', ' ').split()]; print(srcs); assert not any(s.startswith('torchvision:') for s in srcs), srcs"
 USER 10001:10001
 WORKDIR /data
@@ -159,10 +200,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     STPM_HOST=0.0.0.0 \
     STPM_PORT=8000 \
     STPM_PROVIDERS=cuda,cpu
-# tini as PID 1: forwards SIGTERM to the server and reaps the processes training jobs leave behind.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 tini ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
+RUN { dpkg-query -W python3 tini ca-certificates >/dev/null 2>&1 \
+      || { apt-get update \
+           && apt-get install -y --no-install-recommends python3 tini ca-certificates \
+           && rm -rf /var/lib/apt/lists/*; }; } \
  && groupadd --system --gid 10001 stpm \
  && useradd --system --uid 10001 --gid stpm --create-home --home-dir /home/stpm --shell /usr/sbin/nologin stpm \
  && install -d -o stpm -g stpm /data /data/models /data/jobs

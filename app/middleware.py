@@ -1,7 +1,9 @@
 """Pure ASGI middlewares (no BaseHTTPMiddleware: they add no per-request task or body copy).
 
-* RequestLimitMiddleware: refuses a body whose Content-Length exceeds the limit before reading it,
-  and caps streamed (chunked) bodies as they arrive.
+* RequestLimitMiddleware: refuses a body whose Content-Length exceeds the limit (or is not a number)
+  before reading it, caps streamed (chunked) bodies as they arrive, and answers 408 when a client
+  stops sending its body for `body_timeout_s` (a stalled upload must not hold a request, or a
+  graceful shutdown, open).
 * APIKeyMiddleware: secure by default; every path needs the key unless listed in
   ``app.state.public_paths`` (exact) or ``app.state.public_prefixes``.
 * MetricsMiddleware: request counts and latency by route template (unmatched paths share one label).
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -26,17 +29,31 @@ async def send_json(send: Send, status: int, body: dict, headers: list[tuple[byt
     await send({"type": "http.response.body", "body": data})
 
 
+CLOSE = {"Connection": "close"}  # the unread rest of the body must not be parsed as the next request
+
+
 class BodyTooLarge(APIError):
     def __init__(self, limit: int, what: str = "request body"):
         super().__init__(
-            413, "payload_too_large", f"{what} exceeds the limit of {limit} bytes (setting max_request_bytes)"
+            413, "payload_too_large", f"{what} exceeds the limit of {limit} bytes (setting max_request_bytes)",
+            headers=CLOSE,
+        )
+
+
+class BodyTimeout(APIError):
+    def __init__(self, seconds: float, received: int):
+        super().__init__(
+            408, "body_timeout",
+            f"the request body stalled: no data for {seconds:g} s after {received} bytes (setting body_timeout_s)",
+            headers=CLOSE,
         )
 
 
 class RequestLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,10 +61,13 @@ class RequestLimitMiddleware:
         limit = self.max_bytes
         for k, v in scope["headers"]:
             if k == b"content-length":
-                try:
-                    n = int(v)
-                except ValueError:
-                    return await send_json(send, 400, {"error": "bad_request", "detail": "invalid Content-Length"})
+                text = v.decode("latin-1")
+                if not text.strip().isdigit():  # uvicorn's parsers catch most; this is the backstop
+                    return await send_json(send, 400, {
+                        "error": "bad_request",
+                        "detail": f"invalid Content-Length {text[:40]!r}: a number of bytes is expected"},
+                        [(b"connection", b"close")])
+                n = int(text)
                 if n > limit:
                     err = BodyTooLarge(limit)
                     # Connection: close - the unread body must not be parsed as the next request.
@@ -56,14 +76,23 @@ class RequestLimitMiddleware:
                     )
         seen = 0
         started = False
+        body_done = False
+        timeout = self.body_timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, body_done
+            if body_done or timeout is None:
+                msg = await receive()  # after the body: e.g. waiting for a disconnect, no deadline
+            else:
+                try:
+                    msg = await asyncio.wait_for(receive(), timeout)
+                except asyncio.TimeoutError:
+                    raise BodyTimeout(timeout, seen) from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
                     raise BodyTooLarge(limit)
+                body_done = not msg.get("more_body", False)
             return msg
 
         async def tracking_send(msg: Message) -> None:
@@ -74,10 +103,10 @@ class RequestLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge as e:  # raised outside the routes' exception handling
+        except (BodyTooLarge, BodyTimeout) as e:  # raised outside the routes' exception handling
             if started:
                 raise
-            await send_json(send, 413, {"error": e.error, "detail": e.detail}, [(b"connection", b"close")])
+            await send_json(send, e.status_code, {"error": e.error, "detail": e.detail}, [(b"connection", b"close")])
 
 
 def _extract_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -90,6 +119,12 @@ def _extract_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
             if scheme.lower() == b"bearer":
                 return token.strip()
     return None
+
+
+def has_valid_key(headers: list[tuple[bytes, bytes]], api_key: str) -> bool:
+    """Whether a request carries the API key (for public routes that show more to a keyed client)."""
+    given = _extract_key(headers)
+    return given is not None and hmac.compare_digest(given, api_key.encode())
 
 
 class APIKeyMiddleware:

@@ -4,7 +4,10 @@
   well under a millisecond), so a newly published or activated version is used by the very next
   request; a background poll (``reload_interval_s``) loads and warms it before that request arrives.
 * The default model (requests without ``model``): ``settings.default_model`` if set, else the only
-  model, else the model most recently published or activated (its folder's mtime).
+  model name in the store; with several names and no setting, a request must name one (400).
+  A name serves only its activated version (see stpm.bundle).
+* The cache of loaded scorers is keyed by name/version and checked against the bundle on disk at
+  every request (the manifest's inode and mtime): a deleted or replaced bundle is never served.
 * Each loaded version owns a :class:`Batcher`: concurrent requests are queued and coalesced into one
   ONNX Runtime call of up to ``batch_max_images`` images, run in a small thread pool so the event loop
   never blocks. Versions that are no longer active, not used for ``IDLE_UNLOAD_S`` and not serving a
@@ -31,7 +34,7 @@ from app.errors import APIError
 from app.metrics import Metrics
 from app.settings import Settings
 from stpm import bundle
-from stpm.bundle import BundleError, ModelNotFoundError
+from stpm.bundle import BundleError, ModelNotFoundError, NoActiveVersionError
 
 log = logging.getLogger("app.registry")
 
@@ -39,21 +42,41 @@ IDLE_UNLOAD_S = 60.0
 
 
 class NoModelError(APIError):
-    def __init__(self, models_dir: Path):
+    def __init__(self):
         super().__init__(
             409,
             "no_model",
-            f"no model has been trained yet (model store {models_dir} is empty): train one with "
-            "`stpm train GOOD_IMAGES_DIR --name NAME --models-dir MODELS_DIR` (or POST /train); "
-            "it is picked up automatically",
+            "no model has been trained yet (the model store is empty): train one with "
+            "`stpm train GOOD_IMAGES_DIR --name NAME` (or POST /train); it is picked up automatically",
+        )
+
+
+class ModelRequiredError(APIError):
+    def __init__(self, n_models: int):
+        super().__init__(
+            400,
+            "model_required",
+            f"the store holds {n_models} models and the server has no default model: name one with "
+            "model=NAME (GET /models lists them), or set STPM_DEFAULT_MODEL",
         )
 
 
 def model_error(exc: BundleError) -> APIError:
-    """Map the store's exceptions onto HTTP: unknown -> 404, malformed reference -> 400."""
+    """Map the store's exceptions onto HTTP: unknown -> 404, nothing activated -> 409, malformed -> 400."""
+    if isinstance(exc, NoActiveVersionError):
+        return APIError(409, "no_active_version", str(exc))
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, "model_not_found", str(exc))
     return APIError(400, "invalid_model_name", str(exc))
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What a loaded bundle is checked against: its manifest's device, inode and mtime."""
+    try:
+        st = os.stat(path / bundle.MANIFEST)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -127,7 +150,7 @@ class Batcher:
             except BaseException:
                 self._sem.release()
                 raise
-            batch, n = [first], len(first.images)
+            batch, n, nxt = [first], len(first.images), None
             deadline = loop.time() + self.wait_s
             while n < self.max_images:
                 nxt = await self._next(deadline - loop.time())
@@ -141,6 +164,8 @@ class Batcher:
             t = loop.create_task(self._run(batch))
             self._running.add(t)
             t.add_done_callback(self._running.discard)
+            # This loop now waits for the next job: it must not keep this batch's images alive meanwhile.
+            del first, batch, nxt, t
 
     async def _run(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -160,6 +185,7 @@ class Batcher:
         self.metrics.inference.labels(self.label).observe(time.perf_counter() - start)
         self.metrics.batch_size.labels(self.label).observe(sum(len(j.images) for j in batch))
         for job, res in zip(batch, results):
+            job.images = []  # scored: the decoded images are no longer needed
             if not job.future.done():
                 job.future.set_result((res, start - job.enqueued))
 
@@ -221,8 +247,10 @@ class LoadedModel:
     loaded_at: float
     load_seconds: float
     warm: bool
+    identity: tuple[int, int, int] | None = None  # the manifest it was loaded from (see _identity)
     in_use: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    retired: str | None = None  # why it left the table (deleted, replaced); closed when its last request ends
 
     @property
     def ref(self) -> str:
@@ -270,39 +298,42 @@ class ModelRegistry:
     # ----- resolution (cheap, synchronous) -----
 
     def default_name(self) -> str | None:
+        """The model name used without `model`: the setting, else the only name; None when there is none
+        or several (a request must then name one)."""
         if self.settings.default_model:
             return bundle.parse_ref(self.settings.default_model)[0]
         names = bundle.list_models(self.models_dir)
+        return names[0] if len(names) == 1 else None
+
+    def default_ref(self) -> str:
+        """The reference a request without `model` means. Raises NoModelError (409, empty store) or
+        ModelRequiredError (400, several names and no STPM_DEFAULT_MODEL)."""
+        if self.settings.default_model:
+            return self.settings.default_model
+        names = bundle.list_models(self.models_dir)
         if not names:
-            return None
-        if len(names) == 1:
-            return names[0]
-
-        def stamp(n: str) -> tuple[int, str]:
-            try:
-                return (os.stat(self.models_dir / n).st_mtime_ns, n)
-            except OSError:
-                return (0, n)
-
-        return max(names, key=stamp)
+            raise NoModelError()
+        if len(names) > 1:
+            raise ModelRequiredError(len(names))
+        return names[0]
 
     def resolve(self, ref: str | None) -> tuple[str, str]:
         """'name' | 'name/vN' | None (the default) -> (name, version). Raises APIError 400/404/409."""
+        if ref is None or not ref.strip():
+            ref = self.default_ref()
         try:
-            if ref is None or not ref.strip():
-                if self.settings.default_model:
-                    ref = self.settings.default_model
-                else:
-                    name = self.default_name()
-                    if name is None:
-                        raise NoModelError(self.models_dir)
-                    ref = name
             path = bundle.resolve(self.models_dir, ref)
         except BundleError as e:
-            if ref is None and isinstance(e, ModelNotFoundError):
-                raise NoModelError(self.models_dir) from None
+            if isinstance(e, ModelNotFoundError) and not bundle.list_models(self.models_dir):
+                raise NoModelError() from None
             raise model_error(e) from None
         return path.parent.name, path.name
+
+    def redact(self, text: str) -> str:
+        """A message for API clients: the model store's location removed (bundle paths become name/vN)."""
+        for root in {str(self.models_dir.resolve()), str(self.models_dir)}:
+            text = text.replace(root + os.sep, "").replace(root, "<models>")
+        return text
 
     # ----- loading -----
 
@@ -321,13 +352,20 @@ class ModelRegistry:
 
     async def load(self, name: str, version: str) -> LoadedModel:
         key = (name, version)
+        identity = _identity(self.models_dir / name / version)
         lm = self.peek(name, version)
-        if lm is not None:
+        if lm is not None and lm.identity == identity:
             lm.last_used = time.monotonic()
             return lm
+        if identity is None:
+            await self.forget(name, version, "unloaded")
+            raise APIError(404, "model_not_found", f"model {name}/{version} does not exist")
         lock = self._load_locks.setdefault(key, asyncio.Lock())
         async with lock:
             lm = self.peek(name, version)
+            if lm is not None and lm.identity != identity:  # deleted and re-created, or replaced
+                await self.forget(name, version, "replaced")
+                lm = None
             if lm is None:
                 lm = await asyncio.to_thread(self._load_sync, name, version)
                 with self._lock:
@@ -342,6 +380,7 @@ class ModelRegistry:
         label = f"{name}/{version}"
         path = self.models_dir / name / version
         t0 = time.perf_counter()
+        identity = _identity(path)
         try:
             manifest = bundle.read_manifest(path)
             scorer = self.scorer_factory(path)
@@ -351,12 +390,12 @@ class ModelRegistry:
                 warm = True
         except Exception as e:  # noqa: BLE001 - any load failure becomes a 503
             self.metrics.model_loads.labels(label, "error").inc()
-            self.last_error = f"{label}: {type(e).__name__}: {e}"
+            self.last_error = self.redact(f"{label}: {type(e).__name__}: {e}")
             log.error("loading model %s failed: %s", label, e)
             if isinstance(e, ModelNotFoundError):
-                raise APIError(404, "model_not_found", str(e)) from None
+                raise APIError(404, "model_not_found", f"model {label} does not exist") from None
             raise APIError(
-                503, "model_unavailable", f"model {label} could not be loaded: {type(e).__name__}: {e}"
+                503, "model_unavailable", self.redact(f"model {label} could not be loaded: {type(e).__name__}: {e}")
             ) from None
         dt = time.perf_counter() - t0
         self.metrics.model_loads.labels(label, "ok").inc()
@@ -364,7 +403,8 @@ class ModelRegistry:
         self.last_error = None
         log.info("loaded model %s in %.2f s (providers %s)", label, dt, getattr(scorer, "providers", "?"))
         batcher = Batcher(scorer, label, self.executor, self.settings, self.metrics)
-        return LoadedModel(name, version, path, scorer, manifest, batcher, time.time(), dt, warm or not self.settings.warmup)
+        return LoadedModel(name, version, path, scorer, manifest, batcher, time.time(), dt,
+                           warm or not self.settings.warmup, identity)
 
     async def unload(self, name: str, version: str, reason: str = "unloaded") -> bool:
         with self._lock:
@@ -372,11 +412,28 @@ class ModelRegistry:
             self.metrics.models_loaded.set(len(self._loaded))
         if lm is None:
             return False
+        await self._close(lm, reason)
+        return True
+
+    async def forget(self, name: str, version: str, reason: str = "unloaded") -> bool:
+        """Take a version out of the cache at once (deleted or replaced on disk): no new request gets
+        it; requests already using it finish, then it is closed."""
+        with self._lock:
+            lm = self._loaded.pop((name, version), None)
+            self.metrics.models_loaded.set(len(self._loaded))
+            if lm is not None and lm.in_use:
+                lm.retired = reason
+                return True
+        if lm is None:
+            return False
+        await self._close(lm, reason)
+        return True
+
+    async def _close(self, lm: LoadedModel, reason: str) -> None:
         await lm.batcher.close()
         self.metrics.model_loads.labels(lm.ref, reason).inc()
-        self._notify(reason, name, version)
+        self._notify(reason, lm.name, lm.version)
         log.info("%s model %s", reason, lm.ref)
-        return True
 
     async def _evict_lru(self) -> None:
         with self._lock:
@@ -404,6 +461,9 @@ class ModelRegistry:
         finally:
             lm.in_use -= 1
             lm.last_used = time.monotonic()
+            if lm.retired is not None and lm.in_use == 0:
+                reason, lm.retired = lm.retired, None
+                await self._close(lm, reason)
 
     def in_use(self, name: str, version: str) -> bool:
         lm = self.peek(name, version)
@@ -426,7 +486,7 @@ class ModelRegistry:
         for lm in self.loaded():
             if lm.in_use:
                 continue
-            gone = not (lm.path / bundle.MANIFEST).is_file()
+            gone = _identity(lm.path) != lm.identity
             try:
                 active = bundle.get_active(self.models_dir, lm.name)
             except BundleError:
@@ -466,6 +526,8 @@ class ModelRegistry:
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         try:
             lm = await self.get(None)
+        except ModelRequiredError as e:  # several models, none default: requests name theirs
+            return True, {"detail": e.detail}
         except APIError as e:
             return False, {"error": e.error, "detail": e.detail}
         ok = lm.warm

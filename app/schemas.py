@@ -9,9 +9,24 @@ from pydantic import BaseModel, ConfigDict, Field
 HeatmapMode = Literal["none", "overlay", "map", "both"]
 
 
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="Where: e.g. [\"query\", \"offset\"] or [\"body\", \"files\"]")
+    msg: str
+    type: str
+
+
+class FileError(BaseModel):
+    file: str = Field(description="The uploaded file (archive:member for archive contents)")
+    reason: str
+
+
 class ErrorResponse(BaseModel):
+    """Every error the service answers (4xx and 5xx), 422 validation errors included."""
+
     error: str = Field(description="Machine-readable code")
-    detail: Any = Field(description="What went wrong and what to do")
+    detail: str = Field(description="What went wrong and what to do")
+    errors: list[FieldError] | None = Field(None, description="validation_error: every invalid field")
+    files: list[FileError] | None = Field(None, description="invalid_image / invalid_upload: every bad file")
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -28,12 +43,17 @@ class ErrorResponse(BaseModel):
 
 class ScoreItem(BaseModel):
     file: str = Field(description="The uploaded file name")
-    raw_score: float = Field(description="Max of the anomaly map, in the model's own units")
+    raw_score: float = Field(description="The image score from its stitched anomaly map (the model's "
+                             "`image_score`: max or top-k mean), in the model's own units")
     score: float = Field(ge=0, le=1, description="Normalised score in [0, 1]; 0.5 is the decision threshold")
     is_anomaly: bool
     threshold: float = Field(description="The raw-score threshold used (normalised: always 0.5)")
     width: int = Field(description="Input width in pixels (after EXIF orientation)")
     height: int
+    tiles: int = Field(1, description="Model tiles the image was covered with at the model's scale")
+    scaled_width: int | None = Field(None, description="Width of the image at the model's scale: the anomaly map's "
+                                     "own resolution (what heatmap_size=model returns)")
+    scaled_height: int | None = None
     timings_ms: dict[str, float] = Field(description="decode, queue and the scorer's own stages")
     overlay_png: str | None = Field(None, description="Base64 PNG: the image with the heatmap blended on top")
     map_png: str | None = Field(None, description="Base64 PNG: the normalised anomaly map as grayscale")
@@ -63,6 +83,9 @@ class ScoreResponse(BaseModel):
                             "threshold": 0.0544,
                             "width": 512,
                             "height": 512,
+                            "tiles": 1,
+                            "scaled_width": 256,
+                            "scaled_height": 256,
                             "timings_ms": {"decode": 3.1, "queue": 0.4, "preprocess": 1.2, "inference": 38.5, "render": 0.0},
                             "overlay_png": None,
                             "map_png": None,
@@ -75,6 +98,9 @@ class ScoreResponse(BaseModel):
                             "threshold": 0.0544,
                             "width": 512,
                             "height": 512,
+                            "tiles": 1,
+                            "scaled_width": 256,
+                            "scaled_height": 256,
                             "timings_ms": {"decode": 3.0, "queue": 0.4, "preprocess": 1.2, "inference": 38.5, "render": 0.0},
                             "overlay_png": None,
                             "map_png": None,
@@ -155,7 +181,8 @@ class DeleteResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     uptime_s: float
-    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "uptime_s": 12.5}]})
+    replica: str | None = Field(None, description="Which replica answered (setting replica_name, default HOST:PORT)")
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "uptime_s": 12.5, "replica": "api-1:8000"}]})
 
 
 class Ready(BaseModel):
@@ -200,6 +227,7 @@ class TrainJob(BaseModel):
     uploads_kept: bool
     cancel_requested: bool
     queue_position: int | None = Field(None, description="1 = runs next (queued jobs only)")
+    worker: str | None = Field(None, description="Who runs or ran it: the server's host, or a Celery worker")
     model_config = ConfigDict(
         protected_namespaces=(),
         json_schema_extra={

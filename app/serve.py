@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
             os.environ[env] = str(value)
     env_file = getattr(args, "env_file", None)
 
-    from pydantic import ValidationError
+    from pydantic import SecretStr, ValidationError
 
     from app.settings import Settings
 
@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         # Workers rebuild settings from the environment: export what the file said.
         for name, value in settings.model_dump().items():
             if value is not None and f"STPM_{name.upper()}" not in os.environ:
-                if name == "api_key":
+                if isinstance(value, SecretStr):
                     value = value.get_secret_value()
                 elif name == "providers":
                     value = ",".join(value)
@@ -79,6 +79,8 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("app").warning(
             "model store %s does not exist yet; /score answers 409 until a model is trained", settings.models_dir
         )
+    from app.protocol import protocol_class
+
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -87,6 +89,8 @@ def main(args: argparse.Namespace) -> int:
         workers=settings.workers,
         log_level=settings.log_level,
         access_log=settings.log_level in ("debug", "trace"),
+        http=protocol_class(),  # JSON error bodies for requests the HTTP parser refuses
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
     )
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from stpm.imageio import DEFAULT_MAX_PIXELS
@@ -58,6 +58,16 @@ class Settings(BaseSettings):
         100 * 1024 * 1024, ge=1, description="Bytes per request body (Content-Length and streamed)"
     )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Decoded pixels per image (decompression bombs)")
+    body_timeout_s: float = Field(
+        20.0, gt=0, description="A request whose body stops arriving for this long is answered 408 (stalled uploads)"
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, requests still running after this long are cancelled (0: wait for all)"
+    )
+    max_request_pixels: int = Field(
+        3 * DEFAULT_MAX_PIXELS, ge=1, description="Memory budget of one /score request: decoded pixels of all its "
+        "images plus the pixels of every heatmap it asks for (see app/budget.py)"
+    )
 
     # Training jobs (POST /train; see app/jobs and docs/SERVICE.md "Training jobs").
     data_dir: Path | None = Field(
@@ -71,8 +81,9 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=1, description="Uncompressed bytes of a zip/tar upload at most (zip bombs)"
     )
     train_upload_retention: Literal["keep", "delete"] = Field(
-        "keep", description="Uploaded images of finished jobs: keep them, or delete them when the job ends"
+        "delete", description="Uploaded images of finished jobs: delete them when the job ends, or keep them"
     )
+    train_max_queued: int = Field(20, ge=1, description="Jobs waiting to run at most; POST /train answers 429 beyond")
     train_device: str = Field("auto", description="Training device: auto, cpu, cuda, cuda:1")
     train_threads: int | None = Field(None, ge=1, description="torch CPU threads of a training process")
     train_weights_dir: Path | None = Field(None, description="Folder with ImageNet teacher weights (offline hosts)")
@@ -80,6 +91,26 @@ class Settings(BaseSettings):
         30.0, ge=0, description="A cancelled running job that has not stopped after this long is killed"
     )
     train_max_epochs: int = Field(1000, ge=1, description="Largest `epochs` a job may ask for")
+
+    # Scale-out (docs/SCALING.md): Celery workers on a Redis broker, a shared job database, shared storage.
+    queue: Literal["local", "celery"] = Field(
+        "local", description="Who runs training jobs: `local` (a worker thread of this server) or `celery` "
+        "(`stpm worker` processes on any host, fed through broker_url)"
+    )
+    broker_url: SecretStr | None = Field(None, description="Celery broker for queue=celery: redis://HOST:6379/0")
+    broker_visibility_timeout_s: float = Field(
+        3600.0, gt=0, description="Redis redelivers a task left unacknowledged this long (its worker died); "
+        "the job row decides whether it runs"
+    )
+    jobs_db: SecretStr | None = Field(
+        None, description="Job store: unset = SQLite in data_dir; postgresql://USER:PASS@HOST:5432/DB when scaled"
+    )
+    jobs_db_pool_size: int = Field(4, ge=1, description="PostgreSQL connections per process at most")
+    job_heartbeat_s: float = Field(5.0, gt=0, description="How often a Celery worker marks its running job alive")
+    job_stale_after_s: float = Field(
+        60.0, gt=0, description="A running job without a heartbeat this long belonged to a dead worker: it is failed"
+    )
+    replica_name: str | None = Field(None, description="This process in metrics and logs (default HOST:PORT)")
 
     # Security.
     api_key: SecretStr | None = Field(
@@ -104,10 +135,33 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, v):
         return None if v in ("", None) else v
 
-    @field_validator("default_model", "data_dir", "train_weights_dir", "train_threads", mode="before")
+    @field_validator("default_model", "data_dir", "train_weights_dir", "train_threads", "broker_url", "jobs_db",
+                     "replica_name", mode="before")
     @classmethod
     def _empty_model_is_none(cls, v):
         return None if v in ("", None) else v
+
+    @model_validator(mode="after")
+    def _scaled_needs_a_broker(self):
+        if self.queue == "celery" and self.broker_url is None:
+            raise ValueError("queue=celery needs broker_url (STPM_BROKER_URL=redis://HOST:6379/0)")
+        db = self.jobs_db.get_secret_value() if self.jobs_db is not None else None
+        if db is not None and not db.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("jobs_db: use postgresql://USER:PASS@HOST:5432/DB or sqlite:///PATH")
+        return self
+
+    @property
+    def jobs_store_target(self) -> str:
+        """What app.jobs.store.JobStore opens: the jobs_db URL, or jobs.sqlite3 in the data directory."""
+        if self.jobs_db is not None:
+            return self.jobs_db.get_secret_value()
+        return str(self.jobs_data_dir / "jobs.sqlite3")
+
+    @property
+    def replica(self) -> str:
+        import socket
+
+        return self.replica_name or f"{socket.gethostname()}:{self.port}"
 
     @property
     def jobs_data_dir(self) -> Path:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stpm.evaluate import compute_metrics, score_samples  # noqa: E402
 from stpm.data import test_samples  # noqa: E402
+from stpm.tiling import from_manifest, score_from_manifest  # noqa: E402
 from stpm.weights import load_model  # noqa: E402
 
 
@@ -34,7 +35,8 @@ def main() -> int:
     rows = []
     for combine in ("product", "sum"):
         for sigma in (float(s) for s in a.sigmas.split(",")):
-            r = score_samples(model, samples, manifest["model"]["image_size"], torch.device("cpu"), combine, sigma)
+            r = score_samples(model, samples, from_manifest(manifest), torch.device("cpu"), combine, sigma,
+                              score_from_manifest(manifest))
             m = compute_metrics(r["labels"], r["scores"], r["masks"], r["maps"], [s.defect for s in samples], None)
             o = m["overall"]
             rows.append({"combine": combine, "sigma": sigma, "image_auroc": o["image_auroc"],

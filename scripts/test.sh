@@ -7,10 +7,16 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 # The CUDA-capable builds that lie on the build machines' disk; they run on CPU too.
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e ".[train,test]"
+.venv/bin/python -m pip install -q -e ".[train,test,scale]"
 # Browser tests drive Debian's Chromium (no browser downloads: the machines are offline).
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
         || echo "warning: could not install chromium; browser tests will skip" >&2
+fi
+# The scale-out tests start Debian's redis-server and PostgreSQL themselves (tests/services.py).
+if { ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } \
+        && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql >/dev/null) \
+        || echo "warning: could not install redis-server/postgresql; scale-out tests will skip" >&2
 fi
 exec .venv/bin/python -m pytest "$@"

@@ -4,6 +4,12 @@ Versions are immutable once published: a bundle is written to a temporary folder
 place and renamed into `v<N>`. Derived artefacts (ONNX exports, evaluation metrics) may be added
 to a published version later; they never change its weights or calibration, and the manifest is
 replaced atomically when they are recorded.
+
+Activation rule: `name` means its activated version (`models/<name>/ACTIVE`) and nothing else. The
+first version published under a name is activated; later ones only when asked (`set_active`).
+Version numbers are never reused: `models/<name>/.last-version` keeps the highest number ever
+given, so a deleted `name/v2` can never come back as another model. Publishing, activating and
+deleting take a per-name lock (`models/<name>/.lock`).
 """
 
 from __future__ import annotations
@@ -14,16 +20,28 @@ import os
 import platform
 import re
 import shutil
+import socket
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Patterns as JSON Schema / ECMA regexes (the API spec shows them); Python matches them with fullmatch.
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+VERSION_PATTERN = r"^v[1-9][0-9]{0,8}$"
+NAME_RE = re.compile(NAME_PATTERN)
 VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 MANIFEST = "manifest.json"
 ACTIVE = "ACTIVE"
-FORMAT_VERSION = 1
+LAST_VERSION = ".last-version"  # the highest version number ever given under a name
+LOCK = ".lock"
+STAGING = ".staging-"
+DELETED = ".deleted-"
+STALE_STAGING_S = 6 * 3600.0  # a staging folder whose owner cannot be checked is stale after this long
+FORMAT_VERSION = 2  # 2: manifest["tiling"] (stpm.tiling); format 1 bundles squash to image_size
 # Excluded from the digest that identifies what a model computes: derived artefacts, and the version
 # name (given at publish time, after the staged export wrote the digest into the ONNX metadata).
 DERIVED_KEYS = ("exports", "metrics", "version")
@@ -37,8 +55,12 @@ class ModelNotFoundError(BundleError):
     pass
 
 
+class NoActiveVersionError(ModelNotFoundError):
+    """The name has versions but none is activated."""
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise BundleError(
             f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -46,7 +68,7 @@ def check_name(name: str) -> str:
 
 
 def check_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_RE.match(version):
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise BundleError(f"invalid version {version!r}: versions look like v1, v2, ...")
     return version
 
@@ -65,7 +87,7 @@ def list_models(models_dir: str | Path) -> list[str]:
     root = Path(models_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_RE.match(p.name) and list_versions(root, p.name))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name) and list_versions(root, p.name))
 
 
 def list_versions(models_dir: str | Path, name: str) -> list[str]:
@@ -73,40 +95,58 @@ def list_versions(models_dir: str | Path, name: str) -> list[str]:
     d = Path(models_dir) / check_name(name)
     if not d.is_dir():
         return []
-    vs = [p.name for p in d.iterdir() if VERSION_RE.match(p.name) and (p / MANIFEST).is_file()]
+    vs = [p.name for p in d.iterdir() if VERSION_RE.fullmatch(p.name) and (p / MANIFEST).is_file()]
     return sorted(vs, key=lambda v: int(v[1:]))
 
 
 def get_active(models_dir: str | Path, name: str) -> str | None:
-    """The version `name` resolves to: the ACTIVE pointer if valid, else the newest version."""
+    """The version `name` resolves to: its ACTIVE pointer, or None when no version is activated.
+
+    A store written before the activation rule (versions, but neither ACTIVE nor .last-version)
+    keeps resolving to its newest version, as it did then, until its first publish or delete
+    under the lock pins that version (`_adopt_legacy`)."""
     versions = list_versions(models_dir, name)
-    p = Path(models_dir) / name / ACTIVE
+    d = Path(models_dir) / name
+    p = d / ACTIVE
     if p.is_file():
         v = p.read_text().strip()
-        if v in versions:
-            return v
-    return versions[-1] if versions else None
+        return v if v in versions else None
+    if versions and not (d / LAST_VERSION).is_file():
+        return versions[-1]
+    return None
 
 
 def set_active(models_dir: str | Path, name: str, version: str) -> None:
     check_name(name)
     check_version(version)
-    if version not in list_versions(models_dir, name):
+    d = Path(models_dir) / name
+    if not d.is_dir():
         raise ModelNotFoundError(f"model {name}/{version} does not exist")
-    _atomic_write_text(Path(models_dir) / name / ACTIVE, version + "\n")
+    with _name_lock(d):
+        _adopt_legacy(d)
+        if version not in list_versions(models_dir, name):
+            raise ModelNotFoundError(f"model {name}/{version} does not exist")
+        _atomic_write_text(d / ACTIVE, version + "\n")
 
 
 def resolve(models_dir: str | Path, ref: str) -> Path:
-    """'name' (the active version) or 'name/version' -> the bundle folder. Raises ModelNotFoundError."""
+    """'name' (its activated version) or 'name/version' -> the bundle folder. Raises ModelNotFoundError
+    (NoActiveVersionError when `name` has versions but none is activated). Messages name the model,
+    never the store's path or its other models (they reach API clients)."""
     name, version = parse_ref(ref)
     if version is None:
         version = get_active(models_dir, name)
         if version is None:
-            known = ", ".join(list_models(models_dir)) or "none"
-            raise ModelNotFoundError(f"no model named {name!r} in {models_dir} (known: {known})")
+            if list_versions(models_dir, name):
+                raise NoActiveVersionError(
+                    f"model {name!r} has no activated version: activate one "
+                    f"(POST /models/{name}/versions/VERSION/activate or `stpm activate {name}/VERSION`) "
+                    f"or name a version ({name}/vN)"
+                )
+            raise ModelNotFoundError(f"no model named {name!r}")
     path = Path(models_dir) / name / version
     if not (path / MANIFEST).is_file():
-        raise ModelNotFoundError(f"model {name}/{version} does not exist in {models_dir}")
+        raise ModelNotFoundError(f"model {name}/{version} does not exist")
     return path
 
 
@@ -187,20 +227,77 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> None:
     _atomic_write_text(Path(bundle_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
+@contextmanager
+def _name_lock(name_dir: Path) -> Iterator[None]:
+    """Exclusive per-name lock (flock on `<name>/.lock`) across threads and processes."""
+    import fcntl
+
+    fd = os.open(name_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _last_version(name_dir: Path) -> int:
+    try:
+        return int((name_dir / LAST_VERSION).read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _numbers_on_disk(name_dir: Path) -> list[int]:
+    """Every version number present, complete or not, and those of deletions still in progress."""
+    out = []
+    for p in name_dir.iterdir():
+        m = VERSION_RE.fullmatch(p.name)
+        if m is None and p.name.startswith(DELETED):
+            m = VERSION_RE.fullmatch(p.name[len(DELETED):].split("-", 1)[0])
+        if m is not None:
+            out.append(int(m.group(1)))
+    return out
+
+
+def _raise_last_version(name_dir: Path, n: int) -> None:
+    if n > _last_version(name_dir):
+        _atomic_write_text(name_dir / LAST_VERSION, f"{n}\n")
+
+
+def _adopt_legacy(name_dir: Path) -> None:
+    """(under the lock) A name from before the activation rule: pin what it resolved to (its newest
+    version) as ACTIVE and start its high-water mark, so the next publish changes nothing it served."""
+    if (name_dir / ACTIVE).is_file() or (name_dir / LAST_VERSION).is_file():
+        return
+    versions = list_versions(name_dir.parent, name_dir.name)
+    if versions:
+        _atomic_write_text(name_dir / ACTIVE, versions[-1] + "\n")
+    _raise_last_version(name_dir, max(_numbers_on_disk(name_dir), default=0))
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def new_staging_dir(models_dir: str | Path, name: str) -> Path:
-    """A private temporary folder beside the versions of `name` (same filesystem, so rename is atomic)."""
+    """A private temporary folder beside the versions of `name` (same filesystem, so rename is atomic).
+
+    Its name records the owner (`.staging-<pid>-<host>-<random>`) so that start-up cleanup removes
+    only folders whose publisher is gone (`clean_staging`)."""
     d = Path(models_dir) / check_name(name)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".staging-{uuid.uuid4().hex}"
+    tmp = d / f"{STAGING}{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex}"
     tmp.mkdir()
     return tmp
 
 
 def publish(staging: Path, models_dir: str | Path, name: str) -> tuple[str, Path]:
-    """Atomically rename a complete staging folder to the next free version; -> (version, path).
+    """Atomically rename a complete staging folder to the next version number; -> (version, path).
 
-    The manifest's `version` field is filled in before the rename, every file is fsynced, and a
-    concurrent publisher that wins a version number makes this one take the next.
+    The number is one past the highest ever given under `name` (never reused after a delete). The
+    manifest's `version` field is filled in before the rename and every file is fsynced. The first
+    version of a name (none published yet) becomes its ACTIVE version; later ones only through
+    `set_active`.
     """
     manifest = read_manifest(staging)
     for f in staging.iterdir():
@@ -208,45 +305,89 @@ def publish(staging: Path, models_dir: str | Path, name: str) -> tuple[str, Path
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     d = Path(models_dir) / check_name(name)
-    while True:
-        existing = [int(p.name[1:]) for p in d.iterdir() if VERSION_RE.match(p.name)]
-        version = f"v{max(existing, default=0) + 1}"
-        manifest["version"] = version
-        write_manifest(staging, manifest)
-        target = d / version
-        try:
-            os.rename(staging, target)  # fails if target exists (non-empty dir) -> retry
-        except OSError:
-            if target.exists():
-                continue
-            raise
-        fsync_dir(d)
-        return version, target
+    with _name_lock(d):
+        _adopt_legacy(d)
+        first = not list_versions(models_dir, name)
+        while True:
+            n = max(_last_version(d), *_numbers_on_disk(d), 0) + 1
+            version = f"v{n}"
+            manifest["version"] = version
+            write_manifest(staging, manifest)
+            _raise_last_version(d, n)  # first: a crash after this only skips a number
+            target = d / version
+            try:
+                os.rename(staging, target)  # fails if target exists (a writer outside the lock) -> retry
+            except OSError:
+                if target.exists():
+                    continue
+                raise
+            fsync_dir(d)
+            if first:
+                _atomic_write_text(d / ACTIVE, version + "\n")
+            return version, target
 
 
 def delete_version(models_dir: str | Path, name: str, version: str) -> None:
-    """Remove a version: renamed away first (atomic disappearance), then deleted."""
+    """Remove a version: renamed away first (atomic disappearance), then deleted. Its number stays taken."""
     path = resolve(models_dir, f"{name}/{version}")
-    trash = path.with_name(f".deleted-{version}-{uuid.uuid4().hex}")
-    os.rename(path, trash)
-    fsync_dir(path.parent)
-    active = Path(models_dir) / name / ACTIVE
-    if active.is_file() and active.read_text().strip() == version:
-        active.unlink()
+    d = path.parent
+    with _name_lock(d):
+        _adopt_legacy(d)
+        path = resolve(models_dir, f"{name}/{version}")
+        _raise_last_version(d, int(version[1:]))
+        trash = path.with_name(f"{DELETED}{version}-{uuid.uuid4().hex}")
+        os.rename(path, trash)
+        fsync_dir(d)
+        active = d / ACTIVE
+        if active.is_file() and active.read_text().strip() == version:
+            active.unlink()
+            fsync_dir(d)
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def clean_staging(models_dir: str | Path) -> list[Path]:
-    """Remove leftovers of interrupted publishes/deletes (call at start-up); returns what was removed."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:  # a zombie has finished
+        return not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
+
+
+def staging_is_stale(path: Path, now: float | None = None, max_age_s: float = STALE_STAGING_S) -> bool:
+    """True when the publish that owns a `.staging-*` folder cannot be running any more: its process
+    (on this host) is gone, or (owner on another host, an old-style name, or a reused pid) the folder
+    has not changed for `max_age_s`."""
+    now = time.time() if now is None else now
+    try:
+        old = now - path.stat().st_mtime > max_age_s
+    except OSError:
+        return False  # already gone
+    parts = path.name[len(STAGING):].split("-")
+    if len(parts) == 3 and parts[0].isdigit() and parts[1] == _host_tag():
+        return old or not _pid_alive(int(parts[0]))
+    return old
+
+
+def clean_staging(models_dir: str | Path, max_age_s: float = STALE_STAGING_S) -> list[Path]:
+    """Remove leftovers of interrupted publishes/deletes (call at start-up); returns what was removed.
+
+    A staging folder is removed only when its publisher is gone (`staging_is_stale`): a server that
+    starts while `stpm train` publishes leaves that publish alone."""
     removed = []
     root = Path(models_dir)
     if not root.is_dir():
         return removed
+    now = time.time()
     for name_dir in root.iterdir():
         if not name_dir.is_dir():
             continue
         for p in name_dir.iterdir():
-            if p.name.startswith((".staging-", ".deleted-")):
+            if p.name.startswith(DELETED) or (p.name.startswith(STAGING) and staging_is_stale(p, now, max_age_s)):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 Combine = Literal["product", "sum"]
 ThresholdMethod = Literal["quantile", "max_margin"]
+ImageScoreMethod = Literal["max", "topk_mean"]
+TilingMode = Literal["tile", "squash"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -19,13 +21,32 @@ class ModelConfig:
     backbone: str = "resnet18"
     student_backbone: str | None = None  # None: same architecture as the teacher
     layers: tuple[str, ...] = ()  # empty: the backbone's default (the paper's three stages)
-    image_size: int = 256
+    image_size: int = 256  # the model input S: the tile size
     pretrained: bool = True
     weights: str | None = None  # explicit teacher weight file (wins over every other source)
     combine: Combine = "product"  # how per-layer maps are fused: the paper multiplies
     sigma: float = 0.0  # Gaussian smoothing of the map, in output pixels (0: off)
+    image_score: ImageScoreMethod = "max"  # image score from the stitched map (stpm.tiling.image_score)
+    topk: float = 0.01  # for "topk_mean": < 1 a fraction of the map's pixels, >= 1 a number of pixels
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How images of any size and shape meet the S x S model input (see stpm.tiling).
+
+    mode "tile": every image is resized by one fixed `scale` (aspect ratio kept) and covered by
+    overlapping S x S tiles. The scale is chosen at training as resolution / median short side of
+    the training images (resolution default: S), unless `scale` is given. mode "squash": every image
+    is resized to S x S (the format-1 behaviour; say so explicitly, it loses thin defects)."""
+
+    mode: TilingMode = "tile"
+    resolution: int | None = None  # pixels the median short side becomes; None: the tile size S
+    scale: float | None = None  # fixed input -> model scale; wins over resolution
+    overlap: float = 0.25  # minimum overlap of neighbouring tiles, fraction of a tile
+    max_upscale: float = 2.0  # a smaller image is upscaled to one tile by at most this factor, else refused
+    max_tiles: int = 64  # more tiles per image are refused
 
 
 @dataclass(frozen=True)
@@ -79,6 +100,7 @@ def from_dict(cls: type, data: dict[str, Any]):
 __all__ = [
     "ModelConfig",
     "TrainConfig",
+    "TilingConfig",
     "CalibrationConfig",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

@@ -12,7 +12,16 @@ from torch.utils.data import Dataset
 
 from stpm.bundle import fingerprint  # noqa: F401  (re-exported: part of the data API)
 from stpm.imageio import DataError
-from stpm.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, is_image_path, read_image, resize_rgb
+from stpm.imageio import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    is_image_path,
+    read_image,
+    read_image_size,
+    resize_rgb,
+)
+from stpm.config import TilingConfig
+from stpm.tiling import Geometry, TiledImages, TilingError, plan, resolve, tiles
 
 
 @dataclass(frozen=True)
@@ -77,18 +86,86 @@ def load_images(
         except ImageDecodeError as e:
             bad.append((p, e.reason))
     if bad and not skip_bad:
-        lines = "\n".join(f"  {p}: {reason}" for p, reason in bad)
-        raise DataError(f"{len(bad)} unreadable image(s) (use --skip-bad to leave them out):\n{lines}")
+        raise _bad_files_error(bad)
     if not arrays:
         raise DataError("no readable images")
     return np.stack(arrays), kept, bad
 
 
-def load_mask(path: Path | None, image_size: int) -> np.ndarray:
-    """Ground-truth mask -> bool [S, S] (nearest-neighbour resize); None -> all False."""
+def _bad_files_error(bad: list[tuple[Path, str]], what: str = "unreadable image(s)") -> DataError:
+    lines = "\n".join(f"  {p}: {reason}" for p, reason in bad)
+    return DataError(f"{len(bad)} {what} (use --skip-bad to leave them out):\n{lines}")
+
+
+def read_sizes(
+    paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[list[tuple[int, int]], list[Path], list[tuple[Path, str]]]:
+    """(height, width) of every readable path from its header -> (sizes, kept paths, bad (path, reason))."""
+    sizes, kept, bad = [], [], []
+    for p in paths:
+        try:
+            sizes.append(read_image_size(p, max_pixels))
+            kept.append(p)
+        except ImageDecodeError as e:
+            bad.append((p, e.reason))
+    return sizes, kept, bad
+
+
+def load_tiled(
+    paths: list[Path], geometry: Geometry, skip_bad: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[TiledImages, list[Path], list[tuple[Path, str]]]:
+    """Decode every path and cut it into the geometry's tiles -> (TiledImages, kept paths, skipped).
+
+    Undecodable files and images the geometry cannot cover (TilingError) raise one DataError naming
+    all of them, unless skip_bad, which reports them instead. One image is held at full size at a time.
+    """
+    parts, plans, kept, bad = [], [], [], []
+    for p in paths:
+        try:
+            im = read_image(p, max_pixels)
+            tp = plan(im.shape[0], im.shape[1], geometry)
+        except ImageDecodeError as e:
+            bad.append((p, e.reason))
+            continue
+        except TilingError as e:
+            bad.append((p, str(e)))
+            continue
+        parts.append(tiles(im, tp))
+        plans.append(tp)
+        kept.append(p)
+    if bad and not skip_bad:
+        raise _bad_files_error(bad, "image(s) that cannot be used")
+    if not parts:
+        raise DataError("no readable images")
+    return TiledImages(np.concatenate(parts), plans), kept, bad
+
+
+def load_training_tiles(
+    paths: list[Path], tile: int, cfg: TilingConfig, skip_bad: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[TiledImages, Geometry, list[Path], list[tuple[Path, str]], list[tuple[int, int]]]:
+    """Good training images -> (tiles, the Geometry chosen from their sizes, kept paths, skipped, sizes).
+
+    The scale comes from the images' header sizes (stpm.tiling.resolve); then each image is decoded
+    and tiled. Every unusable file is named in one DataError unless skip_bad."""
+    sizes, readable, bad = read_sizes(paths, max_pixels)
+    if not sizes:
+        raise _bad_files_error(bad) if bad and not skip_bad else DataError("no readable images")
+    geometry = resolve(cfg, tile, sizes)
+    tiled, kept, bad_tiles = load_tiled(readable, geometry, skip_bad=True, max_pixels=max_pixels)
+    order = {p: i for i, p in enumerate(paths)}
+    bad = sorted(bad + bad_tiles, key=lambda b: order[b[0]])
+    if bad and not skip_bad:
+        raise _bad_files_error(bad, "image(s) that cannot be used")
+    size_of = dict(zip(readable, sizes))
+    return tiled, geometry, kept, bad, [size_of[p] for p in kept]
+
+
+def load_mask(path: Path | None, image_size: int | tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask -> bool [S, S] or [h, w] (nearest-neighbour resize); None -> all False."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     if path is None:
-        return np.zeros((image_size, image_size), dtype=bool)
-    m = Image.open(path).convert("L").resize((image_size, image_size), Image.NEAREST)
+        return np.zeros((h, w), dtype=bool)
+    m = Image.open(path).convert("L").resize((w, h), Image.NEAREST)
     return np.asarray(m) > 127
 
 
@@ -109,6 +186,11 @@ class ImageArrayDataset(Dataset):
             g = torch.empty(1).uniform_(0.9, 1.1)
             x = (x * g).clamp_(0.0, 1.0)
         return x
+
+
+def tile_batch_to_tensor(batch: np.ndarray) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> float [N, 3, S, S] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(batch)).float().div_(255.0)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -12,35 +12,43 @@ import torch
 
 from stpm import metrics
 from stpm.calibrate import normalize
-from stpm.data import Sample, load_images, load_mask, test_samples, to_tensor
+from stpm.data import Sample, load_mask, load_tiled, test_samples
+from stpm.imageio import read_image, resize_rgb
 from stpm.model import STPM
-from stpm.train import predict
+from stpm.tiling import Geometry, ImageScore, from_manifest, image_scores, predict_maps, score_from_manifest
+from stpm.train import stpm_tile_fn
 
 
 def score_samples(
-    model: STPM, samples: list[Sample], image_size: int, device: torch.device, combine: str, sigma: float
-) -> dict[str, np.ndarray]:
-    """Decode, score and load masks -> images uint8 [N,S,S,3], maps [N,S,S], scores [N], masks, labels."""
-    images, _, _ = load_images([s.path for s in samples], image_size)
-    maps, scores = predict(model, to_tensor(images), device, combine, sigma)
-    masks = np.stack([load_mask(s.mask, image_size) for s in samples])
+    model: STPM, samples: list[Sample], geometry: Geometry, device: torch.device, combine: str = "product",
+    sigma: float = 0.0, spec: ImageScore = ImageScore(), batch_size: int = 16,
+) -> dict[str, Any]:
+    """Decode, tile, score, stitch and load masks. -> maps (list of float32 [h_i, w_i], each image at the
+    model's scale), scores [N], masks (list of bool [h_i, w_i], nearest-resized), labels [N], plans."""
+    tiled, _, _ = load_tiled([s.path for s in samples], geometry)
+    maps = predict_maps(stpm_tile_fn(model, device, combine, sigma), tiled, batch_size)
+    masks = [load_mask(s.mask, (p.h, p.w)) for s, p in zip(samples, tiled.plans)]
     labels = np.array([s.label for s in samples])
-    return {"images": images, "maps": maps, "scores": scores, "masks": masks, "labels": labels}
+    return {"maps": maps, "scores": image_scores(maps, spec), "masks": masks, "labels": labels,
+            "plans": tiled.plans}
 
 
 def compute_metrics(
-    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, defects: list[str],
+    labels: np.ndarray, scores: np.ndarray, masks: list[np.ndarray], maps: list[np.ndarray], defects: list[str],
     threshold: float | None,
 ) -> dict[str, Any]:
-    """Overall metrics and one block per defect type (that type against all good images)."""
+    """Overall metrics and one block per defect type (that type against all good images).
+    masks / maps: one array per image (any sizes, pairwise equal)."""
 
     def block(sel: np.ndarray) -> dict[str, Any]:
-        y, s = labels[sel], scores[sel]
-        out: dict[str, Any] = {"n_images": int(sel.sum()), "n_anomalous": int(y.sum()),
+        idx = np.nonzero(sel)[0]
+        y, s = labels[idx], scores[idx]
+        ms, mp = [masks[i] for i in idx], [maps[i] for i in idx]
+        out: dict[str, Any] = {"n_images": int(idx.size), "n_anomalous": int(y.sum()),
                                "image_auroc": metrics.auroc(y, s)}
-        has_masks = masks[sel].any()
-        out["pixel_auroc"] = metrics.auroc(masks[sel], maps[sel]) if has_masks else None
-        out["aupro_0.3"] = metrics.aupro(masks[sel], maps[sel]) if has_masks else None
+        has_masks = any(m.any() for m in ms)
+        out["pixel_auroc"] = metrics.auroc(ms, mp) if has_masks else None
+        out["aupro_0.3"] = metrics.aupro(ms, mp) if has_masks else None
         if 0 < y.sum() < y.size:
             out["image_f1_max"], out["f1_max_threshold"] = metrics.f1_max(y, s)
         if threshold is not None:
@@ -102,17 +110,30 @@ def write_pictures(
     for title, name, idx in cases:
         if len(idx) == 0:
             continue
-        fig, axes = plt.subplots(len(idx), 3, figsize=(7.5, 2.5 * len(idx)), squeeze=False)
-        for row, i in enumerate(idx):
+        shown = []
+        for i in idx:  # the image at the model's scale: the size of its map and mask
+            p = result["plans"][i]
+            shown.append(resize_rgb(read_image(samples[i].path), (p.h, p.w)))
+        aspect = max(im.shape[0] / im.shape[1] for im in shown)  # height / width
+        tall = aspect > 1.2  # elongated parts: cases side by side, each (image | overlay | truth)
+        if tall:
+            panel = 1.6
+            fig, axes = plt.subplots(1, 3 * len(idx), figsize=(panel * 3 * len(idx), min(panel * aspect + 0.8, 12)),
+                                     squeeze=False)
+            rows = [axes[0, 3 * r:3 * r + 3] for r in range(len(idx))]
+        else:
+            fig, axes = plt.subplots(len(idx), 3, figsize=(7.5, max(2.5 * aspect, 1.2) * len(idx)), squeeze=False)
+            rows = [axes[r] for r in range(len(idx))]
+        for row, i, im in zip(rows, idx, shown):
             nmap = normalize(result["maps"][i], threshold, low)
-            axes[row, 0].imshow(result["images"][i])
-            axes[row, 0].set_title(f"{samples[i].defect}/{samples[i].path.name}", fontsize=7)
-            axes[row, 1].imshow(_overlay(result["images"][i], nmap))
-            axes[row, 1].set_title(f"score {normalize(scores[i], threshold, low):.2f} (raw {scores[i]:.3g})",
-                                   fontsize=7)
-            axes[row, 2].imshow(result["masks"][i], cmap="gray", vmin=0, vmax=1)
-            axes[row, 2].set_title("ground truth", fontsize=7)
-            for a in axes[row]:
+            row[0].imshow(im)
+            row[0].set_title(f"{samples[i].defect}/{samples[i].path.name}", fontsize=6 if tall else 7)
+            row[1].imshow(_overlay(im, nmap))
+            row[1].set_title(f"score {normalize(scores[i], threshold, low):.2f}\n(raw {scores[i]:.3g})",
+                             fontsize=6 if tall else 7)
+            row[2].imshow(result["masks"][i], cmap="gray", vmin=0, vmax=1)
+            row[2].set_title("ground truth", fontsize=6 if tall else 7)
+            for a in row:
                 a.axis("off")
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
@@ -152,16 +173,18 @@ def evaluate(
     """Full evaluation of a bundle's model on `data` (MVTec layout); writes report.json + pictures."""
     cfg = manifest["model"]
     cal = manifest["calibration"]
+    geometry, spec = from_manifest(manifest), score_from_manifest(manifest)
     samples = test_samples(data)
-    result = score_samples(model, samples, cfg["image_size"], device, cfg["combine"], cfg["sigma"])
+    result = score_samples(model, samples, geometry, device, cfg["combine"], cfg["sigma"], spec)
     m = compute_metrics(result["labels"], result["scores"], result["masks"], result["maps"],
                         [s.defect for s in samples], cal["threshold"])
     report: dict[str, Any] = {
         "model": f"{manifest['name']}/{manifest['version']}", "data": str(data), "image_size": cfg["image_size"],
-        "threshold": cal["threshold"], "metrics": m,
+        "tiling": geometry.to_dict(), "image_score": spec.method, "threshold": cal["threshold"], "metrics": m,
         "per_image": [{"file": str(s.path), "defect": s.defect, "raw_score": float(sc),
-                       "score": float(normalize(sc, cal["threshold"], cal["low"]))}
-                      for s, sc in zip(samples, result["scores"])],
+                       "score": float(normalize(sc, cal["threshold"], cal["low"])), "tiles": p.n_tiles,
+                       "scaled_size": [p.h, p.w]}
+                      for s, sc, p in zip(samples, result["scores"], result["plans"])],
     }
     if out_dir is not None:
         out = Path(out_dir)

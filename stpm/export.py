@@ -8,7 +8,13 @@ lets ONNX Runtime / TensorRT constant-fold the upsampling sizes and plan memory 
 is dynamic. `teacher.onnx` / `student.onnx` take float images in [0, 1] [N, 3, H, W] (dynamic batch
 and spatial size: they are fully convolutional) and return the feature pyramid.
 
-Parity: ONNX Runtime (CPU) vs torch on the same uint8 batch. Differences are reported in raw score
+Tiling (stpm.tiling) stays outside the graph: the graph scores S x S tiles; the runtime plans,
+tiles, stitches and computes the image score with the manifest's score function. Its raw_score /
+score outputs are per tile (the max of the tile's map); they are an image's score only for a
+squash-geometry bundle scored with "max" (format 1 and `--tiling squash`).
+
+Parity: ONNX Runtime (CPU) vs torch on the same uint8 batch of tiles cut from the check images, and
+on the stitched per-image maps and image scores computed from them. Differences are reported in raw score
 units and in normalised units (threshold = 0.5, `low` = 0); the tolerance `atol` is in normalised
 units, so it means the same for every model whatever its raw score scale. Decisions (raw score >=
 threshold) must be identical, except for images whose normalised score lies within `atol` of 0.5
@@ -31,6 +37,7 @@ import torch
 from torch import nn
 
 from stpm import bundle
+from stpm import tiling
 from stpm.imageio import resize_rgb
 from stpm.loss import anomaly_map, image_score
 from stpm.model import STPM
@@ -138,16 +145,41 @@ def _set_metadata(path: Path, manifest: dict[str, Any], extra: dict[str, str]) -
     onnx.save(m, str(path))
 
 
-def _synthetic_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+def _synthetic_images(n: int, size: int | tuple[int, int], seed: int = 0) -> list[np.ndarray]:
     """Deterministic stand-ins when no real images are given: smooth gradients plus noise."""
+    h, w = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    yy, xx = np.mgrid[0:h, 0:w] / max(max(h, w) - 1, 1)
     out = []
     for i in range(n):
         base = np.stack([xx, yy, (xx + yy) / 2], axis=-1) * 200 * ((i % 3) + 1) / 3
         img = base + rng.normal(0, 20, base.shape)
         out.append(np.clip(img, 0, 255).astype(np.uint8))
     return out
+
+
+def synthetic_check_images(geometry: tiling.Geometry) -> list[np.ndarray]:
+    """Stand-ins the geometry can plan: three square images and one 1:2.5 image at the native size."""
+    if geometry.mode == "squash":
+        return _synthetic_images(4, geometry.tile)
+    native = int(np.ceil(geometry.tile / geometry.scale))
+    return _synthetic_images(3, native) + _synthetic_images(1, (int(round(native * 2.5)), native), seed=1)
+
+
+def tile_check_images(images: Sequence[np.ndarray], geometry: tiling.Geometry) -> tiling.TiledImages:
+    """Check images -> their tiles; an image the geometry cannot cover is an error naming it."""
+    imgs = [np.asarray(im, dtype=np.uint8) for im in images]
+    for i, im in enumerate(imgs):
+        try:
+            tiling.plan(im.shape[0], im.shape[1], geometry)
+        except tiling.TilingError as e:
+            raise ValueError(f"check image {i}: {e}") from None
+    return tiling.tile_images(imgs, geometry)
+
+
+def nchw(tiles: np.ndarray) -> np.ndarray:
+    """uint8 tiles [T, S, S, 3] -> [T, 3, S, S] for the graph."""
+    return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))
 
 
 def prepare_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
@@ -203,6 +235,37 @@ def parity_report(
     return report
 
 
+def image_parity(
+    ref_maps: Sequence[np.ndarray],
+    got_maps: Sequence[np.ndarray],
+    spec: tiling.ImageScore,
+    threshold: float,
+    low: float,
+    atol: float,
+) -> dict[str, Any]:
+    """Compare stitched per-image maps and the image scores the manifest's score function gives."""
+    scale = 0.5 / max(threshold - low, 1e-12)
+    r0, r1 = tiling.image_scores(ref_maps, spec), tiling.image_scores(got_maps, spec)
+    d_map = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(ref_maps, got_maps))
+    d_raw = float(np.max(np.abs(r0 - r1)))
+    s0 = np.clip(0.5 + (r0 - threshold) * scale, 0, 1)
+    s1 = np.clip(0.5 + (r1 - threshold) * scale, 0, 1)
+    flips = (r0 >= threshold) != (r1 >= threshold)
+    borderline = flips & (np.abs(s0 - 0.5) <= atol) & (np.abs(s1 - 0.5) <= atol)
+    out = {
+        "n_images": len(r0),
+        "map_shapes": sorted({f"{m.shape[0]}x{m.shape[1]}" for m in ref_maps}),
+        "image_score": spec.method,
+        "max_abs_map_normalised": d_map * scale,
+        "max_abs_image_score_normalised": d_raw * scale,
+        "decision_flips": int(flips.sum()),
+        "borderline_flips": int(borderline.sum()),
+    }
+    out["ok"] = bool(out["max_abs_map_normalised"] <= atol and out["max_abs_image_score_normalised"] <= atol
+                     and out["decision_flips"] == out["borderline_flips"])
+    return out
+
+
 def torch_reference(scorer: FusedScorer, batch: np.ndarray, chunk: int = 8):
     outs = []
     with torch.no_grad():
@@ -237,6 +300,7 @@ def export_bundle(
     t0 = time.perf_counter()
     model, manifest = load_model(bundle_dir)
     size = int(manifest["model"]["image_size"])
+    geometry, spec = tiling.from_manifest(manifest), tiling.score_from_manifest(manifest)
     cal = manifest["calibration"]
     threshold, low = float(cal["threshold"]), float(cal["low"])
     digest = bundle.manifest_digest(manifest)
@@ -265,14 +329,19 @@ def export_bundle(
         })
 
         source = "synthetic" if check_images is None else "given"
-        imgs = _synthetic_images(4, size) if check_images is None else list(check_images)
+        imgs = synthetic_check_images(geometry) if check_images is None else list(check_images)
         if not imgs:
             raise ValueError("check_images is empty")
-        batch = prepare_batch(imgs, size)
+        tiled = tile_check_images(imgs, geometry)
+        batch = nchw(tiled.tiles)
         ref = torch_reference(scorer, batch)
         got = ort_outputs(_ort_session(tmp[SCORER_ONNX]), batch)
-        parity = parity_report(ref, got, threshold, low, atol)
+        parity = parity_report(ref, got, threshold, low, atol)  # per tile
+        parity["n_tiles"], parity["n_images"] = parity["n_images"], len(imgs)
         parity["check_images"] = source
+        parity["images"] = image_parity(tiling.stitch_all(ref[0], tiled), tiling.stitch_all(got[0], tiled), spec,
+                                        threshold, low, atol)
+        parity["ok"] = bool(parity["ok"] and parity["images"]["ok"])
         # the feature graphs too: max abs difference over every pyramid level, on one image
         xf = torch.from_numpy(batch[:1]).float() / 255.0
         for fname, which in ((TEACHER_ONNX, "teacher"), (STUDENT_ONNX, "student")):
@@ -281,10 +350,12 @@ def export_bundle(
             of = _ort_session(tmp[fname]).run(None, {"images": xf.numpy()})
             parity[f"{which}_max_abs_feature"] = float(max(np.max(np.abs(a.numpy() - b)) for a, b in zip(tf, of)))
         if not parity["ok"]:
+            im = parity["images"]
             raise ExportParityError(
-                f"ONNX scorer disagrees with torch: map {parity['max_abs_map_normalised']:.2e}, "
-                f"score {parity['max_abs_score']:.2e} (normalised, atol {atol}), "
-                f"{parity['decision_flips']} decision flip(s)", parity)
+                f"ONNX scorer disagrees with torch: tile map {parity['max_abs_map_normalised']:.2e}, "
+                f"tile score {parity['max_abs_score']:.2e}, stitched map {im['max_abs_map_normalised']:.2e}, "
+                f"image score {im['max_abs_image_score_normalised']:.2e} (normalised, atol {atol}), "
+                f"{parity['decision_flips']} tile / {im['decision_flips']} image decision flip(s)", parity)
         for f, t in tmp.items():
             files[f] = _file_entry(t)
             os.replace(t, bundle_dir / f)
@@ -303,10 +374,11 @@ def export_bundle(
             "inputs": {"images": {"dtype": "uint8", "shape": ["N", 3, size, size], "layout": "NCHW RGB"}},
             "outputs": {
                 "anomaly_map": {"dtype": "float32", "shape": ["N", size, size], "units": "raw score"},
-                "raw_score": {"dtype": "float32", "shape": ["N"]},
+                "raw_score": {"dtype": "float32", "shape": ["N"], "units": "max of the tile's map"},
                 "score": {"dtype": "float32", "shape": ["N"], "units": "normalised, 0.5 = threshold"},
             },
-            "spatial_size": "fixed (the calibrated image_size); batch dynamic",
+            "spatial_size": "fixed (the calibrated image_size, one tile); batch dynamic",
+            "tiling": "outside the graph: stpm.tiling with manifest['tiling'] and model.image_score",
         },
         "features": {
             "inputs": {"images": {"dtype": "float32", "shape": ["N", 3, "H", "W"], "range": [0, 1]}},
@@ -364,7 +436,7 @@ def _export_fp16(model, manifest, bundle_dir, batch, ref, threshold, low, opset,
 # ------------------------------------------------------------------------------------------ INT8
 
 class _CalibrationReader:
-    """quantize_static data reader: uint8 batches of good images, one image per call."""
+    """quantize_static data reader: uint8 tiles of good images, one tile per call."""
 
     def __init__(self, batch: np.ndarray):
         self.batch = batch
@@ -409,7 +481,7 @@ def quantize_int8(
     exports = manifest.get("exports")
     if not exports or SCORER_ONNX not in exports.get("files", {}):
         raise bundle.BundleError(f"{bundle_dir}: export the fp32 scorer first")
-    size = int(manifest["model"]["image_size"])
+    geometry, spec = tiling.from_manifest(manifest), tiling.score_from_manifest(manifest)
     cal = manifest["calibration"]
     threshold, low = float(cal["threshold"]), float(cal["low"])
     src, dst = bundle_dir / SCORER_ONNX, bundle_dir / SCORER_INT8_ONNX
@@ -431,7 +503,7 @@ def quantize_int8(
                 if n.op_type == "Conv" and group > 1:
                     excluded.append(n.name)
         quantize_static(
-            str(pre), str(dst), _CalibrationReader(prepare_batch(calibration_images, size)),
+            str(pre), str(dst), _CalibrationReader(nchw(tile_check_images(calibration_images, geometry).tiles)),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=methods[calibrate_method], nodes_to_exclude=excluded,
@@ -442,10 +514,13 @@ def quantize_int8(
         pre.unlink(missing_ok=True)
     _set_metadata(dst, manifest, {"stpm.graph": "scorer", "stpm.precision": "int8",
                                   "stpm.threshold": repr(threshold), "stpm.low": repr(low)})
-    batch = prepare_batch(check_images, size)
-    ref = ort_outputs(_ort_session(src), batch)
-    got = ort_outputs(_ort_session(dst), batch)
-    agree = float(np.mean((ref[1] >= threshold) == (got[1] >= threshold)))
+    tiled = tile_check_images(check_images, geometry)
+    batch = nchw(tiled.tiles)
+    ref_t, got_t = ort_outputs(_ort_session(src), batch), ort_outputs(_ort_session(dst), batch)
+    ref_maps, got_maps = tiling.stitch_all(ref_t[0], tiled), tiling.stitch_all(got_t[0], tiled)
+    ref_raw, got_raw = tiling.image_scores(ref_maps, spec), tiling.image_scores(got_maps, spec)
+    scale = 0.5 / max(threshold - low, 1e-12)
+    agree = float(np.mean((ref_raw >= threshold) == (got_raw >= threshold)))
     out: dict[str, Any] = {
         "file": SCORER_INT8_ONNX,
         "method": f"onnxruntime quantize_static, QDQ, Conv only, {calibrate_method} calibration, "
@@ -454,7 +529,8 @@ def quantize_int8(
         "n_calibration_images": len(calibration_images),
         "n_check_images": len(check_images),
         "decision_agreement": agree,
-        "max_abs_score_vs_fp32": float(np.max(np.abs(ref[2] - got[2]))),
+        "max_abs_score_vs_fp32": float(np.max(np.abs(np.clip(0.5 + (ref_raw - threshold) * scale, 0, 1)
+                                                     - np.clip(0.5 + (got_raw - threshold) * scale, 0, 1)))),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     ok = agree >= 1.0 - max_decision_disagreement
@@ -462,8 +538,8 @@ def quantize_int8(
         from sklearn.metrics import roc_auc_score
 
         y = np.asarray(check_labels, dtype=int)
-        out["auroc_fp32"] = float(roc_auc_score(y, ref[1]))
-        out["auroc_int8"] = float(roc_auc_score(y, got[1]))
+        out["auroc_fp32"] = float(roc_auc_score(y, ref_raw))
+        out["auroc_int8"] = float(roc_auc_score(y, got_raw))
         out["auroc_change"] = out["auroc_int8"] - out["auroc_fp32"]
         ok = ok and out["auroc_change"] >= -max_auroc_drop
     out["criteria"] = {"max_decision_disagreement": max_decision_disagreement, "max_auroc_drop": max_auroc_drop}
@@ -519,7 +595,14 @@ def main(args: argparse.Namespace) -> int:
     path = _bundle_path(args.model, args.models_dir)
     imgs = None
     if args.check_dir:
-        imgs = [read_image(f) for f in image_files(args.check_dir, args.check_count)]
+        files = image_files(args.check_dir, args.check_count)
+        imgs = [read_image(f) for f in files]
+        geometry = tiling.from_manifest(bundle.read_manifest(path))
+        for f, im in zip(files, imgs):
+            try:
+                tiling.plan(im.shape[0], im.shape[1], geometry)
+            except tiling.TilingError as e:
+                raise ValueError(f"{f}: {e}") from None
     try:
         ex = export_bundle(path, fp16=args.fp16, opset=args.opset, check_images=imgs, atol=args.atol)
     except ExportParityError as e:
@@ -551,5 +634,7 @@ __all__ = [
     "main",
     "parity_report",
     "prepare_batch",
+    "synthetic_check_images",
+    "tile_check_images",
     "quantize_int8",
 ]

@@ -90,6 +90,32 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     return decode_image(data, name=str(p), max_pixels=max_pixels)
 
 
+def read_image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """A file's (height, width) after EXIF orientation, from its header (no pixel decoding).
+
+    Raises ImageDecodeError naming the file, as read_image would for a bad header or size."""
+    p = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                w, h = img.size
+                orientation = img.getexif().get(0x0112, 1)
+    except OSError as e:
+        if isinstance(e, UnidentifiedImageError):
+            raise ImageDecodeError(str(p), "not an image Pillow can read") from None
+        raise ImageDecodeError(str(p), f"cannot read file ({e.strerror or e})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(str(p), f"decompression bomb refused ({e})") from None
+    except (SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(str(p), f"cannot decode ({type(e).__name__}: {e})") from None
+    if w * h > max_pixels:
+        raise ImageDecodeError(str(p), f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    if w < 1 or h < 1:
+        raise ImageDecodeError(str(p), f"invalid size {w}x{h}")
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
 def resize_rgb(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [size, size, 3] (or (h, w)), bilinear with antialiasing (Pillow)."""
     h, w = (size, size) if isinstance(size, int) else size

@@ -1,18 +1,32 @@
-"""Anomaly-detection metrics on numpy arrays: image/pixel AUROC, AUPRO, F1-max, calibrated P/R."""
+"""Anomaly-detection metrics on numpy arrays: image/pixel AUROC, AUPRO, F1-max, calibrated P/R.
+
+Pixel-level inputs may be one array [N, H, W] or a list of maps of different sizes (images that
+keep their aspect ratio): every pixel counts once either way.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """ROC AUC; None when only one class is present."""
-    labels = np.asarray(labels).ravel().astype(np.uint8)
-    if labels.min() == labels.max():
+def flat(x: np.ndarray | Sequence[np.ndarray], dtype=None) -> np.ndarray:
+    """An array, or a list of arrays of any shapes -> one 1-D array of all their values."""
+    if isinstance(x, np.ndarray):
+        return x.ravel() if dtype is None else x.astype(dtype, copy=False).ravel()
+    parts = [np.asarray(a, dtype=dtype).ravel() for a in x]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype or np.float64)
+
+
+def auroc(labels: np.ndarray | Sequence[np.ndarray], scores: np.ndarray | Sequence[np.ndarray]) -> float | None:
+    """ROC AUC; None when only one class is present. Pixel level: masks and maps, arrays or lists."""
+    labels = flat(labels).astype(np.uint8)
+    if labels.size == 0 or labels.min() == labels.max():
         return None
-    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64).ravel()))
+    return float(roc_auc_score(labels, flat(scores, np.float64)))
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
@@ -36,27 +50,35 @@ def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> di
             "fpr": fp / (fp + tn) if fp + tn else 0.0, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float | None:
+def aupro(
+    masks: np.ndarray | Sequence[np.ndarray], maps: np.ndarray | Sequence[np.ndarray], fpr_limit: float = 0.3
+) -> float | None:
     """Area under the per-region-overlap curve up to `fpr_limit`, normalised to [0, 1].
 
-    masks: bool [N, H, W], maps: float [N, H, W]. Each connected ground-truth region (8-connectivity,
-    per image) weighs the same however large it is. Exact: pixels are sorted once; for a threshold
-    the PRO is the mean over regions of their covered fraction and the FPR counts normal pixels.
+    masks: bool [N, H, W] or a list of bool [H_i, W_i]; maps: float, the same shapes. Each connected
+    ground-truth region (8-connectivity, per image) weighs the same however large it is. Exact: pixels
+    are sorted once; for a threshold the PRO is the mean over regions of their covered fraction and
+    the FPR counts normal pixels.
     """
-    masks = np.asarray(masks, dtype=bool)
-    if not masks.any():
+    masks = [np.asarray(m, dtype=bool) for m in masks]
+    maps = [np.asarray(m) for m in maps]
+    if len(masks) != len(maps) or any(a.shape != b.shape for a, b in zip(masks, maps)):
+        raise ValueError("masks and maps must pair up with identical shapes")
+    if not any(m.any() for m in masks):
         return None
-    comp = np.zeros(masks.shape, dtype=np.int64)
+    parts = []
     n_comp = 0
-    for i in range(len(masks)):
-        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3)))
-        comp[i] = np.where(lab > 0, lab + n_comp, 0)
+    for m in masks:
+        lab, n = ndimage.label(m, structure=np.ones((3, 3)))
+        parts.append(np.where(lab > 0, lab + n_comp, 0).ravel())
         n_comp += n
+    comp = np.concatenate(parts)
     sizes = np.bincount(comp.ravel(), minlength=n_comp + 1).astype(np.float64)
     weight = np.where(comp.ravel() > 0, 1.0 / sizes[comp.ravel()], 0.0)
     normal = (comp.ravel() == 0).astype(np.float64)
-    order = np.argsort(-np.asarray(maps, dtype=np.float64).ravel(), kind="stable")
-    s = np.asarray(maps, dtype=np.float64).ravel()[order]
+    values = flat(maps, np.float64)
+    order = np.argsort(-values, kind="stable")
+    s = values[order]
     fpr = np.cumsum(normal[order]) / max(normal.sum(), 1.0)
     pro = np.cumsum(weight[order]) / n_comp
     last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # one point per distinct threshold

@@ -12,22 +12,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from stpm.calibrate import Calibration, calibrate
-from stpm.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
-from stpm.data import ImageArrayDataset, fingerprint, good_train_dir, list_images, load_images, to_tensor
+from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, to_dict
+from stpm.data import ImageArrayDataset, fingerprint, good_train_dir, list_images, load_training_tiles
+from stpm.imageio import read_image
 from stpm.model import build_stpm
 from stpm.publish import build_manifest, publish_model
+from stpm.tiling import ImageScore, image_scores, predict_maps
 from stpm.train import (
     FitResult,
     ProgressFn,
     TrainingStopped,
     fit,
-    predict,
     resolve_device,
     seed_everything,
     split_indices,
+    stpm_tile_fn,
 )
 
 log = logging.getLogger("stpm.pipeline")
@@ -50,6 +53,7 @@ def train_and_publish(
     model_cfg: ModelConfig = ModelConfig(),
     train_cfg: TrainConfig = TrainConfig(),
     calib_cfg: CalibrationConfig = CalibrationConfig(),
+    tiling_cfg: TilingConfig = TilingConfig(),
     run_dir: str | Path | None = None,
     weights_dir: str | Path | None = None,
     skip_bad: bool = False,
@@ -59,17 +63,26 @@ def train_and_publish(
     should_stop: Callable[[], bool] | None = None,
     show_bar: bool = True,
 ) -> TrainOutcome:
-    """Train on the good images in `data` (a folder, MVTec category, or a list of files) and publish."""
+    """Train on the good images in `data` (a folder, MVTec category, or a list of files) and publish.
+
+    The student learns on the tiles of the training images (stpm.tiling, geometry from tiling_cfg);
+    the validation loss is measured on the tiles of the held-out images, and the calibration on their
+    stitched per-image scores, computed as the runtime computes them."""
     from stpm.bundle import check_name
 
     check_name(name)
+    spec = ImageScore(model_cfg.image_score, model_cfg.topk)  # validated before any work
     paths = list(data) if isinstance(data, list) else list_images(good_train_dir(data))
     if len(paths) < MIN_GOOD_IMAGES:
         raise ValueError(f"{len(paths)} good image(s) found; at least {MIN_GOOD_IMAGES} are needed")
-    images, paths, skipped = load_images(paths, model_cfg.image_size, skip_bad)
+    tiled, geometry, paths, skipped, sizes = load_training_tiles(paths, model_cfg.image_size, tiling_cfg, skip_bad)
     for p, reason in skipped:
         log.warning("skipped %s: %s", p, reason)
     train_idx, val_idx = split_indices(len(paths), train_cfg.val_fraction, train_cfg.seed)
+    train_set, val_set = tiled.subset(train_idx), tiled.subset(val_idx)
+    del tiled
+    log.info("geometry %s: %d training tiles from %d images, %d validation tiles from %d images",
+             geometry, len(train_set.tiles), len(train_idx), len(val_set.tiles), len(val_idx))
     gen = seed_everything(train_cfg.seed)
     device = resolve_device(train_cfg.device)
     if device.type == "cpu":
@@ -77,12 +90,13 @@ def train_and_publish(
 
         torch.use_deterministic_algorithms(True, warn_only=True)
     model, teacher_source = build_stpm(model_cfg, weights_dir, seed=train_cfg.seed)
+    n_train_tiles = len(train_set.tiles)
     train_loader = DataLoader(
-        ImageArrayDataset(images[train_idx], augment=train_cfg.augment), batch_size=train_cfg.batch_size,
-        shuffle=True, drop_last=len(train_idx) > train_cfg.batch_size, generator=gen,
+        ImageArrayDataset(train_set.tiles, augment=train_cfg.augment), batch_size=train_cfg.batch_size,
+        shuffle=True, drop_last=n_train_tiles > train_cfg.batch_size, generator=gen,
         num_workers=train_cfg.num_workers,
     )
-    val_loader = DataLoader(ImageArrayDataset(images[val_idx]), batch_size=train_cfg.batch_size)
+    val_loader = DataLoader(ImageArrayDataset(val_set.tiles), batch_size=train_cfg.batch_size)
     checkpoint = None
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -92,22 +106,27 @@ def train_and_publish(
     if result.interrupted:
         return TrainOutcome(None, None, result, None, skipped)
 
-    _, val_scores = predict(model, to_tensor(images[val_idx]), device, model_cfg.combine, model_cfg.sigma)
-    cal = calibrate(val_scores, calib_cfg)
+    val_maps = predict_maps(stpm_tile_fn(model, device, model_cfg.combine, model_cfg.sigma), val_set,
+                            train_cfg.batch_size)
+    cal = calibrate(image_scores(val_maps, spec), calib_cfg)
     training: dict[str, Any] = {
         "config": to_dict(train_cfg), "calibration_config": to_dict(calib_cfg),
+        "tiling_config": to_dict(tiling_cfg),
         "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
         "stopped_early": result.stopped_early, "seconds": round(result.seconds, 2),
         "history": result.history, "device": str(device),
     }
+    short = sorted(min(h, w) for h, w in sizes)
     data_info = {
         "source": str(data) if not isinstance(data, list) else f"{len(paths)} uploaded files",
         "fingerprint": fingerprint(paths), "n_images": len(paths), "n_train": len(train_idx),
         "n_val": len(val_idx), "skipped": [str(p) for p, _ in skipped],
         "val_files": [paths[i].name for i in val_idx],
+        "short_side_px": {"min": short[0], "median": float(np.median(short)), "max": short[-1]},
+        "n_train_tiles": n_train_tiles, "n_val_tiles": len(val_set.tiles),
     }
-    manifest = build_manifest(name, model_cfg, cal, teacher_source, training, data_info)
-    check_images = [images[i] for i in val_idx[:8]]  # real images for the ONNX parity check
+    manifest = build_manifest(name, model_cfg, cal, teacher_source, training, data_info, geometry)
+    check_images = [read_image(paths[i]) for i in val_idx[:8]]  # real images for the ONNX parity check
 
     def before_publish(staging: Path) -> None:
         if export:

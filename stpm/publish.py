@@ -10,6 +10,7 @@ from stpm import bundle
 from stpm.calibrate import Calibration
 from stpm.config import ModelConfig, to_dict
 from stpm.model import STPM
+from stpm.tiling import Geometry
 from stpm.weights import save_weights
 
 
@@ -20,13 +21,20 @@ def build_manifest(
     teacher_source: str,
     training: dict[str, Any],
     data: dict[str, Any],
+    geometry: Geometry | None = None,
 ) -> dict[str, Any]:
+    """The manifest of a new bundle. geometry None: squash to model.image_size (stpm.tiling)."""
+    if geometry is None:
+        geometry = Geometry.squash(model_cfg.image_size)
+    if geometry.tile != model_cfg.image_size:
+        raise ValueError(f"geometry tile {geometry.tile} differs from image_size {model_cfg.image_size}")
     return {
         "format_version": bundle.FORMAT_VERSION,
         "name": bundle.check_name(name),
         "version": None,  # set by bundle.publish
         "created_at": bundle.utc_now(),
         "model": to_dict(model_cfg),
+        "tiling": geometry.to_dict(),
         "teacher_weights_source": teacher_source,
         "calibration": calibration.to_dict(),
         "training": training,

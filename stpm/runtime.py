@@ -6,8 +6,11 @@ This is the service's scoring path; it must not import torch (a test checks `sys
     [r] = scorer.score([png_bytes], map_size="input", overlay=True)
     r.score, r.is_anomaly, r.overlay_png
 
-The graph (`scorer.onnx`, see stpm.export) takes uint8 [N, 3, S, S] and carries preprocessing and
-calibration; this module decodes, resizes to S, batches, and renders.
+The graph (`scorer.onnx`, see stpm.export) takes uint8 tiles [N, 3, S, S] and carries preprocessing;
+this module decodes, plans and cuts tiles at the bundle's geometry (stpm.tiling, manifest["tiling"]),
+batches tiles across images, stitches each image's map, scores it with the manifest's image score,
+normalises with the calibration, and renders at the input size. A format-1 bundle (no `tiling`)
+squashes to S x S and takes the graph's own score, exactly as it always did.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from stpm import bundle, render
+from stpm import bundle, render, tiling
 from stpm.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_rgb
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ PROVIDER_ALIASES = {
     "openvino": "OpenVINOExecutionProvider",
 }
 OUTPUTS = ("anomaly_map", "raw_score", "score")
-MapSize = None | str | tuple[int, int]
+MapSize = None | str | tuple[int, int]  # None, "input", "model" (the map's own size at the model's scale), (H, W)
 
 
 @dataclass
@@ -50,8 +53,11 @@ class ScoreResult:
     anomaly_map: np.ndarray | None = None  # float32 [H, W] in [0, 1] at the requested size
     overlay_png: bytes | None = None
     map_png: bytes | None = None  # grayscale 8-bit: the normalised map * 255 (128 = threshold)
-    # decode_ms: decode + resize of this image; infer_ms: its share of its batch's run; render_ms: map/PNGs
+    # decode_ms: decode + resize + tiling of this image; infer_ms: its tiles' share of the runs;
+    # render_ms: stitching, score, map/PNGs
     timings: dict[str, float] = field(default_factory=dict)
+    tiles: int = 1  # tiles the model scored for this image
+    scaled_size: tuple[int, int] = (0, 0)  # (height, width) of the image at the model's scale: the map's own size
 
 
 def choose_providers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
@@ -137,6 +143,10 @@ class Scorer:
         self.name: str = self.manifest["name"]
         self.version: str | None = self.manifest.get("version")
         self.image_size: int = int(self.manifest["model"]["image_size"])
+        self.geometry: tiling.Geometry = tiling.from_manifest(self.manifest)
+        self.image_score: tiling.ImageScore = tiling.score_from_manifest(self.manifest)
+        # format 1 (and squash + max): one tile per image, whose graph score is the image's score
+        self._graph_score = self.geometry.mode == "squash" and self.image_score.method == "max"
         cal = self.manifest["calibration"]
         self.threshold: float = float(cal["threshold"])
         self.low: float = float(cal["low"])
@@ -225,8 +235,12 @@ class Scorer:
         return np.clip(0.5 + (np.asarray(x, dtype=np.float32) - np.float32(self.threshold)) * np.float32(self._scale),
                        0.0, 1.0)
 
-    def prepare(self, image: bytes | np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """One input -> (uint8 RGB at its own size, uint8 [3, S, S] for the graph)."""
+    def plan(self, height: int, width: int) -> tiling.TilePlan:
+        """The tile plan of a height x width input; raises tiling.TilingError naming the size and the limit."""
+        return tiling.plan(height, width, self.geometry)
+
+    def prepare(self, image: bytes | np.ndarray, name: str) -> tuple[np.ndarray, tiling.TilePlan]:
+        """One input -> (uint8 RGB at its own size, its tile plan). Raises ImageDecodeError naming it."""
         if isinstance(image, (bytes, bytearray, memoryview)):
             rgb = decode_image(bytes(image), name, self.max_pixels)
         elif isinstance(image, np.ndarray):
@@ -235,7 +249,11 @@ class Scorer:
                 raise ImageDecodeError(name, f"{rgb.shape[1]}x{rgb.shape[0]} exceeds the limit of {self.max_pixels} pixels")
         else:
             raise ImageDecodeError(name, f"expected bytes or a numpy array, got {type(image).__name__}")
-        return rgb, resize_rgb(rgb, self.image_size).transpose(2, 0, 1)
+        try:
+            p = self.plan(rgb.shape[0], rgb.shape[1])
+        except tiling.TilingError as e:
+            raise ImageDecodeError(name, str(e)) from None
+        return rgb, p
 
     def score(
         self,
@@ -247,51 +265,99 @@ class Scorer:
         raw_map_png: bool = False,
     ) -> list[ScoreResult]:
         """Score images (encoded bytes or decoded arrays). map_size: None (no map), "input" (each image's
-        own size) or (H, W). Overlay / map PNGs are rendered at map_size, or at the input size when
-        map_size is None. Raises ImageDecodeError for an undecodable input (nothing is scored then)."""
+        own size), "model" (the map's own size: the image at the model's scale) or (H, W). Overlay / map
+        PNGs are rendered at map_size, or at the input size when map_size is None. Raises
+        ImageDecodeError for an undecodable input or one the geometry cannot cover (nothing is scored
+        then). Tiles of all images go through the graph together, `max_batch` per run."""
         n = len(images)
         if names is None:
             names = [f"image{i}" for i in range(n)]
         elif len(names) != n:
             raise ValueError(f"{n} images but {len(names)} names")
-        if not (map_size is None or map_size == "input" or
+        if not (map_size is None or map_size in ("input", "model") or
                 (isinstance(map_size, (tuple, list)) and len(map_size) == 2 and all(int(v) >= 1 for v in map_size))):
-            raise ValueError(f"map_size must be None, 'input' or (height, width), got {map_size!r}")
+            raise ValueError(f"map_size must be None, 'input', 'model' or (height, width), got {map_size!r}")
 
-        rgbs, small, decode_ms = [], [], []
+        rgbs, plans, decode_ms = [], [], []
         for img, nm in zip(images, names):
             t0 = time.perf_counter()
-            rgb, x = self.prepare(img, nm)
+            rgb, p = self.prepare(img, nm)
             decode_ms.append((time.perf_counter() - t0) * 1e3)
             rgbs.append(rgb)
-            small.append(x)
+            plans.append(p)
 
-        results: list[ScoreResult] = []
-        for start in range(0, n, self.max_batch):
-            stop = min(start + self.max_batch, n)
+        # tiles of all images, in order, through the graph `max_batch` at a time; an image is finished
+        # (stitched, scored, rendered) as soon as its last tile has been scored
+        parts: list[list[tuple[np.ndarray, float, float]]] = [[] for _ in range(n)]
+        infer_ms = [0.0] * n
+        results: list[ScoreResult | None] = [None] * n
+        queue: list[np.ndarray] = []
+        owners: list[int] = []
+
+        def run() -> None:
             t0 = time.perf_counter()
-            maps, raw, score = self.infer(np.stack(small[start:stop]))
-            infer_ms = (time.perf_counter() - t0) * 1e3 / (stop - start)
-            for j, i in enumerate(range(start, stop)):
-                t1 = time.perf_counter()
-                r = ScoreResult(
-                    name=names[i], raw_score=float(raw[j]), score=float(score[j]),
-                    is_anomaly=bool(raw[j] >= self.threshold), threshold=self.threshold,
-                )
-                if map_size is not None or overlay or raw_map_png:
-                    size = rgbs[i].shape[:2] if map_size in (None, "input") else (int(map_size[0]), int(map_size[1]))
-                    amap = render.resize_map(self.normalise(maps[j]), size)
-                    if map_size is not None:
-                        r.anomaly_map = amap
-                    if overlay:
-                        base = rgbs[i] if rgbs[i].shape[:2] == size else resize_rgb(rgbs[i], size)
-                        r.overlay_png = render.png_bytes(render.overlay(base, amap))
-                    if raw_map_png:
-                        r.map_png = render.png_bytes(render.to_uint8(amap))
-                r.timings = {"decode_ms": decode_ms[i], "infer_ms": infer_ms,
-                             "render_ms": (time.perf_counter() - t1) * 1e3}
-                results.append(r)
-        return results
+            maps, raw, score = self.infer(np.stack(queue).transpose(0, 3, 1, 2))
+            share = (time.perf_counter() - t0) * 1e3 / len(queue)
+            done = []
+            for k, i in enumerate(owners):
+                parts[i].append((maps[k], float(raw[k]), float(score[k])))
+                infer_ms[i] += share
+                if len(parts[i]) == plans[i].n_tiles:
+                    done.append(i)
+            queue.clear()
+            owners.clear()
+            for i in done:
+                results[i] = self._finish(i, names[i], rgbs[i], plans[i], parts[i], map_size, overlay, raw_map_png)
+                results[i].timings = {"decode_ms": decode_ms[i], "infer_ms": infer_ms[i],
+                                      "render_ms": results[i].timings["render_ms"]}
+                parts[i] = []
+
+        for i in range(n):
+            t0 = time.perf_counter()
+            cut = tiling.tiles(rgbs[i], plans[i])
+            decode_ms[i] += (time.perf_counter() - t0) * 1e3
+            for t in cut:
+                queue.append(t)
+                owners.append(i)
+                if len(queue) == self.max_batch:
+                    run()
+        if queue:
+            run()
+        return results  # type: ignore[return-value]
+
+    def _finish(
+        self, i: int, name: str, rgb: np.ndarray, p: tiling.TilePlan, parts: list[tuple[np.ndarray, float, float]],
+        map_size: MapSize, overlay: bool, raw_map_png: bool,
+    ) -> ScoreResult:
+        """One image's tile outputs -> its ScoreResult (stitched map, image score, renders)."""
+        t1 = time.perf_counter()
+        amap = tiling.stitch(np.stack([m for m, _, _ in parts]), p)
+        if self._graph_score:
+            raw, score = parts[0][1], parts[0][2]
+        else:
+            raw = tiling.image_score(amap, self.image_score)
+            score = float(self.normalise(np.float32(raw)))
+        r = ScoreResult(
+            name=name, raw_score=raw, score=score, is_anomaly=bool(raw >= self.threshold), threshold=self.threshold,
+            tiles=p.n_tiles, scaled_size=(p.h, p.w),
+        )
+        if map_size is not None or overlay or raw_map_png:
+            if map_size in (None, "input"):
+                size = rgb.shape[:2]
+            elif map_size == "model":
+                size = (p.h, p.w)
+            else:
+                size = (int(map_size[0]), int(map_size[1]))
+            nmap = render.resize_map(self.normalise(amap), size)
+            if map_size is not None:
+                r.anomaly_map = nmap
+            if overlay:
+                base = rgb if rgb.shape[:2] == size else resize_rgb(rgb, size)
+                r.overlay_png = render.png_bytes(render.overlay(base, nmap))
+            if raw_map_png:
+                r.map_png = render.png_bytes(render.to_uint8(nmap))
+        r.timings = {"render_ms": (time.perf_counter() - t1) * 1e3}
+        return r
 
     def __repr__(self) -> str:
         return f"Scorer({self.name}/{self.version}, {self.precision}, {self.providers[0]})"

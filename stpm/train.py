@@ -19,6 +19,7 @@ from tqdm import tqdm
 from stpm.config import TrainConfig
 from stpm.loss import anomaly_map, image_score, stpm_loss
 from stpm.model import STPM
+from stpm.tiling import TileFn
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -128,6 +129,19 @@ def predict(
         maps.append(m.cpu())
         scores.append(image_score(m).cpu())
     return torch.cat(maps).numpy(), torch.cat(scores).numpy()
+
+
+def stpm_tile_fn(model: STPM, device: torch.device, combine: str = "product", sigma: float = 0.0) -> TileFn:
+    """STPM as a per-tile map function for stpm.tiling.predict_maps: uint8 [N, 3, S, S] -> float32 [N, S, S]."""
+
+    @torch.no_grad()
+    def fn(batch: np.ndarray) -> np.ndarray:
+        model.eval()
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).float().div_(255.0)
+        t, s = model(x)
+        return anomaly_map(t, s, tuple(x.shape[-2:]), combine, sigma).float().cpu().numpy()
+
+    return fn
 
 
 @dataclass

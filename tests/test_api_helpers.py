@@ -49,8 +49,9 @@ def synthetic_rgb(seed: int = 0, size: int = 96) -> np.ndarray:
     return np.clip(base + rng.integers(-10, 10, base.shape), 0, 255).astype(np.uint8)
 
 
-def build_bundle(models_dir: Path, name: str = "demo", seed: int = 0) -> tuple[str, Path]:
-    """Publish a tiny exported bundle `name/vN` into models_dir; -> (version, path). Uses torch."""
+def build_bundle(models_dir: Path, name: str = "demo", seed: int = 0, geometry=None) -> tuple[str, Path]:
+    """Publish a tiny exported bundle `name/vN` into models_dir; -> (version, path). Uses torch.
+    geometry: a stpm.tiling.Geometry (default: squash to IMAGE_SIZE)."""
     import torch
 
     from stpm.calibrate import calibrate
@@ -74,7 +75,7 @@ def build_bundle(models_dir: Path, name: str = "demo", seed: int = 0) -> tuple[s
         t, s = model(x)
         scores = image_score(anomaly_map(t, s, (IMAGE_SIZE, IMAGE_SIZE))).numpy()
     cal = calibrate(scores)
-    manifest = build_manifest(name, cfg, cal, "random-init", {"epochs": 0}, {"n_images": 4})
+    manifest = build_manifest(name, cfg, cal, "random-init", {"epochs": 0}, {"n_images": 4}, geometry)
     return publish_model(models_dir, model, manifest, before_publish=lambda d: export_bundle(d))
 
 
@@ -155,3 +156,28 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def raw_request(url: str, data: bytes, read_timeout: float = 30.0) -> bytes:
+    """Send raw bytes to the server (requests httpx would refuse to make); -> all it answers until it closes."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=read_timeout) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A raw HTTP/1.1 answer -> (status, lower-cased headers, body)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, body

@@ -167,9 +167,11 @@ def test_wrong_multipart_field_and_no_body(client):
     assert r.status_code == 422
     assert r.json()["error"] == "validation_error" and "'files'" in r.json()["detail"]
     r = client.post("/score", json={"files": "x"})
-    assert r.status_code == 422
+    assert r.status_code == 415 and "application/json" in r.json()["detail"]
     r = client.post("/score", data={"files": "not a file"})
-    assert r.status_code == 422
+    assert r.status_code == 415 and "application/x-www-form-urlencoded" in r.json()["detail"]
+    r = client.post("/score", data={"files": "not a file"}, files=[("other", (None, b"x"))])  # multipart, no file
+    assert r.status_code == 422 and r.json()["error"] == "validation_error"
 
 
 def test_too_many_files(client):
@@ -212,6 +214,72 @@ def test_request_too_large_by_content_length_and_streamed(store):
     assert r1.status_code == 413 and r1.json()["error"] == "payload_too_large"
     assert len(received) < 15  # stopped reading soon after the limit
     assert r2.status_code == 413
+
+
+def _solid_png(w: int, h: int) -> bytes:
+    """A large but tiny-to-send image (one colour compresses to almost nothing)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 120, 150)).save(buf, format="PNG", optimize=False, compress_level=9)
+    return buf.getvalue()
+
+
+def test_pixel_budget_of_a_request_is_413_before_decoding(store):
+    """Issue 14 #2: the per-image limit let 32 huge images (each under it) into one request. The sum of
+    decoded pixels and heatmap pixels is capped; the answer says what was asked and what to change."""
+    s = settings(store, max_files=8, max_pixels=1000 * 1000, max_request_pixels=2_000_000)
+    with TestClient(create_app(s)) as c:
+        one = _solid_png(1000, 1000)  # 1 Mpx: within the per-image limit
+        assert c.post("/score", files=upload(one, one)).status_code == 200  # 2 Mpx decoded: fits
+        r = c.post("/score", files=upload(one, one, one))
+        assert r.status_code == 413 and r.json()["error"] == "too_many_pixels", r.text
+        assert "3000000 pixels" in r.json()["detail"] and "max_request_pixels" in r.json()["detail"]
+        # heatmaps count: one image with an overlay at its size is 2 Mpx, with both 3 Mpx
+        assert c.post("/score", files=upload(one), params={"heatmap": "overlay"}).status_code == 200
+        r = c.post("/score", files=upload(one), params={"heatmap": "both"})
+        assert r.status_code == 413 and "heatmap" in r.json()["detail"]
+        # ... but not at the model's size (64 x 64)
+        assert c.post("/score", files=upload(one), params={"heatmap": "both", "heatmap_size": "model"}).status_code == 200
+        assert c.post("/score/overlay", files=upload(one)).status_code == 200
+        r = c.post("/score/overlay", files=upload(_solid_png(1000, 1001)))
+        assert r.status_code == 413 and r.json()["error"] == "too_many_pixels"
+        assert 'stpm_rejected_inputs_total{reason="too_many_pixels"} 3.0' in c.get("/metrics").text
+
+
+def test_no_reference_to_a_request_s_images_outlives_it(store):
+    """Issue 14 #2: after a request, nothing keeps its decoded images alive (the micro-batcher kept the
+    last batch referenced until the next request arrived)."""
+    import gc
+    import weakref
+
+    from app.registry import default_scorer_factory
+
+    base = default_scorer_factory(settings(store))
+    seen: list[weakref.ref] = []
+
+    class Recording:
+        def __init__(self, path):
+            self.inner = base(path)
+            self.image_size = self.inner.image_size
+            self.providers = self.inner.providers
+
+        def warmup(self):
+            self.inner.warmup()
+
+        def score(self, images, **kw):
+            seen.extend(weakref.ref(im) for im in images)
+            return self.inner.score(images, **kw)
+
+    # one image per batch: the request's two images are more than a batch (the batcher's loop then
+    # takes no second job and must still survive)
+    with TestClient(create_app(settings(store, batch_max_images=1), scorer_factory=Recording)) as c:
+        r = c.post("/score", files=upload(png(synthetic_rgb(1, 300)), png(synthetic_rgb(2, 200))),
+                   params={"heatmap": "both"})
+        assert r.status_code == 200
+        gc.collect()
+        alive = [w() is not None for w in seen]
+        assert len(seen) == 2 and alive == [False, False], alive
+        [lm] = c.app.state.registry.loaded()
+        assert not lm.batcher._task.done()  # the batching loop is alive and waiting
 
 
 def test_models_unknown_and_malformed(client):

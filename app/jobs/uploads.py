@@ -4,7 +4,11 @@ Each uploaded file is an image or a zip / tar (optionally gz, bz2, xz) of images
 never extracted by path: their bytes are read (with caps) and written under a fresh, sanitised name,
 so `../`, absolute paths, links and devices cannot escape the job folder; junk such as `__MACOSX/`,
 dot files and `Thumbs.db` is skipped. Caps: `max_upload_bytes` per image, `train_max_archive_bytes`
-uncompressed per request, `train_max_images` images (zip bombs and endless archives stop early).
+uncompressed per request, `train_max_images` images, and entries per archive (zip bombs, tar bombs and
+endless archives stop early). Every byte a tar stream decompresses counts against the archive cap:
+headers, skipped and oversized members included; a member whose declared size would cross the cap is
+refused before any of it is decompressed. A zip's entry count is read from its end record before its
+directory is parsed; xz streams get a decompressor memory limit.
 
 Storage: into `<jobs>/.incoming-<id>/`, every file fsynced, then the folder is renamed to `<jobs>/<id>/`
 (and the parent fsynced) before the job row is written: a crash leaves either nothing or an
@@ -13,11 +17,16 @@ Storage: into `<jobs>/.incoming-<id>/`, every file fsynced, then the folder is r
 
 from __future__ import annotations
 
+import bz2
 import errno
+import gzip
+import io
 import json
+import lzma
 import os
 import re
 import shutil
+import struct
 import tarfile
 import time
 import zipfile
@@ -34,6 +43,13 @@ IMAGES = "images"
 INCOMING = ".incoming-"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 JUNK = {"thumbs.db", "desktop.ini"}
+XZ_MEMLIMIT = 256 * 1024 * 1024  # decompressor memory of an xz stream (a huge dictionary is a memory bomb)
+
+
+def max_entries(lim: Limits) -> int:
+    """Entries (files, folders, junk) an archive may hold: room for every image, a folder and a
+    __MACOSX twin each."""
+    return 3 * lim.max_images + 100
 
 
 class UploadError(Exception):
@@ -83,16 +99,109 @@ class _Budget:
     def __init__(self, cap: int):
         self.cap, self.used = cap, 0
 
+    def refuse(self, what: str) -> UploadError:
+        return UploadError(
+            413, "archive_too_large",
+            f"{what}: archives expand to more than {self.cap} bytes (setting train_max_archive_bytes)",
+        )
+
     def take(self, n: int, what: str) -> None:
         self.used += n
         if self.used > self.cap:
-            raise UploadError(
-                413, "archive_too_large",
-                f"{what}: archives expand to more than {self.cap} bytes (setting train_max_archive_bytes)",
-            )
+            raise self.refuse(what)
+
+    def would_exceed(self, n: int) -> bool:
+        return self.used + n > self.cap
+
+
+class _Counted(io.RawIOBase):
+    """A decompressed stream whose every byte read is charged to the budget (so a tar bomb stops at
+    the cap, whatever tarfile reads: members, skipped members, headers, padding)."""
+
+    def __init__(self, raw: IO[bytes], budget: _Budget, what: str):
+        super().__init__()
+        self.raw, self.budget, self.what = raw, budget, what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.budget.take(n, self.what)
+        return n
+
+
+def _decompressed(f: IO[bytes]) -> IO[bytes]:
+    """The tar stream inside a plain, gzip, bzip2 or xz file (by magic bytes)."""
+    head = f.read(6)
+    f.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if head[:3] == b"BZh":
+        return bz2.BZ2File(f, mode="rb")
+    if head == b"\xfd7zXZ\x00":
+        return _XZReader(f)
+    return f
+
+
+class _XZReader(io.RawIOBase):
+    """xz streams (concatenated ones too) with a decompressor memory limit (lzma.LZMAFile has none)."""
+
+    def __init__(self, f: IO[bytes]):
+        super().__init__()
+        self.f = f
+        self.d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while True:
+            if self.d.eof:
+                rest = self.d.unused_data
+                if not rest:
+                    rest = self.f.read(1 << 16)
+                    if not rest:
+                        return 0
+                self.d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+            else:
+                rest = b"" if not self.d.needs_input else self.f.read(1 << 16)
+                if self.d.needs_input and not rest:
+                    raise EOFError("the xz stream ends before its end marker")
+            data = self.d.decompress(rest, max_length=len(b))
+            if data:
+                b[:len(data)] = data
+                return len(data)
+
+
+def _zip_entry_count(f: IO[bytes]) -> int | None:
+    """Entries a zip declares in its end record (zip64 included), read before zipfile parses the
+    central directory (which costs memory per entry); None if there is no end record."""
+    f.seek(0, io.SEEK_END)
+    size = f.tell()
+    f.seek(max(0, size - (22 + 65535)))
+    tail = f.read()
+    i = tail.rfind(b"PK\x05\x06")
+    if i < 0 or len(tail) - i < 22:
+        return None
+    total = struct.unpack("<H", tail[i + 10:i + 12])[0]
+    j = i - 20
+    if total == 0xFFFF and j >= 0 and tail[j:j + 4] == b"PK\x06\x07":
+        f.seek(struct.unpack("<Q", tail[j + 8:j + 16])[0])
+        rec = f.read(56)
+        if rec[:4] == b"PK\x06\x06" and len(rec) == 56:
+            total = struct.unpack("<Q", rec[32:40])[0]
+    return total
 
 
 def _zip_members(name: str, f: IO[bytes], lim: Limits, budget: _Budget) -> Iterator[tuple[str, bytes | str]]:
+    declared = _zip_entry_count(f)
+    if declared is not None and declared > max_entries(lim):
+        raise UploadError(413, "too_many_images", f"{name}: {declared} entries; at most {max_entries(lim)} per "
+                          f"archive ({lim.max_images} images per job, setting train_max_images)")
+    f.seek(0)
     try:
         zf = zipfile.ZipFile(f)
         infos = zf.infolist()
@@ -116,20 +225,31 @@ def _zip_members(name: str, f: IO[bytes], lim: Limits, budget: _Budget) -> Itera
             yield label, f"cannot read from the archive ({e})"
             continue
         if data is None:  # the header lied about the size
+            budget.take(lim.max_image_bytes, name)
             yield label, f"expands beyond {lim.max_image_bytes} bytes (setting max_upload_bytes)"
             continue
+        budget.take(max(0, len(data) - info.file_size), name)  # more than it declared
         yield label, data
 
 
 def _tar_members(name: str, f: IO[bytes], lim: Limits, budget: _Budget) -> Iterator[tuple[str, bytes | str]]:
     try:
-        tf = tarfile.open(fileobj=f, mode="r:*")  # noqa: SIM115 - closed below, after streaming
-    except (tarfile.TarError, OSError, EOFError) as e:
+        stream = io.BufferedReader(_Counted(_decompressed(f), budget, name), buffer_size=1 << 16)
+        tf = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 - streamed, closed below
+    except UploadError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error) as e:
         yield name, f"not a readable tar archive ({e})"
         return
-    count = 0
+    count = entries = 0
     try:
-        for member in tf:  # streamed: stops at the first cap
+        for member in tf:  # streamed: every byte decompressed is charged, and stops at the first cap
+            entries += 1
+            if entries > max_entries(lim):
+                raise UploadError(413, "too_many_images", f"{name}: more than {max_entries(lim)} entries; at most "
+                                  f"{lim.max_images} images per job (setting train_max_images)")
+            if budget.would_exceed(member.size):  # refused before any of it is decompressed
+                raise budget.refuse(f"{name}:{member.name} ({member.size} bytes)")
             if member.isdir() or _is_junk(member.name):
                 continue
             label = f"{name}:{member.name}"
@@ -143,10 +263,12 @@ def _tar_members(name: str, f: IO[bytes], lim: Limits, budget: _Budget) -> Itera
             if member.size > lim.max_image_bytes:
                 yield label, f"{member.size} bytes; at most {lim.max_image_bytes} per image (setting max_upload_bytes)"
                 continue
-            budget.take(member.size, name)
             m = tf.extractfile(member)
-            yield label, (m.read() if m is not None else "cannot read from the archive")
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            data = _read_capped(m, lim.max_image_bytes) if m is not None else None
+            yield label, (data if data is not None else "cannot read from the archive")
+    except UploadError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
         yield name, f"corrupt tar archive ({type(e).__name__}: {e})"
     finally:
         tf.close()
@@ -167,6 +289,8 @@ def _items(uploads: list[tuple[str, IO[bytes]]], lim: Limits) -> Iterator[tuple[
         elif _is_tar(name):
             f.seek(0)
             yield from _tar_members(name, f, lim, budget)
+        elif name.lower().endswith(".zip"):
+            yield name, "not a readable zip archive (no end-of-archive record: truncated or not a zip)"
         else:
             f.seek(0)
             data = _read_capped(f, lim.max_image_bytes)

@@ -1,9 +1,10 @@
 """Running training jobs: the narrow `JobRunner` interface and the embedded `LocalRunner`.
 
 The API only ever calls `submit(job_id)` (the job row exists, state queued, uploads stored) and
-`cancel(job_id)`; everything else goes through the job store. A distributed queue (Celery or RQ on
-Redis, workers on several GPU hosts) is another `JobRunner`: `submit` enqueues `run_job(job_id)`,
-`cancel` sets the row's cancel flag (the training process polls it) and revokes queued tasks.
+`cancel(job_id)`; everything else goes through the job store. The scaled mode's runner is
+`app.jobs.celery_queue.CeleryRunner` (Celery on Redis, `stpm worker` on GPU hosts): its workers use a
+`LocalRunner` that is never started as a process supervisor (`run_blocking`), and every replica uses
+`sweep_stale` to settle the jobs of workers that died (docs/SCALING.md).
 
 `LocalRunner`: one thread in the server process that starts each job as a separate process
 (`python -m app.jobs.run_job`; torch is imported only there), at most `train_concurrency` at once,
@@ -24,15 +25,16 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
-from app.jobs.store import Job, JobStore
+from app.jobs.store import STORE_ENV, Job, JobStore
 from app.jobs.uploads import clean_incoming
 from app.settings import Settings
 
@@ -40,7 +42,11 @@ log = logging.getLogger("app.jobs")
 REPO = Path(__file__).resolve().parents[2]
 POLL_S = 0.25
 KILL_AFTER_TERM_S = 5.0
+CANCEL_CHECK_S = 1.0  # how often a Celery worker checks whether its job's cancel grace has run out
 RESTART_REASON = "server restarted while the job was running; resubmit it (its uploads are kept: {kept})"
+WORKER_STOPPED = "the worker stopped while the job was running; resubmit it"
+WORKER_LOST = ("its worker {worker} stopped sending heartbeats {age:.0f} s ago (the worker or its host died, or lost "
+               "the job database); resubmit it")
 
 
 class JobRunner(Protocol):
@@ -104,6 +110,14 @@ def _kill_and_wait(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def _stop_child(child: "_Child") -> None:
+    child.proc.kill()
+    try:
+        child.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        log.error("training process %d did not die after SIGKILL", child.proc.pid)
+
+
 class _Child:
     def __init__(self, job: Job, token: str, proc: subprocess.Popen, log_path: Path):
         self.job, self.token, self.proc, self.log_path = job, token, proc, log_path
@@ -125,6 +139,7 @@ class LocalRunner:
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
         self.is_leader = False
+        self.worker_name = f"local@{socket.gethostname()}"
 
     # ----- JobRunner -----
 
@@ -206,7 +221,7 @@ class LocalRunner:
             if job.pid and _is_our_process(job.pid, job.id):
                 log.warning("job %s: killing its training process %d left from a previous server", job.id, job.pid)
                 _kill_and_wait(job.pid)
-            kept = "yes" if not job.uploads_deleted else "no"
+            kept = "yes" if not job.uploads_deleted and self.settings.train_upload_retention == "keep" else "no"
             self._settle(job.id, RESTART_REASON.format(kept=kept))
         removed = clean_staging(self.models_dir)
         if removed:
@@ -222,7 +237,7 @@ class LocalRunner:
             else:
                 self._escalate_cancel(child)
         while len(self._children) < self.concurrency and not self._stopping.is_set():
-            claimed = self.store.claim_next()
+            claimed = self.store.claim_next(worker=self.worker_name)
             if claimed is None:
                 break
             self._launch(*claimed)
@@ -231,14 +246,15 @@ class LocalRunner:
         job_dir = Path(job.job_dir)
         log_path = job_dir / "log.txt"
         cmd = [
-            self.python, "-m", "app.jobs.run_job", job.id, "--db", str(self.store.path.resolve()),
+            self.python, "-m", "app.jobs.run_job", job.id,
             "--token", token, "--models-dir", str(self.models_dir), "--device", self.settings.train_device,
         ]
         if self.settings.train_threads:
             cmd += ["--threads", str(self.settings.train_threads)]
         if self.settings.train_weights_dir:
             cmd += ["--weights-dir", str(Path(self.settings.train_weights_dir).resolve())]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               STORE_ENV: self.store.url}  # not on the command line: a database URL may hold a password
         try:
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(cmd, cwd=job_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -250,6 +266,56 @@ class LocalRunner:
         self.store.set_pid(job.id, token, proc.pid)
         self._children[job.id] = _Child(job, token, proc, log_path)
         log.info("job %s (%s) started as process %d", job.id, job.name, proc.pid)
+
+    # ----- the Celery worker's side (app.jobs.celery_queue) -----
+
+    def run_blocking(self, job: Job, token: str, should_abort: Callable[[], bool] = lambda: False) -> str:
+        """Run one claimed job to its end in the calling thread: start its process, mark the run alive
+        every `job_heartbeat_s`, honour cancel requests, settle the row; -> the job's final state.
+        `should_abort()` true (the worker is shutting down) stops the job as failed."""
+        self._launch(job, token)
+        child = self._children.pop(job.id, None)
+        if child is None:  # the process could not start; _launch failed the job
+            return self._state(job.id)
+        next_beat = next_cancel_check = 0.0
+        while (code := child.proc.poll()) is None:
+            try:
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.settings.job_heartbeat_s
+                    if not self.store.heartbeat(job.id, token):
+                        log.warning("job %s: its row was settled by another process (no heartbeat seen in time); "
+                                    "stopping its training process", job.id)
+                        _stop_child(child)
+                        self._retention(job.id)
+                        return self._state(job.id)
+                if should_abort():
+                    _stop_child(child)
+                    self._settle(job.id, WORKER_STOPPED)
+                    return self._state(job.id)
+                if time.monotonic() >= next_cancel_check:  # the training process itself polls more often
+                    next_cancel_check = time.monotonic() + CANCEL_CHECK_S
+                    self._escalate_cancel(child)
+            except Exception as e:  # noqa: BLE001 - the job store is unreachable: keep supervising, retry
+                log.warning("job %s: job store unreachable (%s); retrying", job.id, e)
+            time.sleep(POLL_S)
+        self._reap(child, code)
+        return self._state(job.id)
+
+    def sweep_stale(self, stale_after_s: float) -> list[str]:
+        """Settle running jobs whose worker stopped sending heartbeats (it died); -> their ids.
+        Safe from any number of replicas at once: each settle is one guarded update."""
+        settled = []
+        for job in self.store.stale_running(stale_after_s):
+            age = time.time() - (job.heartbeat_at or job.started_at or time.time())
+            reason = WORKER_LOST.format(worker=job.worker or "?", age=age)
+            if self._settle(job.id, reason, stale_before=time.time() - stale_after_s):
+                log.warning("job %s: %s", job.id, reason)
+                settled.append(job.id)
+        return settled
+
+    def _state(self, job_id: str) -> str:
+        job = self.store.get(job_id)
+        return job.state if job is not None else "missing"
 
     def _escalate_cancel(self, child: _Child) -> None:
         job = self.store.get(child.job.id)
@@ -272,22 +338,24 @@ class LocalRunner:
         self._retention(child.job.id)
         log.info("job %s finished: %s", child.job.id, self.store.get(child.job.id).state)
 
-    def _settle(self, job_id: str, reason: str) -> None:
-        """A running job whose process is gone: tell the truth about it."""
+    def _settle(self, job_id: str, reason: str, stale_before: float | None = None) -> bool:
+        """A running job whose process is gone: tell the truth about it; -> whether this call settled it.
+        `stale_before`: only if its heartbeat is older (the job of a dead worker, never a live one)."""
         job = self.store.get(job_id)
         if job is None or job.state != "running":
-            return
+            return False
         version = self._published_version(job)
         if version is not None:
-            self.store.finish(job_id, "succeeded", version=version,
-                              error=f"{job.name}/{version} was published, then {reason}"
-                              + ("; it was not activated" if job.params.get("activate") else ""))
+            done = self.store.finish(job_id, "succeeded", version=version, stale_before=stale_before,
+                                     error=f"{job.name}/{version} was published, then {reason}"
+                                     + ("; it was not activated" if job.params.get("activate") else ""))
         elif job.cancel_requested_at is not None:
-            self.store.finish(job_id, "cancelled", error="cancelled; the training process was stopped and "
-                              "no version was published")
+            done = self.store.finish(job_id, "cancelled", stale_before=stale_before,
+                                     error="cancelled; the training process was stopped and no version was published")
         else:
-            self.store.finish(job_id, "failed", error=reason)
+            done = self.store.finish(job_id, "failed", error=reason, stale_before=stale_before)
         self._retention(job_id)
+        return done
 
     def _published_version(self, job: Job) -> str | None:
         """The version this job published, if it got that far (same data fingerprint, created after start)."""

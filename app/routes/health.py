@@ -6,7 +6,9 @@ import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
+from app.middleware import has_valid_key
 from app.schemas import ErrorResponse, Health, Ready
 
 router = APIRouter(tags=["health"])
@@ -14,17 +16,23 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
 async def healthz(request: Request) -> Health:
-    return Health(uptime_s=round(time.time() - request.app.state.started_at, 3))
+    return Health(uptime_s=round(time.time() - request.app.state.started_at, 3),
+                  replica=request.app.state.settings.replica)
 
 
 @router.get(
     "/readyz",
     response_model=Ready,
     summary="Readiness: the default model is loaded and a warm-up inference passed",
+    description="Public. When the server has an API key, a request without it gets only `ready`; the "
+    "model, its version, providers and any error are shown to requests that send the key.",
     responses={503: {"model": Ready, "description": "No model yet, or it failed to load"}},
 )
 async def readyz(request: Request):
     ok, info = await request.app.state.registry.readiness()
+    key = request.app.state.settings.api_key
+    if key is not None and not has_valid_key(request.scope["headers"], key.get_secret_value()):
+        info = {}  # the probe's answer only: what is loaded stays private
     body = Ready(ready=ok, **info).model_dump(exclude_none=True)
     return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -37,4 +45,5 @@ async def readyz(request: Request):
 )
 async def metrics(request: Request) -> Response:
     m = request.app.state.metrics
-    return Response(m.render(), media_type=m.content_type)
+    body = await run_in_threadpool(m.render)  # the job-state gauge reads the job store
+    return Response(body, media_type=m.content_type)

@@ -28,8 +28,11 @@ ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "No such model or version"},
 }
-Name = Annotated[str, PathParam(description="Model name", examples=["bottle"])]
-Version = Annotated[str, PathParam(description="Version: v1, v2, ...", examples=["v2"])]
+# The patterns are documented, not enforced by FastAPI: the store's own check answers 400 with its reason.
+Name = Annotated[str, PathParam(description="Model name (others: 400)", examples=["bottle"],
+                                json_schema_extra={"pattern": bundle.NAME_PATTERN})]
+Version = Annotated[str, PathParam(description="Version: v1, v2, ... (others: 400)", examples=["v2"],
+                                   json_schema_extra={"pattern": bundle.VERSION_PATTERN})]
 
 
 def _check(name: str, version: str | None = None) -> None:
@@ -170,7 +173,5 @@ async def delete_version(
         await run_in_threadpool(bundle.delete_version, reg.models_dir, name, version)
     except BundleError as e:
         raise model_error(e) from None
-    lm = reg.peek(name, version)
-    if lm is not None and lm.in_use == 0:
-        await reg.unload(name, version, "unloaded")
+    await reg.forget(name, version, "deleted")  # requests in flight finish; no new one gets it
     return {"name": name, "deleted_version": version, "active_version": bundle.get_active(reg.models_dir, name)}

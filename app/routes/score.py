@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from app import budget
 from app.errors import APIError
+from app.multipart import MultipartRoute
 from app.registry import ScoreOptions
 from app.schemas import ErrorResponse, HeatmapMode, ScoreResponse
 from stpm.imageio import ImageDecodeError, decode_image
+from stpm.tiling import TilingError
 
-router = APIRouter(tags=["score"])
+router = APIRouter(tags=["score"], route_class=MultipartRoute)
 
 FILES_DOC = "Images (PNG, JPEG, BMP, TIFF, WebP, ...); repeat the field for several. 16-bit, CMYK, palette and alpha are converted."
 MODEL_DOC = "`name` (its active version) or `name/vN`; default: the server's default model"
@@ -25,13 +29,21 @@ ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "Unknown model or version"},
     409: {"model": ErrorResponse, "description": "No model trained yet"},
-    413: {"model": ErrorResponse, "description": "Too many files, a file or the request too large"},
-    422: {"model": ErrorResponse, "description": "A file is not a decodable image within the limits, or a field is missing"},
+    413: {"model": ErrorResponse, "description": "Too many files, a file or the request too large, or the request's "
+          "images and heatmaps over the pixel budget (max_request_pixels)"},
+    422: {"model": ErrorResponse, "description": "A file is not a decodable image within the limits (`invalid_image`), "
+          "its size does not fit the model's geometry (`unsupported_image_size`: smaller than one tile at the "
+          "model's scale, or more tiles than allowed), or a field is missing"},
     503: {"model": ErrorResponse, "description": "The model could not be loaded"},
 }
 
 
-async def _read_and_decode(request: Request, files: list[UploadFile]) -> tuple[list, list[str], list[float]]:
+async def _read_and_decode(
+    request: Request, files: list[UploadFile], heatmaps: int, model_pixels: Callable[[int, int], int] | None
+) -> tuple[list, list[str], list[float]]:
+    """Read, check the pixel budget from the headers, then decode. heatmaps: outputs per image (0-2);
+    model_pixels: None when heatmaps are rendered at each input's size, else (width, height) -> the
+    pixels of that input's heatmap at the model's scale."""
     s = request.app.state.settings
     metrics = request.app.state.metrics
     if len(files) > s.max_files:
@@ -56,6 +68,13 @@ async def _read_and_decode(request: Request, files: list[UploadFile]) -> tuple[l
         names.append(name)
         blobs.append(data)
 
+    sizes = await run_in_threadpool(lambda: [budget.header_size(b) for b in blobs])
+    try:
+        budget.check(budget.count_pixels(sizes, heatmaps, model_pixels), len(blobs), s.max_request_pixels)
+    except APIError:
+        metrics.rejected.labels("too_many_pixels").inc()
+        raise
+
     def decode_all():
         arrays, errors, times = [], [], []
         for data, name in zip(blobs, names):
@@ -76,14 +95,54 @@ async def _read_and_decode(request: Request, files: list[UploadFile]) -> tuple[l
     return arrays, names, times
 
 
-def _options(heatmap: str, heatmap_size: str, image_size: int) -> ScoreOptions:
+def _check_geometry(request: Request, scorer, arrays: list, names: list[str]) -> None:
+    """422 naming every image the model's tiling cannot cover, before anything is queued (a batch
+    shared with other requests must not fail because of one of them)."""
+    plan = getattr(scorer, "plan", None)
+    if plan is None:  # a scorer without geometry (test doubles)
+        return
+    errors = []
+    for arr, name in zip(arrays, names):
+        try:
+            plan(arr.shape[0], arr.shape[1])
+        except TilingError as e:
+            errors.append({"file": name, "reason": str(e)})
+    if errors:
+        request.app.state.metrics.rejected.labels("unsupported_image_size").inc(len(errors))
+        raise APIError(422, "unsupported_image_size", "; ".join(f"{e['file']}: {e['reason']}" for e in errors),
+                       {"files": errors})
+
+
+def _outputs(heatmap: str) -> int:
+    """Heatmap images rendered per input."""
+    return {"none": 0, "overlay": 1, "map": 1, "both": 2}[heatmap]
+
+
+def _model_map_pixels(scorer):
+    """(width, height) -> pixels of that input's heatmap at the model's scale (its tile plan's scaled size)."""
+    plan = getattr(scorer, "plan", None)
+
+    def pixels(width: int, height: int) -> int:
+        if plan is None:
+            return scorer.image_size * scorer.image_size
+        try:
+            p = plan(height, width)
+        except TilingError:  # refused by the geometry check, with its own message
+            return 0
+        return p.h * p.w
+
+    return pixels
+
+
+def _options(heatmap: str, heatmap_size: str) -> ScoreOptions:
     if heatmap == "none":
         return ScoreOptions()
-    # map_size None: PNGs rendered at each input's size without keeping the float map around.
+    # map_size None: PNGs rendered at each input's size without keeping the float map around;
+    # "model": the map's own size, the input at the model's scale (tiled bundles keep the aspect ratio).
     return ScoreOptions(
         overlay=heatmap in ("overlay", "both"),
         raw_map_png=heatmap in ("map", "both"),
-        map_size=None if heatmap_size == "input" else (image_size, image_size),
+        map_size=None if heatmap_size == "input" else "model",
     )
 
 
@@ -102,18 +161,22 @@ def _b64(b: bytes | None) -> str | None:
 )
 async def score(
     request: Request,
-    files: Annotated[list[UploadFile], File(description=FILES_DOC)],
+    files: Annotated[list[UploadFile], File(description=FILES_DOC, min_length=1)],
     model: Annotated[str | None, Query(max_length=200, description=MODEL_DOC, examples=["bottle", "bottle/v2"])] = None,
     heatmap: Annotated[HeatmapMode, Query(description="Add base64 PNGs: the overlay, the raw normalised map, both")] = "none",
     heatmap_size: Annotated[
-        Literal["input", "model"], Query(description="Heatmaps at the input's size or the model's")
+        Literal["input", "model"],
+        Query(description="Heatmaps at the input's size, or at the model's scale (the map's own resolution; "
+                          "the aspect ratio is kept unless the model squashes)"),
     ] = "input",
 ):
     t0 = time.perf_counter()
     registry = request.app.state.registry
     lm = await registry.get(model)
-    arrays, names, decode_ms = await _read_and_decode(request, files)
-    results, queued_s = await registry.score(lm, arrays, names, _options(heatmap, heatmap_size, lm.scorer.image_size))
+    model_pixels = None if heatmap_size == "input" else _model_map_pixels(lm.scorer)
+    arrays, names, decode_ms = await _read_and_decode(request, files, _outputs(heatmap), model_pixels)
+    _check_geometry(request, lm.scorer, arrays, names)
+    results, queued_s = await registry.score(lm, arrays, names, _options(heatmap, heatmap_size))
     metrics = request.app.state.metrics
     items = []
     for r, arr, dms in zip(results, arrays, decode_ms):
@@ -129,6 +192,9 @@ async def score(
                 "threshold": float(r.threshold),
                 "width": int(arr.shape[1]),
                 "height": int(arr.shape[0]),
+                "tiles": int(r.tiles),
+                "scaled_width": int(r.scaled_size[1]),
+                "scaled_height": int(r.scaled_size[0]),
                 "timings_ms": timings,
                 "overlay_png": _b64(r.overlay_png),
                 "map_png": _b64(r.map_png),
@@ -157,7 +223,7 @@ async def score(
 )
 async def score_overlay(
     request: Request,
-    files: Annotated[list[UploadFile], File(description="Exactly one image")],
+    files: Annotated[list[UploadFile], File(description="Exactly one image", min_length=1, max_length=1)],
     model: Annotated[str | None, Query(max_length=200, description=MODEL_DOC)] = None,
     kind: Annotated[Literal["overlay", "map"], Query(description="The blended overlay or the grayscale map")] = "overlay",
     heatmap_size: Annotated[Literal["input", "model"], Query()] = "input",
@@ -166,8 +232,10 @@ async def score_overlay(
         raise APIError(422, "validation_error", f"/score/overlay takes exactly one file in field 'files', got {len(files)}")
     registry = request.app.state.registry
     lm = await registry.get(model)
-    arrays, names, _ = await _read_and_decode(request, files)
-    results, _ = await registry.score(lm, arrays, names, _options(kind, heatmap_size, lm.scorer.image_size))
+    model_pixels = None if heatmap_size == "input" else _model_map_pixels(lm.scorer)
+    arrays, names, _ = await _read_and_decode(request, files, 1, model_pixels)
+    _check_geometry(request, lm.scorer, arrays, names)
+    results, _ = await registry.score(lm, arrays, names, _options(kind, heatmap_size))
     r = results[0]
     request.app.state.metrics.observe_result(lm.ref, float(r.score), bool(r.is_anomaly))
     png = r.overlay_png if kind == "overlay" else r.map_png

@@ -15,11 +15,13 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import APIError
 from app.jobs.store import STATES, Job, JobStore
 from app.jobs.uploads import Limits, UploadError, store_upload
+from app.multipart import MultipartRoute
 from app.schemas import ErrorResponse, TrainJob, TrainJobList
 from stpm import bundle
-from stpm.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
+from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, to_dict
+from stpm.tiling import ImageScore
 
-router = APIRouter(prefix="/train", tags=["train"])
+router = APIRouter(prefix="/train", tags=["train"], route_class=MultipartRoute)
 
 # stpm.backbones.SPECS (kept here because the API process does not import torch; a test checks they agree)
 BACKBONES = ("resnet18", "resnet34", "wide_resnet50_2", "efficientnet_lite0")
@@ -28,10 +30,14 @@ JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "No such job"},
+    503: {"model": ErrorResponse, "description": "Training is disabled (setting train_enabled)"},
 }
-JobId = Annotated[str, PathParam(description="The job id from POST /train")]
+MAX_EPOCHS = 100_000  # the schema's bound; the server's own (train_max_epochs) is usually lower
+MAX_OFFSET = 1_000_000_000
+JobId = Annotated[str, PathParam(description="The job id from POST /train (others: 404)",
+                                 json_schema_extra={"pattern": JOB_ID_RE.pattern})]
 
-_M, _T, _C = ModelConfig(), TrainConfig(), CalibrationConfig()
+_M, _T, _C, _G = ModelConfig(), TrainConfig(), CalibrationConfig(), TilingConfig()
 
 
 def _engine(request: Request) -> tuple[JobStore, object]:
@@ -62,6 +68,7 @@ def _get(store: JobStore, job_id: str) -> Job:
     responses={
         **ERRORS,
         413: {"model": ErrorResponse, "description": "Request, an image, an archive or the image count over the limit"},
+        429: {"model": ErrorResponse, "description": "The training queue is full (train_max_queued); retry later"},
         422: {"model": ErrorResponse, "description": "A file is not a decodable image (all named in `files`), too "
               "few images, or a bad parameter"},
         507: {"model": ErrorResponse, "description": "Disk full while storing the upload (nothing stored)"},
@@ -70,21 +77,36 @@ def _get(store: JobStore, job_id: str) -> Job:
 async def submit(
     request: Request,
     files: Annotated[list[UploadFile], File(description="Good images (repeat the field), and/or zip/tar archives "
-                                                        "of them (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")],
-    name: Annotated[str, Form(description="Model name; the job publishes its next version", examples=["bottle"])],
+                                                        "of them (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)",
+                                            min_length=1)],
+    name: Annotated[str, Form(description="Model name; the job publishes its next version (others: 422)",
+                              examples=["bottle"], json_schema_extra={"pattern": bundle.NAME_PATTERN})],
     backbone: Annotated[Literal[BACKBONES], Form(description="Teacher/student architecture")] = _M.backbone,  # type: ignore[valid-type]
-    image_size: Annotated[int, Form(ge=32, le=1024, description="Training and scoring resolution (pixels)")] = _M.image_size,
+    image_size: Annotated[int, Form(ge=32, le=1024, description="Model input S (pixels): images are covered by "
+                                   "S x S tiles")] = _M.image_size,
+    tiling: Annotated[Literal["tile", "squash"], Form(description="tile: keep the aspect ratio at one fixed scale, "
+                      "overlapping tiles; squash: resize every image to S x S")] = _G.mode,
+    resolution: Annotated[int | None, Form(ge=16, le=8192, description="Pixels the images' median short side is "
+                          "scaled to (default: S)")] = _G.resolution,
+    scale: Annotated[float | None, Form(gt=0, le=16, description="Fixed input -> model scale (wins over "
+                     "resolution)")] = _G.scale,
+    overlap: Annotated[float, Form(ge=0, lt=1, description="Minimum overlap of neighbouring tiles")] = _G.overlap,
+    image_score: Annotated[Literal["max", "topk_mean"], Form(description="Image score from the map: its maximum "
+                           "or the mean of its top-k values")] = _M.image_score,
+    topk: Annotated[float, Form(gt=0, description="topk_mean: < 1 a fraction of the map's pixels, >= 1 a number "
+                    "of pixels")] = _M.topk,
     pretrained: Annotated[bool, Form(description="ImageNet teacher weights (false: random teacher, tests only)")] = True,
-    epochs: Annotated[int, Form(ge=1)] = _T.epochs,
+    epochs: Annotated[int, Form(ge=1, le=MAX_EPOCHS, description="At most the server's train_max_epochs")] = _T.epochs,
     batch_size: Annotated[int, Form(ge=1, le=1024)] = _T.batch_size,
-    lr: Annotated[float, Form(gt=0, le=10)] = _T.lr,
-    momentum: Annotated[float, Form(ge=0, lt=1)] = _T.momentum,
-    weight_decay: Annotated[float, Form(ge=0, le=1)] = _T.weight_decay,
-    val_fraction: Annotated[float, Form(gt=0, lt=1, description="Held out for validation and calibration")] = _T.val_fraction,
-    patience: Annotated[int, Form(ge=0, description="Early stopping on the validation loss (0: off)")] = _T.patience,
+    lr: Annotated[float, Form(gt=0, le=10, allow_inf_nan=False)] = _T.lr,
+    momentum: Annotated[float, Form(ge=0, lt=1, allow_inf_nan=False)] = _T.momentum,
+    weight_decay: Annotated[float, Form(ge=0, le=1, allow_inf_nan=False)] = _T.weight_decay,
+    val_fraction: Annotated[float, Form(gt=0, lt=1, allow_inf_nan=False,
+                                        description="Held out for validation and calibration")] = _T.val_fraction,
+    patience: Annotated[int, Form(ge=0, le=MAX_EPOCHS, description="Early stopping on the validation loss (0: off)")] = _T.patience,
     seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = _T.seed,
     augment: Annotated[bool, Form()] = _T.augment,
-    max_steps: Annotated[int, Form(ge=0, description="Cap on steps per epoch (0: none)")] = _T.max_steps,
+    max_steps: Annotated[int, Form(ge=0, le=1_000_000_000, description="Cap on steps per epoch (0: none)")] = _T.max_steps,
     calibration: Annotated[Literal["max_margin", "quantile"], Form(description="Threshold method")] = _C.method,
     activate: Annotated[bool, Form(description="Make the new version active when the job succeeds")] = False,
 ):
@@ -97,8 +119,19 @@ async def submit(
     if epochs > s.train_max_epochs:
         raise APIError(422, "invalid_parameter", f"epochs={epochs}: at most {s.train_max_epochs} "
                        "(setting train_max_epochs)")
+    try:
+        ImageScore(image_score, topk)
+    except ValueError as e:
+        raise APIError(422, "invalid_parameter", str(e)) from None
+    queued = await run_in_threadpool(store.list, "queued", s.train_max_queued, 0)
+    if len(queued) >= s.train_max_queued:
+        raise APIError(429, "queue_full", f"{len(queued)} training jobs are already waiting; at most "
+                       f"{s.train_max_queued} (setting train_max_queued): retry when one has started",
+                       headers={"Retry-After": "60"})
     params = {
-        "model": to_dict(ModelConfig(backbone=backbone, image_size=image_size, pretrained=pretrained)),
+        "model": to_dict(ModelConfig(backbone=backbone, image_size=image_size, pretrained=pretrained,
+                                     image_score=image_score, topk=topk)),
+        "tiling": to_dict(TilingConfig(mode=tiling, resolution=resolution, scale=scale, overlap=overlap)),
         "train": to_dict(TrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
             val_fraction=val_fraction, patience=patience, seed=seed, augment=augment, max_steps=max_steps,
@@ -127,7 +160,7 @@ async def submit(
     except BaseException:
         shutil.rmtree(stored.job_dir, ignore_errors=True)
         raise
-    runner.submit(job_id)
+    await run_in_threadpool(runner.submit, job_id)  # Celery: a round trip to the broker
     return JSONResponse(_public(store, job), status_code=202, headers={"Location": f"/train/{job_id}"})
 
 
@@ -136,7 +169,7 @@ async def list_jobs(
     request: Request,
     state: Annotated[Literal[STATES] | None, Query(description="Only jobs in this state")] = None,  # type: ignore[valid-type]
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ):
     store, _ = _engine(request)
 

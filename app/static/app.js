@@ -3,7 +3,8 @@
  * Talks to the same-origin API with relative URLs (so it also works under a proxy prefix):
  *   POST score?heatmap=overlay, GET models, GET models/{n}/versions/{v}, POST .../activate,
  *   DELETE models/{n}/versions/{v}, POST train, GET train, GET train/{id}, DELETE train/{id}, GET readyz.
- * The API key (if the server has one) is kept in localStorage and sent as X-API-Key.
+ * The API key (if the server has one) is sent as X-API-Key. It is kept for this tab's session only
+ * (sessionStorage) unless the user ticks "Remember on this device" (localStorage).
  */
 "use strict";
 
@@ -48,7 +49,15 @@ class ApiError extends Error {
   }
 }
 
-function apiKey() { return localStorage.getItem(KEY_STORAGE) || ""; }
+function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || localStorage.getItem(KEY_STORAGE) || ""; }
+function keyRemembered() { return !!localStorage.getItem(KEY_STORAGE); }
+function storeKey(value, remember) {
+  sessionStorage.removeItem(KEY_STORAGE);
+  localStorage.removeItem(KEY_STORAGE);
+  if (value) (remember ? localStorage : sessionStorage).setItem(KEY_STORAGE, value);
+}
+const KEY_WHERE = "It is sent as the X-API-Key header and kept for this browser tab's session only, " +
+  "unless you tick “Remember on this device”.";
 
 async function api(path, { method = "GET", body = null, query = null } = {}) {
   let url = path;
@@ -134,8 +143,8 @@ let keyDialogOpenedFor401 = false;
 function askForKey(err) {
   const dlg = $("#key-dialog");
   $("#key-reason").textContent = apiKey()
-    ? "The server refused this key. Enter the right API key; it is kept in this browser only and sent as the X-API-Key header."
-    : "This server needs an API key. It is kept in this browser only (localStorage) and sent as the X-API-Key header.";
+    ? "The server refused this key. Enter the right API key. " + KEY_WHERE
+    : "This server needs an API key. " + KEY_WHERE;
   updateKeyButton(true);
   if (!dlg.open && !keyDialogOpenedFor401) {
     keyDialogOpenedFor401 = true;
@@ -156,15 +165,14 @@ function updateKeyButton(needed = false) {
 function setupKeyDialog() {
   const dlg = $("#key-dialog");
   $("#key-button").addEventListener("click", () => {
-    $("#key-reason").textContent =
-      "If the server has an API key, enter it here. It is kept in this browser only (localStorage) and sent as the X-API-Key header.";
+    $("#key-reason").textContent = "If the server has an API key, enter it here. " + KEY_WHERE;
     $("#key-input").value = apiKey();
+    $("#key-remember").checked = keyRemembered();
     dlg.showModal();
   });
   $("#key-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    const v = $("#key-input").value.trim();
-    if (v) localStorage.setItem(KEY_STORAGE, v); else localStorage.removeItem(KEY_STORAGE);
+    storeKey($("#key-input").value.trim(), $("#key-remember").checked);
     dlg.close();
     keyDialogOpenedFor401 = false;
     updateKeyButton();
@@ -173,7 +181,7 @@ function setupKeyDialog() {
   });
   $("#key-cancel").addEventListener("click", () => dlg.close());
   $("#key-forget").addEventListener("click", () => {
-    localStorage.removeItem(KEY_STORAGE);
+    storeKey("", false);
     $("#key-input").value = "";
     dlg.close();
     keyDialogOpenedFor401 = false;
@@ -289,7 +297,7 @@ function fillVersionSelect(prefer = null) {
   const m = state.models.find((x) => x.name === $("#score-model").value);
   if (!m) { sel.append(el("option", { value: "", text: "—" })); sel.disabled = true; return; }
   sel.disabled = false;
-  sel.append(el("option", { value: "", text: `active (${m.active_version || "newest"})` }));
+  sel.append(el("option", { value: "", text: `active (${m.active_version || "none: pick a version"})` }));
   for (const v of [...m.versions].reverse()) {
     sel.append(el("option", { value: v.version, text: v.version + (v.active ? " ★" : "") }));
   }
@@ -416,7 +424,8 @@ async function scoreEntries(entries, model) {
           const rest = [];
           for (const e of chunk) {
             if (badNames.has(e.file.name)) {
-              failResultCard(e.card, `${e.file.name} is not a readable image: ${badNames.get(e.file.name)}`, err.body);
+              const why = err.body.error === "unsupported_image_size" ? "cannot be scored by this model" : "is not a readable image";
+              failResultCard(e.card, `${e.file.name} ${why}: ${badNames.get(e.file.name)}`, err.body);
             } else rest.push(e);
           }
           if (rest.length === chunk.length) { for (const e of chunk) failResultCard(e.card, explain(err), err.body); rest.length = 0; }
@@ -535,11 +544,15 @@ function jobResult(j) {
 
 function watchJob(id, initial = null) {
   clearTimeout(state.pollTimer);
+  // A poll already in flight for the previously watched job must not render over this one when its
+  // answer arrives (clearTimeout cannot stop it): every watch gets a generation number.
+  const gen = (state.watchGen = (state.watchGen || 0) + 1);
   state.job = initial ? { ...initial, job_id: id } : { job_id: id, state: "queued" };
   renderJob();
   const tick = async () => {
     try {
       const j = await api(`train/${encodeURIComponent(id)}`);
+      if (gen !== state.watchGen) return;  // the user switched to another job meanwhile
       state.job = j;
       renderJob();
       if (TERMINAL.has(jobState(j))) {
@@ -548,6 +561,7 @@ function watchJob(id, initial = null) {
         return;
       }
     } catch (err) {
+      if (gen !== state.watchGen) return;
       if (err instanceof ApiError && err.status === 404) {
         localStorage.removeItem(JOB_STORAGE);
         $("#job-error").textContent = "This job is no longer known to the server (restarted?).";
@@ -663,7 +677,7 @@ async function cancelJob() {
   if (!ok) return;
   try {
     const j = await api(`train/${encodeURIComponent(id)}`, { method: "DELETE" });
-    if (j && jobState(j)) { state.job = j; renderJob(); }
+    if (j && jobState(j) && jobId(state.job) === id) { state.job = j; renderJob(); }
     if (TERMINAL.has(jobState(j))) loadJobs();
   } catch (err) {
     showBanner(explain(err, "Could not cancel the job"));
@@ -815,7 +829,7 @@ async function activateVersion(name, version, btn) {
 
 async function deleteVersion(name, version, isActive) {
   const text = isActive
-    ? `${name}/${version} is the ACTIVE version: requests for “${name}” will use the next newest version (or fail if none is left). Its files are removed for good.`
+    ? `${name}/${version} is the ACTIVE version: requests for “${name}” will fail until you activate another version. Its files are removed for good.`
     : `The files of ${name}/${version} are removed for good.`;
   if (!(await confirmDialog(`Delete ${name}/${version}?`, text))) return;
   try {
