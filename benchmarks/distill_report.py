@@ -8,6 +8,7 @@ the seeds' numbers beside ours and a verdict computed from the numbers by the cr
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -260,19 +261,38 @@ def disjoint(r: dict) -> str:
 
 
 RENDER = {"hinton": hinton, "cifar": cifar, "noisy_student": noisy_student, "disjoint": disjoint}
+VERDICT = re.compile(r"\*\*Verdict \((.+?)\): (reproduced|partly|not reproduced)\.\*\*")
+
+
+def summary() -> str:
+    """One row per verdict of every rendered block, with the seeds behind it."""
+    out = ["| claim | verdict | seeds completed | section |", "|---|---|---|---|"]
+    for name in NAMES:
+        r = load(name)
+        if not r:
+            out.append(f"| {name} | not run | — | — |")
+            continue
+        for label, outcome in VERDICT.findall(RENDER[name](r)):
+            n = len(seeds_of(r))
+            if label == "comparison row":  # its methods may have fewer seeds than the TAKD runs
+                n = min(len(v) for v in (vals(r, f"row {k} | test acc") for k in CIFAR_ROW) if v)
+            out.append(f"| {label} | **{outcome}** | {n} | distill_{name} |")
+    return "\n".join(out)
 
 
 def write_sections(names: list[str] | tuple[str, ...] = NAMES, doc: Path = DOC) -> None:
     """Replace each named block of the doc with the table rendered from its JSON (blocks must exist)."""
     text = doc.read_text()
-    for name in names:
-        r = load(name)
-        begin = f"<!-- BEGIN distill_{name} (written by benchmarks/distill_{name}.py; do not edit) -->"
+    for name in [*names, "summary"]:
+        r = load(name) if name != "summary" else None
+        script = "distill_report" if name == "summary" else f"distill_{name}"
+        begin = f"<!-- BEGIN distill_{name} (written by benchmarks/{script}.py; do not edit) -->"
         end = f"<!-- END distill_{name} -->"
         if begin not in text or end not in text:
             print(f"{doc}: no block for {name}; add the lines\n{begin}\n{end}")
             continue
-        body = RENDER[name](r) if r else f"(no results/distill_{name}.json yet)"
+        body = (summary() if name == "summary" else RENDER[name](r) if r else
+                f"(no results/distill_{name}.json yet)")
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{begin}\n{body}\n{end}{tail}"
