@@ -249,23 +249,8 @@ BLOCKS: dict[str, Block] = {
 }
 
 
-def _distill_blocks() -> dict[str, Block]:
-    from benchmarks import distill_report as d
-
-    def loader(name: str) -> Callable[[], dict[str, Any]]:
-        def load() -> dict[str, Any]:
-            r = d.merge_seed_files(name) or d.load(name)
-            if r is None:
-                raise FileNotFoundError(f"no benchmarks/results/distill_{name}*.json")
-            return r
-        return load
-
-    return {f"distill_{name}": Block(f"benchmarks/distill_{script}.py", f"distill_{name}*.json", fn,
-                                     doc=DISTILL_DOC, load=loader(name))
-            for name, script, fn in d.TABLES}
-
-
-BLOCKS.update(_distill_blocks())
+# docs/DISTILLATION.md's tables are written by benchmarks/distill_report.py (its own `distill_*` blocks,
+# checked by tests/test_docs.py through distill_report.render_all).
 
 
 def render(key: str) -> str:

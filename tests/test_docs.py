@@ -65,3 +65,14 @@ def test_replace_block_refuses_unknown_and_missing_blocks():
         report.replace_block("no markers here", "png_encode", "body")
     marked = f"a\n{report.begin_marker('png_encode')}\nold\n<!-- END generated png_encode -->\nb\n"
     assert report.blocks_in(report.replace_block(marked, "png_encode", "new 1.5x")) == {"png_encode": "new 1.5x\n"}
+
+
+def test_distillation_tables_are_their_result_files_rendered(tmp_path):
+    """docs/DISTILLATION.md's `distill_*` blocks (benchmarks/distill_report.py's own markers) equal a fresh
+    rendering of benchmarks/results/distill_*.json."""
+    from benchmarks import distill_report
+
+    copy = tmp_path / "DISTILLATION.md"
+    copy.write_text(distill_report.DOC.read_text())
+    distill_report.write_sections(distill_report.NAMES, copy)
+    assert copy.read_text() == distill_report.DOC.read_text(), "stale: run .venv/bin/python benchmarks/distill_report.py"

@@ -23,7 +23,17 @@ def digits_batch():
 def mnist_dir() -> Path:
     from tests.conftest import SHARED_DATA
 
-    raw = SHARED_DATA / "mnist_test10k" / "MNIST" / "raw"
-    if not (raw / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"MNIST test10k not found at {raw} (set STPM_SHARED_DATA to the shared data folder)")
+    raw = SHARED_DATA / "mnist_full" / "MNIST" / "raw"
+    if not (raw / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"full MNIST not found at {raw} (set STPM_SHARED_DATA to the shared data folder)")
     return raw
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    from tests.conftest import SHARED_DATA
+
+    root = SHARED_DATA / "cifar10_jpeg"
+    if not (root / "test.tar.gz").is_file():
+        pytest.skip(f"CIFAR-10 JPEG tarballs not found at {root} (set STPM_SHARED_DATA to the shared data folder)")
+    return root
