@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import METAL_PLATE, require
+from tests.conftest import METAL_PLATE, require
 
 from stpm.config import ModelConfig, TrainConfig
 from stpm.patchcore import greedy_coreset, nearest_distance
