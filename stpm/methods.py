@@ -44,6 +44,14 @@ def method_of(model: dict[str, Any] | ModelConfig) -> str:
     return m
 
 
+def patchcore_layers(backbone: str) -> tuple[str, ...]:
+    """PatchCore's mid-level layers: the backbone's default pyramid without its finest stage
+    (ResNets: layer2 + layer3, as in the paper; EfficientNet-Lite: blocks.2 + blocks.4)."""
+    from stpm import backbones
+
+    return backbones.spec(backbone).default_layers[1:]
+
+
 def resolved(cfg: ModelConfig) -> ModelConfig:
     """cfg with the method-dependent defaults made explicit and validated. `sigma` None and
     `image_score` "auto" stay open: stpm.selection chooses them after fitting."""
@@ -55,9 +63,7 @@ def resolved(cfg: ModelConfig) -> ModelConfig:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     layers = cfg.layers
     if m == "patchcore":
-        from stpm.patchcore import default_layers
-
-        layers = backbones.resolve_layers(cfg.backbone, cfg.layers or default_layers(cfg.backbone))
+        layers = backbones.resolve_layers(cfg.backbone, cfg.layers or patchcore_layers(cfg.backbone))
         if cfg.student_backbone:
             raise ValueError("student_backbone applies to method stpm only (patchcore trains no student)")
         if cfg.bank_size < 1:

@@ -33,7 +33,9 @@ DEFAULT_SIGMA = 4.0  # PatchCore's smoothing at 224-256 px inputs
 def default_layers(backbone: str) -> tuple[str, ...]:
     """PatchCore's mid-level layers: the backbone's default pyramid without its finest stage
     (ResNets: layer2 + layer3, as in the paper; EfficientNet-Lite: blocks.2 + blocks.4)."""
-    return backbones.spec(backbone).default_layers[1:]
+    from stpm.methods import patchcore_layers
+
+    return patchcore_layers(backbone)
 
 
 class PatchFeatures(nn.Module):

@@ -44,7 +44,7 @@ def run(tmp_path_factory, bottle, bottle_good):
     torch.set_num_threads(1)
     out = train_and_publish(
         bottle_good[:12], "roundtrip", tmp_path_factory.mktemp("models"),
-        ModelConfig(backbone="efficientnet_lite0", image_size=64),
+        ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=64, sigma=0.0, image_score="max"),
         TrainConfig(epochs=3, batch_size=8, lr=0.1, val_fraction=0.34, device="cpu"),
         CalibrationConfig(), TilingConfig(resolution=112), show_bar=False,
     )

@@ -82,7 +82,8 @@ def syn(tmp_path_factory):
         paths.append(p)
     with one_thread():
         out = train_and_publish(paths, "syn", root / "models",
-                                ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=SIZE),
+                                ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=SIZE, sigma=0.0,
+                                            image_score="max"),  # fixed: this tests the geometry, not selection
                                 TrainConfig(epochs=8, batch_size=8, lr=0.1, device="cpu"), CalibrationConfig(),
                                 TilingConfig(), show_bar=False)
     return out.path

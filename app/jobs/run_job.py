@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             last["epoch_end"] = d
             if d["epoch"] == d["epochs"]:
                 phase["name"] = "calibrating, exporting and publishing"
+        elif "steps" not in d:  # a phase after training (selection, calibration): the last epoch's record stays
+            d = {**last.get("epoch_end", {}), **d}
         else:
             for k in ("val_loss", "best_val_loss"):
                 if k in last.get("epoch_end", {}):
