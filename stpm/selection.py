@@ -104,7 +104,8 @@ def select(
     if len(cands) == 1:
         amap.sigma = cands[0].sigma
         maps = predict_maps(tile_fn(amap), good, batch_size)
-        return Selection(cands[0], maps, {"candidates": 1, "reason": "sigma and image score given explicitly"})
+        only = {"sigma": cands[0].sigma, "image_score": cands[0].image_score}
+        return Selection(cands[0], maps, {"candidates": [only], "reason": "sigma and image score given explicitly"})
     if not good_images:
         raise ValueError("model selection needs at least one held-out good image")
     synth = make_anomalies(list(good_images)[:MAX_IMAGES], PER_IMAGE, seed=seed)
