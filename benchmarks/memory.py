@@ -4,7 +4,8 @@ budget accepts, and for the request issue 14 found (32 images of 6300 x 6300 in 
 Starts `python -m app.serve` (uvicorn, one worker, CPU provider, default limits unless given) on
 127.0.0.1. Before each request the server's peak-RSS counter is reset (`/proc/PID/clear_refs` = 5);
 after it the peak (VmHWM) and the resident size (VmRSS) are read. Writes benchmarks/results/memory.json
-and prints the Markdown for docs/BENCHMARKS.md.
+and prints its Markdown (benchmarks/report.py); the default --out also rewrites its block of
+docs/BENCHMARKS.md.
 
     .venv/bin/python benchmarks/memory.py
     .venv/bin/python benchmarks/memory.py --max-request-pixels 60000000   # another budget
@@ -186,10 +187,11 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.out}\n")
-    print("| request | status | sent MB | answer MB | s | peak RSS MB | RSS after MB |\n|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['case']} | {r['status']} | {r['request_mb']} | {r['response_mb']} | {r['seconds']} | "
-              f"{r['peak_rss_mb']} | {r['rss_after_mb']} |")
+    from benchmarks.report import BLOCKS, DOC, memory_markdown, write_block
+
+    print(memory_markdown(out))
+    if args.out.stem in BLOCKS:  # a result file the doc shows: its block follows
+        write_block(DOC, args.out.stem, memory_markdown(out))
     bad = [r for r in results if r["status"] != r["expected"]]
     return 1 if bad else 0
 

@@ -29,7 +29,7 @@ def main() -> int:
     from speed import shared_data, write_section
     from stpm import backends
     from stpm import export as ex
-    from stpm.bench import mvtec_split
+    from stpm.data import good_train_dir, list_images, test_samples
     from stpm.imageio import read_image
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -44,9 +44,10 @@ def main() -> int:
            "load_avg_at_start": list(os.getloadavg()), "bundles": {}}
     for spec in a.bundle:
         ds, path = spec.split("=", 1)
-        train, test, labels = mvtec_split(shared_data() / DATA[ds])
+        root = shared_data() / DATA[ds]
+        train, test = list_images(good_train_dir(root)), test_samples(root)
         cal = [read_image(p) for p in train[:: max(1, len(train) // 32)][:32]]
-        imgs = [read_image(p) for p in test]
+        imgs, labels = [read_image(s.path) for s in test], [s.label for s in test]
         with tempfile.TemporaryDirectory(prefix="stpm-precision-") as tmp:
             work = Path(tmp) / "b"
             shutil.copytree(path, work)

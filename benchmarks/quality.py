@@ -1,15 +1,24 @@
-"""Quality benchmark: train + calibrate + evaluate on the real MVTec bottle and MPDD metal plate.
+"""Quality benchmark: train + calibrate + evaluate on every MVTec-layout set in ../shared/data.
 
-    .venv/bin/python benchmarks/quality.py --epochs 10 --out benchmarks/results/quality.json
+Per method (the default: no options but the data and a name, i.e. PatchCore on EfficientNet-Lite1
+with sigma and image score chosen on synthetic anomalies; and STPM), one table of image/pixel AUROC,
+AUPRO, F1, P/R at the calibrated threshold, train seconds and score ms/image (the exported ONNX
+scorer, the service's path):
 
-Teacher: EfficientNet-Lite0 with genuine ImageNet weights (the pretrained teacher available offline);
-students: the same architecture, and ResNet18 with 1x1 projections. Writes a JSON with every number and
-prints a Markdown table for docs/BENCHMARKS.md.
+    .venv/bin/python benchmarks/quality.py --configs default,stpm --out benchmarks/results/quality_methods.json
+
+The older student comparison (STPM, EfficientNet-Lite0 teacher, same-family vs ResNet18 students):
+
+    .venv/bin/python benchmarks/quality.py --students all --epochs 12 --out benchmarks/results/quality_256px.json
+
+Writes a JSON with every number and prints its Markdown table; a result file registered in
+benchmarks/report.py also rewrites its block of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import platform
 import sys
@@ -27,10 +36,11 @@ from stpm.evaluate import evaluate  # noqa: E402
 from stpm.pipeline import train_and_publish  # noqa: E402
 from stpm.weights import load_model  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("STPM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DATASETS = {
     "bottle": DATA / "mvtec_ad_bottle_512" / "bottle",
     "metal_plate": DATA / "mpdd_metal_plate_512" / "metal_plate",
+    "kolektorsdd": DATA / "kolektorsdd_half" / "kolektorsdd",
 }
 STUDENTS = {"same (efficientnet_lite0)": None, "resnet18 + 1x1 proj": "resnet18"}
 
@@ -41,11 +51,18 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.1, help="paper: 0.4 at batch 32; scaled linearly")
-    ap.add_argument("--datasets", default="bottle,metal_plate")
-    ap.add_argument("--students", default=",".join(STUDENTS))
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, stpm")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--students", default=None, help="'all' or a comma list of " + ", ".join(STUDENTS) +
+                    ": the STPM student comparison instead of --configs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     ap.add_argument("--report-dir", default=str(ROOT / "benchmarks" / "work" / "quality"))
     a = ap.parse_args()
+    if a.students is None:
+        return run_configs(a)
+    if a.students == "all":
+        a.students = ",".join(STUDENTS)
     rows = []
     models_dir = Path(tempfile.mkdtemp(prefix="stpm-quality-"))
     for ds in a.datasets.split(","):
@@ -81,14 +98,102 @@ def main() -> int:
             Path(a.out).write_text(json.dumps({
                 "command": " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
                 f"{torch.get_num_threads()} threads, torch {torch.__version__}", "rows": rows}, indent=2))
-    print("\n| dataset | student | epochs | image AUROC | pixel AUROC | AUPRO@0.3 | F1-max | P/R @ calibrated thr "
-          "| s/epoch | train img/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        c = r["calibrated"] or {}
-        print(f"| {r['dataset']} | {r['student']} | {r['epochs']} (best {r['best_epoch']}) | {r['image_auroc']:.3f} "
-              f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} | {c.get('precision', 0):.2f} / "
-              f"{c.get('recall', 0):.2f} | {r['train_s_per_epoch']:.0f} | {r['train_images_per_s']:.2f} |")
+    from benchmarks.report import BLOCKS, DOC, quality_markdown, write_block
+
+    res = json.loads(Path(a.out).read_text())
+    print(quality_markdown(res))
+    if Path(a.out).stem in BLOCKS:
+        write_block(DOC, Path(a.out).stem, quality_markdown(res))
+    return 0
+
+
+def config_of(label: str, a: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """default: what `stpm train DATA --name X` does (only the device set); stpm: STPM on the same
+    default teacher with the ResNet18 student (it beat the same-family student, quality_256px) and a
+    short schedule (--epochs, --batch-size, --lr)."""
+    if label == "default":
+        return ModelConfig(), TrainConfig(device=a.device)
+    if label == "stpm":
+        return (ModelConfig(method="stpm", student_backbone="resnet18", image_size=a.image_size),
+                TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device))
+    raise SystemExit(f"unknown config {label!r}: default or stpm")
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"load average at start {os.getloadavg()[0]:.1f}")
+
+
+def score_ms_per_image(bundle_dir: Path, data: Path, device: str) -> float:
+    """Median wall ms of the exported scorer (stpm.runtime.Scorer: decode, tiles, stitch, score; no
+    heatmap) per test image, over the first 20 test images after one warm-up."""
+    import statistics
+
+    from stpm.data import test_samples
+    from stpm.runtime import Scorer
+
+    providers = ("CPUExecutionProvider",) if device == "cpu" else ("auto",)
+    scorer = Scorer(bundle_dir, providers=providers)
+    paths = [s.path for s in test_samples(data)][:20]
+    scorer.score([paths[0].read_bytes()])
+    times = []
+    for p in paths:
+        blob = p.read_bytes()
+        t0 = time.perf_counter()
+        scorer.score([blob])
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run_configs(a: argparse.Namespace) -> int:
+    from stpm.weights import load_map
+
+    device = torch.device(a.device)
+    out_path = Path(a.out if a.out != str(ROOT / "benchmarks" / "results" / "quality.json")
+                    else ROOT / "benchmarks" / "results" / "quality_methods.json")
+    machine = machine_line()
+    rows = []
+    models_dir = Path(tempfile.mkdtemp(prefix="stpm-quality-"))
+    for ds in a.datasets.split(","):
+        for label in a.configs.split(","):
+            mcfg, tcfg = config_of(label, a)
+            name = f"{ds}-{label}"
+            t0 = time.monotonic()
+            out = train_and_publish(DATASETS[ds], name, models_dir, mcfg, tcfg, CalibrationConfig(), export=True,
+                                    show_bar=True)
+            train_s = time.monotonic() - t0
+            model, manifest = load_map(out.path)
+            rep = evaluate(model, manifest, DATASETS[ds], device, Path(a.report_dir) / name)
+            o = rep["metrics"]["overall"]
+            m = manifest["model"]
+            row = {
+                "dataset": ds, "config": label, "method": m["method"], "teacher": m["backbone"],
+                "student": m.get("student_backbone"), "epochs": tcfg.epochs if m["method"] == "stpm" else None,
+                "sigma": m["sigma"], "image_score": m["image_score"],
+                "selection": manifest["training"].get("selection"),
+                "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro_0.3"],
+                "f1_max": o.get("image_f1_max"), "calibrated": o.get("at_calibrated_threshold"),
+                "train_s": train_s, "fit_s": out.fit.seconds,
+                "score_ms_per_image": score_ms_per_image(out.path, DATASETS[ds], a.device),
+                "n_train": manifest["data"]["n_train"], "n_test": len(rep["per_image"]),
+            }
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "selection"}, indent=1), flush=True)
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps({"command": " ".join(["benchmarks/quality.py", *sys.argv[1:]]),
+                                            "machine": machine, "rows": rows}, indent=2))
+    from benchmarks.report import BLOCKS, DOC, methods_markdown, write_block
+
+    res = json.loads(out_path.read_text())
+    print(methods_markdown(res))
+    if out_path.stem in BLOCKS:
+        write_block(DOC, out_path.stem, methods_markdown(res))
     return 0
 
 

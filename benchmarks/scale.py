@@ -209,27 +209,6 @@ def jobs(args) -> list[dict]:
     return rows
 
 
-def markdown(result: dict) -> str:
-    out = []
-    if result.get("scoring"):
-        out += ["| API replicas x ORT threads | req/s | p50 ms | p99 ms | errors | load avg before |",
-                "|---|---|---|---|---|---|"]
-        for r in result["scoring"]:
-            out.append(f"| {r['replicas']} x {r['intra_op_threads']} | {r['req_per_s']:.2f} | {r['p50_ms']:.0f} | "
-                       f"{r['p99_ms']:.0f} | {r['errors']} | {r['load_avg_before']:.1f} |")
-        out.append("")
-    if result.get("jobs"):
-        out += ["| workers | jobs | wall s | jobs/min | mean job s | Redis cmds/job | PG commits/job | PG rows "
-                "written/job | idle Redis cmds/s | idle PG commits/s | load avg before |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in result["jobs"]:
-            p, i = r["per_job_during_batch"], r["idle_per_s"]
-            out.append(f"| {r['workers']} | {r['jobs']} | {r['wall_s']} | {r['jobs_per_min']} | {r['mean_job_s']} | "
-                       f"{p['redis_commands']} | {p['pg_commits']} | {p['pg_rows_inserted'] + p['pg_rows_updated']} | "
-                       f"{i['redis_commands']} | {i['pg_commits']} | {r['load_avg_before']:.1f} |")
-    return "\n".join(out)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=15.0, help="seconds of load per replica count")
@@ -248,7 +227,11 @@ def main() -> int:
         result["jobs"] = jobs(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(markdown(result))
+    from benchmarks.report import BLOCKS, DOC, scale_markdown, write_block
+
+    print(scale_markdown(result))
+    if args.out.stem in BLOCKS:  # a result file the doc shows: its block follows
+        write_block(DOC, args.out.stem, scale_markdown(result))
     return 0
 
 

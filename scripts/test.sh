@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Fresh machine -> everything the tests need -> the whole suite. `.ci/run` runs exactly this.
+# Under CI=true a test whose requirement is missing (shared data, Chromium, redis-server, PostgreSQL, a
+# package) FAILS instead of skipping (tests/conftest.py): install here whatever a test needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -11,12 +13,12 @@ PY="${PYTHON:-python3}"
 # Browser tests drive Debian's Chromium (no browser downloads: the machines are offline).
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-        || echo "warning: could not install chromium; browser tests will skip" >&2
+        || echo "warning: could not install chromium; browser tests will skip (fail under CI=true)" >&2
 fi
 # The scale-out tests start Debian's redis-server and PostgreSQL themselves (tests/services.py).
 if { ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } \
         && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql >/dev/null) \
-        || echo "warning: could not install redis-server/postgresql; scale-out tests will skip" >&2
+        || echo "warning: could not install redis-server/postgresql; scale-out tests will skip (fail under CI=true)" >&2
 fi
 exec .venv/bin/python -m pytest "$@"

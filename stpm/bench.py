@@ -91,7 +91,7 @@ def gemm_rate(n: int = 2048, seconds: float = 3.0) -> dict[str, float]:
 
 
 def model_flops(model, image_size: int) -> float:
-    """FLOPs (2 x multiply-accumulates) of teacher + student for one image."""
+    """FLOPs (2 x multiply-accumulates) of one tile through a map module (stpm: teacher + student)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -102,27 +102,13 @@ def model_flops(model, image_size: int) -> float:
 
 
 def load_images(images_dir: str | Path, n: int) -> list[bytes]:
-    from stpm.export import image_files
+    from stpm.data import list_images
 
-    files = image_files(images_dir)
+    files = list_images(images_dir, recursive=True)
     if not files:
         raise FileNotFoundError(f"no images under {images_dir}")
     step = max(1, len(files) // n)  # spread over defect types when given an MVTec test folder
     return [p.read_bytes() for p in files[::step][:n]]
-
-
-def mvtec_split(category_dir: Path) -> tuple[list[Path], list[Path], list[int]]:
-    """(train/good files, test files, test labels 1 = defective) of an MVTec category folder."""
-    from stpm.imageio import is_image_path
-
-    train = sorted(p for p in (category_dir / "train" / "good").iterdir() if is_image_path(p))
-    test, labels = [], []
-    for d in sorted((category_dir / "test").iterdir()):
-        if d.is_dir():
-            fs = sorted(p for p in d.iterdir() if is_image_path(p))
-            test += fs
-            labels += [0 if d.name == "good" else 1] * len(fs)
-    return train, test, labels
 
 
 def run_bench(
@@ -147,9 +133,13 @@ def run_bench(
     import torch
 
     from stpm import export as ex
+    from stpm.bundle import read_manifest
+    from stpm.data import good_train_dir, list_images, test_samples
     from stpm.imageio import decode_image, read_image, resize_rgb
+    from stpm.names import INPUT, REJECTED_INT8_ONNX, SCORER_INT8_ONNX, SCORER_ONNX
+    from stpm.backends import ort_session
     from stpm.runtime import Scorer
-    from stpm.weights import load_model
+    from stpm.weights import load_map
 
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -157,11 +147,11 @@ def run_bench(
     try:
         work = tmp / "bundle"
         shutil.copytree(bundle_dir, work)
-        model, manifest = load_model(work)
+        model, manifest = load_map(work)
         size = int(manifest["model"]["image_size"])
-        if SCORER not in (manifest.get("exports") or {}).get("files", {}):
+        if SCORER_ONNX not in (manifest.get("exports") or {}).get("files", {}):
             ex.export_bundle(work)
-            manifest = json.loads((work / "manifest.json").read_text())
+            manifest = read_manifest(work)
 
         max_b = max(batch_sizes)
         blobs = load_images(images_dir, max(max_b, 8))
@@ -196,7 +186,8 @@ def run_bench(
                         "fp32_bound_cpu_ms": bound_cpu_ms}
 
         scorer_t = ex.fused_scorer(model, manifest)
-        scorer_rt = Scorer(work, providers=("cpu",), intra_op_threads=threads, max_batch=max_b)
+        scorer_rt = Scorer(work, providers=("cpu",), intra_op_threads=threads, max_batch=max_b,
+                           backend="onnxruntime", precision="fp32")  # the ONNX Runtime fp32 rows
         sess = scorer_rt.session
         if overlay_size not in ("input", "model", "both"):
             raise ValueError(f"overlay_size must be input, model or both, got {overlay_size!r}")
@@ -208,13 +199,13 @@ def run_bench(
 
         sess8 = None
         if int8_data is not None:
-            train, test, labels = mvtec_split(Path(int8_data))
+            train, test = list_images(good_train_dir(int8_data)), test_samples(int8_data)
             cal_files = train[:: max(1, len(train) // int8_calibration_images)][:int8_calibration_images]
-            q = ex.quantize_int8(work, [read_image(p) for p in cal_files], [read_image(p) for p in test], labels,
-                                 keep_rejected=True)
+            q = ex.quantize_int8(work, [read_image(p) for p in cal_files], [read_image(s.path) for s in test],
+                                 [s.label for s in test], keep_rejected=True)
             res["int8"] = q
-            sess8 = ort.InferenceSession(str(work / (ex.SCORER_INT8_ONNX if q["shipped"] else ex.REJECTED_INT8_ONNX)),
-                                         _session_options(threads), providers=["CPUExecutionProvider"])
+            sess8 = ort_session(work / (SCORER_INT8_ONNX if q["shipped"] else REJECTED_INT8_ONNX),
+                                intra_op_threads=threads)
 
         for b in batch_sizes:
             xb = torch.from_numpy(u8[:b].copy())
@@ -233,10 +224,10 @@ def run_bench(
                     timings[key].extend(r.timings for r in out)
                 return step
 
-            fns = {"torch_eager": torch_step, "ort_cpu": lambda nb=nb: sess.run(None, {"images": nb})}
+            fns = {"torch_eager": torch_step, "ort_cpu": lambda nb=nb: sess.run(nb)}
             fns.update({k: full(k, ms) for k, ms in variants.items()})
             if sess8 is not None:
-                fns["ort_cpu_int8"] = lambda nb=nb: sess8.run(None, {"images": nb})
+                fns["ort_cpu_int8"] = lambda nb=nb: sess8.run(None, {INPUT: nb})
             for k, lat in interleaved(fns, seconds).items():
                 R[f"{k}_b{b}"] = summarize(lat, b)
             for k in variants:
@@ -274,19 +265,6 @@ def run_bench(
     return res
 
 
-SCORER = "scorer.onnx"
-
-
-def _session_options(threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return so
-
-
 def format_table(res: dict[str, Any]) -> str:
     """Markdown table of the results (also used for docs/BENCHMARKS.md)."""
     lines = [
@@ -320,7 +298,6 @@ def format_table(res: dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, or a bundle folder")
     p.add_argument("images", help="folder of images to score (e.g. an MVTec category's test folder)")
-    p.add_argument("--models-dir", default=os.environ.get("STPM_MODELS_DIR", "models"))
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     p.add_argument("--seconds", type=float, default=8.0, help="measuring time per contender and batch size")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all CPUs)")
@@ -331,15 +308,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stpm.export import _bundle_path
+    from stpm.bundle import locate
 
-    path = _bundle_path(args.model, args.models_dir)
+    path = locate(args.models_dir, args.model)
     run_bench(path, args.images, tuple(int(b) for b in args.batch_sizes.split(",")), args.seconds,
               args.threads, args.overlay_size, args.int8_data, out_json=args.json)
     return 0
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(ap)
-    raise SystemExit(main(ap.parse_args()))

@@ -1,9 +1,10 @@
 """Model bundles: `models/<name>/<version>/` with weights (safetensors) and manifest.json.
 
 Versions are immutable once published: a bundle is written to a temporary folder beside its final
-place and renamed into `v<N>`. Derived artefacts (ONNX exports, evaluation metrics) may be added
-to a published version later; they never change its weights or calibration, and the manifest is
-replaced atomically when they are recorded.
+place and renamed into `v<N>`. Its weights, calibration and every manifest field but `exports` never
+change afterwards (the digest, `manifest_digest`, covers them). Two things may be added later:
+`stpm export` writes ONNX files and records them under the manifest's `exports` (the manifest is
+replaced atomically); `stpm eval` records its metrics in `eval.json` beside the manifest.
 
 Activation rule: `name` means its activated version (`models/<name>/ACTIVE`) and nothing else. The
 first version published under a name is activated; later ones only when asked (`set_active`).
@@ -29,12 +30,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from stpm.names import EVALUATIONS, MANIFEST
+
 # Patterns as JSON Schema / ECMA regexes (the API spec shows them); Python matches them with fullmatch.
 NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 VERSION_PATTERN = r"^v[1-9][0-9]{0,8}$"
 NAME_RE = re.compile(NAME_PATTERN)
 VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
-MANIFEST = "manifest.json"
 ACTIVE = "ACTIVE"
 LAST_VERSION = ".last-version"  # the highest version number ever given under a name
 LOCK = ".lock"
@@ -42,8 +44,10 @@ STAGING = ".staging-"
 DELETED = ".deleted-"
 STALE_STAGING_S = 6 * 3600.0  # a staging folder whose owner cannot be checked is stale after this long
 FORMAT_VERSION = 2  # 2: manifest["tiling"] (stpm.tiling); format 1 bundles squash to image_size
-# Excluded from the digest that identifies what a model computes: derived artefacts, and the version
-# name (given at publish time, after the staged export wrote the digest into the ONNX metadata).
+# Excluded from the digest that identifies what a model computes: the ONNX export record (`stpm export`
+# may add or redo exports of a published version), `metrics` (where `stpm eval` recorded results before
+# they moved to eval.json), and the version name (given at publish time, after the staged export wrote
+# the digest into the ONNX metadata). Nothing else of a published manifest ever changes.
 DERIVED_KEYS = ("exports", "metrics", "version")
 
 
@@ -150,6 +154,19 @@ def resolve(models_dir: str | Path, ref: str) -> Path:
     return path
 
 
+def locate(models_dir: str | Path, ref: str) -> Path:
+    """A bundle folder given as a path (it holds a manifest), else `resolve(models_dir, ref)`."""
+    p = Path(ref)
+    if (p / MANIFEST).is_file():
+        return p
+    return resolve(models_dir, ref)
+
+
+def default_models_dir() -> str:
+    """The model store the command line uses unless told: $STPM_MODELS_DIR, else ./models."""
+    return os.environ.get("STPM_MODELS_DIR") or "models"
+
+
 def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     p = Path(bundle_dir) / MANIFEST
     try:
@@ -164,6 +181,34 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     """sha256 over the manifest without its derived sections: identifies what the model computes."""
     core = {k: v for k, v in manifest.items() if k not in DERIVED_KEYS}
     return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_evaluations(bundle_dir: str | Path) -> dict[str, Any]:
+    """The version's recorded evaluations {dataset: metrics} (`stpm eval`); {} when none. Versions from
+    before eval.json kept them in the manifest's `metrics`; those are returned too."""
+    bundle_dir = Path(bundle_dir)
+    legacy = (read_manifest(bundle_dir).get("metrics") or {}) if (bundle_dir / MANIFEST).is_file() else {}
+    try:
+        recorded = json.loads((bundle_dir / EVALUATIONS).read_text())
+    except FileNotFoundError:
+        recorded = {}
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{bundle_dir / EVALUATIONS} is not valid JSON: {e}") from None
+    return {**legacy, **recorded}
+
+
+def record_evaluation(bundle_dir: str | Path, dataset: str, result: dict[str, Any]) -> None:
+    """Add (or replace) one dataset's evaluation in the version's eval.json, atomically, under the name's
+    lock. The manifest, the weights and the exports are not touched."""
+    bundle_dir = Path(bundle_dir)
+    read_manifest(bundle_dir)  # a bundle, not any folder
+    with _name_lock(bundle_dir.parent):
+        try:
+            recorded = json.loads((bundle_dir / EVALUATIONS).read_text())
+        except FileNotFoundError:
+            recorded = {}
+        recorded[dataset] = result
+        _atomic_write_text(bundle_dir / EVALUATIONS, json.dumps(recorded, indent=2) + "\n")
 
 
 def sha256_file(path: str | Path) -> str:

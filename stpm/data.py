@@ -32,11 +32,12 @@ class Sample:
     mask: Path | None  # ground-truth mask (anomalous samples of an MVTec layout)
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files in `folder` (and its sub-folders when recursive), sorted by path."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a directory")
-    return sorted(p for p in folder.iterdir() if is_image_path(p))
+    return sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if is_image_path(p))
 
 
 def good_train_dir(data: str | Path) -> Path:

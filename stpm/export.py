@@ -38,19 +38,25 @@ from torch import nn
 
 from stpm import backends, bundle, tiling
 from stpm.imageio import resize_rgb
-from stpm.loss import anomaly_map, image_score
+from stpm.loss import image_score
 from stpm.model import STPM
-from stpm.weights import load_model
+from stpm.methods import STPMMap
+from stpm.names import (
+    INPUT,
+    REJECTED_INT8_ONNX,
+    SCORER_FP16_ONNX,
+    SCORER_INT8_ONNX,
+    SCORER_ONNX,
+    SCORER_OUTPUTS,
+    STUDENT_ONNX,
+    TEACHER_ONNX,
+    feature_output,
+)
+from stpm.weights import load_map
 
 log = logging.getLogger(__name__)
 
-TEACHER_ONNX = "teacher.onnx"
-STUDENT_ONNX = "student.onnx"
-SCORER_ONNX = "scorer.onnx"
-SCORER_FP16_ONNX = "scorer_fp16.onnx"
-SCORER_INT8_ONNX = "scorer_int8.onnx"
-REJECTED_INT8_ONNX = ".scorer_int8_rejected.onnx"  # kept only on request (benchmarks), never recorded
-SCORER_OUTPUTS = ("anomaly_map", "raw_score", "score")
+SCORER_AXES = {n: {0: "N"} for n in (INPUT, *SCORER_OUTPUTS)}  # dynamic batch; the tile size is fixed
 DEFAULT_ATOL = 1e-3  # normalised units: 0.5 is the threshold
 DEFAULT_FP16_ATOL = 2e-2
 
@@ -64,31 +70,20 @@ class ExportParityError(RuntimeError):
 
 
 class FusedScorer(nn.Module):
-    """uint8 images [N, 3, S, S] -> (anomaly_map [N, S, S] raw, raw_score [N], score [N] in [0, 1])."""
+    """uint8 images [N, 3, S, S] -> (anomaly_map [N, S, S] raw, raw_score [N], score [N] in [0, 1]).
 
-    def __init__(
-        self,
-        model: STPM,
-        image_size: int,
-        combine: str,
-        sigma: float,
-        threshold: float,
-        low: float,
-        half: bool = False,
-    ):
+    `amap` is any method's map module (stpm.methods): float [N, 3, S, S] in [0, 1] -> [N, S, S]."""
+
+    def __init__(self, amap: nn.Module, threshold: float, low: float, half: bool = False):
         super().__init__()
-        self.model = model
-        self.image_size = int(image_size)
-        self.combine = combine
-        self.sigma = float(sigma)
+        self.amap = amap
         self.half = half
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
         self.register_buffer("scale", torch.tensor(0.5 / max(threshold - low, 1e-12), dtype=torch.float32))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = images.to(torch.float16 if self.half else torch.float32) * (1.0 / 255.0)
-        t, s = self.model(x)
-        amap = anomaly_map(t, s, (self.image_size, self.image_size), self.combine, self.sigma)
+        amap = self.amap(x).float()
         raw = image_score(amap)
         score = torch.clamp(0.5 + (raw - self.threshold) * self.scale, 0.0, 1.0)
         return amap, raw, score
@@ -105,12 +100,9 @@ class _Features(nn.Module):
         return tuple(f)
 
 
-def fused_scorer(model: STPM, manifest: dict[str, Any], half: bool = False) -> FusedScorer:
-    m, c = manifest["model"], manifest["calibration"]
-    return FusedScorer(
-        model, m["image_size"], m.get("combine", "product"), m.get("sigma", 0.0),
-        c["threshold"], c["low"], half=half,
-    ).eval()
+def fused_scorer(amap: nn.Module, manifest: dict[str, Any], half: bool = False) -> FusedScorer:
+    c = manifest["calibration"]
+    return FusedScorer(amap, c["threshold"], c["low"], half=half).eval()
 
 
 def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, input_names, output_names,
@@ -287,7 +279,8 @@ def export_bundle(
     fp16_atol: float = DEFAULT_FP16_ATOL,
     precisions: Sequence[str] = ("bf16",),
 ) -> dict[str, Any]:
-    """Write teacher.onnx, student.onnx, scorer.onnx (+ scorer_fp16.onnx) into `bundle_dir`, check
+    """Write scorer.onnx (+ scorer_fp16.onnx; and for stpm bundles teacher.onnx, student.onnx: the
+    feature pyramids) into `bundle_dir`, check
     parity against torch on `check_images` (uint8 RGB arrays, any size; None: 4 synthetic images),
     record everything under manifest["exports"] and return that dict. Raises ExportParityError
     if the fp32 scorer disagrees with torch beyond `atol`; the bundle is then left as it was.
@@ -298,31 +291,35 @@ def export_bundle(
         raise ValueError(f"precisions: only bf16 is checked at export (int8: quantize_int8), got {sorted(unknown)}")
     bundle_dir = Path(bundle_dir)
     t0 = time.perf_counter()
-    model, manifest = load_model(bundle_dir)
+    amap, manifest = load_map(bundle_dir)
+    stpm_model = amap.model if isinstance(amap, STPMMap) else None  # the feature graphs exist for STPM only
     size = int(manifest["model"]["image_size"])
     geometry, spec = tiling.from_manifest(manifest), tiling.score_from_manifest(manifest)
     cal = manifest["calibration"]
     threshold, low = float(cal["threshold"]), float(cal["low"])
     digest = bundle.manifest_digest(manifest)
-    scorer = fused_scorer(model, manifest)
+    scorer = fused_scorer(amap, manifest)
 
     example_u8 = torch.zeros(1, 3, size, size, dtype=torch.uint8)
     example_f = torch.zeros(1, 3, size, size, dtype=torch.float32)
     files: dict[str, Any] = {}
     # Written under temporary names and renamed into place only once parity holds, so a failed
     # re-export leaves a bundle's previous exports (files and records) as they were.
-    tmp = {f: bundle_dir / f".{f}.tmp" for f in (TEACHER_ONNX, STUDENT_ONNX, SCORER_ONNX)}
+    graphs = (TEACHER_ONNX, STUDENT_ONNX, SCORER_ONNX) if stpm_model is not None else (SCORER_ONNX,)
+    feature_graphs = ((TEACHER_ONNX, "teacher"), (STUDENT_ONNX, "student")) if stpm_model is not None else ()
+    tmp = {f: bundle_dir / f".{f}.tmp" for f in graphs}
+    feat_names: list[str] = []
     try:
-        n_layers = len(model.teacher_features(example_f))
-        feat_names = [f"feat{i}" for i in range(n_layers)]
-        for fname, which in ((TEACHER_ONNX, "teacher"), (STUDENT_ONNX, "student")):
-            axes = {"images": {0: "N", 2: "H", 3: "W"},
+        if stpm_model is not None:
+            feat_names = [feature_output(i) for i in range(len(stpm_model.teacher_features(example_f)))]
+        for fname, which in feature_graphs:
+            axes = {INPUT: {0: "N", 2: "H", 3: "W"},
                     **{n: {0: "N", 2: f"H{i}", 3: f"W{i}"} for i, n in enumerate(feat_names)}}
-            _onnx_export(_Features(model, which).eval(), example_f, tmp[fname], ["images"], feat_names, axes, opset)
+            _onnx_export(_Features(stpm_model, which).eval(), example_f, tmp[fname], [INPUT], feat_names, axes,
+                         opset)
             _set_metadata(tmp[fname], manifest, {"stpm.graph": which})
 
-        axes = {"images": {0: "N"}, "anomaly_map": {0: "N"}, "raw_score": {0: "N"}, "score": {0: "N"}}
-        _onnx_export(scorer, example_u8, tmp[SCORER_ONNX], ["images"], SCORER_OUTPUTS, axes, opset)
+        _onnx_export(scorer, example_u8, tmp[SCORER_ONNX], [INPUT], SCORER_OUTPUTS, SCORER_AXES, opset)
         _set_metadata(tmp[SCORER_ONNX], manifest, {
             "stpm.graph": "scorer", "stpm.precision": "fp32",
             "stpm.threshold": repr(threshold), "stpm.low": repr(low),
@@ -344,10 +341,10 @@ def export_bundle(
         parity["ok"] = bool(parity["ok"] and parity["images"]["ok"])
         # the feature graphs too: max abs difference over every pyramid level, on one image
         xf = torch.from_numpy(batch[:1]).float() / 255.0
-        for fname, which in ((TEACHER_ONNX, "teacher"), (STUDENT_ONNX, "student")):
+        for fname, which in feature_graphs:
             with torch.no_grad():
-                tf = _Features(model, which)(xf)
-            of = _ort_session(tmp[fname]).run_outputs(None, {"images": xf.numpy()})
+                tf = _Features(stpm_model, which)(xf)
+            of = _ort_session(tmp[fname]).run_outputs(None, {INPUT: xf.numpy()})
             parity[f"{which}_max_abs_feature"] = float(max(np.max(np.abs(a.numpy() - b)) for a, b in zip(tf, of)))
         if not parity["ok"]:
             im = parity["images"]
@@ -371,7 +368,7 @@ def export_bundle(
         "files": files,
         "scorer": {
             "file": SCORER_ONNX,
-            "inputs": {"images": {"dtype": "uint8", "shape": ["N", 3, size, size], "layout": "NCHW RGB"}},
+            "inputs": {INPUT: {"dtype": "uint8", "shape": ["N", 3, size, size], "layout": "NCHW RGB"}},
             "outputs": {
                 "anomaly_map": {"dtype": "float32", "shape": ["N", size, size], "units": "raw score"},
                 "raw_score": {"dtype": "float32", "shape": ["N"], "units": "max of the tile's map"},
@@ -380,15 +377,16 @@ def export_bundle(
             "spatial_size": "fixed (the calibrated image_size, one tile); batch dynamic",
             "tiling": "outside the graph: stpm.tiling with manifest['tiling'] and model.image_score",
         },
-        "features": {
-            "inputs": {"images": {"dtype": "float32", "shape": ["N", 3, "H", "W"], "range": [0, 1]}},
-            "outputs": feat_names,
-        },
         "parity": parity,
     }
+    if feat_names:
+        exports["features"] = {
+            "inputs": {INPUT: {"dtype": "float32", "shape": ["N", 3, "H", "W"], "range": [0, 1]}},
+            "outputs": feat_names,
+        }
 
     if fp16:
-        exports["fp16"] = _export_fp16(model, manifest, bundle_dir, batch, ref, threshold, low, opset, fp16_atol)
+        exports["fp16"] = _export_fp16(amap, manifest, bundle_dir, batch, ref, threshold, low, opset, fp16_atol)
         if exports["fp16"].get("file"):
             files[SCORER_FP16_ONNX] = _file_entry(bundle_dir / SCORER_FP16_ONNX)
 
@@ -411,19 +409,18 @@ def export_bundle(
     return exports
 
 
-def _export_fp16(model, manifest, bundle_dir, batch, ref, threshold, low, opset, atol) -> dict[str, Any]:
+def _export_fp16(amap, manifest, bundle_dir, batch, ref, threshold, low, opset, atol) -> dict[str, Any]:
     """Half-precision backbones (map maths stay fp32) for GPUs. Parity against torch fp32 is measured
     with ONNX Runtime's CPU provider (tolerance `atol`, normalised units); a graph that fails it is
     deleted and recorded as not shipped. Where the CPU provider cannot run it, the file is kept and
     parity recorded as unmeasured."""
     import copy
 
-    half_model = copy.deepcopy(model).half()
-    scorer = fused_scorer(half_model, manifest, half=True)
+    scorer = fused_scorer(copy.deepcopy(amap).half(), manifest, half=True)
     path = bundle_dir / SCORER_FP16_ONNX
     size = int(manifest["model"]["image_size"])
-    axes = {"images": {0: "N"}, "anomaly_map": {0: "N"}, "raw_score": {0: "N"}, "score": {0: "N"}}
-    _onnx_export(scorer, torch.zeros(1, 3, size, size, dtype=torch.uint8), path, ["images"], SCORER_OUTPUTS, axes, opset)
+    _onnx_export(scorer, torch.zeros(1, 3, size, size, dtype=torch.uint8), path, [INPUT], SCORER_OUTPUTS, SCORER_AXES,
+                 opset)
     _set_metadata(path, manifest, {"stpm.graph": "scorer", "stpm.precision": "fp16",
                                    "stpm.threshold": repr(threshold), "stpm.low": repr(low)})
     out: dict[str, Any] = {"file": SCORER_FP16_ONNX, "shipped": True}
@@ -543,7 +540,7 @@ class _CalibrationReader:
         if self.i >= len(self.batch):
             return None
         self.i += 1
-        return {"images": self.batch[self.i - 1:self.i]}
+        return {INPUT: self.batch[self.i - 1:self.i]}
 
     def rewind(self):
         self.i = 0
@@ -667,12 +664,33 @@ def quantize_int8(
     return out
 
 
+def _outputs_not_cast(model):
+    """Graph outputs made by a Cast become Identity nodes when the Cast changes nothing (torch's export
+    emits such no-op Casts): NNCF's cast-removal pass expects every Cast output in value_info and
+    fails on a graph output (nncf 2.x, KeyError). Same values, same names."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dtype = {t.name: t.type.tensor_type.elem_type
+             for t in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    dtype.update({t.name: t.data_type for t in model.graph.initializer})
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type != "Cast" or node.output[0] not in outputs:
+            continue
+        to = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
+        if to is not None and dtype.get(node.input[0]) == to:
+            node.op_type = "Identity"
+            del node.attribute[:]
+    return model
+
+
 def _nncf_quantize(src: Path, dst: Path, tiles: np.ndarray) -> None:
     """NNCF post-training quantisation of an ONNX scorer (QDQ ONNX out), calibrated on uint8 tiles."""
     import nncf
     import onnx
 
-    model = onnx.load(str(src))
+    model = _outputs_not_cast(onnx.load(str(src)))
     data = nncf.Dataset([tiles[i:i + 1] for i in range(len(tiles))], lambda x: {"images": x})
     q = nncf.quantize(model, data, subset_size=len(tiles), preset=nncf.QuantizationPreset.MIXED)
     onnx.save(q, str(dst))
@@ -682,7 +700,6 @@ def _nncf_quantize(src: Path, dst: Path, tiles: np.ndarray) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, or a bundle folder")
-    p.add_argument("--models-dir", default="models")
     p.add_argument("--fp16", action="store_true", help="also write scorer_fp16.onnx (for GPUs)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--check-dir", default=None, help="folder of real images for the parity check")
@@ -699,29 +716,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--int8-data, bf16 is checked on that folder's labelled test set too")
 
 
-def _bundle_path(model: str, models_dir: str) -> Path:
-    p = Path(model)
-    if (p / bundle.MANIFEST).is_file():
-        return p
-    return bundle.resolve(models_dir, model)
-
-
-def image_files(folder: str | Path, limit: int | None = None) -> list[Path]:
-    from stpm.imageio import is_image_path
-
-    files = sorted(p for p in Path(folder).rglob("*") if is_image_path(p))
-    return files[:limit] if limit else files
-
-
 def main(args: argparse.Namespace) -> int:
     import json
 
+    from stpm.data import good_train_dir, list_images, test_samples
     from stpm.imageio import read_image
 
-    path = _bundle_path(args.model, args.models_dir)
+    path = bundle.locate(args.models_dir, args.model)
     imgs = None
     if args.check_dir:
-        files = image_files(args.check_dir, args.check_count)
+        files = list_images(args.check_dir, recursive=True)[:args.check_count]
         imgs = [read_image(f) for f in files]
         geometry = tiling.from_manifest(bundle.read_manifest(path))
         for f, im in zip(files, imgs):
@@ -740,12 +744,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"exported {path}: {', '.join(ex['files'])}")
     print(json.dumps(ex["parity"], indent=2))
     if args.int8_data:
-        from stpm.bench import mvtec_split
-
-        train, test, labels = mvtec_split(Path(args.int8_data))
+        train, test = list_images(good_train_dir(args.int8_data)), test_samples(args.int8_data)
         n = args.int8_calibration_images
         cal = train[:: max(1, len(train) // n)][:n]
-        test_imgs = [read_image(p) for p in test]
+        test_imgs = [read_image(s.path) for s in test]
+        labels = [s.label for s in test]
         if "bf16" in precisions:
             print(json.dumps(check_bf16(path, test_imgs, labels), indent=2))
         q = quantize_int8(path, [read_image(p) for p in cal], test_imgs, labels, engine=args.int8_engine)

@@ -44,6 +44,11 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
         return maps
     k = gaussian_kernel1d(sigma).to(maps)
     r = k.numel() // 2
+    r_max = min(maps.shape[-2], maps.shape[-1]) - 1  # reflect padding needs r < each side
+    if r > r_max:  # a map smaller than the kernel (tiny tiles): the kernel is truncated and renormalised
+        k = k[r - r_max:r + r_max + 1]
+        k = k / k.sum()
+        r = r_max
     x = maps.unsqueeze(1)
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
     x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))

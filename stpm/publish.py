@@ -9,7 +9,7 @@ from typing import Any
 from stpm import bundle
 from stpm.calibrate import Calibration
 from stpm.config import ModelConfig, to_dict
-from stpm.model import STPM
+from torch import nn
 from stpm.tiling import Geometry
 from stpm.weights import save_weights
 
@@ -23,7 +23,19 @@ def build_manifest(
     data: dict[str, Any],
     geometry: Geometry | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a new bundle. geometry None: squash to model.image_size (stpm.tiling)."""
+    """The manifest of a new bundle. geometry None: squash to model.image_size (stpm.tiling).
+
+    A manifest holds concrete settings: what training left to stpm.selection (sigma None, image score
+    "auto") has been chosen by then; a bundle built by hand without selection gets the method's
+    defaults (the first candidate sigma, the maximum as image score)."""
+    from dataclasses import replace
+
+    from stpm.selection import AUTO, SIGMA_CANDIDATES
+
+    if model_cfg.sigma is None:
+        model_cfg = replace(model_cfg, sigma=SIGMA_CANDIDATES[model_cfg.method][0])
+    if model_cfg.image_score == AUTO:
+        model_cfg = replace(model_cfg, image_score="max")
     if geometry is None:
         geometry = Geometry.squash(model_cfg.image_size)
     if geometry.tile != model_cfg.image_size:
@@ -46,7 +58,7 @@ def build_manifest(
 
 def publish_model(
     models_dir: str | Path,
-    model: STPM,
+    model: nn.Module,
     manifest: dict[str, Any],
     before_publish: Callable[[Path], None] | None = None,
 ) -> tuple[str, Path]:

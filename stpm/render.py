@@ -90,8 +90,8 @@ def png_bytes(arr: np.ndarray) -> bytes:
     """uint8 [H, W] (grayscale) or [H, W, 3] (RGB) -> PNG bytes.
 
     A minimal encoder: the "Up" filter for every row (numpy) and zlib level 1 with the RLE strategy.
-    About 1.5-2x faster than Pillow's adaptive filtering at similar size; encoding is the largest
-    cost of a 512 px overlay."""
+    Faster than Pillow at a similar size (benchmarks/png_encode.py, docs/BENCHMARKS.md); encoding is
+    the largest cost of a 512 px overlay."""
     a = np.ascontiguousarray(arr, dtype=np.uint8)
     if a.ndim == 2:
         color_type, c = 0, 1

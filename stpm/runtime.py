@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from stpm import backends, bundle, render, tiling
-from stpm.backends import PRECISION_FILES, choose_providers
+from stpm.backends import PRECISION_FILES, choose_providers, ort_session
 from stpm.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_rgb
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,31 @@ class Scored:
     result: ScoreResult
     rgb: np.ndarray  # uint8 [H, W, 3] at the input's size
     amap: np.ndarray  # float32 raw stitched map [h, w] at the model's scale
+
+
+def ort_session(
+    path: str | Path,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    provider_options: Sequence[dict[str, Any]] | None = None,
+    intra_op_threads: int | None = None,
+    inter_op_threads: int | None = None,
+) -> ort.InferenceSession:
+    """An ONNX Runtime session on a bundle's graph: full graph optimisation, sequential execution,
+    memory arena and pattern (fixed spatial size: the plan is reused across runs), quiet logs.
+    The one place sessions are made (Scorer, export parity, INT8 checks, bench) until the backends
+    module (issue 13) owns session creation."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.enable_cpu_mem_arena = True
+    so.enable_mem_pattern = True
+    so.log_severity_level = 3
+    if intra_op_threads is not None:
+        so.intra_op_num_threads = int(intra_op_threads)
+    if inter_op_threads is not None:
+        so.inter_op_num_threads = int(inter_op_threads)
+    return ort.InferenceSession(str(path), so, providers=list(providers),
+                                provider_options=list(provider_options) if provider_options is not None else None)
 
 
 def as_rgb(image: np.ndarray, name: str) -> np.ndarray:
@@ -125,6 +150,7 @@ class Scorer:
         verify: bool = True,
         trt_cache_dir: str | Path | None = None,
         backend: str | None = None,
+        fall_back_to_fp32: bool = True,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -153,7 +179,7 @@ class Scorer:
         self.session, self.selection = backends.select(
             self.bundle_dir, self.manifest, self.image_size, backend, precision, providers=providers,
             intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads, max_batch=max_batch,
-            trt_cache_dir=trt_cache_dir)
+            trt_cache_dir=trt_cache_dir, fall_back_to_fp32=fall_back_to_fp32)
         self.backend: str = self.selection.backend
         self.precision: str = self.selection.precision
         self.providers: list[str] = list(self.session.devices)
@@ -187,8 +213,13 @@ class Scorer:
         """The tile plan of a height x width input; raises tiling.TilingError naming the size and the limit."""
         return tiling.plan(height, width, self.geometry)
 
-    def prepare(self, image: bytes | np.ndarray, name: str) -> tuple[np.ndarray, tiling.TilePlan]:
+    def prepare(self, image: bytes | np.ndarray | str | Path, name: str) -> tuple[np.ndarray, tiling.TilePlan]:
         """One input -> (uint8 RGB at its own size, its tile plan). Raises ImageDecodeError naming it."""
+        if isinstance(image, (str, Path)):
+            try:
+                image = Path(image).read_bytes()
+            except OSError as e:
+                raise ImageDecodeError(name, f"cannot read the file ({e.strerror or e})") from None
         if isinstance(image, (bytes, bytearray, memoryview)):
             rgb = decode_image(bytes(image), name, self.max_pixels)
         elif isinstance(image, np.ndarray):
@@ -205,7 +236,7 @@ class Scorer:
 
     def score(
         self,
-        images: Sequence[bytes | np.ndarray],
+        images: Sequence[bytes | np.ndarray | str | Path],
         *,
         names: Sequence[str] | None = None,
         map_size: MapSize = None,
@@ -213,7 +244,8 @@ class Scorer:
         raw_map_png: bool = False,
         heatmap_format: str = "png",
     ) -> list[ScoreResult]:
-        """Score images (encoded bytes or decoded arrays). map_size: None (no map), "input" (each image's
+        """Score images (image files, encoded bytes or decoded arrays; names default to the file paths).
+        map_size: None (no map), "input" (each image's
         own size), "model" (the map's own size: the image at the model's scale) or (H, W). Overlay / map
         images are rendered at map_size, or at the input size when map_size is None, encoded as
         heatmap_format ("png", "jpeg" or "webp"). Raises ImageDecodeError for an undecodable input or
@@ -227,7 +259,7 @@ class Scorer:
         """Decode, tile, run the graph, stitch and score: each image's decision, not yet rendered."""
         n = len(images)
         if names is None:
-            names = [f"image{i}" for i in range(n)]
+            names = [str(im) if isinstance(im, (str, Path)) else f"image{i}" for i, im in enumerate(images)]
         elif len(names) != n:
             raise ValueError(f"{n} images but {len(names)} names")
         rgbs, plans, decode_ms = [], [], []
@@ -341,4 +373,5 @@ def check_render_options(map_size: MapSize, heatmap_format: str) -> None:
         raise ValueError(f"heatmap_format must be one of {', '.join(render.FORMATS)}, got {heatmap_format!r}")
 
 
-__all__ = ["PRECISION_FILES", "ScoreResult", "Scored", "Scorer", "as_rgb", "check_render_options", "choose_providers"]
+__all__ = ["PRECISION_FILES", "ScoreResult", "Scored", "Scorer", "as_rgb", "check_render_options", "choose_providers",
+           "ort_session"]

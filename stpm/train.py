@@ -6,7 +6,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,28 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
     return dev
+
+
+@contextmanager
+def reproducible(seed: int, device: torch.device) -> Iterator[torch.Generator]:
+    """Seeded RNGs (Python, numpy, torch) and, on CPU, torch's deterministic algorithms, for the duration
+    of the block; -> a seeded generator for DataLoader shuffling. The caller's RNG states and
+    deterministic-algorithms setting are restored afterwards: a library call flips no global switch for
+    good (while it runs they are process-wide, as torch keeps them)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    det = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        gen = seed_everything(seed)
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            yield gen
+        finally:
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -133,15 +156,9 @@ def predict(
 
 def stpm_tile_fn(model: STPM, device: torch.device, combine: str = "product", sigma: float = 0.0) -> TileFn:
     """STPM as a per-tile map function for stpm.tiling.predict_maps: uint8 [N, 3, S, S] -> float32 [N, S, S]."""
+    from stpm.methods import STPMMap, tile_fn
 
-    @torch.no_grad()
-    def fn(batch: np.ndarray) -> np.ndarray:
-        model.eval()
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).float().div_(255.0)
-        t, s = model(x)
-        return anomaly_map(t, s, tuple(x.shape[-2:]), combine, sigma).float().cpu().numpy()
-
-    return fn
+    return tile_fn(STPMMap(model, combine, sigma), device)
 
 
 @dataclass

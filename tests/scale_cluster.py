@@ -26,7 +26,10 @@ class Cluster:
             "STPM_QUEUE": "celery", "STPM_BROKER_URL": redis.url, "STPM_JOBS_DB": db_url,
             "STPM_MODELS_DIR": str(self.models), "STPM_DATA_DIR": str(self.data),
             "STPM_RELOAD_INTERVAL_S": "0.3", "STPM_INTRA_OP_THREADS": "1", "STPM_TRAIN_THREADS": "1",
-            "STPM_TRAIN_DEVICE": "cpu", "OMP_NUM_THREADS": "1", **(env or {}),
+            "STPM_TRAIN_DEVICE": "cpu", "OMP_NUM_THREADS": "1",
+            # replicas answer alike only on the same engine: "auto" times the backends per process and
+            # two replicas may pick differently (scores then differ in the 7th digit); docs/SCALING.md
+            "STPM_BACKEND": "onnxruntime", "STPM_PRECISION": "fp32", **(env or {}),
         }
         self.apis: dict[str, tuple[subprocess.Popen, str]] = {}
         self.workers: dict[str, subprocess.Popen] = {}

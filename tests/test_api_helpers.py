@@ -62,7 +62,7 @@ def build_bundle(models_dir: Path, name: str = "demo", seed: int = 0, geometry=N
     from stpm.publish import build_manifest, publish_model
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(backbone="resnet18", pretrained=False, image_size=IMAGE_SIZE)
+    cfg = ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=IMAGE_SIZE)
     model, _ = build_stpm(cfg, seed=seed)
     model.student.load_state_dict(model.teacher.state_dict(), strict=False)
     with torch.no_grad():

@@ -355,3 +355,11 @@ def test_concurrent_requests_are_micro_batched_and_loop_stays_free(store):
     lm = app.state.registry.loaded()[0]
     assert lm.batcher.batches <= 1 + 3, lm.batcher.batches  # warm-up request + a few batches, not 8
     assert total < 8 * 0.6 * 0.6  # far from serial
+
+
+def test_fp16_setting_serves_a_version_without_the_fp16_graph(store):
+    """STPM_PRECISION=fp16 and a version that has only its fp32 scorer: 200 from the fp32 graph, not 503."""
+    with TestClient(create_app(settings(store, precision="fp16"))) as c:
+        r = c.post("/score", files=[("files", ("a.png", png(synthetic_rgb(1)), "image/png"))])
+        assert r.status_code == 200, r.text
+        assert c.get("/readyz").status_code == 200

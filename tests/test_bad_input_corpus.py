@@ -171,7 +171,7 @@ def files(*named: tuple[str, bytes], field_name: str = "files") -> list[tuple[st
 
 
 def train_form(**extra: str) -> dict[str, str]:
-    return {"name": "corpus", "backbone": "resnet18", "image_size": "64", "pretrained": "false", "epochs": "1",
+    return {"name": "corpus", "method": "stpm", "backbone": "resnet18", "image_size": "64", "pretrained": "false", "epochs": "1",
             **extra}
 
 

@@ -68,7 +68,7 @@ def test_train_exports_and_predict_writes_overlays_and_json(tmp_path, bottle, bo
 
     m = str(tmp_path / "m")
     data = good_folder(tmp_path, bottle_good, 4)
-    rc = main(["train", str(data), "--name", "p", "--models-dir", m, "--no-pretrained", "--image-size", "32",
+    rc = main(["train", str(data), "--name", "p", "--models-dir", m, "--no-pretrained", "--method", "stpm", "--image-size", "32",
                "--epochs", "1", "--batch-size", "2", "--run-dir", str(tmp_path / "run")])
     assert rc == 0, capsys.readouterr().err
     bundle_dir = tmp_path / "m" / "p" / "v1"
@@ -153,11 +153,26 @@ def test_activate_command(tmp_path, capsys):
     assert "model m/v7 does not exist" in err and "models in" in err
 
 
-def test_eval_writes_report_pictures_and_records_metrics(tmp_path, bottle, bottle_good, capsys):
+def test_eval_writes_report_pictures_and_records_metrics_beside_an_unchanged_version(tmp_path, bottle,
+                                                                                      bottle_good, capsys):
+    """A published version is immutable in fact: `stpm export` adds ONNX files and the manifest's
+    `exports` record only (weights and the digest over every other field unchanged), `stpm eval` writes
+    eval.json beside the manifest and changes nothing else."""
+    from stpm import bundle, names
+
     m = str(tmp_path / "m")
     data = good_folder(tmp_path, bottle_good, 5)
     assert main(["train", str(data), "--name", "e", "--models-dir", m, "--no-pretrained", "--image-size", "32",
                  "--epochs", "1", "--batch-size", "2", "--no-export", "--run-dir", str(tmp_path / "run")]) == 0
+    version = tmp_path / "m" / "e" / "v1"
+    weights = {f.name: bundle.sha256_file(f) for f in version.glob("*.safetensors")}  # teacher + bank (default)
+    assert names.TEACHER_WEIGHTS in weights and names.MEMORY_BANK_WEIGHTS in weights
+    published = bundle.read_manifest(version)
+    assert main(["export", "e", "--models-dir", m]) == 0
+    exported = bundle.read_manifest(version)
+    assert {k for k in exported if exported[k] != published.get(k)} == {"exports"}
+    assert bundle.manifest_digest(exported) == bundle.manifest_digest(published)
+    manifest_bytes = (version / names.MANIFEST).read_bytes()
     capsys.readouterr()
     out = tmp_path / "ev"
     assert main(["eval", "e", str(bottle), "--models-dir", m, "--out", str(out)]) == 0
@@ -169,5 +184,8 @@ def test_eval_writes_report_pictures_and_records_metrics(tmp_path, bottle, bottl
     assert set(report["metrics"]["per_defect"]) == {"broken_large", "broken_small", "contamination"}
     for key in ("image_auroc", "pixel_auroc", "aupro_0.3"):
         assert 0.0 <= report["metrics"]["overall"][key] <= 1.0
-    recorded = json.loads((tmp_path / "m" / "e" / "v1" / "manifest.json").read_text())["metrics"]["bottle"]
+    recorded = json.loads((version / names.EVALUATIONS).read_text())["bottle"]
     assert recorded["image_auroc"] == report["metrics"]["overall"]["image_auroc"]
+    assert bundle.read_evaluations(version)["bottle"] == recorded
+    assert (version / names.MANIFEST).read_bytes() == manifest_bytes  # not rewritten
+    assert {f: bundle.sha256_file(version / f) for f in weights} == weights

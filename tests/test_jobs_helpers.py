@@ -10,19 +10,14 @@ import time
 from pathlib import Path
 
 import httpx
-from test_api_helpers import stop  # noqa: F401  (re-exported for the job tests)
+from test_api_helpers import shared_data, stop  # noqa: F401  (stop: re-exported for the job tests)
 import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Tiny and offline: random-init ResNet18 at 64 px (no ImageNet download).
-TINY = {"backbone": "resnet18", "image_size": "64", "pretrained": "false", "batch_size": "4", "lr": "0.1"}
-
-
-def shared_data() -> Path:
-    env = os.environ.get("STPM_SHARED_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+TINY = {"method": "stpm", "backbone": "resnet18", "image_size": "64", "pretrained": "false", "batch_size": "4", "lr": "0.1"}
 
 
 def real_good(n: int = 10) -> list[Path]:

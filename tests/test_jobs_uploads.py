@@ -287,9 +287,9 @@ def test_readable_errors():
     assert readable_error(RuntimeError("boom")) == "RuntimeError: boom"
 
 
-def test_backbone_list_matches_the_library():
-    pytest.importorskip("torch")
-    from app.routes.train import BACKBONES
-    from stpm.backbones import SPECS
+def test_backbone_choices_are_the_library_table():
+    from app.routes.train import API_OPTIONS
+    from stpm.names import BACKBONES
 
-    assert set(BACKBONES) == set(SPECS)
+    backbone = next(o for o in API_OPTIONS if o.name == "backbone")
+    assert backbone.choices == tuple(BACKBONES)

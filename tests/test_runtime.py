@@ -43,7 +43,8 @@ def scorer(tmp_path_factory, real):
 
 
 def test_import_does_not_import_torch():
-    code = "import sys, stpm.runtime, stpm.render; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    code = ("import sys, stpm, stpm.runtime, stpm.render, stpm.options, stpm.config, stpm.names\n"
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1], timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
@@ -145,11 +146,12 @@ def test_attributes_and_providers(scorer, caplog):
     m = bundle.read_manifest(scorer.bundle_dir)
     assert (scorer.name, scorer.version, scorer.image_size) == ("tiny", "v1", SIZE)
     assert scorer.threshold == m["calibration"]["threshold"] and scorer.manifest == m
-    assert scorer.providers[-1] == "CPUExecutionProvider"
+    # whichever backend "auto" timed fastest on this machine, it runs on the CPU here
+    assert scorer.providers[-1] == {"onnxruntime": "CPUExecutionProvider", "openvino": "CPU"}[scorer.backend]
     assert choose_providers(["auto"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert choose_providers(["auto"], ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]) == [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    with caplog.at_level(logging.WARNING, logger="stpm.runtime"):
+    with caplog.at_level(logging.WARNING, logger="stpm.backends"):
         assert choose_providers(["cuda"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert "CUDAExecutionProvider is not available" in caplog.text
     with pytest.raises(ValueError):
@@ -167,3 +169,26 @@ def test_refuses_tampered_or_missing_graphs(scorer, tmp_path):
         f.write(b"\0")
     with pytest.raises(bundle.BundleError, match="sha256"):
         Scorer(copy)
+
+
+def test_fp16_without_its_graph_is_refused_or_served_as_fp32(scorer, real, caplog):
+    """A version without scorer_fp16.onnx (e.g. trained by POST /train): refused by name when fp16 is
+    demanded without fallback; by default (the service's STPM_PRECISION=fp16 too) it is served by its
+    fp32 graph, warned."""
+    with pytest.raises(bundle.BundleError, match="no fp16 scorer"):
+        Scorer(scorer.bundle_dir, precision="fp16", fall_back_to_fp32=False)
+    with caplog.at_level(logging.WARNING, logger="stpm.backends"):
+        s = Scorer(scorer.bundle_dir, precision="fp16", backend=scorer.backend)  # same engine: same numbers
+    assert s.precision == "fp32" and "falling back to fp32" in caplog.text
+    assert any("fp16" in w for w in s.selection.warnings)
+    assert [r.score for r in s.score(real[0])] == [r.score for r in scorer.score(real[0])]
+
+
+def test_files_are_scored_by_path_and_named_after_it(scorer, real, tmp_path):
+    f = tmp_path / "part.png"
+    f.write_bytes(png(real[0][0]))
+    [by_path] = scorer.score([f])
+    [by_bytes] = scorer.score([f.read_bytes()])
+    assert by_path.name == str(f) and by_path.score == by_bytes.score
+    with pytest.raises(ImageDecodeError, match="missing.png: cannot read the file"):
+        scorer.score([tmp_path / "missing.png"])

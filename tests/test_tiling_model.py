@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 
 from stpm import bundle, tiling
 from stpm import export as ex
+from stpm import names
 from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig
 from stpm.imageio import ImageDecodeError, resize_rgb
 from stpm.runtime import Scorer
@@ -81,7 +82,8 @@ def syn(tmp_path_factory):
         paths.append(p)
     with one_thread():
         out = train_and_publish(paths, "syn", root / "models",
-                                ModelConfig(backbone="efficientnet_lite0", image_size=SIZE),
+                                ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=SIZE, sigma=0.0,
+                                            image_score="max"),  # fixed: this tests the geometry, not selection
                                 TrainConfig(epochs=8, batch_size=8, lr=0.1, device="cpu"), CalibrationConfig(),
                                 TilingConfig(), show_bar=False)
     return out.path
@@ -151,7 +153,7 @@ def test_torch_and_onnx_agree_on_tiles_and_on_stitched_maps_and_scores(syn, syn_
     import onnxruntime as ort
 
     tiled = tiling.tile_images(images, syn_scorer.geometry)
-    sess = ort.InferenceSession(str(syn / ex.SCORER_ONNX), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(syn / names.SCORER_ONNX), providers=["CPUExecutionProvider"])
     onnx_tiles = sess.run(["anomaly_map"], {"images": ex.nchw(tiled.tiles)})[0]
     from stpm.train import stpm_tile_fn
     from stpm.weights import load_model
@@ -318,7 +320,7 @@ def test_kolektorsdd_train_export_score_end_to_end(tmp_path):
     root = require(SHARED_DATA / "kolektorsdd_half" / "kolektorsdd")
     good = sorted((root / "train" / "good").glob("*.png"))[:8]
     with one_thread():
-        out = train_and_publish(good, "kos", tmp_path, ModelConfig(backbone="efficientnet_lite0", image_size=SIZE),
+        out = train_and_publish(good, "kos", tmp_path, ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=SIZE),
                                 TrainConfig(epochs=1, batch_size=8, lr=0.1, device="cpu"), CalibrationConfig(),
                                 TilingConfig(), show_bar=False)
     m = bundle.read_manifest(out.path)

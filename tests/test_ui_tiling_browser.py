@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_api_helpers import IMAGE_SIZE, build_bundle, shared_data, start_uvicorn, stop
+from tests.conftest import SHARED_DATA, require
+from tests.test_api_helpers import IMAGE_SIZE, build_bundle, start_uvicorn, stop
 from tests.test_ui_browser import CHROMIUM, browser, loaded, page, shot  # noqa: F401  (fixtures)
 
 pytestmark = [
@@ -31,8 +32,9 @@ def tiled_server(tmp_path_factory):
 
 
 def elongated_inputs(tmp_path: Path) -> list[Path]:
-    crack = shared_data() / "kolektorsdd_half" / "kolektorsdd" / "test" / "crack"
+    crack = require(SHARED_DATA / "kolektorsdd_half" / "kolektorsdd" / "test" / "crack")
     real = sorted(crack.glob("*.png"))[:1]
+    assert real, f"no PNG under {crack}"
     rng = np.random.default_rng(0)
     wide = tmp_path / "wide.png"  # 1:2.5 lying down
     Image.fromarray(rng.integers(0, 255, (120, 300, 3), dtype=np.uint8)).save(wide)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from app.jobs.store import STORE_ENV, JobStore
+from app.jobs.uploads import IMAGES
 
 log = logging.getLogger("app.jobs.run_job")
 PROGRESS_EVERY_S = 0.5
@@ -96,10 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         store.set_progress(job.id, args.token, {"phase": phase["name"], "elapsed_s": round(now - t_start, 2), **extra})
 
     def progress(d: dict) -> None:
-        phase["name"] = "training"
+        d = dict(d)
+        new_phase = d.pop("phase", "training")  # patchcore: "patch features", "memory bank (coreset)", ...
+        if new_phase != phase["name"]:
+            last.pop("train_t0", None)  # the ETA restarts with each phase
+            phase["name"] = new_phase
+            force_phase = True
+        else:
+            force_phase = False
         d = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
         epoch_end = "val_loss" in d
-        if "eta_s" not in d:  # step-level ETA from the fraction done
+        if "eta_s" not in d and "steps" in d and "step" in d:  # step-level ETA from the fraction done
             done = (d["epoch"] - 1) * d["steps"] + d["step"]
             total = d["epochs"] * d["steps"]
             started = last.setdefault("train_t0", time.monotonic())
@@ -109,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             last["epoch_end"] = d
             if d["epoch"] == d["epochs"]:
                 phase["name"] = "calibrating, exporting and publishing"
+        elif "steps" not in d:  # a phase after training (selection, calibration): the last epoch's record stays
+            d = {**last.get("epoch_end", {}), **d}
         else:
             for k in ("val_loss", "best_val_loss"):
                 if k in last.get("epoch_end", {}):
                     d.setdefault(k, last["epoch_end"][k])
-        report(d, force=epoch_end)
+        report(d, force=epoch_end or force_phase)
 
     def should_stop() -> bool:
         now = time.monotonic()
@@ -130,24 +140,25 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        from dataclasses import replace
+
         from stpm import bundle
-        from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, from_dict
-        from stpm.pipeline import train_and_publish
+        from stpm.config import from_params
+        from stpm.options import validate
+        from stpm.pipeline import run_training
         from stpm.train import TrainingStopped
 
         params = job.params
-        model_cfg = from_dict(ModelConfig, params["model"])
-        train_cfg = from_dict(TrainConfig, {**params["train"], "device": args.device})
-        calib_cfg = from_dict(CalibrationConfig, params.get("calibration", {}))
-        tiling_cfg = from_dict(TilingConfig, params.get("tiling", {}))
+        config = from_params(params)  # every section the API stored (stpm.config.TrainingConfig)
+        config = replace(config, train=replace(config.train, device=args.device))  # the server's device
+        validate(config)
         job_dir = Path(job.job_dir)
-        images = sorted((job_dir / "images").iterdir())
+        images = sorted((job_dir / IMAGES).iterdir())
         outcome = None
         try:
-            outcome = train_and_publish(
-                images, job.name, args.models_dir, model_cfg, train_cfg, calib_cfg, tiling_cfg,
-                run_dir=job_dir / "run", weights_dir=args.weights_dir, skip_bad=False, resume=False, export=True,
-                progress=progress, should_stop=should_stop, show_bar=False,
+            outcome = run_training(
+                images, job.name, args.models_dir, config, run_dir=job_dir / "run", weights_dir=args.weights_dir,
+                skip_bad=False, resume=False, export=True, progress=progress, should_stop=should_stop, show_bar=False,
             )
         except TrainingStopped:
             pass

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from app.jobs.store import STORE_ENV, Job, JobStore
-from app.jobs.uploads import clean_incoming
+from app.jobs.uploads import IMAGES, clean_incoming
 from app.settings import Settings
 
 log = logging.getLogger("app.jobs")
@@ -384,5 +384,5 @@ class LocalRunner:
         job_dir = Path(job.job_dir)
         shutil.rmtree(job_dir / "run", ignore_errors=True)  # checkpoints: jobs are not resumed
         if self.settings.train_upload_retention == "delete" and not job.uploads_deleted:
-            shutil.rmtree(job_dir / "images", ignore_errors=True)
+            shutil.rmtree(job_dir / IMAGES, ignore_errors=True)
             self.store.mark_uploads_deleted(job_id)

@@ -45,7 +45,8 @@ def _check(name: str, version: str | None = None) -> None:
 
 
 def _version_info(reg: ModelRegistry, name: str, version: str, active: str | None) -> tuple[dict[str, Any], dict]:
-    man = bundle.read_manifest(reg.models_dir / name / version)
+    path = reg.models_dir / name / version
+    man = bundle.read_manifest(path)
     model = man.get("model") or {}
     cal = man.get("calibration") or {}
     info = {
@@ -56,8 +57,8 @@ def _version_info(reg: ModelRegistry, name: str, version: str, active: str | Non
         "threshold": cal.get("threshold"),
         "image_size": model.get("image_size"),
         "backbone": model.get("backbone"),
-        "metrics": man.get("metrics"),
-        "precisions": {k: v or "available" for k, v in backends.bundle_precisions(man, reg.models_dir / name / version).items()},
+        "metrics": bundle.read_evaluations(path) or None,
+        "precisions": {k: v or "available" for k, v in backends.bundle_precisions(man, path).items()},
     }
     lm = reg.peek(name, version)
     if lm is not None:

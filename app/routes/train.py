@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import shutil
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
@@ -18,13 +19,11 @@ from app.jobs.uploads import Limits, UploadError, store_upload
 from app.multipart import MultipartRoute
 from app.schemas import ErrorResponse, TrainJob, TrainJobList
 from stpm import bundle
-from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, to_dict
-from stpm.tiling import ImageScore
+from stpm.config import to_params
+from stpm.options import TrainingOption, build, training_options
 
 router = APIRouter(prefix="/train", tags=["train"], route_class=MultipartRoute)
 
-# stpm.backbones.SPECS (kept here because the API process does not import torch; a test checks they agree)
-BACKBONES = ("resnet18", "resnet34", "wide_resnet50_2", "efficientnet_lite0")
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 ERRORS = {
@@ -32,12 +31,13 @@ ERRORS = {
     404: {"model": ErrorResponse, "description": "No such job"},
     503: {"model": ErrorResponse, "description": "Training is disabled (setting train_enabled)"},
 }
-MAX_EPOCHS = 100_000  # the schema's bound; the server's own (train_max_epochs) is usually lower
 MAX_OFFSET = 1_000_000_000
 JobId = Annotated[str, PathParam(description="The job id from POST /train (others: 404)",
                                  json_schema_extra={"pattern": JOB_ID_RE.pattern})]
 
-_M, _T, _C, _G = ModelConfig(), TrainConfig(), CalibrationConfig(), TilingConfig()
+# POST /train offers every training option but those that name the server's own resources (api=False:
+# the device, DataLoader workers, a teacher weight file path)
+API_OPTIONS = tuple(o for o in training_options() if o.api)
 
 
 def _engine(request: Request) -> tuple[JobStore, object]:
@@ -60,55 +60,16 @@ def _get(store: JobStore, job_id: str) -> Job:
     return job
 
 
-@router.post(
-    "",
-    status_code=202,
-    response_model=TrainJob,
-    summary="Train a new model version on uploaded good images (runs in the background)",
-    responses={
-        **ERRORS,
-        413: {"model": ErrorResponse, "description": "Request, an image, an archive or the image count over the limit"},
-        429: {"model": ErrorResponse, "description": "The training queue is full (train_max_queued); retry later"},
-        422: {"model": ErrorResponse, "description": "A file is not a decodable image (all named in `files`), too "
-              "few images, or a bad parameter"},
-        507: {"model": ErrorResponse, "description": "Disk full while storing the upload (nothing stored)"},
-    },
-)
 async def submit(
     request: Request,
     files: Annotated[list[UploadFile], File(description="Good images (repeat the field), and/or zip/tar archives "
-                                                        "of them (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)",
+                                                        "of them (.zip, .tar, .tar.gz, .tar.xz, .tgz, .tar.bz2)",
                                             min_length=1)],
     name: Annotated[str, Form(description="Model name; the job publishes its next version (others: 422)",
                               examples=["bottle"], json_schema_extra={"pattern": bundle.NAME_PATTERN})],
-    backbone: Annotated[Literal[BACKBONES], Form(description="Teacher/student architecture")] = _M.backbone,  # type: ignore[valid-type]
-    image_size: Annotated[int, Form(ge=32, le=1024, description="Model input S (pixels): images are covered by "
-                                   "S x S tiles")] = _M.image_size,
-    tiling: Annotated[Literal["tile", "squash"], Form(description="tile: keep the aspect ratio at one fixed scale, "
-                      "overlapping tiles; squash: resize every image to S x S")] = _G.mode,
-    resolution: Annotated[int | None, Form(ge=16, le=8192, description="Pixels the images' median short side is "
-                          "scaled to (default: S)")] = _G.resolution,
-    scale: Annotated[float | None, Form(gt=0, le=16, description="Fixed input -> model scale (wins over "
-                     "resolution)")] = _G.scale,
-    overlap: Annotated[float, Form(ge=0, lt=1, description="Minimum overlap of neighbouring tiles")] = _G.overlap,
-    image_score: Annotated[Literal["max", "topk_mean"], Form(description="Image score from the map: its maximum "
-                           "or the mean of its top-k values")] = _M.image_score,
-    topk: Annotated[float, Form(gt=0, description="topk_mean: < 1 a fraction of the map's pixels, >= 1 a number "
-                    "of pixels")] = _M.topk,
-    pretrained: Annotated[bool, Form(description="ImageNet teacher weights (false: random teacher, tests only)")] = True,
-    epochs: Annotated[int, Form(ge=1, le=MAX_EPOCHS, description="At most the server's train_max_epochs")] = _T.epochs,
-    batch_size: Annotated[int, Form(ge=1, le=1024)] = _T.batch_size,
-    lr: Annotated[float, Form(gt=0, le=10, allow_inf_nan=False)] = _T.lr,
-    momentum: Annotated[float, Form(ge=0, lt=1, allow_inf_nan=False)] = _T.momentum,
-    weight_decay: Annotated[float, Form(ge=0, le=1, allow_inf_nan=False)] = _T.weight_decay,
-    val_fraction: Annotated[float, Form(gt=0, lt=1, allow_inf_nan=False,
-                                        description="Held out for validation and calibration")] = _T.val_fraction,
-    patience: Annotated[int, Form(ge=0, le=MAX_EPOCHS, description="Early stopping on the validation loss (0: off)")] = _T.patience,
-    seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = _T.seed,
-    augment: Annotated[bool, Form()] = _T.augment,
-    max_steps: Annotated[int, Form(ge=0, le=1_000_000_000, description="Cap on steps per epoch (0: none)")] = _T.max_steps,
-    calibration: Annotated[Literal["max_margin", "quantile"], Form(description="Threshold method")] = _C.method,
+    *,
     activate: Annotated[bool, Form(description="Make the new version active when the job succeeds")] = False,
+    **options: Any,  # the training options: one keyword per API_OPTIONS entry (see with_option_fields)
 ):
     store, runner = _engine(request)
     s = request.app.state.settings
@@ -116,29 +77,19 @@ async def submit(
         bundle.check_name(name)
     except bundle.BundleError as e:
         raise APIError(422, "invalid_name", str(e)) from None
-    if epochs > s.train_max_epochs:
-        raise APIError(422, "invalid_parameter", f"epochs={epochs}: at most {s.train_max_epochs} "
-                       "(setting train_max_epochs)")
     try:
-        ImageScore(image_score, topk)
+        config = build(options)
     except ValueError as e:
         raise APIError(422, "invalid_parameter", str(e)) from None
+    if config.train.epochs > s.train_max_epochs:
+        raise APIError(422, "invalid_parameter", f"epochs={config.train.epochs}: at most {s.train_max_epochs} "
+                       "(setting train_max_epochs)")
     queued = await run_in_threadpool(store.list, "queued", s.train_max_queued, 0)
     if len(queued) >= s.train_max_queued:
         raise APIError(429, "queue_full", f"{len(queued)} training jobs are already waiting; at most "
                        f"{s.train_max_queued} (setting train_max_queued): retry when one has started",
                        headers={"Retry-After": "60"})
-    params = {
-        "model": to_dict(ModelConfig(backbone=backbone, image_size=image_size, pretrained=pretrained,
-                                     image_score=image_score, topk=topk)),
-        "tiling": to_dict(TilingConfig(mode=tiling, resolution=resolution, scale=scale, overlap=overlap)),
-        "train": to_dict(TrainConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-            val_fraction=val_fraction, patience=patience, seed=seed, augment=augment, max_steps=max_steps,
-        )),
-        "calibration": to_dict(CalibrationConfig(method=calibration)),
-        "activate": activate,
-    }
+    params: dict[str, Any] = {**to_params(config), "activate": activate}
     params["train"].pop("device")  # the server's setting (train_device), not the client's
     limits = Limits(s.train_min_images, s.train_max_images, s.max_upload_bytes, s.train_max_archive_bytes,
                     s.max_pixels)
@@ -151,6 +102,7 @@ async def submit(
         request.app.state.metrics.rejected.labels(e.error).inc(max(1, len(e.files)))
         raise APIError(e.status, e.error, e.detail, {"files": e.files} if e.files else None) from None
     n = len(stored.images)
+    val_fraction = config.train.val_fraction
     n_val = max(1, round(n * val_fraction))
     if n - n_val < 1:
         shutil.rmtree(stored.job_dir, ignore_errors=True)
@@ -162,6 +114,46 @@ async def submit(
         raise
     await run_in_threadpool(runner.submit, job_id)  # Celery: a round trip to the broker
     return JSONResponse(_public(store, job), status_code=202, headers={"Location": f"/train/{job_id}"})
+
+
+def _form_field(o: TrainingOption) -> inspect.Parameter:
+    """One training option as a form field: its type (choices as an enum), default, bounds and help."""
+    tp: Any = str if o.many else (Literal[o.choices] if o.choices else o.kind)  # type: ignore[valid-type]
+    if o.optional:
+        tp = tp | None
+    limits = {k: v for k, v in (("ge", o.ge), ("gt", o.gt), ("le", o.le), ("lt", o.lt)) if v is not None}
+    if o.kind is float and not o.many:
+        limits["allow_inf_nan"] = False
+    help = o.help + (" (comma-separated)" if o.many else "")
+    default = ",".join(o.default) if o.many else o.default
+    return inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[tp, Form(description=help, **limits)])
+
+
+def with_option_fields(endpoint, options: tuple[TrainingOption, ...]):
+    """The endpoint's signature as FastAPI reads it: its own fields, then one per training option
+    (generated from stpm.config, so a new option is a new field here and in the OpenAPI at once). The
+    endpoint takes the options as keywords (`**options`) and hands them to stpm.options.build."""
+    sig = inspect.signature(endpoint, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    endpoint.__signature__ = sig.replace(parameters=own + [_form_field(o) for o in options])
+    return endpoint
+
+
+router.post(
+    "",
+    status_code=202,
+    response_model=TrainJob,
+    summary="Train a new model version on uploaded good images (runs in the background)",
+    responses={
+        **ERRORS,
+        413: {"model": ErrorResponse, "description": "Request, an image, an archive or the image count over the limit"},
+        429: {"model": ErrorResponse, "description": "The training queue is full (train_max_queued); retry later"},
+        422: {"model": ErrorResponse, "description": "A file is not a decodable image (all named in `files`), too "
+              "few images, or a bad parameter"},
+        507: {"model": ErrorResponse, "description": "Disk full while storing the upload (nothing stored)"},
+    },
+)(with_option_fields(submit, API_OPTIONS))
 
 
 @router.get("", response_model=TrainJobList, summary="Training jobs, newest first", responses=ERRORS)

@@ -496,6 +496,7 @@ async function startTraining() {
   const fd = new FormData();
   for (const f of state.trainFiles) fd.append("files", f, f.name);
   fd.append("name", name);
+  fd.append("method", $("#train-method").value);
   fd.append("backbone", $("#train-backbone").value);
   fd.append("image_size", $("#train-image-size").value);
   fd.append("epochs", String(epochs));

@@ -123,17 +123,21 @@ def dkd_loss(
     """Decoupled KD (Zhao et al., CVPR 2022): alpha * TCKD + beta * NCKD, both times T^2. [B, N], [B, N], [B] -> [].
 
     TCKD: KL between binary (target, non-target) distributions; NCKD: KL among the non-target classes.
+    Computed in float32 whatever the input dtype (fp16 autocast on CUDA); the target class is removed from
+    the non-target softmax by masking, never by subtracting a large constant that overflows in half precision.
     """
-    gt = F.one_hot(labels, student_logits.shape[-1]).to(student_logits.dtype)
-    q_s = softmax_t(student_logits, temperature)
-    q_t = softmax_t(teacher_logits, temperature)
-    b_s = torch.stack([(q_s * gt).sum(-1), (q_s * (1 - gt)).sum(-1)], dim=-1).clamp_min(1e-12)
-    b_t = torch.stack([(q_t * gt).sum(-1), (q_t * (1 - gt)).sum(-1)], dim=-1).clamp_min(1e-12)
+    z_s = student_logits.float() / temperature
+    z_t = teacher_logits.float() / temperature
+    target = F.one_hot(labels, z_s.shape[-1]).bool()
+    q_s, q_t = F.softmax(z_s, dim=-1), F.softmax(z_t, dim=-1)
+    zero = q_s.new_zeros(())
+    b_s = torch.stack([torch.where(target, q_s, zero).sum(-1), torch.where(target, zero, q_s).sum(-1)], -1)
+    b_t = torch.stack([torch.where(target, q_t, zero).sum(-1), torch.where(target, zero, q_t).sum(-1)], -1)
+    b_s, b_t = b_s.clamp_min(1e-12), b_t.clamp_min(1e-12)
     tckd = (b_t * (b_t.log() - b_s.log())).sum(-1).mean()
-    mask = gt * 1e9
-    log_nt_s = F.log_softmax(student_logits / temperature - mask, dim=-1)
-    log_nt_t = F.log_softmax(teacher_logits / temperature - mask, dim=-1)
-    nckd = (log_nt_t.exp() * (log_nt_t - log_nt_s)).sum(-1).mean()
+    log_nt_s = F.log_softmax(z_s.masked_fill(target, float("-inf")), dim=-1)
+    log_nt_t = F.log_softmax(z_t.masked_fill(target, float("-inf")), dim=-1)
+    nckd = torch.where(target, zero, log_nt_t.exp() * (log_nt_t - log_nt_s)).sum(-1).mean()
     return temperature**2 * (alpha * tckd + beta * nckd)
 
 

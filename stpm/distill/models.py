@@ -5,6 +5,8 @@ dropout 0.2 on the input and 0.5 on hidden units, Hinton's regularised teacher),
 with D conv layers, seed 002's TAKD family), torchvision:<name>, timm:<name>, or "package.module:attr"
 (a callable taking num_classes=...).
 cnn<D>x<W> sets the first-stage width W (second stage 2W; default 16).
+takd<D>[x<P>] (D in 2, 4, 6, 8, 10): the plain CNNs of the TAKD paper's CIFAR code (Mirzadeh et al. 2020),
+conv widths scaled to P percent (default 100).
 """
 from __future__ import annotations
 
@@ -83,6 +85,60 @@ class PlainCNN(nn.Module):
         return self.head(self.pool2(self.stage2(self.pool1(self.stage1(x)))))
 
 
+# The TAKD paper's plain CNNs for CIFAR (its model_factory "plane_cifar10_book"): 3x3 conv + BN + ReLU,
+# 2x2 max pools, then fully connected layers (ReLU between them).
+TAKD_BOOK: dict[int, tuple[str, ...]] = {
+    2: ("C16", "M", "C16", "M", "F10"),
+    4: ("C16", "C16", "M", "C32", "C32", "M", "F10"),
+    6: ("C16", "C16", "M", "C32", "C32", "M", "C64", "C64", "M", "F10"),
+    8: ("C16", "C16", "M", "C32", "C32", "M", "C64", "C64", "M", "C128", "C128", "M", "F64", "F10"),
+    10: ("C32", "C32", "M", "C64", "C64", "M", "C128", "C128", "M", "C256", "C256", "C256", "C256", "M",
+         "F128", "F10"),
+}
+
+
+class TakdCNN(nn.Module):
+    """A TAKD plain CNN: `stageK` = the convs before the K-th max pool, `embed` = input of the last FC layer.
+
+    feature_layers: the stages (one per pool); embedding_layer: "embed" (flattened, [B, D]).
+    """
+
+    embedding_layer = "embed"
+
+    def __init__(self, depth: int, in_channels: int, image_size: int, num_classes: int, width_percent: int = 100):
+        super().__init__()
+        if depth not in TAKD_BOOK:
+            raise ValueError(f"takd depth must be one of {sorted(TAKD_BOOK)}, got {depth}")
+        book = TAKD_BOOK[depth]
+        stages, convs, ch, side = [], [], in_channels, image_size
+        for item in book:
+            if item.startswith("C"):
+                out = max(1, int(round(int(item[1:]) * width_percent / 100)))
+                convs += [nn.Conv2d(ch, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=False)]
+                ch = out
+            elif item == "M":
+                stages.append(nn.Sequential(*convs))
+                convs = []
+                side //= 2
+        self.stages = nn.ModuleList(stages)
+        self.pool = nn.MaxPool2d(2)
+        widths = [int(i[1:]) for i in book if i.startswith("F")]
+        widths = [max(1, int(round(w * width_percent / 100))) for w in widths[:-1]] + [num_classes]
+        fc: list[nn.Module] = [nn.Flatten()]
+        d = ch * side * side
+        for w in widths[:-1]:
+            fc += [nn.Linear(d, w), nn.ReLU(inplace=False)]
+            d = w
+        self.embed = nn.Sequential(*fc)  # output: the last FC layer's input, [B, d]
+        self.head = nn.Linear(d, widths[-1])
+        self.feature_layers = tuple(f"stages.{i}" for i in range(len(stages)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages:
+            x = self.pool(stage(x))
+        return self.head(self.embed(x))
+
+
 class RepeatChannels(nn.Module):
     """Repeat a 1-channel input to 3 channels for stock RGB models."""
 
@@ -97,6 +153,7 @@ class RepeatChannels(nn.Module):
 
 _MLP = re.compile(r"^mlp(\d+)(d?)$")
 _CNN = re.compile(r"^cnn(\d+)(?:x(\d+))?$")
+_TAKD = re.compile(r"^takd(\d+)(?:x(\d+))?$")
 
 
 def build_model(name: str, spec: InputSpec) -> nn.Module:
@@ -108,6 +165,8 @@ def build_model(name: str, spec: InputSpec) -> nn.Module:
     if m := _CNN.match(name):
         w = int(m.group(2) or 16)
         return PlainCNN(int(m.group(1)), spec.in_channels, spec.image_size, spec.num_classes, widths=(w, 2 * w))
+    if m := _TAKD.match(name):
+        return TakdCNN(int(m.group(1)), spec.in_channels, spec.image_size, spec.num_classes, int(m.group(2) or 100))
     if name.startswith("torchvision:"):
         import torchvision
 
@@ -140,6 +199,24 @@ def default_feature_layers(model: nn.Module) -> tuple[str, ...]:
     if resnet:
         return resnet
     raise ValueError(f"{type(model).__name__} has no known feature layers; pass layer names explicitly")
+
+
+def default_embedding_layer(model: nn.Module) -> str:
+    """The layer whose output is the penultimate embedding (input of the classifier) for relational KD
+    (SP, CC, RKD, PKT, CRD): the model's `embedding_layer`, the last feature layer of the zoo's MLP/plain CNN
+    (pooled by the loss), torchvision's "avgpool" or timm's "global_pool"."""
+    if isinstance(model, RepeatChannels):
+        return f"model.{default_embedding_layer(model.model)}"
+    name = getattr(model, "embedding_layer", None)
+    if name is not None:
+        return name
+    if isinstance(model, (MLP, PlainCNN)):
+        return model.feature_layers[-1]
+    modules = dict(model.named_modules())
+    for candidate in ("avgpool", "global_pool"):
+        if candidate in modules:
+            return candidate
+    raise ValueError(f"{type(model).__name__} has no known embedding layer; pass a layer name explicitly")
 
 
 def count_parameters(model: nn.Module) -> int:

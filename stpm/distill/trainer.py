@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from stpm.distill.data import augmentation
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class TrainConfig:
     amp: bool = True  # used only on CUDA
     progress: bool = False
     grad_clip: float = 0.0  # 0 disables clipping
+    augment: str = "none"  # training-batch augmentation: none | shift<N> | crop-flip (see data.augmentation)
+    lr_schedule: str = "constant"  # constant | cosine (per step, from lr down to 0 at the last step)
 
 
 class FrozenTeacher(nn.Module):
@@ -69,6 +74,17 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """None for a constant learning rate; cosine decay over all cfg.epochs * steps_per_epoch steps."""
+    if cfg.lr_schedule == "constant":
+        return None
+    if cfg.lr_schedule == "cosine":
+        total = max(1, cfg.epochs * steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: constant | cosine")
+
+
 def _autocast(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
@@ -77,12 +93,16 @@ def _autocast(device: torch.device, amp: bool):
 
 def train_one_epoch(objective: Objective, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     device: torch.device, cfg: TrainConfig, scaler: torch.amp.GradScaler | None = None,
-                    desc: str = "train") -> float:
-    """One pass over `loader`; returns the mean loss."""
+                    desc: str = "train",
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+    """One pass over `loader`; returns the mean loss. The scheduler (if any) steps after every batch."""
     objective.train()
+    augment = augmentation(cfg.augment)
     total, count = 0.0, 0
     for x, y in tqdm(loader, desc=desc, disable=not cfg.progress, leave=False):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if augment is not None:
+            x = augment(x)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, cfg.amp):
             loss = objective(x, y)
@@ -98,6 +118,8 @@ def train_one_epoch(objective: Objective, loader: DataLoader, optimizer: torch.o
             scaler.update()
         else:
             optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += float(loss.detach()) * len(x)
         count += len(x)
     return total / max(count, 1)
@@ -137,11 +159,12 @@ def fit(objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device
     """
     objective.to(device)
     optimizer = make_optimizer(trainable_parameters(objective), cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
     hist = History()
     for epoch in range(1, cfg.epochs + 1):
         hist.losses.append(train_one_epoch(objective, train_loader, optimizer, device, cfg, scaler,
-                                           desc=f"{desc} {epoch}/{cfg.epochs}"))
+                                           desc=f"{desc} {epoch}/{cfg.epochs}", scheduler=scheduler))
         if eval_data is not None:
             hist.test_errors.append(count_errors(objective.student, eval_data[0], eval_data[1], device))
         if epoch in snapshot_epochs:
@@ -152,11 +175,22 @@ def fit(objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device
     return hist
 
 
-def save_checkpoint(model: nn.Module, path: Path) -> None:
-    """Weights only: {"model": state_dict}."""
+def save_checkpoint(model: nn.Module, path: Path, meta: dict | None = None) -> None:
+    """Weights only: {"model": state_dict} plus, when given, {"meta": JSON-able facts (model name, split...)}."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+    payload: dict = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if meta is not None:
+        payload["meta"] = meta
+    torch.save(payload, path)
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """(state_dict, meta) of a checkpoint written by save_checkpoint (meta {} if absent; a bare state_dict too)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "model" in state and isinstance(state["model"], dict):
+        return state["model"], dict(state.get("meta", {}))
+    return state, {}
 
 
 def default_device() -> torch.device:

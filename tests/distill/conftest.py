@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -8,11 +7,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-
-def shared_data() -> Path:
-    env = os.environ.get("STPM_SHARED_DATA")
-    return Path(env) if env else ROOT / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +21,19 @@ def digits_batch():
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    raw = shared_data() / "mnist_test10k" / "MNIST" / "raw"
-    if not (raw / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"MNIST test10k not found at {raw} (set STPM_SHARED_DATA to the shared data folder)")
+    from tests.conftest import SHARED_DATA
+
+    raw = SHARED_DATA / "mnist_full" / "MNIST" / "raw"
+    if not (raw / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"full MNIST not found at {raw} (set STPM_SHARED_DATA to the shared data folder)")
     return raw
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    from tests.conftest import SHARED_DATA
+
+    root = SHARED_DATA / "cifar10_jpeg"
+    if not (root / "test.tar.gz").is_file():
+        pytest.skip(f"CIFAR-10 JPEG tarballs not found at {root} (set STPM_SHARED_DATA to the shared data folder)")
+    return root

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from stpm.distill.data import deterministic_split, load_mnist_test10k, mnist_split, read_idx_gz
+from stpm.distill.data import (CIFAR10_CLASSES, deterministic_split, load_mnist, load_split, mnist_split, pool_split,
+                               read_cifar10_tar, read_idx_gz)
 from stpm.distill.export import check_parity, export_classifier_onnx, onnx_logits
 from stpm.distill.features import FeatureHooks, torchvision_feature_extractor
 from stpm.distill.models import InputSpec, build_model, default_feature_layers
@@ -93,40 +94,124 @@ def test_deterministic_split_is_a_seeded_partition():
     assert sorted(np.concatenate([tr, te]).tolist()) == list(range(100))
 
 
-def test_mnist_reader_md5_and_8000_2000_split(mnist_dir):
-    images, labels = load_mnist_test10k(mnist_dir)
-    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
-    assert labels.shape == (10000,) and set(np.unique(labels).tolist()) == set(range(10))
+def test_pool_split_is_disjoint_seeded_and_sized():
+    tr, va = pool_split(100, 30, 20, seed=0)
+    assert len(tr) == 30 and len(va) == 20 and not set(tr) & set(va)
+    tr2, va2 = pool_split(100, 30, 20, seed=0)
+    assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
+    assert not np.array_equal(pool_split(100, 30, 20, seed=1)[0], tr)
+    assert len(pool_split(100, None, 20, seed=0)[0]) == 80
+    with pytest.raises(ValueError):
+        pool_split(100, 90, 20, seed=0)
+
+
+def test_full_mnist_reader_and_official_split(mnist_dir):
+    xtr, ytr, xte, yte = load_mnist(mnist_dir)
+    assert xtr.shape == (60000, 28, 28) and xte.shape == (10000, 28, 28) and xtr.dtype == np.uint8
+    assert np.bincount(ytr).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert read_idx_gz(mnist_dir / "t10k-labels-idx1-ubyte.gz")[:5].tolist() == [7, 2, 1, 0, 4]
-    s = mnist_split(8000, split_seed=0, raw_dir=mnist_dir)
-    assert s.x_train.shape == (8000, 1, 28, 28) and s.x_test.shape == (2000, 1, 28, 28)
-    assert abs(float(s.x_train.mean())) < 0.1  # normalised with the MNIST mean/std
+    s = mnist_split(n_train=1000, n_val=500, split_seed=3, raw_dir=mnist_dir)
+    assert s.x_train.shape == (1000, 1, 28, 28) and s.x_val.shape == (500, 1, 28, 28)
+    assert s.x_test.shape == (10000, 1, 28, 28)  # the official test set, whatever the split seed
+    assert abs(float(s.x_test.mean())) < 0.1  # normalised with the MNIST mean/std
+    f = s.fingerprint()
+    assert f["data"] == "mnist" and f["split_seed"] == 3 and f["n_train"] == 1000 and f["n_val"] == 500
+    assert mnist_split(1000, 500, 4, mnist_dir).fingerprint()["train_sha256"] != f["train_sha256"]
 
 
 def test_mnist_md5_mismatch_is_an_error(tmp_path, mnist_dir):
     import shutil
 
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
         shutil.copy(mnist_dir / name, tmp_path / name)
     with open(tmp_path / "t10k-labels-idx1-ubyte.gz", "ab") as f:
         f.write(b"x")
     with pytest.raises(ValueError, match="md5"):
-        load_mnist_test10k(tmp_path)
+        load_mnist(tmp_path)
+
+
+def test_cifar10_tar_reader_on_real_members(cifar_dir, tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(cifar_dir / "test.tar.gz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        assert len(members) == 10000
+        assert {m.name.split("/")[1] for m in members} == set(CIFAR10_CLASSES)
+        picked = [m for m in members if m.name.endswith(("/0000.jpg", "/0001.jpg"))]
+        blobs = {m.name: tar.extractfile(m).read() for m in picked}
+    small = tmp_path / "small.tar.gz"
+    with tarfile.open(small, "w:gz") as out:
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            out.addfile(info, io.BytesIO(blob))
+    images, labels = read_cifar10_tar(small)
+    assert images.shape == (20, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [i for i in range(10) for _ in range(2)]  # members in name order
+    first = sorted(blobs)[0]
+    assert np.array_equal(images[0], np.asarray(Image.open(io.BytesIO(blobs[first])).convert("RGB")))
+
+
+def test_digits_split_three_ways_and_unknown_data_is_an_error():
+    s = load_split("digits", n_val=100, split_seed=0)
+    assert len(s.y_test) == 397 and len(s.y_val) == 100 and len(s.y_train) == 1797 - 497
+    assert load_split("digits", split_seed=1).fingerprint() != load_split("digits", split_seed=0).fingerprint()
+    with pytest.raises(ValueError, match="unknown data"):
+        load_split("imagenet")
+    with pytest.raises(ValueError, match="data-dir"):
+        load_split("folder", None)
 
 
 def test_image_folder_split_reads_classes_and_splits(tmp_path):
     from PIL import Image
-
-    from stpm.distill.data import load_split
 
     rng = np.random.default_rng(0)
     for cls in ("cats", "dogs", "apples"):
         (tmp_path / cls).mkdir()
         for i in range(5):
             Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
-    s = load_split(str(tmp_path), None, image_size=16)
+    s = load_split("folder", tmp_path, image_size=16)
     assert s.num_classes == 3
     assert s.x_train.shape == (12, 3, 16, 16) and s.x_test.shape == (3, 3, 16, 16)
     assert sorted(torch.cat([s.y_train, s.y_test]).tolist()) == [0] * 5 + [1] * 5 + [2] * 5
     with pytest.raises(ValueError):
-        load_split(str(tmp_path / "missing"), None)
+        load_split("folder", tmp_path / "missing")
+
+
+def test_augmentations_move_and_mirror_whole_images():
+    from stpm.distill.data import augmentation, random_flip, random_translate
+
+    x = torch.zeros(64, 1, 9, 9)
+    x[:, :, 4, 4] = 1.0  # one bright pixel in the middle
+    g = torch.Generator().manual_seed(0)
+    moved = random_translate(x, 2, generator=g)
+    assert moved.shape == x.shape and torch.equal(moved.sum((1, 2, 3)), torch.ones(64))  # nothing lost at +-2
+    rows, cols = moved[:, 0].sum(2).argmax(1), moved[:, 0].sum(1).argmax(1)
+    assert set(rows.tolist()) <= set(range(2, 7)) and len(set(zip(rows.tolist(), cols.tolist()))) > 5
+    ramp = torch.arange(9.0).expand(64, 1, 9, 9)
+    flipped = random_flip(ramp, generator=torch.Generator().manual_seed(0))
+    mirrored = (flipped[:, 0, 0, 0] == 8).sum().item()
+    assert 10 < mirrored < 54 and torch.equal(flipped[flipped[:, 0, 0, 0] == 8], ramp.flip(-1)[:mirrored])
+    assert augmentation("none") is None and augmentation("shift2") is not None
+    with pytest.raises(ValueError):
+        augmentation("rotate")
+
+
+def test_takd_family_widths_layers_and_embedding():
+    from stpm.distill.models import count_parameters, default_embedding_layer
+
+    spec = InputSpec(3, 32, 10)
+    sizes = [count_parameters(build_model(f"takd{d}", spec)) for d in (2, 4, 6, 8, 10)]
+    assert sizes == sorted(sizes)  # deeper = larger, as in the TAKD paper's family
+    m = build_model("takd10x50", spec)
+    assert m.feature_layers == ("stages.0", "stages.1", "stages.2", "stages.3")
+    assert default_embedding_layer(m) == "embed"
+    hooks = FeatureHooks(m, ("stages.0", "embed"))
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert hooks.outputs["stages.0"].shape == (2, 16, 32, 32) and hooks.outputs["embed"].shape == (2, 64)
+    with pytest.raises(ValueError):
+        build_model("takd3", spec)

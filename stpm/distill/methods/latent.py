@@ -114,3 +114,50 @@ class LatentKDObjective(Objective):
                                          self.temperature)
         kd = self.hard_weight * losses.hard_cross_entropy(z, y) + (1 - self.hard_weight) * soft
         return kd + self.latent_weight * (s_code - target_code).pow(2).sum(-1).mean()
+
+
+class CachedAlignerObjective(Objective):
+    """AlignerObjective on precomputed teacher features: x = the K features concatenated [B, sum D_k] (flattened),
+    y = labels or pseudo-labels for the triplet negatives. Same loss, no teacher forward per batch."""
+
+    def __init__(self, aligner: LatentAligner, feature_dims: tuple[int, ...], margin: float,
+                 recon_weight: float) -> None:
+        super().__init__()
+        self.student = aligner
+        self.dims, self.margin, self.recon_weight = tuple(feature_dims), margin, recon_weight
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return aligner_loss(self.student, list(torch.split(x, self.dims, dim=1)), y, self.margin, self.recon_weight)
+
+
+@torch.no_grad()
+def shared_codes(aligner: LatentAligner, features: list[Tensor]) -> Tensor:
+    """normalise(mean_k encode_k(f_k)): the teachers' common latent code of each image. K x [N, ...] -> [N, latent]."""
+    was = aligner.training
+    aligner.eval()
+    codes = torch.stack([aligner.encode(k, f) for k, f in enumerate(features)]).mean(0)
+    aligner.train(was)
+    return F.normalize(codes, dim=-1)
+
+
+class CachedLatentKDObjective(Objective):
+    """Soft targets + latent alignment from precomputed targets: y = [target probs (K) | latent code (L)].
+
+    T^2 * CE(p, q^{s,T}) + latent_weight * ||normalise(P h_student) - code||^2, P a learned projection of the
+    student's layer. For teachers with disjoint label sets p is the merged target (losses.merge_disjoint_probs).
+    """
+
+    def __init__(self, student: nn.Module, student_layer: str, student_dim: int, num_classes: int, latent_dim: int,
+                 temperature: float, latent_weight: float) -> None:
+        super().__init__()
+        self.student = student
+        self.s_hooks = FeatureHooks(student, (student_layer,))
+        self.projection = nn.Linear(student_dim, latent_dim)
+        self.num_classes, self.temperature, self.latent_weight = num_classes, temperature, latent_weight
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        probs, code = y[:, :self.num_classes], y[:, self.num_classes:]
+        z = self.student(x)
+        s_code = F.normalize(self.projection(self.s_hooks.features()[0].flatten(1)), dim=-1)
+        soft = losses.soft_cross_entropy(z, probs, self.temperature)
+        return soft + self.latent_weight * (s_code - code).pow(2).sum(-1).mean()

