@@ -293,8 +293,51 @@ class OrtSession:
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
 
+BANK_MIN_ELEMENTS = 65536  # a MatMul with a constant this large is a memory-bank search (PatchCore)
+
+
+def split_bank_search(model):
+    """An OpenVINO model of a memory-bank scorer -> (features, search) models, or None if the graph has
+    no bank search. features: images -> the query tensor of the bank MatMuls; search: (queries, images)
+    -> the scorer outputs (images only for the shapes the tail reads). Measured on PatchCore bundles
+    (docs/BENCHMARKS.md, "bf16"): bf16 features move scores by 2-3 % (the error is in the backbone's
+    activations), a bf16 search by < 0.1 %, while the search is most of the time."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    def bank_side(op) -> int | None:
+        if op.get_type_name() != "MatMul":
+            return None
+        for i in (0, 1):
+            src = op.input_value(i)
+            if src.get_node().get_type_name() == "Constant" and int(np.prod(src.get_shape())) >= BANK_MIN_ELEMENTS:
+                return i
+        return None
+
+    queries = set()
+    for op in model.get_ordered_ops():
+        side = bank_side(op)
+        if side is not None:
+            queries.add(op.input_value(1 - side))
+    if len(queries) != 1:  # no bank, or a graph shape this split does not know
+        return None
+    q = next(iter(queries))
+    features = ov.Model([ops.result(q)], model.get_parameters(), "features")
+    tail = model.clone()
+    by_name = {op.get_friendly_name(): op for op in tail.get_ordered_ops()}
+    q2 = by_name[q.get_node().get_friendly_name()].output(q.get_index())
+    param = ops.parameter(q2.get_partial_shape(), q2.get_element_type(), name="queries")
+    for target in list(q2.get_target_inputs()):
+        target.replace_source_output(param.output(0))
+    search = ov.Model(tail.get_results(), [param, *tail.get_parameters()], "search")
+    return features, search
+
+
 class OpenVinoSession:
-    """An OpenVINO compiled model of a scorer graph (CPU). Thread-safe: one infer request per thread."""
+    """An OpenVINO compiled model of a scorer graph (CPU). Thread-safe: one infer request per thread.
+
+    bf16 on a memory-bank graph (PatchCore) runs the features in f32 and only the bank search in bf16
+    (see split_bank_search); other graphs run wholly in bf16."""
 
     backend = "openvino"
 
@@ -312,32 +355,45 @@ class OpenVinoSession:
         self.path = Path(path)
         self.precision = precision
         core = ov.Core()
-        config: dict[str, Any] = {
-            "PERFORMANCE_HINT": "LATENCY",
-            # fp32 and the int8 graph's non-quantised layers in f32: OpenVINO would pick bf16 on a bf16 CPU
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        }
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = core.compile_model(core.read_model(str(self.path)), device, config)
+
+        def config(p: str) -> dict[str, Any]:
+            # f32 set explicitly: OpenVINO would pick bf16 on a bf16 CPU (also for the int8 graph's float layers)
+            c: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": p}
+            if threads:
+                c["INFERENCE_NUM_THREADS"] = int(threads)
+            return c
+
+        model = core.read_model(str(self.path))
+        parts = split_bank_search(model) if precision == "bf16" else None
+        self.mode = "bf16 bank search, f32 features" if parts else ("bf16" if precision == "bf16" else "f32")
+        if parts:
+            self._stages = [core.compile_model(parts[0], device, config("f32")),
+                            core.compile_model(parts[1], device, config("bf16"))]
+        else:
+            self._stages = [core.compile_model(model, device, config("bf16" if precision == "bf16" else "f32"))]
+        self.compiled = self._stages[-1]
         self.devices = [device]
-        # an output tensor may carry several names (OpenVINO keeps the ONNX one among its own)
-        outs = list(self.compiled.outputs)
+        outs = list(self.compiled.outputs)  # an output may carry several names (OpenVINO keeps the ONNX one)
         missing = [n for n in SCORER_OUTPUTS if not any(n in o.get_names() for o in outs)]
         if missing:
             raise ValueError(f"{self.path}: no output named {', '.join(missing)} (not a scorer graph?)")
         self._outputs = [next(o for o in outs if n in o.get_names()) for n in SCORER_OUTPUTS]
         self._local = threading.local()
 
-    def _request(self):
-        r = getattr(self._local, "request", None)
+    def _requests(self) -> list:
+        r = getattr(self._local, "requests", None)
         if r is None:
-            r = self._local.request = self.compiled.create_infer_request()
+            r = self._local.requests = [c.create_infer_request() for c in self._stages]
         return r
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        res = self._request().infer({INPUT: batch}, share_inputs=True, share_outputs=False)
+        reqs = self._requests()
+        if len(reqs) == 2:
+            queries = reqs[0].infer({0: batch}, share_inputs=True, share_outputs=False)[0]
+            res = reqs[1].infer({0: queries, 1: batch}, share_inputs=True, share_outputs=False)
+        else:
+            res = reqs[0].infer({INPUT: batch}, share_inputs=True, share_outputs=False)
         return tuple(np.asarray(res[o], dtype=np.float32) for o in self._outputs)  # type: ignore[return-value]
 
     def metadata(self) -> dict[str, str]:
@@ -580,5 +636,6 @@ __all__ = [
     "openvino_available",
     "ort_session",
     "select",
+    "split_bank_search",
     "time_session",
 ]

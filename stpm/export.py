@@ -507,6 +507,7 @@ def check_bf16(
     why = backends.openvino_available() or backends.cpu_precision_support("bf16")
     out: dict[str, Any] = {"backend": "openvino", "file": SCORER_ONNX, "cpu": backends.cpu_name(),
                            "method": "OpenVINO CPU, INFERENCE_PRECISION_HINT=bf16 on the fp32 graph"}
+    # (a memory-bank graph: bf16 for the bank search only, f32 features; the session's `mode` says)
     if why:
         out.update(shipped=False, measured=False, reason=f"not measured: {why}")
     else:
@@ -515,7 +516,9 @@ def check_bf16(
         tiled = tile_check_images(check_images, geometry)
         t0 = time.perf_counter()
         ref = session_image_scores(_ort_session(bundle_dir / SCORER_ONNX), tiled, spec)
-        got = session_image_scores(backends.create_session(bundle_dir / SCORER_ONNX, "openvino", "bf16"), tiled, spec)
+        low = backends.create_session(bundle_dir / SCORER_ONNX, "openvino", "bf16")
+        out["method"] = f"OpenVINO CPU, {low.mode} (the fp32 graph)"
+        got = session_image_scores(low, tiled, spec)
         out["parity"] = decision_parity(ref, got, float(cal["threshold"]), float(cal["low"]), check_labels,
                                         min_agreement, max_auroc_move, max_score_move)
         out.update(measured=True, shipped=out["parity"]["ok"], seconds=round(time.perf_counter() - t0, 2))
