@@ -41,9 +41,13 @@ from stpm.bundle import BundleError, ModelNotFoundError, NoActiveVersionError
 log = logging.getLogger("app.registry")
 
 IDLE_UNLOAD_S = 60.0
-# (images per batch, wait ms) per backend when the settings leave them unset; measured with
-# benchmarks/load.py --sweep (docs/BENCHMARKS.md, "Micro-batching").
-BATCH_DEFAULTS: dict[str, tuple[int, float]] = {"onnxruntime": (16, 1.0), "openvino": (16, 1.0)}
+# (images per batch, wait ms) per backend when the settings leave them unset: the choice recorded in
+# benchmarks/results/load_sweep.json (benchmarks/load.py --sweep, rule in benchmarks/batching.py;
+# docs/BENCHMARKS.md "Micro-batching per backend"; tests/test_batching.py keeps them equal). On the 2-core
+# CPU it was measured on, coalescing requests bought no throughput for either backend, so the default is
+# none: each request (with all its files) infers alone. On a larger CPU or a GPU host, rerun the sweep
+# and set STPM_BATCH_MAX_IMAGES / STPM_BATCH_WAIT_MS.
+BATCH_DEFAULTS: dict[str, tuple[int, float]] = {"onnxruntime": (1, 0.0), "openvino": (1, 0.0)}
 SCORER_MAX_BATCH = 16  # tiles per graph run inside a scorer
 
 

@@ -174,6 +174,49 @@ def load_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SWEEP_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")  # the result file keeps every flag
+
+
+def sweep_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/load.py --sweep: the batcher's (batch, wait) per backend, and the choice it supports."""
+    from benchmarks.batching import Rule, choose
+
+    m, rule = res["machine"], res["rule"]
+    clients = [r["clients"] for r in res["points"][0]["runs"]]
+    head = " | ".join(f"{k} cl. img/s | p50 / p99 ms" for k in clients)
+    lines = [f"Command: `flock /work/scratch/bench.lock .venv/bin/python {res['command']}` ({res['when']}). "
+             f"Machine: {m['cpu']}, {m['cpus']} CPUs (flags include "
+             f"{', '.join(f for f in SWEEP_FLAGS if f in m['flags']) or 'none of ' + ', '.join(SWEEP_FLAGS)}), "
+             f"load average (1 min) {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end. "
+             f"Model `{res['model']}` ({res['method']}), image `{res['image']}` ({res['image_bytes'] / 1000:.0f} kB), "
+             f"heatmap={res['heatmap']}, {res['duration_s']:g} s per client count, a fresh server per setting and round, "
+             f"{res['repeats']} rounds over the grid (every other one backwards), each cell the median of the rounds; "
+             f"ORT/OpenVINO threads {res['intra_op_threads']}; backend and precision as the server's /readyz reports "
+             "them.", "",
+             f"| backend / precision | batch | wait ms | {head} | mean batch at {clients[-1]} cl. | 1-min load, "
+             f"{clients[-1]} cl. runs |",
+             "|---|---:|---:|" + "---:|---:|" * len(clients) + "---:|---:|"]
+    for p in sorted(res["points"], key=lambda p: (p["backend"], p["batch"], p["wait_ms"])):
+        cells = " | ".join(f"{r['req_per_s']:.2f} | {r['p50_ms']:.0f} / {r['p99_ms']:.0f}" for r in p["runs"])
+        last = p["runs"][-1]
+        mb = "—" if last.get("mean_batch_images") is None else f"{last['mean_batch_images']:.2f}"
+        errors = sum(r["errors"] for r in p["runs"])
+        lines.append(f"| {p['served']['backend']} / {p['served']['precision']} | {p['batch']} | {p['wait_ms']:g} | "
+                     f"{cells} | {mb} | {', '.join(f'{a:.1f}->{b:.1f}' for a, b in last['loadavg_1m'])} |"
+                     + (f" **{errors} errors**" if errors else ""))
+    r = Rule(clients=rule["clients"], max_slowdown=rule["max_slowdown"], tie=rule["tie"])
+    lines += ["", f"Choice (benchmarks/batching.py: most images/s at {r.clients} clients among settings whose 1-client "
+              f"p50 is at most {100 * r.max_slowdown:.0f} % above batch 1 / wait 0; within {100 * r.tie:.0f} % of the "
+              "best counts as a tie, won by the smaller batch and wait):", ""]
+    for b in sorted(res["choice"]):
+        c = choose(res["points"], b, r)
+        gain = c.images_per_s / c.baseline_images_per_s - 1
+        lines.append(f"- **{b}: batch {c.batch}, wait {c.wait_ms:g} ms**: {c.images_per_s:.2f} images/s at {r.clients} "
+                     f"clients vs {c.baseline_images_per_s:.2f} unbatched ({100 * gain:+.1f} %); 1-client p50 "
+                     f"{c.p50_1_ms:.0f} ms vs {c.baseline_p50_1_ms:.0f} ms.")
+    return "\n".join(lines)
+
+
 def memory_markdown(res: dict[str, Any]) -> str:
     """benchmarks/memory.py: peak and resident memory of the server per request shape."""
     m, st = res["machine"], res["settings"]
@@ -242,6 +285,7 @@ BLOCKS: dict[str, Block] = {
     "png_encode": Block("benchmarks/png_encode.py", "png_encode.json", png_encode_markdown),
     "load_default": Block("benchmarks/load.py", "load_default.json", load_markdown),
     "load_intra1": Block("benchmarks/load.py", "load_intra1.json", load_markdown),
+    "load_sweep": Block("benchmarks/load.py", "load_sweep.json", sweep_markdown),
     "memory": Block("benchmarks/memory.py", "memory.json", memory_markdown),
     "memory_before": Block("benchmarks/memory.py", "memory_before.json", memory_markdown),
     "scale": Block("benchmarks/scale.py", "scale.json", scale_markdown),

@@ -333,7 +333,8 @@ def test_concurrent_requests_are_micro_batched_and_loop_stays_free(store):
             time.sleep(0.6)  # blocking, like a long inference: must not stall the event loop
             return self.inner.score(*a, **kw)
 
-    app = create_app(settings(store, batch_wait_ms=5), scorer_factory=Slow)
+    # batching on explicitly: the measured BATCH_DEFAULTS may be batch 1 on a small CPU (benchmarks/batching.py)
+    app = create_app(settings(store, batch_max_images=16, batch_wait_ms=5), scorer_factory=Slow)
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as ac:
