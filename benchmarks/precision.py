@@ -1,5 +1,5 @@
 """Lower-precision parity on real test sets: bf16 (OpenVINO) and int8 (NNCF on OpenVINO; ONNX Runtime static)
-against fp32, per bundle; writes benchmarks/results/precision.json and the "### Precision parity" block.
+against fp32, per bundle; writes benchmarks/results/precision.json and the "precision" block of docs/BENCHMARKS.md.
 
     .venv/bin/python benchmarks/precision.py --bundle bottle=models/bottle/v1 --bundle metal_plate=models/metal_plate/v1
 
@@ -26,7 +26,8 @@ DATA = {"bottle": "mvtec_ad_bottle_512/bottle", "metal_plate": "mpdd_metal_plate
 
 
 def main() -> int:
-    from speed import shared_data, write_section
+    from report import precision_markdown, write_block
+    from speed import shared_data
     from stpm import backends
     from stpm import export as ex
     from stpm.data import good_train_dir, list_images, test_samples
@@ -39,7 +40,7 @@ def main() -> int:
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args()
 
-    res = {"cpu": backends.cpu_name(), "cpu_flags": sorted(f for f in backends.cpu_flags()
+    res = {"command": " ".join(["benchmarks/precision.py", *sys.argv[1:]]), "cpu": backends.cpu_name(), "cpu_flags": sorted(f for f in backends.cpu_flags()
                                                             if "bf16" in f or "vnni" in f or "amx" in f),
            "load_avg_at_start": list(os.getloadavg()), "bundles": {}}
     for spec in a.bundle:
@@ -61,28 +62,8 @@ def main() -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     if not a.no_doc:
-        write_section(ROOT / "docs" / "BENCHMARKS.md", table(res, " ".join(sys.argv[1:])), "### Precision parity")
+        write_block(ROOT / "docs" / "BENCHMARKS.md", "precision", precision_markdown(res))
     return 0
-
-
-def table(res: dict, args: str) -> str:
-    lines = [f"Command: `.venv/bin/python benchmarks/precision.py {args}` (JSON: `benchmarks/results/precision.json`).",
-             f"CPU: {res['cpu']} (flags: {', '.join(res['cpu_flags'])}).", "",
-             "| data | precision | backend | decision agreement | flips | AUROC fp32 -> low | max score move | shipped |",
-             "|---|---|---|---:|---:|---|---:|---|"]
-    for ds, r in res["bundles"].items():
-        for key in [k for k in r if k == "bf16" or k.startswith("int8")]:
-            q = r[key]
-            p = q.get("parity", q)
-            if "decision_agreement" not in p:
-                lines.append(f"| {ds} | {key} | {q.get('backend')} | - | - | - | - | no ({q.get('reason')}) |")
-                continue
-            auroc_low = p.get("auroc", p.get("auroc_int8", float("nan")))
-            flips = p.get("decision_flips", round((1 - p["decision_agreement"]) * p["n_check_images"]))
-            lines.append(f"| {ds} ({p['n_check_images']} test images) | {key} | {q.get('backend')} | "
-                         f"{p['decision_agreement']:.3f} | {flips} | {p['auroc_fp32']:.4f} -> {auroc_low:.4f} | "
-                         f"{p['max_abs_score_vs_fp32']:.3f} | {'yes' if q['shipped'] else 'no'} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

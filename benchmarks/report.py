@@ -260,6 +260,65 @@ def scale_markdown(res: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------ the registry
 
+def precision_markdown(res: dict[str, Any]) -> str:
+    lines = [f"Command: `.venv/bin/python {res['command']}`. CPU: {res['cpu']} (flags: {', '.join(res['cpu_flags'])}); "
+             f"load average {res['load_avg_at_start'][0]:.1f} at start.", "",
+             "| data | precision | backend, mode | decision agreement | flips | AUROC fp32 -> low | max score move | "
+             "target (>= 0.995, <= 0.005) |",
+             "|---|---|---|---:|---:|---|---:|---|"]
+    for ds, r in res["bundles"].items():
+        for key in [k for k in r if k == "bf16" or k.startswith("int8")]:
+            q = r[key]
+            p = q.get("parity", q)
+            if "decision_agreement" not in p:
+                lines.append(f"| {ds} | {key} | {q.get('backend')} | - | - | - | - | not measured ({q.get('reason')}) |")
+                continue
+            low = p.get("auroc", p.get("auroc_int8", float("nan")))
+            flips = p.get("decision_flips", round((1 - p["decision_agreement"]) * p["n_check_images"]))
+            ok = p["decision_agreement"] >= 0.995 and abs(low - p["auroc_fp32"]) <= 0.005
+            lines.append(f"| {ds} ({p['n_check_images']} test images) | {key} | {q.get('method', q.get('backend'))} | "
+                         f"{p['decision_agreement']:.3f} | {flips} | {p['auroc_fp32']:.4f} -> {low:.4f} | "
+                         f"{p['max_abs_score_vs_fp32']:.3f} | {_verdict(ok)} |")
+    return "\n".join(lines)
+
+
+PEER_LABELS = {
+    "peer_ov_default": "anomalib STFPM, OpenVINO default", "peer_ov_f32": "anomalib STFPM, OpenVINO forced f32",
+    "ours_full_png": "ours ResNet18 STPM, overlay PNG", "ours_full_jpeg": "ours ResNet18 STPM, overlay JPEG",
+    "ours_bare_session": "ours ResNet18 STPM, bare session", "quality_full_png": "ours defaults (PatchCore), overlay PNG",
+    "quality_full_jpeg": "ours defaults (PatchCore), overlay JPEG", "quality_bare_session": "ours defaults, bare session",
+}
+
+
+def _peer_runs_on(info: dict[str, Any]) -> str:
+    if "backend" in info:
+        return f"{info['backend']} / {info['precision']}"
+    m = re.search(r"'(\w+)'", str(info.get("inference_precision", "")))  # "<Type: 'bfloat16'>"
+    return f"OpenVINO {m[1] if m else info.get('inference_precision', '?')}"
+
+
+def peer_markdown(res: dict[str, Any]) -> str:
+    loads = res["load_average_per_round"]
+    lines = [f"Command: `.venv/bin/{res['command']}`. CPU: {res['cpu']['model']}, {res['cpu']['cores']} cores "
+             f"(flags: {', '.join(f for f in res['cpu']['simd_flags'] if 'amx' in f or 'vnni' in f or 'bf16' in f)}); "
+             f"load average per round {min(loads):.1f}-{max(loads):.1f}, {res['load_average_end'][0]:.1f} at the end. "
+             f"Inputs: {res['images']}.", "",
+             "| contender | runs on | p50 ms | p95 ms | CPU p50 ms | p50 / peer default |", "|---|---|---:|---:|---:|---:|"]
+    ratio = res.get("vs_peer_ov_default_p50", {})
+    for k, r in res["rows"].items():
+        lines.append(f"| {PEER_LABELS.get(k, k)} | {_peer_runs_on(r['info'])} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+                     f"{r['cpu_p50_ms']:.1f} | {ratio.get(k, float('nan')):.2f} |")
+    lines.append("")
+    for k in ("ours_full_png", "ours_full_jpeg", "quality_full_png", "quality_full_jpeg"):
+        if k in ratio:
+            lines.append(f"- {PEER_LABELS[k]}: p50 **{ratio[k]:.2f}x** the peer's OpenVINO default (target <= 0.8: "
+                         f"{_verdict(ratio[k] <= 0.8)})")
+    for k, share in res.get("decode_render_share_of_bare", {}).items():
+        lines.append(f"- {PEER_LABELS[k]}: decode + render add **{100 * share['wall']:.0f} %** wall / "
+                     f"{100 * share['cpu']:.0f} % CPU to the bare session (target <= 15 %: {_verdict(share['cpu'] <= 0.15)})")
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Block:
     script: str  # the benchmark that writes the result file (and this block after a run)
@@ -290,6 +349,8 @@ BLOCKS: dict[str, Block] = {
     "memory_before": Block("benchmarks/memory.py", "memory_before.json", memory_markdown),
     "scale": Block("benchmarks/scale.py", "scale.json", scale_markdown),
     "scale-jobs": Block("benchmarks/scale.py", "scale-jobs.json", scale_markdown),
+    "peer": Block("benchmarks/peer.py", "peer.json", peer_markdown),
+    "precision": Block("benchmarks/precision.py", "precision.json", precision_markdown),
 }
 
 

@@ -183,7 +183,7 @@ def test_fp16_and_int8_variants(published, real, tmp_path):
         pytest.skip(f"fp16 parity not measurable here: {f16['parity_note']}")
     assert f16["parity"]["provider"] == "CPUExecutionProvider" and f16["parity"]["reference"] == "torch fp32"
     assert f16["shipped"] == f16["parity"]["ok"]
-    fp32 = Scorer(path).score(real[0])
+    fp32 = Scorer(path, precision="fp32").score(real[0])
     if f16["shipped"]:  # recorded, and it scores like fp32 within its tolerance
         assert exports["files"][names.SCORER_FP16_ONNX]["sha256"] == bundle.sha256_file(path / names.SCORER_FP16_ONNX)
         half = Scorer(path, precision="fp16").score(real[0])

@@ -129,7 +129,8 @@ def test_onnx_scorer_matches_the_torch_memory_bank_on_real_images(plate_bundle):
     images = [read_image(p) for p in test]
     geometry = tiling.from_manifest(manifest)
     ref = tiling.predict_maps(tile_fn(amap, torch.device("cpu")), tiling.tile_images(images, geometry))
-    scorer = Scorer(out.path, providers=["CPUExecutionProvider"])
+    # the fp32 graph itself (auto could pick a shipped bf16 session: tests/test_backends.py checks those)
+    scorer = Scorer(out.path, providers=["CPUExecutionProvider"], backend="onnxruntime", precision="fp32")
     got = scorer.score(images, map_size="model")
     for r, g in zip(ref, got):
         assert g.anomaly_map.shape == r.shape

@@ -267,7 +267,7 @@ def test_format_1_bundles_score_exactly_as_before(legacy):
     from test_export import SIZE as S
 
     path, real = legacy
-    sc = Scorer(path, intra_op_threads=1, max_batch=4)
+    sc = Scorer(path, intra_op_threads=1, max_batch=4, backend="onnxruntime", precision="fp32")  # bit for bit
     assert sc.geometry == tiling.Geometry.squash(S) and sc.image_score == tiling.ImageScore("max")
     inputs = real + [texture(1), texture(2, 300, 120)]
     res = sc.score(inputs, map_size="input")
@@ -328,7 +328,7 @@ def test_kolektorsdd_train_export_score_end_to_end(tmp_path):
     assert g.scale == pytest.approx(SIZE / 250) and m["exports"]["parity"]["images"]["ok"]
     tests = sorted((root / "test" / "crack").glob("*.png"))[:2] + sorted((root / "test" / "good").glob("*.png"))[:2]
     images = [read_image(p) for p in tests]
-    sc = Scorer(out.path, intra_op_threads=1)
+    sc = Scorer(out.path, intra_op_threads=1, precision="fp32")  # compared with torch fp32
     res = sc.score([p.read_bytes() for p in tests], names=[p.name for p in tests], map_size="input", overlay=True)
     _, raw_t = torch_image_path(out.path, images)
     np.testing.assert_allclose([r.raw_score for r in res], raw_t, rtol=1e-4,
