@@ -339,3 +339,12 @@ def test_map_resize_is_pillows_bilinear_whichever_library_runs_it():
         got = render.resize_map(m, size)
         assert got.shape == size and got.dtype == np.float32
         np.testing.assert_allclose(got, pil, atol=1e-5)
+
+
+@needs_openvino
+def test_graphs_without_a_memory_bank_are_not_split(tiny):
+    """An STPM scorer (teacher and student convolutions, no bank MatMul) runs wholly in one precision."""
+    import openvino as ov
+
+    assert backends.split_bank_search(ov.Core().read_model(str(tiny / "scorer.onnx"))) is None
+    assert backends.create_session(tiny / "scorer.onnx", "openvino", "fp32").mode == "f32"
