@@ -179,7 +179,10 @@ def serve(models_dir: Path, model: str, env_extra: dict[str, str]) -> Iterator[t
         yield url, proc
     finally:
         proc.terminate()
-        proc.wait(20)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def batch_totals(metrics: str) -> tuple[float, float]:

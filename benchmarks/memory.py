@@ -23,15 +23,13 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-from load import build_models, test_image  # benchmarks/load.py
+from load import build_models, serve, test_image  # benchmarks/load.py
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,30 +113,10 @@ def main() -> int:
     models_dir.mkdir(parents=True, exist_ok=True)
     model = args.model or build_models(models_dir, args.image_size)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "STPM_MODELS_DIR": str(models_dir), "STPM_DEFAULT_MODEL": model, "STPM_PROVIDERS": "cpu",
-           "STPM_INTRA_OP_THREADS": str(args.intra_op_threads), "STPM_MAX_REQUEST_PIXELS": str(budget),
-           "STPM_TRAIN_ENABLED": "false"}
-    env.pop("STPM_API_KEY", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        cwd=REPO, env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
     results = []
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.2)
+    env = {"STPM_INTRA_OP_THREADS": str(args.intra_op_threads), "STPM_MAX_REQUEST_PIXELS": str(budget),
+           "STPM_TRAIN_ENABLED": "false"}
+    with serve(models_dir, model, env) as (url, proc):
         with httpx.Client(base_url=url, timeout=600) as c:
             c.post("/score", files=[("files", ("warm.jpg", photo(512, 512, 0), "image/jpeg"))])
             idle = proc_status(proc.pid)["VmRSS"]
@@ -167,12 +145,6 @@ def main() -> int:
                 results.append(row)
                 print(json.dumps(row), flush=True)
                 del blobs, files
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     load = os.getloadavg()
     out = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -116,11 +115,10 @@ def worker(kind: str, workdir: Path, bundle_dir: Path | None, images: list[Path]
 # ------------------------------------------------------------------------------------------ driver
 
 def cpu_info() -> dict:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((x.split(":", 1)[1].strip() for x in text.splitlines() if x.startswith("model name")), platform.processor())
-    flags = next((x.split(":", 1)[1].split() for x in text.splitlines() if x.startswith("flags")), [])
-    keep = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4"))]
-    return {"model": model, "cores": os.cpu_count(), "simd_flags": sorted(keep)}
+    from stpm.backends import cpu_flags, cpu_name
+
+    keep = [f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c", "sse4"))]
+    return {"model": cpu_name(), "cores": os.cpu_count(), "simd_flags": sorted(keep)}
 
 
 def pct(xs: list[float], q: float) -> float:

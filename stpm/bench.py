@@ -26,15 +26,7 @@ from typing import Any
 
 import numpy as np
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from stpm.backends import cpu_name
 
 
 def timeit(fn: Callable[[], Any], seconds: float, min_iters: int = 5, warmup: int = 2) -> np.ndarray:

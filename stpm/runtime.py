@@ -76,31 +76,6 @@ class Scored:
     amap: np.ndarray  # float32 raw stitched map [h, w] at the model's scale
 
 
-def ort_session(
-    path: str | Path,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
-    provider_options: Sequence[dict[str, Any]] | None = None,
-    intra_op_threads: int | None = None,
-    inter_op_threads: int | None = None,
-) -> ort.InferenceSession:
-    """An ONNX Runtime session on a bundle's graph: full graph optimisation, sequential execution,
-    memory arena and pattern (fixed spatial size: the plan is reused across runs), quiet logs.
-    The one place sessions are made (Scorer, export parity, INT8 checks, bench) until the backends
-    module (issue 13) owns session creation."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.enable_cpu_mem_arena = True
-    so.enable_mem_pattern = True
-    so.log_severity_level = 3
-    if intra_op_threads is not None:
-        so.intra_op_num_threads = int(intra_op_threads)
-    if inter_op_threads is not None:
-        so.inter_op_num_threads = int(inter_op_threads)
-    return ort.InferenceSession(str(path), so, providers=list(providers),
-                                provider_options=list(provider_options) if provider_options is not None else None)
-
-
 def as_rgb(image: np.ndarray, name: str) -> np.ndarray:
     """A decoded array -> uint8 RGB [H, W, 3]. Accepts gray [H, W] / [H, W, 1], RGB, RGBA (composited on
     black, as stpm.imageio does for files), uint8, uint16 (/257) and float in [0, 1]."""
