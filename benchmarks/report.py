@@ -282,6 +282,20 @@ def precision_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bf16_split_markdown(res: dict[str, Any]) -> str:
+    lines = [f"Command: `.venv/bin/python {res['command']}`. CPU: {res['cpu']} (flags: {', '.join(res['cpu_flags'])}); "
+             f"load average {res['load_avg_at_start'][0]:.1f} at start, {res['load_avg_at_end'][0]:.1f} at the end.", "",
+             "| data | mode | max / median image-score change vs f32 | flips at the threshold | image AUROC | tile ms (p50) |",
+             "|---|---|---|---:|---:|---:|"]
+    names = {"f32": "OpenVINO f32", "bf16_whole": "bf16, whole graph", "bf16_split": "bf16 search, f32 features (shipped)"}
+    for ds, r in res["bundles"].items():
+        for m, v in r["modes"].items():
+            lines.append(f"| {ds} ({r['n_test']} test images) | {names.get(m, m)} | {100 * v['max_rel_score_change']:.2f} % / "
+                         f"{100 * v['median_rel_score_change']:.2f} % | {v['decision_flips']} | {v['auroc']:.4f} | "
+                         f"{v['tile_ms_median']:.1f} |")
+    return "\n".join(lines)
+
+
 PEER_LABELS = {
     "peer_ov_default": "anomalib STFPM, OpenVINO default", "peer_ov_f32": "anomalib STFPM, OpenVINO forced f32",
     "ours_full_png": "ours ResNet18 STPM, overlay PNG", "ours_full_jpeg": "ours ResNet18 STPM, overlay JPEG",
@@ -350,6 +364,7 @@ BLOCKS: dict[str, Block] = {
     "scale": Block("benchmarks/scale.py", "scale.json", scale_markdown),
     "scale-jobs": Block("benchmarks/scale.py", "scale-jobs.json", scale_markdown),
     "peer": Block("benchmarks/peer.py", "peer.json", peer_markdown),
+    "bf16_split": Block("benchmarks/bf16_split.py", "bf16_split.json", bf16_split_markdown),
     "precision": Block("benchmarks/precision.py", "precision.json", precision_markdown),
 }
 

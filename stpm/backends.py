@@ -300,8 +300,8 @@ def split_bank_search(model):
     """An OpenVINO model of a memory-bank scorer -> (features, search) models, or None if the graph has
     no bank search. features: images -> the query tensor of the bank MatMuls; search: (queries, images)
     -> the scorer outputs (images only for the shapes the tail reads). Measured on PatchCore bundles
-    (docs/BENCHMARKS.md, "bf16"): bf16 features move scores by 2-3 % (the error is in the backbone's
-    activations), a bf16 search by < 0.1 %, while the search is most of the time."""
+    (benchmarks/bf16_split.py, docs/BENCHMARKS.md "Peer"): the whole graph in bf16 moves image scores
+    by a few per cent (the error is in the backbone's activations), the split by under one per cent."""
     import openvino as ov
     import openvino.opset13 as ops
 

@@ -155,8 +155,8 @@ class PatchCoreMap(nn.Module):
     """Patch features + memory bank -> anomaly map. float [N, 3, S, S] in [0, 1] -> [N, S, S].
 
     The search runs on features centred on the bank's mean (distances do not change): the norms
-    that cancel in |q|^2 - 2 q.b + |b|^2 are then ~4x smaller, which keeps a bf16 search (OpenVINO
-    on CPUs with bf16) within ~0.5 % of fp32 instead of ~2 % (docs/BENCHMARKS.md, "bf16")."""
+    that cancel in |q|^2 - 2 q.b + |b|^2 are then smaller, which keeps a bf16 search (OpenVINO on
+    CPUs with bf16) closer to fp32 (benchmarks/bf16_split.py; docs/BENCHMARKS.md, "Peer")."""
 
     def __init__(self, features: PatchFeatures, bank: torch.Tensor, sigma: float = 4.0):
         super().__init__()
