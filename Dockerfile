@@ -84,7 +84,7 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
  && python -c "import torch, torchvision; from torchvision.ops import nms; nms(torch.zeros(1, 4), torch.zeros(1), 0.5); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__)"
 
 # ImageNet teacher weights through torchvision's weights API, into the torch hub cache
-# ($TORCH_HOME/hub/checkpoints/<canonical file name>), where stpm.backbones finds them offline.
+# ($TORCH_HOME/hub/checkpoints/<canonical file name>), where stpm.methods.backbones finds them offline.
 # Files in docker/weights are put there first (torchvision then downloads nothing).
 # Independent of the project's sources, so code changes never re-download them.
 FROM torch-cpu AS weights
@@ -175,7 +175,7 @@ RUN { dpkg-query -W python3 tini ca-certificates >/dev/null 2>&1 \
 COPY --from=deps-cpu /opt/venv /opt/venv
 COPY --from=weights /opt/stpm/torch /opt/stpm/torch
 # Prove that every baked teacher resolves from the image, not from a download.
-RUN python -c "import os; from stpm.backbones import resolve_teacher_state_dict as r; srcs = [r(n)[1] for n in os.environ['TEACHERS'].replace(',', ' ').split()]; print(srcs); assert not any(s.startswith('torchvision:') for s in srcs), srcs"
+RUN python -c "import os; from stpm.methods.backbones import resolve_teacher_state_dict as r; srcs = [r(n)[1] for n in os.environ['TEACHERS'].replace(',', ' ').split()]; print(srcs); assert not any(s.startswith('torchvision:') for s in srcs), srcs"
 USER 10001:10001
 WORKDIR /data
 EXPOSE 8000
@@ -210,7 +210,7 @@ RUN { dpkg-query -W python3 tini ca-certificates >/dev/null 2>&1 \
 COPY --from=deps-gpu /opt/venv /opt/venv
 COPY --from=weights /opt/stpm/torch /opt/stpm/torch
 # Prove that every baked teacher resolves from the image, not from a download.
-RUN python -c "import os; from stpm.backbones import resolve_teacher_state_dict as r; srcs = [r(n)[1] for n in os.environ['TEACHERS'].replace(',', ' ').split()]; print(srcs); assert not any(s.startswith('torchvision:') for s in srcs), srcs"
+RUN python -c "import os; from stpm.methods.backbones import resolve_teacher_state_dict as r; srcs = [r(n)[1] for n in os.environ['TEACHERS'].replace(',', ' ').split()]; print(srcs); assert not any(s.startswith('torchvision:') for s in srcs), srcs"
 USER 10001:10001
 WORKDIR /data
 EXPOSE 8000

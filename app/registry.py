@@ -36,7 +36,7 @@ from app.errors import APIError
 from app.metrics import Metrics
 from app.settings import Settings
 from stpm import bundle
-from stpm.bundle import BundleError, ModelNotFoundError, NoActiveVersionError
+from stpm.bundle.store import BundleError, ModelNotFoundError, NoActiveVersionError
 
 log = logging.getLogger("app.registry")
 
@@ -303,7 +303,7 @@ class LoadedModel:
 
 def default_scorer_factory(settings: Settings) -> Callable[[Path], Any]:
     def make(path: Path):
-        from stpm.runtime import Scorer  # imported lazily: onnxruntime, never torch
+        from stpm.runtime.scorer import Scorer  # imported lazily: onnxruntime, never torch
 
         return Scorer(
             path,

@@ -32,7 +32,7 @@ def scorer_maps(path: Path, mode: str):
     """A callable uint8 tiles [N, 3, S, S] -> raw tile maps [N, S, S] for one mode (OpenVINO CPU)."""
     import openvino as ov
 
-    from stpm import backends
+    from stpm.runtime import backends
 
     if mode == "bf16_split":
         s = backends.OpenVinoSession(path, "bf16")
@@ -50,9 +50,15 @@ def main() -> int:
     from sklearn.metrics import roc_auc_score
     from speed import shared_data
 
-    from stpm import backends, bundle, tiling
-    from stpm.data import test_samples
-    from stpm.imageio import read_image
+    from stpm.runtime import backends
+
+    from stpm import bundle
+
+    from stpm.imaging.scores import image_scores
+
+    from stpm.imaging.geometry import from_manifest, score_from_manifest, stitch_all, tile_images
+    from stpm.training.data import test_samples
+    from stpm.imaging.decode import read_image
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", action="append", required=True, help="DATASET=BUNDLE_DIR (bottle, metal_plate)")
@@ -69,14 +75,14 @@ def main() -> int:
         ds, path = spec.split("=", 1)
         path = Path(path)
         manifest = bundle.read_manifest(path)
-        geometry, score_spec = tiling.from_manifest(manifest), tiling.score_from_manifest(manifest)
+        geometry, score_spec = from_manifest(manifest), score_from_manifest(manifest)
         threshold = float(manifest["calibration"]["threshold"])
         samples = test_samples(shared_data() / DATA[ds])
         labels = np.array([s.label for s in samples])
-        tiled = tiling.tile_images([read_image(s.path) for s in samples], geometry)
+        tiled = tile_images([read_image(s.path) for s in samples], geometry)
         tiles = np.ascontiguousarray(tiled.tiles.transpose(0, 3, 1, 2))
         runs = {m: scorer_maps(path / "scorer.onnx", m) for m in MODES}
-        scores = {m: tiling.image_scores(tiling.stitch_all(np.concatenate([runs[m](tiles[i:i + 1])
+        scores = {m: image_scores(stitch_all(np.concatenate([runs[m](tiles[i:i + 1])
                                                                           for i in range(len(tiles))]), tiled), score_spec)
                 for m in MODES}  # image scores through the stitched maps, as the Scorer computes them
         ref = np.asarray(scores["f32"])

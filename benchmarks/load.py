@@ -50,15 +50,15 @@ def build_models(models_dir: Path, image_size: int) -> str:
         return name
     import torch
 
-    from stpm.calibrate import calibrate
-    from stpm.config import ModelConfig
-    from stpm.export import export_bundle
-    from stpm.loss import anomaly_map, image_score
-    from stpm.model import build_stpm
-    from stpm.publish import build_manifest, publish_model
+    from stpm.training.calibration import calibrate
+    from stpm.options import ModelOptions
+    from stpm.export.onnx import export_bundle
+    from stpm.methods.stpm.loss import anomaly_map, image_score
+    from stpm.methods.stpm.model import build_stpm
+    from stpm.training.publish import build_manifest, publish_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=image_size)
+    cfg = ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=image_size)
     model, _ = build_stpm(cfg, seed=0)
     model.eval()
     x = torch.rand(4, 3, image_size, image_size)
@@ -96,7 +96,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def bare_scorer(bundle_dir: Path, data: bytes, n: int, threads: int | None) -> dict:
-    from stpm.runtime import Scorer
+    from stpm.runtime.scorer import Scorer
 
     s = Scorer(bundle_dir, providers=("cpu",), intra_op_threads=threads)
     s.warmup()
@@ -197,7 +197,7 @@ def batch_totals(metrics: str) -> tuple[float, float]:
 
 
 def machine_info() -> dict:
-    from stpm.backends import cpu_flags, cpu_name
+    from stpm.runtime.backends import cpu_flags, cpu_name
 
     return {"cpu": cpu_name(), "cpus": os.cpu_count(), "flags": sorted(cpu_flags()),
             "platform": platform.platform(), "python": platform.python_version()}
@@ -258,8 +258,8 @@ def sweep_point(models_dir: Path, model: str, backend: str, precision: str, batc
 
 def bundle_precision(bundle_dir: Path, backend: str) -> str:
     """bf16 where the bundle ships it for this backend and the CPU runs it, else fp32."""
-    from stpm import backends
-    from stpm.bundle import read_manifest
+    from stpm.runtime import backends
+    from stpm.bundle.store import read_manifest
 
     manifest = read_manifest(bundle_dir)
     bf16 = ((manifest.get("exports") or {}).get("bf16") or {})

@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stpm.evaluate import compute_metrics, score_samples  # noqa: E402
-from stpm.methods import STPMMap  # noqa: E402
-from stpm.data import test_samples  # noqa: E402
-from stpm.tiling import from_manifest, score_from_manifest  # noqa: E402
-from stpm.weights import load_model  # noqa: E402
+from stpm.evaluation.report import compute_metrics, score_samples  # noqa: E402
+from stpm.methods.maps import STPMMap  # noqa: E402
+from stpm.training.data import test_samples  # noqa: E402
+from stpm.imaging.geometry import from_manifest, score_from_manifest  # noqa: E402
+from stpm.methods.weights import load_model  # noqa: E402
 
 
 def main() -> int:

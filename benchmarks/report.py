@@ -117,7 +117,7 @@ def speed_target_lines(res: dict[str, Any]) -> str:
 
 def speed_markdown(res: dict[str, Any]) -> str:
     """One speed run: command, machine, table, targets."""
-    from stpm.bench import format_table  # torch-free at import
+    from stpm.evaluation.speed import format_table  # torch-free at import
 
     m = res["machine"]
     return (

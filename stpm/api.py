@@ -20,23 +20,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stpm import bundle
-from stpm.config import (
+from stpm.options import (
     Backbone,
-    CalibrationConfig,
+    CalibrationOptions,
     Combine,
     ImageScoreMethod,
     Method,
-    ModelConfig,
+    ModelOptions,
     ThresholdMethod,
-    TilingConfig,
+    TilingOptions,
     TilingMode,
-    TrainConfig,
+    TrainOptions,
 )
 
 if TYPE_CHECKING:
-    from stpm.runtime import Scorer
+    from stpm.runtime.scorer import Scorer
 
-_M, _T, _C, _G = ModelConfig, TrainConfig, CalibrationConfig, TilingConfig  # class attributes = field defaults
+_M, _T, _C, _G = ModelOptions, TrainOptions, CalibrationOptions, TilingOptions  # class attributes = field defaults
 DEVICES = {"auto": ("auto",), "cpu": ("cpu",), "cuda": ("cuda",), "tensorrt": ("tensorrt",)}
 
 
@@ -106,7 +106,7 @@ def train(
     (naming it), KeyboardInterrupt as usual (no version is published then)."""
     values = {k: v for k, v in locals().items() if k not in _RUN_ARGUMENTS}  # the training options, by name
     from stpm.options import build
-    from stpm.pipeline import run_training
+    from stpm.training.pipeline import run_training
 
     config = build(values)
     models_dir = Path(models_dir if models_dir is not None else bundle.default_models_dir())
@@ -137,7 +137,7 @@ def load(
     bundle holds with parity, timed here; `scorer.selection` says what was chosen and why). A precision
     the bundle lacks falls back to fp32 with a warning.
     -> stpm.runtime.Scorer: `scorer.score(images)` takes image files, encoded bytes or arrays."""
-    from stpm.runtime import Scorer
+    from stpm.runtime.scorer import Scorer
 
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")

@@ -13,15 +13,15 @@ import os
 import sys
 from pathlib import Path
 
-from stpm.backends import BACKENDS, PRECISIONS
-from stpm.names import EVALUATIONS, SCORER_ONNX
+from stpm.runtime.backends import BACKENDS, PRECISIONS
+from stpm.bundle.names import EVALUATIONS, SCORER_ONNX
 from stpm.options import add_arguments as add_training_options
 
 PREDICT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 STORE_COMMANDS = ("export", "bench")  # module commands that take --models-dir
 
 def _models_dir(p: argparse.ArgumentParser) -> None:
-    from stpm.bundle import default_models_dir
+    from stpm.bundle.store import default_models_dir
 
     p.add_argument("--models-dir", default=default_models_dir(), help="model store (env STPM_MODELS_DIR, default models/)")
 
@@ -136,7 +136,7 @@ def _unavailable(what: str, e: Exception) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from stpm import bundle
     from stpm.options import from_args
-    from stpm.pipeline import run_training
+    from stpm.training.pipeline import run_training
 
     run_dir = Path(a.run_dir or Path("runs") / a.name)
     out = run_training(a.data, a.name, a.models_dir, from_args(a), run_dir=run_dir, weights_dir=a.weights_dir,
@@ -181,9 +181,9 @@ def cmd_activate(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from stpm import bundle
-    from stpm.evaluate import evaluate
-    from stpm.train import resolve_device
-    from stpm.weights import load_map
+    from stpm.evaluation.report import evaluate
+    from stpm.methods.stpm.trainer import resolve_device
+    from stpm.methods.weights import load_map
 
     path = bundle.locate(a.models_dir, a.model)
     model, manifest = load_map(path)
@@ -208,7 +208,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     from stpm import bundle
     from stpm.api import load
-    from stpm.imageio import ImageDecodeError, is_image_path
+    from stpm.imaging.decode import ImageDecodeError, is_image_path
 
     path = bundle.locate(a.models_dir, a.model)
     if not (path / SCORER_ONNX).is_file():
@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from stpm.bundle import BundleError, ModelNotFoundError, list_models
-    from stpm.imageio import DataError
+    from stpm.bundle.store import BundleError, ModelNotFoundError, list_models
+    from stpm.imaging.decode import DataError
 
     try:
         return int(args.func(args) or 0)

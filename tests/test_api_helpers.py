@@ -54,15 +54,15 @@ def build_bundle(models_dir: Path, name: str = "demo", seed: int = 0, geometry=N
     geometry: a stpm.tiling.Geometry (default: squash to IMAGE_SIZE)."""
     import torch
 
-    from stpm.calibrate import calibrate
-    from stpm.config import ModelConfig
-    from stpm.export import export_bundle
-    from stpm.loss import anomaly_map, image_score
-    from stpm.model import build_stpm
-    from stpm.publish import build_manifest, publish_model
+    from stpm.training.calibration import calibrate
+    from stpm.options import ModelOptions
+    from stpm.export.onnx import export_bundle
+    from stpm.methods.stpm.loss import anomaly_map, image_score
+    from stpm.methods.stpm.model import build_stpm
+    from stpm.training.publish import build_manifest, publish_model
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=IMAGE_SIZE)
+    cfg = ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=IMAGE_SIZE)
     model, _ = build_stpm(cfg, seed=seed)
     model.student.load_state_dict(model.teacher.state_dict(), strict=False)
     with torch.no_grad():

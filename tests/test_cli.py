@@ -158,7 +158,8 @@ def test_eval_writes_report_pictures_and_records_metrics_beside_an_unchanged_ver
     """A published version is immutable in fact: `stpm export` adds ONNX files and the manifest's
     `exports` record only (weights and the digest over every other field unchanged), `stpm eval` writes
     eval.json beside the manifest and changes nothing else."""
-    from stpm import bundle, names
+    from stpm import bundle
+    from stpm.bundle import names
 
     m = str(tmp_path / "m")
     data = good_folder(tmp_path, bottle_good, 5)

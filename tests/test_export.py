@@ -12,12 +12,12 @@ onnx = pytest.importorskip("onnx")
 
 from stpm import bundle
 from stpm import export as ex
-from stpm import names
-from stpm.calibrate import calibrate
-from stpm.config import ModelConfig
-from stpm.imageio import read_image
-from stpm.model import build_stpm
-from stpm.publish import build_manifest, publish_model
+from stpm.bundle import names
+from stpm.training.calibration import calibrate
+from stpm.options import ModelOptions
+from stpm.imaging.decode import read_image
+from stpm.methods.stpm.model import build_stpm
+from stpm.training.publish import build_manifest, publish_model
 from tests.conftest import BOTTLE, require
 
 SIZE = 64
@@ -32,7 +32,7 @@ def bottle_images(n_good: int = 4, n_bad: int = 4) -> tuple[list[np.ndarray], li
 
 def tiny_model(seed: int = 0):
     """resnet18 STPM without ImageNet weights; the student is the teacher slightly perturbed."""
-    cfg = ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=SIZE)
+    cfg = ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=SIZE)
     torch.manual_seed(seed)
     model, _ = build_stpm(cfg)
     model.student.load_state_dict(model.teacher.state_dict())
@@ -44,7 +44,7 @@ def tiny_model(seed: int = 0):
 
 
 def torch_scores(model, images: list[np.ndarray]) -> np.ndarray:
-    from stpm.loss import anomaly_map, image_score
+    from stpm.methods.stpm.loss import anomaly_map, image_score
 
     x = torch.from_numpy(ex.prepare_batch(images, SIZE)).float() / 255.0
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_onnx_matches_torch_on_real_images(published, real):
     # independently of export's own check: torch's STPM maths vs the ONNX graph
     import onnxruntime as ort
 
-    from stpm.weights import load_model
+    from stpm.methods.weights import load_model
 
     model, manifest = load_model(path)
     ref = torch_scores(model, real[0])
@@ -99,7 +99,7 @@ def test_onnx_matches_torch_on_real_images(published, real):
     decisions = ref >= thr
     assert 0 < decisions.sum() < len(decisions), "calibration should put images on both sides"
     np.testing.assert_array_equal(raw >= thr, decisions)
-    from stpm.calibrate import normalize
+    from stpm.training.calibration import normalize
 
     np.testing.assert_allclose(score, normalize(ref, thr, low), atol=1e-3)
     np.testing.assert_allclose(raw, amap.reshape(len(raw), -1).max(axis=1), rtol=1e-6)
@@ -160,7 +160,7 @@ def test_parity_failure_raises_and_leaves_bundle_as_it_was(published, real, monk
         amap, raw, score = real_ort(session, batch, chunk)
         return amap * 1.5, raw * 1.5, score
 
-    monkeypatch.setattr(ex, "ort_outputs", off)
+    monkeypatch.setattr("stpm.export.onnx.ort_outputs", off)  # where export_bundle looks it up
     with pytest.raises(ex.ExportParityError) as e:
         ex.export_bundle(path, check_images=real[0][:2])
     assert not e.value.report["ok"] and e.value.report["max_abs_raw_score_normalised"] > ex.DEFAULT_ATOL
@@ -173,7 +173,7 @@ def test_fp16_and_int8_variants(published, real, tmp_path):
     either way something is asserted. INT8: the mechanics (record, runtime, refusal)."""
     import shutil
 
-    from stpm.runtime import Scorer
+    from stpm.runtime.scorer import Scorer
 
     path = tmp_path / "b"
     shutil.copytree(published[0], path)

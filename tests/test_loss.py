@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stpm.loss import anomaly_map, gaussian_blur, image_score, layer_distance, stpm_loss
+from stpm.methods.stpm.loss import anomaly_map, gaussian_blur, image_score, layer_distance, stpm_loss
 
 
 def feats(seed: int, b: int = 2):

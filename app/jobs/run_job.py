@@ -143,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
 
         from stpm import bundle
-        from stpm.config import from_params
+        from stpm.options import from_params
         from stpm.options import validate
-        from stpm.pipeline import run_training
-        from stpm.train import TrainingStopped
+        from stpm.training.pipeline import run_training
+        from stpm.methods.stpm.trainer import TrainingStopped
 
         params = job.params
-        config = from_params(params)  # every section the API stored (stpm.config.TrainingConfig)
+        config = from_params(params)  # every section the API stored (stpm.config.TrainingOptions)
         config = replace(config, train=replace(config.train, device=args.device))  # the server's device
         validate(config)
         job_dir = Path(job.job_dir)

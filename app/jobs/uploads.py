@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from stpm.bundle import fingerprint, fsync_dir
-from stpm.imageio import ImageDecodeError, decode_image
+from stpm.bundle.store import fingerprint, fsync_dir
+from stpm.imaging.decode import ImageDecodeError, decode_image
 
 IMAGES = "images"
 INCOMING = ".incoming-"

@@ -18,8 +18,9 @@ from app.schemas import (
     ModelList,
     VersionDetail,
 )
-from stpm import backends, bundle
-from stpm.bundle import BundleError
+from stpm.runtime import backends
+from stpm import bundle
+from stpm.bundle.store import BundleError
 
 router = APIRouter(prefix="/models", tags=["models"])
 

@@ -16,9 +16,9 @@ from app.errors import APIError
 from app.multipart import MultipartRoute
 from app.registry import ScoreOptions
 from app.schemas import ErrorResponse, HeatmapMode, ScoreResponse
-from stpm.imageio import ImageDecodeError, decode_image
-from stpm.render import MEDIA_TYPES
-from stpm.tiling import TilingError
+from stpm.imaging.decode import ImageDecodeError, decode_image
+from stpm.imaging.render import MEDIA_TYPES
+from stpm.imaging.geometry import TilingError
 
 router = APIRouter(tags=["score"], route_class=MultipartRoute)
 

@@ -19,7 +19,7 @@ from app.jobs.uploads import Limits, UploadError, store_upload
 from app.multipart import MultipartRoute
 from app.schemas import ErrorResponse, TrainJob, TrainJobList
 from stpm import bundle
-from stpm.config import to_params
+from stpm.options import to_params
 from stpm.options import TrainingOption, build, training_options
 
 router = APIRouter(prefix="/train", tags=["train"], route_class=MultipartRoute)

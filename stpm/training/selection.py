@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from stpm.config import ModelConfig
-from stpm.patchcore import DEFAULT_SIGMA
-from stpm.synthetic import KINDS, make_anomalies
-from stpm.tiling import (
-    Geometry, ImageScore, TiledImages, image_scores, predict_maps, run_tiles, stitch_all, tile_images,
-)
+from stpm.options import ModelOptions
+from stpm.methods.patchcore.model import DEFAULT_SIGMA
+from stpm.training.synthetic import KINDS, make_anomalies
+from stpm.imaging.geometry import Geometry, TiledImages, predict_maps, run_tiles, stitch_all, tile_images
+from stpm.imaging.scores import ImageScore, image_scores
 
 log = logging.getLogger("stpm.selection")
 
@@ -41,7 +40,7 @@ class Candidate:
     image_score: str
 
 
-def candidates(cfg: ModelConfig) -> list[Candidate]:
+def candidates(cfg: ModelOptions) -> list[Candidate]:
     """The (sigma, image score) pairs to try: what cfg fixes is fixed, what it leaves open is searched."""
     sigmas = SIGMA_CANDIDATES[cfg.method] if cfg.sigma is None else (float(cfg.sigma),)
     scores = SCORE_CANDIDATES if cfg.image_score == AUTO else (cfg.image_score,)
@@ -67,7 +66,7 @@ def _pixel_auroc(good: Sequence[np.ndarray], bad: Sequence[np.ndarray], masks: S
 def _blur(tile_maps: np.ndarray, sigma: float) -> np.ndarray:
     import torch
 
-    from stpm.loss import gaussian_blur
+    from stpm.methods.stpm.loss import gaussian_blur
 
     with torch.no_grad():
         return gaussian_blur(torch.from_numpy(tile_maps), sigma).numpy()
@@ -93,7 +92,7 @@ def select(
     good: TiledImages,
     good_images: Sequence[np.ndarray],
     geometry: Geometry,
-    cfg: ModelConfig,
+    cfg: ModelOptions,
     seed: int = 0,
     batch_size: int = 16,
 ) -> Selection:

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stpm import bundle
-from stpm.config import ModelConfig, from_dict
-from stpm.model import STPM, build_stpm
-from stpm.names import MEMORY_BANK_WEIGHTS, STUDENT_WEIGHTS, TEACHER_WEIGHTS
+from stpm.options import ModelOptions, from_dict
+from stpm.methods.stpm.model import STPM, build_stpm
+from stpm.bundle.names import MEMORY_BANK_WEIGHTS, STUDENT_WEIGHTS, TEACHER_WEIGHTS
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -25,7 +25,7 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_weights(model: nn.Module, folder: str | Path) -> dict[str, str]:
     """Write a model's weights into `folder` (an STPM, or a PatchCoreMap); -> {file name: sha256}."""
-    from stpm.patchcore import PatchCoreMap
+    from stpm.methods.patchcore.model import PatchCoreMap
 
     folder = Path(folder)
     if isinstance(model, STPM):
@@ -41,8 +41,8 @@ def save_weights(model: nn.Module, folder: str | Path) -> dict[str, str]:
     return {f: bundle.sha256_file(folder / f) for f in names}
 
 
-def model_config(manifest: dict[str, Any]) -> ModelConfig:
-    return from_dict(ModelConfig, manifest["model"])
+def model_config(manifest: dict[str, Any]) -> ModelOptions:
+    return from_dict(ModelOptions, manifest["model"])
 
 
 def _verify(bundle_dir: Path, manifest: dict[str, Any]) -> None:
@@ -64,7 +64,7 @@ def load_model(bundle_dir: str | Path, verify: bool = True) -> tuple[STPM, dict[
         _verify(bundle_dir, manifest)
     cfg = model_config(manifest)
     # Architecture only: the teacher's ImageNet weights are the bundle's own copy.
-    model, _ = build_stpm(ModelConfig(**{**cfg.__dict__, "pretrained": False}))
+    model, _ = build_stpm(ModelOptions(**{**cfg.__dict__, "pretrained": False}))
     model.teacher.load_state_dict(load_file(str(bundle_dir / TEACHER_WEIGHTS)), strict=True)
     sd = load_file(str(bundle_dir / STUDENT_WEIGHTS))
     model.student.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("student.")}, strict=True)
@@ -78,7 +78,7 @@ def load_model(bundle_dir: str | Path, verify: bool = True) -> tuple[STPM, dict[
 def load_map(bundle_dir: str | Path, verify: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Any bundle folder -> (its map module in eval mode on CPU, manifest): float tiles [N, 3, S, S] in
     [0, 1] -> raw anomaly maps [N, S, S] (stpm.methods)."""
-    from stpm.methods import STPMMap, method_of
+    from stpm.methods.maps import STPMMap, method_of
 
     bundle_dir = Path(bundle_dir)
     manifest = bundle.read_manifest(bundle_dir)
@@ -86,12 +86,12 @@ def load_map(bundle_dir: str | Path, verify: bool = True) -> tuple[nn.Module, di
     if method_of(m) == "stpm":
         model, manifest = load_model(bundle_dir, verify)
         return STPMMap(model, m.get("combine", "product"), m.get("sigma") or 0.0).eval(), manifest
-    from stpm.patchcore import PatchCoreMap, build_features
+    from stpm.methods.patchcore.model import PatchCoreMap, build_features
 
     if verify:
         _verify(bundle_dir, manifest)
     cfg = model_config(manifest)
-    features, _ = build_features(ModelConfig(**{**cfg.__dict__, "pretrained": False}))
+    features, _ = build_features(ModelOptions(**{**cfg.__dict__, "pretrained": False}))
     features.teacher.load_state_dict(load_file(str(bundle_dir / TEACHER_WEIGHTS)), strict=True)
     bank = load_file(str(bundle_dir / MEMORY_BANK_WEIGHTS))["bank"]
     return PatchCoreMap(features, bank, float(m["sigma"])).eval(), manifest

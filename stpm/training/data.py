@@ -1,4 +1,5 @@
-"""Datasets: MVTec layout and plain folders of good images, decoded once into memory."""
+"""Data folders: MVTec layout and plain folders of good images, decoded and tiled once into memory.
+Torch-free (numpy + Pillow)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from stpm.bundle import fingerprint  # noqa: F401  (re-exported: part of the data API)
-from stpm.imageio import DataError
-from stpm.imageio import (
+from stpm.bundle.store import fingerprint  # noqa: F401  (re-exported: part of the data API)
+from stpm.imaging.decode import DataError
+from stpm.imaging.decode import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     is_image_path,
@@ -20,8 +19,8 @@ from stpm.imageio import (
     read_image_size,
     resize_rgb,
 )
-from stpm.config import TilingConfig
-from stpm.tiling import Geometry, TiledImages, TilingError, plan, resolve, tiles
+from stpm.options import TilingOptions
+from stpm.imaging.geometry import Geometry, TiledImages, TilingError, plan, tiles
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ def load_tiled(
 
 
 def load_training_tiles(
-    paths: list[Path], tile: int, cfg: TilingConfig, skip_bad: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+    paths: list[Path], tile: int, cfg: TilingOptions, skip_bad: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[TiledImages, Geometry, list[Path], list[tuple[Path, str]], list[tuple[int, int]]]:
     """Good training images -> (tiles, the Geometry chosen from their sizes, kept paths, skipped, sizes).
 
@@ -151,7 +150,7 @@ def load_training_tiles(
     sizes, readable, bad = read_sizes(paths, max_pixels)
     if not sizes:
         raise _bad_files_error(bad) if bad and not skip_bad else DataError("no readable images")
-    geometry = resolve(cfg, tile, sizes)
+    geometry = choose_geometry(cfg, tile, sizes)
     tiled, kept, bad_tiles = load_tiled(readable, geometry, skip_bad=True, max_pixels=max_pixels)
     order = {p: i for i, p in enumerate(paths)}
     bad = sorted(bad + bad_tiles, key=lambda b: order[b[0]])
@@ -161,6 +160,25 @@ def load_training_tiles(
     return tiled, geometry, kept, bad, [size_of[p] for p in kept]
 
 
+def choose_scale(tile: int, sizes: Sequence[tuple[int, int]], resolution: int | None = None) -> float:
+    """Default scale: resolution (default: the tile size) / median short side of the training images."""
+    if not sizes:
+        raise ValueError("no image sizes to choose a scale from")
+    res = tile if resolution is None else resolution
+    if res < 1:
+        raise ValueError(f"resolution must be >= 1, got {res}")
+    return float(res / np.median([min(h, w) for h, w in sizes]))
+
+
+def choose_geometry(cfg: TilingOptions, tile: int, sizes: Sequence[tuple[int, int]]) -> Geometry:
+    """A training run's TilingOptions + tile size + its images' (height, width) -> the bundle's Geometry."""
+    if cfg.mode == "squash":
+        return Geometry.squash(tile)
+    scale = float(cfg.scale) if cfg.scale is not None else choose_scale(tile, sizes, cfg.resolution)
+    return Geometry(tile=int(tile), scale=scale, overlap=float(cfg.overlap), max_upscale=float(cfg.max_upscale),
+                    max_tiles=int(cfg.max_tiles), mode="tile")
+
+
 def load_mask(path: Path | None, image_size: int | tuple[int, int]) -> np.ndarray:
     """Ground-truth mask -> bool [S, S] or [h, w] (nearest-neighbour resize); None -> all False."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -168,32 +186,3 @@ def load_mask(path: Path | None, image_size: int | tuple[int, int]) -> np.ndarra
         return np.zeros((h, w), dtype=bool)
     m = Image.open(path).convert("L").resize((w, h), Image.NEAREST)
     return np.asarray(m) > 127
-
-
-class ImageArrayDataset(Dataset):
-    """uint8 [N, S, S, 3] -> float tensors [3, S, S] in [0, 1] (the model normalises)."""
-
-    def __init__(self, images: np.ndarray, augment: bool = False):
-        self.images = images
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        x = torch.from_numpy(self.images[i]).permute(2, 0, 1).float().div_(255.0)
-        if self.augment:
-            # Photometric jitter only: geometric changes can be anomalies on a production line.
-            g = torch.empty(1).uniform_(0.9, 1.1)
-            x = (x * g).clamp_(0.0, 1.0)
-        return x
-
-
-def tile_batch_to_tensor(batch: np.ndarray) -> torch.Tensor:
-    """uint8 [N, 3, S, S] -> float [N, 3, S, S] in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(batch)).float().div_(255.0)
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, S, S, 3] -> float [N, 3, S, S] in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)

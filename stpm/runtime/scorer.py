@@ -30,9 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from stpm import backends, bundle, render, tiling
-from stpm.backends import PRECISION_FILES, choose_providers, ort_session
-from stpm.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_rgb
+from stpm.runtime import backends
+
+from stpm import bundle
+
+from stpm.imaging import render
+
+from stpm.imaging.scores import ImageScore, image_score
+
+from stpm.imaging.geometry import Geometry, TilePlan, TilingError, from_manifest, plan, score_from_manifest, stitch, tiles
+from stpm.runtime.backends import PRECISION_FILES, choose_providers, ort_session
+from stpm.imaging.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_rgb
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +142,8 @@ class Scorer:
         self.name: str = self.manifest["name"]
         self.version: str | None = self.manifest.get("version")
         self.image_size: int = int(self.manifest["model"]["image_size"])
-        self.geometry: tiling.Geometry = tiling.from_manifest(self.manifest)
-        self.image_score: tiling.ImageScore = tiling.score_from_manifest(self.manifest)
+        self.geometry: Geometry = from_manifest(self.manifest)
+        self.image_score: ImageScore = score_from_manifest(self.manifest)
         # format 1 (and squash + max): one tile per image, whose graph score is the image's score
         self._graph_score = self.geometry.mode == "squash" and self.image_score.method == "max"
         cal = self.manifest["calibration"]
@@ -184,11 +192,11 @@ class Scorer:
         return np.clip(0.5 + (np.asarray(x, dtype=np.float32) - np.float32(self.threshold)) * np.float32(self._scale),
                        0.0, 1.0)
 
-    def plan(self, height: int, width: int) -> tiling.TilePlan:
-        """The tile plan of a height x width input; raises tiling.TilingError naming the size and the limit."""
-        return tiling.plan(height, width, self.geometry)
+    def plan(self, height: int, width: int) -> TilePlan:
+        """The tile plan of a height x width input; raises TilingError naming the size and the limit."""
+        return plan(height, width, self.geometry)
 
-    def prepare(self, image: bytes | np.ndarray | str | Path, name: str) -> tuple[np.ndarray, tiling.TilePlan]:
+    def prepare(self, image: bytes | np.ndarray | str | Path, name: str) -> tuple[np.ndarray, TilePlan]:
         """One input -> (uint8 RGB at its own size, its tile plan). Raises ImageDecodeError naming it."""
         if isinstance(image, (str, Path)):
             try:
@@ -205,7 +213,7 @@ class Scorer:
             raise ImageDecodeError(name, f"expected bytes or a numpy array, got {type(image).__name__}")
         try:
             p = self.plan(rgb.shape[0], rgb.shape[1])
-        except tiling.TilingError as e:
+        except TilingError as e:
             raise ImageDecodeError(name, str(e)) from None
         return rgb, p
 
@@ -274,7 +282,7 @@ class Scorer:
 
         for i in range(n):
             t0 = time.perf_counter()
-            cut = tiling.tiles(rgbs[i], plans[i])
+            cut = tiles(rgbs[i], plans[i])
             decode_ms[i] += (time.perf_counter() - t0) * 1e3
             for t in cut:
                 queue.append(t)
@@ -285,14 +293,14 @@ class Scorer:
             run()
         return out  # type: ignore[return-value]
 
-    def _decide(self, name: str, rgb: np.ndarray, p: tiling.TilePlan,
+    def _decide(self, name: str, rgb: np.ndarray, p: TilePlan,
                 parts: list[tuple[np.ndarray, float, float]]) -> Scored:
         """One image's tile outputs -> its stitched map, image score and decision."""
-        amap = tiling.stitch(np.stack([m for m, _, _ in parts]), p)
+        amap = stitch(np.stack([m for m, _, _ in parts]), p)
         if self._graph_score:
             raw, score = parts[0][1], parts[0][2]
         else:
-            raw = tiling.image_score(amap, self.image_score)
+            raw = image_score(amap, self.image_score)
             score = float(self.normalise(np.float32(raw)))
         r = ScoreResult(
             name=name, raw_score=raw, score=score, is_anomaly=bool(raw >= self.threshold), threshold=self.threshold,

@@ -16,16 +16,17 @@ import numpy as np
 from torch import nn
 from torch.utils.data import DataLoader
 
-from stpm.calibrate import Calibration, calibrate
-from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, TrainingConfig, to_dict
-from stpm.data import ImageArrayDataset, fingerprint, good_train_dir, list_images, load_training_tiles
-from stpm.imageio import read_image
-from stpm.model import STPM, build_stpm
-from stpm.publish import build_manifest, publish_model
-from stpm.methods import STPMMap, resolved, tile_fn
-from stpm.selection import AUTO, select
-from stpm.tiling import ImageScore, image_scores
-from stpm.train import (
+from stpm.training.calibration import Calibration, calibrate
+from stpm.options import CalibrationOptions, ModelOptions, TilingOptions, TrainOptions, TrainingOptions, to_dict
+from stpm.methods.stpm.dataset import ImageArrayDataset
+from stpm.training.data import fingerprint, good_train_dir, list_images, load_training_tiles
+from stpm.imaging.decode import read_image
+from stpm.methods.stpm.model import STPM, build_stpm
+from stpm.training.publish import build_manifest, publish_model
+from stpm.methods.maps import STPMMap, resolved, tile_fn
+from stpm.training.selection import AUTO, select
+from stpm.imaging.scores import ImageScore, image_scores
+from stpm.methods.stpm.trainer import (
     FitResult,
     ProgressFn,
     TrainingStopped,
@@ -53,7 +54,7 @@ def run_training(
     data: str | Path | list[Path],
     name: str,
     models_dir: str | Path,
-    config: TrainingConfig = TrainingConfig(),
+    config: TrainingOptions = TrainingOptions(),
     *,
     run_dir: str | Path | None = None,
     weights_dir: str | Path | None = None,
@@ -64,7 +65,7 @@ def run_training(
     should_stop: Callable[[], bool] | None = None,
     show_bar: bool = True,
 ) -> TrainOutcome:
-    """`train_and_publish` with one TrainingConfig: what `stpm train`, the training worker and
+    """`train_and_publish` with one TrainingOptions: what `stpm train`, the training worker and
     `stpm.train` call. A new config section is passed on here."""
     return train_and_publish(data, name, models_dir, config.model, config.train, config.calibration, config.tiling,
                              run_dir, weights_dir, skip_bad, resume, export, progress, should_stop, show_bar)
@@ -74,10 +75,10 @@ def train_and_publish(
     data: str | Path | list[Path],
     name: str,
     models_dir: str | Path,
-    model_cfg: ModelConfig = ModelConfig(),
-    train_cfg: TrainConfig = TrainConfig(),
-    calib_cfg: CalibrationConfig = CalibrationConfig(),
-    tiling_cfg: TilingConfig = TilingConfig(),
+    model_cfg: ModelOptions = ModelOptions(),
+    train_cfg: TrainOptions = TrainOptions(),
+    calib_cfg: CalibrationOptions = CalibrationOptions(),
+    tiling_cfg: TilingOptions = TilingOptions(),
     run_dir: str | Path | None = None,
     weights_dir: str | Path | None = None,
     skip_bad: bool = False,
@@ -94,7 +95,7 @@ def train_and_publish(
     of their patch features. Then the map smoothing and image score left open are chosen on synthetic
     anomalies of the held-out good images (stpm.selection), and the threshold is calibrated on their
     stitched per-image scores, computed as the runtime computes them."""
-    from stpm.bundle import check_name
+    from stpm.bundle.store import check_name
 
     check_name(name)
     model_cfg = resolved(model_cfg)  # method defaults (layers) made explicit, validated before any work
@@ -116,7 +117,7 @@ def train_and_publish(
     method_info: dict[str, Any] = {}
     with reproducible(train_cfg.seed, device) as gen:  # seeded; the caller's RNGs and settings come back after
         if model_cfg.method == "patchcore":
-            from stpm import patchcore
+            from stpm.methods.patchcore import model as patchcore
 
             t0 = time.monotonic()
             amap, teacher_source, method_info = patchcore.fit(
@@ -177,7 +178,7 @@ def train_and_publish(
 
         def before_publish(staging: Path) -> None:
             if export:
-                from stpm.export import export_bundle
+                from stpm.export.onnx import export_bundle
 
                 export_bundle(staging, check_images=check_images)
             if should_stop is not None and should_stop():  # last chance to cancel: nothing is visible yet

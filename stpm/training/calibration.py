@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stpm.config import CalibrationConfig
+from stpm.options import CalibrationOptions
 
 
 REL_SPREAD_FLOOR = 0.05
@@ -37,7 +37,7 @@ class Calibration:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
-def calibrate(good_scores: np.ndarray, cfg: CalibrationConfig = CalibrationConfig()) -> Calibration:
+def calibrate(good_scores: np.ndarray, cfg: CalibrationOptions = CalibrationOptions()) -> Calibration:
     """Good image scores [N] -> Calibration. Needs at least one score; two or more for a spread."""
     s = np.asarray(good_scores, dtype=np.float64).ravel()
     if s.size == 0:

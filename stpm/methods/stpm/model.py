@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stpm import backbones
-from stpm.config import ModelConfig
+from stpm.methods import backbones
+from stpm.options import ModelOptions
 
 
 class STPM(nn.Module):
@@ -65,7 +65,7 @@ class STPM(nn.Module):
         return sd
 
 
-def student_layers(cfg: ModelConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def student_layers(cfg: ModelOptions) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(teacher layers, student layers); a different student uses its own layers at the same strides."""
     t_layers = backbones.resolve_layers(cfg.backbone, cfg.layers)
     s_name = cfg.student_backbone or cfg.backbone
@@ -83,7 +83,7 @@ def student_layers(cfg: ModelConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def build_stpm(
-    cfg: ModelConfig, weights_dir: str | Path | None = None, seed: int | None = None
+    cfg: ModelOptions, weights_dir: str | Path | None = None, seed: int | None = None
 ) -> tuple[STPM, str]:
     """Teacher with ImageNet weights (unless cfg.pretrained is False), random student; -> (model, source)."""
     t_layers, s_layers = student_layers(cfg)

@@ -36,12 +36,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from stpm import backends, bundle, tiling
-from stpm.imageio import resize_rgb
-from stpm.loss import image_score
-from stpm.model import STPM
-from stpm.methods import STPMMap
-from stpm.names import (
+from stpm.runtime import backends
+
+from stpm import bundle
+
+from stpm.imaging.scores import ImageScore, image_scores
+
+from stpm.imaging.geometry import Geometry, TiledImages, TilingError, from_manifest, plan, score_from_manifest, stitch_all, tile_images
+from stpm.imaging.decode import resize_rgb
+from stpm.methods.stpm.loss import image_score
+from stpm.methods.stpm.model import STPM
+from stpm.methods.maps import STPMMap
+from stpm.bundle.names import (
     INPUT,
     REJECTED_INT8_ONNX,
     SCORER_FP16_ONNX,
@@ -52,7 +58,7 @@ from stpm.names import (
     TEACHER_ONNX,
     feature_output,
 )
-from stpm.weights import load_map
+from stpm.methods.weights import load_map
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +155,7 @@ def _synthetic_images(n: int, size: int | tuple[int, int], seed: int = 0) -> lis
     return out
 
 
-def synthetic_check_images(geometry: tiling.Geometry) -> list[np.ndarray]:
+def synthetic_check_images(geometry: Geometry) -> list[np.ndarray]:
     """Stand-ins the geometry can plan: three square images and one 1:2.5 image at the native size."""
     if geometry.mode == "squash":
         return _synthetic_images(4, geometry.tile)
@@ -157,15 +163,15 @@ def synthetic_check_images(geometry: tiling.Geometry) -> list[np.ndarray]:
     return _synthetic_images(3, native) + _synthetic_images(1, (int(round(native * 2.5)), native), seed=1)
 
 
-def tile_check_images(images: Sequence[np.ndarray], geometry: tiling.Geometry) -> tiling.TiledImages:
+def tile_check_images(images: Sequence[np.ndarray], geometry: Geometry) -> TiledImages:
     """Check images -> their tiles; an image the geometry cannot cover is an error naming it."""
     imgs = [np.asarray(im, dtype=np.uint8) for im in images]
     for i, im in enumerate(imgs):
         try:
-            tiling.plan(im.shape[0], im.shape[1], geometry)
-        except tiling.TilingError as e:
+            plan(im.shape[0], im.shape[1], geometry)
+        except TilingError as e:
             raise ValueError(f"check image {i}: {e}") from None
-    return tiling.tile_images(imgs, geometry)
+    return tile_images(imgs, geometry)
 
 
 def nchw(tiles: np.ndarray) -> np.ndarray:
@@ -223,14 +229,14 @@ def parity_report(
 def image_parity(
     ref_maps: Sequence[np.ndarray],
     got_maps: Sequence[np.ndarray],
-    spec: tiling.ImageScore,
+    spec: ImageScore,
     threshold: float,
     low: float,
     atol: float,
 ) -> dict[str, Any]:
     """Compare stitched per-image maps and the image scores the manifest's score function gives."""
     scale = 0.5 / max(threshold - low, 1e-12)
-    r0, r1 = tiling.image_scores(ref_maps, spec), tiling.image_scores(got_maps, spec)
+    r0, r1 = image_scores(ref_maps, spec), image_scores(got_maps, spec)
     d_map = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(ref_maps, got_maps))
     d_raw = float(np.max(np.abs(r0 - r1)))
     s0 = np.clip(0.5 + (r0 - threshold) * scale, 0, 1)
@@ -294,7 +300,7 @@ def export_bundle(
     amap, manifest = load_map(bundle_dir)
     stpm_model = amap.model if isinstance(amap, STPMMap) else None  # the feature graphs exist for STPM only
     size = int(manifest["model"]["image_size"])
-    geometry, spec = tiling.from_manifest(manifest), tiling.score_from_manifest(manifest)
+    geometry, spec = from_manifest(manifest), score_from_manifest(manifest)
     cal = manifest["calibration"]
     threshold, low = float(cal["threshold"]), float(cal["low"])
     digest = bundle.manifest_digest(manifest)
@@ -336,7 +342,7 @@ def export_bundle(
         parity = parity_report(ref, got, threshold, low, atol)  # per tile
         parity["n_tiles"], parity["n_images"] = parity["n_images"], len(imgs)
         parity["check_images"] = source
-        parity["images"] = image_parity(tiling.stitch_all(ref[0], tiled), tiling.stitch_all(got[0], tiled), spec,
+        parity["images"] = image_parity(stitch_all(ref[0], tiled), stitch_all(got[0], tiled), spec,
                                         threshold, low, atol)
         parity["ok"] = bool(parity["ok"] and parity["images"]["ok"])
         # the feature graphs too: max abs difference over every pyramid level, on one image
@@ -479,10 +485,10 @@ def decision_parity(
     return out
 
 
-def session_image_scores(session, tiled: tiling.TiledImages, spec: tiling.ImageScore, chunk: int = 8) -> np.ndarray:
+def session_image_scores(session, tiled: TiledImages, spec: ImageScore, chunk: int = 8) -> np.ndarray:
     """Per-image raw scores of a scorer session on tiled images (stitched, the manifest's score function)."""
     maps = ort_outputs(session, nchw(tiled.tiles), chunk)[0]
-    return tiling.image_scores(tiling.stitch_all(maps, tiled), spec)
+    return image_scores(stitch_all(maps, tiled), spec)
 
 
 def check_bf16(
@@ -511,7 +517,7 @@ def check_bf16(
     if why:
         out.update(shipped=False, measured=False, reason=f"not measured: {why}")
     else:
-        geometry, spec = tiling.from_manifest(manifest), tiling.score_from_manifest(manifest)
+        geometry, spec = from_manifest(manifest), score_from_manifest(manifest)
         cal = manifest["calibration"]
         tiled = tile_check_images(check_images, geometry)
         t0 = time.perf_counter()
@@ -583,7 +589,7 @@ def quantize_int8(
     exports = manifest.get("exports")
     if not exports or SCORER_ONNX not in exports.get("files", {}):
         raise bundle.BundleError(f"{bundle_dir}: export the fp32 scorer first")
-    geometry, spec = tiling.from_manifest(manifest), tiling.score_from_manifest(manifest)
+    geometry, spec = from_manifest(manifest), score_from_manifest(manifest)
     cal = manifest["calibration"]
     threshold, low = float(cal["threshold"]), float(cal["low"])
     src, dst = bundle_dir / SCORER_ONNX, bundle_dir / SCORER_INT8_ONNX
@@ -624,8 +630,8 @@ def quantize_int8(
     batch = nchw(tiled.tiles)
     got_session = (backends.create_session(dst, "openvino", "int8") if engine == "nncf" else _ort_session(dst))
     ref_t, got_t = ort_outputs(_ort_session(src), batch), ort_outputs(got_session, batch)
-    ref_maps, got_maps = tiling.stitch_all(ref_t[0], tiled), tiling.stitch_all(got_t[0], tiled)
-    ref_raw, got_raw = tiling.image_scores(ref_maps, spec), tiling.image_scores(got_maps, spec)
+    ref_maps, got_maps = stitch_all(ref_t[0], tiled), stitch_all(got_t[0], tiled)
+    ref_raw, got_raw = image_scores(ref_maps, spec), image_scores(got_maps, spec)
     scale = 0.5 / max(threshold - low, 1e-12)
     agree = float(np.mean((ref_raw >= threshold) == (got_raw >= threshold)))
     out: dict[str, Any] = {
@@ -722,19 +728,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import json
 
-    from stpm.data import good_train_dir, list_images, test_samples
-    from stpm.imageio import read_image
+    from stpm.training.data import good_train_dir, list_images, test_samples
+    from stpm.imaging.decode import read_image
 
     path = bundle.locate(args.models_dir, args.model)
     imgs = None
     if args.check_dir:
         files = list_images(args.check_dir, recursive=True)[:args.check_count]
         imgs = [read_image(f) for f in files]
-        geometry = tiling.from_manifest(bundle.read_manifest(path))
+        geometry = from_manifest(bundle.read_manifest(path))
         for f, im in zip(files, imgs):
             try:
-                tiling.plan(im.shape[0], im.shape[1], geometry)
-            except tiling.TilingError as e:
+                plan(im.shape[0], im.shape[1], geometry)
+            except TilingError as e:
                 raise ValueError(f"{f}: {e}") from None
     precisions = tuple(x for x in args.precisions.split(",") if x)
     try:
@@ -760,6 +766,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 __all__ = [
+    "DEFAULT_ATOL",
+    "DEFAULT_FP16_ATOL",
+    "nchw",
+    "ort_outputs",
     "SCORER_FP16_ONNX",
     "SCORER_INT8_ONNX",
     "SCORER_ONNX",

@@ -14,14 +14,14 @@ How to add an option (it then appears in all of those at once):
    - the type says what users may give: `int`, `float`, `bool`, `str`, `X | None` (optional), a
      `Literal[...]` (the choices; CLI `choices`, an enum in the API), `tuple[str, ...]` (comma-separated);
    - `ge`/`gt`/`le`/`lt` bound numbers (checked by the CLI, by POST /train (422) and by `stpm.train`);
-   - `name=` gives it another public name where the field name would be ambiguous (TilingConfig.mode
+   - `name=` gives it another public name where the field name would be ambiguous (TilingOptions.mode
      is `tiling`); `aliases=` adds CLI spellings; `api=False` keeps it off POST /train (a path or a
      resource of the server's: the teacher weight file, the device, DataLoader workers);
    - a field set only in code (never by users) takes `metadata=internal("why")` instead;
    - a field without metadata is still offered (name, type, default, choices) but has no help or bounds,
      and tests/test_options.py fails until it gets `option(...)` or `internal(...)`.
 2. Use it where it acts (pipeline, model, ...). A new *dataclass* (a new section, e.g. a method's own
-   settings) also becomes a field of `TrainingConfig` below, and `stpm.pipeline.run_training` passes
+   settings) also becomes a field of `TrainingOptions` below, and `stpm.pipeline.run_training` passes
    it on to the training code.
 3. Add `name=...` to `stpm.train`'s explicit keyword list (stpm/api.py); a test fails until the keyword list,
    the CLI and the API offer exactly the options declared here.
@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from stpm.names import BACKBONE_NAMES
+from stpm.bundle.names import BACKBONE_NAMES
 
 Backbone = Literal[BACKBONE_NAMES]  # type: ignore[valid-type]  (the table in stpm.names)
 Combine = Literal["product", "sum"]
@@ -74,7 +74,7 @@ def internal(why: str) -> dict[str, Option]:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelOptions:
     """What the network is. Stored in every bundle's manifest."""
 
     # Defaults chosen by measurement (docs/BENCHMARKS.md, "Quality"): the memory bank on the
@@ -115,7 +115,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TilingConfig:
+class TilingOptions:
     """How images of any size and shape meet the S x S model input (see stpm.tiling).
 
     mode "tile": every image is resized by one fixed `scale` (aspect ratio kept) and covered by
@@ -139,7 +139,7 @@ class TilingConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainOptions:
     """How training runs. Defaults are the paper's recipe."""
 
     epochs: int = field(default=100, metadata=option("training epochs (the best validation loss is kept)",
@@ -166,7 +166,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class CalibrationConfig:
+class CalibrationOptions:
     """How the threshold and the [0, 1] normalisation come from held-out good images."""
 
     method: ThresholdMethod = field(default="max_margin", metadata=option(
@@ -179,14 +179,14 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
+class TrainingOptions:
     """Everything one training run is configured by, one field per section. The section names are the
     keys of a training job's parameters and of `from_params`."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    tiling: TilingConfig = field(default_factory=TilingConfig)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    tiling: TilingOptions = field(default_factory=TilingOptions)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -208,24 +208,30 @@ def from_dict(cls: type, data: dict[str, Any]):
     return cls(**kwargs)
 
 
-def to_params(cfg: TrainingConfig) -> dict[str, dict[str, Any]]:
-    """TrainingConfig -> {section: dict} (a training job's parameters, JSON-ready)."""
-    return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(TrainingConfig)}
+def to_params(cfg: TrainingOptions) -> dict[str, dict[str, Any]]:
+    """TrainingOptions -> {section: dict} (a training job's parameters, JSON-ready)."""
+    return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(TrainingOptions)}
 
 
-def from_params(params: dict[str, Any]) -> TrainingConfig:
-    """{section: dict} -> TrainingConfig; a missing section takes its defaults, keys that are not
+def from_params(params: dict[str, Any]) -> TrainingOptions:
+    """{section: dict} -> TrainingOptions; a missing section takes its defaults, keys that are not
     sections are ignored (a job also stores e.g. `activate`), unknown fields raise."""
-    return TrainingConfig(**{f.name: from_dict(f.default_factory, params.get(f.name) or {})  # type: ignore[misc]
-                             for f in fields(TrainingConfig)})
+    return TrainingOptions(**{f.name: from_dict(f.default_factory, params.get(f.name) or {})  # type: ignore[misc]
+                             for f in fields(TrainingOptions)})
 
 
 __all__ = [
-    "ModelConfig",
-    "TrainConfig",
-    "TilingConfig",
-    "CalibrationConfig",
-    "TrainingConfig",
+    "Backbone",
+    "Combine",
+    "ImageScoreMethod",
+    "Method",
+    "ThresholdMethod",
+    "TilingMode",
+    "ModelOptions",
+    "TrainOptions",
+    "TilingOptions",
+    "CalibrationOptions",
+    "TrainingOptions",
     "Option",
     "option",
     "internal",

@@ -25,16 +25,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stpm.config import TilingConfig
-from stpm.imageio import resize_rgb
-from stpm.render import resize_map  # noqa: F401  (part of this module's API: maps back to the input size)
+from stpm.imaging.scores import ImageScore
+from stpm.imaging.decode import resize_rgb
 
 GeometryMode = Literal["tile", "squash"]
-ScoreMethod = Literal["max", "topk_mean"]
-SCORE_METHODS: tuple[str, ...] = ("max", "topk_mean")
-DEFAULT_OVERLAP = TilingConfig.overlap
-DEFAULT_MAX_UPSCALE = TilingConfig.max_upscale
-DEFAULT_MAX_TILES = TilingConfig.max_tiles
+DEFAULT_OVERLAP = 0.25  # minimum overlap of neighbouring tiles, fraction of a tile
+DEFAULT_MAX_UPSCALE = 2.0
+DEFAULT_MAX_TILES = 64
 
 # tile_fn: uint8 tiles [N, 3, S, S] (RGB, NCHW) -> float32 anomaly maps [N, S, S]
 TileFn = Callable[[np.ndarray], np.ndarray]
@@ -49,7 +46,7 @@ class TilingError(ValueError):
 class Geometry:
     """A bundle's image geometry (manifest["tiling"]). mode "squash": resize to tile x tile (legacy)."""
 
-    tile: int  # S, the model input (ModelConfig.image_size)
+    tile: int  # S, the model input (ModelOptions.image_size)
     scale: float = 1.0  # input pixels -> model pixels, the same for every image of this bundle
     overlap: float = DEFAULT_OVERLAP  # minimum overlap of neighbouring tiles, fraction of a tile
     max_upscale: float = DEFAULT_MAX_UPSCALE  # extra uniform upscaling allowed for small inputs
@@ -83,23 +80,6 @@ class Geometry:
         if unknown:
             raise ValueError(f"unknown tiling field(s): {', '.join(sorted(unknown))}")
         return cls(**d)
-
-
-@dataclass(frozen=True)
-class ImageScore:
-    """How an image score comes from its (stitched) map: "max", or "topk_mean": the mean of the
-    `topk` highest values (topk < 1: that fraction of the map's pixels; topk >= 1: that many pixels)."""
-
-    method: ScoreMethod = "max"
-    topk: float = 0.01
-
-    def __post_init__(self):
-        if self.method not in SCORE_METHODS:
-            raise ValueError(f"image score must be one of {', '.join(SCORE_METHODS)}, got {self.method!r}")
-        if not (math.isfinite(self.topk) and self.topk > 0):
-            raise ValueError(f"topk must be > 0, got {self.topk}")
-        if self.topk >= 1 and int(self.topk) != self.topk:
-            raise ValueError(f"topk >= 1 counts pixels and must be a whole number, got {self.topk}")
 
 
 @dataclass(frozen=True)
@@ -195,24 +175,6 @@ def stitch(tile_maps: np.ndarray, p: TilePlan) -> np.ndarray:
     return acc / count
 
 
-def image_score(amap: np.ndarray, spec: ImageScore = ImageScore()) -> float:
-    """An image's score from its map (any shape). The one function evaluation, calibration and the
-    runtime use, so they agree."""
-    v = np.asarray(amap, dtype=np.float32).ravel()
-    if v.size == 0:
-        raise ValueError("empty map")
-    if spec.method == "max":
-        return float(v.max())
-    k = int(spec.topk) if spec.topk >= 1 else int(math.ceil(spec.topk * v.size))
-    k = min(max(k, 1), v.size)
-    return float(np.partition(v, v.size - k)[v.size - k:].mean(dtype=np.float64))
-
-
-def image_scores(maps: Sequence[np.ndarray], spec: ImageScore = ImageScore()) -> np.ndarray:
-    """float64 [N]: image_score of each map."""
-    return np.array([image_score(m, spec) for m in maps], dtype=np.float64)
-
-
 @dataclass
 class TiledImages:
     """The tiles of several images, concatenated: image i owns tiles[offsets[i]:offsets[i + 1]]."""
@@ -288,42 +250,16 @@ def score_from_manifest(manifest: dict[str, Any]) -> ImageScore:
     return ImageScore(m.get("image_score", "max"), float(m.get("topk", ImageScore.topk)))
 
 
-def choose_scale(tile: int, sizes: Sequence[tuple[int, int]], resolution: int | None = None) -> float:
-    """Default scale: resolution (default: the tile size) / median short side of the training images."""
-    if not sizes:
-        raise ValueError("no image sizes to choose a scale from")
-    res = tile if resolution is None else resolution
-    if res < 1:
-        raise ValueError(f"resolution must be >= 1, got {res}")
-    return float(res / np.median([min(h, w) for h, w in sizes]))
-
-
-def resolve(cfg: TilingConfig, tile: int, sizes: Sequence[tuple[int, int]]) -> Geometry:
-    """A training run's TilingConfig + tile size + its images' (height, width) -> the bundle's Geometry."""
-    if cfg.mode == "squash":
-        return Geometry.squash(tile)
-    scale = float(cfg.scale) if cfg.scale is not None else choose_scale(tile, sizes, cfg.resolution)
-    return Geometry(tile=int(tile), scale=scale, overlap=float(cfg.overlap), max_upscale=float(cfg.max_upscale),
-                    max_tiles=int(cfg.max_tiles), mode="tile")
-
-
 __all__ = [
     "Geometry",
-    "ImageScore",
-    "SCORE_METHODS",
     "TileFn",
     "TilePlan",
     "TiledImages",
     "TilingError",
     "axis_origins",
-    "choose_scale",
     "from_manifest",
-    "image_score",
-    "image_scores",
     "plan",
     "predict_maps",
-    "resize_map",
-    "resolve",
     "run_tiles",
     "score_from_manifest",
     "stitch",

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from stpm.config import ModelConfig
-from stpm.loss import anomaly_map
-from stpm.model import STPM
+from stpm.options import ModelOptions
+from stpm.methods.stpm.loss import anomaly_map
+from stpm.methods.stpm.model import STPM
 
 METHODS = ("stpm", "patchcore")
 
@@ -37,8 +37,8 @@ class STPMMap(nn.Module):
         return anomaly_map(t, s, (x.shape[-2], x.shape[-1]), self.combine, self.sigma)
 
 
-def method_of(model: dict[str, Any] | ModelConfig) -> str:
-    m = model.method if isinstance(model, ModelConfig) else model.get("method", "stpm")
+def method_of(model: dict[str, Any] | ModelOptions) -> str:
+    m = model.method if isinstance(model, ModelOptions) else model.get("method", "stpm")
     if m not in METHODS:
         raise ValueError(f"unknown method {m!r}; choose one of {', '.join(METHODS)}")
     return m
@@ -47,15 +47,15 @@ def method_of(model: dict[str, Any] | ModelConfig) -> str:
 def patchcore_layers(backbone: str) -> tuple[str, ...]:
     """PatchCore's mid-level layers: the backbone's default pyramid without its finest stage
     (ResNets: layer2 + layer3, as in the paper; EfficientNet-Lite: blocks.2 + blocks.4)."""
-    from stpm import backbones
+    from stpm.methods import backbones
 
     return backbones.spec(backbone).default_layers[1:]
 
 
-def resolved(cfg: ModelConfig) -> ModelConfig:
+def resolved(cfg: ModelOptions) -> ModelOptions:
     """cfg with the method-dependent defaults made explicit and validated. `sigma` None and
     `image_score` "auto" stay open: stpm.selection chooses them after fitting."""
-    from stpm import backbones
+    from stpm.methods import backbones
 
     m = method_of(cfg)
     sigma = None if cfg.sigma is None else float(cfg.sigma)  # None: stpm.selection chooses

@@ -12,13 +12,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stpm import metrics
-from stpm.calibrate import normalize
-from stpm.data import Sample, load_mask, load_tiled, test_samples
-from stpm.imageio import read_image, resize_rgb
-from stpm.model import STPM
-from stpm.tiling import Geometry, ImageScore, from_manifest, image_scores, predict_maps, score_from_manifest
-from stpm.methods import STPMMap, tile_fn
+from stpm.evaluation import metrics
+from stpm.training.calibration import normalize
+from stpm.training.data import Sample, load_mask, load_tiled, test_samples
+from stpm.imaging.decode import read_image, resize_rgb
+from stpm.methods.stpm.model import STPM
+from stpm.imaging.geometry import Geometry, from_manifest, predict_maps, score_from_manifest
+from stpm.imaging.scores import ImageScore, image_scores
+from stpm.methods.maps import STPMMap, tile_fn
 
 
 def score_samples(

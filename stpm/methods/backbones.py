@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stpm.names import BACKBONES, EFFICIENTNET_LITES, BackboneSpec
+from stpm.bundle.names import BACKBONES, EFFICIENTNET_LITES, BackboneSpec
 
 
 class WeightsNotFoundError(RuntimeError):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from stpm.config import Combine
+from stpm.options import Combine
 
 
 def layer_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stpm import backbones
-from stpm.loss import gaussian_blur
+from stpm.methods import backbones
+from stpm.methods.stpm.loss import gaussian_blur
 
 BANK_CHUNK = 4096  # bank rows per matmul in the nearest-neighbour search
 MIN_BANK = 2048  # memory-bank rows kept however small the coreset ratio
@@ -33,7 +33,7 @@ DEFAULT_SIGMA = 4.0  # PatchCore's smoothing at 224-256 px inputs
 def default_layers(backbone: str) -> tuple[str, ...]:
     """PatchCore's mid-level layers: the backbone's default pyramid without its finest stage
     (ResNets: layer2 + layer3, as in the paper; EfficientNet-Lite: blocks.2 + blocks.4)."""
-    from stpm.methods import patchcore_layers
+    from stpm.methods.maps import patchcore_layers
 
     return patchcore_layers(backbone)
 
@@ -205,7 +205,7 @@ def collect_features(
 
 
 def build_features(cfg, weights_dir=None) -> tuple[PatchFeatures, str]:
-    """The frozen ImageNet teacher of `cfg` (a resolved stpm.config.ModelConfig) as PatchFeatures;
+    """The frozen ImageNet teacher of `cfg` (a resolved stpm.options.ModelOptions) as PatchFeatures;
     -> (module, where the weights came from)."""
     teacher, source = backbones.build_teacher(cfg.backbone, cfg.layers, cfg.pretrained, cfg.weights, weights_dir)
     return PatchFeatures(teacher, cfg.mean, cfg.std, cfg.neighbourhood), source
@@ -236,14 +236,14 @@ def fit(
 ) -> tuple[PatchCoreMap, str, dict]:
     """Good training tiles uint8 [T, S, S, 3] -> (PatchCoreMap on the CPU, teacher weight source, facts).
 
-    `cfg` is a resolved ModelConfig (stpm.methods.resolved). `progress` gets the same keys as STPM's
+    `cfg` is a resolved ModelOptions. `progress` gets the same keys as STPM's
     training progress (epoch 1 of 1, step = tiles done) plus "phase"; `should_stop` is polled per batch
     and raises stpm.train.TrainingStopped."""
     import time
 
     from tqdm import tqdm
 
-    from stpm.train import TrainingStopped
+    from stpm.methods.stpm.trainer import TrainingStopped
 
     t0 = time.monotonic()
     features, source = build_features(cfg, weights_dir)

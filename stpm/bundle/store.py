@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from stpm.names import EVALUATIONS, MANIFEST
+from stpm.bundle.names import EVALUATIONS, MANIFEST
 
 # Patterns as JSON Schema / ECMA regexes (the API spec shows them); Python matches them with fullmatch.
 NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -436,3 +436,49 @@ def clean_staging(models_dir: str | Path, max_age_s: float = STALE_STAGING_S) ->
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
+
+
+__all__ = [
+    "NAME_PATTERN",
+    "VERSION_PATTERN",
+    "NAME_RE",
+    "VERSION_RE",
+    "ACTIVE",
+    "LAST_VERSION",
+    "LOCK",
+    "STAGING",
+    "DELETED",
+    "STALE_STAGING_S",
+    "FORMAT_VERSION",
+    "DERIVED_KEYS",
+    "BundleError",
+    "ModelNotFoundError",
+    "NoActiveVersionError",
+    "check_name",
+    "check_version",
+    "parse_ref",
+    "list_models",
+    "list_versions",
+    "get_active",
+    "set_active",
+    "resolve",
+    "locate",
+    "default_models_dir",
+    "read_manifest",
+    "manifest_digest",
+    "read_evaluations",
+    "record_evaluation",
+    "sha256_file",
+    "library_versions",
+    "utc_now",
+    "fsync_dir",
+    "fingerprint",
+    "write_manifest",
+    "new_staging_dir",
+    "publish",
+    "delete_version",
+    "staging_is_stale",
+    "clean_staging",
+    "MANIFEST",
+    "EVALUATIONS",
+]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from stpm.backends import cpu_name
+from stpm.runtime.backends import cpu_name
 
 
 def timeit(fn: Callable[[], Any], seconds: float, min_iters: int = 5, warmup: int = 2) -> np.ndarray:
@@ -94,7 +94,7 @@ def model_flops(model, image_size: int) -> float:
 
 
 def load_images(images_dir: str | Path, n: int) -> list[bytes]:
-    from stpm.data import list_images
+    from stpm.training.data import list_images
 
     files = list_images(images_dir, recursive=True)
     if not files:
@@ -125,13 +125,13 @@ def run_bench(
     import torch
 
     from stpm import export as ex
-    from stpm.bundle import read_manifest
-    from stpm.data import good_train_dir, list_images, test_samples
-    from stpm.imageio import decode_image, read_image, resize_rgb
-    from stpm.names import INPUT, REJECTED_INT8_ONNX, SCORER_INT8_ONNX, SCORER_ONNX
-    from stpm.backends import ort_session
-    from stpm.runtime import Scorer
-    from stpm.weights import load_map
+    from stpm.bundle.store import read_manifest
+    from stpm.training.data import good_train_dir, list_images, test_samples
+    from stpm.imaging.decode import decode_image, read_image, resize_rgb
+    from stpm.bundle.names import INPUT, REJECTED_INT8_ONNX, SCORER_INT8_ONNX, SCORER_ONNX
+    from stpm.runtime.backends import ort_session
+    from stpm.runtime.scorer import Scorer
+    from stpm.methods.weights import load_map
 
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -300,7 +300,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stpm.bundle import locate
+    from stpm.bundle.store import locate
 
     path = locate(args.models_dir, args.model)
     run_bench(path, args.images, tuple(int(b) for b in args.batch_sizes.split(",")), args.seconds,

@@ -3,7 +3,7 @@ types, defaults, choices, bounds and help, for `stpm train` (argparse), POST /tr
 builds its form from `training_options()`), `stpm.train` and the job runner. Torch-free.
 
     opts = training_options()                 # one TrainingOption per user-facing config field
-    cfg = build({"epochs": 5, "tiling": "squash"})   # -> TrainingConfig; unknown names and bad values raise
+    cfg = build({"epochs": 5, "tiling": "squash"})   # -> TrainingOptions; unknown names and bad values raise
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from dataclasses import dataclass, fields, replace
 from functools import cache
 from typing import Any, Literal
 
-from stpm.config import OPTION, Option, TrainingConfig
+from stpm.options.sections import OPTION, Option, TrainingOptions
 
 
 @dataclass(frozen=True)
 class TrainingOption:
     name: str  # public: `--name-with-dashes`, form field `name`, keyword `name=`
-    section: str  # the TrainingConfig field: model, train, calibration, tiling
+    section: str  # the TrainingOptions field: model, train, calibration, tiling
     field: str  # the dataclass field
     kind: type  # int, float, bool or str (the element type for `many`)
     default: Any
@@ -90,7 +90,7 @@ def _describe(section: str, cls: type, f: Any, hints: dict[str, Any]) -> Trainin
 def training_options() -> tuple[TrainingOption, ...]:
     """Every user-facing option, in declaration order (section by section). Public names are unique."""
     out: list[TrainingOption] = []
-    for sec in fields(TrainingConfig):
+    for sec in fields(TrainingOptions):
         cls = sec.default_factory  # type: ignore[misc]
         hints = typing.get_type_hints(cls)
         out += [o for f in fields(cls) if (o := _describe(sec.name, cls, f, hints)) is not None]
@@ -169,15 +169,15 @@ def _check_one(opt: TrainingOption, value: Any) -> Any:
     return v
 
 
-def build(values: Mapping[str, Any], base: TrainingConfig | None = None) -> TrainingConfig:
-    """Public option names -> TrainingConfig (`base`, default all defaults, with these values set).
+def build(values: Mapping[str, Any], base: TrainingOptions | None = None) -> TrainingOptions:
+    """Public option names -> TrainingOptions (`base`, default all defaults, with these values set).
     Unknown names and bad values raise ValueError naming them; so do combinations the model code
     would refuse later (the image-score spec)."""
     by_name = {o.name: o for o in training_options()}
     unknown = sorted(set(values) - set(by_name))
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(unknown)} (known: {', '.join(by_name)})")
-    cfg = base or TrainingConfig()
+    cfg = base or TrainingOptions()
     changes: dict[str, dict[str, Any]] = {}
     for name, value in values.items():
         o = by_name[name]
@@ -187,16 +187,16 @@ def build(values: Mapping[str, Any], base: TrainingConfig | None = None) -> Trai
     return cfg
 
 
-def validate(cfg: TrainingConfig) -> None:
+def validate(cfg: TrainingOptions) -> None:
     """Checks across fields (each field's own type and bounds are `check`'s)."""
-    from stpm.tiling import ImageScore
+    from stpm.imaging.scores import ImageScore
 
     if cfg.model.image_score != "auto":  # auto: stpm.selection chooses after fitting
         ImageScore(cfg.model.image_score, cfg.model.topk)
 
 
-def values_of(cfg: TrainingConfig) -> dict[str, Any]:
-    """TrainingConfig -> {public name: value} (the inverse of `build`)."""
+def values_of(cfg: TrainingOptions) -> dict[str, Any]:
+    """TrainingOptions -> {public name: value} (the inverse of `build`)."""
     return {o.name: getattr(getattr(cfg, o.section), o.field) for o in training_options()}
 
 
@@ -239,8 +239,8 @@ def _metavar(o: TrainingOption) -> str:
     return f"{one},..." if o.many else one
 
 
-def from_args(args: argparse.Namespace) -> TrainingConfig:
-    """The namespace of a parser built with `add_arguments` -> TrainingConfig."""
+def from_args(args: argparse.Namespace) -> TrainingOptions:
+    """The namespace of a parser built with `add_arguments` -> TrainingOptions."""
     return build({o.name: getattr(args, o.name) for o in training_options()})
 
 

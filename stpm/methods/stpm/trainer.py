@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stpm.config import TrainConfig
-from stpm.loss import anomaly_map, image_score, stpm_loss
-from stpm.model import STPM
-from stpm.tiling import TileFn
+from stpm.options import TrainOptions
+from stpm.methods.stpm.loss import anomaly_map, image_score, stpm_loss
+from stpm.methods.stpm.model import STPM
+from stpm.imaging.geometry import TileFn
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -80,7 +80,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def make_optimizer(model: STPM, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: STPM, cfg: TrainOptions) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -156,7 +156,7 @@ def predict(
 
 def stpm_tile_fn(model: STPM, device: torch.device, combine: str = "product", sigma: float = 0.0) -> TileFn:
     """STPM as a per-tile map function for stpm.tiling.predict_maps: uint8 [N, 3, S, S] -> float32 [N, S, S]."""
-    from stpm.methods import STPMMap, tile_fn
+    from stpm.methods.maps import STPMMap, tile_fn
 
     return tile_fn(STPMMap(model, combine, sigma), device)
 
@@ -194,7 +194,7 @@ def fit(
     model: STPM,
     train_loader: DataLoader,
     val_loader: DataLoader,
-    cfg: TrainConfig,
+    cfg: TrainOptions,
     device: torch.device,
     checkpoint: Path | None = None,
     resume: bool = False,

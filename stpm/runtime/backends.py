@@ -34,8 +34,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stpm import names
-from stpm.names import INPUT, SCORER_OUTPUTS
+from stpm.bundle import names
+from stpm.bundle.names import INPUT, SCORER_OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +533,7 @@ def select(
     held = bundle_precisions(manifest, bundle_dir)
     for p in ("fp32",) if fall_back_to_fp32 or req_p == "auto" else ("fp32", req_p):
         if held[p] is not None:
-            from stpm.bundle import BundleError
+            from stpm.bundle.store import BundleError
 
             raise BundleError(f"{bundle_dir}: no {p} scorer: {held[p]}")
     gpu = _gpu_requested(providers)

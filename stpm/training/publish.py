@@ -7,16 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from stpm import bundle
-from stpm.calibrate import Calibration
-from stpm.config import ModelConfig, to_dict
+from stpm.training.calibration import Calibration
+from stpm.options import ModelOptions, to_dict
 from torch import nn
-from stpm.tiling import Geometry
-from stpm.weights import save_weights
+from stpm.imaging.geometry import Geometry
+from stpm.methods.weights import save_weights
 
 
 def build_manifest(
     name: str,
-    model_cfg: ModelConfig,
+    model_cfg: ModelOptions,
     calibration: Calibration,
     teacher_source: str,
     training: dict[str, Any],
@@ -30,7 +30,7 @@ def build_manifest(
     defaults (the first candidate sigma, the maximum as image score)."""
     from dataclasses import replace
 
-    from stpm.selection import AUTO, SIGMA_CANDIDATES
+    from stpm.training.selection import AUTO, SIGMA_CANDIDATES
 
     if model_cfg.sigma is None:
         model_cfg = replace(model_cfg, sigma=SIGMA_CANDIDATES[model_cfg.method][0])
