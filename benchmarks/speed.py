@@ -37,7 +37,8 @@ def speed_bundle(models_dir: Path, image_size: int = 256, backbone: str = "resne
     from stpm.training.calibration import calibrate
     from stpm.options import ModelOptions
     from stpm.export.onnx import export_bundle
-    from stpm.methods.stpm.loss import anomaly_map, image_score
+    from stpm.methods.maps import tile_score as image_score
+    from stpm.methods.stpm.loss import anomaly_map
     from stpm.methods.stpm.model import build_stpm
     from stpm.training.publish import build_manifest, publish_model
 

@@ -57,7 +57,8 @@ def build_bundle(models_dir: Path, name: str = "demo", seed: int = 0, geometry=N
     from stpm.training.calibration import calibrate
     from stpm.options import ModelOptions
     from stpm.export.onnx import export_bundle
-    from stpm.methods.stpm.loss import anomaly_map, image_score
+    from stpm.methods.maps import tile_score as image_score
+    from stpm.methods.stpm.loss import anomaly_map
     from stpm.methods.stpm.model import build_stpm
     from stpm.training.publish import build_manifest, publish_model
 

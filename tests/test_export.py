@@ -44,7 +44,8 @@ def tiny_model(seed: int = 0):
 
 
 def torch_scores(model, images: list[np.ndarray]) -> np.ndarray:
-    from stpm.methods.stpm.loss import anomaly_map, image_score
+    from stpm.methods.maps import tile_score as image_score
+    from stpm.methods.stpm.loss import anomaly_map
 
     x = torch.from_numpy(ex.prepare_batch(images, SIZE)).float() / 255.0
     with torch.no_grad():
@@ -87,9 +88,10 @@ def test_onnx_matches_torch_on_real_images(published, real):
     # independently of export's own check: torch's STPM maths vs the ONNX graph
     import onnxruntime as ort
 
-    from stpm.methods.weights import load_model
+    from stpm.methods.loading import load_map
 
-    model, manifest = load_model(path)
+    amap, typed = load_map(path)
+    model, manifest = amap.model, typed.to_dict()
     ref = torch_scores(model, real[0])
     sess = ort.InferenceSession(str(path / names.SCORER_ONNX), providers=["CPUExecutionProvider"])
     amap, raw, score = sess.run(None, {"images": ex.prepare_batch(real[0], SIZE)})
@@ -99,9 +101,9 @@ def test_onnx_matches_torch_on_real_images(published, real):
     decisions = ref >= thr
     assert 0 < decisions.sum() < len(decisions), "calibration should put images on both sides"
     np.testing.assert_array_equal(raw >= thr, decisions)
-    from stpm.training.calibration import normalize
+    from stpm.bundle.calibration import Calibration
 
-    np.testing.assert_allclose(score, normalize(ref, thr, low), atol=1e-3)
+    np.testing.assert_allclose(score, Calibration(threshold=thr, low=low).normalise(ref), atol=1e-3)
     np.testing.assert_allclose(raw, amap.reshape(len(raw), -1).max(axis=1), rtol=1e-6)
 
 

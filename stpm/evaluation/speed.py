@@ -131,7 +131,7 @@ def run_bench(
     from stpm.bundle.names import INPUT, REJECTED_INT8_ONNX, SCORER_INT8_ONNX, SCORER_ONNX
     from stpm.runtime.backends import ort_session
     from stpm.runtime.scorer import Scorer
-    from stpm.methods.weights import load_map
+    from stpm.methods.loading import load_map
 
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -139,7 +139,8 @@ def run_bench(
     try:
         work = tmp / "bundle"
         shutil.copytree(bundle_dir, work)
-        model, manifest = load_map(work)
+        model, typed = load_map(work)
+        manifest = typed.to_dict()
         size = int(manifest["model"]["image_size"])
         if SCORER_ONNX not in (manifest.get("exports") or {}).get("files", {}):
             ex.export_bundle(work)

@@ -44,9 +44,8 @@ from stpm.imaging.scores import ImageScore, image_scores
 
 from stpm.imaging.geometry import Geometry, TiledImages, TilingError, from_manifest, plan, score_from_manifest, stitch_all, tile_images
 from stpm.imaging.decode import resize_rgb
-from stpm.methods.stpm.loss import image_score
-from stpm.methods.stpm.model import STPM
-from stpm.methods.maps import STPMMap
+from stpm.methods.maps import tile_score as image_score
+from stpm.methods import registry
 from stpm.bundle.names import (
     INPUT,
     REJECTED_INT8_ONNX,
@@ -58,7 +57,7 @@ from stpm.bundle.names import (
     TEACHER_ONNX,
     feature_output,
 )
-from stpm.methods.weights import load_map
+from stpm.methods.loading import load_map
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +92,6 @@ class FusedScorer(nn.Module):
         raw = image_score(amap)
         score = torch.clamp(0.5 + (raw - self.threshold) * self.scale, 0.0, 1.0)
         return amap, raw, score
-
-
-class _Features(nn.Module):
-    def __init__(self, model: STPM, which: str):
-        super().__init__()
-        self.model = model
-        self.which = which
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        f = self.model.teacher_features(x) if self.which == "teacher" else self.model.student_features(x)
-        return tuple(f)
 
 
 def fused_scorer(amap: nn.Module, manifest: dict[str, Any], half: bool = False) -> FusedScorer:
@@ -297,8 +285,9 @@ def export_bundle(
         raise ValueError(f"precisions: only bf16 is checked at export (int8: quantize_int8), got {sorted(unknown)}")
     bundle_dir = Path(bundle_dir)
     t0 = time.perf_counter()
-    amap, manifest = load_map(bundle_dir)
-    stpm_model = amap.model if isinstance(amap, STPMMap) else None  # the feature graphs exist for STPM only
+    amap, typed = load_map(bundle_dir)
+    manifest = typed.to_dict()
+    graph_modules = registry.method(typed.method).feature_graphs(amap)  # e.g. STPM's teacher and student
     size = int(manifest["model"]["image_size"])
     geometry, spec = from_manifest(manifest), score_from_manifest(manifest)
     cal = manifest["calibration"]
@@ -311,17 +300,18 @@ def export_bundle(
     files: dict[str, Any] = {}
     # Written under temporary names and renamed into place only once parity holds, so a failed
     # re-export leaves a bundle's previous exports (files and records) as they were.
-    graphs = (TEACHER_ONNX, STUDENT_ONNX, SCORER_ONNX) if stpm_model is not None else (SCORER_ONNX,)
-    feature_graphs = ((TEACHER_ONNX, "teacher"), (STUDENT_ONNX, "student")) if stpm_model is not None else ()
+    graphs = (*graph_modules, SCORER_ONNX)
+    feature_graphs = [(fname, fname.removesuffix(".onnx"), module) for fname, module in graph_modules.items()]
     tmp = {f: bundle_dir / f".{f}.tmp" for f in graphs}
     feat_names: list[str] = []
     try:
-        if stpm_model is not None:
-            feat_names = [feature_output(i) for i in range(len(stpm_model.teacher_features(example_f)))]
-        for fname, which in feature_graphs:
+        if feature_graphs:
+            with torch.no_grad():
+                feat_names = [feature_output(i) for i in range(len(feature_graphs[0][2](example_f)))]
+        for fname, which, module in feature_graphs:
             axes = {INPUT: {0: "N", 2: "H", 3: "W"},
                     **{n: {0: "N", 2: f"H{i}", 3: f"W{i}"} for i, n in enumerate(feat_names)}}
-            _onnx_export(_Features(stpm_model, which).eval(), example_f, tmp[fname], [INPUT], feat_names, axes,
+            _onnx_export(module, example_f, tmp[fname], [INPUT], feat_names, axes,
                          opset)
             _set_metadata(tmp[fname], manifest, {"stpm.graph": which})
 
@@ -347,9 +337,9 @@ def export_bundle(
         parity["ok"] = bool(parity["ok"] and parity["images"]["ok"])
         # the feature graphs too: max abs difference over every pyramid level, on one image
         xf = torch.from_numpy(batch[:1]).float() / 255.0
-        for fname, which in feature_graphs:
+        for fname, which, module in feature_graphs:
             with torch.no_grad():
-                tf = _Features(stpm_model, which)(xf)
+                tf = module(xf)
             of = _ort_session(tmp[fname]).run_outputs(None, {INPUT: xf.numpy()})
             parity[f"{which}_max_abs_feature"] = float(max(np.max(np.abs(a.numpy() - b)) for a, b in zip(tf, of)))
         if not parity["ok"]:
