@@ -56,6 +56,7 @@ def build_models(models_dir: Path, image_size: int) -> str:
     from stpm.methods.maps import tile_score as image_score
     from stpm.methods.stpm.loss import anomaly_map
     from stpm.methods.stpm.model import build_stpm
+    from stpm.methods.stpm.anomaly_map import STPMMap
     from stpm.training.publish import build_manifest, publish_model
 
     torch.manual_seed(0)
@@ -67,7 +68,8 @@ def build_models(models_dir: Path, image_size: int) -> str:
         t, s = model(x)
         scores = image_score(anomaly_map(t, s, (image_size, image_size))).numpy()
     manifest = build_manifest(name, cfg, calibrate(scores), "random-init", {"epochs": 0}, {"n_images": 4})
-    publish_model(models_dir, model, manifest, before_publish=lambda d: export_bundle(d))
+    amap = STPMMap(model, manifest["model"]["combine"], manifest["model"]["sigma"])
+    publish_model(models_dir, amap, manifest, before_publish=lambda d: export_bundle(d))
     return name
 
 

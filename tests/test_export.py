@@ -17,6 +17,7 @@ from stpm.training.calibration import calibrate
 from stpm.options import ModelOptions
 from stpm.imaging.decode import read_image
 from stpm.methods.stpm.model import build_stpm
+from stpm.methods.stpm.anomaly_map import STPMMap
 from stpm.training.publish import build_manifest, publish_model
 from tests.conftest import BOTTLE, require
 
@@ -60,7 +61,8 @@ def make_bundle(models_dir: Path, images: list[np.ndarray], export: bool = True)
     cal = calibrate(scores[: len(scores) // 2])
     manifest = build_manifest("tiny", cfg, cal, "random-init", {}, {})
     hook = (lambda d: ex.export_bundle(d, check_images=images)) if export else None
-    _, path = publish_model(models_dir, model, manifest, before_publish=hook)
+    amap = STPMMap(model, manifest["model"]["combine"], manifest["model"]["sigma"])
+    _, path = publish_model(models_dir, amap, manifest, before_publish=hook)
     return path
 
 
