@@ -79,7 +79,8 @@ def _cv2():
 _FAST = {}
 
 
-def _fast_decoder(name: str):
+def fast_decoder(name: str):
+    """The optional fast library `name` ("simplejpeg", "cv2"), imported once; None where it is not installed."""
     if name not in _FAST:
         _FAST[name] = {"simplejpeg": _simplejpeg, "cv2": _cv2}[name]()
     return _FAST[name]
@@ -89,7 +90,7 @@ def _fast_decode(data: bytes, img: Image.Image) -> np.ndarray | None:
     """The pixels of a plain 8-bit RGB JPEG or PNG by a faster decoder, or None (use Pillow)."""
     w, h = img.size
     if img.format == "JPEG" and img.mode == "RGB" and img.getexif().get(0x0112, 1) == 1:
-        sj = _fast_decoder("simplejpeg")
+        sj = fast_decoder("simplejpeg")
         if sj is None:
             return None
         try:
@@ -98,7 +99,7 @@ def _fast_decode(data: bytes, img: Image.Image) -> np.ndarray | None:
             return None
     elif (img.format == "PNG" and img.mode == "RGB" and len(data) > 25 and data[24] == 8 and data[25] == 2
           and b"eXIf" not in data):
-        cv2 = _fast_decoder("cv2")
+        cv2 = fast_decoder("cv2")
         if cv2 is None:
             return None
         a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)

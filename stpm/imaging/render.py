@@ -12,6 +12,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from stpm.imaging.decode import fast_decoder
+
 PNG_COMPRESS_LEVEL = 1  # fast zlib level: these PNGs are served once, speed beats a few percent of size
 FORMATS = ("png", "jpeg", "webp")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -31,16 +33,7 @@ def _turbo_lut() -> np.ndarray:
 TURBO = _turbo_lut()
 
 
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        return None
-    cv2.setNumThreads(1)
-    return cv2
-
-
-_CV2 = _cv2()
+_CV2 = fast_decoder("cv2")  # OpenCV where installed (one thread: the server runs requests in parallel)
 
 
 def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -16,6 +16,7 @@ from stpm.methods.base import FitData, FitRun, Fitted, Method
 from stpm.methods.patchcore.anomaly_map import PatchCoreMap
 from stpm.methods.patchcore.coreset import bank_rows, fit_bank
 from stpm.methods.patchcore.features import PatchFeatures, build_features, collect_features
+from stpm.methods.patchcore.spec import SPEC
 
 
 def _features(features: PatchFeatures, data: FitData, run: FitRun, batch_size: int) -> torch.Tensor:
