@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 import pytest
 from services import start_postgres
+from sqlalchemy import inspect
 
 from app.jobs.store import JobStore
 from app.jobs.worker import LocalRunner
@@ -159,6 +160,7 @@ def test_a_store_of_the_first_release_gains_the_new_columns(target):
         assert job.state == "queued" and job.worker is None and job.heartbeat_at is None
         claimed, token = s.claim(job.id, "w")
         assert s.heartbeat(job.id, token) and s.get(job.id).worker == "w"
+        assert {"jobs_state", "jobs_seq"} <= {ix["name"] for ix in inspect(s.engine).get_indexes("jobs")}
     finally:
         s.close()
 
