@@ -8,8 +8,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import APIError
-from app.registry import ModelRegistry, inference_info, model_error
+from app.errors import APIError, model_error
+from app.registry import ModelRegistry, inference_info
 from app.schemas import (
     ActivateResponse,
     DeleteResponse,
