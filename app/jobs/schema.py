@@ -25,6 +25,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.sqlite import REAL
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.types import TypeDecorator
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -84,12 +86,21 @@ COLUMNS = tuple(c.name for c in jobs.columns)
 
 
 def ensure_schema(conn: Connection) -> None:
-    """Create the table and its indexes where missing; add the columns an older store lacks."""
-    metadata.create_all(conn, checkfirst=True)
-    have = {c["name"] for c in inspect(conn).get_columns("jobs")}
-    for name in ADDED_COLUMNS:
-        if name not in have:
-            column_type = jobs.c[name].type.compile(dialect=conn.dialect)
-            conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {column_type}"))
+    """Create the table and its indexes where missing; add the columns an older store lacks. Safe when
+    several processes open a new or old store at once (IF NOT EXISTS; a column another one added
+    meanwhile is not an error)."""
+    conn.execute(CreateTable(jobs, if_not_exists=True))
     for index in jobs.indexes:
-        index.create(conn, checkfirst=True)
+        conn.execute(CreateIndex(index, if_not_exists=True))
+    for name in ADDED_COLUMNS:
+        if name not in _columns(conn):
+            column_type = jobs.c[name].type.compile(dialect=conn.dialect)
+            try:
+                conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {column_type}"))
+            except OperationalError:
+                if name not in _columns(conn):
+                    raise
+
+
+def _columns(conn: Connection) -> set[str]:
+    return {c["name"] for c in inspect(conn).get_columns("jobs")}
