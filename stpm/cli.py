@@ -8,13 +8,14 @@ not pay for torch."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.metadata
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from stpm.runtime.backends import BACKENDS, PRECISIONS
 from stpm.bundle.names import EVALUATIONS, SCORER_ONNX
@@ -61,7 +62,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     _module_command(sub, command, "export", "write teacher.onnx, student.onnx and the fused scorer.onnx",
-                    "stpm.export")
+                    _export_module)
 
     p = sub.add_parser("predict", help="score images; write overlays and a JSON")
     p.add_argument("model", help="NAME, NAME/VERSION or a bundle folder")
@@ -84,7 +85,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_activate)
 
     _module_command(sub, command, "bench", "speed benchmark: torch eager vs ONNX Runtime vs the full path",
-                    "stpm.bench")
+                    _bench_module)
     _registered_commands(sub, command)  # serve, worker: the service (app/) registers them
 
     distill_help = "classifier knowledge distillation"
@@ -105,16 +106,30 @@ def _placeholder(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
-def _module_command(sub: argparse._SubParsersAction, command: str | None, name: str, help: str, module: str) -> None:
-    """A sub-command implemented by `module` (its add_arguments + main), imported only when `command`
-    is `name`. If the module cannot be imported (e.g. torch absent in a scoring-only install), the
-    command stays listed and says why."""
+def _export_module() -> ModuleType:
+    from stpm.export import onnx
+
+    return onnx
+
+
+def _bench_module() -> ModuleType:
+    from stpm.evaluation import speed
+
+    return speed
+
+
+def _module_command(sub: argparse._SubParsersAction, command: str | None, name: str, help: str,
+                    load: Callable[[], ModuleType]) -> None:
+    """A sub-command implemented by the module `load()` imports (its add_arguments + main), imported
+    only when `command` is `name` (a deferred import the import contracts see, not a name in a string).
+    If the module cannot be imported (e.g. torch absent in a scoring-only install), the command stays
+    listed and says why."""
     p = sub.add_parser(name, help=help)
     if command != name:
         _placeholder(p)
         return
     try:
-        mod = importlib.import_module(module)
+        mod = load()
     except ImportError as e:
         _mark_unavailable(p, name, e)
         return

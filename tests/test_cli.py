@@ -135,6 +135,16 @@ def test_help_lists_every_command_without_importing_them():
     assert "TORCH False" in r.stdout
 
 
+@pytest.mark.parametrize("command, flag", [("export", "--opset"), ("bench", "--batch-sizes"), ("serve", "--port"),
+                                           ("worker", "--concurrency")])
+def test_every_module_command_loads_its_arguments(command, flag, capsys):
+    """The modules behind the lazily imported commands exist and add their own arguments (a moved module
+    would otherwise leave its command saying `not available in this installation`)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and flag in capsys.readouterr().out
+
+
 def test_commands_come_from_the_entry_point_group_and_a_broken_one_says_why(tmp_path):
     """`serve` and `worker` are registered by app through the `stpm.commands` entry points (stpm never
     imports app); another distribution's command is listed the same way, and one whose module cannot be
