@@ -1,4 +1,5 @@
-"""Every error is JSON `{"error": code, "detail": message}` with the right status (never an HTML page)."""
+"""Every error is JSON `{"error": code, "detail": message}` with the right status (never an HTML page);
+the model store's errors mapped onto HTTP (`model_error`, `NoModelError`, `ModelRequiredError`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stpm.bundle.store import BundleError, ModelNotFoundError, NoActiveVersionError
 
 log = logging.getLogger("app")
 
@@ -44,6 +47,35 @@ class APIError(StarletteHTTPException):
         super().__init__(status_code=status_code, detail=detail, headers=headers)
         self.error = error
         self.extra = extra or {}
+
+
+class NoModelError(APIError):
+    def __init__(self):
+        super().__init__(
+            409,
+            "no_model",
+            "no model has been trained yet (the model store is empty): train one with "
+            "`stpm train GOOD_IMAGES_DIR --name NAME` (or POST /train); it is picked up automatically",
+        )
+
+
+class ModelRequiredError(APIError):
+    def __init__(self, n_models: int):
+        super().__init__(
+            400,
+            "model_required",
+            f"the store holds {n_models} models and the server has no default model: name one with "
+            "model=NAME (GET /models lists them), or set STPM_DEFAULT_MODEL",
+        )
+
+
+def model_error(exc: BundleError) -> APIError:
+    """Map the store's exceptions onto HTTP: unknown -> 404, nothing activated -> 409, malformed -> 400."""
+    if isinstance(exc, NoActiveVersionError):
+        return APIError(409, "no_active_version", str(exc))
+    if isinstance(exc, ModelNotFoundError):
+        return APIError(404, "model_not_found", str(exc))
+    return APIError(400, "invalid_model_name", str(exc))
 
 
 def error_body(status: int, detail: Any, error: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ load_intra1.json it also rewrites that block of docs/BENCHMARKS.md.
 --sweep measures the micro-batcher instead: per backend (onnxruntime, openvino) and per (images per
 batch, wait ms) of SWEEP_GRID, a fresh server with those settings pinned, K clients each; writes
 benchmarks/results/load_sweep.json (and its block of docs/BENCHMARKS.md) with the choice of
-benchmarks/batching.py, which app.registry.BATCH_DEFAULTS must equal (tests/test_batching.py).
+benchmarks/batching.py, which app.batcher.BATCH_DEFAULTS must equal (tests/test_batching.py).
 
 Without --models-dir a random-init ResNet18 bundle (torch needed here, not in the server) is built
 once into /tmp/stpm-load-models: speed does not depend on the weights.

@@ -1,17 +1,21 @@
 """`stpm train | eval | export | predict | activate | bench | serve | worker | distill`.
 
-The modules behind `export`, `bench`, `serve`, `worker` and `distill` are imported only when that command runs
-(`build_parser(command)`): `stpm serve`, the Docker entry point, must not pay for torch."""
+The modules behind `export`, `bench` and `distill` are imported only when that command runs
+(`build_parser(command)`); `serve` and `worker` belong to the service, which registers them through the
+entry-point group `stpm.commands` (stpm never imports app). `stpm serve`, the Docker entry point, must
+not pay for torch."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.metadata
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from stpm.runtime.backends import BACKENDS, PRECISIONS
 from stpm.bundle.names import EVALUATIONS, SCORER_ONNX
@@ -19,6 +23,7 @@ from stpm.options import add_arguments as add_training_options
 
 PREDICT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 STORE_COMMANDS = ("export", "bench")  # module commands that take --models-dir
+COMMANDS_GROUP = "stpm.commands"  # entry points: commands other packages add (app: serve, worker)
 
 def _models_dir(p: argparse.ArgumentParser) -> None:
     from stpm.bundle.store import default_models_dir
@@ -57,7 +62,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     _module_command(sub, command, "export", "write teacher.onnx, student.onnx and the fused scorer.onnx",
-                    "stpm.export")
+                    _export_module)
 
     p = sub.add_parser("predict", help="score images; write overlays and a JSON")
     p.add_argument("model", help="NAME, NAME/VERSION or a bundle folder")
@@ -80,10 +85,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_activate)
 
     _module_command(sub, command, "bench", "speed benchmark: torch eager vs ONNX Runtime vs the full path",
-                    "stpm.bench")
-    _module_command(sub, command, "serve", "start the HTTP service (uvicorn)", "app.serve")
-    _module_command(sub, command, "worker", "run training jobs from the Celery queue (scaled mode, docs/SCALING.md)",
-                    "app.celery_worker")
+                    _bench_module)
+    _registered_commands(sub, command)  # serve, worker: the service (app/) registers them
 
     distill_help = "classifier knowledge distillation"
     if command != "distill":
@@ -103,16 +106,30 @@ def _placeholder(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
-def _module_command(sub: argparse._SubParsersAction, command: str | None, name: str, help: str, module: str) -> None:
-    """A sub-command implemented by `module` (its add_arguments + main), imported only when `command`
-    is `name`. If the module cannot be imported (e.g. torch absent in a scoring-only install), the
-    command stays listed and says why."""
+def _export_module() -> ModuleType:
+    from stpm.export import onnx
+
+    return onnx
+
+
+def _bench_module() -> ModuleType:
+    from stpm.evaluation import speed
+
+    return speed
+
+
+def _module_command(sub: argparse._SubParsersAction, command: str | None, name: str, help: str,
+                    load: Callable[[], ModuleType]) -> None:
+    """A sub-command implemented by the module `load()` imports (its add_arguments + main), imported
+    only when `command` is `name` (a deferred import the import contracts see, not a name in a string).
+    If the module cannot be imported (e.g. torch absent in a scoring-only install), the command stays
+    listed and says why."""
     p = sub.add_parser(name, help=help)
     if command != name:
         _placeholder(p)
         return
     try:
-        mod = importlib.import_module(module)
+        mod = load()
     except ImportError as e:
         _mark_unavailable(p, name, e)
         return
@@ -120,6 +137,23 @@ def _module_command(sub: argparse._SubParsersAction, command: str | None, name: 
         _models_dir(p)
     mod.add_arguments(p)
     p.set_defaults(func=mod.main)
+
+
+def _registered_commands(sub: argparse._SubParsersAction, command: str | None) -> None:
+    """The commands of the `stpm.commands` entry-point group, by name: each entry point is a
+    `register(sub)` that adds its sub-command. Its module is imported when that command runs or the
+    commands are listed (`command` None), not when another one runs. One whose module cannot be imported
+    (e.g. the service's dependencies absent) stays listed and says why."""
+    for ep in sorted(importlib.metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        if command is not None and command != ep.name:
+            _placeholder(sub.add_parser(ep.name))
+            continue
+        try:
+            register = ep.load()
+        except ImportError as e:
+            _mark_unavailable(sub.add_parser(ep.name, help=f"not available in this installation ({e})"), ep.name, e)
+            continue
+        register(sub)
 
 
 def _mark_unavailable(p: argparse.ArgumentParser, name: str, e: ImportError) -> None:

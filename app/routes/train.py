@@ -14,9 +14,11 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.deps import JobRunnerDep, JobStoreDep, jobs_of
 from app.errors import APIError
 from app.jobs.store import STATES, Job, JobStore
 from app.jobs.uploads import Limits, UploadError, store_upload
+from app.jobs.worker import JobRunner
 from app.multipart import MultipartRoute
 from app.schemas import ErrorResponse, TrainJob, TrainJobList
 from stpm import bundle
@@ -40,13 +42,9 @@ JobId = Annotated[str, PathParam(description="The job id from POST /train (other
 API_OPTIONS = tuple(o for o in training_options() if o.api)
 
 
-def _engine(request: Request) -> tuple[JobStore, object]:
-    store = getattr(request.app.state, "job_store", None)
-    runner = getattr(request.app.state, "job_runner", None)
-    if store is None or runner is None:
-        raise APIError(503, "training_unavailable", "training jobs are disabled (setting train_enabled) or the job "
-                       "store has not started")
-    return store, runner
+def _engine(request: Request) -> tuple[JobStore, JobRunner]:
+    """POST /train's store and runner (its signature is generated: see with_option_fields)."""
+    return jobs_of(request.app)
 
 
 def _public(store: JobStore, job: Job) -> dict:
@@ -131,13 +129,11 @@ async def submit(request: Request, form: Annotated[TrainForm, Form(media_type="m
 
 @router.get("", response_model=TrainJobList, summary="Training jobs, newest first", responses=ERRORS)
 async def list_jobs(
-    request: Request,
+    store: JobStoreDep,
     state: Annotated[Literal[STATES] | None, Query(description="Only jobs in this state")] = None,  # type: ignore[valid-type]
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ):
-    store, _ = _engine(request)
-
     def work():
         return {"jobs": [_public(store, j) for j in store.list(state, limit, offset)]}
 
@@ -146,8 +142,7 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=TrainJob, summary="One job: state, progress, error, resulting version",
             responses=ERRORS)
-async def get_job(request: Request, job_id: JobId):
-    store, _ = _engine(request)
+async def get_job(store: JobStoreDep, job_id: JobId):
     return _public(store, await run_in_threadpool(_get, store, job_id))
 
 
@@ -158,8 +153,7 @@ async def get_job(request: Request, job_id: JobId):
     responses={**ERRORS, 202: {"model": TrainJob, "description": "Running: cancel requested"},
                409: {"model": ErrorResponse, "description": "The job has already finished"}},
 )
-async def cancel_job(request: Request, job_id: JobId):
-    store, runner = _engine(request)
+async def cancel_job(store: JobStoreDep, runner: JobRunnerDep, job_id: JobId):
     job = await run_in_threadpool(_get, store, job_id)
     if job.finished:
         raise APIError(409, "job_finished", f"job {job_id} has already finished ({job.state}); nothing to cancel")
