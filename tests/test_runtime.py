@@ -16,7 +16,8 @@ pytest.importorskip("torch")
 
 from stpm import bundle
 from stpm.imaging.decode import ImageDecodeError
-from stpm.runtime.scorer import Scorer, choose_providers
+from stpm.runtime.scorer import Scorer
+from stpm.runtime.sessions import choose_providers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export import SIZE, bottle_images, make_bundle, torch_scores
@@ -151,7 +152,7 @@ def test_attributes_and_providers(scorer, caplog):
     assert choose_providers(["auto"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert choose_providers(["auto"], ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]) == [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    with caplog.at_level(logging.WARNING, logger="stpm.backends"):
+    with caplog.at_level(logging.WARNING, logger="stpm.runtime.sessions"):
         assert choose_providers(["cuda"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert "CUDAExecutionProvider is not available" in caplog.text
     with pytest.raises(ValueError):
@@ -177,7 +178,7 @@ def test_fp16_without_its_graph_is_refused_or_served_as_fp32(scorer, real, caplo
     fp32 graph, warned."""
     with pytest.raises(bundle.BundleError, match="no fp16 scorer"):
         Scorer(scorer.bundle_dir, precision="fp16", fall_back_to_fp32=False)
-    with caplog.at_level(logging.WARNING, logger="stpm.backends"):
+    with caplog.at_level(logging.WARNING, logger="stpm.runtime.choice"):
         s = Scorer(scorer.bundle_dir, precision="fp16", backend=scorer.backend)  # same engine: same numbers
     assert s.precision == "fp32" and "falling back to fp32" in caplog.text
     assert any("fp16" in w for w in s.selection.warnings)
