@@ -257,10 +257,13 @@ def test_no_reference_to_a_request_s_images_outlives_it(store):
     seen: list[weakref.ref] = []
 
     class Recording:
+        """A scorer without the two phases: the batcher calls its `score` with what the route prepared."""
+
         def __init__(self, path):
             self.inner = base(path)
             self.image_size = self.inner.image_size
             self.providers = self.inner.providers
+            self.read, self.decode = self.inner.read, self.inner.decode
 
         def warmup(self):
             self.inner.warmup()
@@ -325,6 +328,7 @@ def test_concurrent_requests_are_micro_batched_and_loop_stays_free(store):
             self.inner = base(path)
             self.image_size = self.inner.image_size
             self.providers = self.inner.providers
+            self.read, self.decode = self.inner.read, self.inner.decode
 
         def warmup(self):
             self.inner.warmup()
