@@ -58,7 +58,7 @@ from stpm.export.parity import (
     torch_reference,
 )
 from stpm.export.precision import check_bf16_after_export
-from stpm.export.records import bundle_label, file_entry, scorer_metadata, set_metadata
+from stpm.export.records import bundle_label, calibration_of, file_entry, scorer_metadata, set_metadata
 from stpm.imaging.geometry import TiledImages, from_manifest, score_from_manifest, stitch_all
 from stpm.methods.maps import STPMMap
 from stpm.methods.stpm.loss import image_score
@@ -113,7 +113,7 @@ class _Features(nn.Module):
 
 
 def fused_scorer(amap: nn.Module, manifest: dict[str, Any], half: bool = False) -> FusedScorer:
-    return FusedScorer(amap, Calibration.from_dict(manifest["calibration"]), half=half).eval()
+    return FusedScorer(amap, calibration_of(manifest), half=half).eval()
 
 
 @dataclass
@@ -151,7 +151,7 @@ def graphs_of(amap: nn.Module, scorer: FusedScorer, manifest: dict[str, Any]) ->
         out += [Graph(file, _Features(amap.model, which).eval(), example, feats, axes, {"stpm.graph": which})
                 for file, which in ((TEACHER_ONNX, "teacher"), (STUDENT_ONNX, "student"))]
     out.append(Graph(SCORER_ONNX, scorer, torch.zeros(1, 3, size, size, dtype=torch.uint8), list(SCORER_OUTPUTS),
-                     SCORER_AXES, scorer_metadata(Calibration.from_dict(manifest["calibration"]), "fp32")))
+                     SCORER_AXES, scorer_metadata(calibration_of(manifest), "fp32")))
     return out
 
 
@@ -159,7 +159,7 @@ def check_parity(graphs: list[Graph], paths: dict[str, Path], tiled: TiledImages
                  atol: float) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The exported graphs at `paths` against their torch modules on the check tiles -> (the parity
     record, torch's scorer outputs). Raises ExportParityError beyond `atol` (normalised units)."""
-    calibration = Calibration.from_dict(manifest["calibration"])
+    calibration = calibration_of(manifest)
     scorer = next(g for g in graphs if g.file == SCORER_ONNX)
     ref = torch_reference(scorer.module, tiled)
     got = ort_outputs(cpu_session(paths[SCORER_ONNX]), tiled)
@@ -296,7 +296,7 @@ def _export_fp16(amap: nn.Module, manifest: dict[str, Any], bundle_dir: Path, ti
     with ONNX Runtime's CPU provider (tolerance `atol`, normalised units); a graph that fails it is
     deleted and recorded as not shipped. Where the CPU provider cannot run it, the file is kept and
     parity recorded as unmeasured."""
-    calibration = Calibration.from_dict(manifest["calibration"])
+    calibration = calibration_of(manifest)
     scorer = FusedScorer(copy.deepcopy(amap).half(), calibration, half=True).eval()
     path = bundle_dir / SCORER_FP16_ONNX
     size = int(manifest["model"]["image_size"])

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from stpm.bundle.calibration import Calibration
 from stpm.bundle.names import INPUT, REJECTED_INT8_ONNX, SCORER_INT8_ONNX, SCORER_ONNX
 from stpm.export.parity import Gate, nchw, session_image_scores, tile_check_images
 from stpm.export.records import (
     bundle_label,
+    calibration_of,
     exported_manifest,
     file_entry,
     record_export,
@@ -118,7 +118,7 @@ def _judge(bundle_dir: Path, manifest: dict[str, Any], session, images: Sequence
     spec = score_from_manifest(manifest)
     ref = session_image_scores(cpu_session(bundle_dir / SCORER_ONNX), tiled, spec)
     got = session_image_scores(session, tiled, spec)
-    return gate.judge(ref, got, Calibration.from_dict(manifest["calibration"]), labels)
+    return gate.judge(ref, got, calibration_of(manifest), labels)
 
 
 # ------------------------------------------------------------------------------------------ INT8
@@ -181,7 +181,7 @@ def quantize_int8(
         method = (f"onnxruntime quantize_static, QDQ, Conv only, {calibrate_method} calibration, "
                   f"{'per-channel' if per_channel else 'per-tensor'} int8 weights, uint8 activations"
                   + (f", {len(excluded)} depthwise convs kept fp32" if excluded else ""))
-    set_metadata(dst, manifest, scorer_metadata(Calibration.from_dict(manifest["calibration"]), "int8"))
+    set_metadata(dst, manifest, scorer_metadata(calibration_of(manifest), "int8"))
     session = create_session(dst, "openvino", "int8") if engine == "nncf" else cpu_session(dst)
     verdict = _judge(bundle_dir, manifest, session, check_images, check_labels,
                      Gate(1.0 - max_decision_disagreement, max_auroc_drop))

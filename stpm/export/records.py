@@ -11,6 +11,11 @@ from stpm.bundle.calibration import Calibration
 from stpm.bundle.names import SCORER_ONNX
 
 
+def calibration_of(manifest: dict[str, Any]) -> Calibration:
+    """The bundle's threshold and normalisation (manifest["calibration"])."""
+    return Calibration.from_dict(manifest["calibration"])
+
+
 def scorer_metadata(calibration: Calibration, precision: str) -> dict[str, str]:
     return {"stpm.graph": "scorer", "stpm.precision": precision,
             "stpm.threshold": repr(calibration.threshold), "stpm.low": repr(calibration.low)}
@@ -62,4 +67,4 @@ def record_export(bundle_dir: Path, manifest: dict[str, Any], key: str, record: 
     bundle.write_manifest(bundle_dir, manifest)
 
 
-__all__ = ["bundle_label", "exported_manifest", "file_entry", "record_export", "scorer_metadata", "set_metadata"]
+__all__ = ["bundle_label", "calibration_of", "exported_manifest", "file_entry", "record_export", "scorer_metadata", "set_metadata"]
