@@ -77,6 +77,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         msg = e.get("msg", "invalid")
         if e.get("type") == "missing" and loc[:1] == ("body",) and len(loc) > 1:
             msg = f"missing multipart field {loc[1]!r}"
+        elif e.get("type") == "extra_forbidden" and loc[:1] == ("body",) and len(loc) > 1:
+            msg = f"unknown field {loc[-1]!r} (see this endpoint's fields in /docs)"
         parts.append(f"{_loc(loc)}: {msg}")
     clean = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errs]
     return error_response(422, "; ".join(parts) or "invalid request", "validation_error", errors=clean)

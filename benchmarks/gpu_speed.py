@@ -30,7 +30,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stpm.options import ModelOptions  # noqa: E402  (torch-only modules: no onnx, safetensors or sklearn needed)
-from stpm.methods.stpm.loss import anomaly_map, image_score  # noqa: E402
+from stpm.methods.maps import tile_score as image_score  # noqa: E402
+from stpm.methods.stpm.loss import anomaly_map  # noqa: E402
 from stpm.methods.stpm.model import build_stpm  # noqa: E402
 
 MODELS = {"resnet18": ModelOptions(backbone="resnet18", pretrained=False),

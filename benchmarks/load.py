@@ -53,8 +53,10 @@ def build_models(models_dir: Path, image_size: int) -> str:
     from stpm.training.calibration import calibrate
     from stpm.options import ModelOptions
     from stpm.export.onnx import export_bundle
-    from stpm.methods.stpm.loss import anomaly_map, image_score
+    from stpm.methods.maps import tile_score as image_score
+    from stpm.methods.stpm.loss import anomaly_map
     from stpm.methods.stpm.model import build_stpm
+    from stpm.methods.stpm.anomaly_map import STPMMap
     from stpm.training.publish import build_manifest, publish_model
 
     torch.manual_seed(0)
@@ -66,7 +68,8 @@ def build_models(models_dir: Path, image_size: int) -> str:
         t, s = model(x)
         scores = image_score(anomaly_map(t, s, (image_size, image_size))).numpy()
     manifest = build_manifest(name, cfg, calibrate(scores), "random-init", {"epochs": 0}, {"n_images": 4})
-    publish_model(models_dir, model, manifest, before_publish=lambda d: export_bundle(d))
+    amap = STPMMap(model, manifest["model"]["combine"], manifest["model"]["sigma"])
+    publish_model(models_dir, amap, manifest, before_publish=lambda d: export_bundle(d))
     return name
 
 

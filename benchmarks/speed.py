@@ -37,8 +37,10 @@ def speed_bundle(models_dir: Path, image_size: int = 256, backbone: str = "resne
     from stpm.training.calibration import calibrate
     from stpm.options import ModelOptions
     from stpm.export.onnx import export_bundle
-    from stpm.methods.stpm.loss import anomaly_map, image_score
+    from stpm.methods.maps import tile_score as image_score
+    from stpm.methods.stpm.loss import anomaly_map
     from stpm.methods.stpm.model import build_stpm
+    from stpm.methods.stpm.anomaly_map import STPMMap
     from stpm.training.publish import build_manifest, publish_model
 
     cfg = ModelOptions(method="stpm", backbone=backbone, student_backbone=student_backbone, pretrained=False,
@@ -49,7 +51,8 @@ def speed_bundle(models_dir: Path, image_size: int = 256, backbone: str = "resne
         t, s = model(torch.rand(4, 3, image_size, image_size))
         scores = image_score(anomaly_map(t, s, (image_size, image_size))).numpy()
     manifest = build_manifest(f"speed-{backbone}", cfg, calibrate(np.asarray(scores)), "random-init", {}, {})
-    _, path = publish_model(models_dir, model, manifest, before_publish=lambda d: export_bundle(d))
+    amap = STPMMap(model, manifest["model"]["combine"], manifest["model"]["sigma"])
+    _, path = publish_model(models_dir, amap, manifest, before_publish=lambda d: export_bundle(d))
     return path
 
 

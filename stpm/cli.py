@@ -135,6 +135,7 @@ def _unavailable(what: str, e: Exception) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from stpm import bundle
+    from stpm.bundle.manifest import Manifest
     from stpm.options import from_args
     from stpm.training.pipeline import run_training
 
@@ -144,23 +145,17 @@ def cmd_train(a: argparse.Namespace) -> int:
     for p, reason in out.skipped:
         print(f"skipped {p}: {reason}", file=sys.stderr)
     if out.version is None:
-        print(f"interrupted after {out.fit.epochs_run} epoch(s); checkpoint kept in {run_dir}. "
+        print(f"interrupted after {out.fitted.record.get('epochs_run', 0)} epoch(s); checkpoint kept in {run_dir}. "
               f"Continue with: stpm train {a.data} --name {a.name} --resume", file=sys.stderr)
         return 130
     if a.activate:
         bundle.set_active(a.models_dir, a.name, out.version)
-    cal = out.calibration
-    manifest = bundle.read_manifest(out.path)
-    summary = {"model": f"{a.name}/{out.version}", "path": str(out.path), "method": manifest["model"]["method"]}
-    if manifest["model"]["method"] == "stpm":
-        summary.update(best_epoch=out.fit.best_epoch, best_val_loss=out.fit.best_val_loss,
-                       epochs_run=out.fit.epochs_run)
-    else:
-        summary.update(manifest["training"].get(manifest["model"]["method"], {}))
-    m = manifest["model"]
-    summary.update(sigma=m["sigma"], image_score=m["image_score"])
-    summary.update(threshold=cal.threshold, good_scores=cal.good_stats, seconds=round(out.fit.seconds, 1),
-                   tiling=manifest["tiling"])
+    manifest = Manifest.read(out.path)
+    cal = manifest.calibration
+    summary = {"model": manifest.ref, "path": str(out.path), "method": manifest.method, **out.fitted.summary,
+               "sigma": manifest.model.sigma, "image_score": manifest.model.image_score,
+               "threshold": cal.threshold, "good_scores": cal.good_stats, "seconds": round(out.fitted.seconds, 1),
+               "tiling": manifest.geometry.to_dict()}
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -182,14 +177,14 @@ def cmd_activate(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from stpm import bundle
     from stpm.evaluation.report import evaluate
-    from stpm.methods.stpm.trainer import resolve_device
-    from stpm.methods.weights import load_map
+    from stpm.methods.loading import load_map
+    from stpm.training.reproducible import resolve_device
 
     path = bundle.locate(a.models_dir, a.model)
-    model, manifest = load_map(path)
-    out = Path(a.out or Path("runs") / f"eval-{manifest['name']}-{manifest['version']}")
+    amap, manifest = load_map(path)
+    out = Path(a.out or Path("runs") / f"eval-{manifest.name}-{manifest.version}")
     device = resolve_device(a.device)
-    report = evaluate(model.to(device), manifest, a.data, device, out)
+    report = evaluate(amap.to(device), manifest, a.data, device, out)
     if not a.no_record:
         bundle.record_evaluation(path, str(Path(a.data).resolve().name), {
             "data": str(a.data), "evaluated_at": bundle.utc_now(), **report["metrics"]["overall"],

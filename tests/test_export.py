@@ -18,6 +18,7 @@ from stpm.options import ModelOptions
 from stpm.imaging.decode import read_image
 from stpm.imaging.geometry import Geometry, tile_images
 from stpm.methods.stpm.model import build_stpm
+from stpm.methods.stpm.anomaly_map import STPMMap
 from stpm.training.publish import build_manifest, publish_model
 from tests.conftest import BOTTLE, require
 
@@ -50,7 +51,8 @@ def squashed(images: list[np.ndarray]) -> np.ndarray:
 
 
 def torch_scores(model, images: list[np.ndarray]) -> np.ndarray:
-    from stpm.methods.stpm.loss import anomaly_map, image_score
+    from stpm.methods.maps import tile_score as image_score
+    from stpm.methods.stpm.loss import anomaly_map
 
     x = torch.from_numpy(squashed(images)).float() / 255.0
     with torch.no_grad():
@@ -65,7 +67,8 @@ def make_bundle(models_dir: Path, images: list[np.ndarray], export: bool = True)
     cal = calibrate(scores[: len(scores) // 2])
     manifest = build_manifest("tiny", cfg, cal, "random-init", {}, {})
     hook = (lambda d: ex.export_bundle(d, check_images=images)) if export else None
-    _, path = publish_model(models_dir, model, manifest, before_publish=hook)
+    amap = STPMMap(model, manifest["model"]["combine"], manifest["model"]["sigma"])
+    _, path = publish_model(models_dir, amap, manifest, before_publish=hook)
     return path
 
 
@@ -93,9 +96,10 @@ def test_onnx_matches_torch_on_real_images(published, real):
     # independently of export's own check: torch's STPM maths vs the ONNX graph
     import onnxruntime as ort
 
-    from stpm.methods.weights import load_model
+    from stpm.methods.loading import load_map
 
-    model, manifest = load_model(path)
+    amap, typed = load_map(path)
+    model, manifest = amap.model, typed.to_dict()
     ref = torch_scores(model, real[0])
     sess = ort.InferenceSession(str(path / names.SCORER_ONNX), providers=["CPUExecutionProvider"])
     amap, raw, score = sess.run(None, {"images": squashed(real[0])})
@@ -105,9 +109,9 @@ def test_onnx_matches_torch_on_real_images(published, real):
     decisions = ref >= thr
     assert 0 < decisions.sum() < len(decisions), "calibration should put images on both sides"
     np.testing.assert_array_equal(raw >= thr, decisions)
-    from stpm.training.calibration import normalize
+    from stpm.bundle.calibration import Calibration
 
-    np.testing.assert_allclose(score, normalize(ref, thr, low), atol=1e-3)
+    np.testing.assert_allclose(score, Calibration(threshold=thr, low=low).normalise(ref), atol=1e-3)
     np.testing.assert_allclose(raw, amap.reshape(len(raw), -1).max(axis=1), rtol=1e-6)
 
 
@@ -244,8 +248,6 @@ def test_known_export_warnings_are_silenced_and_others_are_not(tmp_path):
 
 
 def _map_of(model):
-    from stpm.methods.maps import STPMMap
-
     return STPMMap(model, combine="product", sigma=4.0)
 
 

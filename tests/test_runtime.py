@@ -52,9 +52,9 @@ def test_import_does_not_import_torch():
 
 
 def test_scores_match_torch_and_decisions(scorer, real):
-    from stpm.methods.weights import load_model
+    from stpm.methods.loading import load_map
 
-    model, _ = load_model(scorer.bundle_dir)
+    model = load_map(scorer.bundle_dir)[0].model
     ref = torch_scores(model, real[0])
     res = scorer.score(real[0], map_size=(SIZE, SIZE))
     raw = np.array([r.raw_score for r in res])

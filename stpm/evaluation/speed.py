@@ -125,11 +125,12 @@ def _setup(bundle_dir: str | Path, tmp: Path, images_dir: str | Path, max_batch:
     from stpm.export import export_bundle, nchw
     from stpm.imaging.decode import decode_image
     from stpm.imaging.geometry import Geometry, tile_images
-    from stpm.methods.weights import load_map
+    from stpm.methods.loading import load_map
 
     work = tmp / "bundle"
     shutil.copytree(bundle_dir, work)
-    model, manifest = load_map(work)
+    model, typed = load_map(work)
+    manifest = typed.to_dict()
     if SCORER_ONNX not in (manifest.get("exports") or {}).get("files", {}):
         export_bundle(work)
         manifest = read_manifest(work)

@@ -42,8 +42,6 @@ from stpm.bundle.names import (
     SCORER_INT8_ONNX,
     SCORER_ONNX,
     SCORER_OUTPUTS,
-    STUDENT_ONNX,
-    TEACHER_ONNX,
     feature_output,
 )
 from stpm.export.parity import (
@@ -60,10 +58,9 @@ from stpm.export.parity import (
 from stpm.export.precision import check_bf16_after_export
 from stpm.export.records import bundle_label, calibration_of, file_entry, scorer_metadata, set_metadata
 from stpm.imaging.geometry import TiledImages, from_manifest, score_from_manifest, stitch_all
-from stpm.methods.maps import STPMMap
-from stpm.methods.stpm.loss import image_score
-from stpm.methods.stpm.model import STPM
-from stpm.methods.weights import load_map
+from stpm.methods import registry
+from stpm.methods.loading import load_map
+from stpm.methods.maps import tile_score
 from stpm.runtime.sessions import cpu_session
 
 log = logging.getLogger(__name__)
@@ -96,20 +93,9 @@ class FusedScorer(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = images.to(torch.float16 if self.half else torch.float32) * (1.0 / 255.0)
         amap = self.amap(x).float()
-        raw = image_score(amap)
+        raw = tile_score(amap)
         score = torch.clamp(0.5 + (raw - self.threshold) * self.scale, 0.0, 1.0)
         return amap, raw, score
-
-
-class _Features(nn.Module):
-    def __init__(self, model: STPM, which: str):
-        super().__init__()
-        self.model = model
-        self.which = which
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        f = self.model.teacher_features(x) if self.which == "teacher" else self.model.student_features(x)
-        return tuple(f)
 
 
 def fused_scorer(amap: nn.Module, manifest: dict[str, Any], half: bool = False) -> FusedScorer:
@@ -140,16 +126,18 @@ def onnx_export(graph: Graph, path: Path, opset: int) -> None:
         )
 
 
-def graphs_of(amap: nn.Module, scorer: FusedScorer, manifest: dict[str, Any]) -> list[Graph]:
-    """The graphs a bundle exports: the feature pyramids (STPM only), then the fused scorer."""
+def graphs_of(amap: nn.Module, method: str, scorer: FusedScorer, manifest: dict[str, Any]) -> list[Graph]:
+    """The graphs a bundle exports: its method's feature graphs (STPM: teacher, student), then the scorer."""
     size = int(manifest["model"]["image_size"])
     out = []
-    if isinstance(amap, STPMMap):
+    features = registry.method(method).feature_graphs(amap)  # file name -> module
+    if features:
         example = torch.zeros(1, 3, size, size, dtype=torch.float32)
-        feats = [feature_output(i) for i in range(len(amap.model.teacher_features(example)))]
+        with torch.no_grad():
+            feats = [feature_output(i) for i in range(len(next(iter(features.values()))(example)))]
         axes = {INPUT: {0: "N", 2: "H", 3: "W"}, **{n: {0: "N", 2: f"H{i}", 3: f"W{i}"} for i, n in enumerate(feats)}}
-        out += [Graph(file, _Features(amap.model, which).eval(), example, feats, axes, {"stpm.graph": which})
-                for file, which in ((TEACHER_ONNX, "teacher"), (STUDENT_ONNX, "student"))]
+        out += [Graph(file, module.eval(), example, feats, axes, {"stpm.graph": file.removesuffix(".onnx")})
+                for file, module in features.items()]
     out.append(Graph(SCORER_ONNX, scorer, torch.zeros(1, 3, size, size, dtype=torch.uint8), list(SCORER_OUTPUTS),
                      SCORER_AXES, scorer_metadata(calibration_of(manifest), "fp32")))
     return out
@@ -263,11 +251,12 @@ def export_bundle(
         raise ValueError("check_images is empty")
     bundle_dir = Path(bundle_dir)
     t0 = time.perf_counter()
-    amap, manifest = load_map(bundle_dir)
+    amap, typed = load_map(bundle_dir)
+    manifest = typed.to_dict()
     geometry = from_manifest(manifest)
     imgs = synthetic_check_images(geometry) if check_images is None else list(check_images)
     tiled = tile_check_images(imgs, geometry)
-    graphs = graphs_of(amap, fused_scorer(amap, manifest), manifest)
+    graphs = graphs_of(amap, typed.method, fused_scorer(amap, manifest), manifest)
     files, parity, ref = _write_checked(bundle_dir, graphs, manifest, tiled, opset, atol)
     parity["check_images"] = "synthetic" if check_images is None else "given"
     exports = exports_record(manifest, graphs, opset, files, parity)

@@ -21,27 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stpm.bundle.names import BACKBONES, EFFICIENTNET_LITES, BackboneSpec
+from stpm.methods.backbone_specs import EFFICIENTNET_LITES, resolve_layers, spec
 
 
 class WeightsNotFoundError(RuntimeError):
     """No ImageNet weights could be resolved; the message says how to provide them."""
-
-
-def spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
-
-
-def resolve_layers(name: str, layers: Sequence[str]) -> tuple[str, ...]:
-    s = spec(name)
-    layers = tuple(layers) or s.default_layers
-    bad = [layer for layer in layers if layer not in s.layer_channels]
-    if bad:
-        raise ValueError(f"{name} has no feature layer {bad}; available: {', '.join(s.layer_channels)}")
-    return layers
 
 
 class ResNetFeatures(nn.Module):

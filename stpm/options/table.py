@@ -1,30 +1,34 @@
-"""The training options, generated from the config dataclasses (stpm.config): their public names,
-types, defaults, choices, bounds and help, for `stpm train` (argparse), POST /train (app.routes.train
-builds its form from `training_options()`), `stpm.train` and the job runner. Torch-free.
+"""The public option table, generated from the option models (stpm.options.sections): one `TrainingOption`
+per user-facing field, with its public name, type, default, choices, bounds and help. From it come
+`stpm train`'s flags (stpm.options.cli), the POST /train form model (`form_model`), `stpm.train`'s keywords
+(stpm.api) and `build`, which turns public names and values into TrainingOptions. Torch-free.
 
-    opts = training_options()                 # one TrainingOption per user-facing config field
-    cfg = build({"epochs": 5, "tiling": "squash"})   # -> TrainingOptions; unknown names and bad values raise
+    cfg = build({"epochs": 5, "tiling": "squash"})   # unknown names and bad values raise ValueError naming them
 """
 
 from __future__ import annotations
 
-import argparse
-import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
 
-from stpm.options.sections import OPTION, Option, TrainingOptions
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic.fields import FieldInfo
+
+from stpm.methods import registry
+from stpm.options.sections import META, SECTIONS, TrainingOptions
+
+_BOUND_KEYS = {"ge": "ge", "gt": "gt", "le": "le", "lt": "lt"}
 
 
 @dataclass(frozen=True)
 class TrainingOption:
     name: str  # public: `--name-with-dashes`, form field `name`, keyword `name=`
     section: str  # the TrainingOptions field: model, train, calibration, tiling
-    field: str  # the dataclass field
+    field: str  # the section's field
     kind: type  # int, float, bool or str (the element type for `many`)
     default: Any
     optional: bool = False  # None is a value (the default means "chosen automatically")
@@ -53,47 +57,52 @@ def _num(v: float) -> str:
 
 
 def _unwrap(tp: Any) -> tuple[Any, bool]:
-    """X | None -> (X, True); X -> (X, False)."""
+    """X | None -> (X, True); X -> (X, False); Annotated[X, ...] -> X."""
+    if typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) != 1:
             raise TypeError(f"unsupported option type {tp}")
-        return args[0], True
+        return _unwrap(args[0])[0], True
     return tp, False
 
 
-def _describe(section: str, cls: type, f: Any, hints: dict[str, Any]) -> TrainingOption | None:
-    meta: Option | None = f.metadata.get(OPTION)
-    if meta is None:  # offered as it is (name, type, default, choices), without help or bounds until it gets
-        meta = Option(help="")  # metadata=option(...): tests/test_options.py asks for that
-    if not meta.user:
+def _bounds(info: FieldInfo) -> dict[str, float]:
+    out = {}
+    for m in info.metadata:
+        for k in _BOUND_KEYS:
+            v = getattr(m, k, None)
+            if v is not None:
+                out[k] = v
+    return out
+
+
+def _describe(section: str, fname: str, info: FieldInfo) -> TrainingOption | None:
+    meta = (info.json_schema_extra or {}).get(META, {}) if isinstance(info.json_schema_extra, dict) else {}
+    if not meta.get("user", False):
         return None
-    tp, optional = _unwrap(hints[f.name])
+    tp, optional = _unwrap(info.annotation)
     many, choices = False, None
     if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        if len(args) != 2 or args[1] is not Ellipsis:
-            raise TypeError(f"{cls.__name__}.{f.name}: only tuple[X, ...] options are supported")
-        many, tp = True, args[0]
+        many, tp = True, typing.get_args(tp)[0]
     if typing.get_origin(tp) is Literal:
         choices, tp = tuple(str(a) for a in typing.get_args(tp)), str
+    if section == "model" and fname == "method":
+        choices = registry.names()
     if tp not in (int, float, bool, str):
-        raise TypeError(f"{cls.__name__}.{f.name}: unsupported option type {hints[f.name]}")
-    return TrainingOption(
-        name=meta.name or f.name, section=section, field=f.name, kind=tp, default=f.default, optional=optional,
-        many=many, choices=choices, ge=meta.ge, gt=meta.gt, le=meta.le, lt=meta.lt, help=meta.help, api=meta.api,
-        aliases=meta.aliases,
-    )
+        raise TypeError(f"{section}.{fname}: unsupported option type {info.annotation}")
+    return TrainingOption(name=meta.get("name") or fname, section=section, field=fname, kind=tp,
+                          default=info.default, optional=optional, many=many, choices=choices,
+                          help=info.description or "", api=meta.get("api", True),
+                          aliases=tuple(meta.get("aliases", ())), **_bounds(info))
 
 
 @cache
 def training_options() -> tuple[TrainingOption, ...]:
     """Every user-facing option, in declaration order (section by section). Public names are unique."""
-    out: list[TrainingOption] = []
-    for sec in fields(TrainingOptions):
-        cls = sec.default_factory  # type: ignore[misc]
-        hints = typing.get_type_hints(cls)
-        out += [o for f in fields(cls) if (o := _describe(sec.name, cls, f, hints)) is not None]
+    out = [o for sec, cls in SECTIONS.items() for f, info in cls.model_fields.items()
+           if (o := _describe(sec, f, info)) is not None]
     seen: dict[str, TrainingOption] = {}
     for o in out:
         if o.name in seen:
@@ -111,88 +120,78 @@ def option_named(name: str) -> TrainingOption:
     raise KeyError(name)
 
 
+# ------------------------------------------------------------------------------------------- values
+
+def _none_text(opt: TrainingOption, value: Any) -> bool:
+    """For an optional option: "" (an empty form field), or "none" where that cannot be a real value."""
+    if not (opt.optional and isinstance(value, str)):
+        return False
+    t = value.strip()
+    return t == "" or (t.lower() == "none" and (opt.kind is not str or opt.choices is not None)
+                       and not (opt.choices and t in opt.choices))
+
+
+def _message(opt: TrainingOption, value: Any, err: dict[str, Any]) -> str:
+    """A pydantic error about one option's value -> "name=value: what is allowed"."""
+    what, kind = f"{opt.name}={value!r}", err.get("type", "")
+    if kind.startswith(("greater", "less")):
+        return f"{what}: must be {opt.bounds_text()}"
+    if kind == "literal_error" or (opt.choices and kind == "value_error"):
+        return f"{what}: choose one of {', '.join(opt.choices or ())}"
+    if kind.startswith("int_"):
+        return f"{what}: expected a whole number"
+    if kind == "finite_number":
+        return f"{what}: expected a finite number"
+    if kind.startswith("float_"):
+        return f"{what}: expected a number"
+    if kind.startswith("bool_"):
+        return f"{what}: expected true or false"
+    return f"{what}: {err.get('msg', 'invalid')}"
+
+
+@cache
+def _adapter(section: str, field: str) -> TypeAdapter:
+    info = SECTIONS[section].model_fields[field]
+    tp = typing.Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    return TypeAdapter(tp, config=ConfigDict(allow_inf_nan=False))
+
+
 def check(opt: TrainingOption, value: Any) -> Any:
-    """A value for `opt` (a Python value, or text from a command line or a form) -> the config value.
+    """A value for `opt` (a Python value, or text from a command line or a form) -> the option's value.
     Raises ValueError naming the option, the value and what is allowed."""
-    if value is None or (opt.optional and isinstance(value, str) and _means_none(opt, value)):
+    if value is None or _none_text(opt, value):
         if opt.optional:
             return None
         raise ValueError(f"{opt.name}: a value is required")
-    if opt.many:
-        items = [x.strip() for x in value.split(",")] if isinstance(value, str) else list(value)
-        return tuple(_check_one(opt, x) for x in items if x != "")
-    return _check_one(opt, value)
-
-
-def _means_none(opt: TrainingOption, text: str) -> bool:
-    """For an optional option: "" (an empty form field), or "none" where that cannot be a real value."""
-    t = text.strip()
-    if t == "":
-        return True
-    return t.lower() == "none" and (opt.kind is not str or opt.choices is not None) and not (
-        opt.choices and t in opt.choices)
-
-
-def _check_one(opt: TrainingOption, value: Any) -> Any:
-    what = f"{opt.name}={value!r}"
-    if opt.kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"{what}: expected true or false")
-    if opt.kind is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{what}: expected text")
-        if opt.choices is not None and value not in opt.choices:
-            raise ValueError(f"{what}: choose one of {', '.join(opt.choices)}")
-        return value
+    if opt.kind is int and isinstance(value, (bool, float)) or opt.kind is float and isinstance(value, bool):
+        raise ValueError(f"{opt.name}={value!r}: expected {'a whole number' if opt.kind is int else 'a number'}")
     try:
-        if opt.kind is int:
-            if isinstance(value, float) or (isinstance(value, bool)):
-                raise ValueError
-            v: float = int(value)
-        else:
-            if isinstance(value, bool):
-                raise ValueError
-            v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}: expected {'a whole number' if opt.kind is int else 'a number'}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{what}: expected a finite number")
-    if ((opt.ge is not None and v < opt.ge) or (opt.gt is not None and v <= opt.gt)
-            or (opt.le is not None and v > opt.le) or (opt.lt is not None and v >= opt.lt)):
-        raise ValueError(f"{what}: must be {opt.bounds_text()}")
-    return v
+        return _adapter(opt.section, opt.field).validate_python(value, strict=False)
+    except ValidationError as e:
+        raise ValueError(_message(opt, value, e.errors()[0])) from None
 
 
 def build(values: Mapping[str, Any], base: TrainingOptions | None = None) -> TrainingOptions:
     """Public option names -> TrainingOptions (`base`, default all defaults, with these values set).
-    Unknown names and bad values raise ValueError naming them; so do combinations the model code
-    would refuse later (the image-score spec)."""
+    Unknown names and bad values raise ValueError naming them; so do combinations a section refuses (the
+    image-score spec, an even neighbourhood)."""
     by_name = {o.name: o for o in training_options()}
     unknown = sorted(set(values) - set(by_name))
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(unknown)} (known: {', '.join(by_name)})")
-    cfg = base or TrainingOptions()
+    base = base or TrainingOptions()
     changes: dict[str, dict[str, Any]] = {}
     for name, value in values.items():
         o = by_name[name]
         changes.setdefault(o.section, {})[o.field] = check(o, value)
-    cfg = replace(cfg, **{sec: replace(getattr(cfg, sec), **ch) for sec, ch in changes.items()})
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: TrainingOptions) -> None:
-    """Checks across fields (each field's own type and bounds are `check`'s)."""
-    from stpm.imaging.scores import ImageScore
-
-    if cfg.model.image_score != "auto":  # auto: stpm.selection chooses after fitting
-        ImageScore(cfg.model.image_score, cfg.model.topk)
+    sections = {}
+    for sec in SECTIONS:
+        current = getattr(base, sec)
+        try:
+            sections[sec] = type(current).model_validate({**current.model_dump(), **changes.get(sec, {})})
+        except ValidationError as e:
+            raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    return TrainingOptions(**sections)
 
 
 def values_of(cfg: TrainingOptions) -> dict[str, Any]:
@@ -200,49 +199,29 @@ def values_of(cfg: TrainingOptions) -> dict[str, Any]:
     return {o.name: getattr(getattr(cfg, o.section), o.field) for o in training_options()}
 
 
-# ------------------------------------------------------------------------------------ argparse
+# ------------------------------------------------------------------------------------ the form
 
-def _help(o: TrainingOption) -> str:
-    extra = []
-    if o.default is not None and o.default != () and o.kind is not bool:
-        extra.append(f"default {','.join(o.default) if o.many else o.default}")
-    if o.bounds_text():
-        extra.append(o.bounds_text())
+def _form_field(o: TrainingOption) -> tuple[Any, Any]:
+    """One option as a form field: its type (choices as an enum), default, bounds and help."""
+    tp: Any = str if o.many else (Literal[o.choices] if o.choices else o.kind)  # type: ignore[valid-type]
     if o.optional:
-        extra.append("none: unset" if o.kind is not str or o.choices else "empty: unset")
-    return o.help + (f" ({'; '.join(extra)})" if extra else "")
+        tp = typing.Annotated[tp | None, BeforeValidator(lambda v, o=o: None if _none_text(o, v) else v)]
+    bounds = {k: v for k, v in (("ge", o.ge), ("gt", o.gt), ("le", o.le), ("lt", o.lt)) if v is not None}
+    help = o.help + (" (comma-separated)" if o.many else "")
+    default = ",".join(o.default) if o.many else o.default
+    return tp, Field(default, description=help, **bounds)
 
 
-def add_arguments(parser: argparse.ArgumentParser, options: Sequence[TrainingOption] | None = None) -> None:
-    """One flag per option: --name (and its aliases); booleans as --x / --no-x; choices, bounds and the
-    default in the help. Values are checked by `check` (argparse reports the message)."""
-    group = parser.add_argument_group("training options (stpm.config)")
-    for o in options if options is not None else training_options():
-        if o.kind is bool:
-            group.add_argument(o.flag, *o.aliases, dest=o.name, action=argparse.BooleanOptionalAction,
-                               default=o.default, help=_help(o) + f" (default {'on' if o.default else 'off'})")
-            continue
-
-        def parse(text: str, o: TrainingOption = o) -> Any:
-            try:
-                return check(o, text)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-
-        group.add_argument(o.flag, *o.aliases, dest=o.name, type=parse, default=o.default,
-                           metavar=_metavar(o),
-                           help=_help(o))
+def form_model(name: str, own: dict[str, tuple[Any, Any]], options: tuple[TrainingOption, ...]) -> type[BaseModel]:
+    """A pydantic model of a form: its own fields, then one per option; unknown fields are refused (422)."""
+    fields = {**own, **{o.name: _form_field(o) for o in options}}
+    return create_model(name, __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
 
 
-def _metavar(o: TrainingOption) -> str:
-    one = ("{" + ",".join(o.choices) + "}") if o.choices else o.kind.__name__.upper()
-    return f"{one},..." if o.many else one
+def options_of(form: BaseModel, options: tuple[TrainingOption, ...]) -> dict[str, Any]:
+    """The option values a form model holds, by public name (for `build`)."""
+    return {o.name: getattr(form, o.name) for o in options}
 
 
-def from_args(args: argparse.Namespace) -> TrainingOptions:
-    """The namespace of a parser built with `add_arguments` -> TrainingOptions."""
-    return build({o.name: getattr(args, o.name) for o in training_options()})
-
-
-__all__ = ["TrainingOption", "add_arguments", "build", "check", "from_args", "option_named", "training_options",
-           "validate", "values_of"]
+__all__ = ["TrainingOption", "build", "check", "form_model", "option_named", "options_of", "training_options",
+           "values_of"]

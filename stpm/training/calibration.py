@@ -1,40 +1,20 @@
-"""Threshold and score normalisation from held-out good images. numpy only (no torch).
+"""The threshold and the score normalisation (stpm.bundle.calibration.Calibration) from held-out good
+images. numpy only.
 
-The normalisation is affine and clipped: `low` (the smallest good score) maps to 0, the threshold to
-0.5, and `threshold + (threshold - low)` to 1. The same mapping applied to anomaly maps gives heatmaps
-whose 0.5 level is the decision boundary. Without labelled anomalies the threshold sits above the
-good-score distribution (never below its median), so calibration cannot collapse into flagging
-everything.
+`low` is the smallest good score (normalised 0) and the threshold normalised 0.5. Without labelled
+anomalies the threshold sits above the good-score distribution (never below its median), so calibration
+cannot collapse into flagging everything.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 
+from stpm.bundle.calibration import Calibration
 from stpm.options import CalibrationOptions
 
 
 REL_SPREAD_FLOOR = 0.05
-
-
-@dataclass(frozen=True)
-class Calibration:
-    threshold: float
-    low: float  # maps to normalised 0
-    method: str
-    quantile: float
-    margin: float
-    n_images: int
-    good_stats: dict  # min, median, max, mean, std of the held-out good scores
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Calibration:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 def calibrate(good_scores: np.ndarray, cfg: CalibrationOptions = CalibrationOptions()) -> Calibration:
@@ -59,13 +39,8 @@ def calibrate(good_scores: np.ndarray, cfg: CalibrationOptions = CalibrationOpti
     thr = max(thr, med + 1e-12)
     low = min(lo, thr - spread)  # keep thr - low > 0 even with a single score
     stats = {"min": lo, "median": med, "max": hi, "mean": float(s.mean()), "std": float(s.std())}
-    return Calibration(thr, low, cfg.method, cfg.quantile, cfg.margin, int(s.size), stats)
-
-
-def normalize(scores: np.ndarray, threshold: float, low: float) -> np.ndarray:
-    """Affine map low -> 0, threshold -> 0.5, clipped to [0, 1]. Works on scores and maps alike."""
-    scale = 0.5 / max(threshold - low, 1e-12)
-    return np.clip(0.5 + (np.asarray(scores, dtype=np.float64) - threshold) * scale, 0.0, 1.0)
+    return Calibration(threshold=thr, low=low, method=cfg.method, quantile=cfg.quantile, margin=cfg.margin,
+                       n_images=int(s.size), good_stats=stats)
 
 
 def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

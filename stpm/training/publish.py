@@ -1,17 +1,30 @@
-"""Assemble and atomically publish a bundle from a trained model and its calibration."""
+"""Assemble a bundle's manifest from a training run and publish the bundle atomically."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from stpm import bundle
-from stpm.training.calibration import Calibration
-from stpm.options import ModelOptions, to_dict
-from torch import nn
+from stpm.bundle.calibration import Calibration
+from stpm.bundle.manifest import Manifest
 from stpm.imaging.geometry import Geometry
-from stpm.methods.weights import save_weights
+from stpm.methods import registry
+from stpm.methods.loading import save_map
+from stpm.methods.maps import MapModule
+from stpm.options import AUTO, ModelOptions, to_dict, updated
+
+
+def concrete(model_cfg: ModelOptions) -> ModelOptions:
+    """What a manifest records: settings model selection left open (sigma None, image score "auto") get the
+    method's defaults (its first candidate sigma, the map maximum) when no selection chose them."""
+    if model_cfg.sigma is None:
+        model_cfg = updated(model_cfg, sigma=registry.spec(model_cfg.method).default_sigma)
+    if model_cfg.image_score == AUTO:
+        model_cfg = updated(model_cfg, image_score="max")
+    return model_cfg
 
 
 def build_manifest(
@@ -23,24 +36,10 @@ def build_manifest(
     data: dict[str, Any],
     geometry: Geometry | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a new bundle. geometry None: squash to model.image_size (stpm.tiling).
-
-    A manifest holds concrete settings: what training left to stpm.selection (sigma None, image score
-    "auto") has been chosen by then; a bundle built by hand without selection gets the method's
-    defaults (the first candidate sigma, the maximum as image score)."""
-    from dataclasses import replace
-
-    from stpm.training.selection import AUTO, SIGMA_CANDIDATES
-
-    if model_cfg.sigma is None:
-        model_cfg = replace(model_cfg, sigma=SIGMA_CANDIDATES[model_cfg.method][0])
-    if model_cfg.image_score == AUTO:
-        model_cfg = replace(model_cfg, image_score="max")
-    if geometry is None:
-        geometry = Geometry.squash(model_cfg.image_size)
-    if geometry.tile != model_cfg.image_size:
-        raise ValueError(f"geometry tile {geometry.tile} differs from image_size {model_cfg.image_size}")
-    return {
+    """The manifest of a new bundle (validated as a Manifest). geometry None: squash to model.image_size."""
+    model_cfg = concrete(model_cfg)
+    geometry = geometry or Geometry.squash(model_cfg.image_size)
+    raw = {
         "format_version": bundle.FORMAT_VERSION,
         "name": bundle.check_name(name),
         "version": None,  # set by bundle.publish
@@ -54,24 +53,23 @@ def build_manifest(
         "files": {},
         "library_versions": bundle.library_versions(),
     }
+    Manifest.parse(raw, f"{name} (new)")  # every manifest written is one every reader parses
+    return raw
 
 
 def publish_model(
     models_dir: str | Path,
-    model: nn.Module,
+    amap: MapModule,
     manifest: dict[str, Any],
     before_publish: Callable[[Path], None] | None = None,
 ) -> tuple[str, Path]:
     """Write weights + manifest into a staging folder, run `before_publish(staging)` (e.g. the ONNX
     export with its parity check), then rename into the next version. Nothing is visible until the
     rename; on any error the staging folder is removed. -> (version, bundle path)."""
-    import shutil
-
     name = manifest["name"]
     staging = bundle.new_staging_dir(models_dir, name)
     try:
-        manifest = dict(manifest)
-        manifest["files"] = save_weights(model.cpu(), staging)
+        manifest = {**manifest, "files": save_map(amap, manifest["model"]["method"], staging)}
         bundle.write_manifest(staging, manifest)
         if before_publish is not None:
             before_publish(staging)
@@ -79,3 +77,6 @@ def publish_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+__all__ = ["build_manifest", "concrete", "publish_model"]

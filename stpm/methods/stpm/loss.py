@@ -1,13 +1,16 @@
-"""STPM maths as pure functions: the training loss, the anomaly map and the image score."""
+"""STPM maths as pure functions: the training loss and the anomaly map."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from stpm.options import Combine
+from stpm.methods.maps import gaussian_blur
+
+Combine = Literal["product", "sum"]
 
 
 def layer_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -28,31 +31,6 @@ def stpm_loss(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) 
     if len(teacher) != len(student):
         raise ValueError(f"{len(teacher)} teacher layers but {len(student)} student layers")
     return sum(layer_distance(t, s).mean() for t, s in zip(teacher, student))
-
-
-def gaussian_kernel1d(sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian with radius 4*sigma (as scipy's default truncate=4)."""
-    radius = max(1, int(4.0 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding. maps: [B, H, W] -> [B, H, W]."""
-    if sigma <= 0:
-        return maps
-    k = gaussian_kernel1d(sigma).to(maps)
-    r = k.numel() // 2
-    r_max = min(maps.shape[-2], maps.shape[-1]) - 1  # reflect padding needs r < each side
-    if r > r_max:  # a map smaller than the kernel (tiny tiles): the kernel is truncated and renormalised
-        k = k[r - r_max:r + r_max + 1]
-        k = k / k.sum()
-        r = r_max
-    x = maps.unsqueeze(1)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-    return x.squeeze(1)
 
 
 def anomaly_map(
@@ -82,8 +60,3 @@ def anomaly_map(
     if fused is None:
         raise ValueError("no feature layers given")
     return gaussian_blur(fused, sigma)
-
-
-def image_score(amap: torch.Tensor) -> torch.Tensor:
-    """Image anomaly score = max of the map. amap: [B, H, W] -> [B]."""
-    return amap.flatten(1).amax(dim=1)

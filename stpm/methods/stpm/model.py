@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stpm.methods import backbones
-from stpm.options import ModelOptions
+from stpm.methods import backbone_specs, backbones
+from stpm.methods.stpm.spec import student_layers
+
+if TYPE_CHECKING:  # method code gets its options as arguments: it never imports stpm.options
+    from stpm.options import ModelOptions
 
 
 class STPM(nn.Module):
@@ -65,28 +70,12 @@ class STPM(nn.Module):
         return sd
 
 
-def student_layers(cfg: ModelOptions) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(teacher layers, student layers); a different student uses its own layers at the same strides."""
-    t_layers = backbones.resolve_layers(cfg.backbone, cfg.layers)
-    s_name = cfg.student_backbone or cfg.backbone
-    if s_name == cfg.backbone:
-        return t_layers, t_layers
-    t_spec, s_spec = backbones.spec(cfg.backbone), backbones.spec(s_name)
-    by_stride = {stride: layer for layer, stride in s_spec.layer_strides.items()}
-    s_layers = []
-    for layer in t_layers:
-        stride = t_spec.layer_strides[layer]
-        if stride not in by_stride:
-            raise ValueError(f"student {s_name} has no feature layer at stride {stride} (teacher {layer})")
-        s_layers.append(by_stride[stride])
-    return t_layers, tuple(s_layers)
-
-
 def build_stpm(
     cfg: ModelOptions, weights_dir: str | Path | None = None, seed: int | None = None
 ) -> tuple[STPM, str]:
     """Teacher with ImageNet weights (unless cfg.pretrained is False), random student; -> (model, source)."""
-    t_layers, s_layers = student_layers(cfg)
+    t_layers = backbone_specs.resolve_layers(cfg.backbone, cfg.layers)
+    s_layers = student_layers(cfg.backbone, cfg.student_backbone, t_layers)
     teacher, source = backbones.build_teacher(cfg.backbone, t_layers, cfg.pretrained, cfg.weights, weights_dir)
     if seed is not None:
         torch.manual_seed(seed)
@@ -94,8 +83,8 @@ def build_stpm(
     student = backbones.build_features(s_name, s_layers)
     projections = None
     if s_name != cfg.backbone:
-        t_ch = backbones.spec(cfg.backbone).layer_channels
-        s_ch = backbones.spec(s_name).layer_channels
+        t_ch = backbone_specs.spec(cfg.backbone).layer_channels
+        s_ch = backbone_specs.spec(s_name).layer_channels
         projections = nn.ModuleList(
             nn.Conv2d(s_ch[s], t_ch[t], kernel_size=1) for s, t in zip(s_layers, t_layers)
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 import os
 import random
@@ -17,68 +19,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stpm.options import TrainOptions
-from stpm.methods.stpm.loss import anomaly_map, image_score, stpm_loss
+from stpm.methods.base import ProgressFn, TrainingStopped
+from stpm.methods.maps import tile_score
+from stpm.methods.stpm.loss import anomaly_map, stpm_loss
 from stpm.methods.stpm.model import STPM
-from stpm.imaging.geometry import TileFn
 
-ProgressFn = Callable[[dict[str, Any]], None]
-
-
-class TrainingStopped(Exception):
-    """Raised by fit() when `should_stop()` asked it to stop (e.g. a cancelled job)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available")
-    return dev
-
-
-@contextmanager
-def reproducible(seed: int, device: torch.device) -> Iterator[torch.Generator]:
-    """Seeded RNGs (Python, numpy, torch) and, on CPU, torch's deterministic algorithms, for the duration
-    of the block; -> a seeded generator for DataLoader shuffling. The caller's RNG states and
-    deterministic-algorithms setting are restored afterwards: a library call flips no global switch for
-    good (while it runs they are process-wide, as torch keeps them)."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    det = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        gen = seed_everything(seed)
-        if device.type == "cpu":
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
-            yield gen
-        finally:
-            torch.use_deterministic_algorithms(det, warn_only=warn_only)
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic shuffle-split of n good images -> (train indices, validation indices)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-    n_val = max(1, int(round(n * val_fraction)))
-    if n - n_val < 1:
-        raise ValueError(f"{n} good image(s) are too few to hold out {n_val} for validation")
-    order = np.random.default_rng(seed).permutation(n).tolist()
-    return sorted(order[n_val:]), sorted(order[:n_val])
-
+if TYPE_CHECKING:  # method code gets its options as arguments: it never imports stpm.options
+    from stpm.options import TrainOptions
 
 def make_optimizer(model: STPM, cfg: TrainOptions) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
@@ -150,15 +97,8 @@ def predict(
         t, s = model(x)
         m = anomaly_map(t, s, tuple(x.shape[-2:]), combine, sigma)
         maps.append(m.cpu())
-        scores.append(image_score(m).cpu())
+        scores.append(tile_score(m).cpu())
     return torch.cat(maps).numpy(), torch.cat(scores).numpy()
-
-
-def stpm_tile_fn(model: STPM, device: torch.device, combine: str = "product", sigma: float = 0.0) -> TileFn:
-    """STPM as a per-tile map function for stpm.tiling.predict_maps: uint8 [N, 3, S, S] -> float32 [N, S, S]."""
-    from stpm.methods.maps import STPMMap, tile_fn
-
-    return tile_fn(STPMMap(model, combine, sigma), device)
 
 
 @dataclass
@@ -190,6 +130,42 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@dataclass
+class _Progress:
+    """The state a run carries from epoch to epoch (and in its checkpoint)."""
+
+    start_epoch: int = 0
+    best_val: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def record(self, epoch: int, train_loss: float, val_loss: float, seconds: float, model: STPM) -> None:
+        if val_loss < self.best_val:
+            self.best_val, self.best_epoch, self.bad_epochs = val_loss, epoch + 1, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.student_state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        self.history.append({"epoch": epoch + 1, "loss": train_loss, "val_loss": val_loss, "seconds": seconds})
+
+    def checkpoint(self, epoch: int, model: STPM, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {"epoch": epoch, "model": model.student_state_dict(), "optimizer": optimizer.state_dict(),
+                "best_student": self.best_state, "best_val_loss": self.best_val, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "history": self.history}
+
+
+def _start(model: STPM, optimizer: torch.optim.Optimizer, checkpoint: Path | None, resume: bool) -> _Progress:
+    """A fresh run's state, or the checkpoint's when resuming."""
+    if not (resume and checkpoint is not None and checkpoint.is_file()):
+        return _Progress(best_state={k: v.detach().clone() for k, v in model.student_state_dict().items()})
+    ck = load_checkpoint(checkpoint)
+    load_student(model, ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    return _Progress(ck["epoch"] + 1, ck["best_val_loss"], ck["best_epoch"], ck["bad_epochs"], ck["history"],
+                     ck["best_student"])
+
+
 def fit(
     model: STPM,
     train_loader: DataLoader,
@@ -210,32 +186,14 @@ def fit(
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
-    step_model = model
-    if cfg.compile and device.type == "cuda":
-        step_model = torch.compile(model)
-    start_epoch, best_val, best_epoch, bad_epochs, history = 0, math.inf, -1, 0, []
-    best_state = {k: v.detach().clone() for k, v in model.student_state_dict().items()}
-    if resume and checkpoint is not None and checkpoint.is_file():
-        ck = load_checkpoint(checkpoint)
-        load_student(model, ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        start_epoch, best_val, best_epoch = ck["epoch"] + 1, ck["best_val_loss"], ck["best_epoch"]
-        bad_epochs, history, best_state = ck["bad_epochs"], ck["history"], ck["best_student"]
-
-    def state(epoch: int) -> dict[str, Any]:
-        return {
-            "epoch": epoch, "model": model.student_state_dict(), "optimizer": optimizer.state_dict(),
-            "best_student": best_state, "best_val_loss": best_val, "best_epoch": best_epoch,
-            "bad_epochs": bad_epochs, "history": history,
-        }
-
+    step_model = torch.compile(model) if (cfg.compile and device.type == "cuda") else model
+    state = _start(model, optimizer, checkpoint, resume)
     t0 = time.monotonic()
-    epoch = start_epoch - 1
     steps = len(train_loader) if not cfg.max_steps else min(cfg.max_steps, len(train_loader))
-    bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="train", unit="epoch", disable=not show_bar)
-    result = FitResult(best_epoch, best_val, start_epoch)
+    bar = tqdm(total=cfg.epochs, initial=state.start_epoch, desc="train", unit="epoch", disable=not show_bar)
+    result = FitResult(state.best_epoch, state.best_val, state.start_epoch)
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(state.start_epoch, cfg.epochs):
             e0 = time.monotonic()
 
             def on_step(step: int, loss: float) -> None:
@@ -247,24 +205,16 @@ def fit(
 
             train_loss = train_one_epoch(step_model, train_loader, optimizer, device, scaler, cfg.max_steps, on_step)
             val_loss = validation_loss(model, val_loader, device)
-            improved = val_loss < best_val
-            if improved:
-                best_val, best_epoch, bad_epochs = val_loss, epoch + 1, 0
-                best_state = {k: v.detach().cpu().clone() for k, v in model.student_state_dict().items()}
-            else:
-                bad_epochs += 1
-            history.append({"epoch": epoch + 1, "loss": train_loss, "val_loss": val_loss,
-                            "seconds": time.monotonic() - e0})
+            state.record(epoch, train_loss, val_loss, time.monotonic() - e0, model)
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, state(epoch))
-            done = epoch + 1 - start_epoch
-            eta = (time.monotonic() - t0) / done * (cfg.epochs - epoch - 1)
-            bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{best_val:.4f}")
+                _save_checkpoint(checkpoint, state.checkpoint(epoch, model, optimizer))
+            eta = (time.monotonic() - t0) / (epoch + 1 - state.start_epoch) * (cfg.epochs - epoch - 1)
+            bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{state.best_val:.4f}")
             bar.update(1)
             if progress is not None:
-                progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": steps, "steps": steps,
-                          "loss": train_loss, "val_loss": val_loss, "best_val_loss": best_val, "eta_s": eta})
-            if cfg.patience and bad_epochs >= cfg.patience:
+                progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": steps, "steps": steps, "loss": train_loss,
+                          "val_loss": val_loss, "best_val_loss": state.best_val, "eta_s": eta})
+            if cfg.patience and state.bad_epochs >= cfg.patience:
                 result.stopped_early = True
                 break
     except KeyboardInterrupt:
@@ -273,8 +223,8 @@ def fit(
         result.interrupted = True
     finally:
         bar.close()
-    load_student(model, best_state)
-    result.best_epoch, result.best_val_loss = best_epoch, best_val
-    result.epochs_run, result.history = len(history), history
+    load_student(model, state.best_state)
+    result.best_epoch, result.best_val_loss = state.best_epoch, state.best_val
+    result.epochs_run, result.history = len(state.history), state.history
     result.seconds = time.monotonic() - t0
     return result
