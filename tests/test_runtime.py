@@ -44,7 +44,8 @@ def scorer(tmp_path_factory, real):
 
 
 def test_import_does_not_import_torch():
-    code = ("import sys, stpm, stpm.runtime, stpm.render, stpm.options, stpm.config, stpm.names\n"
+    code = ("import sys, stpm, stpm.runtime.scorer, stpm.runtime.choice, stpm.runtime.sessions, stpm.runtime.images, "
+            "stpm.runtime.cpu, stpm.runtime.backends, stpm.imaging.render, stpm.options, stpm.bundle.names\n"
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1], timeout=60)
