@@ -200,7 +200,7 @@ def batch_totals(metrics: str) -> tuple[float, float]:
 
 
 def machine_info() -> dict:
-    from stpm.runtime.backends import cpu_flags, cpu_name
+    from stpm.runtime.cpu import cpu_flags, cpu_name
 
     return {"cpu": cpu_name(), "cpus": os.cpu_count(), "flags": sorted(cpu_flags()),
             "platform": platform.platform(), "python": platform.python_version()}
@@ -261,13 +261,13 @@ def sweep_point(models_dir: Path, model: str, backend: str, precision: str, batc
 
 def bundle_precision(bundle_dir: Path, backend: str) -> str:
     """bf16 where the bundle ships it for this backend and the CPU runs it, else fp32."""
-    from stpm.runtime import backends
+    from stpm.runtime import choice, cpu
     from stpm.bundle.store import read_manifest
 
     manifest = read_manifest(bundle_dir)
     bf16 = ((manifest.get("exports") or {}).get("bf16") or {})
-    held = backends.bundle_precisions(manifest, bundle_dir)["bf16"] is None
-    if held and bf16.get("backend") == backend and backends.cpu_precision_support("bf16") is None:
+    held = choice.bundle_precisions(manifest, bundle_dir)["bf16"] is None
+    if held and bf16.get("backend") == backend and cpu.cpu_precision_support("bf16") is None:
         return "bf16"
     return "fp32"
 

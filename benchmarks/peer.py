@@ -115,7 +115,7 @@ def worker(kind: str, workdir: Path, bundle_dir: Path | None, images: list[Path]
 # ------------------------------------------------------------------------------------------ driver
 
 def cpu_info() -> dict:
-    from stpm.runtime.backends import cpu_flags, cpu_name
+    from stpm.runtime.cpu import cpu_flags, cpu_name
 
     keep = [f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c", "sse4"))]
     return {"model": cpu_name(), "cores": os.cpu_count(), "simd_flags": sorted(keep)}

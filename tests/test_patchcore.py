@@ -200,14 +200,14 @@ def test_train_job_through_the_service_publishes_a_patchcore_version(tmp_path):
 
 
 def test_bf16_search_split_is_the_same_graph_in_two_parts(plate_bundle):
-    """stpm.backends.split_bank_search cuts the scorer at the bank search's queries: run both parts in f32
+    """stpm.runtime.sessions.split_bank_search cuts the scorer at the bank search's queries: run both parts in f32
     and the outputs are the whole graph's; on a CPU with bf16 the session runs f32 features + a bf16
     search, whose image scores stay within 2 % of fp32 on real test images (whole-graph bf16 moved them
     by up to ~3 % on the trained bundles: docs/BENCHMARKS.md, Peer)."""
     pytest.importorskip("openvino", reason="openvino is a scoring dependency")
     import openvino as ov
 
-    from stpm.runtime import backends
+    from stpm.runtime import cpu, sessions
 
     from stpm.imaging.geometry import from_manifest, predict_maps, score_from_manifest, tile_images
     from stpm.imaging.decode import read_image
@@ -215,7 +215,7 @@ def test_bf16_search_split_is_the_same_graph_in_two_parts(plate_bundle):
     _, out = plate_bundle
     path = out.path / "scorer.onnx"
     core = ov.Core()
-    features, search = backends.split_bank_search(core.read_model(str(path)))
+    features, search = sessions.split_bank_search(core.read_model(str(path)))
     f32 = {"INFERENCE_PRECISION_HINT": "f32"}
     whole = core.compile_model(str(path), "CPU", f32)
     first, second = core.compile_model(features, "CPU", f32), core.compile_model(search, "CPU", f32)
@@ -230,8 +230,8 @@ def test_bf16_search_split_is_the_same_graph_in_two_parts(plate_bundle):
         a = next(v for k, v in parts.items() if name in k.get_names())
         b = next(v for k, v in ref.items() if name in k.get_names())
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    if backends.cpu_precision_support("bf16") is None:  # this CPU runs bf16: the split is what bf16 means
-        session = backends.create_session(path, "openvino", "bf16")
+    if cpu.cpu_precision_support("bf16") is None:  # this CPU runs bf16: the split is what bf16 means
+        session = sessions.create_session(path, "openvino", "bf16")
         assert session.mode == "bf16 bank search, f32 features"
-        low, fp32 = session.run(batch)[1], backends.cpu_session(path).run(batch)[1]
+        low, fp32 = session.run(batch)[1], sessions.cpu_session(path).run(batch)[1]
         assert float(np.max(np.abs(low - fp32) / fp32)) < 0.02

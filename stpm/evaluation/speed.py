@@ -21,12 +21,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stpm.runtime.backends import cpu_name
+from stpm.bundle.names import INPUT, REJECTED_INT8_ONNX, SCORER_INT8_ONNX, SCORER_ONNX
+from stpm.runtime.cpu import cpu_name
 
 
 def timeit(fn: Callable[[], Any], seconds: float, min_iters: int = 5, warmup: int = 2) -> np.ndarray:
@@ -103,6 +105,148 @@ def load_images(images_dir: str | Path, n: int) -> list[bytes]:
     return [p.read_bytes() for p in files[::step][:n]]
 
 
+@dataclass
+class _Setup:
+    """What every contender of a run shares: the bundle copy, its torch module, the images."""
+
+    work: Path  # the temporary copy of the bundle (exported if it was not)
+    model: Any  # the torch map module
+    manifest: dict[str, Any]
+    size: int  # the model's tile size
+    blobs: list[bytes]  # encoded images, at least max(batch_sizes)
+    tiles: np.ndarray  # uint8 [N, 3, S, S]: the images squashed to one tile each (the bare graph's input)
+    source_size: tuple[int, int]  # (height, width) of the first image
+    threads: int
+
+
+def _setup(bundle_dir: str | Path, tmp: Path, images_dir: str | Path, max_batch: int, threads: int) -> _Setup:
+    """Copy the bundle (exported if it was not) and read the images, repeated up to max_batch."""
+    from stpm.bundle.store import read_manifest
+    from stpm.export import export_bundle, nchw
+    from stpm.imaging.decode import decode_image
+    from stpm.imaging.geometry import Geometry, tile_images
+    from stpm.methods.loading import load_map
+
+    work = tmp / "bundle"
+    shutil.copytree(bundle_dir, work)
+    model, typed = load_map(work)
+    manifest = typed.to_dict()
+    if SCORER_ONNX not in (manifest.get("exports") or {}).get("files", {}):
+        export_bundle(work)
+        manifest = read_manifest(work)
+    size = int(manifest["model"]["image_size"])
+    blobs = load_images(images_dir, max(max_batch, 8))
+    while len(blobs) < max_batch:
+        blobs = blobs + blobs
+    decoded = [decode_image(b) for b in blobs]
+    tiles = nchw(tile_images(decoded, Geometry.squash(size)).tiles)
+    return _Setup(work, model, manifest, size, blobs, tiles, decoded[0].shape[:2], threads)
+
+
+def _header(setup: _Setup, images_dir: str | Path, seconds: float, overlay_size: str) -> dict[str, Any]:
+    """The result's description of the run: bundle, model, images, machine."""
+    import onnxruntime as ort
+    import torch
+
+    m = setup.manifest
+    return {
+        "bundle": f"{m['name']}/{m.get('version')}",
+        "model": {k: m["model"].get(k) for k in ("backbone", "student_backbone", "layers", "image_size", "combine")},
+        "images": {"dir": str(images_dir), "n": len(setup.blobs), "source_size": list(setup.source_size)},
+        "machine": {
+            "cpu": cpu_name(), "cpus": os.cpu_count(), "threads": setup.threads,
+            "load_avg_at_start": list(os.getloadavg()),
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "providers_available": ort.get_available_providers(),
+        },
+        "seconds_per_measurement": seconds,
+        "overlay_size": overlay_size,
+        "results": {},
+    }
+
+
+def _bound(setup: _Setup) -> dict[str, float]:
+    """The physical bound: FLOPs per tile over the measured fp32 GEMM rate (wall, and per core)."""
+    flops = model_flops(setup.model, setup.size)
+    rate = gemm_rate()
+    return {"gflop_per_image": flops / 1e9, "gemm_gflops": rate["wall_gflops"],
+            "gemm_gflops_per_core": rate["per_core_gflops"],
+            "fp32_bound_ms": flops / (rate["wall_gflops"] * 1e9) * 1e3,
+            "fp32_bound_cpu_ms": flops / (rate["per_core_gflops"] * 1e9) * 1e3}  # core-ms: compare with CPU ms
+
+
+def _overlay_variants(overlay_size: str, size: int) -> dict[str, tuple[int, int] | None]:
+    """Full-path contenders -> the overlay's map_size (None: each input's own size)."""
+    if overlay_size == "input":
+        return {"full_path": None}
+    if overlay_size == "model":
+        return {"full_path": (size, size)}
+    return {"full_path": None, "full_path_model_overlay": (size, size)}
+
+
+def _int8_session(setup: _Setup, int8_data: str | Path, n_calibration: int) -> tuple[dict[str, Any], Any]:
+    """Quantise on the category's good images, check on its test set -> (the int8 record, a session of
+    the int8 graph, shipped or not: for timing)."""
+    from stpm.export import quantize_int8
+    from stpm.imaging.decode import read_image
+    from stpm.runtime.sessions import ort_session
+    from stpm.training.data import good_train_dir, list_images, test_samples
+
+    train, test = list_images(good_train_dir(int8_data)), test_samples(int8_data)
+    cal_files = train[:: max(1, len(train) // n_calibration)][:n_calibration]
+    q = quantize_int8(setup.work, [read_image(p) for p in cal_files], [read_image(s.path) for s in test],
+                      [s.label for s in test], keep_rejected=True)
+    path = setup.work / (SCORER_INT8_ONNX if q["shipped"] else REJECTED_INT8_ONNX)
+    return q, ort_session(path, intra_op_threads=setup.threads)
+
+
+def _measure_batch(setup: _Setup, b: int, contenders: dict[str, Any], variants: dict[str, Any],
+                   seconds: float) -> dict[str, dict[str, Any]]:
+    """Every contender at batch size b, interleaved -> results keyed "<contender>_b<b>"."""
+    import torch
+
+    xb, nb, bl = torch.from_numpy(setup.tiles[:b].copy()), setup.tiles[:b].copy(), setup.blobs[:b]
+    timings: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
+
+    def torch_step():
+        with torch.inference_mode():
+            contenders["torch"](xb)
+
+    def full(key: str, map_size):
+        def step():
+            timings[key].extend(r.timings for r in contenders["scorer"].score(bl, map_size=map_size, overlay=True))
+        return step
+
+    fns = {"torch_eager": torch_step, "ort_cpu": lambda: contenders["scorer"].session.run(nb)}
+    fns.update({k: full(k, ms) for k, ms in variants.items()})
+    if contenders.get("int8") is not None:
+        fns["ort_cpu_int8"] = lambda: contenders["int8"].run(None, {INPUT: nb})
+    out = {f"{k}_b{b}": summarize(lat, b) for k, lat in interleaved(fns, seconds).items()}
+    for k, map_size in variants.items():
+        out[f"{k}_b{b}"]["overlay_size"] = "input" if map_size is None else list(map_size)
+        out[f"{k}_b{b}"]["breakdown_ms_per_image"] = {
+            m: float(np.mean([t[m] for t in timings[k]])) for m in ("decode_ms", "infer_ms", "render_ms")}
+    return out
+
+
+def _ratios(results: dict[str, Any], batch_sizes: Sequence[int], bound_cpu_ms: float, int8: bool) -> dict[str, float]:
+    """Ratios on CPU time (core-ms per image) and the per-core bound: stable under other jobs' load.
+    They equal wall-time ratios on a quiet machine for single-threaded runs (threads=1)."""
+    b1, key = batch_sizes[0], "cpu_ms_per_image"
+    t_ms, o_ms, f_ms = (results[f"{k}_b{b1}"][key] for k in ("torch_eager", "ort_cpu", "full_path"))
+    ratios = {
+        f"ort_over_torch_b{b1}": o_ms / t_ms,
+        f"full_over_ort_b{b1}": f_ms / o_ms,
+        f"ort_over_fp32_bound_b{b1}": o_ms / bound_cpu_ms,
+        "best_ort_fp32_over_bound": min(results[f"ort_cpu_b{b}"][key] for b in batch_sizes) / bound_cpu_ms,
+    }
+    if f"full_path_model_overlay_b{b1}" in results:
+        ratios[f"full_model_overlay_over_ort_b{b1}"] = results[f"full_path_model_overlay_b{b1}"][key] / o_ms
+    if int8:
+        ratios["int8_over_fp32_bound_best"] = min(results[f"ort_cpu_int8_b{b}"][key] for b in batch_sizes) / bound_cpu_ms
+    return ratios
+
+
 def run_bench(
     bundle_dir: str | Path,
     images_dir: str | Path,
@@ -119,137 +263,36 @@ def run_bench(
 
     seconds: measuring time per contender and batch size. threads: intra-op threads for torch and
     ONNX Runtime alike (None: the number of CPUs). overlay_size: "input" (overlay at each image's own
-    size), "model" (at the model's image size) or "both" (two full-path contenders). int8_data: an MVTec category folder: quantise on
-    its train/good images, then measure decision agreement and AUROC change on its test set."""
-    import onnxruntime as ort
+    size), "model" (at the model's image size) or "both" (two full-path contenders). int8_data: an MVTec
+    category folder: quantise on its train/good images, then measure decision agreement and AUROC change
+    on its test set."""
     import torch
 
-    from stpm import export as ex
-    from stpm.bundle.store import read_manifest
-    from stpm.training.data import good_train_dir, list_images, test_samples
-    from stpm.imaging.decode import decode_image, read_image, resize_rgb
-    from stpm.bundle.names import INPUT, REJECTED_INT8_ONNX, SCORER_INT8_ONNX, SCORER_ONNX
-    from stpm.runtime.backends import ort_session
+    from stpm.export import fused_scorer
     from stpm.runtime.scorer import Scorer
-    from stpm.methods.loading import load_map
 
+    if overlay_size not in ("input", "model", "both"):
+        raise ValueError(f"overlay_size must be input, model or both, got {overlay_size!r}")
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     tmp = Path(tempfile.mkdtemp(prefix="stpm-bench-"))
     try:
-        work = tmp / "bundle"
-        shutil.copytree(bundle_dir, work)
-        model, typed = load_map(work)
-        manifest = typed.to_dict()
-        size = int(manifest["model"]["image_size"])
-        if SCORER_ONNX not in (manifest.get("exports") or {}).get("files", {}):
-            ex.export_bundle(work)
-            manifest = read_manifest(work)
-
-        max_b = max(batch_sizes)
-        blobs = load_images(images_dir, max(max_b, 8))
-        while len(blobs) < max_b:
-            blobs = blobs + blobs
-        decoded = [decode_image(b) for b in blobs]
-        u8 = np.stack([resize_rgb(d, size).transpose(2, 0, 1) for d in decoded])
-
-        res: dict[str, Any] = {
-            "bundle": f"{manifest['name']}/{manifest.get('version')}",
-            "model": {k: manifest["model"].get(k) for k in ("backbone", "student_backbone", "layers", "image_size", "combine")},
-            "images": {"dir": str(images_dir), "n": len(blobs), "source_size": list(decoded[0].shape[:2])},
-            "machine": {
-                "cpu": cpu_name(), "cpus": os.cpu_count(), "threads": threads,
-                "load_avg_at_start": list(os.getloadavg()),
-                "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-                "providers_available": ort.get_available_providers(),
-            },
-            "seconds_per_measurement": seconds,
-            "overlay_size": overlay_size,
-            "results": {},
-        }
-        R = res["results"]
-
-        # the physical bound
-        flops = model_flops(model, size)
-        rate = gemm_rate()
-        bound_ms = flops / (rate["wall_gflops"] * 1e9) * 1e3
-        bound_cpu_ms = flops / (rate["per_core_gflops"] * 1e9) * 1e3  # core-ms: compare with CPU ms
-        res["bound"] = {"gflop_per_image": flops / 1e9, "gemm_gflops": rate["wall_gflops"],
-                        "gemm_gflops_per_core": rate["per_core_gflops"], "fp32_bound_ms": bound_ms,
-                        "fp32_bound_cpu_ms": bound_cpu_ms}
-
-        scorer_t = ex.fused_scorer(model, manifest)
-        scorer_rt = Scorer(work, providers=("cpu",), intra_op_threads=threads, max_batch=max_b,
-                           backend="onnxruntime", precision="fp32")  # the ONNX Runtime fp32 rows
-        sess = scorer_rt.session
-        if overlay_size not in ("input", "model", "both"):
-            raise ValueError(f"overlay_size must be input, model or both, got {overlay_size!r}")
-        variants = {"full_path": None, "full_path_model_overlay": (size, size)}
-        if overlay_size == "input":
-            variants.pop("full_path_model_overlay")
-        elif overlay_size == "model":
-            variants = {"full_path": (size, size)}
-
-        sess8 = None
+        setup = _setup(bundle_dir, tmp, images_dir, max(batch_sizes), threads)
+        res = _header(setup, images_dir, seconds, overlay_size)
+        res["bound"] = _bound(setup)
+        contenders = {"torch": fused_scorer(setup.model, setup.manifest),  # the ONNX Runtime fp32 rows:
+                      "scorer": Scorer(setup.work, providers=("cpu",), intra_op_threads=threads,
+                                       max_batch=max(batch_sizes), backend="onnxruntime", precision="fp32")}
         if int8_data is not None:
-            train, test = list_images(good_train_dir(int8_data)), test_samples(int8_data)
-            cal_files = train[:: max(1, len(train) // int8_calibration_images)][:int8_calibration_images]
-            q = ex.quantize_int8(work, [read_image(p) for p in cal_files], [read_image(s.path) for s in test],
-                                 [s.label for s in test], keep_rejected=True)
-            res["int8"] = q
-            sess8 = ort_session(work / (SCORER_INT8_ONNX if q["shipped"] else REJECTED_INT8_ONNX),
-                                intra_op_threads=threads)
-
+            res["int8"], contenders["int8"] = _int8_session(setup, int8_data, int8_calibration_images)
+        variants = _overlay_variants(overlay_size, setup.size)
         for b in batch_sizes:
-            xb = torch.from_numpy(u8[:b].copy())
-            nb = u8[:b].copy()
-            bl = blobs[:b]
-
-            def torch_step(xb=xb):
-                with torch.inference_mode():
-                    scorer_t(xb)
-
-            timings: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
-
-            def full(key, map_size, bl=bl, timings=timings):
-                def step():
-                    out = scorer_rt.score(bl, map_size=map_size, overlay=True)
-                    timings[key].extend(r.timings for r in out)
-                return step
-
-            fns = {"torch_eager": torch_step, "ort_cpu": lambda nb=nb: sess.run(nb)}
-            fns.update({k: full(k, ms) for k, ms in variants.items()})
-            if sess8 is not None:
-                fns["ort_cpu_int8"] = lambda nb=nb: sess8.run(None, {INPUT: nb})
-            for k, lat in interleaved(fns, seconds).items():
-                R[f"{k}_b{b}"] = summarize(lat, b)
-            for k in variants:
-                R[f"{k}_b{b}"]["overlay_size"] = "input" if variants[k] is None else list(variants[k])
-                R[f"{k}_b{b}"]["breakdown_ms_per_image"] = {
-                    m: float(np.mean([t[m] for t in timings[k]])) for m in ("decode_ms", "infer_ms", "render_ms")
-                }
-
-        # Ratios on CPU time (core-ms per image) and the per-core bound: stable under other jobs' load.
-        # They equal wall-time ratios on a quiet machine for single-threaded runs (threads=1).
-        b1 = batch_sizes[0]
-        key = "cpu_ms_per_image"
-        t_ms, o_ms, f_ms = (R[f"{k}_b{b1}"][key] for k in ("torch_eager", "ort_cpu", "full_path"))
+            res["results"].update(_measure_batch(setup, b, contenders, variants, seconds))
         res["ratios_basis"] = "CPU time per image; bound per core"
-        res["ratios"] = {
-            f"ort_over_torch_b{b1}": o_ms / t_ms,
-            f"full_over_ort_b{b1}": f_ms / o_ms,
-            f"ort_over_fp32_bound_b{b1}": o_ms / bound_cpu_ms,
-            "best_ort_fp32_over_bound": min(R[f"ort_cpu_b{b}"][key] for b in batch_sizes) / bound_cpu_ms,
-        }
-        if f"full_path_model_overlay_b{b1}" in R:
-            res["ratios"][f"full_model_overlay_over_ort_b{b1}"] = R[f"full_path_model_overlay_b{b1}"][key] / o_ms
-        if int8_data is not None:
-            res["ratios"]["int8_over_fp32_bound_best"] = (
-                min(R[f"ort_cpu_int8_b{b}"][key] for b in batch_sizes) / bound_cpu_ms)
+        res["ratios"] = _ratios(res["results"], batch_sizes, res["bound"]["fp32_bound_cpu_ms"], int8_data is not None)
         res["machine"]["load_avg_at_end"] = list(os.getloadavg())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(res, indent=2) + "\n")

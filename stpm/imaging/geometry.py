@@ -19,7 +19,7 @@ to S x S, one tile): bundles without a `tiling` section in their manifest score 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -207,14 +207,31 @@ def tile_images(images: Sequence[np.ndarray], geometry: Geometry) -> TiledImages
     return TiledImages(np.concatenate(parts) if parts else np.zeros((0, s, s, 3), np.uint8), plans)
 
 
-def run_tiles(tile_fn: TileFn, tile_batch: np.ndarray, max_batch: int = 16) -> np.ndarray:
-    """uint8 [T, S, S, 3] -> float32 maps [T, S, S], `max_batch` tiles per call of tile_fn."""
+def batch_tiles(tile_groups: Iterable[np.ndarray], max_batch: int = 16) -> Iterator[tuple[np.ndarray, list[int]]]:
+    """Tiles of several images, in order (uint8 [T_i, S, S, 3] each, drawn from the iterable only when
+    needed) -> batches for a tile model: (uint8 [B, 3, S, S] NCHW with B <= max_batch, the index of the
+    group each of its tiles came from). Tiles of consecutive images share a batch."""
     if max_batch < 1:
         raise ValueError("max_batch must be >= 1")
-    out = []
-    for i in range(0, len(tile_batch), max_batch):
-        x = np.ascontiguousarray(tile_batch[i:i + max_batch].transpose(0, 3, 1, 2))
-        out.append(np.asarray(tile_fn(x), dtype=np.float32))
+    parts: list[np.ndarray] = []
+    owners: list[int] = []
+    for i, group in enumerate(tile_groups):
+        start = 0
+        while start < len(group):
+            take = min(max_batch - len(owners), len(group) - start)
+            parts.append(group[start:start + take])
+            owners += [i] * take
+            start += take
+            if len(owners) == max_batch:
+                yield np.ascontiguousarray(np.concatenate(parts).transpose(0, 3, 1, 2)), owners
+                parts, owners = [], []
+    if owners:
+        yield np.ascontiguousarray(np.concatenate(parts).transpose(0, 3, 1, 2)), owners
+
+
+def run_tiles(tile_fn: TileFn, tile_batch: np.ndarray, max_batch: int = 16) -> np.ndarray:
+    """uint8 [T, S, S, 3] -> float32 maps [T, S, S], `max_batch` tiles per call of tile_fn."""
+    out = [np.asarray(tile_fn(x), dtype=np.float32) for x, _ in batch_tiles([tile_batch], max_batch)]
     if not out:
         s = tile_batch.shape[1]
         return np.zeros((0, s, s), np.float32)
@@ -257,6 +274,7 @@ __all__ = [
     "TiledImages",
     "TilingError",
     "axis_origins",
+    "batch_tiles",
     "from_manifest",
     "plan",
     "predict_maps",

@@ -7,13 +7,15 @@ This is the service's scoring path; it must not import torch (a test checks `sys
     r.score, r.is_anomaly, r.overlay_image
     scorer.selection                                          # which backend and precision run, and why
 
-Sessions come from stpm.backends (ONNX Runtime CPU/CUDA/TensorRT, OpenVINO; fp32, fp16, bf16, int8).
-Scoring has two phases so a server can run them on different threads: `infer_images` (decode, tile,
-run the graph, stitch, image score: the decision) and `render` (maps and heatmap images); `score`
-runs both.
+Sessions come from stpm.runtime.sessions (ONNX Runtime CPU/CUDA/TensorRT, OpenVINO; fp32, fp16, bf16,
+int8), chosen by stpm.runtime.choice. Scoring has two phases so a server can run them on different
+threads: `infer_images` (prepare, tile, run the graph, stitch, image score: the decision) and `render`
+(maps and heatmap images); `score` runs both. An input is prepared once (stpm.runtime.images: decoded
+within the pixel limit, planned); a server that prepared it already (to check a request's budget) passes
+the PreparedImage and nothing is done twice.
 
 The graph (`scorer.onnx`, see stpm.export) takes uint8 tiles [N, 3, S, S] and carries preprocessing;
-this module decodes, plans and cuts tiles at the bundle's geometry (stpm.tiling, manifest["tiling"]),
+this module plans and cuts tiles at the bundle's geometry (stpm.imaging.geometry, manifest["tiling"]),
 batches tiles across images, stitches each image's map, scores it with the manifest's image score,
 normalises with the calibration, and renders at the input size. A format-1 bundle (no `tiling`)
 squashes to S x S and takes the graph's own score, exactly as it always did.
@@ -23,24 +25,32 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stpm.runtime import backends
-
 from stpm import bundle
-
+from stpm.bundle.calibration import Calibration
 from stpm.imaging import render
-
+from stpm.imaging.decode import DEFAULT_MAX_PIXELS, resize_rgb
+from stpm.imaging.geometry import (
+    Geometry,
+    TilePlan,
+    batch_tiles,
+    from_manifest,
+    plan,
+    score_from_manifest,
+    stitch,
+    tiles,
+)
 from stpm.imaging.scores import ImageScore, image_score
-
-from stpm.imaging.geometry import Geometry, TilePlan, TilingError, from_manifest, plan, score_from_manifest, stitch, tiles
-from stpm.runtime.backends import PRECISION_FILES, choose_providers, ort_session
-from stpm.imaging.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_rgb
+from stpm.runtime import images as prep
+from stpm.runtime.choice import choose_backend
+from stpm.runtime.images import ImageInput, PreparedImage
+from stpm.runtime.sessions import PRECISION_FILES, SessionOptions
 
 log = logging.getLogger(__name__)
 
@@ -84,37 +94,35 @@ class Scored:
     amap: np.ndarray  # float32 raw stitched map [h, w] at the model's scale
 
 
-def as_rgb(image: np.ndarray, name: str) -> np.ndarray:
-    """A decoded array -> uint8 RGB [H, W, 3]. Accepts gray [H, W] / [H, W, 1], RGB, RGBA (composited on
-    black, as stpm.imageio does for files), uint8, uint16 (/257) and float in [0, 1]."""
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or min(a.shape[:2]) < 1:
-        raise ImageDecodeError(name, f"array of shape {a.shape} is not an image ([H, W], [H, W, 3] or [H, W, 4])")
-    if a.dtype == np.uint8:
-        pass
-    elif a.dtype == np.uint16:
-        a = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    elif a.dtype.kind == "f":
-        if not np.all(np.isfinite(a)):
-            raise ImageDecodeError(name, "float array contains NaN or inf")
-        a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    elif a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
-    else:
-        raise ImageDecodeError(name, f"unsupported array dtype {a.dtype} (use uint8, uint16 or float in [0, 1])")
-    if a.ndim == 2:
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if a.shape[2] == 4:
-        alpha = a[:, :, 3:4].astype(np.uint16)
-        return ((a[:, :, :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
-    return np.ascontiguousarray(a)
+def _default_name(image: Any, i: int) -> str:
+    if isinstance(image, PreparedImage):
+        return image.name
+    return str(image) if isinstance(image, (str, Path)) else f"image{i}"
+
+
+@dataclass
+class _Progress:
+    """One image's tile outputs as they come back from the graph, and the time spent on it."""
+
+    n_tiles: int
+    decode_ms: float
+    infer_ms: float = 0.0
+    maps: list[np.ndarray] = field(default_factory=list)
+    raw: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+    def add(self, amap: np.ndarray, raw: float, score: float, ms: float) -> bool:
+        """One tile's outputs; -> True when it was the image's last."""
+        self.maps.append(amap)
+        self.raw.append(raw)
+        self.scores.append(score)
+        self.infer_ms += ms
+        return len(self.maps) == self.n_tiles
 
 
 class Scorer:
-    """A bundle's exported scorer on the backend and precision `stpm.backends.select` picks. Thread-safe
-    for concurrent `score` calls; `max_batch` tiles go through the graph per run.
+    """A bundle's exported scorer on the backend and precision `stpm.runtime.choice.choose_backend` picks.
+    Thread-safe for concurrent `score` calls; `max_batch` tiles go through the graph per run.
 
     backend: "onnxruntime", "openvino" or "auto"; precision: "fp32", "fp16", "bf16", "int8" or "auto";
     None reads STPM_BACKEND / STPM_PRECISION, else "auto" (the fastest candidate on this machine that
@@ -138,38 +146,44 @@ class Scorer:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.bundle_dir = Path(bundle_dir)
+        self._read_manifest()
+        self.max_pixels = max_pixels
+        self.max_batch = max_batch
+        if verify:
+            self._verify_files()
+        options = SessionOptions(providers=tuple(providers), intra_op_threads=intra_op_threads,
+                                 inter_op_threads=inter_op_threads, max_batch=max_batch,
+                                 trt_cache_dir=trt_cache_dir, image_size=self.image_size)
+        self.session, self.selection = choose_backend(self.bundle_dir, self.manifest, self.image_size, backend,
+                                                      precision, options=options, fall_back_to_fp32=fall_back_to_fp32)
+        self.backend: str = self.selection.backend
+        self.precision: str = self.selection.precision
+        self.providers: list[str] = list(self.session.devices)
+        log.info("scorer %s/%s on %s/%s (%s): %s", self.name, self.version, self.backend, self.precision,
+                 ", ".join(self.providers), self.selection.reason)
+        self._check_metadata(self.bundle_dir / PRECISION_FILES[self.precision])
+
+    def _read_manifest(self) -> None:
+        """What scoring needs from the manifest, read once."""
         self.manifest: dict[str, Any] = bundle.read_manifest(self.bundle_dir)
         self.name: str = self.manifest["name"]
         self.version: str | None = self.manifest.get("version")
         self.image_size: int = int(self.manifest["model"]["image_size"])
         self.geometry: Geometry = from_manifest(self.manifest)
         self.image_score: ImageScore = score_from_manifest(self.manifest)
+        self.calibration: Calibration = Calibration.from_dict(self.manifest["calibration"])
+        self.threshold: float = self.calibration.threshold
+        self.low: float = self.calibration.low
         # format 1 (and squash + max): one tile per image, whose graph score is the image's score
         self._graph_score = self.geometry.mode == "squash" and self.image_score.method == "max"
-        cal = self.manifest["calibration"]
-        self.threshold: float = float(cal["threshold"])
-        self.low: float = float(cal["low"])
-        self._scale = 0.5 / max(self.threshold - self.low, 1e-12)
-        self.max_pixels = max_pixels
-        self.max_batch = max_batch
 
-        if verify:  # every scorer graph the selection may load, before any is parsed
-            files = (self.manifest.get("exports") or {}).get("files") or {}
-            for fname in sorted(set(PRECISION_FILES.values())):
-                f = self.bundle_dir / fname
-                if fname in files and f.is_file() and bundle.sha256_file(f) != files[fname]["sha256"]:
-                    raise bundle.BundleError(f"{self.bundle_dir}: {fname} does not match its sha256 in the manifest")
-        self.session, self.selection = backends.select(
-            self.bundle_dir, self.manifest, self.image_size, backend, precision, providers=providers,
-            intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads, max_batch=max_batch,
-            trt_cache_dir=trt_cache_dir, fall_back_to_fp32=fall_back_to_fp32)
-        self.backend: str = self.selection.backend
-        self.precision: str = self.selection.precision
-        self.providers: list[str] = list(self.session.devices)
-        path = self.bundle_dir / PRECISION_FILES[self.precision]
-        log.info("scorer %s/%s on %s/%s (%s): %s", self.name, self.version, self.backend, self.precision,
-                 ", ".join(self.providers), self.selection.reason)
-        self._check_metadata(path)
+    def _verify_files(self) -> None:
+        """Every scorer graph the backend choice may load matches its sha256 in the manifest, before any is parsed."""
+        files = (self.manifest.get("exports") or {}).get("files") or {}
+        for fname in sorted(set(PRECISION_FILES.values())):
+            f = self.bundle_dir / fname
+            if fname in files and f.is_file() and bundle.sha256_file(f) != files[fname]["sha256"]:
+                raise bundle.BundleError(f"{self.bundle_dir}: {fname} does not match its sha256 in the manifest")
 
     def _check_metadata(self, path: Path) -> None:
         digest = self.session.metadata().get("stpm.manifest_digest")
@@ -188,38 +202,29 @@ class Scorer:
             self.infer(np.zeros((n, 3, self.image_size, self.image_size), dtype=np.uint8))
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
-        """Raw scores or maps -> [0, 1] (low -> 0, threshold -> 0.5), as stpm.calibrate.normalize, float32."""
-        return np.clip(0.5 + (np.asarray(x, dtype=np.float32) - np.float32(self.threshold)) * np.float32(self._scale),
-                       0.0, 1.0)
+        """Raw scores or maps -> [0, 1] (low -> 0, threshold -> 0.5), float32 as the graph computes it."""
+        return self.calibration.normalise(x, np.float32)
 
     def plan(self, height: int, width: int) -> TilePlan:
         """The tile plan of a height x width input; raises TilingError naming the size and the limit."""
         return plan(height, width, self.geometry)
 
-    def prepare(self, image: bytes | np.ndarray | str | Path, name: str) -> tuple[np.ndarray, TilePlan]:
-        """One input -> (uint8 RGB at its own size, its tile plan). Raises ImageDecodeError naming it."""
-        if isinstance(image, (str, Path)):
-            try:
-                image = Path(image).read_bytes()
-            except OSError as e:
-                raise ImageDecodeError(name, f"cannot read the file ({e.strerror or e})") from None
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            rgb = decode_image(bytes(image), name, self.max_pixels)
-        elif isinstance(image, np.ndarray):
-            rgb = as_rgb(image, name)
-            if rgb.shape[0] * rgb.shape[1] > self.max_pixels:
-                raise ImageDecodeError(name, f"{rgb.shape[1]}x{rgb.shape[0]} exceeds the limit of {self.max_pixels} pixels")
-        else:
-            raise ImageDecodeError(name, f"expected bytes or a numpy array, got {type(image).__name__}")
-        try:
-            p = self.plan(rgb.shape[0], rgb.shape[1])
-        except TilingError as e:
-            raise ImageDecodeError(name, str(e)) from None
-        return rgb, p
+    def read(self, data: bytes, name: str) -> PreparedImage:
+        """Encoded bytes -> their size and tile plan from the header, nothing decoded (stpm.runtime.images.read)."""
+        return prep.read(data, name, self.geometry)
+
+    def decode(self, image: PreparedImage) -> PreparedImage:
+        """A read image's pixels, within max_pixels; raises ImageDecodeError naming it."""
+        return prep.decode(image, self.geometry, self.max_pixels)
+
+    def prepare(self, image: ImageInput | PreparedImage, name: str) -> PreparedImage:
+        """One input -> decoded and planned (one already prepared is taken as it is). Raises
+        ImageDecodeError naming it for an undecodable input or one the geometry cannot cover."""
+        return prep.prepare(image, name, self.geometry, self.max_pixels)
 
     def score(
         self,
-        images: Sequence[bytes | np.ndarray | str | Path],
+        images: Sequence[ImageInput | PreparedImage],
         *,
         names: Sequence[str] | None = None,
         map_size: MapSize = None,
@@ -227,10 +232,10 @@ class Scorer:
         raw_map_png: bool = False,
         heatmap_format: str = "png",
     ) -> list[ScoreResult]:
-        """Score images (image files, encoded bytes or decoded arrays; names default to the file paths).
-        map_size: None (no map), "input" (each image's
-        own size), "model" (the map's own size: the image at the model's scale) or (H, W). Overlay / map
-        images are rendered at map_size, or at the input size when map_size is None, encoded as
+        """Score images (image files, encoded bytes, decoded arrays or PreparedImages; names default to the
+        file paths, the prepared names, else image0, image1, ...). map_size: None (no map), "input" (each
+        image's own size), "model" (the map's own size: the image at the model's scale) or (H, W). Overlay /
+        map images are rendered at map_size, or at the input size when map_size is None, encoded as
         heatmap_format ("png", "jpeg" or "webp"). Raises ImageDecodeError for an undecodable input or
         one the geometry cannot cover (nothing is scored then). Tiles of all images go through the graph
         together, `max_batch` per run."""
@@ -238,75 +243,64 @@ class Scorer:
         return self.render(self.infer_images(images, names=names), map_size=map_size, overlay=overlay,
                            raw_map_png=raw_map_png, heatmap_format=heatmap_format)
 
-    def infer_images(self, images: Sequence[bytes | np.ndarray], *, names: Sequence[str] | None = None) -> list[Scored]:
-        """Decode, tile, run the graph, stitch and score: each image's decision, not yet rendered."""
-        n = len(images)
-        if names is None:
-            names = [str(im) if isinstance(im, (str, Path)) else f"image{i}" for i, im in enumerate(images)]
-        elif len(names) != n:
-            raise ValueError(f"{n} images but {len(names)} names")
-        rgbs, plans, decode_ms = [], [], []
-        for img, nm in zip(images, names):
+    def infer_images(self, images: Sequence[ImageInput | PreparedImage], *,
+                     names: Sequence[str] | None = None) -> list[Scored]:
+        """Prepare (unless prepared), tile, run the graph, stitch and score: each image's decision, not yet
+        rendered. Tiles of consecutive images share graph runs; an image is finished (stitched, scored) as
+        soon as its last tile has been scored."""
+        prepared, prepare_ms = self._prepare_all(images, names)
+        progress = [_Progress(p.plan.n_tiles, ms) for p, ms in zip(prepared, prepare_ms)]
+        out: list[Scored | None] = [None] * len(prepared)
+        for batch, owners in batch_tiles(self._cut_tiles(prepared, progress), self.max_batch):
             t0 = time.perf_counter()
-            rgb, p = self.prepare(img, nm)
-            decode_ms.append((time.perf_counter() - t0) * 1e3)
-            rgbs.append(rgb)
-            plans.append(p)
-
-        # tiles of all images, in order, through the graph `max_batch` at a time; an image is finished
-        # (stitched, scored) as soon as its last tile has been scored
-        parts: list[list[tuple[np.ndarray, float, float]]] = [[] for _ in range(n)]
-        infer_ms = [0.0] * n
-        out: list[Scored | None] = [None] * n
-        queue: list[np.ndarray] = []
-        owners: list[int] = []
-
-        def run() -> None:
-            t0 = time.perf_counter()
-            maps, raw, score = self.infer(np.stack(queue).transpose(0, 3, 1, 2))
-            share = (time.perf_counter() - t0) * 1e3 / len(queue)
-            done = []
+            maps, raw, score = self.infer(batch)
+            share = (time.perf_counter() - t0) * 1e3 / len(owners)
             for k, i in enumerate(owners):
-                parts[i].append((maps[k], float(raw[k]), float(score[k])))
-                infer_ms[i] += share
-                if len(parts[i]) == plans[i].n_tiles:
-                    done.append(i)
-            queue.clear()
-            owners.clear()
-            for i in done:
-                t1 = time.perf_counter()
-                out[i] = self._decide(names[i], rgbs[i], plans[i], parts[i])
-                out[i].result.timings = {"decode_ms": decode_ms[i],
-                                         "infer_ms": infer_ms[i] + (time.perf_counter() - t1) * 1e3}
-                parts[i] = []
-
-        for i in range(n):
-            t0 = time.perf_counter()
-            cut = tiles(rgbs[i], plans[i])
-            decode_ms[i] += (time.perf_counter() - t0) * 1e3
-            for t in cut:
-                queue.append(t)
-                owners.append(i)
-                if len(queue) == self.max_batch:
-                    run()
-        if queue:
-            run()
+                if progress[i].add(maps[k], float(raw[k]), float(score[k]), share):
+                    out[i] = self._finish(prepared[i], progress[i])
+                    progress[i] = None  # type: ignore[call-overload]  # its tile maps are no longer needed
         return out  # type: ignore[return-value]
 
-    def _decide(self, name: str, rgb: np.ndarray, p: TilePlan,
-                parts: list[tuple[np.ndarray, float, float]]) -> Scored:
+    def _prepare_all(self, images: Sequence[ImageInput | PreparedImage],
+                     names: Sequence[str] | None) -> tuple[list[PreparedImage], list[float]]:
+        """Every input prepared (all before any is scored: a bad one fails the call) and the ms it took here."""
+        if names is None:
+            names = [_default_name(im, i) for i, im in enumerate(images)]
+        elif len(names) != len(images):
+            raise ValueError(f"{len(images)} images but {len(names)} names")
+        prepared, ms = [], []
+        for img, nm in zip(images, names):
+            t0 = time.perf_counter()
+            p = self.prepare(img, nm)
+            p.name = nm
+            prepared.append(p)
+            ms.append((time.perf_counter() - t0) * 1e3)
+        return prepared, ms
+
+    @staticmethod
+    def _cut_tiles(prepared: list[PreparedImage], progress: list[_Progress]) -> Iterator[np.ndarray]:
+        """Each image's tiles when the batching asks for them (the cut counts to the image's decode_ms)."""
+        for p, pr in zip(prepared, progress):
+            t0 = time.perf_counter()
+            cut = tiles(p.rgb, p.plan)
+            pr.decode_ms += (time.perf_counter() - t0) * 1e3
+            yield cut
+
+    def _finish(self, p: PreparedImage, progress: _Progress) -> Scored:
         """One image's tile outputs -> its stitched map, image score and decision."""
-        amap = stitch(np.stack([m for m, _, _ in parts]), p)
+        t0 = time.perf_counter()
+        amap = stitch(np.stack(progress.maps), p.plan)
         if self._graph_score:
-            raw, score = parts[0][1], parts[0][2]
+            raw, score = progress.raw[0], progress.scores[0]
         else:
             raw = image_score(amap, self.image_score)
             score = float(self.normalise(np.float32(raw)))
         r = ScoreResult(
-            name=name, raw_score=raw, score=score, is_anomaly=bool(raw >= self.threshold), threshold=self.threshold,
-            tiles=p.n_tiles, scaled_size=(p.h, p.w),
+            name=p.name, raw_score=raw, score=score, is_anomaly=bool(self.calibration.is_anomaly(raw)),
+            threshold=self.threshold, tiles=p.plan.n_tiles, scaled_size=(p.plan.h, p.plan.w),
+            timings={"decode_ms": progress.decode_ms, "infer_ms": progress.infer_ms + (time.perf_counter() - t0) * 1e3},
         )
-        return Scored(r, rgb, amap)
+        return Scored(r, p.rgb, amap)
 
     def render(
         self,
@@ -356,5 +350,4 @@ def check_render_options(map_size: MapSize, heatmap_format: str) -> None:
         raise ValueError(f"heatmap_format must be one of {', '.join(render.FORMATS)}, got {heatmap_format!r}")
 
 
-__all__ = ["PRECISION_FILES", "ScoreResult", "Scored", "Scorer", "as_rgb", "check_render_options", "choose_providers",
-           "ort_session"]
+__all__ = ["MapSize", "ScoreResult", "Scored", "Scorer", "check_render_options"]
