@@ -33,6 +33,7 @@ from app.errors import APIError, ModelRequiredError, NoModelError, model_error
 from app.metrics import Metrics
 from app.settings import Settings
 from stpm import bundle
+from stpm.bundle.manifest import Manifest
 from stpm.bundle.store import BundleError, ModelNotFoundError
 
 log = logging.getLogger("app.registry")
@@ -56,7 +57,7 @@ class LoadedModel:
     version: str
     path: Path
     scorer: Any
-    manifest: dict
+    manifest: Manifest
     batcher: Batcher
     loaded_at: float
     load_seconds: float
@@ -199,7 +200,7 @@ class ModelRegistry:
         t0 = time.perf_counter()
         identity = _identity(path)
         try:
-            manifest = bundle.read_manifest(path)
+            manifest = Manifest.read(path)
             scorer = self.scorer_factory(path)
             warm = False
             if self.settings.warmup:

@@ -52,11 +52,11 @@ def main() -> int:
 
     from stpm.runtime import cpu
 
-    from stpm import bundle
 
     from stpm.imaging.scores import image_scores
 
-    from stpm.imaging.geometry import from_manifest, score_from_manifest, stitch_all, tile_images
+    from stpm.bundle.manifest import Manifest
+    from stpm.imaging.geometry import stitch_all, tile_images
     from stpm.training.data import test_samples
     from stpm.imaging.decode import read_image
 
@@ -74,9 +74,9 @@ def main() -> int:
     for spec in a.bundle:
         ds, path = spec.split("=", 1)
         path = Path(path)
-        manifest = bundle.read_manifest(path)
-        geometry, score_spec = from_manifest(manifest), score_from_manifest(manifest)
-        threshold = float(manifest["calibration"]["threshold"])
+        manifest = Manifest.read(path)
+        geometry, score_spec = manifest.geometry, manifest.image_score
+        threshold = manifest.calibration.threshold
         samples = test_samples(shared_data() / DATA[ds])
         labels = np.array([s.label for s in samples])
         tiled = tile_images([read_image(s.path) for s in samples], geometry)

@@ -11,13 +11,12 @@ import argparse
 import importlib.metadata
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from stpm.runtime.backends import BACKENDS, PRECISIONS
+from stpm.runtime.sessions import BACKENDS, PRECISIONS
 from stpm.bundle.names import EVALUATIONS, SCORER_ONNX
 from stpm.options import add_arguments as add_training_options
 
@@ -107,9 +106,9 @@ def _placeholder(p: argparse.ArgumentParser) -> None:
 
 
 def _export_module() -> ModuleType:
-    from stpm.export import onnx
+    from stpm.export import cli
 
-    return onnx
+    return cli
 
 
 def _bench_module() -> ModuleType:

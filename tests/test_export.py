@@ -13,6 +13,7 @@ onnx = pytest.importorskip("onnx")
 from stpm import bundle
 from stpm import export as ex
 from stpm.bundle import names
+from stpm.bundle.calibration import Calibration
 from stpm.training.calibration import calibrate
 from stpm.options import ModelOptions
 from stpm.imaging.decode import read_image
@@ -109,7 +110,6 @@ def test_onnx_matches_torch_on_real_images(published, real):
     decisions = ref >= thr
     assert 0 < decisions.sum() < len(decisions), "calibration should put images on both sides"
     np.testing.assert_array_equal(raw >= thr, decisions)
-    from stpm.bundle.calibration import Calibration
 
     np.testing.assert_allclose(score, Calibration(threshold=thr, low=low).normalise(ref), atol=1e-3)
     np.testing.assert_allclose(raw, amap.reshape(len(raw), -1).max(axis=1), rtol=1e-6)
@@ -233,10 +233,8 @@ def test_known_export_warnings_are_silenced_and_others_are_not(tmp_path):
 
     model, _ = tiny_model()
     size = 32
-    graph = Graph("t.onnx", ex.fused_scorer(
-        _map_of(model), {"calibration": {"threshold": 1.0, "low": 0.0}}), torch.zeros(1, 3, size, size,
-                                                                              dtype=torch.uint8),
-        list(names.SCORER_OUTPUTS), {}, {})
+    scorer = ex.FusedScorer(_map_of(model), Calibration(threshold=1.0, low=0.0)).eval()
+    graph = Graph("t.onnx", scorer, torch.zeros(1, 3, size, size, dtype=torch.uint8), list(names.SCORER_OUTPUTS), {}, {})
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         onnx_export(graph, tmp_path / "t.onnx", 17)  # the scorer: shape branches in stpm.methods, Slices
@@ -271,7 +269,6 @@ def test_logs_name_a_staged_bundle_and_why_bf16_is_not_shipped(tmp_path, real, m
 def test_one_gate_for_every_lower_precision():
     """The gate bf16 and int8 share: decisions, then AUROC (one-sided or both ways) with labels, or the
     normalised score move without them."""
-    from stpm.bundle.calibration import Calibration
 
     cal = Calibration(threshold=1.0, low=0.0)  # normalised = 0.5 * raw
     ref = np.array([0.2, 0.4, 0.9, 1.2, 1.5, 1.8])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import typing
 
 import pytest
 from fastapi import FastAPI

@@ -209,7 +209,8 @@ def test_bf16_search_split_is_the_same_graph_in_two_parts(plate_bundle):
 
     from stpm.runtime import cpu, sessions
 
-    from stpm.imaging.geometry import from_manifest, predict_maps, score_from_manifest, tile_images
+    from stpm.bundle.manifest import Manifest
+    from stpm.imaging.geometry import tile_images
     from stpm.imaging.decode import read_image
 
     _, out = plate_bundle
@@ -221,7 +222,7 @@ def test_bf16_search_split_is_the_same_graph_in_two_parts(plate_bundle):
     first, second = core.compile_model(features, "CPU", f32), core.compile_model(search, "CPU", f32)
     manifest = json.loads((out.path / "manifest.json").read_text())
     images = [read_image(p) for p in sorted((METAL_PLATE / "test").glob("*/*.png"))[::15][:5]]
-    tiles = tile_images(images, from_manifest(manifest)).tiles
+    tiles = tile_images(images, Manifest.parse(manifest).geometry).tiles
     batch = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))
     queries = first({0: batch})[0]
     assert queries.shape == (len(batch) * (SIZE // 8) ** 2, queries.shape[1])  # one row per stride-8 position

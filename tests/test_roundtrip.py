@@ -25,7 +25,7 @@ import stpm  # noqa: E402
 from stpm import bundle
 from stpm.bundle import names
 from stpm.imaging.scores import image_scores  # noqa: E402
-from stpm.imaging.geometry import from_manifest, plan, predict_maps, score_from_manifest
+from stpm.imaging.geometry import plan, predict_maps
 from stpm.bundle.manifest import Manifest  # noqa: E402
 from stpm.training.calibration import calibrate  # noqa: E402
 from stpm.options import CalibrationOptions, ModelOptions, TilingOptions, TrainingOptions, TrainOptions, from_dict  # noqa: E402

@@ -147,7 +147,7 @@ def test_bad_inputs_raise_decode_errors(scorer):
 def test_attributes_and_providers(scorer, caplog):
     m = bundle.read_manifest(scorer.bundle_dir)
     assert (scorer.name, scorer.version, scorer.image_size) == ("tiny", "v1", SIZE)
-    assert scorer.threshold == m["calibration"]["threshold"] and scorer.manifest == m
+    assert scorer.threshold == m["calibration"]["threshold"] and scorer.manifest.to_dict() == m
     # whichever backend "auto" timed fastest on this machine, it runs on the CPU here
     assert scorer.providers[-1] == {"onnxruntime": "CPUExecutionProvider", "openvino": "CPU"}[scorer.backend]
     assert choose_providers(["auto"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stpm.imaging.scores import image_score, image_scores
 
-from stpm.imaging.geometry import axis_origins, from_manifest, plan, predict_maps, score_from_manifest, stitch, tile_images, tiles
+from stpm.imaging.geometry import axis_origins, plan, predict_maps, stitch, tile_images, tiles
 from stpm.options import TilingOptions
 from stpm.imaging.decode import resize_rgb
 from stpm.imaging.geometry import Geometry, TilingError
@@ -201,14 +198,7 @@ def test_geometry_validation_and_manifest_round_trip():
         with pytest.raises(ValueError):
             Geometry(**bad)
     g = Geometry(64, 0.37, overlap=0.3, max_upscale=1.5, max_tiles=9)
-    manifest = {"model": {"image_size": 64, "image_score": "topk_mean", "topk": 50}, "tiling": g.to_dict()}
-    assert from_manifest(manifest) == g
-    assert score_from_manifest(manifest) == ImageScore("topk_mean", 50)
-    # format 1: no tiling section, no image score: squash and max, as such bundles always scored
-    legacy = {"model": {"image_size": 64}}
-    assert from_manifest(legacy) == Geometry.squash(64)
-    assert score_from_manifest(legacy) == ImageScore("max")
+    assert Geometry.from_dict(g.to_dict()) == g
     with pytest.raises(ValueError, match="unknown tiling field"):
-        from_manifest({"model": {"image_size": 64}, "tiling": {**g.to_dict(), "stride": 3}})
-    with pytest.raises(ValueError, match="differs"):
-        from_manifest({"model": {"image_size": 32}, "tiling": g.to_dict()})
+        Geometry.from_dict({**g.to_dict(), "stride": 3})
+    # a bundle's geometry and image score come from its typed manifest (tests/test_manifest.py has every format)

@@ -27,7 +27,8 @@ from stpm.imaging import render
 
 from stpm.imaging.scores import ImageScore, image_scores
 
-from stpm.imaging.geometry import Geometry, from_manifest, predict_maps, score_from_manifest, tile_images
+from stpm.bundle.manifest import Manifest
+from stpm.imaging.geometry import Geometry, predict_maps, tile_images
 from stpm import export as ex
 from stpm.bundle import names
 from stpm.options import CalibrationOptions, ModelOptions, TilingOptions, TrainingOptions, TrainOptions
@@ -111,7 +112,7 @@ def torch_image_path(bundle_dir: Path, images: list[np.ndarray]) -> tuple[list[n
 def test_manifest_records_the_chosen_geometry(syn):
     m = bundle.read_manifest(syn)
     assert m["format_version"] == 2
-    g = from_manifest(m)
+    g = Manifest.parse(m).geometry
     assert g.mode == "tile" and g.tile == SIZE and g.scale == pytest.approx(SIZE / H)  # median short side -> S
     assert m["data"]["n_train_tiles"] == 3 * m["data"]["n_train"]  # 64 x 160 at this scale: 3 tiles each
     assert m["data"]["short_side_px"]["median"] == H
@@ -323,7 +324,7 @@ def test_kolektorsdd_train_export_score_end_to_end(tmp_path):
     with one_thread():
         out = run_training(good, "kos", tmp_path, TrainingOptions(model=ModelOptions(method="stpm", backbone="efficientnet_lite0", image_size=SIZE), train=TrainOptions(epochs=1, batch_size=8, lr=0.1, device="cpu"), calibration=CalibrationOptions(), tiling=TilingOptions()), show_bar=False)
     m = bundle.read_manifest(out.path)
-    g = from_manifest(m)
+    g = Manifest.parse(m).geometry
     assert g.scale == pytest.approx(SIZE / 250) and m["exports"]["parity"]["images"]["ok"]
     tests = sorted((root / "test" / "crack").glob("*.png"))[:2] + sorted((root / "test" / "good").glob("*.png"))[:2]
     images = [read_image(p) for p in tests]

@@ -22,7 +22,8 @@ from app.schemas import (
 )
 from stpm import bundle
 from stpm.bundle.store import BundleError
-from stpm.runtime import backends
+from stpm.bundle.manifest import Manifest
+from stpm.runtime.choice import bundle_precisions
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -48,25 +49,25 @@ def _check(name: str, version: str | None = None) -> None:
 
 
 def _version_info(reg: ModelRegistry, name: str, version: str, active: str | None) -> tuple[dict[str, Any], dict]:
+    """A version's summary and its manifest (as stored). A malformed manifest is a BundleError: that version
+    is left out of the listing, never an error for the whole list."""
     path = reg.models_dir / name / version
-    man = bundle.read_manifest(path)
-    model = man.get("model") or {}
-    cal = man.get("calibration") or {}
+    man = Manifest.read(path)
     info = {
         "version": version,
         "active": version == active,
         "loaded": reg.peek(name, version) is not None,
-        "created_at": man.get("created_at"),
-        "threshold": cal.get("threshold"),
-        "image_size": model.get("image_size"),
-        "backbone": model.get("backbone"),
+        "created_at": man.created_at,
+        "threshold": man.calibration.threshold,
+        "image_size": man.model.image_size,
+        "backbone": man.model.backbone,
         "metrics": bundle.read_evaluations(path) or None,
-        "precisions": {k: v or "available" for k, v in backends.bundle_precisions(man, path).items()},
+        "precisions": {k: v or "available" for k, v in bundle_precisions(man, path).items()},
     }
     lm = reg.peek(name, version)
     if lm is not None:
         info["inference"] = inference_info(lm) or None
-    return info, man
+    return info, man.to_dict()
 
 
 def _summary(reg: ModelRegistry, name: str, default: str | None) -> tuple[dict[str, Any], dict[str, dict]]:

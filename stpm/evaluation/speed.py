@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from stpm.bundle.manifest import Manifest
 from stpm.bundle.names import INPUT, REJECTED_INT8_ONNX, SCORER_INT8_ONNX, SCORER_ONNX
 from stpm.runtime.cpu import cpu_name
 
@@ -111,7 +112,7 @@ class _Setup:
 
     work: Path  # the temporary copy of the bundle (exported if it was not)
     model: Any  # the torch map module
-    manifest: dict[str, Any]
+    manifest: Manifest
     size: int  # the model's tile size
     blobs: list[bytes]  # encoded images, at least max(batch_sizes)
     tiles: np.ndarray  # uint8 [N, 3, S, S]: the images squashed to one tile each (the bare graph's input)
@@ -121,7 +122,6 @@ class _Setup:
 
 def _setup(bundle_dir: str | Path, tmp: Path, images_dir: str | Path, max_batch: int, threads: int) -> _Setup:
     """Copy the bundle (exported if it was not) and read the images, repeated up to max_batch."""
-    from stpm.bundle.store import read_manifest
     from stpm.export import export_bundle, nchw
     from stpm.imaging.decode import decode_image
     from stpm.imaging.geometry import Geometry, tile_images
@@ -129,12 +129,11 @@ def _setup(bundle_dir: str | Path, tmp: Path, images_dir: str | Path, max_batch:
 
     work = tmp / "bundle"
     shutil.copytree(bundle_dir, work)
-    model, typed = load_map(work)
-    manifest = typed.to_dict()
-    if SCORER_ONNX not in (manifest.get("exports") or {}).get("files", {}):
+    model, manifest = load_map(work)
+    if SCORER_ONNX not in manifest.export_files:
         export_bundle(work)
-        manifest = read_manifest(work)
-    size = int(manifest["model"]["image_size"])
+        manifest = Manifest.read(work)
+    size = manifest.model.image_size
     blobs = load_images(images_dir, max(max_batch, 8))
     while len(blobs) < max_batch:
         blobs = blobs + blobs
@@ -148,9 +147,9 @@ def _header(setup: _Setup, images_dir: str | Path, seconds: float, overlay_size:
     import onnxruntime as ort
     import torch
 
-    m = setup.manifest
+    m = setup.manifest.to_dict()
     return {
-        "bundle": f"{m['name']}/{m.get('version')}",
+        "bundle": setup.manifest.ref,
         "model": {k: m["model"].get(k) for k in ("backbone", "student_backbone", "layers", "image_size", "combine")},
         "images": {"dir": str(images_dir), "n": len(setup.blobs), "source_size": list(setup.source_size)},
         "machine": {

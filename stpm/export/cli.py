@@ -10,7 +10,7 @@ from stpm import bundle
 from stpm.export.onnx import export_bundle
 from stpm.export.parity import DEFAULT_ATOL, ExportParityError, tile_check_images
 from stpm.export.precision import check_bf16, quantize_int8
-from stpm.imaging.geometry import from_manifest
+from stpm.bundle.manifest import Manifest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def _check_images(path, check_dir: str | None, count: int):
         return None
     files = list_images(check_dir, recursive=True)[:count]
     imgs = [read_image(f) for f in files]
-    tile_check_images(imgs, from_manifest(bundle.read_manifest(path)), names=[str(f) for f in files])
+    tile_check_images(imgs, Manifest.read(path).geometry, names=[str(f) for f in files])
     return imgs
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from stpm import bundle
 from stpm.bundle.calibration import Calibration
+from stpm.bundle.manifest import Manifest
 from stpm.bundle.names import (
     INPUT,
     SCORER_FP16_ONNX,
@@ -56,8 +57,8 @@ from stpm.export.parity import (
     torch_reference,
 )
 from stpm.export.precision import check_bf16_after_export
-from stpm.export.records import bundle_label, calibration_of, file_entry, scorer_metadata, set_metadata
-from stpm.imaging.geometry import TiledImages, from_manifest, score_from_manifest, stitch_all
+from stpm.export.records import bundle_label, file_entry, scorer_metadata, set_metadata
+from stpm.imaging.geometry import TiledImages, stitch_all
 from stpm.methods import registry
 from stpm.methods.loading import load_map
 from stpm.methods.maps import tile_score
@@ -98,8 +99,8 @@ class FusedScorer(nn.Module):
         return amap, raw, score
 
 
-def fused_scorer(amap: nn.Module, manifest: dict[str, Any], half: bool = False) -> FusedScorer:
-    return FusedScorer(amap, calibration_of(manifest), half=half).eval()
+def fused_scorer(amap: nn.Module, manifest: Manifest, half: bool = False) -> FusedScorer:
+    return FusedScorer(amap, manifest.calibration, half=half).eval()
 
 
 @dataclass
@@ -126,11 +127,11 @@ def onnx_export(graph: Graph, path: Path, opset: int) -> None:
         )
 
 
-def graphs_of(amap: nn.Module, method: str, scorer: FusedScorer, manifest: dict[str, Any]) -> list[Graph]:
+def graphs_of(amap: nn.Module, scorer: FusedScorer, manifest: Manifest) -> list[Graph]:
     """The graphs a bundle exports: its method's feature graphs (STPM: teacher, student), then the scorer."""
-    size = int(manifest["model"]["image_size"])
+    size = manifest.model.image_size
     out = []
-    features = registry.method(method).feature_graphs(amap)  # file name -> module
+    features = registry.method(manifest.method).feature_graphs(amap)  # file name -> module
     if features:
         example = torch.zeros(1, 3, size, size, dtype=torch.float32)
         with torch.no_grad():
@@ -139,22 +140,22 @@ def graphs_of(amap: nn.Module, method: str, scorer: FusedScorer, manifest: dict[
         out += [Graph(file, module.eval(), example, feats, axes, {"stpm.graph": file.removesuffix(".onnx")})
                 for file, module in features.items()]
     out.append(Graph(SCORER_ONNX, scorer, torch.zeros(1, 3, size, size, dtype=torch.uint8), list(SCORER_OUTPUTS),
-                     SCORER_AXES, scorer_metadata(calibration_of(manifest), "fp32")))
+                     SCORER_AXES, scorer_metadata(manifest.calibration, "fp32")))
     return out
 
 
-def check_parity(graphs: list[Graph], paths: dict[str, Path], tiled: TiledImages, manifest: dict[str, Any],
+def check_parity(graphs: list[Graph], paths: dict[str, Path], tiled: TiledImages, manifest: Manifest,
                  atol: float) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The exported graphs at `paths` against their torch modules on the check tiles -> (the parity
     record, torch's scorer outputs). Raises ExportParityError beyond `atol` (normalised units)."""
-    calibration = calibration_of(manifest)
+    calibration = manifest.calibration
     scorer = next(g for g in graphs if g.file == SCORER_ONNX)
     ref = torch_reference(scorer.module, tiled)
     got = ort_outputs(cpu_session(paths[SCORER_ONNX]), tiled)
     parity = parity_report(ref, got, calibration, atol)  # per tile
     parity["n_tiles"], parity["n_images"] = parity["n_images"], len(tiled)
     parity["images"] = image_parity(stitch_all(ref[0], tiled), stitch_all(got[0], tiled),
-                                    score_from_manifest(manifest), calibration, atol)
+                                    manifest.image_score, calibration, atol)
     parity["ok"] = bool(parity["ok"] and parity["images"]["ok"])
     # the feature graphs too: max abs difference over every pyramid level, on one tile
     x = torch.from_numpy(tiled.tiles[:1].transpose(0, 3, 1, 2).copy()).float() / 255.0
@@ -175,7 +176,7 @@ def check_parity(graphs: list[Graph], paths: dict[str, Path], tiled: TiledImages
     return parity, ref
 
 
-def _write_checked(bundle_dir: Path, graphs: list[Graph], manifest: dict[str, Any], tiled: TiledImages,
+def _write_checked(bundle_dir: Path, graphs: list[Graph], manifest: Manifest, tiled: TiledImages,
                    opset: int, atol: float) -> tuple[dict[str, Any], dict[str, Any], tuple]:
     """Export every graph under a temporary name and move them into place only once parity holds, so a
     failed re-export leaves a bundle's previous exports (files and records) as they were.
@@ -196,13 +197,13 @@ def _write_checked(bundle_dir: Path, graphs: list[Graph], manifest: dict[str, An
     return files, parity, ref
 
 
-def exports_record(manifest: dict[str, Any], graphs: list[Graph], opset: int, files: dict[str, Any],
+def exports_record(manifest: Manifest, graphs: list[Graph], opset: int, files: dict[str, Any],
                    parity: dict[str, Any]) -> dict[str, Any]:
     """manifest["exports"]: what was written, from which manifest, and how it held against torch."""
-    size = int(manifest["model"]["image_size"])
+    size = manifest.model.image_size
     exports: dict[str, Any] = {
         "created_at": bundle.utc_now(),
-        "manifest_digest": bundle.manifest_digest(manifest),
+        "manifest_digest": manifest.digest(),
         "opset": opset,
         "torch": torch.__version__,
         "files": files,
@@ -215,7 +216,7 @@ def exports_record(manifest: dict[str, Any], graphs: list[Graph], opset: int, fi
                 "score": {"dtype": "float32", "shape": ["N"], "units": "normalised, 0.5 = threshold"},
             },
             "spatial_size": "fixed (the calibrated image_size, one tile); batch dynamic",
-            "tiling": "outside the graph: stpm.tiling with manifest['tiling'] and model.image_score",
+            "tiling": "outside the graph: stpm.imaging.geometry with manifest['tiling'] and model.image_score",
         },
         "parity": parity,
     }
@@ -251,12 +252,10 @@ def export_bundle(
         raise ValueError("check_images is empty")
     bundle_dir = Path(bundle_dir)
     t0 = time.perf_counter()
-    amap, typed = load_map(bundle_dir)
-    manifest = typed.to_dict()
-    geometry = from_manifest(manifest)
-    imgs = synthetic_check_images(geometry) if check_images is None else list(check_images)
-    tiled = tile_check_images(imgs, geometry)
-    graphs = graphs_of(amap, typed.method, fused_scorer(amap, manifest), manifest)
+    amap, manifest = load_map(bundle_dir)
+    imgs = synthetic_check_images(manifest.geometry) if check_images is None else list(check_images)
+    tiled = tile_check_images(imgs, manifest.geometry)
+    graphs = graphs_of(amap, fused_scorer(amap, manifest), manifest)
     files, parity, ref = _write_checked(bundle_dir, graphs, manifest, tiled, opset, atol)
     parity["check_images"] = "synthetic" if check_images is None else "given"
     exports = exports_record(manifest, graphs, opset, files, parity)
@@ -268,8 +267,7 @@ def export_bundle(
         (bundle_dir / SCORER_FP16_ONNX).unlink(missing_ok=True)  # a re-export replaces every record
     (bundle_dir / SCORER_INT8_ONNX).unlink(missing_ok=True)  # re-quantise from the new fp32 graph
     exports["seconds"] = round(time.perf_counter() - t0, 2)
-    manifest["exports"] = exports
-    bundle.write_manifest(bundle_dir, manifest)
+    bundle.write_manifest(bundle_dir, {**manifest.to_dict(), "exports": exports})
     log.info("exported %s: %s; parity with torch on %d check images: max normalised difference %.1e "
              "(tolerance %g), %d decision flips", bundle_label(manifest), ", ".join(files), len(tiled),
              max(parity["max_abs_map_normalised"], parity["images"]["max_abs_image_score_normalised"]), atol,
@@ -279,16 +277,16 @@ def export_bundle(
     return exports
 
 
-def _export_fp16(amap: nn.Module, manifest: dict[str, Any], bundle_dir: Path, tiled: TiledImages, ref: tuple,
+def _export_fp16(amap: nn.Module, manifest: Manifest, bundle_dir: Path, tiled: TiledImages, ref: tuple,
                  opset: int, atol: float) -> dict[str, Any]:
     """Half-precision backbones (map maths stay fp32) for GPUs. Parity against torch fp32 is measured
     with ONNX Runtime's CPU provider (tolerance `atol`, normalised units); a graph that fails it is
     deleted and recorded as not shipped. Where the CPU provider cannot run it, the file is kept and
     parity recorded as unmeasured."""
-    calibration = calibration_of(manifest)
+    calibration = manifest.calibration
     scorer = FusedScorer(copy.deepcopy(amap).half(), calibration, half=True).eval()
     path = bundle_dir / SCORER_FP16_ONNX
-    size = int(manifest["model"]["image_size"])
+    size = manifest.model.image_size
     onnx_export(Graph(SCORER_FP16_ONNX, scorer, torch.zeros(1, 3, size, size, dtype=torch.uint8),
                       list(SCORER_OUTPUTS), SCORER_AXES, {}), path, opset)
     set_metadata(path, manifest, scorer_metadata(calibration, "fp16"))

@@ -19,18 +19,17 @@ from typing import Any
 
 import numpy as np
 
+from stpm.bundle.manifest import Manifest
 from stpm.bundle.names import INPUT, REJECTED_INT8_ONNX, SCORER_INT8_ONNX, SCORER_ONNX
 from stpm.export.parity import Gate, nchw, session_image_scores, tile_check_images
 from stpm.export.records import (
     bundle_label,
-    calibration_of,
     exported_manifest,
     file_entry,
     record_export,
     scorer_metadata,
     set_metadata,
 )
-from stpm.imaging.geometry import from_manifest, score_from_manifest
 from stpm.runtime import cpu
 from stpm.runtime.sessions import cpu_session, create_session
 
@@ -44,7 +43,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 INT8_ENGINES = ("onnxruntime", "nncf")
 
 
-def _verdict(precision: str, manifest: dict[str, Any], record: dict[str, Any], gate: dict | None) -> str:
+def _verdict(precision: str, manifest: Manifest, record: dict[str, Any], gate: dict | None) -> str:
     """One log line: shipped or not, and why not in words a user can act on."""
     head = f"{precision} for {bundle_label(manifest)}: " + ("shipped" if record["shipped"] else "not shipped")
     if gate is None:
@@ -111,14 +110,14 @@ def check_bf16_after_export(bundle_dir: Path, check_images: Sequence[np.ndarray]
         return out
 
 
-def _judge(bundle_dir: Path, manifest: dict[str, Any], session, images: Sequence[np.ndarray],
+def _judge(bundle_dir: Path, manifest: Manifest, session, images: Sequence[np.ndarray],
            labels: Sequence[int] | None, gate: Gate) -> dict[str, Any]:
     """Image scores of a lower-precision session vs the fp32 reference on the same images, judged by `gate`."""
-    tiled = tile_check_images(images, from_manifest(manifest))
-    spec = score_from_manifest(manifest)
+    tiled = tile_check_images(images, manifest.geometry)
+    spec = manifest.image_score
     ref = session_image_scores(cpu_session(bundle_dir / SCORER_ONNX), tiled, spec)
     got = session_image_scores(session, tiled, spec)
-    return gate.judge(ref, got, calibration_of(manifest), labels)
+    return gate.judge(ref, got, manifest.calibration, labels)
 
 
 # ------------------------------------------------------------------------------------------ INT8
@@ -172,7 +171,7 @@ def quantize_int8(
     manifest = exported_manifest(bundle_dir)
     t0 = time.perf_counter()
     src, dst = bundle_dir / SCORER_ONNX, bundle_dir / SCORER_INT8_ONNX
-    tiles = nchw(tile_check_images(calibration_images, from_manifest(manifest)).tiles)
+    tiles = nchw(tile_check_images(calibration_images, manifest.geometry).tiles)
     if engine == "nncf":
         _nncf_quantize(src, dst, tiles)
         method = "NNCF post-training quantisation (mixed preset, fast bias correction), run on OpenVINO"
@@ -181,14 +180,14 @@ def quantize_int8(
         method = (f"onnxruntime quantize_static, QDQ, Conv only, {calibrate_method} calibration, "
                   f"{'per-channel' if per_channel else 'per-tensor'} int8 weights, uint8 activations"
                   + (f", {len(excluded)} depthwise convs kept fp32" if excluded else ""))
-    set_metadata(dst, manifest, scorer_metadata(calibration_of(manifest), "int8"))
+    set_metadata(dst, manifest, scorer_metadata(manifest.calibration, "int8"))
     session = create_session(dst, "openvino", "int8") if engine == "nncf" else cpu_session(dst)
     verdict = _judge(bundle_dir, manifest, session, check_images, check_labels,
                      Gate(1.0 - max_decision_disagreement, max_auroc_drop))
     out = _int8_record(verdict, method, "openvino" if engine == "nncf" else "onnxruntime", len(calibration_images))
     out["seconds"] = round(time.perf_counter() - t0, 2)
-    _keep_or_drop_int8(bundle_dir, manifest, out["shipped"], keep_rejected)
-    record_export(bundle_dir, manifest, "int8", out)
+    files = _keep_or_drop_int8(bundle_dir, out["shipped"], keep_rejected)
+    record_export(bundle_dir, manifest, "int8", out, files)
     log.info("%s", _verdict("int8", manifest, out, verdict))
     return out
 
@@ -203,17 +202,16 @@ def _int8_record(verdict: dict[str, Any], method: str, backend: str, n_calibrati
             "n_check_images": verdict["n_check_images"], **numbers, "shipped": verdict["ok"]}
 
 
-def _keep_or_drop_int8(bundle_dir: Path, manifest: dict[str, Any], shipped: bool, keep_rejected: bool) -> None:
+def _keep_or_drop_int8(bundle_dir: Path, shipped: bool, keep_rejected: bool) -> dict[str, Any]:
     """A shipped int8 graph is recorded among the bundle's files; a rejected one is deleted (or kept
-    under REJECTED_INT8_ONNX, never recorded)."""
-    dst, files = bundle_dir / SCORER_INT8_ONNX, manifest["exports"]["files"]
+    under REJECTED_INT8_ONNX, never recorded). -> the change to exports.files (None: removed)."""
+    dst = bundle_dir / SCORER_INT8_ONNX
     if shipped:
-        files[SCORER_INT8_ONNX] = file_entry(dst)
-        return
+        return {SCORER_INT8_ONNX: file_entry(dst)}
     if keep_rejected:
         os.replace(dst, bundle_dir / REJECTED_INT8_ONNX)
     dst.unlink(missing_ok=True)
-    files.pop(SCORER_INT8_ONNX, None)
+    return {SCORER_INT8_ONNX: None}
 
 
 def _ort_quantize(src: Path, dst: Path, tiles: np.ndarray, per_channel: bool, calibrate_method: str,

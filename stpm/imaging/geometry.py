@@ -25,7 +25,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stpm.imaging.scores import ImageScore
 from stpm.imaging.decode import resize_rgb
 
 GeometryMode = Literal["tile", "squash"]
@@ -251,22 +250,6 @@ def predict_maps(tile_fn: TileFn, tiled: TiledImages, max_batch: int = 16) -> li
     return stitch_all(run_tiles(tile_fn, tiled.tiles, max_batch), tiled)
 
 
-def from_manifest(manifest: dict[str, Any]) -> Geometry:
-    """The bundle's geometry; a manifest without a `tiling` section (format 1) squashes, as it always did."""
-    t = manifest.get("tiling")
-    if not t:
-        return Geometry.squash(int(manifest["model"]["image_size"]))
-    g = Geometry.from_dict(t)
-    if g.tile != int(manifest["model"]["image_size"]):
-        raise ValueError(f"manifest tiling.tile {g.tile} differs from model.image_size {manifest['model']['image_size']}")
-    return g
-
-
-def score_from_manifest(manifest: dict[str, Any]) -> ImageScore:
-    m = manifest["model"]
-    return ImageScore(m.get("image_score", "max"), float(m.get("topk", ImageScore.topk)))
-
-
 __all__ = [
     "Geometry",
     "TileFn",
@@ -275,11 +258,9 @@ __all__ = [
     "TilingError",
     "axis_origins",
     "batch_tiles",
-    "from_manifest",
     "plan",
     "predict_maps",
     "run_tiles",
-    "score_from_manifest",
     "stitch",
     "stitch_all",
     "tile_images",

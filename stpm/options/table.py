@@ -152,7 +152,7 @@ def _message(opt: TrainingOption, value: Any, err: dict[str, Any]) -> str:
 @cache
 def _adapter(section: str, field: str) -> TypeAdapter:
     info = SECTIONS[section].model_fields[field]
-    tp = typing.Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    tp = typing.Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
     return TypeAdapter(tp, config=ConfigDict(allow_inf_nan=False))
 
 

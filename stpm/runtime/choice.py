@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from stpm.bundle.manifest import Manifest
 from stpm.runtime import cpu
 from stpm.runtime.sessions import (
     BACKEND_PRECISIONS,
@@ -73,14 +74,14 @@ class _Request:
         log.warning("%s: %s", self.bundle_dir, msg)
 
 
-def bundle_precisions(manifest: dict[str, Any], bundle_dir: str | Path) -> dict[str, str | None]:
+def bundle_precisions(manifest: Manifest, bundle_dir: str | Path) -> dict[str, str | None]:
     """precision -> None if the bundle holds it (file recorded and present, parity shipped), else why not."""
-    exports = manifest.get("exports") or {}
-    files = exports.get("files") or {}
+    files = manifest.export_files
+    exports = manifest.exports
     out: dict[str, str | None] = {}
     for p in PRECISIONS:
         fname = PRECISION_FILES[p]
-        record = exports.get(p) if p != "fp32" else None
+        record = exports.precision(p) if exports is not None else None
         if fname not in files or not (Path(bundle_dir) / fname).is_file():
             out[p] = f"the bundle has no {fname}" + (" (run `stpm export`)" if p == "fp32" else "")
         elif p == "fp32":
@@ -94,11 +95,10 @@ def bundle_precisions(manifest: dict[str, Any], bundle_dir: str | Path) -> dict[
     return out
 
 
-def measured_backends(manifest: dict[str, Any]) -> dict[str, str]:
+def measured_backends(manifest: Manifest) -> dict[str, str]:
     """precision -> the backend its parity was measured on, for the lower precisions that record one."""
-    exports = manifest.get("exports") or {}
-    return {p: exports[p]["backend"] for p in PRECISIONS
-            if p != "fp32" and isinstance(exports.get(p), dict) and exports[p].get("backend")}
+    records = {p: manifest.exports.precision(p) for p in PRECISIONS} if manifest.exports is not None else {}
+    return {p: r["backend"] for p, r in records.items() if r and r.get("backend")}
 
 
 def time_session(session: Session, image_size: int, runs: int = 5, warmup: int = 2) -> float:
@@ -229,7 +229,7 @@ def _reason(req: _Request, chosen: tuple[str, str], timings: dict[str, float]) -
 
 def choose_backend(
     bundle_dir: str | Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     image_size: int,
     backend: str | None = None,
     precision: str | None = None,

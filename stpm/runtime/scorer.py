@@ -34,15 +34,14 @@ import numpy as np
 
 from stpm import bundle
 from stpm.bundle.calibration import Calibration
+from stpm.bundle.manifest import Manifest
 from stpm.imaging import render
 from stpm.imaging.decode import DEFAULT_MAX_PIXELS, resize_rgb
 from stpm.imaging.geometry import (
     Geometry,
     TilePlan,
     batch_tiles,
-    from_manifest,
     plan,
-    score_from_manifest,
     stitch,
     tiles,
 )
@@ -164,14 +163,14 @@ class Scorer:
         self._check_metadata(self.bundle_dir / PRECISION_FILES[self.precision])
 
     def _read_manifest(self) -> None:
-        """What scoring needs from the manifest, read once."""
-        self.manifest: dict[str, Any] = bundle.read_manifest(self.bundle_dir)
-        self.name: str = self.manifest["name"]
-        self.version: str | None = self.manifest.get("version")
-        self.image_size: int = int(self.manifest["model"]["image_size"])
-        self.geometry: Geometry = from_manifest(self.manifest)
-        self.image_score: ImageScore = score_from_manifest(self.manifest)
-        self.calibration: Calibration = Calibration.from_dict(self.manifest["calibration"])
+        """What scoring needs from the manifest, parsed once (stpm.bundle.manifest)."""
+        self.manifest: Manifest = Manifest.read(self.bundle_dir)
+        self.name: str = self.manifest.name
+        self.version: str | None = self.manifest.version
+        self.image_size: int = self.manifest.model.image_size
+        self.geometry: Geometry = self.manifest.geometry
+        self.image_score: ImageScore = self.manifest.image_score
+        self.calibration: Calibration = self.manifest.calibration
         self.threshold: float = self.calibration.threshold
         self.low: float = self.calibration.low
         # format 1 (and squash + max): one tile per image, whose graph score is the image's score
@@ -179,15 +178,15 @@ class Scorer:
 
     def _verify_files(self) -> None:
         """Every scorer graph the backend choice may load matches its sha256 in the manifest, before any is parsed."""
-        files = (self.manifest.get("exports") or {}).get("files") or {}
+        files = self.manifest.export_files
         for fname in sorted(set(PRECISION_FILES.values())):
             f = self.bundle_dir / fname
-            if fname in files and f.is_file() and bundle.sha256_file(f) != files[fname]["sha256"]:
-                raise bundle.BundleError(f"{self.bundle_dir}: {fname} does not match its sha256 in the manifest")
+            if fname in files and f.is_file() and bundle.sha256_file(f) != files[fname].sha256:
+                raise bundle.BundleError(f"{self.manifest.ref}: {fname} does not match its sha256 in the manifest")
 
     def _check_metadata(self, path: Path) -> None:
         digest = self.session.metadata().get("stpm.manifest_digest")
-        if digest != bundle.manifest_digest(self.manifest):  # the digest ignores the version name
+        if digest != self.manifest.digest():  # the digest ignores the version name
             raise bundle.BundleError(f"{path} was exported from a different model (manifest digest mismatch)")
 
     # ------------------------------------------------------------------------------- inference

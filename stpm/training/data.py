@@ -3,6 +3,7 @@ Torch-free (numpy + Pillow)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 

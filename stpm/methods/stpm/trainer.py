@@ -6,10 +6,8 @@ from typing import TYPE_CHECKING
 
 import math
 import os
-import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
