@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stpm.bundle.store import BundleError, ModelNotFoundError, NoActiveVersionError
+from stpm.bundle import BundleError, ModelNotFoundError, NoActiveVersionError
 
 log = logging.getLogger("app")
 

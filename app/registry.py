@@ -34,7 +34,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from stpm import bundle
 from stpm.bundle.manifest import Manifest
-from stpm.bundle.store import BundleError, ModelNotFoundError
+from stpm.bundle import BundleError, ModelNotFoundError
 
 log = logging.getLogger("app.registry")
 

@@ -262,7 +262,7 @@ def sweep_point(models_dir: Path, model: str, backend: str, precision: str, batc
 def bundle_precision(bundle_dir: Path, backend: str) -> str:
     """bf16 where the bundle ships it for this backend and the CPU runs it, else fp32."""
     from stpm.runtime import choice, cpu
-    from stpm.bundle.store import read_manifest
+    from stpm.bundle import read_manifest
 
     manifest = read_manifest(bundle_dir)
     bf16 = ((manifest.get("exports") or {}).get("bf16") or {})

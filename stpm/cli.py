@@ -24,8 +24,9 @@ PREDICT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 STORE_COMMANDS = ("export", "bench")  # module commands that take --models-dir
 COMMANDS_GROUP = "stpm.commands"  # entry points: commands other packages add (app: serve, worker)
 
+
 def _models_dir(p: argparse.ArgumentParser) -> None:
-    from stpm.bundle.store import default_models_dir
+    from stpm.bundle import default_models_dir
 
     p.add_argument("--models-dir", default=default_models_dir(), help="model store (env STPM_MODELS_DIR, default models/)")
 
@@ -35,21 +36,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stpm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    _train_command(sub)
+    _eval_command(sub)
+    _module_command(sub, command, "export", "write teacher.onnx, student.onnx and the fused scorer.onnx",
+                    _export_module)
+    _predict_command(sub)
+    p = sub.add_parser("activate", help="make a version the one its name serves (NAME/vN)")
+    p.add_argument("model", help="NAME/VERSION, e.g. bottle/v3")
+    _models_dir(p)
+    p.set_defaults(func=cmd_activate)
+    _module_command(sub, command, "bench", "speed benchmark: torch eager vs ONNX Runtime vs the full path",
+                    _bench_module)
+    _registered_commands(sub, command)  # serve, worker: the service (app/) registers them
+    _distill_command(sub, command)
+    return parser
 
-    p = sub.add_parser("train", help="train a student on good images and publish a model version")
+
+def _train_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fit a model on good images (PatchCore by default, or an STPM student), "
+                                     "choose its settings on synthetic anomalies, calibrate, export and publish a "
+                                     "version")
     p.add_argument("data", help="MVTec category folder (uses train/good) or a folder of good images")
     p.add_argument("--name", required=True, help="model name in the store")
     _models_dir(p)
     p.add_argument("--weights-dir", default=None, help="directory of weight files (env STPM_WEIGHTS_DIR)")
-    p.add_argument("--run-dir", default=None, help="checkpoint folder (default runs/NAME)")
+    p.add_argument("--run-dir", default=None, help="checkpoint folder of a training loop (default runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images and report them")
     p.add_argument("--no-export", action="store_true", help="do not write the ONNX files")
     p.add_argument("--activate", action="store_true",
                    help="make the new version the active one (the first version of a new name always is)")
-    add_training_options(p)  # generated from stpm.config (torch-free)
+    add_training_options(p)  # generated from the option models (stpm.options, torch-free)
     p.set_defaults(func=cmd_train)
 
+
+def _eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on an MVTec-layout test set")
     p.add_argument("model", help="NAME, NAME/VERSION or a bundle folder")
     p.add_argument("data", help="MVTec category folder (uses test/ and ground_truth/)")
@@ -60,9 +81,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help=f"do not record the metrics in the version's {EVALUATIONS} (the manifest is never changed)")
     p.set_defaults(func=cmd_eval)
 
-    _module_command(sub, command, "export", "write teacher.onnx, student.onnx and the fused scorer.onnx",
-                    _export_module)
 
+def _predict_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score images; write overlays and a JSON")
     p.add_argument("model", help="NAME, NAME/VERSION or a bundle folder")
     p.add_argument("images", nargs="+", help="image files or folders")
@@ -78,26 +98,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="output folder")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("activate", help="make a version the one its name serves (NAME/vN)")
-    p.add_argument("model", help="NAME/VERSION, e.g. bottle/v3")
-    _models_dir(p)
-    p.set_defaults(func=cmd_activate)
 
-    _module_command(sub, command, "bench", "speed benchmark: torch eager vs ONNX Runtime vs the full path",
-                    _bench_module)
-    _registered_commands(sub, command)  # serve, worker: the service (app/) registers them
-
+def _distill_command(sub: argparse._SubParsersAction, command: str | None) -> None:
     distill_help = "classifier knowledge distillation"
     if command != "distill":
         _placeholder(sub.add_parser("distill", help=distill_help))
-    else:
-        try:
-            from stpm.distill import cli as distill_cli
+        return
+    try:
+        from stpm.distill import cli as distill_cli
 
-            distill_cli.register(sub)
-        except ImportError as e:
-            _mark_unavailable(sub.add_parser("distill", help=distill_help), "distill", e)
-    return parser
+        distill_cli.register(sub)
+    except ImportError as e:
+        _mark_unavailable(sub.add_parser("distill", help=distill_help), "distill", e)
 
 
 def _placeholder(p: argparse.ArgumentParser) -> None:
@@ -258,7 +270,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
             failed += 1
             continue
         overlay = out / f"{f.stem}_overlay.png"
-        overlay.write_bytes(r.overlay_png)
+        overlay.write_bytes(r.overlay_image)
         results.append({"file": str(f), "raw_score": r.raw_score, "score": r.score, "is_anomaly": r.is_anomaly,
                         "threshold": r.threshold, "overlay": str(overlay)})
     report = {"model": f"{scorer.name}/{scorer.version}", "providers": scorer.providers,
@@ -281,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from stpm.bundle.store import BundleError, ModelNotFoundError, list_models
+    from stpm.bundle import BundleError, ModelNotFoundError, list_models
     from stpm.imaging.decode import DataError
 
     try:

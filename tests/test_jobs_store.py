@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+from pathlib import Path
 import sqlite3
 import time
 import uuid
@@ -188,11 +189,13 @@ def test_several_processes_opening_one_store_at_once(target, old):
 
 
 def _published(models, name: str, fingerprint: str) -> None:
+    """A published version's manifest (a real one, tests/data/manifests) for training data `fingerprint`."""
     d = models / name / "v1"
     d.mkdir(parents=True)
-    (d / "manifest.json").write_text(json.dumps({
-        "name": name, "version": "v1", "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": {"fingerprint": fingerprint}}))
+    manifest = json.loads((Path(__file__).parent / "data" / "manifests" / "format2-patchcore.json").read_text())
+    manifest.update(name=name, version="v1", created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    data={**manifest["data"], "fingerprint": fingerprint})
+    (d / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_sweep_settles_only_dead_workers_runs_truthfully(store, tmp_path):

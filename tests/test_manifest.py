@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stpm.bundle import store
+from stpm import bundle
 from stpm.bundle.manifest import Manifest
 from stpm.imaging.geometry import Geometry
 
@@ -25,7 +25,7 @@ def test_format_1_squashes_scores_the_map_maximum_and_is_stpm():
     assert m.format_version == 1 and m.tiling is None
     assert m.geometry == Geometry.squash(m.model.image_size) and m.image_score.method == "max"
     assert m.method == "stpm" and m.calibration.threshold > m.calibration.low
-    assert m.digest() == store.manifest_digest(_raw("format1-stpm.json"))
+    assert m.digest() == bundle.manifest_digest(_raw("format1-stpm.json"))
     assert m.export_files and m.exports.parity["ok"]
 
 
@@ -33,7 +33,7 @@ def test_format_2_without_a_method_is_stpm_with_its_tiling():
     raw = _raw("format2-stpm-no-method.json")
     m = Manifest.parse(raw)
     assert m.format_version == 2 and m.method == "stpm" and m.geometry == Geometry(**raw["tiling"])
-    assert m.digest() == store.manifest_digest(raw)
+    assert m.digest() == bundle.manifest_digest(raw)
 
 
 def test_format_2_patchcore_with_its_bf16_record():
@@ -52,7 +52,7 @@ def test_format_2_patchcore_with_its_bf16_record():
     (lambda r: {**r, "tiling": {**r["tiling"], "overlap": 2}}, "tiling"),
 ])
 def test_a_malformed_manifest_is_one_error_naming_the_bundle_and_the_field(change, field):
-    with pytest.raises(store.BundleError, match=rf"demo/v1: .*{field}"):
+    with pytest.raises(bundle.BundleError, match=rf"demo/v1: .*{field}"):
         Manifest.parse(change(_raw("format2-patchcore.json")), "demo/v1")
 
 
@@ -60,8 +60,8 @@ def test_reading_names_the_bundle_not_the_store_path(tmp_path):
     d = tmp_path / "secret-store" / "demo" / "v1"
     d.mkdir(parents=True)
     (d / "manifest.json").write_text("{not json")
-    with pytest.raises(store.BundleError) as e:
+    with pytest.raises(bundle.BundleError) as e:
         Manifest.read(d)
     assert "demo/v1" in str(e.value) and "secret-store" not in str(e.value)
-    with pytest.raises(store.ModelNotFoundError, match="demo/v2 is not a model bundle"):
+    with pytest.raises(bundle.ModelNotFoundError, match="demo/v2 is not a model bundle"):
         Manifest.read(d.parent / "v2")

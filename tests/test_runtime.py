@@ -77,7 +77,7 @@ def test_bytes_and_arrays_agree(scorer, real):
     b = scorer.score([png(im) for im in imgs], names=["x.png", "y.png"])
     assert [r.name for r in b] == ["x.png", "y.png"] and [r.name for r in a] == ["image0", "image1"]
     np.testing.assert_allclose([r.raw_score for r in a], [r.raw_score for r in b], rtol=1e-6)
-    assert all(r.anomaly_map is None and r.overlay_png is None and r.map_png is None for r in a)
+    assert all(r.anomaly_map is None and r.overlay_image is None and r.map_image is None for r in a)
 
 
 def test_grayscale_rgba_16bit(scorer, real):
@@ -111,17 +111,17 @@ def test_overlay_and_map_png_sizes(scorer, real):
     im = real[0][3]
     r = scorer.score([png(im)], map_size="input", overlay=True, raw_map_png=True)[0]
     assert r.anomaly_map.shape == im.shape[:2]
-    ov = Image.open(io.BytesIO(r.overlay_png))
+    ov = Image.open(io.BytesIO(r.overlay_image))
     assert ov.mode == "RGB" and ov.size == (im.shape[1], im.shape[0])
-    mp = Image.open(io.BytesIO(r.map_png))
+    mp = Image.open(io.BytesIO(r.map_image))
     assert mp.mode == "L" and mp.size == ov.size
     np.testing.assert_allclose(np.asarray(mp) / 255.0, r.anomaly_map, atol=1 / 255 + 1e-6)
 
     r = scorer.score([im], map_size=(40, 70), overlay=True)[0]
     assert r.anomaly_map.shape == (40, 70)
-    assert Image.open(io.BytesIO(r.overlay_png)).size == (70, 40)
+    assert Image.open(io.BytesIO(r.overlay_image)).size == (70, 40)
     r = scorer.score([im], overlay=True)[0]  # no map requested: overlay at the input size
-    assert r.anomaly_map is None and Image.open(io.BytesIO(r.overlay_png)).size == (im.shape[1], im.shape[0])
+    assert r.anomaly_map is None and Image.open(io.BytesIO(r.overlay_image)).size == (im.shape[1], im.shape[0])
     with pytest.raises(ValueError):
         scorer.score([im], map_size="big")
 

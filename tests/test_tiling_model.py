@@ -335,7 +335,7 @@ def test_kolektorsdd_train_export_score_end_to_end(tmp_path):
                                atol=1e-3 * (sc.threshold - sc.low))
     for r, im in zip(res, images):
         h, w = im.shape[:2]
-        assert r.anomaly_map.shape == (h, w) and Image.open(io.BytesIO(r.overlay_png)).size == (w, h)
+        assert r.anomaly_map.shape == (h, w) and Image.open(io.BytesIO(r.overlay_image)).size == (w, h)
         assert r.tiles >= 3 and r.scaled_size[1] == SIZE  # width 250 -> one tile wide, several along the length
         assert abs(r.scaled_size[0] / r.scaled_size[1] - h / w) < 0.02
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from stpm.bundle.store import fingerprint, fsync_dir
+from stpm.bundle import fingerprint, fsync_dir
 from stpm.imaging.decode import ImageDecodeError, decode_image
 
 IMAGES = "images"

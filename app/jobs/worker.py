@@ -215,7 +215,7 @@ class LocalRunner:
 
     def recover(self) -> None:
         """Start-up (as the leader): settle jobs left running, remove partial publishes and uploads."""
-        from stpm.bundle.store import clean_staging
+        from stpm.bundle import clean_staging
 
         for job in self.store.running():
             if job.pid and _is_our_process(job.pid, job.id):

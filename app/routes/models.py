@@ -21,7 +21,7 @@ from app.schemas import (
     VersionDetail,
 )
 from stpm import bundle
-from stpm.bundle.store import BundleError
+from stpm.bundle import BundleError
 from stpm.bundle.manifest import Manifest
 from stpm.runtime.choice import bundle_precisions
 

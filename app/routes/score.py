@@ -154,8 +154,8 @@ def _result(r, image: PreparedImage, queued_s: float, heatmap_format: str | None
         "scaled_width": int(r.scaled_size[1]),
         "scaled_height": int(r.scaled_size[0]),
         "timings_ms": timings,
-        "overlay_png": _b64(r.overlay_png),
-        "map_png": _b64(r.map_png),
+        "overlay_png": _b64(r.overlay_image),
+        "map_png": _b64(r.map_image),
         "heatmap_format": heatmap_format,
     }
 
@@ -227,7 +227,7 @@ async def score_overlay(
                                       _options(kind, heatmap_size, heatmap_format))
     r = results[0]
     metrics.observe_result(lm.ref, float(r.score), bool(r.is_anomaly))
-    image = r.overlay_png if kind == "overlay" else r.map_png
+    image = r.overlay_image if kind == "overlay" else r.map_image
     headers = {
         "X-STPM-Model": lm.ref,
         "X-STPM-Score": f"{float(r.score):.6f}",

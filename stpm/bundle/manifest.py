@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from stpm.bundle.calibration import Calibration
 from stpm.bundle.names import MANIFEST
-from stpm.bundle.store import BundleError, ModelNotFoundError, manifest_digest
+from stpm.bundle.errors import BundleError, ModelNotFoundError
+from stpm.bundle.files import manifest_digest
 from stpm.imaging.geometry import Geometry
 from stpm.imaging.scores import ImageScore
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import socket
@@ -26,10 +25,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from stpm.bundle.errors import BundleError, ModelNotFoundError, NoActiveVersionError
+from stpm.bundle.files import (
+    atomic_write_text,
+    fsync_dir,
+    read_manifest,
+    write_manifest,
+)
 from stpm.bundle.names import EVALUATIONS, MANIFEST
 
 # Patterns as JSON Schema / ECMA regexes (the API spec shows them); Python matches them with fullmatch.
@@ -44,23 +49,6 @@ STAGING = ".staging-"
 DELETED = ".deleted-"
 STALE_STAGING_S = 6 * 3600.0  # a staging folder whose owner cannot be checked is stale after this long
 FORMAT_VERSION = 2  # 2: manifest["tiling"] (stpm.tiling); format 1 bundles squash to image_size
-# Excluded from the digest that identifies what a model computes: the ONNX export record (`stpm export`
-# may add or redo exports of a published version), `metrics` (where `stpm eval` recorded results before
-# they moved to eval.json), and the version name (given at publish time, after the staged export wrote
-# the digest into the ONNX metadata). Nothing else of a published manifest ever changes.
-DERIVED_KEYS = ("exports", "metrics", "version")
-
-
-class BundleError(ValueError):
-    """A bad model reference or a missing / malformed bundle; the message says which."""
-
-
-class ModelNotFoundError(BundleError):
-    pass
-
-
-class NoActiveVersionError(ModelNotFoundError):
-    """The name has versions but none is activated."""
 
 
 def check_name(name: str) -> str:
@@ -130,7 +118,7 @@ def set_active(models_dir: str | Path, name: str, version: str) -> None:
         _adopt_legacy(d)
         if version not in list_versions(models_dir, name):
             raise ModelNotFoundError(f"model {name}/{version} does not exist")
-        _atomic_write_text(d / ACTIVE, version + "\n")
+        atomic_write_text(d / ACTIVE, version + "\n")
 
 
 def resolve(models_dir: str | Path, ref: str) -> Path:
@@ -167,22 +155,6 @@ def default_models_dir() -> str:
     return os.environ.get("STPM_MODELS_DIR") or "models"
 
 
-def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
-    p = Path(bundle_dir) / MANIFEST
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"{bundle_dir} is not a model bundle (no {MANIFEST})") from None
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{p} is not valid JSON: {e}") from None
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 over the manifest without its derived sections: identifies what the model computes."""
-    core = {k: v for k, v in manifest.items() if k not in DERIVED_KEYS}
-    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def read_evaluations(bundle_dir: str | Path) -> dict[str, Any]:
     """The version's recorded evaluations {dataset: metrics} (`stpm eval`); {} when none. Versions from
     before eval.json kept them in the manifest's `metrics`; those are returned too."""
@@ -208,68 +180,7 @@ def record_evaluation(bundle_dir: str | Path, dataset: str, result: dict[str, An
         except FileNotFoundError:
             recorded = {}
         recorded[dataset] = result
-        _atomic_write_text(bundle_dir / EVALUATIONS, json.dumps(recorded, indent=2) + "\n")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("stpm", "torch", "torchvision", "timm", "onnx", "onnxruntime", "numpy", "pillow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable (best effort where directories can't be fsynced)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fingerprint(paths: list[Path]) -> str:
-    """sha256 over the sorted (file name, content digest) pairs: identifies a training set."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda q: q.name):
-        h.update(p.name.encode())
-        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> None:
-    _atomic_write_text(Path(bundle_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(bundle_dir / EVALUATIONS, json.dumps(recorded, indent=2) + "\n")
 
 
 @contextmanager
@@ -306,7 +217,7 @@ def _numbers_on_disk(name_dir: Path) -> list[int]:
 
 def _raise_last_version(name_dir: Path, n: int) -> None:
     if n > _last_version(name_dir):
-        _atomic_write_text(name_dir / LAST_VERSION, f"{n}\n")
+        atomic_write_text(name_dir / LAST_VERSION, f"{n}\n")
 
 
 def _adopt_legacy(name_dir: Path) -> None:
@@ -316,7 +227,7 @@ def _adopt_legacy(name_dir: Path) -> None:
         return
     versions = list_versions(name_dir.parent, name_dir.name)
     if versions:
-        _atomic_write_text(name_dir / ACTIVE, versions[-1] + "\n")
+        atomic_write_text(name_dir / ACTIVE, versions[-1] + "\n")
     _raise_last_version(name_dir, max(_numbers_on_disk(name_dir), default=0))
 
 
@@ -368,7 +279,7 @@ def publish(staging: Path, models_dir: str | Path, name: str) -> tuple[str, Path
                 raise
             fsync_dir(d)
             if first:
-                _atomic_write_text(d / ACTIVE, version + "\n")
+                atomic_write_text(d / ACTIVE, version + "\n")
             return version, target
 
 
@@ -450,10 +361,6 @@ __all__ = [
     "DELETED",
     "STALE_STAGING_S",
     "FORMAT_VERSION",
-    "DERIVED_KEYS",
-    "BundleError",
-    "ModelNotFoundError",
-    "NoActiveVersionError",
     "check_name",
     "check_version",
     "parse_ref",
@@ -464,21 +371,11 @@ __all__ = [
     "resolve",
     "locate",
     "default_models_dir",
-    "read_manifest",
-    "manifest_digest",
     "read_evaluations",
     "record_evaluation",
-    "sha256_file",
-    "library_versions",
-    "utc_now",
-    "fsync_dir",
-    "fingerprint",
-    "write_manifest",
     "new_staging_dir",
     "publish",
     "delete_version",
     "staging_is_stale",
     "clean_staging",
-    "MANIFEST",
-    "EVALUATIONS",
 ]

@@ -343,7 +343,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stpm.bundle.store import locate
+    from stpm.bundle import locate
 
     path = locate(args.models_dir, args.model)
     run_bench(path, args.images, tuple(int(b) for b in args.batch_sizes.split(",")), args.seconds,

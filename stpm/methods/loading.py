@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stpm.bundle import store
+from stpm import bundle
 from stpm.bundle.manifest import Manifest
 from stpm.methods import registry
 from stpm.methods.maps import MapModule
@@ -22,9 +22,9 @@ def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
     for fname, digest in manifest.files.items():
         p = bundle_dir / fname
         if not p.is_file():
-            raise store.BundleError(f"{manifest.ref}: {fname} is missing")
-        if store.sha256_file(p) != digest:
-            raise store.BundleError(f"{manifest.ref}: {fname} does not match its sha256 in the manifest")
+            raise bundle.BundleError(f"{manifest.ref}: {fname} is missing")
+        if bundle.sha256_file(p) != digest:
+            raise bundle.BundleError(f"{manifest.ref}: {fname} does not match its sha256 in the manifest")
 
 
 def load_map(bundle_dir: str | Path, verify: bool = True) -> tuple[MapModule, Manifest]:
@@ -42,7 +42,7 @@ def save_map(amap: MapModule, method: str, folder: str | Path) -> dict[str, Any]
     """Write a fitted map module's weights into `folder`; -> {file name: sha256} (the manifest's `files`)."""
     folder = Path(folder)
     written = registry.method(method).save(amap.cpu(), folder)
-    return {f: store.sha256_file(folder / f) for f in written}
+    return {f: bundle.sha256_file(folder / f) for f in written}
 
 
 __all__ = ["load_map", "model_options", "save_map", "verify_files"]

@@ -135,7 +135,7 @@ def _require_held(req: _Request, held: dict[str, str | None], fall_back_to_fp32:
     """fp32 must be there; so must an explicit precision when falling back is not allowed."""
     for p in ("fp32",) if fall_back_to_fp32 or req.precision == "auto" else ("fp32", req.precision):
         if held[p] is not None:
-            from stpm.bundle.store import BundleError
+            from stpm.bundle import BundleError
 
             raise BundleError(f"{req.bundle_dir}: no {p} scorer: {held[p]}")
 

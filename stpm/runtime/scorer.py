@@ -73,16 +73,6 @@ class ScoreResult:
     tiles: int = 1  # tiles the model scored for this image
     scaled_size: tuple[int, int] = (0, 0)  # (height, width) of the image at the model's scale: the map's own size
 
-    @property
-    def overlay_png(self) -> bytes | None:
-        """The overlay bytes (historical name: they are in `heatmap_format`, PNG by default)."""
-        return self.overlay_image
-
-    @property
-    def map_png(self) -> bytes | None:
-        """The grayscale map bytes (historical name: they are in `heatmap_format`)."""
-        return self.map_image
-
 
 @dataclass
 class Scored:

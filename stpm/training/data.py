@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stpm.bundle.store import fingerprint  # noqa: F401  (re-exported: part of the data API)
+from stpm.bundle import fingerprint  # noqa: F401  (re-exported: part of the data API)
 from stpm.imaging.decode import DataError
 from stpm.imaging.decode import (
     DEFAULT_MAX_PIXELS,

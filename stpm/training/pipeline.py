@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from stpm.bundle.calibration import Calibration
-from stpm.bundle.store import check_name, fingerprint
+from stpm.bundle import check_name, fingerprint
 from stpm.imaging.decode import read_image
 from stpm.imaging.geometry import Geometry, TiledImages
 from stpm.imaging.scores import ImageScore, image_scores

@@ -8,7 +8,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,10 +206,10 @@ def fit(
             state.record(epoch, train_loss, val_loss, time.monotonic() - e0, model)
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, state.checkpoint(epoch, model, optimizer))
-            eta = (time.monotonic() - t0) / (epoch + 1 - state.start_epoch) * (cfg.epochs - epoch - 1)
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{state.best_val:.4f}")
             bar.update(1)
             if progress is not None:
+                eta = (time.monotonic() - t0) / (epoch + 1 - state.start_epoch) * (cfg.epochs - epoch - 1)
                 progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": steps, "steps": steps, "loss": train_loss,
                           "val_loss": val_loss, "best_val_loss": state.best_val, "eta_s": eta})
             if cfg.patience and state.bad_epochs >= cfg.patience:
@@ -222,7 +222,5 @@ def fit(
     finally:
         bar.close()
     load_student(model, state.best_state)
-    result.best_epoch, result.best_val_loss = state.best_epoch, state.best_val
-    result.epochs_run, result.history = len(state.history), state.history
-    result.seconds = time.monotonic() - t0
-    return result
+    return replace(result, best_epoch=state.best_epoch, best_val_loss=state.best_val, epochs_run=len(state.history),
+                   history=state.history, seconds=time.monotonic() - t0)
