@@ -34,6 +34,8 @@
 #   STPM_SMOKE_NO_CACHE=1   build without BuildKit's layer cache (as on a fresh machine)
 #   STPM_SMOKE_KEEP=1       keep the images, the wheels and a dockerd this script started
 #   STPM_SMOKE_SERVE_MAX_GB the scoring image's size limit (default 1.2, issue 28)
+#   STPM_SMOKE_RESULT=FILE  after a passing run, write its step times, image sizes and conditions as JSON
+#                           (benchmarks/results/docker_smoke_*.json, rendered in docs/DOCKER.md)
 #   STPM_SMOKE_MIN_FREE_GB  free disk the build needs in Docker's data root, else SKIP (default 25)
 #   DOCKER / COMPOSE        the docker client / a Compose v2 command to use
 #   STPM_SMOKE_COMPOSE=skip do not fetch Debian 13's Compose v2 when no v2 client is at hand
@@ -62,7 +64,12 @@ PRECISION=fp32
 
 PASSED=0
 STEPS=()
+STEP_TSV=()  # "name<TAB>seconds" of every step, for STPM_SMOKE_RESULT
 T0=$(date +%s)
+LOAD0="$(cut -d' ' -f1-3 /proc/loadavg)"
+INSTALLED=()
+BASE_BUILT=false
+BUILD_CACHE0=""
 STARTED_DOCKERD=""
 WHEELS_ADDED=()
 COMPOSE_FILES=()
@@ -79,6 +86,7 @@ step() {  # step NAME COMMAND...: run and time one step
     "$@"
     s=$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     STEPS+=("$(printf '%-46s %7s s' "$PHASE$name" "$s")")
+    STEP_TSV+=("$PHASE$name"$'\t'"$s")
 }
 
 # ---------------------------------------------------------------- cleanup
@@ -135,6 +143,7 @@ install_debian_packages() {
         skip "missing ${missing[*]} and cannot install them (needs root and apt-get)"
     fi
     say "installing ${missing[*]} (Debian packages)"
+    INSTALLED=("${missing[@]}")
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") \
         >"$WORK/apt.log" 2>&1 || { tail -n 20 "$WORK/apt.log" >&2; skip "could not install ${missing[*]}"; }
 }
@@ -163,6 +172,8 @@ engine() {
         fi
     fi
     say "daemon: $("$D" version --format '{{.Server.Version}}'), $("$D" info --format '{{.OperatingSystem}}, {{.NCPU}} CPUs, storage {{.Driver}}')"
+    BUILD_CACHE0="$("$D" system df --format '{{.Type}}: {{.Size}}' | grep -i 'build cache' | cut -d' ' -f3)"
+    say "build cache at the start: ${BUILD_CACHE0:-none}"
     # A build from scratch fills ~19 GB (the 5.5 GB venv in a build layer and in the image, the export).
     local root free
     root="$("$D" info --format '{{.DockerRootDir}}')"
@@ -175,6 +186,7 @@ engine() {
 # ---------------------------------------------------------------- 2-4. base, wheels, build
 
 base_image() {
+    "$D" image inspect "$BASE" >/dev/null 2>&1 || BASE_BUILT=true
     DOCKER="$D" scripts/docker-base.sh "$BASE"
 }
 
@@ -233,15 +245,35 @@ size_gb() {  # size_gb IMAGE: its size in GB (10^9 bytes), as `docker image ls` 
     "$D" image inspect -f '{{.Size}}' "$1" | awk '{printf "%.2f GB", $1 / 1e9}'
 }
 
-build_images() {
-    build cpu "$IMAGE"
-    build serve "$SERVE_IMAGE"
+check_sizes() {
     IMAGE_SIZE="$(size_gb "$IMAGE")"
     SERVE_SIZE="$(size_gb "$SERVE_IMAGE")"
     local max="${STPM_SMOKE_SERVE_MAX_GB:-1.2}"
     awk -v s="${SERVE_SIZE% GB}" -v m="$max" 'BEGIN { exit !(s <= m) }' \
         || die "the scoring image is $SERVE_SIZE, over the ${max} GB limit"
     ok "the scoring image is $SERVE_SIZE (limit $max GB), the all-in-one $IMAGE_SIZE"
+}
+
+write_result() {  # STPM_SMOKE_RESULT: this run as JSON (benchmarks/report.py renders it in docs/DOCKER.md)
+    [ -n "${STPM_SMOKE_RESULT:-}" ] || return 0
+    printf '%s\n' "${STEP_TSV[@]}" >"$WORK/steps.tsv"
+    python3 - "$STPM_SMOKE_RESULT" "$WORK/steps.tsv" <<PY
+import json, sys
+steps = [dict(name=n, seconds=float(s)) for n, s in (l.rstrip("\n").split("\t") for l in open(sys.argv[2]))]
+cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+res = {
+    "command": "${STPM_SMOKE_COMMAND:-CI=true scripts/docker-smoke.sh}", "when": "$(date -u +%F)",
+    "commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)",
+    "machine": {"cpu": cpu, "cores": $(nproc), "load_avg_start": "$LOAD0", "load_avg_end": "$(cut -d' ' -f1-3 /proc/loadavg)",
+                "docker": "$("$D" version --format '{{.Server.Version}}')"},
+    "conditions": {"installed_packages": "${INSTALLED[*]}".split(), "base_built": $( [ "$BASE_BUILT" = true ] && echo True || echo False),
+                   "build_cache_at_start": "$BUILD_CACHE0", "no_cache": "${STPM_SMOKE_NO_CACHE:-}" == "1"},
+    "images": {"$IMAGE": $("$D" image inspect -f '{{.Size}}' "$IMAGE"), "$SERVE_IMAGE": $("$D" image inspect -f '{{.Size}}' "$SERVE_IMAGE")},
+    "checks_passed": $PASSED, "total_s": $(( $(date +%s) - T0 )), "steps": steps,
+}
+open(sys.argv[1], "w").write(json.dumps(res, indent=2) + "\n")
+PY
+    say "result written to $STPM_SMOKE_RESULT"
 }
 
 # ---------------------------------------------------------------- 5-6. the API through the container
@@ -437,7 +469,6 @@ PY
 }
 
 serve_exercise() {  # the all-in-one's model scored by the scoring image, across a restart
-    PHASE="serve: "
     step "wait for healthy" wait_healthy "$SERVE_NAME"
     step "non-root" check_non_root "$SERVE_NAME"
     step "no torch" check_no_torch
@@ -459,7 +490,6 @@ serve_exercise() {  # the all-in-one's model scored by the scoring image, across
     same_results "$WORK/score-serve-first.json" "$WORK/score-serve-restarted.json" \
         || die "the scoring image's results changed across its restart"
     ok "after a restart the scoring image returns the same results bit for bit (scores, maps, overlay PNG)"
-    PHASE=""
 }
 
 # ---------------------------------------------------------------- 7. compose
@@ -539,17 +569,23 @@ say "load average $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) CPUs"
 step "docker engine" engine
 step "base image $BASE" base_image
 step "wheels (torch $TORCH, torchvision $TORCHVISION)" wheels
-step "docker build --target cpu, --target serve" build_images
+step "docker build --target cpu" build cpu "$IMAGE"
+step "docker build --target serve" build serve "$SERVE_IMAGE"
+check_sizes
+PHASE="all-in-one: "
 step "docker run" run_container
 exercise "$NAME" restart_container
-step "remove the all-in-one container (the volume stays)" remove_container "$NAME"
-step "serve: docker run on the same volume" run_serve_container
+step "remove the container (the volume stays)" remove_container "$NAME"
+PHASE="serve: "
+step "docker run on the same volume" run_serve_container
 serve_exercise
-step "serve: remove container and volume" remove_container "$SERVE_NAME"
+step "remove the container" remove_container "$SERVE_NAME"
 step "remove the volume" remove_volume
+PHASE=""
 compose_smoke
 
 say "image $IMAGE: $IMAGE_SIZE, $SERVE_IMAGE: $SERVE_SIZE; step times:"
 printf '    %s\n' "${STEPS[@]}"
 say "total $(( $(date +%s) - T0 )) s"
+write_result
 printf 'docker-smoke: %d passed, 0 failed\n' "$PASSED"

@@ -693,7 +693,14 @@ def test_smoke_build_matches_the_dockerfile(dockerfile):
     assert {"BASE_IMAGE", "TORCH_CPU_VERSION", "TORCH_CPU_INDEX", "TEACHERS"} <= set(args), args
     for arg in args:
         assert arg in dockerfile.global_args, f"the smoke passes {arg}, which the Dockerfile does not declare"
-    assert "--target cpu" in text and "--secret id=ca," in text
+    assert '--target "$target"' in text and "--secret id=ca," in text
+    # it builds the all-in-one and the scoring image, and checks that the latter has no torch
+    targets = re.findall(r'^\s*build (\S+) "\$\w+"$', text, re.MULTILINE)
+    assert targets == ["cpu", "serve"], targets
+    for target in targets:
+        dockerfile.stage(target)
+    assert "python -c 'import torch'" in text and "No module named 'torch'" in text
+    assert re.search(r"STPM_SMOKE_SERVE_MAX_GB:-1\.2\b", text), "the scoring image's size limit (issue 28)"
     # the teacher it bakes in comes with a Python package (no download from the build)
     assert re.search(r"--build-arg TEACHERS=efficientnet_lite0\s", text)
     for f in re.findall(r"-f (docker-compose[\w.]*\.yml)", text):
