@@ -335,8 +335,8 @@ def peer_markdown(res: dict[str, Any]) -> str:
 
 
 IMAGE_ROLES = {"serve": "scoring, no torch", "serve-gpu": "scoring on CUDA, no torch", "train": "training worker",
-               "train-gpu": "training worker, CUDA", "cpu": "all-in-one (`train` serving)",
-               "gpu": "all-in-one, CUDA"}
+               "train-gpu": "training worker, CUDA", "cpu": "all-in-one: `train` serving",
+               "gpu": "all-in-one: `train-gpu` serving"}
 
 
 def docker_images_markdown(res: dict[str, Any]) -> str:

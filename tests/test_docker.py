@@ -695,7 +695,7 @@ def test_smoke_build_matches_the_dockerfile(dockerfile):
         assert arg in dockerfile.global_args, f"the smoke passes {arg}, which the Dockerfile does not declare"
     assert '--target "$target"' in text and "--secret id=ca," in text
     # it builds the all-in-one and the scoring image, and checks that the latter has no torch
-    targets = re.findall(r'^\s*build (\S+) "\$\w+"$', text, re.MULTILINE)
+    targets = re.findall(r'^step "docker build --target ([\w-]+)" build \1 "\$\w+"$', text, re.MULTILINE)
     assert targets == ["cpu", "serve"], targets
     for target in targets:
         dockerfile.stage(target)
