@@ -19,7 +19,7 @@ from stpm.options import ModelOptions, TrainingOptions, TrainOptions
 from stpm.methods import registry
 from stpm.methods.patchcore.anomaly_map import nearest_distance
 from stpm.methods.patchcore.coreset import greedy_coreset
-from stpm.training.selection import candidates
+from stpm.training.selection import PER_IMAGE, candidates
 from stpm.training.synthetic import KINDS, make_anomalies
 
 SIZE = 128
@@ -107,7 +107,7 @@ def test_bundle_records_method_selection_and_holds_the_bank(plate_bundle):
     m = json.loads((out.path / "manifest.json").read_text())
     assert m["model"]["method"] == "patchcore" and m["model"]["layers"] == ["blocks.2", "blocks.4"]
     sel = m["training"]["selection"]
-    assert len(sel["candidates"]) == 4 and sel["n_synthetic"] == sel["n_good"] and sel["reason"]
+    assert len(sel["candidates"]) == 4 and sel["n_synthetic"] == PER_IMAGE * sel["n_good"] and sel["reason"]
     best = max(sel["candidates"], key=lambda c: c["synthetic_image_auroc"])
     assert (m["model"]["sigma"], m["model"]["image_score"]) in {
         (c["sigma"], c["image_score"]) for c in sel["candidates"]

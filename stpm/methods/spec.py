@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def _no_alternatives(backbone: str) -> list[tuple[str, ...]]:
+    return []
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -16,6 +20,11 @@ class MethodSpec:
     sigma_candidates: tuple[float, ...]  # map smoothing (tile pixels) model selection tries; the first is the default
     weight_files: tuple[str, ...]  # the bundle files that hold its torch weights
     resolve: Callable[[Any], Any]  # ModelOptions -> the same with this method's defaults explicit; raises ValueError
+    # feature-layer sets model selection may try besides the default when the user leaves `layers` open
+    # (stpm.training.settings); none for a method whose fit is a training loop (one per candidate costs hours)
+    layer_candidates: Callable[[str], list[tuple[str, ...]]] = _no_alternatives
+    # a fit cheap enough to repeat per candidate setting (scale, layers): no training loop
+    cheap_fit: bool = False
 
     @property
     def default_sigma(self) -> float:

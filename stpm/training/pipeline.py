@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stpm.bundle.calibration import Calibration
 from stpm.bundle import check_name, fingerprint
+from stpm.bundle.calibration import Calibration
 from stpm.imaging.decode import read_image
 from stpm.imaging.geometry import Geometry, TiledImages
 from stpm.imaging.scores import ImageScore, image_scores
@@ -26,6 +26,7 @@ from stpm.methods import registry
 from stpm.methods.base import FitData, FitRun, Fitted, ProgressFn, TrainingStopped
 from stpm.methods.maps import MapModule
 from stpm.options import AUTO, ModelOptions, TrainingOptions, to_dict, updated
+from stpm.training import settings
 from stpm.training.calibration import calibrate
 from stpm.training.data import good_train_dir, list_images, load_training_tiles
 from stpm.training.publish import build_manifest, publish_model
@@ -95,6 +96,26 @@ def load_good_images(data: str | Path | list[Path], config: TrainingOptions, ski
     return images
 
 
+def choose_settings(data: str | Path | list[Path], images: GoodImages, model_cfg: ModelOptions,
+                    config: TrainingOptions, run: FitRun, gen: torch.Generator, skip_bad: bool):
+    """The scale and feature layers the options leave open, chosen on synthetic anomalies (stpm.training.settings);
+    -> (config, model_cfg, images at the chosen scale, the report or None when nothing was open)."""
+    options = settings.candidates(config, model_cfg, images.geometry, images.sizes, len(images.val_idx))
+    if len(options) == 1:
+        return config, model_cfg, images, None
+    pick = settings.sample_indices(len(images.train_idx), settings.SAMPLE_IMAGES, config.train.seed)
+    sample = [read_image(images.paths[images.train_idx[i]]) for i in pick]
+    choice = settings.choose(options, sample, images.val_images(), len(images.train_idx), images.geometry, model_cfg,
+                             config, run, gen)
+    model_cfg = updated(model_cfg, layers=choice.setting.layers)
+    scale = images.geometry.scale * choice.setting.factor
+    config = config.model_copy(update={"model": updated(config.model, layers=choice.setting.layers),
+                                       "tiling": updated(config.tiling, scale=scale)})
+    if choice.setting.factor != 1.0:
+        images = load_good_images(data, config, skip_bad)  # tiled again at the chosen scale
+    return config, model_cfg, images, choice.report
+
+
 def choose_and_calibrate(fitted: Fitted, device: torch.device, images: GoodImages, val_images: list[np.ndarray],
                          model_cfg: ModelOptions, config: TrainingOptions) -> tuple[ModelOptions, Selection, Calibration]:
     """Model selection on synthetic anomalies of the held-out good images, then the threshold from their
@@ -106,7 +127,8 @@ def choose_and_calibrate(fitted: Fitted, device: torch.device, images: GoodImage
     return model_cfg, chosen, calibrate(image_scores(chosen.good_maps, spec), config.calibration)
 
 
-def training_record(config: TrainingOptions, fitted: Fitted, device: torch.device, chosen: Selection) -> dict[str, Any]:
+def training_record(config: TrainingOptions, fitted: Fitted, device: torch.device, chosen: Selection,
+                    setting_report: dict[str, Any] | None = None) -> dict[str, Any]:
     """manifest["training"]: the run's settings, what the method reports, model selection's candidates."""
     rec = {"config": to_dict(config.train), "calibration_config": to_dict(config.calibration),
            "tiling_config": to_dict(config.tiling)}
@@ -114,6 +136,8 @@ def training_record(config: TrainingOptions, fitted: Fitted, device: torch.devic
     rec.update({k: v for k, v in method_facts.items() if not isinstance(v, dict)})
     rec.update(seconds=round(fitted.seconds, 2), history=fitted.record.get("history", []), device=str(device))
     rec.update({k: v for k, v in method_facts.items() if isinstance(v, dict)})  # e.g. "patchcore": {...}
+    if setting_report is not None:
+        rec["settings"] = setting_report
     rec["selection"] = chosen.report
     return rec
 
@@ -173,6 +197,8 @@ def run_training(
     device = resolve_device(config.train.device)
     run = FitRun(device, weights_dir, Path(run_dir) if run_dir else None, resume, progress, should_stop, show_bar)
     with reproducible(config.train.seed, device) as gen:  # seeded; the caller's RNGs and settings come back after
+        config, model_cfg, images, setting_report = choose_settings(data, images, model_cfg, config, run, gen,
+                                                                    skip_bad)
         data_ = FitData(images.train, images.val, config.train.seed, gen)
         fitted = registry.method(model_cfg.method).fit(model_cfg, config.train, data_, run)
         if fitted.interrupted:
@@ -182,10 +208,11 @@ def run_training(
         val_images = images.val_images()
         model_cfg, chosen, cal = choose_and_calibrate(fitted, device, images, val_images, model_cfg, config)
         manifest = build_manifest(name, model_cfg, cal, fitted.teacher_source,
-                                  training_record(config, fitted, device, chosen), data_record(images),
+                                  training_record(config, fitted, device, chosen, setting_report),
+                                  data_record(images),
                                   images.geometry)
         version, path = publish(models_dir, fitted, manifest, val_images[:PARITY_IMAGES], export, should_stop)
     return TrainOutcome(version, path, fitted, cal, images.skipped)
 
 
-__all__ = ["GoodImages", "MIN_GOOD_IMAGES", "TrainOutcome", "load_good_images", "resolved", "run_training"]
+__all__ = ["MIN_GOOD_IMAGES", "GoodImages", "TrainOutcome", "load_good_images", "resolved", "run_training"]

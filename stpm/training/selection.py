@@ -28,7 +28,7 @@ from stpm.imaging.scores import ImageScore, image_scores
 log = logging.getLogger("stpm.selection")
 
 SCORE_CANDIDATES = ("max", "topk_mean")
-PER_IMAGE = 1  # synthetic anomalies per held-out good image
+PER_IMAGE = 2  # synthetic anomalies per held-out good image (the kinds take turns)
 MAX_IMAGES = 64  # held-out good images that get synthetic anomalies (all of them are scored)
 PIXEL_STRIDE = 4  # pixel AUROC on every 4th row and column: the same ranking at 1/16 of the cost
 
@@ -91,7 +91,7 @@ def _synthetic_set(good_images: Sequence[np.ndarray], geometry: Geometry, seed: 
 
 
 def _score_candidates(cands: list[Candidate], raw_good: np.ndarray, raw_bad: np.ndarray, good: TiledImages,
-                      bad: TiledImages, masks: list[np.ndarray], topk: float):
+                      bad: TiledImages, masks: list[np.ndarray], topk: float, kinds: list[str]):
     """Each candidate's synthetic image and pixel AUROC -> (rows, good maps per sigma). The unblurred tile
     maps are blurred per candidate sigma, exactly as the graph blurs them, then stitched."""
     rows: list[dict[str, Any]] = []
@@ -103,10 +103,21 @@ def _score_candidates(cands: list[Candidate], raw_good: np.ndarray, raw_bad: np.
         labels = np.r_[np.zeros(len(gm)), np.ones(len(bm))]
         for c in (c for c in cands if c.sigma == sigma):
             spec = ImageScore(c.image_score, topk)
-            img = _auroc(labels, np.r_[image_scores(gm, spec), image_scores(bm, spec)])
+            good_s, bad_s = image_scores(gm, spec), image_scores(bm, spec)
+            img = _auroc(labels, np.r_[good_s, bad_s])
             rows.append({"sigma": sigma, "image_score": c.image_score, "synthetic_image_auroc": round(img, 4),
-                         "synthetic_pixel_auroc": round(px, 4)})
+                         "synthetic_pixel_auroc": round(px, 4),
+                         "per_kind_image_auroc": _per_kind(good_s, bad_s, kinds)})
     return rows, maps_by_sigma
+
+
+def _per_kind(good: np.ndarray, bad: np.ndarray, kinds: list[str]) -> dict[str, float]:
+    """Each kind of synthetic anomaly against all the good images: which detail the candidate sees."""
+    out = {}
+    for k in dict.fromkeys(kinds):
+        sel = np.array([x == k for x in kinds])
+        out[k] = round(_auroc(np.r_[np.zeros(len(good)), np.ones(int(sel.sum()))], np.r_[good, bad[sel]]), 4)
+    return out
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -138,7 +149,8 @@ def select(
     synth, bad, masks = _synthetic_set(good_images, geometry, seed)
     fn = tile_fn(amap, device, blurred=False)  # blurred per candidate below
     raw_good, raw_bad = run_tiles(fn, good.tiles, batch_size), run_tiles(fn, bad.tiles, batch_size)
-    rows, maps_by_sigma = _score_candidates(cands, raw_good, raw_bad, good, bad, masks, cfg.topk)
+    rows, maps_by_sigma = _score_candidates(cands, raw_good, raw_bad, good, bad, masks, cfg.topk,
+                                            [k for _, _, k in synth])
     best = _best(rows)
     chosen = Candidate(best["sigma"], best["image_score"])
     amap.with_sigma(chosen.sigma)

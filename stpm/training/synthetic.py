@@ -1,11 +1,13 @@
 """Synthetic anomalies on good images, for choosing a model without defect images (numpy only).
 
-Three kinds, after CutPaste (Li et al., CVPR 2021) and DRAEM (Zavrtanik et al., ICCV 2021):
+Four kinds, after CutPaste (Li et al., CVPR 2021) and DRAEM (Zavrtanik et al., ICCV 2021):
   - `cutpaste`: a rectangle cut from elsewhere in the image, brightness-jittered, pasted;
   - `scar`: a thin rotated stroke (a crack or scratch) of a random colour or of image content;
-  - `perlin`: Perlin-noise blobs blending in another good image, shifted, or a flat colour.
-Sizes are relative to the image's short side, so the same settings work at any resolution. Every
-function is deterministic given its numpy Generator.
+  - `perlin`: Perlin-noise blobs blending in another good image, shifted, or a flat colour;
+  - `fine`: a scratch or a pit a few pixels wide (1-3 px, absolute: the detail a coarse scale loses).
+The first three are sized relative to the image's short side (the same at any resolution); `fine` in
+input pixels, so it tells a model that sees the image at a coarse scale from one that sees its detail.
+Every function is deterministic given its numpy Generator.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-KINDS = ("cutpaste", "scar", "perlin")
+KINDS = ("cutpaste", "scar", "perlin", "fine")
 
 
 def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -90,6 +92,26 @@ def scar(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
     return out, mask
 
 
+def fine(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A scratch (1-3 px wide, 8-40 px long) or a pit (1-3 px radius), in input pixels. -> (image, mask)."""
+    h, w = img.shape[:2]
+    m = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(m)
+    y0, x0 = rng.uniform(0.1 * h, 0.9 * h), rng.uniform(0.1 * w, 0.9 * w)
+    if rng.random() < 0.6:
+        length, angle = rng.uniform(8, 40), rng.uniform(0, np.pi)
+        draw.line([(x0, y0), (x0 + length * np.cos(angle), y0 + length * np.sin(angle))], fill=255,
+                  width=int(rng.integers(1, 4)))
+    else:
+        r = rng.uniform(1.0, 3.0)
+        draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=255)
+    mask = np.asarray(m) > 0
+    out = img.copy()
+    local = img[mask].astype(np.float32).mean(axis=0) if mask.any() else np.full(3, 128.0)
+    out[mask] = np.clip(local + rng.uniform(50, 110) * rng.choice([-1.0, 1.0]), 0, 255).astype(np.uint8)
+    return out, mask
+
+
 def perlin(img: np.ndarray, source: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Perlin blobs blending in `source` (another good image, rolled) or a flat colour. -> (image, mask)."""
     h, w = img.shape[:2]
@@ -144,6 +166,8 @@ def make_anomalies(
                 a, m = cutpaste(img, rng)
             elif kind == "scar":
                 a, m = scar(img, rng)
+            elif kind == "fine":
+                a, m = fine(img, rng)
             else:
                 a, m = perlin(img, images[(i + 1) % len(images)], rng)
             out.append((a, m, kind))

@@ -19,6 +19,11 @@ def default_layers(backbone: str) -> tuple[str, ...]:
     return spec(backbone).default_layers[1:]
 
 
+def layer_candidates(backbone: str) -> list[tuple[str, ...]]:
+    """The default mid-level pair and the finer pair one stage down (stride 4 / 8: thin defects)."""
+    return [default_layers(backbone), spec(backbone).default_layers[:2]]
+
+
 def resolve(cfg: Any) -> Any:
     """Layers made explicit (default: the mid-level pair); options that belong to STPM refused."""
     if cfg.student_backbone:
@@ -32,4 +37,6 @@ SPEC = MethodSpec(
     sigma_candidates=(DEFAULT_SIGMA, 2 * DEFAULT_SIGMA),
     weight_files=(TEACHER_WEIGHTS, MEMORY_BANK_WEIGHTS),
     resolve=resolve,
+    layer_candidates=layer_candidates,
+    cheap_fit=True,
 )

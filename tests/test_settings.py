@@ -1,0 +1,133 @@
+"""Choosing resolution and feature layers on synthetic anomalies (stpm.training.settings, issue 25 part 3).
+
+Which settings are tried (only what the options leave open, only within the tile budget, only with enough
+held-out images to judge by), the choice rule (the cheapest unless another is clearly better), the `fine`
+synthetic kind (a few input pixels, whatever the image size), and the search deterministic given its seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from stpm.imaging.geometry import Geometry
+from stpm.methods.base import FitRun
+from stpm.options import ModelOptions, TilingOptions, TrainingOptions, TrainOptions, build
+from stpm.training import settings
+from stpm.training.pipeline import resolved
+from stpm.training.reproducible import reproducible
+from stpm.training.synthetic import fine, scar
+
+HELD_OUT = settings.MIN_HELD_OUT
+
+
+def _candidates(config: TrainingOptions, size: int = 1024, held_out: int = HELD_OUT, aspect: int = 1):
+    model_cfg = resolved(config.model)
+    geometry = Geometry(tile=config.model.image_size, scale=config.model.image_size / size)
+    return settings.candidates(config, model_cfg, geometry, [(size, aspect * size)] * 30, held_out)
+
+
+def test_the_search_covers_what_the_options_leave_open_within_the_tile_budget():
+    open_ = _candidates(build({}))
+    default_layers = resolved(ModelOptions()).layers
+    assert open_[0] == settings.Setting(1.0, default_layers)  # the default first: it wins ties
+    # square parts at tile 256: x2 needs 9 tiles per image (within MAX_TILES_PER_IMAGE)
+    assert sorted({s.factor for s in open_}) == [1.0, 2.0]
+    assert len({s.layers for s in open_}) == 2 and len(open_) == 4
+    # elongated ones (1:4, as KolektorSDD): x2 would need 3 x 11 tiles, so only the default scale is tried
+    assert {s.factor for s in _candidates(build({}), size=256, aspect=4)} == {1.0}
+    # what the user fixes stays fixed
+    assert {s.factor for s in _candidates(build({"scale": 0.25}))} == {1.0}
+    assert {s.factor for s in _candidates(build({"resolution": 256}))} == {1.0}
+    assert {s.layers for s in _candidates(build({"layers": "blocks.1,blocks.2"}))} == {("blocks.1", "blocks.2")}
+    # a method with a training loop, or too few held-out images to judge by: the defaults, no search
+    assert len(_candidates(build({"method": "stpm"}))) == 1
+    assert _candidates(build({}), held_out=HELD_OUT - 1) == [settings.Setting(1.0, default_layers)]
+
+
+def _trial(factor: float, layers: tuple[str, ...], auroc: float) -> settings.Trial:
+    return settings.Trial(settings.Setting(factor, layers), 1.0 * factor ** 2, 1.0, 10.0, auroc, 0.9, {})
+
+
+def test_a_costlier_setting_must_beat_the_cheapest_by_the_tolerance():
+    base = _trial(1.0, ("a",), 0.90)
+    close = _trial(2.0, ("a",), 0.90 + settings.TOLERANCE / 2)
+    assert settings._choose([base, close]) is base  # a finer scale for noise is not bought
+    clear = _trial(2.0, ("a",), 0.90 + 2 * settings.TOLERANCE)
+    best = _trial(1.0, ("b",), 0.90 + 3 * settings.TOLERANCE)
+    assert settings._choose([base, close, clear]) is clear
+    assert settings._choose([base, clear, best]) is best
+    assert settings._choose([_trial(1.0, ("a",), 0.99), _trial(2.0, ("a",), 0.80)]).setting.factor == 1.0
+
+
+def test_fine_anomalies_are_a_few_input_pixels_whatever_the_image_size():
+    rng = np.random.default_rng(0)
+    for size in (200, 800):
+        img = np.full((size, size, 3), 128, np.uint8)
+        areas, scar_areas = [], []
+        for _ in range(40):
+            out, mask = fine(img, rng)
+            assert mask.any() and np.array_equal(out[~mask], img[~mask]) and not np.array_equal(out[mask], img[mask])
+            # thin everywhere: no defect pixel lies more than 4 px from good ones (lines 1-3 px, pits <= 7 px across)
+            assert ndimage.distance_transform_edt(mask).max() <= 4
+            areas.append(mask.sum())
+            scar_areas.append(scar(img, rng)[1].sum())
+        assert max(areas) <= 200  # absolute: a 4x larger image gets no larger fine defects
+        if size == 800:
+            assert np.median(scar_areas) > 4 * np.median(areas)  # scars grow with the image; fine ones do not
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Random-texture images and a randomly initialised backbone (no weights needed), 64 px tiles."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, (96, 96, 3), dtype=np.uint8)
+    images = [np.clip(base.astype(int) + rng.integers(-8, 9, base.shape), 0, 255).astype(np.uint8) for _ in range(10)]
+    config = TrainingOptions(model=ModelOptions(pretrained=False, image_size=64, bank_size=500),
+                             train=TrainOptions(seed=0, device="cpu", batch_size=8),
+                             tiling=TilingOptions())
+    return images[:6], images[6:], config
+
+
+def test_the_search_is_deterministic_given_the_seed_and_records_every_candidate(tiny):
+    train, val, config = tiny
+    model_cfg = resolved(config.model)
+    geometry = Geometry(tile=64, scale=64 / 96)
+    options = [settings.Setting(1.0, model_cfg.layers), settings.Setting(2.0, model_cfg.layers)]
+
+    def run():  # seeded as run_training seeds it (the random-weights backbone draws from torch's RNG)
+        with reproducible(0, torch.device("cpu")) as gen:
+            return settings.choose(options, train, val, len(train), geometry, model_cfg, config,
+                                   FitRun(torch.device("cpu"), show_bar=False), gen)
+
+    a, b = run(), run()
+    strip = lambda r: [{k: v for k, v in c.items() if not k.endswith("_s") and k != "full_fit_s_estimate"}
+                       for c in r["candidates"]]
+    assert strip(a.report) == strip(b.report) and a.setting == b.setting
+    assert [c["scale_factor"] for c in a.report["candidates"]] == [1.0, 2.0]
+    assert a.report["candidates"][1]["tiles_per_image"] > a.report["candidates"][0]["tiles_per_image"]
+    assert a.report["chosen"]["scale_factor"] == a.setting.factor and a.report["reason"]
+
+
+def test_training_records_the_search_and_uses_its_choice(tiny, tmp_path, monkeypatch):
+    """Through the pipeline (the held-out minimum lowered for ten tiny images): every candidate is in
+    `training.settings`, and the published geometry and layers are the chosen ones."""
+    from PIL import Image
+
+    from stpm.bundle.manifest import Manifest
+    from stpm.training.pipeline import run_training
+
+    train, val, config = tiny
+    for i, img in enumerate(train + val):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(settings, "MIN_HELD_OUT", 2)
+    config = build({"pretrained": False, "image_size": 64, "bank_size": 500, "layers": "blocks.2,blocks.4",
+                    "device": "cpu", "batch_size": 8, "val_fraction": 0.3})
+    out = run_training(sorted(tmp_path.glob("*.png")), "searched", tmp_path / "models", config, export=False,
+                       show_bar=False)
+    m = Manifest.read(out.path)
+    rec = m.training["settings"]
+    assert [c["scale_factor"] for c in rec["candidates"]] == [1.0, 2.0]  # layers were given: only the scale
+    assert m.geometry.scale == pytest.approx(64 / 96 * rec["chosen"]["scale_factor"])
+    assert list(m.model.layers) == rec["chosen"]["layers"] == ["blocks.2", "blocks.4"]
