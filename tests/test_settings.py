@@ -61,6 +61,16 @@ def test_a_costlier_setting_must_beat_the_cheapest_by_the_tolerance():
     assert settings._choose([_trial(1.0, ("a",), 0.99), _trial(2.0, ("a",), 0.80)]).setting.factor == 1.0
 
 
+def test_the_time_budgets_leave_costly_candidates_out_never_the_default():
+    finer = settings.Setting(2.0, ("a",))
+    assert settings._left_out_because(settings.Setting(1.0, ("a",)), [], 1e9) is None  # the default always runs
+    cheap = _trial(1.0, ("a",), 0.9)  # its full fit: 10 s
+    assert settings._left_out_because(finer, [cheap], 0.0) is None
+    assert "search" in settings._left_out_because(finer, [cheap], settings.SEARCH_BUDGET_S + 1)
+    slow = settings.Trial(settings.Setting(1.0, ("a",)), 1.0, 1.0, settings.BUDGET_S / 2, 0.9, 0.9, {})
+    assert "full fit" in settings._left_out_because(finer, [slow], 0.0)  # 4x the tiles: over the budget
+
+
 def test_fine_anomalies_are_a_few_input_pixels_whatever_the_image_size():
     rng = np.random.default_rng(0)
     for size in (200, 800):

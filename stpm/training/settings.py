@@ -38,6 +38,7 @@ MAX_TILES_PER_IMAGE = 16  # a finer scale is tried only if the median image then
 SAMPLE_IMAGES = 24  # training images each candidate is fitted on (the final fit uses all of them)
 TOLERANCE = 0.01  # synthetic image AUROC a costlier candidate must gain over the cheapest one
 BUDGET_S = 600.0  # a candidate whose full fit would take longer (extrapolated) is not tried further
+SEARCH_BUDGET_S = 480.0  # once the search has taken this long, the candidates not yet tried are left out
 # below this many held-out good images the synthetic AUROC of two settings differs by noise more than by
 # TOLERANCE (10 images: 10 good vs 20 synthetic, a step of 0.005), so the defaults are kept
 MIN_HELD_OUT = 10
@@ -138,9 +139,13 @@ def choose(settings: list[Setting], train_images: list[np.ndarray], val_images: 
            gen: torch.Generator) -> Choice:
     """Try every setting on a sample of the training images (cheapest first, within the time budget)."""
     trials: list[Trial] = []
+    left_out: list[dict[str, Any]] = []
+    t0 = time.monotonic()
     for s in settings:
-        if trials and trials[0].full_fit_s * _cost_ratio(trials[0], s) > BUDGET_S:
-            log.info("settings: %s left out (its full fit would exceed %.0f s)", s.describe(), BUDGET_S)
+        why = _left_out_because(s, trials, time.monotonic() - t0)
+        if why:
+            log.info("settings: %s left out (%s)", s.describe(), why)
+            left_out.append({"scale_factor": s.factor, "layers": list(s.layers), "why": why})
             continue
         run.check_stop()
         run.report({"phase": f"settings: {s.describe()}", "epoch": 1, "epochs": 1, "step": len(trials) + 1,
@@ -149,11 +154,21 @@ def choose(settings: list[Setting], train_images: list[np.ndarray], val_images: 
         log.info("settings: %s: synthetic image AUROC %.4f (%.0f s on %d images)", s.describe(),
                  trials[-1].synthetic_image_auroc, trials[-1].sample_fit_s, len(train_images))
     best = _choose(trials)
-    report = {"candidates": [t.record() for t in trials], "chosen": best.record(),
+    report = {"candidates": [t.record() for t in trials], "left_out": left_out, "chosen": best.record(),
               "n_sample_images": len(train_images), "tolerance": TOLERANCE, "budget_s": BUDGET_S,
+              "search_budget_s": SEARCH_BUDGET_S, "search_s": round(time.monotonic() - t0, 1),
               "reason": "the cheapest setting (default scale and layers first) unless another beats its synthetic "
                         f"image AUROC by {TOLERANCE}; then the best of those"}
     return Choice(best.setting, report)
+
+
+def _left_out_because(s: Setting, trials: list[Trial], spent_s: float) -> str | None:
+    """Why a setting is not tried (the time budgets), or None."""
+    if trials and spent_s > SEARCH_BUDGET_S:
+        return f"the search had taken {spent_s:.0f} s of its {SEARCH_BUDGET_S:.0f}"
+    if trials and trials[0].full_fit_s * _cost_ratio(trials[0], s) > BUDGET_S:
+        return f"its full fit would exceed {BUDGET_S:.0f} s"
+    return None
 
 
 def _cost_ratio(base: Trial, s: Setting) -> float:
