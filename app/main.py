@@ -28,6 +28,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app.errors import install_error_handlers
+from app.methods import MethodsMiddleware
 from app.metrics import Metrics
 from app.middleware import APIKeyMiddleware, MetricsMiddleware, RequestLimitMiddleware
 from app.registry import ModelRegistry
@@ -91,6 +92,7 @@ def create_app(
     install_error_handlers(app)
     for r in ROUTERS:
         app.include_router(r)
+    app.add_middleware(MethodsMiddleware, routes=app.router.routes)  # innermost: HEAD / OPTIONS after the key
     # Added last = outermost: metrics see every answer, including 401 and 413.
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value(), state=app.state)
@@ -154,6 +156,7 @@ BODY_ERRORS = {
     "408": "The request body stalled (setting body_timeout_s)",
     "413": "The request body over the limit (setting max_request_bytes)",
     "415": "Not multipart/form-data",
+    "507": "The server's temporary storage for uploads is full",
 }
 
 

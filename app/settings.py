@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from stpm.imaging.decode import DEFAULT_MAX_PIXELS
+from stpm.options.sections import MAX_TILE_PIXELS
 
 
 class Settings(BaseSettings):
@@ -79,6 +80,11 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(
         3 * DEFAULT_MAX_PIXELS, ge=1, description="Memory budget of one /score request: decoded pixels of all its "
         "images plus the pixels of every heatmap it asks for (see app/budget.py)"
+    )
+    max_request_tile_pixels: int = Field(
+        MAX_TILE_PIXELS, ge=1, description="Work budget of one /score request: its tiles x tile^2 pixels of model "
+        "input at the model's scale (default: the largest image any model trained here may take, "
+        "stpm.options.MAX_TILE_PIXELS; see app/budget.py)"
     )
 
     # Training jobs (POST /train; see app/jobs and docs/SERVICE.md "Training jobs").

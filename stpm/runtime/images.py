@@ -45,6 +45,11 @@ class PreparedImage:
         """Pixels of this image at the model's scale (its map's own size); 0 where it has no plan."""
         return self.plan.h * self.plan.w if self.plan is not None else 0
 
+    def tile_pixels(self) -> int:
+        """The model's work on this image: its tiles x tile^2 pixels of model input (they cover the scaled
+        image, so this also bounds its size); 0 where it has no plan."""
+        return self.plan.n_tiles * self.plan.tile**2 if self.plan is not None else 0
+
 
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) of an encoded image after its EXIF orientation, from the header (nothing decoded);
