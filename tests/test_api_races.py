@@ -37,7 +37,7 @@ TRIALS = 200
 class InstantScorer:
     """What the registry needs of a scorer to load and activate a version; loading takes 0-3 ms."""
 
-    providers = ["CPUExecutionProvider"]
+    providers = ("CPUExecutionProvider",)
 
     def __init__(self, path: Path):
         time.sleep(random.uniform(0, 0.003))
@@ -95,8 +95,8 @@ def test_activate_and_delete_never_both_win(fast_dir):
     with TestClient(create_app(s, scorer_factory=InstantScorer)) as c:
         for _ in range(TRIALS):
             v = publish_tiny(models)
-            activate, delete = at_once(lambda: c.post(f"/models/demo/versions/{v}/activate"),
-                                       lambda: c.delete(f"/models/demo/versions/{v}"))
+            activate, delete = at_once(lambda v=v: c.post(f"/models/demo/versions/{v}/activate"),
+                                       lambda v=v: c.delete(f"/models/demo/versions/{v}"))
             key = (activate.status_code, delete.status_code)
             outcomes[key] = outcomes.get(key, 0) + 1
             active = bundle.get_active(models, "demo")
