@@ -87,7 +87,9 @@ def test_explicit_backends_agree(tiny, real):
         ov = Scorer(tiny, backend="openvino", precision="fp32", intra_op_threads=1)
         assert (ov.backend, ov.precision, ov.providers) == ("openvino", "fp32", ["CPU"])
         np.testing.assert_allclose(scores(ov, real[0]), scores(ref, real[0]), rtol=1e-4)
-        assert [r.is_anomaly for r in ov.score(real[0])] == [r.is_anomaly for r in ref.score(real[0])]
+        ov_res, ref_res = ov.score(real[0]), ref.score(real[0])
+        decided = [abs(r.raw_score - r.threshold) > 1e-4 * abs(r.raw_score) for r in ref_res]  # outside rtol
+        assert [o.is_anomaly for o, d in zip(ov_res, decided) if d] == [r.is_anomaly for r, d in zip(ref_res, decided) if d]
 
 
 def test_auto_times_the_candidates_and_says_which(tiny):
