@@ -92,6 +92,33 @@ def test_2_a_refused_tile_count_is_refused_before_any_pixel_is_decoded(tiled_sto
         assert "max_tiles" in r.json()["detail"] and asked == []
 
 
+def test_2_reading_a_png_s_header_loads_no_pixels(tiled_store, monkeypatch):
+    """PIL's PNG getexif() decodes the whole image when the eXIf chunk is not before the pixels: the header
+    read must not ask for it (the review's 3 x 6300 x 6300 black PNGs cost 0.8 CPU-s and +152 MB that way,
+    benchmarks/request_limits.py)."""
+    from PIL import PngImagePlugin
+
+    def no_load(self):
+        raise AssertionError(f"{self.size} PNG loaded while reading its header")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_load)
+    with TestClient(create_app(settings(tiled_store))) as c:
+        asked = no_decoding(monkeypatch)
+        r = c.post("/score", files=upload(solid_png(6300, 6300), solid_png(6300, 6300), solid_png(6300, 6300)))
+        assert r.status_code == 422 and r.json()["error"] == "unsupported_image_size", r.text
+        assert asked == []
+
+
+def test_2_an_exif_orientation_before_the_pixels_is_still_read_from_the_header():
+    from stpm.runtime.images import header_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: height and width swap
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 10)).save(buf, format="PNG", exif=exif)
+    assert header_size(buf.getvalue()) == (40, 10)
+
+
 def test_3_the_work_a_model_makes_of_a_request_is_bounded_before_decoding(tiled_store, monkeypatch):
     """One 770 x 770 image (0.6 % of the pixel budget) becomes 4,096 tiles at scale 4: refused from its
     header by the tile budget (model pixels: tiles x tile^2), not scored for 22 CPU-s."""
