@@ -8,7 +8,6 @@ from __future__ import annotations
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 

@@ -33,8 +33,8 @@ from app.errors import APIError, ModelRequiredError, NoModelError, model_error
 from app.metrics import Metrics
 from app.settings import Settings
 from stpm import bundle
-from stpm.bundle.manifest import Manifest
 from stpm.bundle import BundleError, ModelNotFoundError
+from stpm.bundle.manifest import Manifest
 
 log = logging.getLogger("app.registry")
 

@@ -7,11 +7,10 @@ import shutil
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
-
 from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import JobRunnerDep, JobStoreDep, jobs_of
