@@ -4,6 +4,8 @@
 answered 200 in 1 of 12 trials, leaving the name without an active version: the delete's "is it active?"
 ran outside the name's lock. Exactly one may win: activate 200 + delete 409, or delete 200 + activate 404.
 
+Publishing: two versions of one name published at the same moment must get two numbers, both kept.
+
 #11: with `train_max_queued=2`, four simultaneous submits were all accepted: the queue was counted outside
 the insert. At most `train_max_queued` jobs may ever be queued.
 
@@ -148,3 +150,13 @@ def test_the_queue_cap_holds_under_concurrent_submits(fast_dir, no_worker):
         assert c.get("/train", params={"state": "queued"}).json()["jobs"] == []
     shutil.rmtree(no_worker / "jobs", ignore_errors=True)
     print(f"{TRIALS} trials of {clients} submits: accepted {accepted_counts}")
+
+
+def test_simultaneous_publishes_get_distinct_versions(fast_dir):
+    models = fast_dir / "models"
+    publish_tiny(models)
+    for _ in range(TRIALS):
+        a, b = at_once(lambda: publish_tiny(models), lambda: publish_tiny(models))
+        assert a != b and (models / "demo" / a).is_dir() and (models / "demo" / b).is_dir(), (a, b)
+    versions = sorted(int(p.name[1:]) for p in (models / "demo").glob("v*"))
+    assert versions == list(range(1, 2 * TRIALS + 2))
