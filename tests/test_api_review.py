@@ -55,7 +55,7 @@ def tiled_store(tmp_path_factory):
 
 def no_decoding(monkeypatch) -> list[str]:
     """Fail loudly if any image of the request is decoded; -> the names decoding was asked for."""
-    import stpm.runtime.images as images
+    from stpm.runtime import images
 
     asked: list[str] = []
 
