@@ -26,13 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions  # noqa: E402
+from stpm.bundle.calibration import Calibration  # noqa: E402
+from stpm.evaluation import metrics  # noqa: E402
 from stpm.evaluation.report import evaluate  # noqa: E402
+from stpm.training.calibration import recalibrate  # noqa: E402
 from stpm.training.pipeline import run_training  # noqa: E402
 from stpm.methods.loading import load_map  # noqa: E402
 
@@ -151,6 +155,27 @@ def score_ms_per_image(bundle_dir: Path, data: Path, device: str) -> float:
     return statistics.median(times)
 
 
+def decision_columns(cal: Calibration, rep: dict) -> dict:
+    """The default threshold's decisions on the labelled test set beside what the calibration states, and
+    the other rules recomputed from the same run's recorded held-out scores (max_margin: the former
+    default; synthetic_f1): precision, recall, realised FPR on test/good, expected FPR."""
+    labels = np.array([r["defect"] != "good" for r in rep["per_image"]])
+    scores = np.array([r["raw_score"] for r in rep["per_image"]])
+    rules = {"default": cal}
+    for rule in ("max_margin", "synthetic_f1"):
+        rules[rule] = recalibrate(cal, CalibrationOptions(method=rule), {"kind": "benchmark"})
+    out = {}
+    for rule, c in rules.items():
+        at = metrics.at_threshold(labels, scores, c.threshold)
+        out[rule] = {"rule": c.method, "threshold": c.threshold, "expected_fpr": c.expected_fpr,
+                     "expected_fpr_interval": c.expected_fpr_interval, "n_good_images": c.n_images,
+                     "synthetic_recall": (c.synthetic or {}).get("recall"),
+                     "n_synthetic": (c.synthetic or {}).get("n_images"), "precision": at["precision"],
+                     "recall": at["recall"], "realised_fpr": at["fpr"], "n_test_good": at["fp"] + at["tn"],
+                     "n_test_anomalous": at["tp"] + at["fn"], "estimator": c.estimator}
+    return out
+
+
 def run_configs(a: argparse.Namespace) -> int:
     from stpm.methods.loading import load_map
 
@@ -170,29 +195,32 @@ def run_configs(a: argparse.Namespace) -> int:
             model, manifest = load_map(out.path)
             rep = evaluate(model, manifest, DATASETS[ds], device, Path(a.report_dir) / name)
             o = rep["metrics"]["overall"]
-            m = manifest["model"]
+            m = manifest.model
             row = {
-                "dataset": ds, "config": label, "method": m["method"], "teacher": m["backbone"],
-                "student": m.get("student_backbone"), "epochs": tcfg.epochs if m["method"] == "stpm" else None,
-                "sigma": m["sigma"], "image_score": m["image_score"],
-                "selection": manifest["training"].get("selection"),
+                "dataset": ds, "config": label, "method": m.method, "teacher": m.backbone,
+                "student": getattr(m, "student_backbone", None), "epochs": tcfg.epochs if m.method == "stpm" else None,
+                "sigma": m.sigma, "image_score": m.image_score,
+                "selection": manifest.training.get("selection"),
                 "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro_0.3"],
                 "f1_max": o.get("image_f1_max"), "calibrated": o.get("at_calibrated_threshold"),
+                "decisions": decision_columns(manifest.calibration, rep),
                 "train_s": train_s, "fit_s": out.fitted.seconds,
                 "score_ms_per_image": score_ms_per_image(out.path, DATASETS[ds], a.device),
-                "n_train": manifest["data"]["n_train"], "n_test": len(rep["per_image"]),
+                "n_train": manifest.data["n_train"], "n_test": len(rep["per_image"]),
             }
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "selection"}, indent=1), flush=True)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps({"command": " ".join(["benchmarks/quality.py", *sys.argv[1:]]),
                                             "machine": machine, "rows": rows}, indent=2))
-    from benchmarks.report import BLOCKS, DOC, methods_markdown, write_block
+    from benchmarks.report import BLOCKS, DOC, decisions_markdown, methods_markdown, write_block
 
     res = json.loads(out_path.read_text())
     print(methods_markdown(res))
+    print(decisions_markdown(res))
     if out_path.stem in BLOCKS:
         write_block(DOC, out_path.stem, methods_markdown(res))
+        write_block(DOC, "quality_decisions", decisions_markdown(res))
     return 0
 
 
