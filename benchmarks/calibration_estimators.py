@@ -19,6 +19,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,17 @@ def _conformal(s: np.ndarray, a: float) -> float:
     return float(np.sort(s)[k - 1])
 
 
+@lru_cache(maxsize=4096)
+def _fitted(name: str, data: bytes) -> tuple[float, ...]:
+    """A scipy MLE fit, cached: the same sample is fitted once for every target rate."""
+    return tuple(getattr(stats, name).fit(np.frombuffer(data)))
+
+
 def _mle(dist: stats.rv_continuous, log: bool = False) -> Estimator:
     def est(s: np.ndarray, a: float) -> float:
         y = np.log(s) if log else s
         try:
-            q = float(dist.ppf(1 - a, *dist.fit(y)))
+            q = float(dist.ppf(1 - a, *_fitted(dist.name, np.ascontiguousarray(y, dtype=np.float64).tobytes())))
         except Exception:  # noqa: BLE001 - a fit that fails falls back to the maximum
             q = float(y.max())
         q = q if np.isfinite(q) else float(y.max())
@@ -52,16 +59,21 @@ def _mle(dist: stats.rv_continuous, log: bool = False) -> Estimator:
     return est
 
 
+@lru_cache(maxsize=4096)
+def _gpd_fit(excess: bytes) -> tuple[float, ...]:
+    return tuple(stats.genpareto.fit(np.frombuffer(excess), floc=0))
+
+
 def _gpd(s: np.ndarray, a: float, top: float = 0.3) -> float:
     """Peaks over threshold: a generalised Pareto on the top `top` of the scores (at least 4 of them)."""
-    k = max(4, int(round(top * s.size)))
+    k = max(4, round(top * s.size))
     srt = np.sort(s)
     u = srt[-k - 1] if k < s.size else srt[0] - 1e-9
     zeta = k / s.size
     if a >= zeta:
         return float(np.quantile(s, 1 - a))
     try:
-        c, _, scale = stats.genpareto.fit(srt[-k:] - u, floc=0)
+        c, _, scale = _gpd_fit(np.ascontiguousarray(srt[-k:] - u).tobytes())
         q = u + float(stats.genpareto.ppf(1 - a / zeta, c, 0, scale))
     except Exception:  # noqa: BLE001
         q = float(srt[-1])
@@ -176,14 +188,23 @@ def main() -> int:
     ap.add_argument("--ns", default="5,10,20,40,80")
     ap.add_argument("--reps", type=int, default=1000)
     ap.add_argument("--splits", type=int, default=200)
+    ap.add_argument("--known-from", default=None, help="reuse the known-distribution rows of an earlier result")
+    ap.add_argument("--scores-from-quality", action="store_true",
+                    help="--scores is a benchmarks/quality.py result whose rows carry their scores")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "calibration_estimators.json"))
     a = ap.parse_args()
     alphas = tuple(float(x) for x in a.alphas.split(","))
+    ns = tuple(int(x) for x in a.ns.split(","))
+    earlier = json.loads(Path(a.known_from).read_text()) if a.known_from else None
     res = {"command": " ".join(["benchmarks/calibration_estimators.py", *sys.argv[1:]]),
-           "known": known_distributions(alphas, tuple(int(x) for x in a.ns.split(",")), a.reps)}
+           "known": earlier["known"] if earlier else known_distributions(alphas, ns, a.reps)}
+    if earlier:  # the known-distribution rows came from this earlier command
+        res["known_command"] = earlier.get("known_command", earlier["command"])
     if Path(a.scores).is_file():
         scores = json.loads(Path(a.scores).read_text())
-        res.update(scores_machine=scores["machine"], real=resampled(scores["runs"], alphas, a.splits))
+        runs = [r["scores"] for r in scores["rows"]] if a.scores_from_quality else scores["runs"]
+        res.update(scores_machine=scores["machine"], scores_file=Path(a.scores).name,
+                   real=resampled(runs, alphas, a.splits))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     from benchmarks.report import estimators_markdown

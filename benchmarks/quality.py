@@ -7,6 +7,11 @@ scorer, the service's path):
 
     .venv/bin/python benchmarks/quality.py --configs default,stpm --out benchmarks/results/quality_methods.json
 
+The default threshold's decisions (P/R, expected vs realised FPR on test/good, the former max_margin rule
+and synthetic_f1 from the same run's recorded scores) for the default method:
+
+    .venv/bin/python benchmarks/quality.py --configs default --out benchmarks/results/quality_decisions.json
+
 The older student comparison (STPM, EfficientNet-Lite0 teacher, same-family vs ResNet18 students):
 
     .venv/bin/python benchmarks/quality.py --students all --epochs 12 --out benchmarks/results/quality_256px.json
@@ -176,6 +181,13 @@ def decision_columns(cal: Calibration, rep: dict) -> dict:
     return out
 
 
+def scores_record(ds: str, seed: int, cal: Calibration, rep: dict) -> dict:
+    """The raw scores calibration and evaluation saw (benchmarks/calibration_estimators.py reads them)."""
+    return {"dataset": ds, "seed": seed, "val_good": cal.good_scores, "synthetic": cal.synthetic_scores,
+            "synthetic_kinds": cal.synthetic_kinds, "test_scores": [r["raw_score"] for r in rep["per_image"]],
+            "test_defects": [r["defect"] for r in rep["per_image"]]}
+
+
 def run_configs(a: argparse.Namespace) -> int:
     from stpm.methods.loading import load_map
 
@@ -204,6 +216,7 @@ def run_configs(a: argparse.Namespace) -> int:
                 "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro_0.3"],
                 "f1_max": o.get("image_f1_max"), "calibrated": o.get("at_calibrated_threshold"),
                 "decisions": decision_columns(manifest.calibration, rep),
+                "scores": scores_record(ds, tcfg.seed, manifest.calibration, rep),
                 "train_s": train_s, "fit_s": out.fitted.seconds,
                 "score_ms_per_image": score_ms_per_image(out.path, DATASETS[ds], a.device),
                 "n_train": manifest.data["n_train"], "n_test": len(rep["per_image"]),
@@ -218,9 +231,9 @@ def run_configs(a: argparse.Namespace) -> int:
     res = json.loads(out_path.read_text())
     print(methods_markdown(res))
     print(decisions_markdown(res))
-    if out_path.stem in BLOCKS:
-        write_block(DOC, out_path.stem, methods_markdown(res))
-        write_block(DOC, "quality_decisions", decisions_markdown(res))
+    if out_path.stem in BLOCKS:  # quality_methods: the methods table; quality_decisions: the threshold's
+        render = decisions_markdown if out_path.stem == "quality_decisions" else methods_markdown
+        write_block(DOC, out_path.stem, render(res))
     return 0
 
 

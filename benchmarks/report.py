@@ -136,18 +136,21 @@ def estimators_markdown(res: dict[str, Any]) -> str:
             cells.append(f"{_pct(statistics.median(v), 2)} ({_pct(min(v), 2)} – {_pct(max(v), 2)})")
         below = max(r["share_below_median"] for r in known if r["estimator"] == e)
         lines.append(f"| {e} | " + " | ".join(cells) + f" | {below:.3f} |")
+    if res.get("known_command"):
+        lines[0] = f"Command: `.venv/bin/python {res['command']}` (known distributions: `{res['known_command']}`)."
     if real:
-        lines += _real_estimators(real, ests, res.get("scores_machine", ""))
+        lines += _real_estimators(real, ests, res.get("scores_machine", ""),
+                                  res.get("scores_file", "calibration_scores.json"))
     return "\n".join(lines)
 
 
-def _real_estimators(real: list[dict[str, Any]], ests: list[str], machine: str) -> list[str]:
+def _real_estimators(real: list[dict[str, Any]], ests: list[str], machine: str, source: str) -> list[str]:
     sets = list(dict.fromkeys(r["dataset"] for r in real))
     alphas = sorted({r["alpha"] for r in real})
     runs = {d: next(r for r in real if r["dataset"] == d) for d in sets}
     head = " | ".join(f"{d} (n = {runs[d]['n_fit']}) @ {_pct(a, 0)}" for d in sets for a in alphas)
-    lines = ["", f"Real scores ({', '.join(f'{d}: {runs[d]['runs']} training seeds' for d in sets)}; "
-             f"scores from benchmarks/calibration_scores.py, {machine}): the realised rate on the unseen good images "
+    lines = ["", f"Real scores ({', '.join(f'{d}: {runs[d]['runs']} training run(s)' for d in sets)}; "
+             f"scores from benchmarks/results/{source}, {machine}): the realised rate on the unseen good images "
              "of random splits (resampled; in brackets: fitted on the held-out images, checked on test/good); last "
              "column the mean number of doublings off the target over these cells (the criterion).", "",
              f"| estimator | {head} | doublings off |", "|---|" + "---|" * (len(sets) * len(alphas) + 1)]
@@ -506,7 +509,7 @@ class Block:
 
 BLOCKS: dict[str, Block] = {
     "quality_methods": Block("benchmarks/quality.py", "quality_methods.json", methods_markdown),
-    "quality_decisions": Block("benchmarks/quality.py", "quality_methods.json", decisions_markdown),
+    "quality_decisions": Block("benchmarks/quality.py", "quality_decisions.json", decisions_markdown),
     "calibration_estimators": Block("benchmarks/calibration_estimators.py", "calibration_estimators.json",
                                     estimators_markdown),
     "quality_128px": Block("benchmarks/quality.py", "quality_128px.json", quality_markdown),

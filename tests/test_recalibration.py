@@ -52,7 +52,7 @@ def _check_only_calibration_moved(models, old_path, new_path, images):
         assert (new_path / f).read_bytes() == (old_path / f).read_bytes()
     assert new.model == old.model and new.geometry == old.geometry and new.training["selection"] == \
         old.training["selection"]
-    t_old, o_old, r_old, s_old = _maps(old_path, images)
+    t_old, o_old, r_old, _ = _maps(old_path, images)
     t_new, o_new, r_new, s_new = _maps(new_path, images)
     for a, b in zip(t_old + o_old, t_new + o_new):
         assert np.array_equal(a, b)  # bit for bit

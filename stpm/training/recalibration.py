@@ -80,7 +80,7 @@ def new_calibration(amap: MapModule, manifest: Manifest, data: str | Path | None
     paths = _new_good_images(data, manifest)
     good, synthetic, kinds = score_good_images(amap, manifest, paths, device)
     source.update(images=str(data), n_images=len(paths), fingerprint=bundle.fingerprint(paths),
-                  synthetic="one synthetic anomaly of each (at most %d)" % MAX_SYNTHETIC)
+                  synthetic=f"one synthetic anomaly of each (at most {MAX_SYNTHETIC})")
     return calibrate(good, cfg, synthetic, kinds, source), paths
 
 
