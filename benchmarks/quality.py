@@ -67,7 +67,17 @@ def main() -> int:
                     ": the STPM student comparison instead of --configs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     ap.add_argument("--report-dir", default=str(ROOT / "benchmarks" / "work" / "quality"))
+    ap.add_argument("--redecide", default=None, metavar="RESULT",
+                    help="recompute a decisions result's threshold columns from its recorded scores (no training)")
     a = ap.parse_args()
+    if a.redecide:
+        from benchmarks.report import DOC, decisions_markdown, write_block
+
+        res = redecide(Path(a.redecide))
+        Path(a.redecide).write_text(json.dumps(res, indent=2))
+        print(decisions_markdown(res))
+        write_block(DOC, "quality_decisions", decisions_markdown(res))
+        return 0
     if a.students is None:
         return run_configs(a)
     if a.students == "all":
@@ -160,12 +170,10 @@ def score_ms_per_image(bundle_dir: Path, data: Path, device: str) -> float:
     return statistics.median(times)
 
 
-def decision_columns(cal: Calibration, rep: dict) -> dict:
+def decision_columns(cal: Calibration, labels: np.ndarray, scores: np.ndarray) -> dict:
     """The default threshold's decisions on the labelled test set beside what the calibration states, and
     the other rules recomputed from the same run's recorded held-out scores (max_margin: the former
     default; synthetic_f1): precision, recall, realised FPR on test/good, expected FPR."""
-    labels = np.array([r["defect"] != "good" for r in rep["per_image"]])
-    scores = np.array([r["raw_score"] for r in rep["per_image"]])
     rules = {"default": cal}
     for rule in ("max_margin", "synthetic_f1"):
         rules[rule] = recalibrate(cal, CalibrationOptions(method=rule), {"kind": "benchmark"})
@@ -179,6 +187,22 @@ def decision_columns(cal: Calibration, rep: dict) -> dict:
                      "recall": at["recall"], "realised_fpr": at["fpr"], "n_test_good": at["fp"] + at["tn"],
                      "n_test_anomalous": at["tp"] + at["fn"], "estimator": c.estimator}
     return out
+
+
+def redecide(path: Path) -> dict:
+    """A decisions result recomputed from each row's recorded raw scores with the current calibration code
+    (the raw scores do not depend on the calibration: no training is needed)."""
+    from stpm.training.calibration import calibrate
+
+    res = json.loads(path.read_text())
+    for row in res["rows"]:
+        s = row["scores"]
+        cal = calibrate(s["val_good"], CalibrationOptions(), s["synthetic"], s["synthetic_kinds"])
+        labels = np.array([d != "good" for d in s["test_defects"]])
+        row["decisions"] = decision_columns(cal, labels, np.asarray(s["test_scores"], dtype=float))
+    res["redecided"] = ("decisions recomputed from the recorded scores: benchmarks/quality.py --redecide "
+                        f"benchmarks/results/{path.name}")
+    return res
 
 
 def scores_record(ds: str, seed: int, cal: Calibration, rep: dict) -> dict:
@@ -215,7 +239,9 @@ def run_configs(a: argparse.Namespace) -> int:
                 "selection": manifest.training.get("selection"),
                 "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro_0.3"],
                 "f1_max": o.get("image_f1_max"), "calibrated": o.get("at_calibrated_threshold"),
-                "decisions": decision_columns(manifest.calibration, rep),
+                "decisions": decision_columns(manifest.calibration,
+                                              np.array([r["defect"] != "good" for r in rep["per_image"]]),
+                                              np.array([r["raw_score"] for r in rep["per_image"]])),
                 "scores": scores_record(ds, tcfg.seed, manifest.calibration, rep),
                 "train_s": train_s, "fit_s": out.fitted.seconds,
                 "score_ms_per_image": score_ms_per_image(out.path, DATASETS[ds], a.device),

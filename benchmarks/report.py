@@ -84,7 +84,8 @@ def _pct(v: float | None, digits: int = 1) -> str:
 def decisions_markdown(res: dict[str, Any]) -> str:
     """benchmarks/quality.py --configs default: the default threshold's decisions per set beside what the
     bundle states, and the former default (max_margin) and synthetic_f1 from the same run's scores."""
-    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}."
+             + (f" The threshold columns: {res['redecided']}." if res.get("redecided") else ""), "",
              "| dataset | rule | threshold | expected FPR (90 % interval), from n good | realised FPR on test/good "
              "| synthetic recall | precision / recall on test | issue 25 target P / R | met |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -149,7 +150,8 @@ def _real_estimators(real: list[dict[str, Any]], ests: list[str], machine: str, 
     alphas = sorted({r["alpha"] for r in real})
     runs = {d: next(r for r in real if r["dataset"] == d) for d in sets}
     head = " | ".join(f"{d} (n = {runs[d]['n_fit']}) @ {_pct(a, 0)}" for d in sets for a in alphas)
-    lines = ["", f"Real scores ({', '.join(f'{d}: {runs[d]['runs']} training run(s)' for d in sets)}; "
+    counts = ", ".join(f"{d}: {runs[d]['runs']} training run(s)" for d in sets)
+    lines = ["", f"Real scores ({counts}; "
              f"scores from benchmarks/results/{source}, {machine}): the realised rate on the unseen good images "
              "of random splits (resampled; in brackets: fitted on the held-out images, checked on test/good); last "
              "column the mean number of doublings off the target over these cells (the criterion).", "",
