@@ -40,7 +40,8 @@ def _maps(path, images):
 
     amap, manifest = load_map(path)
     torch_maps = predict_maps(tile_fn(amap, torch.device("cpu")), tile_images(images, manifest.geometry))
-    scored = Scorer(path, intra_op_threads=1).infer_images(images)
+    # pinned: "auto" picks the fastest backend / precision it measures, which may differ between two bundles
+    scored = Scorer(path, intra_op_threads=1, backend="onnxruntime", precision="fp32").infer_images(images)
     return (torch_maps, [s.amap for s in scored], np.array([s.result.raw_score for s in scored]),
             np.array([s.result.score for s in scored]))
 
