@@ -23,8 +23,8 @@ benchmarks/report.py also rewrites its block of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -37,13 +37,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions  # noqa: E402
 from stpm.bundle.calibration import Calibration  # noqa: E402
 from stpm.evaluation import metrics  # noqa: E402
 from stpm.evaluation.report import evaluate  # noqa: E402
+from stpm.methods.loading import load_map  # noqa: E402
+from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions  # noqa: E402
 from stpm.training.calibration import recalibrate  # noqa: E402
 from stpm.training.pipeline import run_training  # noqa: E402
-from stpm.methods.loading import load_map  # noqa: E402
 
 DATA = Path(os.environ.get("STPM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DATASETS = {
@@ -154,8 +154,8 @@ def score_ms_per_image(bundle_dir: Path, data: Path, device: str) -> float:
     heatmap) per test image, over the first 20 test images after one warm-up."""
     import statistics
 
-    from stpm.training.data import test_samples
     from stpm.runtime.scorer import Scorer
+    from stpm.training.data import test_samples
 
     providers = ("CPUExecutionProvider",) if device == "cpu" else ("auto",)
     scorer = Scorer(bundle_dir, providers=providers)
