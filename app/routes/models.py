@@ -84,6 +84,7 @@ def _version_info(reg: ModelRegistry, name: str, version: str, active: str | Non
         "loaded": reg.peek(name, version) is not None,
         "created_at": man.created_at,
         "threshold": man.calibration.threshold,
+        "calibration": man.calibration.expectation(),
         "image_size": man.model.image_size,
         "backbone": man.model.backbone,
         "metrics": bundle.read_evaluations(path) or None,

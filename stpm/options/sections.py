@@ -36,7 +36,7 @@ from stpm.methods.backbone_specs import BACKBONE_NAMES
 
 Backbone = Literal[BACKBONE_NAMES]  # type: ignore[valid-type]  (the table in stpm.methods.backbone_specs)
 Combine = Literal["product", "sum"]
-ThresholdMethod = Literal["quantile", "max_margin"]
+ThresholdMethod = Literal["target_fpr", "synthetic_f1", "max_margin", "quantile"]
 ImageScoreMethod = Literal["max", "topk_mean", "auto"]
 TilingMode = Literal["tile", "squash"]
 
@@ -170,8 +170,13 @@ class TrainOptions(Section):
 class CalibrationOptions(Section):
     """How the threshold and the [0, 1] normalisation come from held-out good images."""
 
-    method: ThresholdMethod = option("max_margin", "threshold from the held-out good images' scores: max_margin "
-                                     "(their maximum plus a margin) or quantile", name="calibration")
+    method: ThresholdMethod = option("target_fpr", "threshold from the held-out good images' scores: target_fpr "
+                                     "(expected false-positive rate on good parts = --target-fpr, from a fitted "
+                                     "tail), synthetic_f1 (best F1 on their synthetic anomalies within that "
+                                     "rate), max_margin (their maximum plus a margin) or quantile",
+                                     name="calibration")
+    target_fpr: float = option(0.01, "for target_fpr and synthetic_f1: the false-positive rate on good parts to "
+                               "expect at the threshold", gt=0, lt=0.5)
     quantile: float = option(0.99, "for quantile: which quantile of the good scores", ge=0.5, le=1)
     margin: float = option(0.1, "for max_margin: threshold = max + margin x spread of the good scores", ge=0, le=10)
 
