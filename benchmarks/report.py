@@ -76,6 +76,23 @@ def methods_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def mixed_scale_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/mixed_scale.py: one row per mixed-size set and short-side quantile of the scale rule."""
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+             "| dataset | scale = 256 / short side at quantile | scale | image AUROC | pixel AUROC | AUPRO@0.3 "
+             "| F1-max | P/R @ calibrated thr | train tiles | test tiles (padded images / all) | train s (load) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: (r["dataset"], r["quantile"])):
+        c = r["calibrated"] or {}
+        lines.append(
+            f"| {r['dataset']} | {r['quantile']:g} | {r['scale']:.3f} | {r['image_auroc']:.3f} "
+            f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
+            f"| {c.get('precision', 0):.2f} / {c.get('recall', 0):.2f} | {r['n_train_tiles']} "
+            f"| {r['test_tiles']} ({r['n_test_padded']} / {r['n_test']}) | {r['train_s']:.0f} "
+            f"({r['load_at_start']:.1f}) |")
+    return "\n".join(lines)
+
+
 def map_ablation_markdown(res: dict[str, Any]) -> str:
     lines = [f"Bundle: `{res['bundle']}` (a temporary bundle of the 128 px bottle run, not kept: rerunning needs a "
              "new bundle), data `" + res["data"] + "`.", "",
@@ -445,6 +462,7 @@ BLOCKS: dict[str, Block] = {
                            doc=DOCKER_DOC),
     "docker_smoke": Block("scripts/docker-smoke.sh", "docker_smoke_*.json", docker_smoke_markdown, doc=DOCKER_DOC,
                           load=load_docker_smoke),
+    "mixed_scale": Block("benchmarks/mixed_scale.py", "mixed_scale.json", mixed_scale_markdown),
 }
 
 

@@ -39,6 +39,7 @@ Combine = Literal["product", "sum"]
 ThresholdMethod = Literal["quantile", "max_margin"]
 ImageScoreMethod = Literal["max", "topk_mean", "auto"]
 TilingMode = Literal["tile", "squash"]
+SmallImages = Literal["pad", "upscale"]
 
 AUTO = "auto"  # an option value that model selection resolves after fitting (image_score)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -127,7 +128,9 @@ class TilingOptions(Section):
 
     mode "tile": every image is resized by one fixed `scale` (aspect ratio kept) and covered by
     overlapping S x S tiles. The scale is chosen at training as resolution / median short side of
-    the training images (resolution default: S), unless `scale` is given. mode "squash": every image
+    the training images (resolution default: S), unless `scale` is given. An image whose scaled side is
+    shorter than a tile is padded (its padding masked out of training and scoring), or with
+    small_images="upscale" enlarged by at most max_upscale, else refused. mode "squash": every image
     is resized to S x S (the format-1 behaviour; say so explicitly, it loses thin defects)."""
 
     mode: TilingMode = option("tile", "tile: keep the aspect ratio, one fixed scale, overlapping S x S tiles; squash: "
@@ -136,8 +139,11 @@ class TilingOptions(Section):
                                     "so an image of the median size is one tile high or wide)", ge=16, le=8192)
     scale: float | None = option(None, "fixed input -> model scale (wins over resolution)", gt=0, le=16)
     overlap: float = option(DEFAULT_OVERLAP, "minimum overlap of neighbouring tiles, fraction of a tile", ge=0, lt=1)
-    max_upscale: float = option(DEFAULT_MAX_UPSCALE, "a smaller image is upscaled to one tile by at most this "
-                                "factor, else refused", ge=1, le=16)
+    small_images: SmallImages = option("pad", "an image whose scaled side is shorter than a tile: pad (reflect-padded "
+                                       "to the tile, the padding masked out of training and scoring) or upscale "
+                                       "(by at most max_upscale, else refused: bundles before format 3)")
+    max_upscale: float = option(DEFAULT_MAX_UPSCALE, "small_images=upscale: a smaller image is upscaled to one tile "
+                                "by at most this factor, else refused", ge=1, le=16)
     max_tiles: int = option(DEFAULT_MAX_TILES, "images needing more tiles are refused", ge=1, le=4096)
 
 

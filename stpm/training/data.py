@@ -177,7 +177,7 @@ def choose_geometry(cfg: TilingOptions, tile: int, sizes: Sequence[tuple[int, in
         return Geometry.squash(tile)
     scale = float(cfg.scale) if cfg.scale is not None else choose_scale(tile, sizes, cfg.resolution)
     return Geometry(tile=int(tile), scale=scale, overlap=float(cfg.overlap), max_upscale=float(cfg.max_upscale),
-                    max_tiles=int(cfg.max_tiles), mode="tile")
+                    max_tiles=int(cfg.max_tiles), mode="tile", small_images=cfg.small_images)
 
 
 def load_mask(path: Path | None, image_size: int | tuple[int, int]) -> np.ndarray:
