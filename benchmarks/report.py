@@ -93,6 +93,21 @@ def mixed_scale_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def padding_content_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/padding_content.py: one row per shared set and padding mode."""
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+             "| dataset | padding | good crops: median score (in context) | median change vs in context "
+             "| good crops over the threshold (in context) | crop image AUROC (in context) | crops good / defective |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['dataset']} | {r['mode']} | {r['good_median_score']:.3f} ({r['good_median_in_context']:.3f}) "
+            f"| {r['good_median_abs_change']:.3f} | {r['good_over_threshold']:.2f} "
+            f"({r['good_over_threshold_in_context']:.2f}) | {r['crop_auroc']:.3f} ({r['crop_auroc_in_context']:.3f}) "
+            f"| {r['n_good']} / {r['n_defective']} |")
+    return "\n".join(lines)
+
+
 def map_ablation_markdown(res: dict[str, Any]) -> str:
     lines = [f"Bundle: `{res['bundle']}` (a temporary bundle of the 128 px bottle run, not kept: rerunning needs a "
              "new bundle), data `" + res["data"] + "`.", "",
@@ -463,6 +478,7 @@ BLOCKS: dict[str, Block] = {
     "docker_smoke": Block("scripts/docker-smoke.sh", "docker_smoke_*.json", docker_smoke_markdown, doc=DOCKER_DOC,
                           load=load_docker_smoke),
     "mixed_scale": Block("benchmarks/mixed_scale.py", "mixed_scale.json", mixed_scale_markdown),
+    "padding_content": Block("benchmarks/padding_content.py", "padding_content.json", padding_content_markdown),
 }
 
 

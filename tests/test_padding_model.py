@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from stpm.imaging.geometry import Geometry, tile_boxes, tile_images, valid_grid  # noqa: E402
 from stpm.methods.stpm.loss import grid_mask, stpm_loss  # noqa: E402
-from stpm.options import ModelOptions, TilingOptions, TrainingOptions, TrainOptions  # noqa: E402
+from stpm.options import ModelOptions, TrainingOptions, TrainOptions  # noqa: E402
 from stpm.training.mixed import build_mixed_set  # noqa: E402
 from tests.conftest import BOTTLE, SHARED_DATA, require  # noqa: E402
 

@@ -45,12 +45,14 @@ def _rng(seed: int, key: str) -> np.random.Generator:
 
 
 def crop_box(size: tuple[int, int], rng: np.random.Generator, anchor: tuple[int, int] | None = None,
-             low: float = LOW, high: float = HIGH) -> tuple[int, int, int, int]:
-    """A random crop (top, left, height, width) of an image of `size` (height, width): each side
-    low..high of the image's; anywhere, or (anchor given) so that it holds the anchor pixel (y, x)."""
+             low: float = LOW, high: float = HIGH, reference: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    """A random crop (top, left, height, width) of an image of `size` (height, width): each side low..high
+    of the image's (or of `reference`'s, at most the image's); anywhere, or (anchor given) so that it holds
+    the anchor pixel (y, x)."""
     big_h, big_w = size
-    h = min(big_h, max(1, int(round(rng.uniform(low, high) * big_h))))
-    w = min(big_w, max(1, int(round(rng.uniform(low, high) * big_w))))
+    ref_h, ref_w = reference or size
+    h = min(big_h, max(1, int(round(rng.uniform(low, high) * ref_h))))
+    w = min(big_w, max(1, int(round(rng.uniform(low, high) * ref_w))))
     if anchor is None:
         return int(rng.integers(0, big_h - h + 1)), int(rng.integers(0, big_w - w + 1)), h, w
     y, x = anchor
