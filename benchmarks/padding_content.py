@@ -11,6 +11,9 @@ scores (0.5 = the bundle's threshold) against the same pixels' scores inside the
 of good crops over the threshold (false alarms caused by the padding), and the crops' image AUROC.
 
     .venv/bin/python benchmarks/padding_content.py --out benchmarks/results/padding_content.json
+
+Prints its Markdown table (benchmarks/report.py padding_content_markdown); not yet a docs block (no
+result file has been recorded).
 """
 
 from __future__ import annotations
@@ -129,9 +132,8 @@ def main() -> int:
             print(json.dumps(res["rows"][-1]), flush=True)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2))
-    from benchmarks.report import DOC, padding_content_markdown, write_block
+    from benchmarks.report import padding_content_markdown
 
-    write_block(DOC, "padding_content", padding_content_markdown(res))
     print(padding_content_markdown(res))
     return 0
 

@@ -478,7 +478,6 @@ BLOCKS: dict[str, Block] = {
     "docker_smoke": Block("scripts/docker-smoke.sh", "docker_smoke_*.json", docker_smoke_markdown, doc=DOCKER_DOC,
                           load=load_docker_smoke),
     "mixed_scale": Block("benchmarks/mixed_scale.py", "mixed_scale.json", mixed_scale_markdown),
-    "padding_content": Block("benchmarks/padding_content.py", "padding_content.json", padding_content_markdown),
 }
 
 
