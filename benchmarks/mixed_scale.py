@@ -78,8 +78,10 @@ def main() -> int:
     a = ap.parse_args()
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    res.update(command="benchmarks/mixed_scale.py " + " ".join(sys.argv[1:]), machine=machine_line(),
-               crop_seed=a.seed)
+    command = "benchmarks/mixed_scale.py " + " ".join(sys.argv[1:])
+    earlier = res.get("command") if res["rows"] else None  # resumed: the rows came from these commands
+    res.update(command=command if not earlier or command in earlier else f"{earlier}; .venv/bin/python {command}",
+               machine=machine_line(), crop_seed=a.seed)
     work = Path(tempfile.mkdtemp(prefix="stpm-mixed-scale-"))
     for q in (float(x) for x in a.quantiles.split(",")):
         for name in a.datasets.split(","):

@@ -45,6 +45,8 @@ PAD_MODE = "reflect"  # np.pad mode of the canvas around a small image (see the 
 DEFAULT_OVERLAP = 0.25  # minimum overlap of neighbouring tiles, fraction of a tile
 DEFAULT_MAX_UPSCALE = 2.0
 DEFAULT_MAX_TILES = 64
+# the default scale maps the training images' short side at this quantile to the resolution (benchmarks/mixed_scale.py)
+DEFAULT_SCALE_QUANTILE = 0.5
 
 # tile_fn: uint8 tiles [N, 3, S, S] (RGB, NCHW) -> float32 anomaly maps [N, S, S]
 TileFn = Callable[[np.ndarray], np.ndarray]
@@ -331,6 +333,7 @@ def predict_maps(tile_fn: TileFn, tiled: TiledImages, max_batch: int = 16) -> li
 
 
 __all__ = [
+    "DEFAULT_SCALE_QUANTILE",
     "Geometry",
     "PAD_MODE",
     "SMALL_IMAGES",
