@@ -91,26 +91,6 @@ def test_scale_quantile_picks_which_short_side_fills_one_tile():
         TilingOptions(scale_quantile=-0.1)
 
 
-def test_a_wide_spread_of_sizes_lowers_the_scale_until_the_largest_image_fits_the_tile_budget():
-    sizes = [(64, 64)] * 5 + [(2000, 3000)]  # the median asks for scale 4: the large image would need 1000+ tiles
-    g = choose_geometry(TilingOptions(max_tiles=16), 256, sizes)
-    assert g.scale < 4.0 and g.scale > 0.95 * max_scale_within(2000, 3000, g)
-    assert plan(2000, 3000, g).n_tiles <= 16 and plan(64, 64, g).padded
-    assert choose_geometry(TilingOptions(max_tiles=16, scale=4.0), 256, sizes).scale == 4.0  # given: kept
-    assert choose_geometry(TilingOptions(), 256, [(512, 512)] * 3).scale == 0.5  # within budget: untouched
-
-
-def max_scale_within(h: int, w: int, g: Geometry) -> float:
-    """The largest scale on a fine grid at which an h x w image fits g's tile budget."""
-    for s in np.linspace(g.scale / 0.95, 0.01, 4000):
-        try:
-            plan(h, w, Geometry(g.tile, float(s), max_tiles=g.max_tiles, small_images="pad"))
-            return float(s)
-        except TilingError:
-            continue
-    raise AssertionError("no scale fits")
-
-
 def test_tiles_are_crops_of_the_pillow_resize():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (120, 300, 3), dtype=np.uint8)

@@ -3,7 +3,6 @@ Torch-free (numpy + Pillow)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,23 +180,8 @@ def choose_geometry(cfg: TilingOptions, tile: int, sizes: Sequence[tuple[int, in
     if cfg.mode == "squash":
         return Geometry.squash(tile)
     scale = float(cfg.scale) if cfg.scale is not None else choose_scale(tile, sizes, cfg.resolution, cfg.scale_quantile)
-    g = Geometry(tile=int(tile), scale=scale, overlap=float(cfg.overlap), max_upscale=float(cfg.max_upscale),
-                 max_tiles=int(cfg.max_tiles), mode="tile", small_images=cfg.small_images)
-    return g if cfg.scale is not None or g.small_images != "pad" else within_tile_budget(g, sizes)
-
-
-def within_tile_budget(g: Geometry, sizes: Sequence[tuple[int, int]]) -> Geometry:
-    """`g` with its scale lowered in 5 % steps until every training image fits max_tiles: a wide spread of
-    sizes must not make the largest training images untrainable at the scale of the typical one. Only for
-    padding geometries (lowering the scale never makes an image refused there)."""
-    unique = sorted(set(sizes), key=lambda hw: -hw[0] * hw[1])
-    while True:
-        try:
-            for h, w in unique:
-                plan(h, w, g)
-            return g
-        except TilingError:
-            g = dataclasses.replace(g, scale=g.scale * 0.95)
+    return Geometry(tile=int(tile), scale=scale, overlap=float(cfg.overlap), max_upscale=float(cfg.max_upscale),
+                    max_tiles=int(cfg.max_tiles), mode="tile", small_images=cfg.small_images)
 
 
 def load_mask(path: Path | None, image_size: int | tuple[int, int]) -> np.ndarray:
