@@ -44,6 +44,7 @@ TILE = 256  # the default model input
 
 def run_one(name: str, data: Path, quantile: float, short_sides: list[int], models: Path, report_dir: Path) -> dict:
     """Train with the defaults at scale TILE / quantile of the short sides, evaluate; -> one result row."""
+    load_at_start = os.getloadavg()[0]
     scale = TILE / float(np.quantile(short_sides, quantile))
     config = TrainingOptions(train=TrainOptions(device="cpu"), tiling=TilingOptions(scale=scale))
     t0 = time.monotonic()
@@ -65,7 +66,7 @@ def run_one(name: str, data: Path, quantile: float, short_sides: list[int], mode
         "n_test": len(rep["per_image"]), "n_test_padded": len(padded),
         "test_tiles": int(sum(p["tiles"] for p in rep["per_image"])),
         "padding_positions": manifest.training.get("patchcore", {}).get("n_padding_positions"),
-        "load_at_start": os.getloadavg()[0],
+        "load_at_start": load_at_start,
     }
 
 

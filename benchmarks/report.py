@@ -80,7 +80,8 @@ def mixed_scale_markdown(res: dict[str, Any]) -> str:
     """benchmarks/mixed_scale.py: one row per mixed-size set and short-side quantile of the scale rule."""
     lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
              "| dataset | scale = 256 / short side at quantile | scale | image AUROC | pixel AUROC | AUPRO@0.3 "
-             "| F1-max | P/R @ calibrated thr | train tiles | test tiles (padded images / all) | train s (load) |",
+             "| F1-max | P/R @ calibrated thr | train tiles | test tiles (padded images / all) "
+             "| train s (load average at the run's start or end) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(res["rows"], key=lambda r: (r["dataset"], r["quantile"])):
         c = r["calibrated"] or {}
@@ -89,8 +90,13 @@ def mixed_scale_markdown(res: dict[str, Any]) -> str:
             f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
             f"| {c.get('precision', 0):.2f} / {c.get('recall', 0):.2f} | {r['n_train_tiles']} "
             f"| {r['test_tiles']} ({r['n_test_padded']} / {r['n_test']}) | {r['train_s']:.0f} "
-            f"({r['load_at_start']:.1f}) |")
+            f"({_load_of(r)}) |")
     return "\n".join(lines)
+
+
+def _load_of(row: dict[str, Any]) -> str:
+    """The load average a row recorded: at its start, or (rows before that fix) at its end."""
+    return f"start {row['load_at_start']:.1f}" if "load_at_start" in row else f"end {row['load_at_end']:.1f}"
 
 
 def padding_content_markdown(res: dict[str, Any]) -> str:
