@@ -1,5 +1,6 @@
 """Every error is JSON `{"error": code, "detail": message}` with the right status (never an HTML page);
-the model store's errors mapped onto HTTP (`model_error`, `NoModelError`, `ModelRequiredError`)."""
+the model store's errors mapped onto HTTP (`model_error`, `NoModelError`, `ModelRequiredError`); the job
+database out of reach (scaled mode: PostgreSQL restarting or cut off) is a 503 with its reason."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stpm.bundle import BundleError, ModelNotFoundError, NoActiveVersionError
+from app.jobs.store import StoreUnavailable
+from app.methods import allowed_methods
+from stpm.bundle import (
+    BundleError,
+    MalformedBundleError,
+    ModelNotFoundError,
+    NoActiveVersionError,
+    StoreNotWritableError,
+    VersionInUseError,
+)
 
 log = logging.getLogger("app")
 
@@ -30,6 +40,7 @@ _CODES = {
     429: "too_many_requests",
     500: "internal_error",
     503: "unavailable",
+    507: "insufficient_storage",
 }
 
 
@@ -70,11 +81,19 @@ class ModelRequiredError(APIError):
 
 
 def model_error(exc: BundleError) -> APIError:
-    """Map the store's exceptions onto HTTP: unknown -> 404, nothing activated -> 409, malformed -> 400."""
+    """Map the store's exceptions onto HTTP: unknown -> 404; nothing activated, or a delete refused because
+    the version is active or in use -> 409; a bundle whose manifest is broken, or a store that cannot be
+    written -> 503 (the server's content, not the request, is at fault); a malformed reference -> 400."""
     if isinstance(exc, NoActiveVersionError):
         return APIError(409, "no_active_version", str(exc))
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, "model_not_found", str(exc))
+    if isinstance(exc, VersionInUseError):
+        return APIError(409, "version_in_use", f"{exc} (or pass force=true)")
+    if isinstance(exc, MalformedBundleError):
+        return APIError(503, "model_unavailable", str(exc))
+    if isinstance(exc, StoreNotWritableError):
+        return APIError(503, "model_store_not_writable", str(exc))
     return APIError(400, "invalid_model_name", str(exc))
 
 
@@ -92,9 +111,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     detail = exc.detail
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no route {request.url.path}"
-    elif exc.status_code == 405:
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
         detail = f"method {request.method} is not allowed on {request.url.path}"
-    return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
+        allowed = allowed_methods(request.app.router.routes, request.scope)
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)} if allowed else headers
+    return error_response(exc.status_code, detail, headers=headers)
 
 
 def _loc(loc: tuple) -> str:
@@ -121,7 +143,14 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
+async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, f"{exc}; retry in a few seconds (scoring does not need the job database)",
+                          "job_store_unavailable", headers={"Retry-After": "5"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -122,6 +122,10 @@ class VersionInfo(BaseModel):
     loaded: bool = Field(description="Held in memory by this server process")
     created_at: str | None = None
     threshold: float | None = None
+    calibration: dict[str, Any] | None = Field(None, description="What the threshold promises: the rule and its "
+                                               "target, the false-positive rate on good parts to expect (with an "
+                                               "interval), the recall on synthetic anomalies, how many images each "
+                                               "came from; `metrics` holds what a labelled test set showed")
     image_size: int | None = None
     backbone: str | None = None
     metrics: dict[str, Any] | None = None

@@ -7,6 +7,11 @@ scorer, the service's path):
 
     .venv/bin/python benchmarks/quality.py --configs default,stpm --out benchmarks/results/quality_methods.json
 
+The default threshold's decisions (P/R, expected vs realised FPR on test/good, the former max_margin rule
+and synthetic_f1 from the same run's recorded scores) for the default method:
+
+    .venv/bin/python benchmarks/quality.py --configs default --out benchmarks/results/quality_decisions.json
+
 The older student comparison (STPM, EfficientNet-Lite0 teacher, same-family vs ResNet18 students):
 
     .venv/bin/python benchmarks/quality.py --students all --epochs 12 --out benchmarks/results/quality_256px.json
@@ -18,23 +23,27 @@ benchmarks/report.py also rewrites its block of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions  # noqa: E402
+from stpm.bundle.calibration import Calibration  # noqa: E402
+from stpm.evaluation import metrics  # noqa: E402
 from stpm.evaluation.report import evaluate  # noqa: E402
-from stpm.training.pipeline import run_training  # noqa: E402
 from stpm.methods.loading import load_map  # noqa: E402
+from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions  # noqa: E402
+from stpm.training.calibration import recalibrate  # noqa: E402
+from stpm.training.pipeline import run_training  # noqa: E402
 
 DATA = Path(os.environ.get("STPM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DATASETS = {
@@ -75,7 +84,17 @@ def main() -> int:
                     ": the STPM student comparison instead of --configs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     ap.add_argument("--report-dir", default=str(ROOT / "benchmarks" / "work" / "quality"))
+    ap.add_argument("--redecide", default=None, metavar="RESULT",
+                    help="recompute a decisions result's threshold columns from its recorded scores (no training)")
     a = ap.parse_args()
+    if a.redecide:
+        from benchmarks.report import DOC, decisions_markdown, write_block
+
+        res = redecide(Path(a.redecide))
+        Path(a.redecide).write_text(json.dumps(res, indent=2))
+        print(decisions_markdown(res))
+        write_block(DOC, "quality_decisions", decisions_markdown(res))
+        return 0
     build_mixed_sets(a.datasets.split(","))
     if a.students is None:
         return run_configs(a)
@@ -153,8 +172,8 @@ def score_ms_per_image(bundle_dir: Path, data: Path, device: str) -> float:
     heatmap) per test image, over the first 20 test images after one warm-up."""
     import statistics
 
-    from stpm.training.data import test_samples
     from stpm.runtime.scorer import Scorer
+    from stpm.training.data import test_samples
 
     providers = ("CPUExecutionProvider",) if device == "cpu" else ("auto",)
     scorer = Scorer(bundle_dir, providers=providers)
@@ -167,6 +186,48 @@ def score_ms_per_image(bundle_dir: Path, data: Path, device: str) -> float:
         scorer.score([blob])
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def decision_columns(cal: Calibration, labels: np.ndarray, scores: np.ndarray) -> dict:
+    """The default threshold's decisions on the labelled test set beside what the calibration states, and
+    the other rules recomputed from the same run's recorded held-out scores (max_margin: the former
+    default; synthetic_f1): precision, recall, realised FPR on test/good, expected FPR."""
+    rules = {"default": cal}
+    for rule in ("max_margin", "synthetic_f1"):
+        rules[rule] = recalibrate(cal, CalibrationOptions(method=rule), {"kind": "benchmark"})
+    out = {}
+    for rule, c in rules.items():
+        at = metrics.at_threshold(labels, scores, c.threshold)
+        out[rule] = {"rule": c.method, "threshold": c.threshold, "expected_fpr": c.expected_fpr,
+                     "expected_fpr_interval": c.expected_fpr_interval, "n_good_images": c.n_images,
+                     "synthetic_recall": (c.synthetic or {}).get("recall"),
+                     "n_synthetic": (c.synthetic or {}).get("n_images"), "precision": at["precision"],
+                     "recall": at["recall"], "realised_fpr": at["fpr"], "n_test_good": at["fp"] + at["tn"],
+                     "n_test_anomalous": at["tp"] + at["fn"], "estimator": c.estimator}
+    return out
+
+
+def redecide(path: Path) -> dict:
+    """A decisions result recomputed from each row's recorded raw scores with the current calibration code
+    (the raw scores do not depend on the calibration: no training is needed)."""
+    from stpm.training.calibration import calibrate
+
+    res = json.loads(path.read_text())
+    for row in res["rows"]:
+        s = row["scores"]
+        cal = calibrate(s["val_good"], CalibrationOptions(), s["synthetic"], s["synthetic_kinds"])
+        labels = np.array([d != "good" for d in s["test_defects"]])
+        row["decisions"] = decision_columns(cal, labels, np.asarray(s["test_scores"], dtype=float))
+    res["redecided"] = ("decisions recomputed from the recorded scores: benchmarks/quality.py --redecide "
+                        f"benchmarks/results/{path.name}")
+    return res
+
+
+def scores_record(ds: str, seed: int, cal: Calibration, rep: dict) -> dict:
+    """The raw scores calibration and evaluation saw (benchmarks/calibration_estimators.py reads them)."""
+    return {"dataset": ds, "seed": seed, "val_good": cal.good_scores, "synthetic": cal.synthetic_scores,
+            "synthetic_kinds": cal.synthetic_kinds, "test_scores": [r["raw_score"] for r in rep["per_image"]],
+            "test_defects": [r["defect"] for r in rep["per_image"]]}
 
 
 def run_configs(a: argparse.Namespace) -> int:
@@ -188,29 +249,35 @@ def run_configs(a: argparse.Namespace) -> int:
             model, manifest = load_map(out.path)
             rep = evaluate(model, manifest, DATASETS[ds], device, Path(a.report_dir) / name)
             o = rep["metrics"]["overall"]
-            m = manifest["model"]
+            m = manifest.model
             row = {
-                "dataset": ds, "config": label, "method": m["method"], "teacher": m["backbone"],
-                "student": m.get("student_backbone"), "epochs": tcfg.epochs if m["method"] == "stpm" else None,
-                "sigma": m["sigma"], "image_score": m["image_score"],
-                "selection": manifest["training"].get("selection"),
+                "dataset": ds, "config": label, "method": m.method, "teacher": m.backbone,
+                "student": getattr(m, "student_backbone", None), "epochs": tcfg.epochs if m.method == "stpm" else None,
+                "sigma": m.sigma, "image_score": m.image_score,
+                "selection": manifest.training.get("selection"),
                 "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro_0.3"],
                 "f1_max": o.get("image_f1_max"), "calibrated": o.get("at_calibrated_threshold"),
+                "decisions": decision_columns(manifest.calibration,
+                                              np.array([r["defect"] != "good" for r in rep["per_image"]]),
+                                              np.array([r["raw_score"] for r in rep["per_image"]])),
+                "scores": scores_record(ds, tcfg.seed, manifest.calibration, rep),
                 "train_s": train_s, "fit_s": out.fitted.seconds,
                 "score_ms_per_image": score_ms_per_image(out.path, DATASETS[ds], a.device),
-                "n_train": manifest["data"]["n_train"], "n_test": len(rep["per_image"]),
+                "n_train": manifest.data["n_train"], "n_test": len(rep["per_image"]),
             }
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "selection"}, indent=1), flush=True)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps({"command": " ".join(["benchmarks/quality.py", *sys.argv[1:]]),
                                             "machine": machine, "rows": rows}, indent=2))
-    from benchmarks.report import BLOCKS, DOC, methods_markdown, write_block
+    from benchmarks.report import BLOCKS, DOC, decisions_markdown, methods_markdown, write_block
 
     res = json.loads(out_path.read_text())
     print(methods_markdown(res))
-    if out_path.stem in BLOCKS:
-        write_block(DOC, out_path.stem, methods_markdown(res))
+    print(decisions_markdown(res))
+    if out_path.stem in BLOCKS:  # quality_methods: the methods table; quality_decisions: the threshold's
+        render = decisions_markdown if out_path.stem == "quality_decisions" else methods_markdown
+        write_block(DOC, out_path.stem, render(res))
     return 0
 
 

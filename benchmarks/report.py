@@ -1,4 +1,4 @@
-"""The generated blocks of docs/BENCHMARKS.md, docs/DISTILLATION.md and docs/DOCKER.md: each one is the Markdown of one
+"""The generated blocks of docs/BENCHMARKS.md, docs/DISTILLATION.md, docs/DOCKER.md and docs/SCALING.md: each one is the Markdown of one
 result file in benchmarks/results/ (or one run's per-seed files), rendered here, and marked in the doc so
 nobody types into it. Torch-free.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +26,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: `benchmarks` and `stpm` import from the checkout
     sys.path.insert(0, str(ROOT))
+from benchmarks.report_faults import scale_faults_markdown  # noqa: E402  (docs/SCALING.md's faults table)
+
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 DISTILL_DOC = ROOT / "docs" / "DISTILLATION.md"
 DOCKER_DOC = ROOT / "docs" / "DOCKER.md"
-DOCS = (DOC, DISTILL_DOC, DOCKER_DOC)
+SCALING_DOC = ROOT / "docs" / "SCALING.md"
+DOCS = (DOC, DISTILL_DOC, DOCKER_DOC, SCALING_DOC)
 BLOCK = re.compile(r"<!-- BEGIN generated (?P<key>[\w.-]+):[^>]*-->\n(?P<body>.*?)<!-- END generated (?P=key) -->",
                    re.DOTALL)
 
@@ -112,6 +116,96 @@ def padding_content_markdown(res: dict[str, Any]) -> str:
             f"({r['good_over_threshold_in_context']:.2f}) | {r['crop_auroc']:.3f} ({r['crop_auroc_in_context']:.3f}) "
             f"| {r['n_good']} / {r['n_defective']} |")
     return "\n".join(lines)
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{100 * v:.{digits}f} %"
+
+
+def decisions_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/quality.py --configs default: the default threshold's decisions per set beside what the
+    bundle states, and the former default (max_margin) and synthetic_f1 from the same run's scores."""
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}."
+             + (f" The threshold columns: {res['redecided']}." if res.get("redecided") else ""), "",
+             "| dataset | rule | threshold | expected FPR (90 % interval), from n good | realised FPR on test/good "
+             "| synthetic recall | precision / recall on test | issue 25 target P / R | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        for rule, d in (r.get("decisions") or {}).items():
+            iv = d.get("expected_fpr_interval")
+            span = f" ({_pct(iv[0])} – {_pct(iv[1])})" if iv else ""
+            fp = round(d["realised_fpr"] * d["n_test_good"])
+            t = DECISION_TARGETS.get(r["dataset"]) if rule == "default" else None
+            met = "—"
+            if t:
+                met = "yes" if d["precision"] >= t[0] and d["recall"] >= t[1] else "**no**"
+            syn = "—" if d.get("synthetic_recall") is None else f"{d['synthetic_recall']:.2f} of {d['n_synthetic']}"
+            name = "**default** (" + d["rule"] + ")" if rule == "default" else rule
+            lines.append(
+                f"| {r['dataset']} | {name} | {d['threshold']:.4g} | {_pct(d.get('expected_fpr'))}{span}, "
+                f"n = {d['n_good_images']} | {_pct(d['realised_fpr'])} ({fp} of {d['n_test_good']}) | {syn} "
+                f"| {d['precision']:.2f} / {d['recall']:.2f} | {f'{t[0]:.2f} / {t[1]:.2f}' if t else '—'} | {met} |")
+    return "\n".join(lines)
+
+
+DECISION_TARGETS = {"bottle": (0.95, 0.95), "metal_plate": (0.95, 0.95), "kolektorsdd": (0.90, 0.80)}  # issue 25
+
+
+def _log_error(realised: float, alpha: float) -> float:
+    """|log2(realised / alpha)|, realised floored at alpha / 8: how many doublings off the target."""
+    import math
+
+    return abs(math.log2(max(realised, alpha / 8) / alpha))
+
+
+def estimators_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/calibration_estimators.py: realised vs targeted false-positive rates per tail estimator."""
+    known, real = res["known"], res.get("real", [])
+    ests = list(dict.fromkeys(r["estimator"] for r in known))
+    ns = sorted({r["n"] for r in known})
+    a0 = min(r["alpha"] for r in known)
+    lines = [f"Command: `.venv/bin/python {res['command']}`.", "",
+             f"Known distributions ({len({r['distribution'] for r in known})}), target {_pct(a0)}: the true "
+             "false-positive rate at the estimated threshold, averaged over samples of n; the median over the "
+             "distributions, in brackets the lowest and highest; last column the largest share of samples whose "
+             "threshold fell below the true median.", "",
+             "| estimator | " + " | ".join(f"n = {n}" for n in ns) + " | below the median |",
+             "|---|" + "---|" * (len(ns) + 1)]
+    for e in ests:
+        cells = []
+        for n in ns:
+            v = [r["mean_fpr"] for r in known if r["estimator"] == e and r["n"] == n and r["alpha"] == a0]
+            cells.append(f"{_pct(statistics.median(v), 2)} ({_pct(min(v), 2)} – {_pct(max(v), 2)})")
+        below = max(r["share_below_median"] for r in known if r["estimator"] == e)
+        lines.append(f"| {e} | " + " | ".join(cells) + f" | {below:.3f} |")
+    if res.get("known_command"):
+        lines[0] = f"Command: `.venv/bin/python {res['command']}` (known distributions: `{res['known_command']}`)."
+    if real:
+        lines += _real_estimators(real, ests, res.get("scores_machine", ""),
+                                  res.get("scores_file", "calibration_scores.json"))
+    return "\n".join(lines)
+
+
+def _real_estimators(real: list[dict[str, Any]], ests: list[str], machine: str, source: str) -> list[str]:
+    sets = list(dict.fromkeys(r["dataset"] for r in real))
+    alphas = sorted({r["alpha"] for r in real})
+    runs = {d: next(r for r in real if r["dataset"] == d) for d in sets}
+    head = " | ".join(f"{d} (n = {runs[d]['n_fit']}) @ {_pct(a, 0)}" for d in sets for a in alphas)
+    counts = ", ".join(f"{d}: {runs[d]['runs']} training run(s)" for d in sets)
+    lines = ["", f"Real scores ({counts}; "
+             f"scores from benchmarks/results/{source}, {machine}): the realised rate on the unseen good images "
+             "of random splits (resampled; in brackets: fitted on the held-out images, checked on test/good); last "
+             "column the mean number of doublings off the target over these cells (the criterion).", "",
+             f"| estimator | {head} | doublings off |", "|---|" + "---|" * (len(sets) * len(alphas) + 1)]
+    for e in ests:
+        cells, err = [], []
+        for d in sets:
+            for a in alphas:
+                r = next(x for x in real if x["estimator"] == e and x["dataset"] == d and x["alpha"] == a)
+                cells.append(f"{_pct(r['resampled_fpr'], 2)} ({_pct(r['deployed_fpr'], 1)})")
+                err.append(_log_error(r["resampled_fpr"], a))
+        lines.append(f"| {e} | " + " | ".join(cells) + f" | {statistics.fmean(err):.2f} |")
+    return lines
 
 
 def map_ablation_markdown(res: dict[str, Any]) -> str:
@@ -458,6 +552,9 @@ class Block:
 
 BLOCKS: dict[str, Block] = {
     "quality_methods": Block("benchmarks/quality.py", "quality_methods.json", methods_markdown),
+    "quality_decisions": Block("benchmarks/quality.py", "quality_decisions.json", decisions_markdown),
+    "calibration_estimators": Block("benchmarks/calibration_estimators.py", "calibration_estimators.json",
+                                    estimators_markdown),
     "quality_128px": Block("benchmarks/quality.py", "quality_128px.json", quality_markdown),
     "quality_256px": Block("benchmarks/quality.py", "quality_256px.json", quality_markdown),
     "map_ablation_bottle": Block("benchmarks/map_ablation.py", "map_ablation_bottle.json", map_ablation_markdown),
@@ -484,6 +581,7 @@ BLOCKS: dict[str, Block] = {
     "docker_smoke": Block("scripts/docker-smoke.sh", "docker_smoke_*.json", docker_smoke_markdown, doc=DOCKER_DOC,
                           load=load_docker_smoke),
     "mixed_scale": Block("benchmarks/mixed_scale.py", "mixed_scale.json", mixed_scale_markdown),
+    "scale_faults": Block("benchmarks/scale_faults.py", "scale_faults.json", scale_faults_markdown, doc=SCALING_DOC),
 }
 
 

@@ -1,4 +1,4 @@
-"""`stpm train | eval | export | predict | activate | bench | serve | worker | distill`.
+"""`stpm train | calibrate | eval | export | predict | activate | bench | serve | worker | distill`.
 
 The modules behind `export`, `bench` and `distill` are imported only when that command runs
 (`build_parser(command)`); `serve` and `worker` belong to the service, which registers them through the
@@ -37,6 +37,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_command(sub)
+    _calibrate_command(sub)
     _eval_command(sub)
     _module_command(sub, command, "export", "write teacher.onnx, student.onnx and the fused scorer.onnx",
                     _export_module)
@@ -68,6 +69,22 @@ def _train_command(sub: argparse._SubParsersAction) -> None:
                    help="make the new version the active one (the first version of a new name always is)")
     add_training_options(p)  # generated from the option models (stpm.options, torch-free)
     p.set_defaults(func=cmd_train)
+
+
+def _calibrate_command(sub: argparse._SubParsersAction) -> None:
+    from stpm.options.table import training_options
+
+    p = sub.add_parser("calibrate", help="publish a new version of a model with only its threshold changed: from "
+                                         "new good images, or from the held-out scores it recorded")
+    p.add_argument("model", help="NAME, NAME/VERSION or a bundle folder")
+    p.add_argument("data", nargs="?", default=None,
+                   help="good images the model has not seen (a folder, or an MVTec category: its train/good); "
+                        "omitted: the held-out scores the model's calibration recorded")
+    _models_dir(p)
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--activate", action="store_true", help="make the new version the active one")
+    add_training_options(p, [o for o in training_options() if o.section == "calibration"])
+    p.set_defaults(func=cmd_calibrate)
 
 
 def _eval_command(sub: argparse._SubParsersAction) -> None:
@@ -205,6 +222,20 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from stpm.options.table import build, training_options
+    from stpm.training.recalibration import calibrate_bundle
+
+    cfg = build({o.name: getattr(a, o.name) for o in training_options() if o.section == "calibration"}).calibration
+    out = calibrate_bundle(a.models_dir, a.model, a.data, cfg, device=a.device, activate=a.activate)
+    cal = out.calibration
+    print(json.dumps({"model": f"{Path(out.path).parent.name}/{out.version}", "path": str(out.path),
+                      "previous": {"threshold": out.previous.threshold, "rule": out.previous.method,
+                                   "expected_fpr": out.previous.expected_fpr},
+                      "calibration": cal.expectation()}, indent=2))
+    return 0
+
+
 def cmd_activate(a: argparse.Namespace) -> int:
     from stpm import bundle
 
@@ -236,8 +267,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
             "per_defect": report["metrics"]["per_defect"],
         })
     o = report["metrics"]["overall"]
-    print(json.dumps({k: o[k] for k in ("image_auroc", "pixel_auroc", "aupro_0.3", "image_f1_max",
-                                         "at_calibrated_threshold") if k in o}, indent=2))
+    print(json.dumps({**{k: o[k] for k in ("image_auroc", "pixel_auroc", "aupro_0.3", "image_f1_max") if k in o},
+                      "decision": report["decision"]}, indent=2))
     print(f"report: {out / 'report.json'}  pictures: {out / 'index.html'}"
           + ("" if a.no_record else f"  recorded in: {path / EVALUATIONS}"))
     return 0

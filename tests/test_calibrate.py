@@ -2,17 +2,19 @@ import numpy as np
 import pytest
 
 from stpm.bundle.calibration import Calibration
+from stpm.options import CalibrationOptions
 from stpm.training.calibration import calibrate, f1_optimal_threshold
+
+MAX_MARGIN = CalibrationOptions(method="max_margin")
 
 
 def normalize(x, threshold, low):
     return Calibration(threshold=threshold, low=low).normalise(x)
-from stpm.options import CalibrationOptions
 
 
-def test_threshold_sits_above_the_good_scores_and_maps_to_one_half():
+def test_max_margin_threshold_sits_above_the_good_scores_and_maps_to_one_half():
     good = np.random.default_rng(0).normal(1.0, 0.1, 200)
-    cal = calibrate(good)
+    cal = calibrate(good, MAX_MARGIN)
     assert cal.threshold > good.max()
     assert normalize(cal.threshold, cal.threshold, cal.low) == pytest.approx(0.5)
     assert normalize(good.min(), cal.threshold, cal.low) == pytest.approx(0.0)
@@ -28,7 +30,8 @@ def test_quantile_method_flags_about_the_requested_fraction_of_goods():
 
 @pytest.mark.parametrize("scores", [[3.0], [2.0, 2.0, 2.0], [1.0, 1.0 + 1e-9]])
 def test_degenerate_good_sets_never_flag_everything(scores):
-    for cfg in (CalibrationOptions(), CalibrationOptions(method="quantile", quantile=0.5, margin=0.0)):
+    for cfg in (CalibrationOptions(), MAX_MARGIN, CalibrationOptions(method="synthetic_f1"),
+                CalibrationOptions(method="quantile", quantile=0.5, margin=0.0)):
         cal = calibrate(np.array(scores), cfg)
         assert cal.threshold >= np.median(scores)
         assert cal.threshold > cal.low
@@ -61,6 +64,7 @@ def test_bad_input_is_refused():
 
 def test_a_single_good_score_gives_a_sane_normalisation_scale():
     cal = calibrate(np.array([2.0]))
+    assert cal.method == "target_fpr" and cal.expected_fpr is None and "max_margin used" in cal.notes[0]
     assert cal.threshold > 2.0
     assert cal.threshold - cal.low >= 0.05 * 2.0 - 1e-12  # no 1e-12 scales that blow up float noise
     assert normalize(2.0 + 1e-6, cal.threshold, cal.low) == pytest.approx(normalize(2.0, cal.threshold, cal.low), abs=1e-4)

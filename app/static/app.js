@@ -666,6 +666,8 @@ async function showCalibration(name, version, box) {
     const parts = [];
     if (cal.threshold != null) parts.push(`threshold ${fmtNum(cal.threshold)} (raw)`);
     if (cal.n_images != null) parts.push(`calibrated on ${cal.n_images} held-out good image${cal.n_images === 1 ? "" : "s"}`);
+    if (cal.expected_fpr != null) parts.push(`expected false-positive rate ${fmtPct(cal.expected_fpr)} on good parts`);
+    if (cal.synthetic && cal.synthetic.recall != null) parts.push(`recall ${fmtNum(cal.synthetic.recall)} on synthetic anomalies`);
     if (d.backbone) parts.push(`${d.backbone} · ${d.image_size} px`);
     box.textContent = parts.join(" · ");
   } catch { /* the result line is enough */ }
@@ -729,6 +731,34 @@ async function loadJobs() {
 
 /* ---------------------------------------------------------------- models ------------------------- */
 
+function fmtPct(x) {
+  return x === null || x === undefined ? "—" : `${(100 * x).toFixed(x < 0.001 && x > 0 ? 2 : 1)} %`;
+}
+
+/* What the calibration promises (expected false-positive rate on good parts, recall on synthetic anomalies)
+   beside what each recorded evaluation showed at the threshold (realised FPR on test/good, precision, recall). */
+function decisionList(cal, metrics) {
+  const items = [];
+  if (cal) {
+    const iv = cal.expected_fpr_interval;
+    const target = cal.target_fpr != null ? `, target ${fmtPct(cal.target_fpr)}` : "";
+    items.push(el("li", { title: `rule ${cal.rule}${target}; tail estimate ${cal.estimator || "none"}` },
+      "expected FPR ", el("strong", { text: fmtPct(cal.expected_fpr) }),
+      iv ? ` (${fmtPct(iv[0])}–${fmtPct(iv[1])})` : "", ` · ${cal.n_good_images} good`));
+    if (cal.synthetic_recall != null) {
+      items.push(el("li", {}, "synthetic recall ", el("strong", { text: fmtNum(cal.synthetic_recall) }),
+        ` · ${cal.n_synthetic_images} images`));
+    }
+  }
+  for (const [data, m] of Object.entries(metrics || {})) {
+    const at = m && m.at_calibrated_threshold;
+    if (!at) continue;
+    items.push(el("li", { title: `measured by stpm eval on ${data}` }, `${data}: FPR `, el("strong", { text: fmtPct(at.fpr) }),
+      " · P ", el("strong", { text: fmtNum(at.precision) }), " · R ", el("strong", { text: fmtNum(at.recall) })));
+  }
+  return items.length ? el("ul", { class: "metrics" }, items) : el("span", { class: "muted", text: "—" });
+}
+
 function metricsList(metrics) {
   const items = [];
   const walk = (obj, prefix, depth) => {
@@ -770,6 +800,7 @@ function modelCard(m) {
       el("td", { "data-label": "Created", text: fmtDate(v.created_at) }),
       el("td", { "data-label": "Backbone", text: [v.backbone, v.image_size ? v.image_size + " px" : null].filter(Boolean).join(" · ") || "—" }),
       el("td", { class: "num", "data-label": "Threshold (raw)", text: v.threshold != null ? fmtNum(v.threshold) : "—" }),
+      el("td", { "data-label": "Decisions" }, decisionList(v.calibration, v.metrics)),
       el("td", { "data-label": "Metrics" }, v.metrics ? metricsList(v.metrics) : el("span", { class: "muted", text: "not evaluated" })),
       el("td", { class: "cell-actions" }, el("div", { class: "row-actions" },
         v.active ? null : el("button", { type: "button", class: "small", text: "Activate", title: "Load it, warm it up, then make it what “" + m.name + "” means", "aria-label": `Activate ${m.name}/${v.version}`, onclick: (e) => activateVersion(m.name, v.version, e.currentTarget) }),
@@ -784,7 +815,7 @@ function modelCard(m) {
       el("span", { class: "spacer" }),
       el("button", { type: "button", class: "ghost small", text: "Score with it", onclick: () => { fillModelSelect(m.name, ""); showTab("score"); } })),
     el("div", { class: "table-wrap" }, el("table", { class: "stack" },
-      el("thead", {}, el("tr", {}, ["Version", "Created", "Backbone", "Threshold (raw)", "Metrics", ""].map((h) => el("th", { scope: "col", text: h })))),
+      el("thead", {}, el("tr", {}, ["Version", "Created", "Backbone", "Threshold (raw)", "Decisions", "Metrics", ""].map((h) => el("th", { scope: "col", text: h })))),
       el("tbody", {}, rows))));
 }
 
@@ -800,8 +831,16 @@ async function loadVersionDetails(name, version, details) {
     const add = (k, v) => { if (v !== undefined && v !== null) dl.append(el("dt", { text: k }), el("dd", { text: String(v) })); };
     add("Threshold (raw)", cal.threshold != null ? fmtNum(cal.threshold) : null);
     add("Maps to 0 (raw)", cal.low != null ? fmtNum(cal.low) : null);
-    add("Method", cal.method ? `${cal.method}${cal.method === "quantile" ? " q=" + cal.quantile : ""}, margin ${cal.margin}` : null);
+    add("Rule", cal.method ? `${cal.method}${cal.method === "quantile" ? " q=" + cal.quantile : ""}${["max_margin", "quantile"].includes(cal.method) ? ", margin " + cal.margin : ""}` : null);
     add("Calibrated on", cal.n_images != null ? `${cal.n_images} held-out good images` : null);
+    if (cal.target_fpr != null) add("Target FPR", fmtPct(cal.target_fpr));
+    if (cal.expected_fpr != null) {
+      const iv = cal.expected_fpr_interval;
+      add("Expected FPR", `${fmtPct(cal.expected_fpr)}${iv ? ` (${Math.round(100 * (cal.interval_level || 0.9))} %: ${fmtPct(iv[0])}–${fmtPct(iv[1])})` : ""} · ${cal.estimator || ""}`);
+    }
+    if (cal.synthetic) add("Synthetic recall", `${fmtNum(cal.synthetic.recall)} of ${cal.synthetic.n_images} · ` + Object.entries(cal.synthetic.recall_by_kind || {}).map(([k, r]) => `${k} ${fmtNum(r)}`).join(" · "));
+    if (cal.source && cal.source.kind) add("Calibration from", [cal.source.kind, cal.source.from, cal.source.images].filter(Boolean).join(" · "));
+    if (cal.notes && cal.notes.length) add("Notes", cal.notes.join("; "));
     if (Object.keys(stats).length) add("Good scores", ["min", "median", "max"].filter((k) => k in stats).map((k) => `${k} ${fmtNum(stats[k])}`).join(" · "));
     const tr = man.training || {};
     add("Training", ["epochs", "best_epoch", "batch_size", "lr"].filter((k) => tr[k] != null).map((k) => `${k} ${typeof tr[k] === "number" ? fmtNum(tr[k]) : tr[k]}`).join(" · ") || null);

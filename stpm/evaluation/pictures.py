@@ -109,14 +109,39 @@ def write_html(out_dir: Path, report: dict[str, Any], pictures: list[str]) -> No
             f"<td>{f(cal.get('precision'))}</td><td>{f(cal.get('recall'))}</td></tr>"
         )
     imgs = "".join(f'<h3>{html.escape(p)}</h3><img src="{html.escape(p)}">' for p in pictures)
+    decision = decision_html(report["decision"]) if "decision" in report else ""
     (out_dir / "index.html").write_text(
         "<!doctype html><meta charset=utf-8><title>STPM evaluation</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;border-bottom:1px solid #ddd}"
         "img{max-width:100%}</style>"
         f"<h1>{html.escape(report['model'])}</h1><p>data: {html.escape(report['data'])}</p>"
         "<table><tr><th>subset</th><th>images</th><th>image AUROC</th><th>pixel AUROC</th><th>AUPRO@0.3</th>"
-        "<th>F1-max</th><th>precision @thr</th><th>recall @thr</th></tr>" + "".join(rows) + "</table>" + imgs
+        "<th>F1-max</th><th>precision @thr</th><th>recall @thr</th></tr>" + "".join(rows) + "</table>" + decision
+        + imgs
     )
 
 
-__all__ = ["write_html", "write_pictures"]
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
+def decision_html(d: dict[str, Any]) -> str:
+    """The calibration's promise beside what this test set shows at its threshold."""
+    e, r = d["expected"], d["realised"]
+    interval = e.get("expected_fpr_interval")
+    span = f" ({_pct(interval[0])} – {_pct(interval[1])})" if interval else ""
+    target = f", target {_pct(e['target_fpr'])}" if e.get("target_fpr") is not None else ""
+    syn = "–" if e.get("synthetic_recall") is None else f"{e['synthetic_recall']:.2f} of {e['n_synthetic_images']}"
+    prec = "–" if r.get("precision") is None else f"{r['precision']:.2f}"
+    rec = "–" if r.get("recall") is None else f"{r['recall']:.2f}"
+    rows = [("rule", html.escape(f"{e['rule']}{target}"), ""),
+            ("false-positive rate on good parts", f"{_pct(e.get('expected_fpr'))}{span} from {e['n_good_images']} "
+             "held-out good images", f"{_pct(r.get('fpr_on_test_good'))} of {r['n_test_good']} test/good"),
+            ("recall", f"{syn} synthetic anomalies", f"{rec} of {r['n_test_anomalous']} test anomalies"),
+            ("precision", "", f"{prec}")]
+    body = "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
+    return ("<h2>Decisions at the threshold</h2><table><tr><th></th><th>expected (calibration)</th>"
+            f"<th>realised (this test set)</th></tr>{body}</table>")
+
+
+__all__ = ["decision_html", "write_html", "write_pictures"]

@@ -15,6 +15,7 @@ from stpm.evaluation.pictures import write_html, write_pictures
 from stpm.training.data import Sample, load_mask, load_tiled, test_samples
 from stpm.imaging.geometry import Geometry, predict_maps
 from stpm.imaging.scores import ImageScore, image_scores
+from stpm.bundle.calibration import Calibration
 from stpm.bundle.manifest import Manifest
 from stpm.methods.maps import MapModule, tile_fn
 
@@ -70,6 +71,19 @@ def compute_metrics(
     return report
 
 
+def decision(cal: Calibration, overall: dict[str, Any]) -> dict[str, Any]:
+    """What the calibration promised beside what the labelled test set shows at its threshold: the
+    realised false-positive rate on test/good, precision and recall, and the counts they come from."""
+    at = overall.get("at_calibrated_threshold") or {}
+    n_good = at.get("fp", 0) + at.get("tn", 0)
+    realised = {"fpr_on_test_good": at.get("fpr") if n_good else None, "n_test_good": n_good,
+                "precision": at.get("precision"), "recall": at.get("recall"),
+                "n_test_anomalous": at.get("tp", 0) + at.get("fn", 0)}
+    f1_thr = overall.get("f1_max_threshold")
+    return {"expected": cal.expectation(), "realised": realised,
+            "f1_max": overall.get("image_f1_max"), "f1_max_threshold": f1_thr}
+
+
 def evaluate(
     amap: MapModule, manifest: Manifest, data: str | Path, device: torch.device, out_dir: str | Path | None,
     progress: bool = True,
@@ -86,6 +100,7 @@ def evaluate(
     report: dict[str, Any] = {
         "model": manifest.ref, "data": str(data), "image_size": manifest.model.image_size,
         "tiling": geometry.to_dict(), "image_score": spec.method, "threshold": cal.threshold, "metrics": m,
+        "decision": decision(cal, m["overall"]),
         "per_image": [{"file": str(s.path), "defect": s.defect, "raw_score": float(sc),
                        "score": float(cal.normalise(sc)), "tiles": p.n_tiles, "scaled_size": [p.h, p.w]}
                       for s, sc, p in zip(samples, result["scores"], result["plans"])],

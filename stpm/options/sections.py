@@ -36,12 +36,16 @@ from stpm.methods.backbone_specs import BACKBONE_NAMES
 
 Backbone = Literal[BACKBONE_NAMES]  # type: ignore[valid-type]  (the table in stpm.methods.backbone_specs)
 Combine = Literal["product", "sum"]
-ThresholdMethod = Literal["quantile", "max_margin"]
+ThresholdMethod = Literal["target_fpr", "synthetic_f1", "max_margin", "quantile"]
 ImageScoreMethod = Literal["max", "topk_mean", "auto"]
 TilingMode = Literal["tile", "squash"]
 SmallImages = Literal["pad", "upscale"]
 
 AUTO = "auto"  # an option value that model selection resolves after fitting (image_score)
+# The most model input one image may need: max_tiles x image_size^2 (e.g. 128 tiles of 256 px, 2,048 of 64 px).
+# The server's default per-request work budget is the same (app setting max_request_tile_pixels), so every
+# image a model accepts can be scored, and no model trained here turns one image into unbounded work.
+MAX_TILE_PIXELS = 8 * 1024 * 1024
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 META = "stpm"  # the key of our metadata in a field's json_schema_extra
@@ -174,8 +178,13 @@ class TrainOptions(Section):
 class CalibrationOptions(Section):
     """How the threshold and the [0, 1] normalisation come from held-out good images."""
 
-    method: ThresholdMethod = option("max_margin", "threshold from the held-out good images' scores: max_margin "
-                                     "(their maximum plus a margin) or quantile", name="calibration")
+    method: ThresholdMethod = option("target_fpr", "threshold from the held-out good images' scores: target_fpr "
+                                     "(expected false-positive rate on good parts = --target-fpr, from a fitted "
+                                     "tail), synthetic_f1 (best F1 on their synthetic anomalies within that "
+                                     "rate), max_margin (their maximum plus a margin) or quantile",
+                                     name="calibration")
+    target_fpr: float = option(0.01, "for target_fpr and synthetic_f1: the false-positive rate on good parts to "
+                               "expect at the threshold", gt=0, lt=0.5)
     quantile: float = option(0.99, "for quantile: which quantile of the good scores", ge=0.5, le=1)
     margin: float = option(0.1, "for max_margin: threshold = max + margin x spread of the good scores", ge=0, le=10)
 
@@ -190,6 +199,16 @@ class TrainingOptions(BaseModel):
     train: TrainOptions = TrainOptions()
     calibration: CalibrationOptions = CalibrationOptions()
     tiling: TilingOptions = TilingOptions()
+
+    @model_validator(mode="after")
+    def _bounded_work(self) -> TrainingOptions:
+        """max_tiles x image_size^2 within MAX_TILE_PIXELS: one image's work at scoring time is bounded."""
+        s, n = self.model.image_size, self.tiling.max_tiles
+        if self.tiling.mode == "tile" and n * s * s > MAX_TILE_PIXELS:
+            raise ValueError(f"max_tiles={n} with image_size={s}: one image could need {n * s * s} pixels of model "
+                             f"input; at most {MAX_TILE_PIXELS} (max_tiles <= {MAX_TILE_PIXELS // (s * s)} at this "
+                             "image_size)")
+        return self
 
 
 SECTIONS: dict[str, type[Section]] = {"model": ModelOptions, "train": TrainOptions,
@@ -229,6 +248,7 @@ __all__ = [
     "Combine",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MAX_TILE_PIXELS",
     "ImageScoreMethod",
     "ModelOptions",
     "SECTIONS",

@@ -1,46 +1,138 @@
 """The threshold and the score normalisation (stpm.bundle.calibration.Calibration) from held-out good
-images. numpy only.
+images, and what to expect of it: the false-positive rate on good parts (a tail estimate,
+stpm.training.tail) and the recall on synthetic anomalies of those images. numpy + scipy.
 
-`low` is the smallest good score (normalised 0) and the threshold normalised 0.5. Without labelled
-anomalies the threshold sits above the good-score distribution (never below its median), so calibration
-cannot collapse into flagging everything.
+Rules (CalibrationOptions.method):
+  - `target_fpr` (the default): the threshold whose expected false-positive rate on good parts is
+    `target_fpr`, from a fitted tail of the good scores (TAIL_FAMILY on TAIL_TRANSFORM, predictive;
+    chosen by benchmarks/calibration_estimators.py), not from their sample maximum;
+  - `synthetic_f1`: the threshold maximising F1 on the held-out good images against their synthetic
+    anomalies (false positives counted by the fitted tail), among those whose expected false-positive
+    rate is at most `target_fpr`;
+  - `max_margin`: the highest good score plus `margin` x their spread (the former default);
+  - `quantile`: the `quantile` of the good scores plus `margin` x their spread.
+With fewer than MIN_TAIL_IMAGES good scores the tail rules fall back to `max_margin` and say so. Every
+rule's threshold is floored at the median good score (calibration without anomalies never flags half of
+the good parts), and every calibration records the expected false-positive rate of its threshold under
+the tail fit, with an interval. `low` is normalised 0, the threshold 0.5.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from stpm.bundle.calibration import Calibration
 from stpm.options import CalibrationOptions
-
+from stpm.training.tail import INTERVAL, TailFit, fit_tail
 
 REL_SPREAD_FLOOR = 0.05
+MIN_TAIL_IMAGES = 5  # fewer held-out good scores: no tail estimate (max_margin, recorded)
+TAIL_FAMILY = "normal"  # chosen by measurement: benchmarks/calibration_estimators.py, docs/BENCHMARKS.md
+TAIL_TRANSFORM = "log"
+TAIL_RULES = ("target_fpr", "synthetic_f1")
 
 
-def calibrate(good_scores: np.ndarray, cfg: CalibrationOptions = CalibrationOptions()) -> Calibration:
-    """Good image scores [N] -> Calibration. Needs at least one score; two or more for a spread."""
-    s = np.asarray(good_scores, dtype=np.float64).ravel()
+def _spread(s: np.ndarray) -> float:
+    """The good scores' spread: sets max_margin's margin and the normalisation scale. Few (or identical)
+    scores say little about the tail, so it never drops below their std or 5 % of the score scale."""
+    hi, med = float(s.max()), float(np.median(s))
+    return max(hi - med, float(s.std()), REL_SPREAD_FLOOR * abs(hi), 1e-12)
+
+
+def _checked(scores: Any, what: str) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"{what} contain NaN or inf")
+    return s
+
+
+def _synthetic_f1_threshold(fit: TailFit, floor: float, synthetic: np.ndarray, n_good: int) -> float:
+    """Max F1 of n_good good images (expected false positives from the tail) against the synthetic ones,
+    over thresholds >= floor (the target-FPR threshold): the floor, or a synthetic score above it."""
+    cands = np.r_[floor, np.sort(synthetic[synthetic > floor])]
+    tp = np.array([np.sum(synthetic >= t) for t in cands], dtype=np.float64)
+    fp = np.array([n_good * fit.expected_fpr(float(t)) for t in cands])
+    f1 = 2 * tp / np.maximum(2 * tp + fp + (synthetic.size - tp), 1e-12)
+    return float(cands[int(np.argmax(f1))])  # the first (lowest) among equals
+
+
+def _rule_threshold(s: np.ndarray, cfg: CalibrationOptions, fit: TailFit | None, synthetic: np.ndarray) -> float:
+    if cfg.method == "quantile":
+        return float(np.quantile(s, cfg.quantile)) + cfg.margin * _spread(s)
+    if cfg.method == "max_margin" or fit is None:
+        return float(s.max()) + cfg.margin * _spread(s)
+    thr = fit.threshold(cfg.target_fpr)
+    if cfg.method == "synthetic_f1" and synthetic.size:
+        thr = _synthetic_f1_threshold(fit, thr, synthetic, s.size)
+    return thr
+
+
+def _notes(s: np.ndarray, cfg: CalibrationOptions, fit: TailFit | None, thr: float, floored: bool,
+           synthetic: np.ndarray) -> list[str]:
+    notes = []
+    if cfg.method in TAIL_RULES and fit is None:
+        notes.append(f"{s.size} held-out good score(s), fewer than the {MIN_TAIL_IMAGES} a tail estimate needs: "
+                     f"max_margin used instead of {cfg.method}")
+    if cfg.method == "synthetic_f1" and not synthetic.size:
+        notes.append("no synthetic anomaly scores: the target_fpr threshold is used")
+    if floored:
+        notes.append("the rule's threshold lay below the median good score and was raised to it")
+    if fit is not None and thr < float(s.max()):
+        n_above = int(np.sum(s >= thr))
+        notes.append(f"{n_above} of the {s.size} held-out good images score at or above the threshold")
+    return notes
+
+
+def synthetic_recall(threshold: float, scores: np.ndarray, kinds: Sequence[str]) -> dict[str, Any] | None:
+    """Recall of the threshold on synthetic anomalies, overall and per kind (None without any)."""
+    if not scores.size:
+        return None
+    hit = scores >= threshold
+    by_kind = {k: round(float(np.mean(hit[np.asarray(kinds) == k])), 4) for k in dict.fromkeys(kinds)}
+    return {"n_images": int(scores.size), "recall": round(float(hit.mean()), 4), "recall_by_kind": by_kind}
+
+
+def calibrate(good_scores: Any, cfg: CalibrationOptions = CalibrationOptions(), synthetic_scores: Any = (),
+              synthetic_kinds: Sequence[str] = (), source: dict[str, Any] | None = None) -> Calibration:
+    """Good image scores [N >= 1] (and their synthetic anomalies' scores, with each one's kind) ->
+    Calibration, recording the scores so that the threshold can be moved later (stpm calibrate)."""
+    s = _checked(good_scores, "calibration scores")
+    syn = _checked(synthetic_scores, "synthetic anomaly scores")
     if s.size == 0:
         raise ValueError("calibration needs at least one held-out good image score")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("calibration scores contain NaN or inf")
-    lo, med, hi = float(s.min()), float(np.median(s)), float(s.max())
-    # The spread sets the margin and the normalisation scale. Few (or identical) scores say little
-    # about the tail, so it never drops below their std or 5 % of the score scale.
-    spread = max(hi - med, float(s.std()), REL_SPREAD_FLOOR * abs(hi), 1e-12)
-    if cfg.method == "quantile":
-        if not 0.5 <= cfg.quantile <= 1.0:
-            raise ValueError(f"quantile must lie in [0.5, 1], got {cfg.quantile}")
-        thr = float(np.quantile(s, cfg.quantile)) + cfg.margin * spread
-    elif cfg.method == "max_margin":
-        thr = hi + cfg.margin * spread
-    else:
-        raise ValueError(f"unknown calibration method {cfg.method!r}")
-    thr = max(thr, med + 1e-12)
-    low = min(lo, thr - spread)  # keep thr - low > 0 even with a single score
-    stats = {"min": lo, "median": med, "max": hi, "mean": float(s.mean()), "std": float(s.std())}
-    return Calibration(threshold=thr, low=low, method=cfg.method, quantile=cfg.quantile, margin=cfg.margin,
-                       n_images=int(s.size), good_stats=stats)
+    if cfg.method == "quantile" and not 0.5 <= cfg.quantile <= 1.0:
+        raise ValueError(f"quantile must lie in [0.5, 1], got {cfg.quantile}")
+    if len(synthetic_kinds) not in (0, syn.size):
+        raise ValueError(f"{len(synthetic_kinds)} synthetic kinds for {syn.size} synthetic scores")
+    fit = fit_tail(s, TAIL_FAMILY, TAIL_TRANSFORM) if s.size >= MIN_TAIL_IMAGES else None
+    med = float(np.median(s))
+    rule_thr = _rule_threshold(s, cfg, fit, syn)
+    thr = max(rule_thr, med + 1e-12)
+    low = min(float(s.min()), thr - _spread(s))  # keep thr - low > 0 even with a single score
+    kinds = list(synthetic_kinds) or ["synthetic"] * syn.size
+    stats = {"min": float(s.min()), "median": med, "max": float(s.max()), "mean": float(s.mean()),
+             "std": float(s.std())}
+    return Calibration(
+        threshold=thr, low=low, method=cfg.method, quantile=cfg.quantile, margin=cfg.margin, n_images=int(s.size),
+        good_stats=stats, target_fpr=cfg.target_fpr if cfg.method in TAIL_RULES else None,
+        estimator=f"{fit.name} predictive" if fit is not None else None,
+        expected_fpr=fit.expected_fpr(thr) if fit is not None else None,
+        expected_fpr_interval=fit.fpr_interval(thr) if fit is not None else None,
+        interval_level=INTERVAL if fit is not None else None,
+        synthetic=synthetic_recall(thr, syn, kinds), notes=_notes(s, cfg, fit, thr, rule_thr < thr, syn),
+        good_scores=s.tolist(), synthetic_scores=syn.tolist(), synthetic_kinds=kinds if syn.size else [],
+        source=source)
+
+
+def recalibrate(calibration: Calibration, cfg: CalibrationOptions, source: dict[str, Any]) -> Calibration:
+    """A new calibration from the scores a calibration recorded (stpm calibrate MODEL --target-fpr ...)."""
+    if not calibration.good_scores:
+        raise ValueError("this bundle's calibration records no held-out scores (it predates them): "
+                         "calibrate on a folder of good images instead (stpm calibrate MODEL DIR)")
+    return calibrate(calibration.good_scores, cfg, calibration.synthetic_scores, calibration.synthetic_kinds, source)
 
 
 def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -54,3 +146,7 @@ def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float,
     f1 = 2 * p * r / np.maximum(p + r, 1e-12)
     i = int(np.argmax(f1[:-1]))
     return float(t[i]), float(f1[i])
+
+
+__all__ = ["MIN_TAIL_IMAGES", "TAIL_FAMILY", "TAIL_TRANSFORM", "calibrate", "f1_optimal_threshold", "recalibrate",
+           "synthetic_recall"]

@@ -103,7 +103,11 @@ def choose_and_calibrate(fitted: Fitted, device: torch.device, images: GoodImage
                     config.train.seed, config.train.batch_size)
     model_cfg = updated(model_cfg, sigma=chosen.chosen.sigma, image_score=chosen.chosen.image_score)
     spec = ImageScore(model_cfg.image_score, model_cfg.topk)  # type: ignore[arg-type]
-    return model_cfg, chosen, calibrate(image_scores(chosen.good_maps, spec), config.calibration)
+    source = {"kind": "training", "images": "held-out good images of the training data", "n_images": len(val_images),
+              "synthetic": "one synthetic anomaly of each (model selection's)"}
+    cal = calibrate(image_scores(chosen.good_maps, spec), config.calibration,
+                    image_scores(chosen.synthetic_maps, spec), chosen.synthetic_kinds, source)
+    return model_cfg, chosen, cal
 
 
 def training_record(config: TrainingOptions, fitted: Fitted, device: torch.device, chosen: Selection) -> dict[str, Any]:

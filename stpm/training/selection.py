@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,10 @@ class Selection:
     chosen: Candidate
     good_maps: list[np.ndarray]  # the held-out good images' maps under the chosen sigma (for calibration)
     report: dict[str, Any]
+    # Their synthetic anomalies' maps under the chosen sigma and each one's kind: the recall side of
+    # calibration (stpm.training.calibration). Empty when there were no held-out images to alter.
+    synthetic_maps: list[np.ndarray] = field(default_factory=list)
+    synthetic_kinds: list[str] = field(default_factory=list)
 
 
 def _synthetic_set(good_images: Sequence[np.ndarray], geometry: Geometry, seed: int):
@@ -95,10 +99,10 @@ def _score_candidates(cands: list[Candidate], raw_good: np.ndarray, raw_bad: np.
     """Each candidate's synthetic image and pixel AUROC -> (rows, good maps per sigma). The unblurred tile
     maps are blurred per candidate sigma, exactly as the graph blurs them, then stitched."""
     rows: list[dict[str, Any]] = []
-    maps_by_sigma: dict[float, list[np.ndarray]] = {}
+    maps_by_sigma: dict[float, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for sigma in dict.fromkeys(c.sigma for c in cands):
         gm, bm = stitch_all(_blur(raw_good, sigma), good), stitch_all(_blur(raw_bad, sigma), bad)
-        maps_by_sigma[sigma] = gm
+        maps_by_sigma[sigma] = gm, bm
         px = _pixel_auroc(gm, bm, masks)
         labels = np.r_[np.zeros(len(gm)), np.ones(len(bm))]
         for c in (c for c in cands if c.sigma == sigma):
@@ -130,9 +134,7 @@ def select(
     synthetic anomalies; the map module's smoothing is set to the winner."""
     cands = candidates(cfg)
     if len(cands) == 1:
-        maps = predict_maps(tile_fn(amap.with_sigma(cands[0].sigma), device), good, batch_size)
-        only = {"sigma": cands[0].sigma, "image_score": cands[0].image_score}
-        return Selection(cands[0], maps, {"candidates": [only], "reason": "sigma and image score given explicitly"})
+        return _given(amap, device, good, good_images, geometry, cands[0], seed, batch_size)
     if not good_images:
         raise ValueError("model selection needs at least one held-out good image")
     synth, bad, masks = _synthetic_set(good_images, geometry, seed)
@@ -150,7 +152,22 @@ def select(
         "reason": "highest synthetic image AUROC (held-out good images vs their synthetic anomalies), "
                   "then synthetic pixel AUROC, then the method's default",
     }
-    return Selection(chosen, maps_by_sigma[chosen.sigma], report)
+    good_maps, synthetic_maps = maps_by_sigma[chosen.sigma]
+    return Selection(chosen, good_maps, report, synthetic_maps, [k for _, _, k in synth])
+
+
+def _given(amap: MapModule, device: torch.device, good: TiledImages, good_images: Sequence[np.ndarray],
+           geometry: Geometry, only: Candidate, seed: int, batch_size: int) -> Selection:
+    """Nothing to choose (sigma and image score given): the maps of the held-out good images and of their
+    synthetic anomalies (for calibration's recall side) under that candidate."""
+    fn = tile_fn(amap.with_sigma(only.sigma), device)
+    maps = predict_maps(fn, good, batch_size)
+    report = {"candidates": [{"sigma": only.sigma, "image_score": only.image_score}],
+              "reason": "sigma and image score given explicitly"}
+    if not good_images:
+        return Selection(only, maps, report)
+    synth, bad, _ = _synthetic_set(good_images, geometry, seed)
+    return Selection(only, maps, report, predict_maps(fn, bad, batch_size), [k for _, _, k in synth])
 
 
 __all__ = ["Candidate", "Selection", "candidates", "select"]
