@@ -133,7 +133,12 @@ def one_process(args, res: Results) -> None:
     for seed in args.seeds:
         for part in args.parts:
             started = time.time()
-            {"takd": pipe.seed_run, "row": lambda s: row(pipe, s), "noisy": lambda s: noisy(pipe, s, ns)}[part](seed)
+            if part == "takd":
+                pipe.seed_run(seed)
+            elif part == "row":
+                row(pipe, seed)
+            else:
+                noisy(pipe, seed, ns)
             res.note("part_seconds", f"seed {seed} {part}", round(time.time() - started, 1))
 
 
@@ -174,9 +179,9 @@ def main() -> None:
         load_cifar10(cache=CIFAR_CACHE)  # decode once here; the processes read the cache
         paths, procs = [], []
         for seed in args.seeds:
-            paths.append(WORK / f"distill_gpu_seed{seed}.json")
+            paths.append(WORK / f"distill_gpu{'_quick' if args.quick else ''}_seed{seed}.json")
             cmd = [sys.executable, __file__, "--seeds", str(seed), "--jobs", "1", "--parts", ",".join(args.parts),
-                   "--epochs-scale", str(args.epochs_scale), "--out", str(paths[-1])]
+                   "--epochs-scale", str(args.epochs_scale), "--out", str(paths[-1])] + ["--quick"] * args.quick
             procs.append(subprocess.Popen(cmd))
         failed = [p.args for p in procs if p.wait() != 0]
         merge(res, [p for p in paths if p.is_file()])

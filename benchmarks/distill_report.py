@@ -72,10 +72,11 @@ def header(r: dict) -> str:
         if "wall_seconds" not in run:
             continue
         load_mean = f", mean {run['load_mean']:.1f}" if "load_mean" in run else ""
-        lines.append(f"`{run['command']}` · seeds {run['seeds']} · {run['machine']} · load average "
+        gpu = f" · GPU {run['gpu']}" if "gpu" in run else ""
+        cpu = run["cpu_seconds"] + run.get("child_cpu_seconds", 0)  # with the per-seed processes of distill_gpu
+        lines.append(f"`{run['command']}` · seeds {run['seeds']} · {run['machine']}{gpu} · load average "
                      f"{run['load_at_start']:.1f} at start, {run.get('load_at_end', float('nan')):.1f} at end"
-                     f"{load_mean} · "
-                     f"CPU {run['cpu_seconds'] / 60:.0f} min, wall {run['wall_seconds'] / 60:.0f} min")
+                     f"{load_mean} · CPU {cpu / 60:.0f} min, wall {run['wall_seconds'] / 60:.0f} min")
     cfg = ", ".join(f"{k} {v}" for k, v in r["config"].items())
     return ("Runs: " + "; ".join(lines) + f"\n\nData: {r.get('data', '?')}. Settings: {cfg}. Seeds completed: "
             f"{[int(s) for s in seeds_of(r)]}. Per-seed numbers depend on the machine (BLAS kernels and thread "
