@@ -26,11 +26,12 @@ Plan, sized from one measured epoch of 55,000 digits on this machine (Intel Xeon
 thread, load average about 3 from other jobs): 2 x 1200 with dropout and jitter 16-18 s per epoch in
 float32, about 10 s in bf16; 2 x 800 6-7.5 s float32, about 3.6 s bf16; 2 x 300 1.7 s; 2 x 30 0.5 s.
 - teacher: 200 epochs, ~33 min;
-- 2 x 800: 40 epochs per student, 3 selection runs (seed 0) + 3 hard + 2 soft = 8 students, ~20 min;
-- sweep: 30 epochs per student, (1 + 5 x 2) students x 3 seeds per width: 2 x 300 ~28 min, 2 x 30 ~8 min.
-Expected total about 90 minutes of a quiet 2-core machine (one core used); more under load.
+- 2 x 800: 30 epochs per student (zero training errors well before), 3 selection runs (seed 0) + 3 hard +
+  2 soft = 8 students, ~15 min;
+- sweep: 20 epochs per student, (1 + 5 x 2) students x 3 seeds per width: 2 x 300 ~19 min, 2 x 30 ~6 min.
+Expected total about 75 minutes of one core of a quiet 2-core machine; more under load.
 
-python benchmarks/distill_hinton.py [--seeds 0 1 2] [--teacher-epochs 200] [--epochs 40] [--sweep-epochs 30]
+python benchmarks/distill_hinton.py [--seeds 0 1 2] [--teacher-epochs 200] [--epochs 30] [--sweep-epochs 20]
        [--precision auto|fp32|bf16]
 A rerun resumes: models whose numbers are in the result file (same settings) are not trained again.
 """
@@ -120,8 +121,8 @@ def chosen_big_t(res: Results) -> float:
 
 def main() -> None:
     args = parse_args(__doc__, {"--teacher-epochs": (int, 200, "teacher epochs (one teacher, seed 0)"),
-                                "--epochs": (int, 40, "2 x 800 student epochs"),
-                                "--sweep-epochs": (int, 30, "2 x 300 / 2 x 30 student epochs"),
+                                "--epochs": (int, 30, "2 x 800 student epochs"),
+                                "--sweep-epochs": (int, 20, "2 x 300 / 2 x 30 student epochs"),
                                 "--precision": (str, "auto", "auto | fp32 | bf16 (2x1200 and 2x800 nets)")})
     bf16 = precision_arg(args.precision) == "bf16"
     config = {"teacher": TEACHER | {"epochs": args.teacher_epochs}, "student": STUDENT,

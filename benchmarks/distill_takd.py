@@ -22,6 +22,15 @@ from stpm.distill.trainer import TrainConfig, predict_logits, read_checkpoint, s
 
 SPEC = InputSpec(3, 32, 10)
 ASSISTANT_DEPTHS = (8, 6, 4)
+TEACHER_SETTINGS = ("width", "teacher_epochs", "early_teacher_epoch", "optimizer", "lr", "momentum", "weight_decay",
+                    "batch_size", "precision", "teacher_augment", "lr_schedule")
+ASSISTANT_SETTINGS = (*TEACHER_SETTINGS, "assistant_epochs", "temperature", "hard_weight", "student_augment")
+
+
+def settings_of(config: dict, what: str) -> dict:
+    """The settings a saved teacher or assistant depends on (student settings may change without retraining)."""
+    keys = TEACHER_SETTINGS if what.startswith("teacher") else ASSISTANT_SETTINGS
+    return {k: config.get(k) for k in keys}
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,8 @@ class Pipeline:
             state, meta = read_checkpoint(self.path(what, seed))
         except FileNotFoundError:
             return None
-        if meta.get("split") != self.data.fingerprint() or meta.get("scale") != self.scale.config():
+        if (meta.get("split") != self.data.fingerprint()
+                or settings_of(meta.get("scale", {}), what) != settings_of(self.scale.config(), what)):
             return None
         model = self.fresh(depth, seed)
         model.load_state_dict(state)
