@@ -17,19 +17,21 @@ Per seed (3 seeds, each with its own teacher and assistants):
   without noise.
 Schedule: SGD with Nesterov momentum 0.9, weight decay 5e-4, lr 0.05 with a cosine decay to 0, batch 128,
 bfloat16 autocast, channels-last: the TAKD paper's optimiser (SGD, momentum 0.9, batch 128), but a cosine
-decay over 30 teacher / 20 assistant and student epochs instead of a constant lr 0.01 over 200 epochs (the
-closest that fits 10 minutes). KD: T = 4, lambda = 0.5.
+decay over 30 teacher / 15 assistant and student epochs (Noisy Student: teacher 150 epochs of its 4,000
+images, students 15) instead of a constant lr 0.01 over 200 epochs: the closest that fits 10 minutes.
+KD: T = 4, lambda = 0.5.
 
-Plan (estimated, not yet measured on a GPU: no GPU was at hand when this was written): these models are so
-small that a step is bound by kernel launches, ~2-3 ms per batch of 128 on an H100, ~1 s per epoch of
-45,000 images; per seed ~60 model-trainings' worth of ~20 epochs is ~6 min sequentially, so the three seeds
-run as three processes sharing the GPU (--jobs 3, the default on CUDA), expected ~8-10 min in all including
-the JPEG decoding (~40 s, once, in the parent). The result file records the wall time of every part; a run
-cut short resumes where it stopped when the same command is run again (benchmarks/work/ keeps the per-seed
-files, teachers and assistants), and `--epochs-scale 0.5` halves every schedule if a GPU is slower.
+Plan (estimated, not measured: no GPU was at hand when this was written). These models are so small that a
+step is bound by kernel launches and Python, not by the GPU: ~2-4 ms per batch of 128 on an H100, ~1 s per
+epoch of 45,000 images. Per seed: teacher ~35 s, assistants ~35 s, 7 students ~60 s, the 13-method row with
+its live teacher ~250 s, Noisy Student ~50 s, ~7 min sequentially; the three seeds run as three processes
+sharing the GPU (--jobs 3, the default on CUDA; the JPEGs are decoded once, ~40 s, before they start),
+expected 8-11 min in all. The result file records the wall time of every part. A run cut short resumes
+where it stopped when the same command runs again (benchmarks/work/ keeps the per-seed files, teachers and
+assistants); `--epochs-scale 0.7` shortens every schedule if the GPU turns out slower than this plan.
 
-python benchmarks/distill_gpu.py [--seeds 0 1 2] [--jobs 3] [--parts takd row noisy] [--epochs-scale 1.0]
-python benchmarks/distill_gpu.py --quick    # CPU smoke run: tiny data, quarter widths, 1 epoch (< 1 min);
+python benchmarks/distill_gpu.py [--seeds 0 1 2] [--jobs 3] [--parts takd,row,noisy] [--epochs-scale 1.0]
+python benchmarks/distill_gpu.py --quick    # CPU smoke run: tiny data, quarter widths, 1-2 epochs (< 1 min);
                                             # writes benchmarks/work/distill_gpu_quick.json, never the doc
 """
 from __future__ import annotations
@@ -64,9 +66,9 @@ def scales(args) -> tuple[Scale, dict]:
                 {"model": "takd6x25", "n_labeled": 100, "teacher_epochs": 1, "epochs": 1})
     f = args.epochs_scale
     e = lambda n: max(1, round(n * f))  # noqa: E731
-    return (Scale(width=100, teacher_epochs=e(30), assistant_epochs=e(20), student_epochs=e(20),
-                  shared_teachers=False, precision="amp"),
-            {"model": "takd6", "n_labeled": 4000, "teacher_epochs": e(150), "epochs": e(20)})
+    return (Scale(width=100, teacher_epochs=e(30), assistant_epochs=e(15), student_epochs=e(15),
+                  shared_teachers=False, precision="bf16"),
+            {"model": "takd6", "n_labeled": 4000, "teacher_epochs": e(150), "epochs": e(15)})
 
 
 def load_data(args):
@@ -82,7 +84,10 @@ def row(pipe: Pipeline, seed: int) -> None:
         for split in ("val", "test"):
             if res.has(f"student takd2 {key} | {split} acc", seed):
                 res.add(f"row {key} | {split} acc", seed, res.get(f"student takd2 {key} | {split} acc", seed))
-    teacher = pipe.cached("teacher", seed, 10)[0].to(pipe.device)
+    saved = pipe.cached("teacher", seed, 10)
+    if saved is None:
+        raise SystemExit(f"seed {seed}: no saved teacher for the comparison row; run the takd part first")
+    teacher = saved[0].to(pipe.device)
     for name, method in [*ROW.items(), ("DML", "dml")]:
         if res.has(f"row {name} | test acc", seed):
             continue

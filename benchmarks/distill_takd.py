@@ -49,7 +49,7 @@ class Scale:
     temperature: float = 4.0
     hard_weight: float = 0.5
     shared_teachers: bool = True
-    precision: str = "fp32"  # fp32 | bf16 (CPU autocast) | amp (CUDA float16 autocast)
+    precision: str = "fp32"  # fp32 | bf16 (bfloat16 autocast on the CPU or the GPU; weights stay float32)
 
     def name(self, depth: int) -> str:
         return f"takd{depth}" if self.width == 100 else f"takd{depth}x{self.width}"
@@ -65,8 +65,8 @@ class Scale:
     def run_config(self, epochs: int, seed: int, augment: str = "none") -> RunConfig:
         train = TrainConfig(epochs=epochs, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
                             nesterov=self.optimizer == "sgd", weight_decay=self.weight_decay,
-                            lr_schedule="cosine", augment=augment, amp=self.precision == "amp",
-                            cpu_bf16=self.precision == "bf16", channels_last=True)
+                            lr_schedule="cosine", augment=augment, amp=self.precision == "bf16",
+                            amp_dtype="bfloat16", cpu_bf16=self.precision == "bf16", channels_last=True)
         return RunConfig(train, self.batch_size, seed, tensor_batches=True)
 
 
