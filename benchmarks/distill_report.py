@@ -77,10 +77,19 @@ def header(r: dict) -> str:
         lines.append(f"`{run['command']}` · seeds {run['seeds']} · {run['machine']}{gpu} · load average "
                      f"{run['load_at_start']:.1f} at start, {run.get('load_at_end', float('nan')):.1f} at end"
                      f"{load_mean} · CPU {cpu / 60:.0f} min, wall {run['wall_seconds'] / 60:.0f} min")
-    cfg = ", ".join(f"{k} {v}" for k, v in r["config"].items())
+    cfg = ", ".join(f"{k} {setting(v)}" for k, v in r["config"].items())
     return ("Runs: " + "; ".join(lines) + f"\n\nData: {r.get('data', '?')}. Settings: {cfg}. Seeds completed: "
             f"{[int(s) for s in seeds_of(r)]}. Per-seed numbers depend on the machine (BLAS kernels and thread "
             "scheduling change the floating-point order); compare means and spreads, not single seeds.\n")
+
+
+def setting(v: object) -> str:
+    """A config value as prose: dicts as (key value, ...), lists as [a, b] with numbers in short form."""
+    if isinstance(v, dict):
+        return "(" + ", ".join(f"{k} {setting(x)}" for k, x in v.items()) + ")"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(setting(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def verdict(label: str, criterion: str, outcome: str, numbers: str) -> str:
