@@ -8,6 +8,7 @@ its mean over the run (sampled at every saved result), and wall and CPU seconds.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -80,19 +81,22 @@ def machine() -> str:
 class Results:
     """values[key][str(seed)] = number; saved to JSON after every add(). Existing values are kept when the file
     was written with the same config (a rerun of some seeds, or of a part, completes a killed run); a value
-    recorded again replaces the old one. A different config starts a new file."""
+    recorded again replaces the old one. A different config starts a new file. Processes with the same config
+    may write one file at the same time (e.g. two parts of a benchmark): every save merges, under a lock, what
+    the others saved."""
 
     def __init__(self, name: str, args: argparse.Namespace, config: dict) -> None:
         self.path = args.out or RESULTS / f"distill_{name}.json"
+        config = json.loads(json.dumps(config))  # as it reads back from the file (tuples become lists)
         self.started, self.cpu_started = time.time(), time.process_time()
         self.data: dict = {"benchmark": name, "config": config, "values": {}, "runs": []}
         if self.path.is_file():
             old = json.loads(self.path.read_text())
             if old.get("config") == config:
-                self.data["values"] = old.get("values", {})
-                self.data["runs"] = old.get("runs", [])
+                self.data |= {k: v for k, v in old.items() if k not in ("benchmark", "config")}
         self.run = {"command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
-                    "seeds": args.seeds, "machine": machine(), "load_at_start": os.getloadavg()[0]}
+                    "seeds": args.seeds, "machine": machine(), "load_at_start": os.getloadavg()[0],
+                    "run_id": f"{os.getpid()}-{time.time_ns()}"}
         self.loads = [os.getloadavg()[0]]
         self.data["runs"].append(self.run)  # values are replaced key by key as this run records them
 
@@ -124,9 +128,31 @@ class Results:
                         cpu_seconds=round(time.process_time() - self.cpu_started, 1),
                         load_at_end=self.loads[-1], load_mean=round(sum(self.loads) / len(self.loads), 2))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        WORK.mkdir(parents=True, exist_ok=True)
+        with open(WORK / f"{self.path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                self.merge(json.loads(self.path.read_text()))
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            tmp.replace(self.path)
+
+    def merge(self, disk: dict) -> None:
+        """Take what another process saved with the same config: values, notes and run records we lack."""
+        if disk.get("config") != self.data["config"]:
+            return
+        for section, content in disk.items():
+            if section == "runs":
+                mine = [r.get("run_id") for r in self.data["runs"]]
+                self.data["runs"] += [r for r in content if r not in self.data["runs"] and
+                                      (r.get("run_id") is None or r.get("run_id") not in mine)]
+            elif isinstance(content, dict) and section != "config":
+                ours = self.data.setdefault(section, {})
+                for key, value in content.items():
+                    if isinstance(value, dict) and isinstance(ours.get(key), dict):
+                        ours[key] = value | ours[key]  # per-seed values: ours win where both have one
+                    else:
+                        ours.setdefault(key, value)
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -32,8 +32,9 @@ float32, about 10 s in bf16; 2 x 800 6-7.5 s float32, about 3.6 s bf16; 2 x 300 
 Expected total about 75 minutes of one core of a quiet 2-core machine; more under load.
 
 python benchmarks/distill_hinton.py [--seeds 0 1 2] [--teacher-epochs 200] [--epochs 30] [--sweep-epochs 20]
-       [--precision auto|fp32|bf16]
+       [--precision auto|fp32|bf16] [--widths 800,300,30]
 A rerun resumes: models whose numbers are in the result file (same settings) are not trained again.
+`--widths 800,30` and `--widths 300` split the students over two processes (one result file, merged).
 """
 from __future__ import annotations
 
@@ -123,7 +124,12 @@ def main() -> None:
     args = parse_args(__doc__, {"--teacher-epochs": (int, 200, "teacher epochs (one teacher, seed 0)"),
                                 "--epochs": (int, 30, "2 x 800 student epochs"),
                                 "--sweep-epochs": (int, 20, "2 x 300 / 2 x 30 student epochs"),
-                                "--precision": (str, "auto", "auto | fp32 | bf16 (2x1200 and 2x800 nets)")})
+                                "--precision": (str, "auto", "auto | fp32 | bf16 (2x1200 and 2x800 nets)"),
+                                "--widths": (str, "800,300,30", "students to train (parallel processes may share "
+                                                                "the widths: --widths 800,30 and --widths 300)")})
+    widths = [int(w) for w in args.widths.split(",")]
+    if not set(widths) <= {800, 300, 30}:
+        raise SystemExit(f"--widths must be a subset of 800,300,30, got {args.widths}")
     bf16 = precision_arg(args.precision) == "bf16"
     config = {"teacher": TEACHER | {"epochs": args.teacher_epochs}, "student": STUDENT,
               "big_student": "mlp800", "hard_weight": HARD_WEIGHT, "big_ts": BIG_TS, "select_seed": SELECT_SEED,
@@ -137,18 +143,19 @@ def main() -> None:
     targets = pack_labels_and_logits(data.y_train, predict_logits(teacher, data.x_train, CPU))
     res.render()
 
-    for t in BIG_TS:  # choose T for the 2 x 800 student on seed SELECT_SEED's validation errors
-        train_student(res, data, soft_key(800, t, HARD_WEIGHT), SELECT_SEED, 800, args.epochs, bf16, targets, t,
-                      HARD_WEIGHT)
-    big_t = chosen_big_t(res)
-    for seed in args.seeds:
-        train_student(res, data, "2x800 hard labels", seed, 800, args.epochs, bf16)
-        train_student(res, data, soft_key(800, big_t, HARD_WEIGHT), seed, 800, args.epochs, bf16, targets, big_t,
-                      HARD_WEIGHT)
-    res.render()
+    if 800 in widths:
+        for t in BIG_TS:  # choose T for the 2 x 800 student on seed SELECT_SEED's validation errors
+            train_student(res, data, soft_key(800, t, HARD_WEIGHT), SELECT_SEED, 800, args.epochs, bf16, targets,
+                          t, HARD_WEIGHT)
+        big_t = chosen_big_t(res)
+        for seed in args.seeds:
+            train_student(res, data, "2x800 hard labels", seed, 800, args.epochs, bf16)
+            train_student(res, data, soft_key(800, big_t, HARD_WEIGHT), seed, 800, args.epochs, bf16, targets,
+                          big_t, HARD_WEIGHT)
+        res.render()
 
     for seed in args.seeds:
-        for width in (300, 30):
+        for width in [w for w in (300, 30) if w in widths]:
             train_student(res, data, f"2x{width} hard labels", seed, width, args.sweep_epochs, False)
             for t in TEMPERATURES:
                 for lam in HARD_WEIGHTS:
