@@ -1,37 +1,22 @@
-"""The per-request memory budget of /score: decoded pixels plus heatmap pixels, checked from the image
+"""The per-request memory budget of /score: decoded pixels plus heatmap pixels, counted from the image
 headers before anything is decoded.
 
 A request holds every decoded image (3 bytes a pixel) until it is scored, and every heatmap it asks
 for is rendered at its size (overlay and map PNGs, base64 in the JSON). The per-image pixel limit
 alone lets 32 images of 40 Mpx through (3.8 GB decoded); this budget caps their sum. Each image counts
 its pixels once, and once more per heatmap (`overlay`, `map`; `both` is two) at the heatmap's size:
-the input's (`heatmap_size=input`) or the model's (`model`). benchmarks/memory.py measures the peak
-RSS of the largest request the default budget accepts.
+the input's (`heatmap_size=input`) or the model's (`model`: the image's tile plan, made once when the
+Scorer read its header). benchmarks/memory.py measures the peak RSS of the largest request the default
+budget accepts.
 """
 
 from __future__ import annotations
 
-import io
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from PIL import Image
-
 from app.errors import APIError
-
-
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from an image's header (nothing decoded); None when the header is unreadable
-    (decoding then names the problem)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-    except Exception:  # noqa: BLE001 - any unreadable header: left to the decoder's error
-        return None
-    return (int(w), int(h)) if w > 0 and h > 0 else None
+from stpm.runtime.images import PreparedImage
 
 
 @dataclass(frozen=True)
@@ -44,15 +29,14 @@ class PixelCount:
         return self.decoded + self.heatmaps
 
 
-def count_pixels(
-    sizes: Sequence[tuple[int, int] | None], heatmaps: int, model_pixels: Callable[[int, int], int] | None
-) -> PixelCount:
-    """sizes: (w, h) per image (None: unknown, counts 0); heatmaps: outputs per image (0, 1 or 2);
-    model_pixels: None for heatmaps at the input size, else (w, h) -> pixels of that image's heatmap at
-    the model's scale (a tiled model keeps the aspect ratio: its scaled size, not S x S)."""
-    known = [s for s in sizes if s is not None]
-    decoded = sum(w * h for w, h in known)
-    per_map = decoded if model_pixels is None else sum(model_pixels(w, h) for w, h in known)
+def count_pixels(images: Sequence[PreparedImage], heatmaps: int, at_model_scale: bool) -> PixelCount:
+    """images: read (header size and plan), not yet decoded; an unreadable header counts 0 (decoding then
+    names the problem). heatmaps: outputs per image (0, 1 or 2), at each input's size, or at the model's
+    scale (a tiled model keeps the aspect ratio: the plan's scaled size, not S x S; an image the geometry
+    refuses counts 0 there, refused with its own message)."""
+    known = [im for im in images if im.size is not None]
+    decoded = sum(im.size[0] * im.size[1] for im in known)
+    per_map = sum(im.scaled_pixels() for im in known) if at_model_scale else decoded
     return PixelCount(decoded, heatmaps * per_map)
 
 

@@ -16,6 +16,12 @@ import argparse
 import logging
 import socket
 import sys
+from typing import TYPE_CHECKING
+
+from app.commands import Command, load_settings
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,24 +37,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env-file", default=None, help="read settings from this file instead of ./.env")
 
 
-def main(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from app.settings import Settings
-
-    try:
-        settings = Settings(_env_file=args.env_file) if args.env_file else Settings()
-    except ValidationError as e:
-        print(f"stpm worker: invalid settings:\n{e}", file=sys.stderr)
-        return 2
+def _check_scale_setup(settings: Settings) -> bool:
+    """The broker is set and Celery installed; else the reason is printed."""
     if settings.broker_url is None:
         print("stpm worker: no broker: set STPM_BROKER_URL=redis://HOST:6379/0 (and STPM_JOBS_DB to the shared "
               "PostgreSQL job store)", file=sys.stderr)
-        return 2
+        return False
     try:
         import celery  # noqa: F401
     except ImportError as e:
         print(f"stpm worker: Celery is not installed ({e}): pip install 'stpm[scale]'", file=sys.stderr)
+        return False
+    return True
+
+
+def _ping(app, hostname: str | None) -> int:
+    name = (hostname or "stpm@%h").replace("%h", socket.gethostname())
+    answers = app.control.ping(destination=[name], timeout=3.0)
+    print(answers or f"no answer from {name}")
+    return 0 if answers else 1
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = load_settings("worker", args.env_file)
+    if settings is None or not _check_scale_setup(settings):
         return 2
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -58,10 +70,7 @@ def main(args: argparse.Namespace) -> int:
 
     app = make_celery(settings)
     if args.ping:
-        name = (args.hostname or "stpm@%h").replace("%h", socket.gethostname())
-        answers = app.control.ping(destination=[name], timeout=3.0)
-        print(answers or f"no answer from {name}")
-        return 0 if answers else 1
+        return _ping(app, args.hostname)
     store = JobStore(settings.jobs_store_target, settings.jobs_db_pool_size)
     register_task(app, store, settings)
     if args.requeue:
@@ -86,7 +95,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMAND = Command("worker", "run training jobs from the Celery queue (scaled mode, docs/SCALING.md)", __doc__,
+                  add_arguments, main)
+register = COMMAND.register  # the `stpm.commands` entry point (pyproject.toml)
+
 if __name__ == "__main__":  # python -m app.celery_worker
-    p = argparse.ArgumentParser(prog="python -m app.celery_worker", description=__doc__)
-    add_arguments(p)
-    sys.exit(main(p.parse_args()))
+    sys.exit(COMMAND.run("python -m app.celery_worker"))

@@ -1,4 +1,5 @@
-"""Every error is JSON `{"error": code, "detail": message}` with the right status (never an HTML page)."""
+"""Every error is JSON `{"error": code, "detail": message}` with the right status (never an HTML page);
+the model store's errors mapped onto HTTP (`model_error`, `NoModelError`, `ModelRequiredError`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stpm.bundle import BundleError, ModelNotFoundError, NoActiveVersionError
 
 log = logging.getLogger("app")
 
@@ -46,6 +49,35 @@ class APIError(StarletteHTTPException):
         self.extra = extra or {}
 
 
+class NoModelError(APIError):
+    def __init__(self):
+        super().__init__(
+            409,
+            "no_model",
+            "no model has been trained yet (the model store is empty): train one with "
+            "`stpm train GOOD_IMAGES_DIR --name NAME` (or POST /train); it is picked up automatically",
+        )
+
+
+class ModelRequiredError(APIError):
+    def __init__(self, n_models: int):
+        super().__init__(
+            400,
+            "model_required",
+            f"the store holds {n_models} models and the server has no default model: name one with "
+            "model=NAME (GET /models lists them), or set STPM_DEFAULT_MODEL",
+        )
+
+
+def model_error(exc: BundleError) -> APIError:
+    """Map the store's exceptions onto HTTP: unknown -> 404, nothing activated -> 409, malformed -> 400."""
+    if isinstance(exc, NoActiveVersionError):
+        return APIError(409, "no_active_version", str(exc))
+    if isinstance(exc, ModelNotFoundError):
+        return APIError(404, "model_not_found", str(exc))
+    return APIError(400, "invalid_model_name", str(exc))
+
+
 def error_body(status: int, detail: Any, error: str | None = None, **extra: Any) -> dict[str, Any]:
     return {"error": error or _CODES.get(status, "error"), "detail": detail, **extra}
 
@@ -77,6 +109,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         msg = e.get("msg", "invalid")
         if e.get("type") == "missing" and loc[:1] == ("body",) and len(loc) > 1:
             msg = f"missing multipart field {loc[1]!r}"
+        elif e.get("type") == "extra_forbidden" and loc[:1] == ("body",) and len(loc) > 1:
+            msg = f"unknown field {loc[-1]!r} (see this endpoint's fields in /docs)"
         parts.append(f"{_loc(loc)}: {msg}")
     clean = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errs]
     return error_response(422, "; ".join(parts) or "invalid request", "validation_error", errors=clean)

@@ -3,7 +3,8 @@
 Extension points for later features (training jobs, the web page):
 * routers live in ``app/routes/`` and are included in :func:`create_app` (``ROUTERS``);
 * ``app.state.settings``, ``app.state.registry`` (:class:`app.registry.ModelRegistry`),
-  ``app.state.metrics`` (:class:`app.metrics.Metrics`);
+  ``app.state.metrics`` (:class:`app.metrics.Metrics`): handlers get them as dependencies
+  (``app.deps``: ``registry: RegistryDep`` ...), never from ``request.app.state``;
 * ``app.state.public_paths`` / ``app.state.public_prefixes``: paths served without the API key;
 * ``app.state.startup_hooks`` / ``app.state.shutdown_hooks``: async callables ``hook(app)`` run in the
   lifespan after the registry starts / before it stops (e.g. a job worker).
@@ -14,6 +15,7 @@ Nothing here imports torch: scoring runs on stpm.runtime (onnxruntime + numpy + 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import sys
 import time
@@ -73,23 +75,6 @@ def create_app(
     settings = settings or Settings()
     limit_malloc_arenas()
     metrics = Metrics(replica=settings.replica)
-    registry = ModelRegistry(settings, metrics, scorer_factory)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await registry.start()
-        for hook in app.state.startup_hooks:
-            await hook(app)
-        try:
-            yield
-        finally:
-            for hook in reversed(app.state.shutdown_hooks):
-                try:
-                    await hook(app)
-                except Exception:
-                    log.exception("shutdown hook failed")
-            await registry.stop()
-
     app = FastAPI(
         title="STPM anomaly detection",
         version=_version(),
@@ -98,6 +83,26 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
     )
+    _set_state(app, settings, metrics, ModelRegistry(settings, metrics, scorer_factory))
+    if settings.train_enabled:
+        from app.jobs import install as install_jobs
+
+        install_jobs(app)  # POST /train: job store + training worker (lifespan hooks)
+    install_error_handlers(app)
+    for r in ROUTERS:
+        app.include_router(r)
+    # Added last = outermost: metrics see every answer, including 401 and 413.
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value(), state=app.state)
+    app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_request_bytes,
+                       body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.openapi = functools.partial(_openapi, app, settings)  # type: ignore[method-assign]
+    return app
+
+
+def _set_state(app: FastAPI, settings: Settings, metrics: Metrics, registry: ModelRegistry) -> None:
+    """What the routes read through app.deps, and what the middleware and lifespan hooks use."""
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.registry = registry
@@ -109,36 +114,38 @@ def create_app(
     if settings.public_docs:
         app.state.public_paths |= {"/docs", "/docs/oauth2-redirect", "/openapi.json"}
 
-    if settings.train_enabled:
-        from app.jobs import install as install_jobs
 
-        install_jobs(app)  # POST /train: job store + training worker (lifespan hooks)
-    install_error_handlers(app)
-    for r in ROUTERS:
-        app.include_router(r)
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    """Start the registry, then the startup hooks; on shutdown the hooks in reverse, then the registry."""
+    registry: ModelRegistry = app.state.registry
+    await registry.start()
+    for hook in app.state.startup_hooks:
+        await hook(app)
+    try:
+        yield
+    finally:
+        for hook in reversed(app.state.shutdown_hooks):
+            try:
+                await hook(app)
+            except Exception:
+                log.exception("shutdown hook failed")
+        await registry.stop()
 
-    # Added last = outermost: metrics see every answer, including 401 and 413.
-    if settings.api_key is not None:
-        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value(), state=app.state)
-    app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_request_bytes,
-                       body_timeout_s=settings.body_timeout_s)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            document_errors(schema, keyed=settings.api_key is not None, public=app.state.public_paths)
-            if settings.api_key is not None:
-                schema.setdefault("components", {})["securitySchemes"] = {
-                    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-                    "Bearer": {"type": "http", "scheme": "bearer"},
-                }
-                schema["security"] = [{"ApiKey": []}, {"Bearer": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-    return app
+def _openapi(app: FastAPI, settings: Settings) -> dict:
+    """The spec, built once: FastAPI's, with every error documented and the API key's schemes."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        document_errors(schema, keyed=settings.api_key is not None, public=app.state.public_paths)
+        if settings.api_key is not None:
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "Bearer": {"type": "http", "scheme": "bearer"},
+            }
+            schema["security"] = [{"ApiKey": []}, {"Bearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}

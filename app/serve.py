@@ -11,6 +11,12 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+from app.commands import Command, load_settings
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 FLAG_ENV = {
     "host": "STPM_HOST",
@@ -45,31 +51,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--env-file", help="read settings from this file instead of ./.env")
 
 
+def _export_env_file(settings: Settings) -> None:
+    """Workers rebuild settings from the environment: export what the .env file said."""
+    from pydantic import SecretStr
+
+    for name, value in settings.model_dump().items():
+        if value is not None and f"STPM_{name.upper()}" not in os.environ:
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif name == "providers":
+                value = ",".join(value)
+            os.environ[f"STPM_{name.upper()}"] = str(value)
+
+
 def main(args: argparse.Namespace) -> int:
     for attr, env in FLAG_ENV.items():
         value = getattr(args, attr, None)
         if value is not None:
             os.environ[env] = str(value)
     env_file = getattr(args, "env_file", None)
-
-    from pydantic import SecretStr, ValidationError
-
-    from app.settings import Settings
-
-    try:
-        settings = Settings(_env_file=env_file) if env_file else Settings()
-    except ValidationError as e:
-        print(f"stpm serve: invalid settings:\n{e}", file=sys.stderr)
+    settings = load_settings("serve", env_file)
+    if settings is None:
         return 2
     if env_file:
-        # Workers rebuild settings from the environment: export what the file said.
-        for name, value in settings.model_dump().items():
-            if value is not None and f"STPM_{name.upper()}" not in os.environ:
-                if isinstance(value, SecretStr):
-                    value = value.get_secret_value()
-                elif name == "providers":
-                    value = ",".join(value)
-                os.environ[f"STPM_{name.upper()}"] = str(value)
+        _export_env_file(settings)
 
     import uvicorn
 
@@ -95,7 +100,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMAND = Command("serve", "start the HTTP service (uvicorn)", __doc__, add_arguments, main)
+register = COMMAND.register  # the `stpm.commands` entry point (pyproject.toml)
+
 if __name__ == "__main__":  # python -m app.serve
-    p = argparse.ArgumentParser(prog="python -m app.serve", description=__doc__)
-    add_arguments(p)
-    sys.exit(main(p.parse_args()))
+    sys.exit(COMMAND.run("python -m app.serve"))

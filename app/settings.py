@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from stpm.imageio import DEFAULT_MAX_PIXELS
+from stpm.imaging.decode import DEFAULT_MAX_PIXELS
 
 
 class Settings(BaseSettings):

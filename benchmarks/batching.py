@@ -1,6 +1,6 @@
 """The micro-batcher's (batch size, wait) choice from a `benchmarks/load.py --sweep` result: a pure rule,
 shared by the sweep (which records it), benchmarks/report.py (which shows it) and the tests (which check
-app.registry.BATCH_DEFAULTS against it). Torch- and numpy-free.
+app.batcher.BATCH_DEFAULTS against it). Torch- and numpy-free.
 
 Rule, per backend: the baseline is batch 1 / wait 0 (no batching). A setting is eligible when its
 1-client p50 is at most `max_slowdown` worse than the baseline's. Among the eligible settings, the one

@@ -1,5 +1,5 @@
 """bf16 on a memory-bank (PatchCore) scorer: the whole graph in bf16 vs the split (f32 features, bf16 bank
-search, stpm.backends.split_bank_search) vs fp32, on one bundle's full labelled test set, in one run.
+search, stpm.runtime.sessions.split_bank_search) vs fp32, on one bundle's full labelled test set, in one run.
 
     .venv/bin/python benchmarks/bf16_split.py --bundle bottle=models/bottle/v1 --bundle metal_plate=models/metal_plate/v1
 
@@ -32,10 +32,10 @@ def scorer_maps(path: Path, mode: str):
     """A callable uint8 tiles [N, 3, S, S] -> raw tile maps [N, S, S] for one mode (OpenVINO CPU)."""
     import openvino as ov
 
-    from stpm import backends
+    from stpm.runtime import sessions
 
     if mode == "bf16_split":
-        s = backends.OpenVinoSession(path, "bf16")
+        s = sessions.OpenVinoSession(path, "bf16")
         assert s.mode == "bf16 bank search, f32 features", s.mode
         return lambda x: s.run(x)[0]
     c = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY",
@@ -50,33 +50,39 @@ def main() -> int:
     from sklearn.metrics import roc_auc_score
     from speed import shared_data
 
-    from stpm import backends, bundle, tiling
-    from stpm.data import test_samples
-    from stpm.imageio import read_image
+    from stpm.runtime import cpu
+
+
+    from stpm.imaging.scores import image_scores
+
+    from stpm.bundle.manifest import Manifest
+    from stpm.imaging.geometry import stitch_all, tile_images
+    from stpm.training.data import test_samples
+    from stpm.imaging.decode import read_image
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", action="append", required=True, help="DATASET=BUNDLE_DIR (bottle, metal_plate)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bf16_split.json"))
     a = ap.parse_args()
-    if backends.cpu_precision_support("bf16"):
-        sys.exit(f"this CPU cannot run bf16: {backends.cpu_precision_support('bf16')}")
+    if cpu.cpu_precision_support("bf16"):
+        sys.exit(f"this CPU cannot run bf16: {cpu.cpu_precision_support('bf16')}")
 
-    res = {"command": " ".join(["benchmarks/bf16_split.py", *sys.argv[1:]]), "cpu": backends.cpu_name(),
-           "cpu_flags": sorted(f for f in backends.cpu_flags() if "bf16" in f or "amx" in f),
+    res = {"command": " ".join(["benchmarks/bf16_split.py", *sys.argv[1:]]), "cpu": cpu.cpu_name(),
+           "cpu_flags": sorted(f for f in cpu.cpu_flags() if "bf16" in f or "amx" in f),
            "load_avg_at_start": list(os.getloadavg()), "bundles": {}}
     for spec in a.bundle:
         ds, path = spec.split("=", 1)
         path = Path(path)
-        manifest = bundle.read_manifest(path)
-        geometry, score_spec = tiling.from_manifest(manifest), tiling.score_from_manifest(manifest)
-        threshold = float(manifest["calibration"]["threshold"])
+        manifest = Manifest.read(path)
+        geometry, score_spec = manifest.geometry, manifest.image_score
+        threshold = manifest.calibration.threshold
         samples = test_samples(shared_data() / DATA[ds])
         labels = np.array([s.label for s in samples])
-        tiled = tiling.tile_images([read_image(s.path) for s in samples], geometry)
+        tiled = tile_images([read_image(s.path) for s in samples], geometry)
         tiles = np.ascontiguousarray(tiled.tiles.transpose(0, 3, 1, 2))
         runs = {m: scorer_maps(path / "scorer.onnx", m) for m in MODES}
-        scores = {m: tiling.image_scores(tiling.stitch_all(np.concatenate([runs[m](tiles[i:i + 1])
+        scores = {m: image_scores(stitch_all(np.concatenate([runs[m](tiles[i:i + 1])
                                                                           for i in range(len(tiles))]), tiled), score_spec)
                 for m in MODES}  # image scores through the stitched maps, as the Scorer computes them
         ref = np.asarray(scores["f32"])

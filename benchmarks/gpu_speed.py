@@ -29,18 +29,19 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stpm.config import ModelConfig  # noqa: E402  (torch-only modules: no onnx, safetensors or sklearn needed)
-from stpm.loss import anomaly_map, image_score  # noqa: E402
-from stpm.model import build_stpm  # noqa: E402
+from stpm.options import ModelOptions  # noqa: E402  (torch-only modules: no onnx, safetensors or sklearn needed)
+from stpm.methods.maps import tile_score as image_score  # noqa: E402
+from stpm.methods.stpm.loss import anomaly_map  # noqa: E402
+from stpm.methods.stpm.model import build_stpm  # noqa: E402
 
-MODELS = {"resnet18": ModelConfig(backbone="resnet18", pretrained=False),
-          "lite0": ModelConfig(backbone="efficientnet_lite0", student_backbone="resnet18", pretrained=False)}
+MODELS = {"resnet18": ModelOptions(backbone="resnet18", pretrained=False),
+          "lite0": ModelOptions(backbone="efficientnet_lite0", student_backbone="resnet18", pretrained=False)}
 
 
 class Fused(nn.Module):
     """uint8 [N, 3, S, S] -> (map [N, S, S], raw score [N]): stpm.export.FusedScorer without the calibration."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelOptions):
         super().__init__()
         self.model, _ = build_stpm(cfg, seed=0)
         self.size = cfg.image_size
@@ -122,7 +123,7 @@ def main() -> int:
     for name in a.models.split(","):
         cfg = MODELS[name]
         if a.quick:
-            cfg = ModelConfig(**{**cfg.__dict__, "image_size": size})
+            cfg = ModelOptions(**{**cfg.__dict__, "image_size": size})
         models[name] = Fused(cfg).eval().to(device)
 
     modes = [("eager", "fp32", None), ("eager", "fp16", torch.float16), ("eager", "bf16", torch.bfloat16),

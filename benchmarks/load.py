@@ -13,7 +13,7 @@ load_intra1.json it also rewrites that block of docs/BENCHMARKS.md.
 --sweep measures the micro-batcher instead: per backend (onnxruntime, openvino) and per (images per
 batch, wait ms) of SWEEP_GRID, a fresh server with those settings pinned, K clients each; writes
 benchmarks/results/load_sweep.json (and its block of docs/BENCHMARKS.md) with the choice of
-benchmarks/batching.py, which app.registry.BATCH_DEFAULTS must equal (tests/test_batching.py).
+benchmarks/batching.py, which app.batcher.BATCH_DEFAULTS must equal (tests/test_batching.py).
 
 Without --models-dir a random-init ResNet18 bundle (torch needed here, not in the server) is built
 once into /tmp/stpm-load-models: speed does not depend on the weights.
@@ -50,15 +50,17 @@ def build_models(models_dir: Path, image_size: int) -> str:
         return name
     import torch
 
-    from stpm.calibrate import calibrate
-    from stpm.config import ModelConfig
-    from stpm.export import export_bundle
-    from stpm.loss import anomaly_map, image_score
-    from stpm.model import build_stpm
-    from stpm.publish import build_manifest, publish_model
+    from stpm.training.calibration import calibrate
+    from stpm.options import ModelOptions
+    from stpm.export.onnx import export_bundle
+    from stpm.methods.maps import tile_score as image_score
+    from stpm.methods.stpm.loss import anomaly_map
+    from stpm.methods.stpm.model import build_stpm
+    from stpm.methods.stpm.anomaly_map import STPMMap
+    from stpm.training.publish import build_manifest, publish_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=image_size)
+    cfg = ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=image_size)
     model, _ = build_stpm(cfg, seed=0)
     model.eval()
     x = torch.rand(4, 3, image_size, image_size)
@@ -66,7 +68,8 @@ def build_models(models_dir: Path, image_size: int) -> str:
         t, s = model(x)
         scores = image_score(anomaly_map(t, s, (image_size, image_size))).numpy()
     manifest = build_manifest(name, cfg, calibrate(scores), "random-init", {"epochs": 0}, {"n_images": 4})
-    publish_model(models_dir, model, manifest, before_publish=lambda d: export_bundle(d))
+    amap = STPMMap(model, manifest["model"]["combine"], manifest["model"]["sigma"])
+    publish_model(models_dir, amap, manifest, before_publish=lambda d: export_bundle(d))
     return name
 
 
@@ -96,7 +99,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def bare_scorer(bundle_dir: Path, data: bytes, n: int, threads: int | None) -> dict:
-    from stpm.runtime import Scorer
+    from stpm.runtime.scorer import Scorer
 
     s = Scorer(bundle_dir, providers=("cpu",), intra_op_threads=threads)
     s.warmup()
@@ -197,7 +200,7 @@ def batch_totals(metrics: str) -> tuple[float, float]:
 
 
 def machine_info() -> dict:
-    from stpm.backends import cpu_flags, cpu_name
+    from stpm.runtime.cpu import cpu_flags, cpu_name
 
     return {"cpu": cpu_name(), "cpus": os.cpu_count(), "flags": sorted(cpu_flags()),
             "platform": platform.platform(), "python": platform.python_version()}
@@ -258,13 +261,13 @@ def sweep_point(models_dir: Path, model: str, backend: str, precision: str, batc
 
 def bundle_precision(bundle_dir: Path, backend: str) -> str:
     """bf16 where the bundle ships it for this backend and the CPU runs it, else fp32."""
-    from stpm import backends
+    from stpm.runtime import choice, cpu
     from stpm.bundle import read_manifest
 
     manifest = read_manifest(bundle_dir)
     bf16 = ((manifest.get("exports") or {}).get("bf16") or {})
-    held = backends.bundle_precisions(manifest, bundle_dir)["bf16"] is None
-    if held and bf16.get("backend") == backend and backends.cpu_precision_support("bf16") is None:
+    held = choice.bundle_precisions(manifest, bundle_dir)["bf16"] is None
+    if held and bf16.get("backend") == backend and cpu.cpu_precision_support("bf16") is None:
         return "bf16"
     return "fp32"
 

@@ -18,11 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stpm.evaluate import compute_metrics, score_samples  # noqa: E402
-from stpm.methods import STPMMap  # noqa: E402
-from stpm.data import test_samples  # noqa: E402
-from stpm.tiling import from_manifest, score_from_manifest  # noqa: E402
-from stpm.weights import load_model  # noqa: E402
+from stpm.evaluation.report import compute_metrics, score_samples  # noqa: E402
+from stpm.methods.stpm.anomaly_map import STPMMap  # noqa: E402
+from stpm.training.data import test_samples  # noqa: E402
+from stpm.methods.loading import load_map  # noqa: E402
 
 
 def main() -> int:
@@ -32,13 +31,14 @@ def main() -> int:
     ap.add_argument("--sigmas", default="0,2,4")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    model, manifest = load_model(a.bundle)
+    amap, manifest = load_map(a.bundle)
+    model = amap.model  # an STPM bundle's student-teacher pair
     samples = test_samples(a.data)
     rows = []
     for combine in ("product", "sum"):
         for sigma in (float(s) for s in a.sigmas.split(",")):
-            r = score_samples(STPMMap(model, combine, sigma), samples, from_manifest(manifest), torch.device("cpu"),
-                              score_from_manifest(manifest))
+            r = score_samples(STPMMap(model, combine, sigma), samples, manifest.geometry, torch.device("cpu"),
+                              manifest.image_score)
             m = compute_metrics(r["labels"], r["scores"], r["masks"], r["maps"], [s.defect for s in samples], None)
             o = m["overall"]
             rows.append({"combine": combine, "sigma": sigma, "image_auroc": o["image_auroc"],

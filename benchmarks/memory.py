@@ -35,7 +35,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stpm.imageio import DEFAULT_MAX_PIXELS
+from stpm.imaging.decode import DEFAULT_MAX_PIXELS
 
 
 def proc_status(pid: int) -> dict[str, float]:

@@ -68,7 +68,7 @@ def _our_predictor(kind: str, bundle_dir: Path):
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
-    from stpm.runtime import Scorer
+    from stpm.runtime.scorer import Scorer
 
     s = Scorer(bundle_dir, backend="auto", precision="auto")
     info = {"backend": s.backend, "precision": s.precision, "selection": s.selection.to_dict()}
@@ -115,7 +115,7 @@ def worker(kind: str, workdir: Path, bundle_dir: Path | None, images: list[Path]
 # ------------------------------------------------------------------------------------------ driver
 
 def cpu_info() -> dict:
-    from stpm.backends import cpu_flags, cpu_name
+    from stpm.runtime.cpu import cpu_flags, cpu_name
 
     keep = [f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c", "sse4"))]
     return {"model": cpu_name(), "cores": os.cpu_count(), "simd_flags": sorted(keep)}

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import png_encode_markdown, write_block  # noqa: E402
-from stpm.imageio import read_image  # noqa: E402
-from stpm.render import overlay, png_bytes  # noqa: E402
+from stpm.imaging.decode import read_image  # noqa: E402
+from stpm.imaging.render import overlay, png_bytes  # noqa: E402
 
 
 def overlays(data: Path, n: int) -> list[np.ndarray]:

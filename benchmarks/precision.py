@@ -28,10 +28,10 @@ DATA = {"bottle": "mvtec_ad_bottle_512/bottle", "metal_plate": "mpdd_metal_plate
 def main() -> int:
     from report import precision_markdown, write_block
     from speed import shared_data
-    from stpm import backends
+    from stpm.runtime import cpu
     from stpm import export as ex
-    from stpm.data import good_train_dir, list_images, test_samples
-    from stpm.imageio import read_image
+    from stpm.training.data import good_train_dir, list_images, test_samples
+    from stpm.imaging.decode import read_image
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", action="append", required=True, help="DATASET=BUNDLE_DIR (bottle, metal_plate)")
@@ -40,7 +40,7 @@ def main() -> int:
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args()
 
-    res = {"command": " ".join(["benchmarks/precision.py", *sys.argv[1:]]), "cpu": backends.cpu_name(), "cpu_flags": sorted(f for f in backends.cpu_flags()
+    res = {"command": " ".join(["benchmarks/precision.py", *sys.argv[1:]]), "cpu": cpu.cpu_name(), "cpu_flags": sorted(f for f in cpu.cpu_flags()
                                                             if "bf16" in f or "vnni" in f or "amx" in f),
            "load_avg_at_start": list(os.getloadavg()), "bundles": {}}
     for spec in a.bundle:

@@ -31,10 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stpm.config import CalibrationConfig, ModelConfig, TrainConfig  # noqa: E402
-from stpm.evaluate import evaluate  # noqa: E402
-from stpm.pipeline import train_and_publish  # noqa: E402
-from stpm.weights import load_model  # noqa: E402
+from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions  # noqa: E402
+from stpm.evaluation.report import evaluate  # noqa: E402
+from stpm.training.pipeline import run_training  # noqa: E402
+from stpm.methods.loading import load_map  # noqa: E402
 
 DATA = Path(os.environ.get("STPM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DATASETS = {
@@ -68,23 +68,23 @@ def main() -> int:
     for ds in a.datasets.split(","):
         for label in a.students.split(","):
             student = STUDENTS[label]
-            mcfg = ModelConfig(backbone="efficientnet_lite0", student_backbone=student, image_size=a.image_size)
-            tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device="cpu")
+            mcfg = ModelOptions(backbone="efficientnet_lite0", student_backbone=student, image_size=a.image_size)
+            tcfg = TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device="cpu")
             name = f"{ds}-{student or 'same'}"
             t0 = time.monotonic()
-            out = train_and_publish(DATASETS[ds], name, models_dir, mcfg, tcfg, CalibrationConfig(), export=False,
-                                    show_bar=True)
+            out = run_training(DATASETS[ds], name, models_dir, TrainingOptions(model=mcfg, train=tcfg, calibration=CalibrationOptions()), export=False, show_bar=True)
             train_s = time.monotonic() - t0
-            model, manifest = load_model(out.path)
+            model, manifest = load_map(out.path)
             t1 = time.monotonic()
             rep = evaluate(model, manifest, DATASETS[ds], torch.device("cpu"), Path(a.report_dir) / name)
             eval_s = time.monotonic() - t1
             o = rep["metrics"]["overall"]
             n_train = manifest["data"]["n_train"]
-            per_epoch = sum(h["seconds"] for h in out.fit.history) / max(len(out.fit.history), 1)
+            history = out.fitted.record["history"]
+            per_epoch = sum(h["seconds"] for h in history) / max(len(history), 1)
             row = {
                 "dataset": ds, "teacher": "efficientnet_lite0 (ImageNet)", "student": label,
-                "image_size": a.image_size, "epochs": a.epochs, "best_epoch": out.fit.best_epoch,
+                "image_size": a.image_size, "epochs": a.epochs, "best_epoch": out.fitted.record["best_epoch"],
                 "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro_0.3"],
                 "f1_max": o.get("image_f1_max"), "calibrated": o.get("at_calibrated_threshold"),
                 "per_defect": {k: {m: v[m] for m in ("image_auroc", "pixel_auroc", "aupro_0.3")}
@@ -107,15 +107,15 @@ def main() -> int:
     return 0
 
 
-def config_of(label: str, a: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+def config_of(label: str, a: argparse.Namespace) -> tuple[ModelOptions, TrainOptions]:
     """default: what `stpm train DATA --name X` does (only the device set); stpm: STPM on the same
     default teacher with the ResNet18 student (it beat the same-family student, quality_256px) and a
     short schedule (--epochs, --batch-size, --lr)."""
     if label == "default":
-        return ModelConfig(), TrainConfig(device=a.device)
+        return ModelOptions(), TrainOptions(device=a.device)
     if label == "stpm":
-        return (ModelConfig(method="stpm", student_backbone="resnet18", image_size=a.image_size),
-                TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device))
+        return (ModelOptions(method="stpm", student_backbone="resnet18", image_size=a.image_size),
+                TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device))
     raise SystemExit(f"unknown config {label!r}: default or stpm")
 
 
@@ -135,8 +135,8 @@ def score_ms_per_image(bundle_dir: Path, data: Path, device: str) -> float:
     heatmap) per test image, over the first 20 test images after one warm-up."""
     import statistics
 
-    from stpm.data import test_samples
-    from stpm.runtime import Scorer
+    from stpm.training.data import test_samples
+    from stpm.runtime.scorer import Scorer
 
     providers = ("CPUExecutionProvider",) if device == "cpu" else ("auto",)
     scorer = Scorer(bundle_dir, providers=providers)
@@ -152,7 +152,7 @@ def score_ms_per_image(bundle_dir: Path, data: Path, device: str) -> float:
 
 
 def run_configs(a: argparse.Namespace) -> int:
-    from stpm.weights import load_map
+    from stpm.methods.loading import load_map
 
     device = torch.device(a.device)
     out_path = Path(a.out if a.out != str(ROOT / "benchmarks" / "results" / "quality.json")
@@ -165,8 +165,7 @@ def run_configs(a: argparse.Namespace) -> int:
             mcfg, tcfg = config_of(label, a)
             name = f"{ds}-{label}"
             t0 = time.monotonic()
-            out = train_and_publish(DATASETS[ds], name, models_dir, mcfg, tcfg, CalibrationConfig(), export=True,
-                                    show_bar=True)
+            out = run_training(DATASETS[ds], name, models_dir, TrainingOptions(model=mcfg, train=tcfg, calibration=CalibrationOptions()), export=True, show_bar=True)
             train_s = time.monotonic() - t0
             model, manifest = load_map(out.path)
             rep = evaluate(model, manifest, DATASETS[ds], device, Path(a.report_dir) / name)
@@ -179,7 +178,7 @@ def run_configs(a: argparse.Namespace) -> int:
                 "selection": manifest["training"].get("selection"),
                 "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro_0.3"],
                 "f1_max": o.get("image_f1_max"), "calibrated": o.get("at_calibrated_threshold"),
-                "train_s": train_s, "fit_s": out.fit.seconds,
+                "train_s": train_s, "fit_s": out.fitted.seconds,
                 "score_ms_per_image": score_ms_per_image(out.path, DATASETS[ds], a.device),
                 "n_train": manifest["data"]["n_train"], "n_test": len(rep["per_image"]),
             }

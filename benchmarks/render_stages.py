@@ -18,8 +18,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stpm import render  # noqa: E402
-from stpm.imageio import decode_image  # noqa: E402
+from stpm.imaging import render  # noqa: E402
+from stpm.imaging.decode import decode_image  # noqa: E402
 
 
 def cpu_ms(fn, n: int = 20) -> float:

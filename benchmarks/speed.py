@@ -34,14 +34,16 @@ def speed_bundle(models_dir: Path, image_size: int = 256, backbone: str = "resne
     import numpy as np
     import torch
 
-    from stpm.calibrate import calibrate
-    from stpm.config import ModelConfig
-    from stpm.export import export_bundle
-    from stpm.loss import anomaly_map, image_score
-    from stpm.model import build_stpm
-    from stpm.publish import build_manifest, publish_model
+    from stpm.training.calibration import calibrate
+    from stpm.options import ModelOptions
+    from stpm.export.onnx import export_bundle
+    from stpm.methods.maps import tile_score as image_score
+    from stpm.methods.stpm.loss import anomaly_map
+    from stpm.methods.stpm.model import build_stpm
+    from stpm.methods.stpm.anomaly_map import STPMMap
+    from stpm.training.publish import build_manifest, publish_model
 
-    cfg = ModelConfig(method="stpm", backbone=backbone, student_backbone=student_backbone, pretrained=False,
+    cfg = ModelOptions(method="stpm", backbone=backbone, student_backbone=student_backbone, pretrained=False,
                       image_size=image_size)
     model, _ = build_stpm(cfg, seed=0)
     model.eval()
@@ -49,7 +51,8 @@ def speed_bundle(models_dir: Path, image_size: int = 256, backbone: str = "resne
         t, s = model(torch.rand(4, 3, image_size, image_size))
         scores = image_score(anomaly_map(t, s, (image_size, image_size))).numpy()
     manifest = build_manifest(f"speed-{backbone}", cfg, calibrate(np.asarray(scores)), "random-init", {}, {})
-    _, path = publish_model(models_dir, model, manifest, before_publish=lambda d: export_bundle(d))
+    amap = STPMMap(model, manifest["model"]["combine"], manifest["model"]["sigma"])
+    _, path = publish_model(models_dir, amap, manifest, before_publish=lambda d: export_bundle(d))
     return path
 
 
@@ -67,7 +70,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from benchmarks.report import DOC, write_block
-    from stpm.bench import run_bench
+    from stpm.evaluation.speed import run_bench
 
     images = a.images or str(shared_data() / "mvtec_ad_bottle_512" / "bottle" / "test")
     with tempfile.TemporaryDirectory(prefix="stpm-speed-") as tmp:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CPU image built and run for real, end to end, on a machine without an image registry:
+# The CPU images built and run for real, end to end, on a machine without an image registry: the
+# all-in-one (`--target cpu`: training + scoring) and the scoring image (`--target serve`: no torch).
 #
 #   scripts/docker-smoke.sh
 #
@@ -8,18 +9,22 @@
 #      service listens on 127.0.0.1 only); if no engine can be had it says SKIP and exits 0
 #   2. the local base image (scripts/docker-base.sh: Debian bookworm by debootstrap), if absent
 #   3. local torch/torchvision wheels into docker/wheels (pip download, pip's own configuration)
-#   4. docker build --target cpu with BuildKit (CA bundle as a secret, the base and wheels as above)
-#   5. docker run: named volume on /data, an API key; waits for the image's HEALTHCHECK
+#   4. docker build --target cpu and --target serve with BuildKit (CA bundle as a secret, the base and
+#      wheels as above); the serve image must be <= STPM_SMOKE_SERVE_MAX_GB
+#   5. docker run the all-in-one: named volume on /data, an API key; waits for the image's HEALTHCHECK
 #   6. checks: API key enforced, the processes run as uid 10001, POST /train (16 good metal-plate images,
 #      64 px, 1 epoch) -> succeeded and published -> POST /score a defect image (JSON + overlay PNG)
 #      -> restart -> healthy, the model still there (volume), the same score
-#   7. the same through Compose v2 (docker-compose.yml + docker-compose.cpu.yml + docker-compose.test.yml)
-#      with the client at hand or, as root, Debian 13's docker-compose (unpacked, not installed);
-#      otherwise it says why not
-#   8. removes what it made (container, volume, image tag, wheels; the base image and BuildKit's layer
+#   7. the scoring image on the same volume, in place of the all-in-one: healthy, uid 10001, `import
+#      torch` fails inside it, POST /train answers 503; it scores the model the all-in-one trained (the
+#      same score), restarts, and scores it again bit for bit the same
+#   8. the all-in-one through Compose v2 (docker-compose.yml + docker-compose.cpu.yml +
+#      docker-compose.test.yml) with the client at hand or, as root, Debian 13's docker-compose
+#      (unpacked, not installed); otherwise it says why not
+#   9. removes what it made (containers, volume, image tags, wheels; the base image and BuildKit's layer
 #      cache stay, so a rerun builds in seconds), stops the dockerd it started
 #
-# Prints each step's time and the image size; the last line counts the checks ("N passed, 0 failed").
+# Prints each step's time and the image sizes; the last line counts the checks ("N passed, 0 failed").
 # Settings (environment):
 #   STPM_SHARED_DATA        data root (default ../shared/data); its absence fails under CI=true
 #   STPM_CA_BUNDLE          CA bundle for HTTPS inside the build (default: pip's `cert` setting)
@@ -27,7 +32,10 @@
 #   STPM_SMOKE_TORCHVISION  torchvision version (default 0.29.1)
 #   STPM_SMOKE_TORCH_INDEX  index for torch's dependencies (default https://pypi.org/simple)
 #   STPM_SMOKE_NO_CACHE=1   build without BuildKit's layer cache (as on a fresh machine)
-#   STPM_SMOKE_KEEP=1       keep the image, the wheels and a dockerd this script started
+#   STPM_SMOKE_KEEP=1       keep the images, the wheels and a dockerd this script started
+#   STPM_SMOKE_SERVE_MAX_GB the scoring image's size limit (default 1.2, issue 28)
+#   STPM_SMOKE_RESULT=FILE  after a passing run, write its step times, image sizes and conditions as JSON
+#                           (benchmarks/results/docker_smoke_*.json, rendered in docs/DOCKER.md)
 #   STPM_SMOKE_MIN_FREE_GB  free disk the build needs in Docker's data root, else SKIP (default 25)
 #   DOCKER / COMPOSE        the docker client / a Compose v2 command to use
 #   STPM_SMOKE_COMPOSE=skip do not fetch Debian 13's Compose v2 when no v2 client is at hand
@@ -36,6 +44,8 @@ cd "$(dirname "$0")/.."
 ROOT="$PWD"
 
 IMAGE=stpm:smoke-cpu
+SERVE_IMAGE=stpm:smoke-serve
+SERVE_NAME=stpm-smoke-serve
 BASE=stpm-base:bookworm
 NAME=stpm-smoke
 VOLUME=stpm-smoke-data
@@ -46,10 +56,20 @@ TORCH_INDEX="${STPM_SMOKE_TORCH_INDEX:-https://pypi.org/simple}"
 DATA="${STPM_SHARED_DATA:-$ROOT/../shared/data}/mpdd_metal_plate_512/metal_plate"
 WORK="$(mktemp -d /tmp/stpm-smoke.XXXXXX)"
 API_KEY="smoke-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+# Backend and precision pinned: "auto" times the candidates at every load and may pick another (bf16 vs
+# fp32: scores ~0.2 % apart) after a restart; pinned, a restart or another image must score bit for bit
+# the same (docs/SCALING.md pins them across replicas for the same reason).
+BACKEND=onnxruntime
+PRECISION=fp32
 
 PASSED=0
 STEPS=()
+STEP_TSV=()  # "name<TAB>seconds" of every step, for STPM_SMOKE_RESULT
 T0=$(date +%s)
+LOAD0="$(cut -d' ' -f1-3 /proc/loadavg)"
+INSTALLED=()
+BASE_BUILT=false
+BUILD_CACHE0=""
 STARTED_DOCKERD=""
 WHEELS_ADDED=()
 COMPOSE_FILES=()
@@ -66,6 +86,7 @@ step() {  # step NAME COMMAND...: run and time one step
     "$@"
     s=$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     STEPS+=("$(printf '%-46s %7s s' "$PHASE$name" "$s")")
+    STEP_TSV+=("$PHASE$name"$'\t'"$s")
 }
 
 # ---------------------------------------------------------------- cleanup
@@ -77,9 +98,9 @@ cleanup() {
         if [ "${#COMPOSE_FILES[@]}" -gt 0 ]; then
             "${COMPOSE[@]}" "${COMPOSE_FILES[@]}" down -v --remove-orphans >/dev/null 2>&1
         fi
-        "$D" rm -f "$NAME" >/dev/null 2>&1
+        "$D" rm -f "$NAME" "$SERVE_NAME" >/dev/null 2>&1
         "$D" volume rm "$VOLUME" >/dev/null 2>&1
-        [ "${STPM_SMOKE_KEEP:-}" = 1 ] || "$D" image rm "$IMAGE" >/dev/null 2>&1
+        [ "${STPM_SMOKE_KEEP:-}" = 1 ] || "$D" image rm "$IMAGE" "$SERVE_IMAGE" >/dev/null 2>&1
     fi
     if [ "${STPM_SMOKE_KEEP:-}" != 1 ]; then
         for f in "${WHEELS_ADDED[@]}"; do rm -f "$f"; done
@@ -122,6 +143,7 @@ install_debian_packages() {
         skip "missing ${missing[*]} and cannot install them (needs root and apt-get)"
     fi
     say "installing ${missing[*]} (Debian packages)"
+    INSTALLED=("${missing[@]}")
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") \
         >"$WORK/apt.log" 2>&1 || { tail -n 20 "$WORK/apt.log" >&2; skip "could not install ${missing[*]}"; }
 }
@@ -150,6 +172,8 @@ engine() {
         fi
     fi
     say "daemon: $("$D" version --format '{{.Server.Version}}'), $("$D" info --format '{{.OperatingSystem}}, {{.NCPU}} CPUs, storage {{.Driver}}')"
+    BUILD_CACHE0="$("$D" system df --format '{{.Type}}: {{.Size}}' | grep -i 'build cache' | cut -d' ' -f3)"
+    say "build cache at the start: ${BUILD_CACHE0:-none}"
     # A build from scratch fills ~19 GB (the 5.5 GB venv in a build layer and in the image, the export).
     local root free
     root="$("$D" info --format '{{.DockerRootDir}}')"
@@ -162,6 +186,7 @@ engine() {
 # ---------------------------------------------------------------- 2-4. base, wheels, build
 
 base_image() {
+    "$D" image inspect "$BASE" >/dev/null 2>&1 || BASE_BUILT=true
     DOCKER="$D" scripts/docker-base.sh "$BASE"
 }
 
@@ -185,36 +210,70 @@ wheels() {
     ls -l docker/wheels/*.whl
 }
 
-build() {
-    local ca no_cache=()
+build() {  # build TARGET TAG
+    local target="$1" tag="$2" ca no_cache=()
     ca="$(ca_bundle)"
     [ "${STPM_SMOKE_NO_CACHE:-}" = 1 ] && no_cache=(--no-cache)
-    say "build log: $WORK/build.log (CA bundle: $ca)"
-    if ! "$D" build --progress=plain "${no_cache[@]}" --network host --target cpu \
+    say "build log: $WORK/build-$target.log (CA bundle: $ca)"
+    if ! "$D" build --progress=plain "${no_cache[@]}" --network host --target "$target" \
             --build-arg BASE_IMAGE="$BASE" \
             --build-arg TORCH_CPU_VERSION="$TORCH" \
             --build-arg TORCHVISION_CPU_VERSION="$TORCHVISION" \
             --build-arg TORCH_CPU_INDEX="$TORCH_INDEX" \
             --build-arg TEACHERS=efficientnet_lite0 \
             --secret id=ca,src="$ca" \
-            -t "$IMAGE" . >"$WORK/build.log" 2>&1; then
-        tail -n 40 "$WORK/build.log" >&2
-        die "docker build failed"
+            -t "$tag" . >"$WORK/build-$target.log" 2>&1; then
+        tail -n 40 "$WORK/build-$target.log" >&2
+        die "docker build --target $target failed"
     fi
-    grep -E "^#[0-9]+ [0-9.]+ (torch |\[')" "$WORK/build.log" | sed 's/^/    build: /' || true
-    ok "image $IMAGE built with $D"
+    grep -E "^#[0-9]+ [0-9.]+ (torch |\[')" "$WORK/build-$target.log" | sed 's/^/    build: /' || true
+    ok "image $tag (--target $target) built with $D"
     # Build inputs stay out of the image: no wheel folder, and the CA bundle is the base's own.
     local sum_img sum_base sum_host
-    sum_img="$("$D" run --rm --network none --entrypoint sha256sum "$IMAGE" /etc/ssl/certs/ca-certificates.crt | cut -c1-64)"
+    sum_img="$("$D" run --rm --network none --entrypoint sha256sum "$tag" /etc/ssl/certs/ca-certificates.crt | cut -c1-64)"
     sum_base="$("$D" run --rm --network none --entrypoint sha256sum "$BASE" /etc/ssl/certs/ca-certificates.crt | cut -c1-64)"
     sum_host="$(sha256sum "$ca" | cut -c1-64)"
-    [ "$sum_img" = "$sum_base" ] || die "the image's CA bundle is not the base image's"
+    [ "$sum_img" = "$sum_base" ] || die "the CA bundle of $tag is not the base image's"
     [ "$sum_host" != "$sum_base" ] || say "note: the build's CA bundle equals the base's, so this check is vacuous"
-    "$D" run --rm --network none --entrypoint sh "$IMAGE" -c '! ls -d /wheels /src /run/secrets/ca 2>/dev/null' >/dev/null \
-        || die "build inputs (/wheels, /src or the secret) are in the image"
-    ok "no build inputs in the image (CA bundle = the base's ${sum_base:0:12}, the build's was ${sum_host:0:12})"
-    IMAGE_SIZE="$("$D" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')"
-    say "image size: $IMAGE_SIZE (base $("$D" image inspect -f '{{.Size}}' "$BASE" | awk '{printf "%.0f MB", $1 / 1e6}'))"
+    "$D" run --rm --network none --entrypoint sh "$tag" -c '! ls -d /wheels /src /run/secrets/ca 2>/dev/null' >/dev/null \
+        || die "build inputs (/wheels, /src or the secret) are in $tag"
+    ok "no build inputs in $tag (CA bundle = the base's ${sum_base:0:12}, the build's was ${sum_host:0:12})"
+    say "image size of $tag: $(size_gb "$tag") (base $("$D" image inspect -f '{{.Size}}' "$BASE" | awk '{printf "%.0f MB", $1 / 1e6}'))"
+}
+
+size_gb() {  # size_gb IMAGE: its size in GB (10^9 bytes), as `docker image ls` counts it
+    "$D" image inspect -f '{{.Size}}' "$1" | awk '{printf "%.2f GB", $1 / 1e9}'
+}
+
+check_sizes() {
+    IMAGE_SIZE="$(size_gb "$IMAGE")"
+    SERVE_SIZE="$(size_gb "$SERVE_IMAGE")"
+    local max="${STPM_SMOKE_SERVE_MAX_GB:-1.2}"
+    awk -v s="${SERVE_SIZE% GB}" -v m="$max" 'BEGIN { exit !(s <= m) }' \
+        || die "the scoring image is $SERVE_SIZE, over the ${max} GB limit"
+    ok "the scoring image is $SERVE_SIZE (limit $max GB), the all-in-one $IMAGE_SIZE"
+}
+
+write_result() {  # STPM_SMOKE_RESULT: this run as JSON (benchmarks/report.py renders it in docs/DOCKER.md)
+    [ -n "${STPM_SMOKE_RESULT:-}" ] || return 0
+    printf '%s\n' "${STEP_TSV[@]}" >"$WORK/steps.tsv"
+    python3 - "$STPM_SMOKE_RESULT" "$WORK/steps.tsv" <<PY
+import json, sys
+steps = [dict(name=n, seconds=float(s)) for n, s in (l.rstrip("\n").split("\t") for l in open(sys.argv[2]))]
+cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+res = {
+    "command": "${STPM_SMOKE_COMMAND:-CI=true scripts/docker-smoke.sh}", "when": "$(date -u +%F)",
+    "commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)",
+    "machine": {"cpu": cpu, "cores": $(nproc), "load_avg_start": "$LOAD0", "load_avg_end": "$(cut -d' ' -f1-3 /proc/loadavg)",
+                "docker": "$("$D" version --format '{{.Server.Version}}')"},
+    "conditions": {"installed_packages": "${INSTALLED[*]}".split(), "base_built": $( [ "$BASE_BUILT" = true ] && echo True || echo False),
+                   "build_cache_at_start": "$BUILD_CACHE0", "no_cache": "${STPM_SMOKE_NO_CACHE:-}" == "1"},
+    "images": {"$IMAGE": $("$D" image inspect -f '{{.Size}}' "$IMAGE"), "$SERVE_IMAGE": $("$D" image inspect -f '{{.Size}}' "$SERVE_IMAGE")},
+    "checks_passed": $PASSED, "total_s": $(( $(date +%s) - T0 )), "steps": steps,
+}
+open(sys.argv[1], "w").write(json.dumps(res, indent=2) + "\n")
+PY
+    say "result written to $STPM_SMOKE_RESULT"
 }
 
 # ---------------------------------------------------------------- 5-6. the API through the container
@@ -318,32 +377,45 @@ print(f"    score {r['score']:.4f} (raw {r['raw_score']:.4g}, threshold {r['thre
       f"anomaly {r['is_anomaly']}, overlay PNG {w}x{h} ({len(png)} bytes)", file=sys.stderr)
 PY
 )" || die "the /score response failed its checks: $(head -c 300 "$WORK/score.json")"
+    cp "$WORK/score.json" "$WORK/score-$label.json"
     if [ -n "${STPM_SMOKE_OUT:-}" ]; then mkdir -p "$STPM_SMOKE_OUT" && cp "$WORK/overlay-$label.png" "$STPM_SMOKE_OUT/"; fi
     ok "POST /score ($label): $MODEL/$VERSION scored $img; JSON and overlay PNG checked"
 }
 
+check_inference() {  # the server runs the model on the pinned backend and precision (GET /readyz)
+    api GET /readyz "$WORK/ready.json" >/dev/null
+    pyjson "$WORK/ready.json" "assert (d.get('backend'), d.get('precision')) == ('$BACKEND', '$PRECISION'), d" \
+        || die "the model does not run on $BACKEND/$PRECISION: $(cat "$WORK/ready.json")"
+    ok "/readyz: $MODEL/$VERSION runs on $BACKEND, $PRECISION (pinned)"
+}
+
 exercise() {  # exercise CONTAINER RESTART_COMMAND...: train -> publish -> score -> restart -> score
-    local c="$1" before
+    local c="$1"
     shift
     step "wait for healthy" wait_healthy "$c"
     step "non-root" check_non_root "$c"
     step "API key" check_auth
     step "train (16 images, 64 px, 1 epoch)" train
     step "score a defect image" score first
-    before="$SCORE"
+    check_inference
     step "restart" "$@"
     step "wait for healthy after restart" wait_healthy "$c"
     step "score again after restart" score restarted
-    python3 -c "import sys; a, b = map(float, sys.argv[1:]); assert abs(a - b) <= 1e-6 * max(1, abs(a)), (a, b)" \
-        "$before" "$SCORE" || die "the score changed across the restart: $before -> $SCORE"
-    ok "the model survived the restart (volume): same score $SCORE"
+    same_results "$WORK/score-first.json" "$WORK/score-restarted.json" \
+        || die "the results changed across the restart"
+    ok "the model survived the restart (volume): the same results bit for bit, score $SCORE"
 }
+
+# The image's own HEALTHCHECK command, polled every few seconds instead of its 30 s interval (the compose
+# phase keeps the files' interval): four waits fewer of up to 30 s each.
+HEALTH_INTERVAL=(--health-interval 3s)
 
 run_container() {
     PORT="$(free_port)"
     "$D" volume create "$VOLUME" >/dev/null
-    "$D" run -d --name "$NAME" --network host -v "$VOLUME:/data" \
-        -e STPM_API_KEY="$API_KEY" -e STPM_HOST=127.0.0.1 -e STPM_PORT="$PORT" "$IMAGE" >/dev/null
+    "$D" run -d --name "$NAME" --network host -v "$VOLUME:/data" "${HEALTH_INTERVAL[@]}" \
+        -e STPM_API_KEY="$API_KEY" -e STPM_HOST=127.0.0.1 -e STPM_PORT="$PORT" \
+        -e STPM_BACKEND="$BACKEND" -e STPM_PRECISION="$PRECISION" "$IMAGE" >/dev/null
     say "container $NAME on 127.0.0.1:$PORT (host network), volume $VOLUME on /data"
 }
 
@@ -351,9 +423,77 @@ restart_container() {
     "$D" restart "$NAME" >/dev/null
 }
 
-remove_container() {
-    "$D" rm -f "$NAME" >/dev/null
+remove_container() {  # remove_container NAME: the container; the volume stays
+    "$D" rm -f "$1" >/dev/null
+}
+
+remove_volume() {
     "$D" volume rm "$VOLUME" >/dev/null
+}
+
+# ---------------------------------------------------------------- 7. the scoring image on the same volume
+
+run_serve_container() {
+    PORT="$(free_port)"
+    "$D" run -d --name "$SERVE_NAME" --network host -v "$VOLUME:/data" "${HEALTH_INTERVAL[@]}" \
+        -e STPM_API_KEY="$API_KEY" -e STPM_HOST=127.0.0.1 -e STPM_PORT="$PORT" \
+        -e STPM_BACKEND="$BACKEND" -e STPM_PRECISION="$PRECISION" "$SERVE_IMAGE" >/dev/null
+    say "container $SERVE_NAME ($SERVE_IMAGE) on 127.0.0.1:$PORT, the all-in-one's volume $VOLUME on /data"
+}
+
+check_no_torch() {
+    local out code
+    if out="$("$D" exec "$SERVE_NAME" python -c 'import torch' 2>&1)"; then
+        die "import torch succeeded inside $SERVE_IMAGE"
+    fi
+    grep -q "ModuleNotFoundError: No module named 'torch'" <<<"$out" || die "import torch failed otherwise: $out"
+    ok "import torch fails inside the scoring container: $(tail -n 1 <<<"$out")"
+    code="$(api POST /train "$WORK/train503.json" -F "files=@$DATA/train/good/$(ls "$DATA/train/good" | head -n 1)" \
+        -F "name=$MODEL")"
+    [ "$code" = 503 ] || { cat "$WORK/train503.json" >&2; die "POST /train on the scoring image: HTTP $code, expected 503"; }
+    pyjson "$WORK/train503.json" "assert d['error'] == 'training_unavailable', d"
+    ok "POST /train on the scoring image: 503 training_unavailable (no torch, no local training)"
+}
+
+same_results() {  # same_results A.json B.json: the answers (timings aside) equal bit for bit
+    python3 - "$1" "$2" <<'PY'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:])
+for d in (a, b):  # the timings are the only field that may change
+    d.pop("timings_ms", None)
+    for r in d["results"]:
+        r.pop("timings_ms", None)
+if json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True):
+    sys.exit(0)
+ra, rb = a["results"][0], b["results"][0]
+diff = {k: (ra.get(k), rb.get(k)) for k in sorted(set(ra) | set(rb)) if ra.get(k) != rb.get(k)}
+print("    differ: " + ", ".join(f"{k}: {'<base64>' if k.endswith('_png') else v}" for k, v in diff.items()), file=sys.stderr)
+sys.exit(1)
+PY
+}
+
+serve_exercise() {  # the all-in-one's model scored by the scoring image, across a restart
+    step "wait for healthy" wait_healthy "$SERVE_NAME"
+    step "non-root" check_non_root "$SERVE_NAME"
+    step "no torch" check_no_torch
+    step "score the all-in-one's model" score serve-first
+    check_inference
+    # Both images install the same scoring stack from pyproject.toml; should a release differ between
+    # their builds, a difference in the last bits is reported, and only a real one fails.
+    if same_results "$WORK/score-restarted.json" "$WORK/score-serve-first.json"; then
+        ok "the scoring image scores $MODEL/$VERSION bit for bit as the all-in-one did: $SCORE"
+    else
+        python3 -c "import sys; a, b = map(float, sys.argv[1:]); assert abs(a - b) <= 1e-6 * max(1, abs(a)), (a, b)" \
+            "$(pyjson "$WORK/score-restarted.json" 'print(repr(d["results"][0]["score"]))')" "$SCORE" \
+            || die "the scoring image's score differs from the all-in-one's"
+        ok "the scoring image scores $MODEL/$VERSION as the all-in-one did (score within 1e-6, NOT bit for bit)"
+    fi
+    step "restart" "$D" restart "$SERVE_NAME"
+    step "wait for healthy after restart" wait_healthy "$SERVE_NAME"
+    step "score again after restart" score serve-restarted
+    same_results "$WORK/score-serve-first.json" "$WORK/score-serve-restarted.json" \
+        || die "the scoring image's results changed across its restart"
+    ok "after a restart the scoring image returns the same results bit for bit (scores, maps, overlay PNG)"
 }
 
 # ---------------------------------------------------------------- 7. compose
@@ -410,7 +550,8 @@ compose_smoke() {
     say "compose client: $(cat "$WORK/compose.txt")"
     PHASE="compose: "
     PORT="$(free_port)"
-    export STPM_API_KEY="$API_KEY" STPM_IMAGE="$IMAGE" STPM_SMOKE_PORT="$PORT"
+    export STPM_API_KEY="$API_KEY" STPM_IMAGE="$IMAGE" STPM_SMOKE_PORT="$PORT" \
+        STPM_BACKEND="$BACKEND" STPM_PRECISION="$PRECISION"  # through the files' pass-through
     COMPOSE_FILES=(-p stpm-smoke -f docker-compose.yml -f docker-compose.cpu.yml -f docker-compose.test.yml)
     step "compose up" "${COMPOSE[@]}" "${COMPOSE_FILES[@]}" up -d --no-build --quiet-pull
     c="$("${COMPOSE[@]}" "${COMPOSE_FILES[@]}" ps -q api)"
@@ -432,13 +573,23 @@ say "load average $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) CPUs"
 step "docker engine" engine
 step "base image $BASE" base_image
 step "wheels (torch $TORCH, torchvision $TORCHVISION)" wheels
-step "docker build --target cpu" build
+step "docker build --target cpu" build cpu "$IMAGE"
+step "docker build --target serve" build serve "$SERVE_IMAGE"
+check_sizes
+PHASE="all-in-one: "
 step "docker run" run_container
 exercise "$NAME" restart_container
-step "remove container and volume" remove_container
+step "remove the container (the volume stays)" remove_container "$NAME"
+PHASE="serve: "
+step "docker run on the same volume" run_serve_container
+serve_exercise
+step "remove the container" remove_container "$SERVE_NAME"
+step "remove the volume" remove_volume
+PHASE=""
 compose_smoke
 
-say "image $IMAGE: $IMAGE_SIZE; step times:"
+say "image $IMAGE: $IMAGE_SIZE, $SERVE_IMAGE: $SERVE_SIZE; step times:"
 printf '    %s\n' "${STEPS[@]}"
 say "total $(( $(date +%s) - T0 )) s"
+write_result
 printf 'docker-smoke: %d passed, 0 failed\n' "$PASSED"

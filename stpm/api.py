@@ -8,35 +8,24 @@
         print(r.name, r.score, r.is_anomaly)
 
 `train` runs the whole job of `stpm train` (torch); `load` returns the ONNX Runtime scorer the service
-uses (no torch). The training options are explicit keywords whose defaults are the config
-dataclasses' (stpm.config); a test checks they are exactly the options the CLI and POST /train offer.
+uses (no torch). The training options are keywords generated from the option models (stpm.options);
+a test checks they are exactly the options the CLI and POST /train offer.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stpm import bundle
-from stpm.config import (
-    Backbone,
-    CalibrationConfig,
-    Combine,
-    ImageScoreMethod,
-    Method,
-    ModelConfig,
-    ThresholdMethod,
-    TilingConfig,
-    TilingMode,
-    TrainConfig,
-)
+from stpm.options import training_options
 
 if TYPE_CHECKING:
-    from stpm.runtime import Scorer
+    from stpm.runtime.scorer import Scorer
 
-_M, _T, _C, _G = ModelConfig, TrainConfig, CalibrationConfig, TilingConfig  # class attributes = field defaults
 DEVICES = {"auto": ("auto",), "cpu": ("cpu",), "cuda": ("cuda",), "tensorrt": ("tensorrt",)}
 
 
@@ -60,55 +49,21 @@ def train(
     activate: bool = False,
     export: bool = True,
     progress: bool = True,
-    # the training options (stpm.config; the CLI's flags and POST /train's fields)
-    method: Method = _M.method,
-    backbone: Backbone = _M.backbone,
-    student_backbone: Backbone | None = _M.student_backbone,
-    layers: Sequence[str] = _M.layers,
-    image_size: int = _M.image_size,
-    pretrained: bool = _M.pretrained,
-    weights: str | None = _M.weights,
-    combine: Combine = _M.combine,
-    sigma: float | None = _M.sigma,
-    image_score: ImageScoreMethod = _M.image_score,
-    topk: float = _M.topk,
-    coreset_ratio: float = _M.coreset_ratio,
-    bank_size: int = _M.bank_size,
-    neighbourhood: int = _M.neighbourhood,
-    epochs: int = _T.epochs,
-    batch_size: int = _T.batch_size,
-    lr: float = _T.lr,
-    momentum: float = _T.momentum,
-    weight_decay: float = _T.weight_decay,
-    val_fraction: float = _T.val_fraction,
-    patience: int = _T.patience,
-    seed: int = _T.seed,
-    device: str = _T.device,
-    amp: bool = _T.amp,
-    compile: bool = _T.compile,
-    workers: int = _T.num_workers,
-    augment: bool = _T.augment,
-    max_steps: int = _T.max_steps,
-    calibration: ThresholdMethod = _C.method,
-    quantile: float = _C.quantile,
-    margin: float = _C.margin,
-    tiling: TilingMode = _G.mode,
-    resolution: int | None = _G.resolution,
-    scale: float | None = _G.scale,
-    overlap: float = _G.overlap,
-    max_upscale: float = _G.max_upscale,
-    max_tiles: int = _G.max_tiles,
+    **options: Any,
 ) -> Version:
     """Train on the good images in `data` (an MVTec category folder, a folder of images, or a list of
     image files), calibrate on held-out good images, export ONNX (parity-checked) and publish the next
     version of `name` in `models_dir` (default: $STPM_MODELS_DIR or ./models). The first version of a
-    name is activated; later ones when `activate`. Raises ValueError for a bad option or bad data
-    (naming it), KeyboardInterrupt as usual (no version is published then)."""
-    values = {k: v for k, v in locals().items() if k not in _RUN_ARGUMENTS}  # the training options, by name
+    name is activated; later ones when `activate`. The training options are keywords named like
+    `stpm train`'s flags (the signature lists them with their defaults); an unknown one raises TypeError,
+    a bad value or bad data ValueError (naming it), KeyboardInterrupt as usual (nothing is published)."""
     from stpm.options import build
-    from stpm.pipeline import run_training
+    from stpm.training.pipeline import run_training
 
-    config = build(values)
+    unknown = sorted(set(options) - {o.name for o in training_options()})
+    if unknown:
+        raise TypeError(f"train() got unexpected keyword argument(s): {', '.join(unknown)}")
+    config = build(options)
     models_dir = Path(models_dir if models_dir is not None else bundle.default_models_dir())
     paths = [Path(p) for p in data] if isinstance(data, Sequence) and not isinstance(data, str) else data
     out = run_training(paths, name, models_dir, config, export=export, show_bar=progress)
@@ -119,7 +74,18 @@ def train(
     return Version(name, out.version, out.path)
 
 
-_RUN_ARGUMENTS = frozenset({"data", "name", "models_dir", "activate", "export", "progress"})
+def _with_option_keywords(fn):
+    """`fn`'s signature with one keyword-only parameter per training option (name, default): what help(),
+    IDEs and tests see. The options come from the option models, so a new option is a new keyword here."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default)
+             for o in training_options()]
+    fn.__signature__ = sig.replace(parameters=own + extra)
+    return fn
+
+
+train = _with_option_keywords(train)
 
 
 def load(
@@ -137,7 +103,7 @@ def load(
     bundle holds with parity, timed here; `scorer.selection` says what was chosen and why). A precision
     the bundle lacks falls back to fp32 with a warning.
     -> stpm.runtime.Scorer: `scorer.score(images)` takes image files, encoded bytes or arrays."""
-    from stpm.runtime import Scorer
+    from stpm.runtime.scorer import Scorer
 
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")

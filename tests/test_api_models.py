@@ -267,3 +267,25 @@ sys.exit(1 if bad else 0)
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "LOADED []" in p.stdout
+
+
+def test_routes_take_shared_state_from_the_app_dependencies(store, tmp_path):
+    """The handlers name the registry, settings and job store in their signatures (app.deps): an override
+    replaces what every route sees; without training the job routes answer 503 training_unavailable."""
+    from app.deps import get_registry, get_settings
+    from app.registry import ModelRegistry
+
+    app = create_app(settings(store, train_enabled=False))
+    other = settings(make_store(tmp_path / "other", name="other"), replica_name="replica-x")
+    with TestClient(app) as c:
+        other_registry = ModelRegistry(other, app.state.metrics)
+        app.dependency_overrides[get_registry] = lambda: other_registry
+        app.dependency_overrides[get_settings] = lambda: other
+        assert [m["name"] for m in c.get("/models").json()["models"]] == ["other"]
+        assert c.get("/models/other/versions/v1").json()["active"] is True
+        assert c.get("/healthz").json()["replica"] == "replica-x"
+        app.dependency_overrides.clear()
+        assert [m["name"] for m in c.get("/models").json()["models"]] == ["demo"]
+        for method, path in (("GET", "/train"), ("GET", "/train/" + "0" * 32), ("DELETE", "/train/" + "0" * 32)):
+            r = c.request(method, path)
+            assert r.status_code == 503 and r.json()["error"] == "training_unavailable", (method, path, r.text)

@@ -170,5 +170,5 @@ def test_openapi_says_what_the_server_answers(client):
                 assert {"400", "408", "413", "415", "422"} <= set(op["responses"]), (method, path)
     name = next(p for p in spec["paths"]["/models/{name}"]["get"]["parameters"] if p["name"] == "name")
     assert name["schema"]["pattern"].startswith("^")
-    for body in ("Body_score_score_post", "Body_submit_train_post", "Body_score_overlay_score_overlay_post"):
+    for body in ("Body_score_score_post", "TrainForm", "Body_score_overlay_score_overlay_post"):
         assert spec["components"]["schemas"][body]["properties"]["files"]["minItems"] == 1

@@ -257,10 +257,13 @@ def test_no_reference_to_a_request_s_images_outlives_it(store):
     seen: list[weakref.ref] = []
 
     class Recording:
+        """A scorer without the two phases: the batcher calls its `score` with what the route prepared."""
+
         def __init__(self, path):
             self.inner = base(path)
             self.image_size = self.inner.image_size
             self.providers = self.inner.providers
+            self.read, self.decode = self.inner.read, self.inner.decode
 
         def warmup(self):
             self.inner.warmup()
@@ -325,6 +328,7 @@ def test_concurrent_requests_are_micro_batched_and_loop_stays_free(store):
             self.inner = base(path)
             self.image_size = self.inner.image_size
             self.providers = self.inner.providers
+            self.read, self.decode = self.inner.read, self.inner.decode
 
         def warmup(self):
             self.inner.warmup()
@@ -364,3 +368,29 @@ def test_fp16_setting_serves_a_version_without_the_fp16_graph(store):
         r = c.post("/score", files=[("files", ("a.png", png(synthetic_rgb(1)), "image/png"))])
         assert r.status_code == 200, r.text
         assert c.get("/readyz").status_code == 200
+
+
+def test_each_image_is_decoded_and_planned_once(client, monkeypatch):
+    """Issue 23: /score read each image's header, planned it (for the pixel budget and the geometry check)
+    and decoded it, then the scorer converted, limit-checked and planned it again. Now the Scorer prepares
+    it once and the prepared image travels to inference."""
+    from stpm.runtime import images
+    from stpm.runtime import scorer as scorer_module
+
+    calls = {"plan": 0, "decode": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapper
+
+    monkeypatch.setattr(images, "plan", counted("plan", images.plan))
+    monkeypatch.setattr(images, "decode_image", counted("decode", images.decode_image))
+    monkeypatch.setattr(scorer_module, "plan", counted("plan", scorer_module.plan))  # Scorer.plan: not used
+    r = client.post("/score", files=upload(png(synthetic_rgb(1, 300)), png(synthetic_rgb(2, 200))),
+                    params={"heatmap": "both", "heatmap_size": "model"})
+    assert r.status_code == 200, r.text
+    assert calls == {"plan": 2, "decode": 2}
+    for x in r.json()["results"]:
+        assert x["tiles"] >= 1 and x["scaled_width"] >= 1

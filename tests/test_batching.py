@@ -1,5 +1,5 @@
 """The micro-batcher's defaults: the choice rule of benchmarks/batching.py on synthetic sweep tables, and
-app.registry.BATCH_DEFAULTS being what the recorded sweep (benchmarks/results/load_sweep.json) chose."""
+app.batcher.BATCH_DEFAULTS being what the recorded sweep (benchmarks/results/load_sweep.json) chose."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_rounds_merge_to_medians_and_keep_every_error():
 
 
 def test_batch_defaults_are_the_recorded_sweeps_choice():
-    from app.registry import BATCH_DEFAULTS
+    from app.batcher import BATCH_DEFAULTS
 
     res = json.loads((ROOT / "benchmarks" / "results" / "load_sweep.json").read_text())
     rule = Rule(**res["rule"])

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from stpm.bundle import store
 from stpm import bundle
 
 
@@ -97,7 +98,7 @@ def test_clean_staging_spares_live_publishes_and_removes_dead_ones(tmp_path):
     live = staged(tmp_path)  # owned by this (live) process
     sleeper = subprocess.Popen([sys.executable, "-c", "pass"])
     sleeper.wait()
-    dead = tmp_path / "m" / f".staging-{sleeper.pid}-{bundle._host_tag()}-{'0' * 32}"
+    dead = tmp_path / "m" / f".staging-{sleeper.pid}-{store._host_tag()}-{'0' * 32}"
     dead.mkdir()
     old_style_young = tmp_path / "m" / ".staging-0123456789abcdef0123456789abcdef"
     old_style_old = tmp_path / "m" / ".staging-fedcba9876543210fedcba9876543210"

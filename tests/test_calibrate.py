@@ -1,8 +1,13 @@
 import numpy as np
 import pytest
 
-from stpm.calibrate import calibrate, f1_optimal_threshold, normalize
-from stpm.config import CalibrationConfig
+from stpm.bundle.calibration import Calibration
+from stpm.training.calibration import calibrate, f1_optimal_threshold
+
+
+def normalize(x, threshold, low):
+    return Calibration(threshold=threshold, low=low).normalise(x)
+from stpm.options import CalibrationOptions
 
 
 def test_threshold_sits_above_the_good_scores_and_maps_to_one_half():
@@ -17,13 +22,13 @@ def test_threshold_sits_above_the_good_scores_and_maps_to_one_half():
 
 def test_quantile_method_flags_about_the_requested_fraction_of_goods():
     good = np.random.default_rng(1).normal(1.0, 0.1, 1000)
-    cal = calibrate(good, CalibrationConfig(method="quantile", quantile=0.95, margin=0.0))
+    cal = calibrate(good, CalibrationOptions(method="quantile", quantile=0.95, margin=0.0))
     assert np.mean(good > cal.threshold) == pytest.approx(0.05, abs=0.01)
 
 
 @pytest.mark.parametrize("scores", [[3.0], [2.0, 2.0, 2.0], [1.0, 1.0 + 1e-9]])
 def test_degenerate_good_sets_never_flag_everything(scores):
-    for cfg in (CalibrationConfig(), CalibrationConfig(method="quantile", quantile=0.5, margin=0.0)):
+    for cfg in (CalibrationOptions(), CalibrationOptions(method="quantile", quantile=0.5, margin=0.0)):
         cal = calibrate(np.array(scores), cfg)
         assert cal.threshold >= np.median(scores)
         assert cal.threshold > cal.low
@@ -51,7 +56,7 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError):
         calibrate(np.array([1.0, np.nan]))
     with pytest.raises(ValueError):
-        calibrate(np.array([1.0]), CalibrationConfig(method="median"))
+        calibrate(np.array([1.0]), CalibrationOptions(method="median"))
 
 
 def test_a_single_good_score_gives_a_sane_normalisation_scale():

@@ -9,7 +9,9 @@ import uuid
 
 import pytest
 from services import free_port, start_redis
+from sqlalchemy import update
 
+from app.jobs.schema import jobs
 from app.jobs.store import JobStore
 from app.settings import Settings
 
@@ -46,8 +48,8 @@ def _new(store: JobStore, created_ago_s: float = 0.0) -> str:
     job_id = uuid.uuid4().hex
     store.create(job_id, "demo", {}, f"/data/jobs/{job_id}", 8, None)
     if created_ago_s:
-        with store._conn() as c:
-            c.execute("UPDATE jobs SET created_at = ? WHERE id = ?", (time.time() - created_ago_s, job_id))
+        with store.engine.connect() as c:
+            c.execute(update(jobs).where(jobs.c.id == job_id).values(created_at=time.time() - created_ago_s))
     return job_id
 
 

@@ -130,9 +130,47 @@ def test_help_lists_every_command_without_importing_them():
     code = ("import sys\nfrom stpm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('TORCH', 'torch' in sys.modules)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    for command in ("train", "eval", "export", "predict", "activate", "bench", "serve", "distill"):
+    for command in ("train", "eval", "export", "predict", "activate", "bench", "serve", "worker", "distill"):
         assert command in r.stdout
     assert "TORCH False" in r.stdout
+
+
+@pytest.mark.parametrize("command, flag", [("export", "--opset"), ("bench", "--batch-sizes"), ("serve", "--port"),
+                                           ("worker", "--concurrency")])
+def test_every_module_command_loads_its_arguments(command, flag, capsys):
+    """The modules behind the lazily imported commands exist and add their own arguments (a moved module
+    would otherwise leave its command saying `not available in this installation`)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and flag in capsys.readouterr().out
+
+
+def test_commands_come_from_the_entry_point_group_and_a_broken_one_says_why(tmp_path):
+    """`serve` and `worker` are registered by app through the `stpm.commands` entry points (stpm never
+    imports app); another distribution's command is listed the same way, and one whose module cannot be
+    imported stays listed and answers with the reason, not a traceback or a usage error."""
+    import os
+    import subprocess
+    import sys
+
+    info = tmp_path / "stpm_extra-0.1.dist-info"  # a real (installed-looking) distribution on sys.path
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: stpm-extra\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[stpm.commands]\nbroken = no_such_module_for_stpm:register\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(tmp_path)]))}
+    code = ("import sys\nfrom stpm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('APP', sorted(m for m in sys.modules if m == 'app' or m.startswith('app.')))\n"
+            "sys.exit(main(['broken', 'anything', '--at-all']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stderr
+    assert "stpm broken: not available in this installation" in r.stderr and "no_such_module_for_stpm" in r.stderr
+    listed = r.stdout[: r.stdout.index("APP")]
+    assert all(name in listed for name in ("broken", "serve", "worker"))
+    assert "'app.serve'" in r.stdout and "'app.celery_worker'" in r.stdout
+    code = ("import sys\nfrom stpm.cli import build_parser\nbuild_parser('activate')\n"
+            "print('APP', [m for m in sys.modules if m == 'app' or m.startswith('app.')])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert "APP []" in r.stdout, r.stdout + r.stderr  # another command runs: the service is not imported
 
 
 def test_activate_command(tmp_path, capsys):
@@ -158,7 +196,8 @@ def test_eval_writes_report_pictures_and_records_metrics_beside_an_unchanged_ver
     """A published version is immutable in fact: `stpm export` adds ONNX files and the manifest's
     `exports` record only (weights and the digest over every other field unchanged), `stpm eval` writes
     eval.json beside the manifest and changes nothing else."""
-    from stpm import bundle, names
+    from stpm import bundle
+    from stpm.bundle import names
 
     m = str(tmp_path / "m")
     data = good_folder(tmp_path, bottle_good, 5)

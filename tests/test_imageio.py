@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stpm.imageio import ImageDecodeError, decode_image
+from stpm.imaging.decode import ImageDecodeError, decode_image
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -154,9 +154,9 @@ def test_server_killed_mid_job_restarts_truthfully(tmp_path):
         stop(proc)
     # what a kill during publishing would leave: a staging folder, owned by the dead training process,
     # with a complete-looking bundle
-    from stpm import bundle
+    from stpm.bundle import store
 
-    staging = models / "demo" / f".staging-{child}-{bundle._host_tag()}-{'0' * 32}"
+    staging = models / "demo" / f".staging-{child}-{store._host_tag()}-{'0' * 32}"
     staging.mkdir(parents=True)
     (staging / "manifest.json").write_text(json.dumps({"name": "demo", "version": None}))
 

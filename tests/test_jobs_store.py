@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+from pathlib import Path
 import sqlite3
 import time
 import uuid
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 
 import pytest
 from services import start_postgres
+from sqlalchemy import inspect
 
 from app.jobs.store import JobStore
 from app.jobs.worker import LocalRunner
@@ -139,7 +141,8 @@ def test_reopening_keeps_every_row(target):
     s.close()
 
 
-def test_a_store_of_the_first_release_gains_the_new_columns(target):
+def _first_release_store(target: str) -> None:
+    """The table as the first release made it (no index either), holding one queued job 'aaa...'."""
     row = {"id": "a" * 32, "seq": 1, "name": "demo", "state": "queued", "params": json.dumps({}),
            "created_at": 1.0, "updated_at": 1.0, "job_dir": "/x", "n_images": 8}
     cols = ", ".join(row)
@@ -153,22 +156,46 @@ def test_a_store_of_the_first_release_gains_the_new_columns(target):
         with sqlite3.connect(target) as c:
             c.execute(OLD_SCHEMA.format(real="REAL"))
             c.execute(f"INSERT INTO jobs ({cols}) VALUES ({', '.join(['?'] * len(row))})", tuple(row.values()))
+
+
+def test_a_store_of_the_first_release_gains_the_new_columns(target):
+    _first_release_store(target)
     s = JobStore(target)
     try:
         job = s.get("a" * 32)
         assert job.state == "queued" and job.worker is None and job.heartbeat_at is None
         claimed, token = s.claim(job.id, "w")
         assert s.heartbeat(job.id, token) and s.get(job.id).worker == "w"
+        assert {"jobs_state", "jobs_seq"} <= {ix["name"] for ix in inspect(s.engine).get_indexes("jobs")}
     finally:
         s.close()
 
 
+@pytest.mark.parametrize("old", [False, True], ids=["new", "first-release"])
+def test_several_processes_opening_one_store_at_once(target, old):
+    """API workers and training processes start together: each creates or upgrades the table if needed,
+    none fails because another one did it first."""
+    if old:
+        _first_release_store(target)
+    with cf.ThreadPoolExecutor(6) as ex:  # each store has its own engine: its own connections
+        stores = list(ex.map(lambda _: JobStore(target), range(6)))
+    try:
+        job_id = new(stores[0])
+        assert all(s.get(job_id).state == "queued" for s in stores)
+        assert stores[-1].claim(job_id, "w") is not None and stores[1].get(job_id).worker == "w"
+    finally:
+        for s in stores:
+            s.close()
+
+
 def _published(models, name: str, fingerprint: str) -> None:
+    """A published version's manifest (a real one, tests/data/manifests) for training data `fingerprint`."""
     d = models / name / "v1"
     d.mkdir(parents=True)
-    (d / "manifest.json").write_text(json.dumps({
-        "name": name, "version": "v1", "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": {"fingerprint": fingerprint}}))
+    manifest = json.loads((Path(__file__).parent / "data" / "manifests" / "format2-patchcore.json").read_text())
+    manifest.update(name=name, version="v1", created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    data={**manifest["data"], "fingerprint": fingerprint})
+    (d / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_sweep_settles_only_dead_workers_runs_truthfully(store, tmp_path):

@@ -289,7 +289,7 @@ def test_readable_errors():
 
 def test_backbone_choices_are_the_library_table():
     from app.routes.train import API_OPTIONS
-    from stpm.names import BACKBONES
+    from stpm.methods.backbone_specs import BACKBONES
 
     backbone = next(o for o in API_OPTIONS if o.name == "backbone")
     assert backbone.choices == tuple(BACKBONES)

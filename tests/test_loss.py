@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from stpm.loss import anomaly_map, gaussian_blur, image_score, layer_distance, stpm_loss
+from stpm.methods.maps import gaussian_blur, tile_score
+from stpm.methods.stpm.loss import anomaly_map, layer_distance, stpm_loss
 
 
 def feats(seed: int, b: int = 2):
@@ -51,9 +52,9 @@ def test_gaussian_blur_keeps_constants_and_mass_and_spreads_a_peak():
     assert b[0, 15, 15] < 1.0 and b.argmax().item() == 15 * 31 + 15
 
 
-def test_image_score_is_map_max():
+def test_tile_score_is_map_max():
     m = torch.rand(3, 10, 10)
-    assert torch.equal(image_score(m), m.flatten(1).max(1).values)
+    assert torch.equal(tile_score(m), m.flatten(1).max(1).values)
 
 
 def test_mismatched_layers_raise():

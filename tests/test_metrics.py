@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from stpm.metrics import aupro, at_threshold, auroc, f1_max
+from stpm.evaluation.metrics import aupro, at_threshold, auroc, f1_max
 
 
 def brute_force_aupro(masks, maps, limit=0.3, n_thr=4000):

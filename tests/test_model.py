@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from stpm.config import ModelConfig
-from stpm.loss import stpm_loss
-from stpm.model import build_stpm, student_layers
+from stpm.options import ModelOptions
+from stpm.methods.stpm.loss import stpm_loss
+from stpm.methods.stpm.model import build_stpm, student_layers
 
 
 def tiny(backbone="resnet18", student=None):
-    model, source = build_stpm(ModelConfig(method="stpm", backbone=backbone, student_backbone=student, pretrained=False,
+    model, source = build_stpm(ModelOptions(method="stpm", backbone=backbone, student_backbone=student, pretrained=False,
                                            image_size=64), seed=0)
     assert source == "random-init"
     return model
@@ -54,12 +54,17 @@ def test_different_student_projects_to_teacher_channels():
     t, s = model(torch.rand(1, 3, 64, 64))
     assert [f.shape for f in t] == [f.shape for f in s]
     assert [f.shape[1] for f in t] == [24, 40, 112]
-    assert student_layers(ModelConfig(method="stpm", backbone="efficientnet_lite0", student_backbone="resnet18")) == (
-        ("blocks.1", "blocks.2", "blocks.4"), ("layer1", "layer2", "layer3"))
+    assert student_layers("efficientnet_lite0", "resnet18", ("blocks.1", "blocks.2", "blocks.4")) == (
+        "layer1", "layer2", "layer3")
 
 
 def test_unknown_backbone_and_layer_are_named():
+    """The options refuse them (so no model is ever built from them); the extractor names them too."""
+    from stpm.methods import backbones
+
+    with pytest.raises(ValueError, match="backbone"):
+        ModelOptions(method="stpm", backbone="vgg", pretrained=False)
+    with pytest.raises(ValueError, match="resnet18 has no feature layer layer9"):
+        ModelOptions(method="stpm", backbone="resnet18", layers=("layer9",), pretrained=False)
     with pytest.raises(ValueError, match="unknown backbone 'vgg'"):
-        build_stpm(ModelConfig(method="stpm", backbone="vgg", pretrained=False))
-    with pytest.raises(ValueError, match="layer9"):
-        build_stpm(ModelConfig(method="stpm", backbone="resnet18", layers=("layer9",), pretrained=False))
+        backbones.build_features("vgg", ())

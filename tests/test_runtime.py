@@ -15,8 +15,9 @@ from PIL import Image
 pytest.importorskip("torch")
 
 from stpm import bundle
-from stpm.imageio import ImageDecodeError
-from stpm.runtime import Scorer, choose_providers
+from stpm.imaging.decode import ImageDecodeError
+from stpm.runtime.scorer import Scorer
+from stpm.runtime.sessions import choose_providers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export import SIZE, bottle_images, make_bundle, torch_scores
@@ -43,7 +44,8 @@ def scorer(tmp_path_factory, real):
 
 
 def test_import_does_not_import_torch():
-    code = ("import sys, stpm, stpm.runtime, stpm.render, stpm.options, stpm.config, stpm.names\n"
+    code = ("import sys, stpm, stpm.runtime.scorer, stpm.runtime.choice, stpm.runtime.sessions, stpm.runtime.images, "
+            "stpm.runtime.cpu, stpm.imaging.render, stpm.options, stpm.bundle.manifest, stpm.methods.registry\n"
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1], timeout=60)
@@ -51,9 +53,9 @@ def test_import_does_not_import_torch():
 
 
 def test_scores_match_torch_and_decisions(scorer, real):
-    from stpm.weights import load_model
+    from stpm.methods.loading import load_map
 
-    model, _ = load_model(scorer.bundle_dir)
+    model = load_map(scorer.bundle_dir)[0].model
     ref = torch_scores(model, real[0])
     res = scorer.score(real[0], map_size=(SIZE, SIZE))
     raw = np.array([r.raw_score for r in res])
@@ -75,7 +77,7 @@ def test_bytes_and_arrays_agree(scorer, real):
     b = scorer.score([png(im) for im in imgs], names=["x.png", "y.png"])
     assert [r.name for r in b] == ["x.png", "y.png"] and [r.name for r in a] == ["image0", "image1"]
     np.testing.assert_allclose([r.raw_score for r in a], [r.raw_score for r in b], rtol=1e-6)
-    assert all(r.anomaly_map is None and r.overlay_png is None and r.map_png is None for r in a)
+    assert all(r.anomaly_map is None and r.overlay_image is None and r.map_image is None for r in a)
 
 
 def test_grayscale_rgba_16bit(scorer, real):
@@ -109,17 +111,17 @@ def test_overlay_and_map_png_sizes(scorer, real):
     im = real[0][3]
     r = scorer.score([png(im)], map_size="input", overlay=True, raw_map_png=True)[0]
     assert r.anomaly_map.shape == im.shape[:2]
-    ov = Image.open(io.BytesIO(r.overlay_png))
+    ov = Image.open(io.BytesIO(r.overlay_image))
     assert ov.mode == "RGB" and ov.size == (im.shape[1], im.shape[0])
-    mp = Image.open(io.BytesIO(r.map_png))
+    mp = Image.open(io.BytesIO(r.map_image))
     assert mp.mode == "L" and mp.size == ov.size
     np.testing.assert_allclose(np.asarray(mp) / 255.0, r.anomaly_map, atol=1 / 255 + 1e-6)
 
     r = scorer.score([im], map_size=(40, 70), overlay=True)[0]
     assert r.anomaly_map.shape == (40, 70)
-    assert Image.open(io.BytesIO(r.overlay_png)).size == (70, 40)
+    assert Image.open(io.BytesIO(r.overlay_image)).size == (70, 40)
     r = scorer.score([im], overlay=True)[0]  # no map requested: overlay at the input size
-    assert r.anomaly_map is None and Image.open(io.BytesIO(r.overlay_png)).size == (im.shape[1], im.shape[0])
+    assert r.anomaly_map is None and Image.open(io.BytesIO(r.overlay_image)).size == (im.shape[1], im.shape[0])
     with pytest.raises(ValueError):
         scorer.score([im], map_size="big")
 
@@ -145,13 +147,13 @@ def test_bad_inputs_raise_decode_errors(scorer):
 def test_attributes_and_providers(scorer, caplog):
     m = bundle.read_manifest(scorer.bundle_dir)
     assert (scorer.name, scorer.version, scorer.image_size) == ("tiny", "v1", SIZE)
-    assert scorer.threshold == m["calibration"]["threshold"] and scorer.manifest == m
+    assert scorer.threshold == m["calibration"]["threshold"] and scorer.manifest.to_dict() == m
     # whichever backend "auto" timed fastest on this machine, it runs on the CPU here
     assert scorer.providers[-1] == {"onnxruntime": "CPUExecutionProvider", "openvino": "CPU"}[scorer.backend]
     assert choose_providers(["auto"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert choose_providers(["auto"], ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]) == [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    with caplog.at_level(logging.WARNING, logger="stpm.backends"):
+    with caplog.at_level(logging.WARNING, logger="stpm.runtime.sessions"):
         assert choose_providers(["cuda"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert "CUDAExecutionProvider is not available" in caplog.text
     with pytest.raises(ValueError):
@@ -177,7 +179,7 @@ def test_fp16_without_its_graph_is_refused_or_served_as_fp32(scorer, real, caplo
     fp32 graph, warned."""
     with pytest.raises(bundle.BundleError, match="no fp16 scorer"):
         Scorer(scorer.bundle_dir, precision="fp16", fall_back_to_fp32=False)
-    with caplog.at_level(logging.WARNING, logger="stpm.backends"):
+    with caplog.at_level(logging.WARNING, logger="stpm.runtime.choice"):
         s = Scorer(scorer.bundle_dir, precision="fp16", backend=scorer.backend)  # same engine: same numbers
     assert s.precision == "fp32" and "falling back to fp32" in caplog.text
     assert any("fp16" in w for w in s.selection.warnings)
@@ -192,3 +194,47 @@ def test_files_are_scored_by_path_and_named_after_it(scorer, real, tmp_path):
     assert by_path.name == str(f) and by_path.score == by_bytes.score
     with pytest.raises(ImageDecodeError, match="missing.png: cannot read the file"):
         scorer.score([tmp_path / "missing.png"])
+
+
+def test_a_prepared_image_is_taken_as_it_is(scorer, real, monkeypatch):
+    """read (header: size after EXIF orientation, tile plan) -> decode -> score: nothing planned or decoded
+    twice, and the scores are those of the bytes scored directly."""
+    from stpm.runtime import images
+
+    im = real[0][1][:, :100]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the header's width and height swap
+    buf = io.BytesIO()
+    Image.fromarray(im).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    data = buf.getvalue()
+    prepared = scorer.read(data, "rotated.jpg")
+    assert prepared.size == (im.shape[1], im.shape[0]) and not prepared.decoded
+    assert prepared.plan == scorer.plan(*prepared.size)
+    plans = []
+    monkeypatch.setattr(images, "plan", lambda *a: plans.append(a) or pytest.fail("planned again"))
+    scorer.decode(prepared)
+    assert prepared.decoded and prepared.rgb.shape[:2] == prepared.size and prepared.data is None
+    [r] = scorer.score([prepared])
+    monkeypatch.undo()
+    assert r.name == "rotated.jpg" and not plans
+    assert r.raw_score == pytest.approx(scorer.score([data])[0].raw_score, rel=1e-6)
+
+
+def test_tiles_of_consecutive_images_share_batches():
+    from stpm.imaging.geometry import batch_tiles
+
+    groups = [np.full((n, 4, 4, 3), i, np.uint8) for i, n in enumerate((3, 1, 5))]
+    drawn = []
+
+    def lazily():
+        for g in groups:
+            drawn.append(len(drawn))
+            yield g
+
+    batches = []
+    for batch, owners in batch_tiles(lazily(), max_batch=4):
+        batches.append((batch.shape, owners, len(drawn)))
+        assert batch.flags["C_CONTIGUOUS"] and list(batch[:, 0, 0, 0]) == owners
+    assert batches == [((4, 3, 4, 4), [0, 0, 0, 1], 2), ((4, 3, 4, 4), [2, 2, 2, 2], 3), ((1, 3, 4, 4), [2], 3)]
+    with pytest.raises(ValueError, match="max_batch"):
+        next(batch_tiles(groups, max_batch=0))

@@ -39,7 +39,7 @@ ENV = {
 def cluster(tmp_path_factory):
     try:
         import celery  # noqa: F401
-        import psycopg_pool  # noqa: F401
+        import psycopg  # noqa: F401
     except ImportError as e:
         missing(f"the scale extra is not installed ({e}): pip install 'stpm[scale]'")
     root = tmp_path_factory.mktemp("scale")

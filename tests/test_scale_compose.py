@@ -3,6 +3,7 @@ scale-out needs, settings that exist, shared volumes at the same paths, GPUs on 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -76,3 +77,22 @@ def test_proxy_config_balances_over_every_api_replica(compose):
     assert re.search(r"server\s+api:8000\s+resolve;", conf)  # re-resolved as replicas come and go
     assert "resolver 127.0.0.11" in conf and "listen 8080;" in conf
     assert "client_max_body_size 0;" in conf  # the API enforces its own limits
+
+
+def test_replicas_run_the_scoring_image_and_workers_the_training_image(compose):
+    """The api replicas are built from the `serve` target (no torch, so /train is switched back on here:
+    the jobs go to Celery), the workers from `train-gpu` (torch + CUDA); both targets exist."""
+    from test_docker import SERVE_IMAGES, TRAIN_IMAGES, parse_dockerfile
+
+    dockerfile = parse_dockerfile()
+    s = compose["services"]
+    assert s["api"]["build"]["target"] == "serve" and "serve" in s["api"]["image"]
+    assert s["worker"]["build"]["target"] == "train-gpu" and "train-gpu" in s["worker"]["image"]
+    assert s["api"]["build"]["target"] in SERVE_IMAGES and s["worker"]["build"]["target"] in TRAIN_IMAGES
+    assert dockerfile.env("serve")["STPM_TRAIN_ENABLED"] == "false"
+    assert _env(s["api"])["STPM_TRAIN_ENABLED"] == "true"
+    # the worker's entrypoint and health check are its image's own (repeated in the file)
+    assert s["worker"]["entrypoint"] == dockerfile.command("train-gpu")
+    assert s["worker"]["healthcheck"]["test"][0] == "CMD"
+    assert s["worker"]["healthcheck"]["test"][1:] == json.loads(
+        re.search(r"CMD\s+(\[.*\])", dockerfile.inherited("train-gpu", "HEALTHCHECK"))[1])

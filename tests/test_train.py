@@ -6,11 +6,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stpm.config import ModelConfig, TrainConfig
-from stpm.data import ImageArrayDataset, load_images, to_tensor
-from stpm.model import build_stpm
-from stpm.train import fit, predict, split_indices, train_one_epoch
-from stpm.weights import load_model
+from stpm.options import ModelOptions, TrainOptions
+from stpm.methods.stpm.dataset import ImageArrayDataset, to_tensor
+from stpm.training.data import load_images
+from stpm.methods.stpm.model import build_stpm
+from stpm.methods.stpm.trainer import fit, predict, train_one_epoch
+from stpm.training.reproducible import split_indices
+from stpm.methods.loading import load_map
 
 
 def loaders(images, batch=4):
@@ -24,7 +26,7 @@ def small_images(bottle_good):
 
 
 def test_loss_falls_on_real_images(small_images):
-    model, _ = build_stpm(ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=64), seed=0)
+    model, _ = build_stpm(ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=64), seed=0)
     opt = torch.optim.SGD(model.student.parameters(), lr=0.4, momentum=0.9, weight_decay=1e-4)
     train, _ = loaders(small_images)
     losses = [train_one_epoch(model, train, opt, torch.device("cpu")) for _ in range(4)]
@@ -34,9 +36,9 @@ def test_loss_falls_on_real_images(small_images):
 def test_training_is_deterministic_on_cpu(small_images):
     def run():
         torch.manual_seed(0)
-        model, _ = build_stpm(ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=64), seed=0)
+        model, _ = build_stpm(ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=64), seed=0)
         train, val = loaders(small_images)
-        r = fit(model, train, val, TrainConfig(epochs=2, lr=0.4, device="cpu"), torch.device("cpu"),
+        r = fit(model, train, val, TrainOptions(epochs=2, lr=0.4, device="cpu"), torch.device("cpu"),
                 show_bar=False)
         return r.history, model.student_state_dict()
 
@@ -47,14 +49,14 @@ def test_training_is_deterministic_on_cpu(small_images):
 
 def test_resume_continues_from_the_checkpoint(small_images, tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
-    cfg = TrainConfig(epochs=3, lr=0.4, device="cpu")
+    cfg = TrainOptions(epochs=3, lr=0.4, device="cpu")
 
     def fresh():
-        model, _ = build_stpm(ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=64), seed=0)
+        model, _ = build_stpm(ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=64), seed=0)
         return model
 
     train, val = loaders(small_images)
-    first = fit(fresh(), train, val, TrainConfig(epochs=2, lr=0.4, device="cpu"), torch.device("cpu"), ckpt,
+    first = fit(fresh(), train, val, TrainOptions(epochs=2, lr=0.4, device="cpu"), torch.device("cpu"), ckpt,
                 show_bar=False)
     assert first.epochs_run == 2 and ckpt.is_file()
     resumed = fit(fresh(), train, val, cfg, torch.device("cpu"), ckpt, resume=True, show_bar=False)
@@ -63,9 +65,9 @@ def test_resume_continues_from_the_checkpoint(small_images, tmp_path):
 
 
 def test_stop_request_raises_and_keeps_checkpoint(small_images, tmp_path):
-    from stpm.train import TrainingStopped
+    from stpm.methods.base import TrainingStopped
 
-    model, _ = build_stpm(ModelConfig(method="stpm", backbone="resnet18", pretrained=False, image_size=64), seed=0)
+    model, _ = build_stpm(ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=64), seed=0)
     train, val = loaders(small_images)
     calls = []
 
@@ -74,7 +76,7 @@ def test_stop_request_raises_and_keeps_checkpoint(small_images, tmp_path):
         return len(calls) > 3  # stop during the second epoch
 
     with pytest.raises(TrainingStopped):
-        fit(model, train, val, TrainConfig(epochs=5, device="cpu"), torch.device("cpu"), tmp_path / "c.pt",
+        fit(model, train, val, TrainOptions(epochs=5, device="cpu"), torch.device("cpu"), tmp_path / "c.pt",
             should_stop=should_stop, show_bar=False)
     assert (tmp_path / "c.pt").is_file()
 
@@ -98,8 +100,8 @@ def paste_defect(img: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
 
 def test_pasted_defect_raises_the_score_and_the_map_peaks_there(trained, bottle):
     _, path, _ = trained
-    model, manifest = load_model(path)
-    size = manifest["model"]["image_size"]
+    amap, manifest = load_map(path)
+    model, size = amap.model, manifest.model.image_size
     good = load_images(sorted((bottle / "test" / "good").glob("*.png"))[:4], size)[0]
     y, x, s = 30, 50, 16
     defective = np.stack([paste_defect(g, y, x, s) for g in good])
@@ -114,13 +116,12 @@ def test_pasted_defect_raises_the_score_and_the_map_peaks_there(trained, bottle)
 def test_calibration_on_good_only_flags_few_good_images(trained, bottle, bottle_good):
     """Calibrate on 40 held-out good images (as a real run's 20 % split of ~200), then score the
     separately captured test/good images: few of them may cross the threshold."""
-    from stpm.calibrate import calibrate
+    from stpm.training.calibration import calibrate
 
     _, path, _ = trained
-    model, manifest = load_model(path)
-    cal = manifest["calibration"]
-    assert cal["n_images"] == manifest["data"]["n_val"] and cal["threshold"] > cal["good_stats"]["median"]
-    size = manifest["model"]["image_size"]
+    amap, manifest = load_map(path)
+    model, cal, size = amap.model, manifest.calibration.to_dict(), manifest.model.image_size
+    assert cal["n_images"] == manifest.data["n_val"] and cal["threshold"] > cal["good_stats"]["median"]
     held_out = load_images(bottle_good[100:140], size)[0]  # never seen in training (it used [:24])
     _, held_scores = predict(model, to_tensor(held_out), torch.device("cpu"))
     c = calibrate(held_scores)

@@ -22,7 +22,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def tiled_server(tmp_path_factory):
-    from stpm.tiling import Geometry
+    from stpm.imaging.geometry import Geometry
 
     root = tmp_path_factory.mktemp("ui-tiled")
     build_bundle(root / "models", "strips", geometry=Geometry(IMAGE_SIZE, IMAGE_SIZE / 120))

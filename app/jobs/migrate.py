@@ -4,7 +4,8 @@
 Every row is copied as it is (states, progress, errors, versions, upload references); rows whose id
 already exists in the target are left alone, so running it twice copies nothing twice. Copied jobs keep
 their order and come before none of the target's own: their `seq` continues after the target's highest.
-A source with running jobs is refused (stop the server first: its restart would settle them).
+The rows are written in one transaction: all of them or none. A source with running jobs is refused
+(stop the server first: its restart would settle them).
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.jobs.store import JobStore
+from sqlalchemy import func, insert, select
 
-COLUMNS = ("id", "seq", "name", "state", "params", "progress", "created_at", "started_at", "finished_at",
-           "updated_at", "error", "version", "activated", "job_dir", "n_images", "fingerprint", "uploads_deleted",
-           "cancel_requested_at", "pid", "run_token", "worker", "heartbeat_at", "enqueued_at")
+from app.jobs.schema import jobs
+from app.jobs.store import JobStore
 
 
 def copy_jobs(source: JobStore, target: JobStore) -> int:
@@ -24,17 +24,16 @@ def copy_jobs(source: JobStore, target: JobStore) -> int:
     if source.running():
         raise ValueError("the source store has running jobs: stop the server (its restart settles them) first")
     have = target.ids()
-    with source._conn() as c:
-        rows = [dict(r) for r in c.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs ORDER BY seq").fetchall()]
+    with source.engine.connect() as c:
+        rows = [dict(r._mapping) for r in c.execute(select(jobs).order_by(jobs.c.seq))]
     rows = [r for r in rows if r["id"] not in have]
     if not rows:
         return 0
-    marks = ", ".join("?" * len(COLUMNS))
-    with target._conn() as c:
-        base = c.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
+    with target.transaction() as c:
+        base = c.execute(select(func.coalesce(func.max(jobs.c.seq), 0))).scalar_one()
         for i, r in enumerate(rows, start=1):
             r["seq"] = base + i
-            c.execute(f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({marks})", [r[k] for k in COLUMNS])
+        c.execute(insert(jobs), rows)
     return len(rows)
 
 

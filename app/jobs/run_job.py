@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from app.jobs.store import STORE_ENV, JobStore
+from app.jobs.store import STORE_ENV, Job, JobStore
 from app.jobs.uploads import IMAGES
 
 log = logging.getLogger("app.jobs.run_job")
@@ -64,7 +64,75 @@ def readable_error(e: BaseException) -> str:
     return msg if isinstance(e, ValueError) and name != "ValueError" else f"{name}: {msg}"
 
 
-def main(argv: list[str] | None = None) -> int:
+class Progress:
+    """What the training process writes into its job row (phase, elapsed time, ETA, the last epoch's
+    record; at most every PROGRESS_EVERY_S unless an epoch or a phase ends), and whether a cancel was
+    asked for (read from the row at most every CANCEL_POLL_S)."""
+
+    def __init__(self, store: JobStore, job_id: str, token: str):
+        self.store, self.job_id, self.token = store, job_id, token
+        self.started = time.monotonic()
+        self.phase = "loading"
+        self.last_write = self.last_poll = 0.0
+        self.stop_requested = False
+        self.epoch_end: dict = {}  # the last epoch's record (it has val_loss)
+        self.phase_t0: float | None = None  # when this phase's first step was reported (for the ETA)
+
+    @property
+    def epochs_done(self) -> int:
+        return self.epoch_end.get("epoch", 0)
+
+    def report(self, extra: dict, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_write < PROGRESS_EVERY_S:
+            return
+        self.last_write = now
+        self.store.set_progress(self.job_id, self.token,
+                                {"phase": self.phase, "elapsed_s": round(now - self.started, 2), **extra})
+
+    def __call__(self, d: dict) -> None:
+        """The training pipeline's progress callback."""
+        d = dict(d)
+        new_phase = d.pop("phase", "training")  # patchcore: "patch features", "memory bank (coreset)", ...
+        phase_changed = new_phase != self.phase
+        if phase_changed:
+            self.phase_t0 = None  # the ETA restarts with each phase
+            self.phase = new_phase
+        d = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+        self._add_eta(d)
+        epoch_end = "val_loss" in d
+        if epoch_end:
+            self.epoch_end = d
+            if d["epoch"] == d["epochs"]:
+                self.phase = "calibrating, exporting and publishing"
+        elif "steps" not in d:  # a phase after training (selection, calibration): the last epoch's record stays
+            d = {**self.epoch_end, **d}
+        else:
+            for k in ("val_loss", "best_val_loss"):
+                if k in self.epoch_end:
+                    d.setdefault(k, self.epoch_end[k])
+        self.report(d, force=epoch_end or phase_changed)
+
+    def _add_eta(self, d: dict) -> None:
+        """A step-level ETA from the fraction of the phase done, where the pipeline gave none."""
+        if "eta_s" in d or "steps" not in d or "step" not in d:
+            return
+        done = (d["epoch"] - 1) * d["steps"] + d["step"]
+        total = d["epochs"] * d["steps"]
+        if self.phase_t0 is None:
+            self.phase_t0 = time.monotonic()
+        if done:
+            d["eta_s"] = round((time.monotonic() - self.phase_t0) / done * (total - done), 1)
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if not self.stop_requested and now - self.last_poll >= CANCEL_POLL_S:
+            self.last_poll = now
+            self.stop_requested = self.store.cancel_requested(self.job_id)
+        return self.stop_requested
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app.jobs.run_job")
     p.add_argument("job_id")
     p.add_argument("--db", default=os.environ.get(STORE_ENV),
@@ -75,111 +143,74 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--weights-dir", default=None)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _die_with_parent()
-
     if not args.db:
         p.error(f"no job store: pass --db or set {STORE_ENV}")
+    return args
+
+
+def train(job: Job, args: argparse.Namespace, progress: Progress):
+    """Train on the job's uploads and publish a version (the only place torch is imported); -> the
+    pipeline's outcome, or None when the job was cancelled while training."""
+    if args.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from stpm.methods.base import TrainingStopped
+    from stpm.options import from_params, updated
+    from stpm.training.pipeline import run_training
+
+    config = from_params(job.params)  # every section the API stored, validated again (stpm.options)
+    config = config.model_copy(update={"train": updated(config.train, device=args.device)})  # the server's device
+    job_dir = Path(job.job_dir)
+    images = sorted((job_dir / IMAGES).iterdir())
+    try:
+        return run_training(
+            images, job.name, args.models_dir, config, run_dir=job_dir / "run", weights_dir=args.weights_dir,
+            skip_bad=False, resume=False, export=True, progress=progress, should_stop=progress.should_stop,
+            show_bar=False,
+        )
+    except TrainingStopped:
+        return None
+
+
+def record_success(store: JobStore, job: Job, args: argparse.Namespace, version: str) -> None:
+    """Activate the new version if the job asked for it, and settle the row as succeeded."""
+    from stpm import bundle
+
+    note = None
+    if job.params.get("activate"):
+        try:
+            bundle.set_active(args.models_dir, job.name, version)
+        except Exception as e:  # noqa: BLE001
+            note = f"published {job.name}/{version} but could not activate it: {readable_error(e)}"
+    # the first version of a new name is activated by the publish itself (stpm.bundle)
+    activated = bundle.get_active(args.models_dir, job.name) == version
+    if not store.finish(job.id, "succeeded", token=args.token, version=version, activated=activated, error=note):
+        log.error("job %s: published %s but the job row was no longer ours", job.id, version)
+    log.info("job %s succeeded: %s/%s", job.id, job.name, version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _die_with_parent()
     store = JobStore(args.db, pool_size=1)
     job = store.get(args.job_id)
     if job is None or job.state != "running" or job.run_token != args.token:
         log.error("job %s is not running under this token; nothing to do", args.job_id)
         return 3
-    t_start = time.monotonic()
-    last = {"write": 0.0, "poll": 0.0, "stop": False}
-    phase = {"name": "loading"}
-
-    def report(extra: dict, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - last["write"] < PROGRESS_EVERY_S:
-            return
-        last["write"] = now
-        store.set_progress(job.id, args.token, {"phase": phase["name"], "elapsed_s": round(now - t_start, 2), **extra})
-
-    def progress(d: dict) -> None:
-        d = dict(d)
-        new_phase = d.pop("phase", "training")  # patchcore: "patch features", "memory bank (coreset)", ...
-        if new_phase != phase["name"]:
-            last.pop("train_t0", None)  # the ETA restarts with each phase
-            phase["name"] = new_phase
-            force_phase = True
-        else:
-            force_phase = False
-        d = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
-        epoch_end = "val_loss" in d
-        if "eta_s" not in d and "steps" in d and "step" in d:  # step-level ETA from the fraction done
-            done = (d["epoch"] - 1) * d["steps"] + d["step"]
-            total = d["epochs"] * d["steps"]
-            started = last.setdefault("train_t0", time.monotonic())
-            if done:
-                d["eta_s"] = round((time.monotonic() - started) / done * (total - done), 1)
-        if epoch_end:
-            last["epoch_end"] = d
-            if d["epoch"] == d["epochs"]:
-                phase["name"] = "calibrating, exporting and publishing"
-        elif "steps" not in d:  # a phase after training (selection, calibration): the last epoch's record stays
-            d = {**last.get("epoch_end", {}), **d}
-        else:
-            for k in ("val_loss", "best_val_loss"):
-                if k in last.get("epoch_end", {}):
-                    d.setdefault(k, last["epoch_end"][k])
-        report(d, force=epoch_end or force_phase)
-
-    def should_stop() -> bool:
-        now = time.monotonic()
-        if not last["stop"] and now - last["poll"] >= CANCEL_POLL_S:
-            last["poll"] = now
-            last["stop"] = store.cancel_requested(job.id)
-        return bool(last["stop"])
-
-    report({}, force=True)
+    progress = Progress(store, job.id, args.token)
+    progress.report({}, force=True)
     try:
-        if args.threads:
-            os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-        import torch
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        from dataclasses import replace
-
-        from stpm import bundle
-        from stpm.config import from_params
-        from stpm.options import validate
-        from stpm.pipeline import run_training
-        from stpm.train import TrainingStopped
-
-        params = job.params
-        config = from_params(params)  # every section the API stored (stpm.config.TrainingConfig)
-        config = replace(config, train=replace(config.train, device=args.device))  # the server's device
-        validate(config)
-        job_dir = Path(job.job_dir)
-        images = sorted((job_dir / IMAGES).iterdir())
-        outcome = None
-        try:
-            outcome = run_training(
-                images, job.name, args.models_dir, config, run_dir=job_dir / "run", weights_dir=args.weights_dir,
-                skip_bad=False, resume=False, export=True, progress=progress, should_stop=should_stop, show_bar=False,
-            )
-        except TrainingStopped:
-            pass
+        outcome = train(job, args, progress)
         if outcome is None or outcome.version is None:
-            where = last.get("epoch_end", {}).get("epoch", 0)
             store.finish(job.id, "cancelled", token=args.token, error=f"cancelled while running "
-                         f"(after {where} completed epoch(s)); no version was published")
+                         f"(after {progress.epochs_done} completed epoch(s)); no version was published")
             log.info("job %s cancelled", job.id)
             return 0
-        note = None
-        if params.get("activate"):
-            try:
-                bundle.set_active(args.models_dir, job.name, outcome.version)
-            except Exception as e:  # noqa: BLE001
-                note = f"published {job.name}/{outcome.version} but could not activate it: {readable_error(e)}"
-        # the first version of a new name is activated by the publish itself (stpm.bundle)
-        activated = bundle.get_active(args.models_dir, job.name) == outcome.version
-        if not store.finish(job.id, "succeeded", token=args.token, version=outcome.version, activated=activated,
-                            error=note):
-            log.error("job %s: published %s but the job row was no longer ours", job.id, outcome.version)
-        log.info("job %s succeeded: %s/%s", job.id, job.name, outcome.version)
+        record_success(store, job, args, outcome.version)
         return 0
     except BaseException as e:
         log.exception("job %s failed", job.id)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO
 
 from stpm.bundle import fingerprint, fsync_dir
-from stpm.imageio import ImageDecodeError, decode_image
+from stpm.imaging.decode import ImageDecodeError, decode_image
 
 IMAGES = "images"
 INCOMING = ".incoming-"
@@ -315,47 +315,12 @@ def store_upload(uploads: list[tuple[str, IO[bytes]]], jobs_root: Path, job_id: 
     jobs_root.mkdir(parents=True, exist_ok=True)
     staging = jobs_root / f"{INCOMING}{job_id}"
     final = jobs_root / job_id
-    img_dir = staging / IMAGES
-    img_dir.mkdir(parents=True)
+    (staging / IMAGES).mkdir(parents=True)
     try:
-        bad: list[dict[str, str]] = []
-        stored: list[Path] = []
-        originals: list[str] = []
-        seen = 0
-        for label, data in _items(uploads, lim):
-            if isinstance(data, str):
-                bad.append({"file": label, "reason": data})
-                continue
-            seen += 1
-            if seen > lim.max_images:
-                raise UploadError(413, "too_many_images",
-                                  f"more than {lim.max_images} images; at most {lim.max_images} per job "
-                                  "(setting train_max_images)")
-            try:
-                decode_image(data, label, lim.max_pixels)  # decoded and dropped: one image in memory at a time
-            except ImageDecodeError as e:
-                bad.append({"file": label, "reason": e.reason})
-                continue
-            if bad:
-                continue  # the request fails anyway: stop writing, keep validating to name every bad file
-            p = img_dir / f"{len(stored):05d}-{_safe_name(label)}"
-            _write_durably(p, data)
-            stored.append(p)
-            originals.append(label)
-        if bad:
-            raise UploadError(
-                422, "invalid_upload",
-                f"{len(bad)} file(s) cannot be used for training: "
-                + "; ".join(f"{b['file']}: {b['reason']}" for b in bad[:20])
-                + (" ..." if len(bad) > 20 else ""),
-                bad,
-            )
-        if len(stored) < lim.min_images:
-            raise UploadError(422, "too_few_images", f"{len(stored)} good image(s) uploaded; a training job needs "
-                              f"at least {lim.min_images} (setting train_min_images)")
+        stored = _write_images(uploads, staging / IMAGES, lim)
         _write_durably(staging / "files.json", json.dumps(
-            {"images": [{"stored": p.name, "uploaded": o} for p, o in zip(stored, originals)]}, indent=1).encode())
-        fsync_dir(img_dir)
+            {"images": [{"stored": p.name, "uploaded": o} for p, o in stored]}, indent=1).encode())
+        fsync_dir(staging / IMAGES)
         fsync_dir(staging)
         os.rename(staging, final)
         fsync_dir(jobs_root)
@@ -365,8 +330,46 @@ def store_upload(uploads: list[tuple[str, IO[bytes]]], jobs_root: Path, job_id: 
             raise UploadError(507, "insufficient_storage",
                               f"disk full while storing the upload ({e.strerror}); nothing was stored") from None
         raise
-    images = [final / IMAGES / p.name for p in stored]
-    return StoredUpload(final, images, fingerprint(images), originals)
+    images = [final / IMAGES / p.name for p, _ in stored]
+    return StoredUpload(final, images, fingerprint(images), [o for _, o in stored])
+
+
+def _write_images(uploads: list[tuple[str, IO[bytes]]], img_dir: Path, lim: Limits) -> list[tuple[Path, str]]:
+    """Decode every candidate image (one in memory at a time) and write the good ones into `img_dir`;
+    -> (stored file, uploaded name) each. Raises UploadError naming every unusable file, or for too
+    many / too few images."""
+    bad: list[dict[str, str]] = []
+    stored: list[tuple[Path, str]] = []
+    seen = 0
+    for label, data in _items(uploads, lim):
+        if isinstance(data, str):
+            bad.append({"file": label, "reason": data})
+            continue
+        seen += 1
+        if seen > lim.max_images:
+            raise UploadError(413, "too_many_images", f"more than {lim.max_images} images; at most "
+                              f"{lim.max_images} per job (setting train_max_images)")
+        try:
+            decode_image(data, label, lim.max_pixels)  # decoded and dropped: one image in memory at a time
+        except ImageDecodeError as e:
+            bad.append({"file": label, "reason": e.reason})
+            continue
+        if bad:
+            continue  # the request fails anyway: stop writing, keep validating to name every bad file
+        p = img_dir / f"{len(stored):05d}-{_safe_name(label)}"
+        _write_durably(p, data)
+        stored.append((p, label))
+    if bad:
+        raise UploadError(
+            422, "invalid_upload",
+            f"{len(bad)} file(s) cannot be used for training: "
+            + "; ".join(f"{b['file']}: {b['reason']}" for b in bad[:20]) + (" ..." if len(bad) > 20 else ""),
+            bad,
+        )
+    if len(stored) < lim.min_images:
+        raise UploadError(422, "too_few_images", f"{len(stored)} good image(s) uploaded; a training job needs "
+                          f"at least {lim.min_images} (setting train_min_images)")
+    return stored
 
 
 def clean_incoming(jobs_root: Path, known_ids: set[str], min_age_s: float = 0.0) -> list[Path]:

@@ -360,6 +360,7 @@ class LocalRunner:
     def _published_version(self, job: Job) -> str | None:
         """The version this job published, if it got that far (same data fingerprint, created after start)."""
         from stpm import bundle
+        from stpm.bundle.manifest import Manifest
 
         if not job.fingerprint or job.started_at is None:
             return None
@@ -369,11 +370,11 @@ class LocalRunner:
             return None
         for v in reversed(versions):
             try:
-                man = bundle.read_manifest(self.models_dir / job.name / v)
-                created = datetime.fromisoformat(man["created_at"]).timestamp()
-            except (bundle.BundleError, KeyError, ValueError, TypeError):
+                man = Manifest.read(self.models_dir / job.name / v)
+                created = datetime.fromisoformat(man.created_at or "").timestamp()
+            except (bundle.BundleError, ValueError):
                 continue
-            if (man.get("data") or {}).get("fingerprint") == job.fingerprint and created >= job.started_at - 1.0:
+            if man.data.get("fingerprint") == job.fingerprint and created >= job.started_at - 1.0:
                 return v
         return None
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.deps import MetricsDep, RegistryDep, SettingsDep, StartedAtDep
 from app.middleware import has_valid_key
 from app.schemas import ErrorResponse, Health, Ready
 
@@ -15,9 +16,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-async def healthz(request: Request) -> Health:
-    return Health(uptime_s=round(time.time() - request.app.state.started_at, 3),
-                  replica=request.app.state.settings.replica)
+async def healthz(started_at: StartedAtDep, settings: SettingsDep) -> Health:
+    return Health(uptime_s=round(time.time() - started_at, 3), replica=settings.replica)
 
 
 @router.get(
@@ -28,9 +28,9 @@ async def healthz(request: Request) -> Health:
     "model, its version, providers and any error are shown to requests that send the key.",
     responses={503: {"model": Ready, "description": "No model yet, or it failed to load"}},
 )
-async def readyz(request: Request):
-    ok, info = await request.app.state.registry.readiness()
-    key = request.app.state.settings.api_key
+async def readyz(request: Request, registry: RegistryDep, settings: SettingsDep):
+    ok, info = await registry.readiness()
+    key = settings.api_key
     if key is not None and not has_valid_key(request.scope["headers"], key.get_secret_value()):
         info = {}  # the probe's answer only: what is loaded stays private
     body = Ready(ready=ok, **info).model_dump(exclude_none=True)
@@ -43,7 +43,6 @@ async def readyz(request: Request):
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}, 401: {"model": ErrorResponse}},
 )
-async def metrics(request: Request) -> Response:
-    m = request.app.state.metrics
-    body = await run_in_threadpool(m.render)  # the job-state gauge reads the job store
-    return Response(body, media_type=m.content_type)
+async def metrics(prometheus: MetricsDep) -> Response:
+    body = await run_in_threadpool(prometheus.render)  # the job-state gauge reads the job store
+    return Response(body, media_type=prometheus.content_type)

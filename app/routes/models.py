@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import APIError
-from app.registry import ModelRegistry, inference_info, model_error
+from app.deps import RegistryDep
+from app.errors import APIError, model_error
+from app.registry import ModelRegistry, inference_info
 from app.schemas import (
     ActivateResponse,
     DeleteResponse,
@@ -18,8 +20,10 @@ from app.schemas import (
     ModelList,
     VersionDetail,
 )
-from stpm import backends, bundle
+from stpm import bundle
 from stpm.bundle import BundleError
+from stpm.bundle.manifest import Manifest
+from stpm.runtime.choice import bundle_precisions
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -45,25 +49,25 @@ def _check(name: str, version: str | None = None) -> None:
 
 
 def _version_info(reg: ModelRegistry, name: str, version: str, active: str | None) -> tuple[dict[str, Any], dict]:
+    """A version's summary and its manifest (as stored). A malformed manifest is a BundleError: that version
+    is left out of the listing, never an error for the whole list."""
     path = reg.models_dir / name / version
-    man = bundle.read_manifest(path)
-    model = man.get("model") or {}
-    cal = man.get("calibration") or {}
+    man = Manifest.read(path)
     info = {
         "version": version,
         "active": version == active,
         "loaded": reg.peek(name, version) is not None,
-        "created_at": man.get("created_at"),
-        "threshold": cal.get("threshold"),
-        "image_size": model.get("image_size"),
-        "backbone": model.get("backbone"),
+        "created_at": man.created_at,
+        "threshold": man.calibration.threshold,
+        "image_size": man.model.image_size,
+        "backbone": man.model.backbone,
         "metrics": bundle.read_evaluations(path) or None,
-        "precisions": {k: v or "available" for k, v in backends.bundle_precisions(man, path).items()},
+        "precisions": {k: v or "available" for k, v in bundle_precisions(man, path).items()},
     }
     lm = reg.peek(name, version)
     if lm is not None:
         info["inference"] = inference_info(lm) or None
-    return info, man
+    return info, man.to_dict()
 
 
 def _summary(reg: ModelRegistry, name: str, default: str | None) -> tuple[dict[str, Any], dict[str, dict]]:
@@ -89,16 +93,36 @@ def _default(reg: ModelRegistry) -> str | None:
         return None
 
 
-@router.get("", response_model=ModelList, summary="All models with their versions", responses=ERRORS)
-async def list_models(request: Request):
-    reg: ModelRegistry = request.app.state.registry
+@dataclass(frozen=True)
+class StoredVersion:
+    """A name/version of the path that exists in the store, and the name's active version."""
 
+    name: str
+    version: str
+    active: str | None
+
+
+async def stored_version(registry: RegistryDep, name: Name, version: Version) -> StoredVersion:
+    """The path's version, checked and found in the store (else 400 / 404, see model_error)."""
+    _check(name, version)
+    try:
+        bundle.resolve(registry.models_dir, f"{name}/{version}")
+        return StoredVersion(name, version, bundle.get_active(registry.models_dir, name))
+    except BundleError as e:
+        raise model_error(e) from None
+
+
+StoredVersionDep = Annotated[StoredVersion, Depends(stored_version)]
+
+
+@router.get("", response_model=ModelList, summary="All models with their versions", responses=ERRORS)
+async def list_models(registry: RegistryDep):
     def work():
-        default = _default(reg)
+        default = _default(registry)
         out = []
-        for n in bundle.list_models(reg.models_dir):
+        for n in bundle.list_models(registry.models_dir):
             try:
-                out.append(_summary(reg, n, default)[0])
+                out.append(_summary(registry, n, default)[0])
             except APIError:
                 continue
         return {"default_model": default, "models": out}
@@ -108,24 +132,20 @@ async def list_models(request: Request):
 
 @router.get("/{name}", response_model=ModelDetail, summary="One model: versions, metrics, the active manifest",
             responses=ERRORS)
-async def get_model(request: Request, name: Name):
+async def get_model(registry: RegistryDep, name: Name):
     _check(name)
-    reg: ModelRegistry = request.app.state.registry
-    summary, manifests = await run_in_threadpool(_summary, reg, name, _default(reg))
+    summary, manifests = await run_in_threadpool(_summary, registry, name, _default(registry))
     return {**summary, "manifest": manifests.get(summary["active_version"], {})}
 
 
 @router.get("/{name}/versions/{version}", response_model=VersionDetail, summary="One version and its manifest",
             responses=ERRORS)
-async def get_version(request: Request, name: Name, version: Version):
-    _check(name, version)
-    reg: ModelRegistry = request.app.state.registry
+async def get_version(registry: RegistryDep, stored: StoredVersionDep):
     try:
-        bundle.resolve(reg.models_dir, f"{name}/{version}")
-        info, man = _version_info(reg, name, version, bundle.get_active(reg.models_dir, name))
+        info, man = _version_info(registry, stored.name, stored.version, stored.active)
     except BundleError as e:
         raise model_error(e) from None
-    return {**info, "name": name, "manifest": man}
+    return {**info, "name": stored.name, "manifest": man}
 
 
 @router.post(
@@ -134,17 +154,14 @@ async def get_version(request: Request, name: Name, version: Version):
     summary="Make a version the one `name` resolves to (loaded and warmed up before the answer)",
     responses={**ERRORS, 503: {"model": ErrorResponse, "description": "The version cannot be loaded"}},
 )
-async def activate(request: Request, name: Name, version: Version):
-    _check(name, version)
-    reg: ModelRegistry = request.app.state.registry
+async def activate(registry: RegistryDep, stored: StoredVersionDep):
+    name, version = stored.name, stored.version
     try:
-        bundle.resolve(reg.models_dir, f"{name}/{version}")
-        previous = bundle.get_active(reg.models_dir, name)
-        await reg.load(name, version)  # refuse to activate what cannot serve
-        bundle.set_active(reg.models_dir, name, version)
+        await registry.load(name, version)  # refuse to activate what cannot serve
+        bundle.set_active(registry.models_dir, name, version)
     except BundleError as e:
         raise model_error(e) from None
-    return {"name": name, "active_version": version, "previous_version": previous, "loaded": True}
+    return {"name": name, "active_version": version, "previous_version": stored.active, "loaded": True}
 
 
 @router.delete(
@@ -154,29 +171,22 @@ async def activate(request: Request, name: Name, version: Version):
     responses={**ERRORS, 409: {"model": ErrorResponse, "description": "The version is active or serving requests"}},
 )
 async def delete_version(
-    request: Request,
-    name: Name,
-    version: Version,
+    registry: RegistryDep,
+    stored: StoredVersionDep,
     force: Annotated[bool, Query(description="Delete even the active / in-use version")] = False,
 ):
-    _check(name, version)
-    reg: ModelRegistry = request.app.state.registry
-    try:
-        bundle.resolve(reg.models_dir, f"{name}/{version}")
-        active = bundle.get_active(reg.models_dir, name)
-    except BundleError as e:
-        raise model_error(e) from None
+    name, version = stored.name, stored.version
     if not force:
-        if version == active:
+        if version == stored.active:
             raise APIError(
                 409, "version_in_use", f"{name}/{version} is the active version; activate another one first "
                 "or pass force=true",
             )
-        if reg.in_use(name, version):
+        if registry.in_use(name, version):
             raise APIError(409, "version_in_use", f"{name}/{version} is serving requests; retry or pass force=true")
     try:
-        await run_in_threadpool(bundle.delete_version, reg.models_dir, name, version)
+        await run_in_threadpool(bundle.delete_version, registry.models_dir, name, version)
     except BundleError as e:
         raise model_error(e) from None
-    await reg.forget(name, version, "deleted")  # requests in flight finish; no new one gets it
-    return {"name": name, "deleted_version": version, "active_version": bundle.get_active(reg.models_dir, name)}
+    await registry.forget(name, version, "deleted")  # requests in flight finish; no new one gets it
+    return {"name": name, "deleted_version": version, "active_version": bundle.get_active(registry.models_dir, name)}

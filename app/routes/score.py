@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from app import budget
+from app.deps import MetricsDep, RegistryDep, SettingsDep
 from app.errors import APIError
+from app.metrics import Metrics
 from app.multipart import MultipartRoute
 from app.registry import ScoreOptions
 from app.schemas import ErrorResponse, HeatmapMode, ScoreResponse
-from stpm.imageio import ImageDecodeError, decode_image
-from stpm.render import MEDIA_TYPES
-from stpm.tiling import TilingError
+from app.settings import Settings
+from stpm.imaging.decode import ImageDecodeError
+from stpm.imaging.render import MEDIA_TYPES
+from stpm.runtime.images import PreparedImage
 
 router = APIRouter(tags=["score"], route_class=MultipartRoute)
 
@@ -39,100 +41,76 @@ ERRORS = {
 }
 
 
-async def _read_and_decode(
-    request: Request, files: list[UploadFile], heatmaps: int, model_pixels: Callable[[int, int], int] | None
-) -> tuple[list, list[str], list[float]]:
-    """Read, check the pixel budget from the headers, then decode. heatmaps: outputs per image (0-2);
-    model_pixels: None when heatmaps are rendered at each input's size, else (width, height) -> the
-    pixels of that input's heatmap at the model's scale."""
-    s = request.app.state.settings
-    metrics = request.app.state.metrics
-    if len(files) > s.max_files:
+async def _read_files(files: list[UploadFile], settings: Settings, metrics: Metrics) -> tuple[list[bytes], list[str]]:
+    """The uploads' bytes and names, within the file count and size limits (413 otherwise)."""
+    if len(files) > settings.max_files:
         metrics.rejected.labels("too_many_files").inc()
-        raise APIError(
-            413, "too_many_files", f"{len(files)} files sent; at most {s.max_files} per request (setting max_files)"
-        )
+        raise APIError(413, "too_many_files",
+                       f"{len(files)} files sent; at most {settings.max_files} per request (setting max_files)")
     names: list[str] = []
     blobs: list[bytes] = []
     for i, f in enumerate(files):
         name = f.filename or f"file{i}"
-        if f.size is not None and f.size > s.max_upload_bytes:
+        if f.size is not None and f.size > settings.max_upload_bytes:
             metrics.rejected.labels("file_too_large").inc()
-            raise APIError(
-                413, "file_too_large", f"{name}: {f.size} bytes; at most {s.max_upload_bytes} per file "
-                "(setting max_upload_bytes)"
-            )
+            raise APIError(413, "file_too_large", f"{name}: {f.size} bytes; at most {settings.max_upload_bytes} "
+                           "per file (setting max_upload_bytes)")
         data = await f.read()
-        if len(data) > s.max_upload_bytes:
+        if len(data) > settings.max_upload_bytes:
             metrics.rejected.labels("file_too_large").inc()
-            raise APIError(413, "file_too_large", f"{name}: more than {s.max_upload_bytes} bytes")
+            raise APIError(413, "file_too_large", f"{name}: more than {settings.max_upload_bytes} bytes")
         names.append(name)
         blobs.append(data)
+    return blobs, names
 
-    sizes = await run_in_threadpool(lambda: [budget.header_size(b) for b in blobs])
+
+def _refuse(metrics: Metrics, code: str, errors: list[dict[str, str]]) -> None:
+    """422 naming every file refused for the same reason (`code`), if any."""
+    if errors:
+        metrics.rejected.labels(code).inc(len(errors))
+        raise APIError(422, code, "; ".join(f"{e['file']}: {e['reason']}" for e in errors), {"files": errors})
+
+
+def _read_all(scorer, blobs: list[bytes], names: list[str]) -> list[PreparedImage]:
+    """Every file's header size and tile plan; nothing decoded."""
+    return [scorer.read(b, n) for b, n in zip(blobs, names)]
+
+
+def _decode_all(scorer, images: list[PreparedImage]) -> list[dict[str, str]]:
+    """Decode every read image in place; -> the ones that failed, named."""
+    errors = []
+    for im in images:
+        try:
+            scorer.decode(im)
+        except ImageDecodeError as e:
+            errors.append({"file": e.name, "reason": e.reason})
+    return errors
+
+
+async def _prepare(scorer, files: list[UploadFile], heatmaps: int, heatmap_size: str, settings: Settings,
+                   metrics: Metrics) -> list[PreparedImage]:
+    """The request's images, each prepared once by the scorer: read (header size, tile plan), the pixel
+    budget checked from those (413, before anything is decoded), decoded (422 `invalid_image`), and the
+    sizes the geometry cannot cover refused (422 `unsupported_image_size`), all before anything is queued
+    (a batch shared with other requests must not fail because of one of them). heatmaps: outputs per image."""
+    blobs, names = await _read_files(files, settings, metrics)
+    images = await run_in_threadpool(_read_all, scorer, blobs, names)
+    del blobs  # the prepared images hold the bytes until they are decoded, then drop them
     try:
-        budget.check(budget.count_pixels(sizes, heatmaps, model_pixels), len(blobs), s.max_request_pixels)
+        budget.check(budget.count_pixels(images, heatmaps, heatmap_size == "model"), len(images),
+                     settings.max_request_pixels)
     except APIError:
         metrics.rejected.labels("too_many_pixels").inc()
         raise
-
-    def decode_all():
-        arrays, errors, times = [], [], []
-        for data, name in zip(blobs, names):
-            t0 = time.perf_counter()
-            try:
-                arrays.append(decode_image(data, name, s.max_pixels))
-            except ImageDecodeError as e:
-                errors.append({"file": e.name, "reason": e.reason})
-            times.append((time.perf_counter() - t0) * 1000)
-        return arrays, errors, times
-
-    arrays, errors, times = await run_in_threadpool(decode_all)
-    if errors:
-        metrics.rejected.labels("invalid_image").inc(len(errors))
-        raise APIError(
-            422, "invalid_image", "; ".join(f"{e['file']}: {e['reason']}" for e in errors), {"files": errors}
-        )
-    return arrays, names, times
-
-
-def _check_geometry(request: Request, scorer, arrays: list, names: list[str]) -> None:
-    """422 naming every image the model's tiling cannot cover, before anything is queued (a batch
-    shared with other requests must not fail because of one of them)."""
-    plan = getattr(scorer, "plan", None)
-    if plan is None:  # a scorer without geometry (test doubles)
-        return
-    errors = []
-    for arr, name in zip(arrays, names):
-        try:
-            plan(arr.shape[0], arr.shape[1])
-        except TilingError as e:
-            errors.append({"file": name, "reason": str(e)})
-    if errors:
-        request.app.state.metrics.rejected.labels("unsupported_image_size").inc(len(errors))
-        raise APIError(422, "unsupported_image_size", "; ".join(f"{e['file']}: {e['reason']}" for e in errors),
-                       {"files": errors})
+    _refuse(metrics, "invalid_image", await run_in_threadpool(_decode_all, scorer, images))
+    _refuse(metrics, "unsupported_image_size",
+            [{"file": im.name, "reason": im.tiling_error} for im in images if im.tiling_error])
+    return images
 
 
 def _outputs(heatmap: str) -> int:
     """Heatmap images rendered per input."""
     return {"none": 0, "overlay": 1, "map": 1, "both": 2}[heatmap]
-
-
-def _model_map_pixels(scorer):
-    """(width, height) -> pixels of that input's heatmap at the model's scale (its tile plan's scaled size)."""
-    plan = getattr(scorer, "plan", None)
-
-    def pixels(width: int, height: int) -> int:
-        if plan is None:
-            return scorer.image_size * scorer.image_size
-        try:
-            p = plan(height, width)
-        except TilingError:  # refused by the geometry check, with its own message
-            return 0
-        return p.h * p.w
-
-    return pixels
 
 
 HeatmapFormat = Literal["png", "jpeg", "webp"]
@@ -160,6 +138,28 @@ def _b64(b: bytes | None) -> str | None:
     return None if b is None else base64.b64encode(b).decode("ascii")
 
 
+def _result(r, image: PreparedImage, queued_s: float, heatmap_format: str | None) -> dict[str, Any]:
+    """One ScoreResult as the JSON of /score."""
+    timings = {"decode": round(image.prepare_ms, 3), "queue": round(queued_s * 1000, 3)}
+    timings.update({_TIMING_NAMES.get(k, k): round(float(v), 3) for k, v in (r.timings or {}).items()})
+    return {
+        "file": r.name,
+        "raw_score": float(r.raw_score),
+        "score": float(r.score),
+        "is_anomaly": bool(r.is_anomaly),
+        "threshold": float(r.threshold),
+        "width": int(image.size[1]),
+        "height": int(image.size[0]),
+        "tiles": int(r.tiles),
+        "scaled_width": int(r.scaled_size[1]),
+        "scaled_height": int(r.scaled_size[0]),
+        "timings_ms": timings,
+        "overlay_png": _b64(r.overlay_image),
+        "map_png": _b64(r.map_image),
+        "heatmap_format": heatmap_format,
+    }
+
+
 @router.post(
     "/score",
     response_model=ScoreResponse,
@@ -167,7 +167,9 @@ def _b64(b: bytes | None) -> str | None:
     responses=ERRORS,
 )
 async def score(
-    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
     files: Annotated[list[UploadFile], File(description=FILES_DOC, min_length=1)],
     model: Annotated[str | None, Query(max_length=200, description=MODEL_DOC, examples=["bottle", "bottle/v2"])] = None,
     heatmap: Annotated[HeatmapMode, Query(description="Add base64 PNGs: the overlay, the raw normalised map, both")] = "none",
@@ -179,41 +181,18 @@ async def score(
     heatmap_format: Annotated[HeatmapFormat, Query(description=FORMAT_DOC)] = "png",
 ):
     t0 = time.perf_counter()
-    registry = request.app.state.registry
     lm = await registry.get(model)
-    model_pixels = None if heatmap_size == "input" else _model_map_pixels(lm.scorer)
-    arrays, names, decode_ms = await _read_and_decode(request, files, _outputs(heatmap), model_pixels)
-    _check_geometry(request, lm.scorer, arrays, names)
-    results, queued_s = await registry.score(lm, arrays, names, _options(heatmap, heatmap_size, heatmap_format))
-    metrics = request.app.state.metrics
-    items = []
-    for r, arr, dms in zip(results, arrays, decode_ms):
+    images = await _prepare(lm.scorer, files, _outputs(heatmap), heatmap_size, settings, metrics)
+    results, queued_s = await registry.score(lm, images, [im.name for im in images],
+                                             _options(heatmap, heatmap_size, heatmap_format))
+    for r in results:
         metrics.observe_result(lm.ref, float(r.score), bool(r.is_anomaly))
-        timings = {"decode": round(dms, 3), "queue": round(queued_s * 1000, 3)}
-        timings.update({_TIMING_NAMES.get(k, k): round(float(v), 3) for k, v in (r.timings or {}).items()})
-        items.append(
-            {
-                "file": r.name,
-                "raw_score": float(r.raw_score),
-                "score": float(r.score),
-                "is_anomaly": bool(r.is_anomaly),
-                "threshold": float(r.threshold),
-                "width": int(arr.shape[1]),
-                "height": int(arr.shape[0]),
-                "tiles": int(r.tiles),
-                "scaled_width": int(r.scaled_size[1]),
-                "scaled_height": int(r.scaled_size[0]),
-                "timings_ms": timings,
-                "overlay_png": _b64(r.overlay_png),
-                "map_png": _b64(r.map_png),
-                "heatmap_format": heatmap_format if heatmap != "none" else None,
-            }
-        )
+    fmt = heatmap_format if heatmap != "none" else None
     return {
         "model": lm.name,
         "version": lm.version,
-        "batch_images": len(items),
-        "results": items,
+        "batch_images": len(results),
+        "results": [_result(r, im, queued_s, fmt) for r, im in zip(results, images)],
         "timings_ms": {"total": round((time.perf_counter() - t0) * 1000, 3)},
     }
 
@@ -231,7 +210,9 @@ async def score(
     },
 )
 async def score_overlay(
-    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
     files: Annotated[list[UploadFile], File(description="Exactly one image", min_length=1, max_length=1)],
     model: Annotated[str | None, Query(max_length=200, description=MODEL_DOC)] = None,
     kind: Annotated[Literal["overlay", "map"], Query(description="The blended overlay or the grayscale map")] = "overlay",
@@ -240,15 +221,13 @@ async def score_overlay(
 ) -> Response:
     if len(files) != 1:
         raise APIError(422, "validation_error", f"/score/overlay takes exactly one file in field 'files', got {len(files)}")
-    registry = request.app.state.registry
     lm = await registry.get(model)
-    model_pixels = None if heatmap_size == "input" else _model_map_pixels(lm.scorer)
-    arrays, names, _ = await _read_and_decode(request, files, 1, model_pixels)
-    _check_geometry(request, lm.scorer, arrays, names)
-    results, _ = await registry.score(lm, arrays, names, _options(kind, heatmap_size, heatmap_format))
+    images = await _prepare(lm.scorer, files, 1, heatmap_size, settings, metrics)
+    results, _ = await registry.score(lm, images, [im.name for im in images],
+                                      _options(kind, heatmap_size, heatmap_format))
     r = results[0]
-    request.app.state.metrics.observe_result(lm.ref, float(r.score), bool(r.is_anomaly))
-    image = r.overlay_png if kind == "overlay" else r.map_png
+    metrics.observe_result(lm.ref, float(r.score), bool(r.is_anomaly))
+    image = r.overlay_image if kind == "overlay" else r.map_image
     headers = {
         "X-STPM-Model": lm.ref,
         "X-STPM-Score": f"{float(r.score):.6f}",

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 import shutil
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from pydantic import Field
+
+from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.deps import JobRunnerDep, JobStoreDep, jobs_of
 from app.errors import APIError
 from app.jobs.store import STATES, Job, JobStore
 from app.jobs.uploads import Limits, UploadError, store_upload
+from app.jobs.worker import JobRunner
 from app.multipart import MultipartRoute
 from app.schemas import ErrorResponse, TrainJob, TrainJobList
 from stpm import bundle
-from stpm.config import to_params
-from stpm.options import TrainingOption, build, training_options
+from stpm.options import build, form_model, options_of, to_params, training_options
 
 router = APIRouter(prefix="/train", tags=["train"], route_class=MultipartRoute)
 
@@ -40,13 +42,9 @@ JobId = Annotated[str, PathParam(description="The job id from POST /train (other
 API_OPTIONS = tuple(o for o in training_options() if o.api)
 
 
-def _engine(request: Request) -> tuple[JobStore, object]:
-    store = getattr(request.app.state, "job_store", None)
-    runner = getattr(request.app.state, "job_runner", None)
-    if store is None or runner is None:
-        raise APIError(503, "training_unavailable", "training jobs are disabled (setting train_enabled) or the job "
-                       "store has not started")
-    return store, runner
+def _engine(request: Request) -> tuple[JobStore, JobRunner]:
+    """POST /train's store and runner (its signature is generated: see with_option_fields)."""
+    return jobs_of(request.app)
 
 
 def _public(store: JobStore, job: Job) -> dict:
@@ -60,25 +58,38 @@ def _get(store: JobStore, job_id: str) -> Job:
     return job
 
 
-async def submit(
-    request: Request,
-    files: Annotated[list[UploadFile], File(description="Good images (repeat the field), and/or zip/tar archives "
-                                                        "of them (.zip, .tar, .tar.gz, .tar.xz, .tgz, .tar.bz2)",
-                                            min_length=1)],
-    name: Annotated[str, Form(description="Model name; the job publishes its next version (others: 422)",
-                              examples=["bottle"], json_schema_extra={"pattern": bundle.NAME_PATTERN})],
-    *,
-    activate: Annotated[bool, Form(description="Make the new version active when the job succeeds")] = False,
-    **options: Any,  # the training options: one keyword per API_OPTIONS entry (see with_option_fields)
-):
+TrainForm = form_model("TrainForm", {
+    "files": (list[UploadFile], Field(..., min_length=1, description="Good images (repeat the field), and/or zip/tar "
+                                      "archives of them (.zip, .tar, .tar.gz, .tar.xz, .tgz, .tar.bz2)")),
+    "name": (str, Field(..., description="Model name; the job publishes its next version (others: 422)",
+                        examples=["bottle"], json_schema_extra={"pattern": bundle.NAME_PATTERN})),
+    "activate": (bool, Field(False, description="Make the new version active when the job succeeds")),
+}, API_OPTIONS)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=TrainJob,
+    summary="Train a new model version on uploaded good images (runs in the background)",
+    responses={
+        **ERRORS,
+        413: {"model": ErrorResponse, "description": "Request, an image, an archive or the image count over the limit"},
+        429: {"model": ErrorResponse, "description": "The training queue is full (train_max_queued); retry later"},
+        422: {"model": ErrorResponse, "description": "A file is not a decodable image (all named in `files`), too "
+              "few images, a bad parameter, or an unknown form field"},
+        507: {"model": ErrorResponse, "description": "Disk full while storing the upload (nothing stored)"},
+    },
+)
+async def submit(request: Request, form: Annotated[TrainForm, Form(media_type="multipart/form-data")]):
     store, runner = _engine(request)
     s = request.app.state.settings
     try:
-        bundle.check_name(name)
+        bundle.check_name(form.name)
     except bundle.BundleError as e:
         raise APIError(422, "invalid_name", str(e)) from None
     try:
-        config = build(options)
+        config = build(options_of(form, API_OPTIONS))
     except ValueError as e:
         raise APIError(422, "invalid_parameter", str(e)) from None
     if config.train.epochs > s.train_max_epochs:
@@ -89,13 +100,13 @@ async def submit(
         raise APIError(429, "queue_full", f"{len(queued)} training jobs are already waiting; at most "
                        f"{s.train_max_queued} (setting train_max_queued): retry when one has started",
                        headers={"Retry-After": "60"})
-    params: dict[str, Any] = {**to_params(config), "activate": activate}
+    params: dict[str, Any] = {**to_params(config), "activate": form.activate}
     params["train"].pop("device")  # the server's setting (train_device), not the client's
     limits = Limits(s.train_min_images, s.train_max_images, s.max_upload_bytes, s.train_max_archive_bytes,
                     s.max_pixels)
     job_id = uuid.uuid4().hex
     jobs_root = s.jobs_data_dir / "jobs"
-    uploads = [(f.filename or f"file{i}", f.file) for i, f in enumerate(files)]
+    uploads = [(f.filename or f"file{i}", f.file) for i, f in enumerate(form.files)]
     try:
         stored = await run_in_threadpool(store_upload, uploads, jobs_root, job_id, limits)
     except UploadError as e:
@@ -108,7 +119,7 @@ async def submit(
         shutil.rmtree(stored.job_dir, ignore_errors=True)
         raise APIError(422, "invalid_parameter", f"val_fraction={val_fraction} leaves no training image out of {n}")
     try:
-        job = await run_in_threadpool(store.create, job_id, name, params, stored.job_dir, n, stored.fingerprint)
+        job = await run_in_threadpool(store.create, job_id, form.name, params, stored.job_dir, n, stored.fingerprint)
     except BaseException:
         shutil.rmtree(stored.job_dir, ignore_errors=True)
         raise
@@ -116,55 +127,13 @@ async def submit(
     return JSONResponse(_public(store, job), status_code=202, headers={"Location": f"/train/{job_id}"})
 
 
-def _form_field(o: TrainingOption) -> inspect.Parameter:
-    """One training option as a form field: its type (choices as an enum), default, bounds and help."""
-    tp: Any = str if o.many else (Literal[o.choices] if o.choices else o.kind)  # type: ignore[valid-type]
-    if o.optional:
-        tp = tp | None
-    limits = {k: v for k, v in (("ge", o.ge), ("gt", o.gt), ("le", o.le), ("lt", o.lt)) if v is not None}
-    if o.kind is float and not o.many:
-        limits["allow_inf_nan"] = False
-    help = o.help + (" (comma-separated)" if o.many else "")
-    default = ",".join(o.default) if o.many else o.default
-    return inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[tp, Form(description=help, **limits)])
-
-
-def with_option_fields(endpoint, options: tuple[TrainingOption, ...]):
-    """The endpoint's signature as FastAPI reads it: its own fields, then one per training option
-    (generated from stpm.config, so a new option is a new field here and in the OpenAPI at once). The
-    endpoint takes the options as keywords (`**options`) and hands them to stpm.options.build."""
-    sig = inspect.signature(endpoint, eval_str=True)
-    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    endpoint.__signature__ = sig.replace(parameters=own + [_form_field(o) for o in options])
-    return endpoint
-
-
-router.post(
-    "",
-    status_code=202,
-    response_model=TrainJob,
-    summary="Train a new model version on uploaded good images (runs in the background)",
-    responses={
-        **ERRORS,
-        413: {"model": ErrorResponse, "description": "Request, an image, an archive or the image count over the limit"},
-        429: {"model": ErrorResponse, "description": "The training queue is full (train_max_queued); retry later"},
-        422: {"model": ErrorResponse, "description": "A file is not a decodable image (all named in `files`), too "
-              "few images, or a bad parameter"},
-        507: {"model": ErrorResponse, "description": "Disk full while storing the upload (nothing stored)"},
-    },
-)(with_option_fields(submit, API_OPTIONS))
-
-
 @router.get("", response_model=TrainJobList, summary="Training jobs, newest first", responses=ERRORS)
 async def list_jobs(
-    request: Request,
+    store: JobStoreDep,
     state: Annotated[Literal[STATES] | None, Query(description="Only jobs in this state")] = None,  # type: ignore[valid-type]
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ):
-    store, _ = _engine(request)
-
     def work():
         return {"jobs": [_public(store, j) for j in store.list(state, limit, offset)]}
 
@@ -173,8 +142,7 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=TrainJob, summary="One job: state, progress, error, resulting version",
             responses=ERRORS)
-async def get_job(request: Request, job_id: JobId):
-    store, _ = _engine(request)
+async def get_job(store: JobStoreDep, job_id: JobId):
     return _public(store, await run_in_threadpool(_get, store, job_id))
 
 
@@ -185,8 +153,7 @@ async def get_job(request: Request, job_id: JobId):
     responses={**ERRORS, 202: {"model": TrainJob, "description": "Running: cancel requested"},
                409: {"model": ErrorResponse, "description": "The job has already finished"}},
 )
-async def cancel_job(request: Request, job_id: JobId):
-    store, runner = _engine(request)
+async def cancel_job(store: JobStoreDep, runner: JobRunnerDep, job_id: JobId):
     job = await run_in_threadpool(_get, store, job_id)
     if job.finished:
         raise APIError(409, "job_finished", f"job {job_id} has already finished ({job.state}); nothing to cancel")

@@ -23,7 +23,7 @@ def export_classifier_onnx(model: nn.Module, example_input: Tensor, path: Path, 
 
 def onnx_logits(path: Path, images: np.ndarray) -> np.ndarray:
     """Run the exported classifier with onnxruntime on CPU. [B, C, H, W] float32 -> [B, K]."""
-    from stpm.backends import ort_session
+    from stpm.runtime.sessions import ort_session
 
     session = ort_session(path)
     return session.run(["logits"], {"images": images.astype(np.float32)})[0]

@@ -1,0 +1,85 @@
+"""PatchCore's locally aware patch features of the frozen ImageNet teacher: each requested layer averaged
+over a neighbourhood, brought to the finest layer's grid and concatenated (one D-dim feature per position)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stpm.methods import backbones
+
+
+class PatchFeatures(nn.Module):
+    """Frozen teacher -> locally aware patch features. float [N, 3, S, S] in [0, 1] -> [N, D, h, w]
+    (h, w: the grid of the finest requested layer; D: the layers' channels summed)."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        neighbourhood: int = 3,
+    ):
+        super().__init__()
+        if neighbourhood < 1 or neighbourhood % 2 == 0:
+            raise ValueError(f"neighbourhood must be an odd number >= 1, got {neighbourhood}")
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.neighbourhood = int(neighbourhood)
+        self.register_buffer("mean", torch.tensor(tuple(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(tuple(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True) -> PatchFeatures:
+        """The teacher never trains: it stays in eval mode whatever the caller asks."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.teacher((x - self.mean) / self.std)
+        grid = feats[0].shape[-2:]
+        k = self.neighbourhood
+        out = []
+        for f in feats:
+            if k > 1:
+                f = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+            if f.shape[-2:] != grid:
+                f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            out.append(f)
+        return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def collect_features(
+    features: PatchFeatures,
+    tiles: np.ndarray,
+    device: torch.device,
+    batch_size: int = 16,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """uint8 tiles [T, S, S, 3] -> patch features [T * h * w, D] (float32, on the CPU)."""
+    features.eval()
+    out = []
+    for i in range(0, len(tiles), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(tiles[i:i + batch_size])).to(device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        f = features(x)
+        out.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).float().cpu())
+        if on_batch is not None:
+            on_batch(min(i + batch_size, len(tiles)), len(tiles))
+    if not out:
+        raise ValueError("no tiles to collect features from")
+    return torch.cat(out)
+
+
+def build_features(cfg, weights_dir=None) -> tuple[PatchFeatures, str]:
+    """The frozen ImageNet teacher of `cfg` (a resolved ModelOptions) as PatchFeatures;
+    -> (module, where the weights came from)."""
+    teacher, source = backbones.build_teacher(cfg.backbone, cfg.layers, cfg.pretrained, cfg.weights, weights_dir)
+    return PatchFeatures(teacher, cfg.mean, cfg.std, cfg.neighbourhood), source
+
+
+__all__ = ["PatchFeatures", "build_features", "collect_features"]

@@ -1,0 +1,35 @@
+"""PatchCore (Roth et al., CVPR 2022) as data: a memory bank of the frozen teacher's locally aware patch
+features, thinned by a greedy coreset; a patch's anomaly is its distance to the nearest bank row. No
+training loop. Torch-free."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stpm.bundle.names import MEMORY_BANK_WEIGHTS, TEACHER_WEIGHTS
+from stpm.methods.backbone_specs import resolve_layers, spec
+from stpm.methods.spec import MethodSpec
+
+DEFAULT_SIGMA = 4.0  # PatchCore's smoothing at 224-256 px tiles
+
+
+def default_layers(backbone: str) -> tuple[str, ...]:
+    """The mid-level layers: the backbone's default pyramid without its finest stage (ResNets: layer2 +
+    layer3, as in the paper; EfficientNet-Lite: blocks.2 + blocks.4)."""
+    return spec(backbone).default_layers[1:]
+
+
+def resolve(cfg: Any) -> Any:
+    """Layers made explicit (default: the mid-level pair); options that belong to STPM refused."""
+    if cfg.student_backbone:
+        raise ValueError("student_backbone applies to method stpm only (patchcore trains no student)")
+    return cfg.model_copy(update={"layers": resolve_layers(cfg.backbone, cfg.layers or default_layers(cfg.backbone))})
+
+
+SPEC = MethodSpec(
+    name="patchcore",
+    summary="a memory bank of the teacher's patch features (no training loop, minutes)",
+    sigma_candidates=(DEFAULT_SIGMA, 2 * DEFAULT_SIGMA),
+    weight_files=(TEACHER_WEIGHTS, MEMORY_BANK_WEIGHTS),
+    resolve=resolve,
+)

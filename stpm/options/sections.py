@@ -1,0 +1,240 @@
+"""The training options, declared once as pydantic models: every hyper-parameter with its default, bounds
+and help. Torch-free (the API process imports it).
+
+`stpm train`'s flags, the POST /train form (and its OpenAPI), the keywords of `stpm.train`, the job
+parameters the training worker reads back and the manifest's record are all generated from these fields
+(stpm.options.table). Nothing re-types a name or a default.
+
+How to add an option (it then appears in all of those at once):
+
+1. Add a field to the section it belongs to, declared with `option(default, help, ...)`:
+
+       sigma: float | None = option(None, "Gaussian smoothing of the map, in pixels", ge=0, le=64)
+
+   - the type says what users may give: `int`, `float`, `bool`, `str`, `X | None` (optional: "" or
+     "none" means None in the CLI and forms), a `Literal[...]` (the choices), `tuple[str, ...]`
+     (comma-separated on the command line and in forms);
+   - `ge`/`gt`/`le`/`lt` bound numbers (pydantic checks them wherever a value enters);
+   - `name=` gives it another public name where the field name would be ambiguous (TilingOptions.mode
+     is `tiling`); `aliases=` adds CLI spellings; `api=False` keeps it off POST /train (a path or a
+     resource of the server's: the teacher weight file, the device, DataLoader workers);
+   - a field set only in code (never by users) is declared with `internal(default, why)` instead.
+2. Use it where it acts (a method's fit, the pipeline, ...). A new *section* also becomes a field of
+   `TrainingOptions` below.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from stpm.imaging.geometry import DEFAULT_MAX_TILES, DEFAULT_MAX_UPSCALE, DEFAULT_OVERLAP
+from stpm.imaging.scores import ImageScore
+from stpm.methods import registry
+from stpm.methods.backbone_specs import BACKBONE_NAMES
+
+Backbone = Literal[BACKBONE_NAMES]  # type: ignore[valid-type]  (the table in stpm.methods.backbone_specs)
+Combine = Literal["product", "sum"]
+ThresholdMethod = Literal["quantile", "max_margin"]
+ImageScoreMethod = Literal["max", "topk_mean", "auto"]
+TilingMode = Literal["tile", "squash"]
+
+AUTO = "auto"  # an option value that model selection resolves after fitting (image_score)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+META = "stpm"  # the key of our metadata in a field's json_schema_extra
+
+
+def _comma_separated(v: Any) -> Any:
+    """A tuple option from text: "a,b" -> ("a", "b") (empty items dropped)."""
+    if isinstance(v, str):
+        return tuple(x.strip() for x in v.split(",") if x.strip())
+    return v
+
+
+def _method_name(v: str) -> str:
+    registry.spec(v)  # ValueError naming the registered methods
+    return v
+
+
+MethodName = Annotated[str, AfterValidator(_method_name)]
+Names = Annotated[tuple[str, ...], BeforeValidator(_comma_separated)]
+
+
+def option(default: Any, help: str, *, name: str | None = None, aliases: tuple[str, ...] = (), api: bool = True,
+           **bounds: float) -> Any:
+    """A user-facing option: its default, help, bounds (ge/gt/le/lt) and how it is offered."""
+    return Field(default, description=help, json_schema_extra={META: {"name": name, "aliases": list(aliases),
+                                                                      "api": api, "user": True}}, **bounds)
+
+
+def internal(default: Any, why: str) -> Any:
+    """A value set in code only (recorded in the manifest, never a user option)."""
+    return Field(default, description=why, json_schema_extra={META: {"user": False, "api": False}})
+
+
+class Section(BaseModel):
+    """Frozen, validated, unknown names refused, no inf/nan."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=False)
+
+
+class ModelOptions(Section):
+    """What the network is. Stored in every bundle's manifest (`model`)."""
+
+    # Defaults chosen by measurement (docs/BENCHMARKS.md, "Quality"): the memory bank on the
+    # EfficientNet-Lite1 ImageNet teacher beat STPM on every shared set and needs no training loop.
+    method: MethodName = option("patchcore", "patchcore: a memory bank of the teacher's patch features (no training "
+                                "loop, minutes); stpm: a student learns the teacher (epochs)")
+    backbone: Backbone = option("efficientnet_lite1", "teacher network (ImageNet weights)")
+    student_backbone: Backbone | None = option(None, "stpm: student network (default: the teacher's architecture)")
+    layers: Names = option((), "feature layers (default: stpm the backbone's three stages, patchcore the middle two)")
+    image_size: int = option(256, "model input S in pixels: images are covered by S x S tiles",
+                             aliases=("--tile-size",), ge=32, le=1024)
+    pretrained: bool = option(True, "ImageNet teacher weights (false: a random teacher, for tests only)")
+    weights: str | None = option(None, "teacher weight file on this machine (wins over every other source)",
+                                 api=False)
+    combine: Combine = option("product", "stpm: how the per-layer maps are fused: product (the paper) or sum")
+    sigma: float | None = option(None, "Gaussian smoothing of the map in tile pixels (none: chosen on synthetic "
+                                 "anomalies of the held-out good images among stpm 0/4, patchcore 4/8)", ge=0, le=64)
+    image_score: ImageScoreMethod = option("auto", "image score from the stitched map: its maximum, or the mean of "
+                                           "its top-k values (auto: chosen on synthetic anomalies of the held-out "
+                                           "good images)")
+    topk: float = option(0.01, "for topk_mean: < 1 a fraction of the map's pixels, >= 1 a number of pixels",
+                         gt=0, le=1_000_000)
+    coreset_ratio: float = option(0.1, "patchcore: share of the training patches kept in the memory bank (greedy "
+                                  "coreset)", gt=0, le=1)
+    bank_size: int = option(16384, "patchcore: at most this many memory-bank rows (the search cost per tile grows "
+                            "with it)", ge=1, le=1_000_000)
+    neighbourhood: int = option(3, "patchcore: patch features are averaged over this many positions square (odd)",
+                                ge=1, le=9)
+    mean: tuple[float, float, float] = internal(IMAGENET_MEAN, "the teacher's input norm")
+    std: tuple[float, float, float] = internal(IMAGENET_STD, "the teacher's input norm")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelOptions:
+        if self.neighbourhood % 2 == 0:
+            raise ValueError(f"neighbourhood={self.neighbourhood}: must be odd")
+        if self.image_score != AUTO:  # auto: model selection chooses after fitting
+            ImageScore(self.image_score, self.topk)  # type: ignore[arg-type]
+        registry.spec(self.method).resolve(self)  # the method's own checks: layers exist in the teacher, ...
+        return self
+
+
+class TilingOptions(Section):
+    """How images of any size and shape meet the S x S model input (stpm.imaging.geometry).
+
+    mode "tile": every image is resized by one fixed `scale` (aspect ratio kept) and covered by
+    overlapping S x S tiles. The scale is chosen at training as resolution / median short side of
+    the training images (resolution default: S), unless `scale` is given. mode "squash": every image
+    is resized to S x S (the format-1 behaviour; say so explicitly, it loses thin defects)."""
+
+    mode: TilingMode = option("tile", "tile: keep the aspect ratio, one fixed scale, overlapping S x S tiles; squash: "
+                              "resize every image to S x S (loses thin defects in elongated images)", name="tiling")
+    resolution: int | None = option(None, "pixels the training images' median short side is scaled to (default: S, "
+                                    "so an image of the median size is one tile high or wide)", ge=16, le=8192)
+    scale: float | None = option(None, "fixed input -> model scale (wins over resolution)", gt=0, le=16)
+    overlap: float = option(DEFAULT_OVERLAP, "minimum overlap of neighbouring tiles, fraction of a tile", ge=0, lt=1)
+    max_upscale: float = option(DEFAULT_MAX_UPSCALE, "a smaller image is upscaled to one tile by at most this "
+                                "factor, else refused", ge=1, le=16)
+    max_tiles: int = option(DEFAULT_MAX_TILES, "images needing more tiles are refused", ge=1, le=4096)
+
+
+class TrainOptions(Section):
+    """How training runs. Defaults are the STPM paper's recipe."""
+
+    epochs: int = option(100, "training epochs (the best validation loss is kept)", ge=1, le=100_000)
+    batch_size: int = option(32, "images (tiles) per optimizer step", ge=1, le=1024)
+    lr: float = option(0.4, "SGD learning rate", gt=0, le=10)
+    momentum: float = option(0.9, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = option(1e-4, "SGD weight decay", ge=0, le=1)
+    val_fraction: float = option(0.2, "fraction of the good images held out for validation and calibration",
+                                 gt=0, lt=1)
+    patience: int = option(0, "early stopping after N epochs without a better validation loss (0: off)",
+                           ge=0, le=100_000)
+    seed: int = option(0, "seed of the split, the student's init and the shuffling", ge=0, le=2**31 - 1)
+    device: str = option("auto", "auto, cpu, cuda, cuda:1 ... (POST /train: the server's setting train_device)",
+                         api=False)
+    amp: bool = option(False, "mixed precision (CUDA only)")
+    compile: bool = option(False, "torch.compile (CUDA only)")
+    num_workers: int = option(0, "DataLoader worker processes", name="workers", ge=0, le=64, api=False)
+    augment: bool = option(False, "mild photometric jitter")
+    max_steps: int = option(0, "cap on optimizer steps per epoch (0: none; smoke tests)", ge=0, le=1_000_000_000)
+
+
+class CalibrationOptions(Section):
+    """How the threshold and the [0, 1] normalisation come from held-out good images."""
+
+    method: ThresholdMethod = option("max_margin", "threshold from the held-out good images' scores: max_margin "
+                                     "(their maximum plus a margin) or quantile", name="calibration")
+    quantile: float = option(0.99, "for quantile: which quantile of the good scores", ge=0.5, le=1)
+    margin: float = option(0.1, "for max_margin: threshold = max + margin x spread of the good scores", ge=0, le=10)
+
+
+class TrainingOptions(BaseModel):
+    """Everything one training run is configured by, one field per section. The section names are the
+    keys of a training job's parameters and of `from_params`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelOptions = ModelOptions()
+    train: TrainOptions = TrainOptions()
+    calibration: CalibrationOptions = CalibrationOptions()
+    tiling: TilingOptions = TilingOptions()
+
+
+SECTIONS: dict[str, type[Section]] = {"model": ModelOptions, "train": TrainOptions,
+                                      "calibration": CalibrationOptions, "tiling": TilingOptions}
+
+
+def updated(cfg: Section, **changes: Any) -> Any:
+    """A copy of an options section with some fields changed, validated like any other."""
+    return type(cfg).model_validate({**cfg.model_dump(), **changes})
+
+
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Options -> JSON-ready dict (tuples become lists)."""
+    return cfg.model_dump(mode="json")
+
+
+def from_dict(cls: type[Section], data: dict[str, Any]) -> Any:
+    """A section from a dict (a manifest's record, a job's parameters); unknown keys raise ValueError."""
+    return cls.model_validate(data)
+
+
+def to_params(cfg: TrainingOptions) -> dict[str, dict[str, Any]]:
+    """TrainingOptions -> {section: dict} (a training job's parameters, JSON-ready)."""
+    return {name: to_dict(getattr(cfg, name)) for name in SECTIONS}
+
+
+def from_params(params: dict[str, Any]) -> TrainingOptions:
+    """{section: dict} -> TrainingOptions; a missing section takes its defaults, keys that are not sections
+    are ignored (a job also stores e.g. `activate`), unknown fields raise."""
+    return TrainingOptions(**{name: from_dict(cls, params.get(name) or {}) for name, cls in SECTIONS.items()})
+
+
+__all__ = [
+    "AUTO",
+    "Backbone",
+    "CalibrationOptions",
+    "Combine",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageScoreMethod",
+    "ModelOptions",
+    "SECTIONS",
+    "Section",
+    "ThresholdMethod",
+    "TilingMode",
+    "TilingOptions",
+    "TrainOptions",
+    "TrainingOptions",
+    "from_dict",
+    "from_params",
+    "internal",
+    "option",
+    "to_dict",
+    "to_params",
+    "updated",
+]

@@ -1,0 +1,191 @@
+"""The whole training job: good images -> tiles -> method.fit -> model selection on synthetic anomalies ->
+calibration on held-out good images -> (ONNX export) -> an atomically published bundle version.
+
+Shared by `stpm train`, `stpm.train` and the service's training worker, so all produce identical bundles.
+Each step is a function below; `run_training` reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stpm.bundle.calibration import Calibration
+from stpm.bundle import check_name, fingerprint
+from stpm.imaging.decode import read_image
+from stpm.imaging.geometry import Geometry, TiledImages
+from stpm.imaging.scores import ImageScore, image_scores
+from stpm.methods import registry
+from stpm.methods.base import FitData, FitRun, Fitted, ProgressFn, TrainingStopped
+from stpm.methods.maps import MapModule
+from stpm.options import AUTO, ModelOptions, TrainingOptions, to_dict, updated
+from stpm.training.calibration import calibrate
+from stpm.training.data import good_train_dir, list_images, load_training_tiles
+from stpm.training.publish import build_manifest, publish_model
+from stpm.training.reproducible import reproducible, resolve_device, split_indices
+from stpm.training.selection import Selection, select
+
+log = logging.getLogger("stpm.training")
+MIN_GOOD_IMAGES = 3
+PARITY_IMAGES = 8  # held-out good images the ONNX export checks parity on
+
+
+@dataclass
+class TrainOutcome:
+    version: str | None  # None when interrupted before publishing
+    path: Path | None
+    fitted: Fitted
+    calibration: Calibration | None
+    skipped: list[tuple[Path, str]]
+
+    @property
+    def model(self) -> MapModule:
+        """The fitted map module as it is in memory (on the CPU once published)."""
+        return self.fitted.amap
+
+
+@dataclass
+class GoodImages:
+    """A run's good images: decoded, tiled at the geometry chosen from their sizes, split train/held-out."""
+
+    source: str
+    paths: list[Path]
+    sizes: list[tuple[int, int]]
+    skipped: list[tuple[Path, str]]
+    geometry: Geometry
+    train_idx: list[int]
+    val_idx: list[int]
+    train: TiledImages
+    val: TiledImages
+
+    def val_images(self) -> list[np.ndarray]:
+        return [read_image(self.paths[i]) for i in self.val_idx]
+
+
+def resolved(cfg: ModelOptions) -> ModelOptions:
+    """The method's defaults made explicit and every model option checked, before any work."""
+    cfg = registry.spec(cfg.method).resolve(cfg)
+    if cfg.image_score != AUTO:
+        ImageScore(cfg.image_score, cfg.topk)  # type: ignore[arg-type]
+    return cfg
+
+
+def load_good_images(data: str | Path | list[Path], config: TrainingOptions, skip_bad: bool) -> GoodImages:
+    """A folder, an MVTec category or a list of files -> its good images, tiled and split."""
+    paths = list(data) if isinstance(data, list) else list_images(good_train_dir(data))
+    if len(paths) < MIN_GOOD_IMAGES:
+        raise ValueError(f"{len(paths)} good image(s) found; at least {MIN_GOOD_IMAGES} are needed")
+    tiled, geometry, paths, skipped, sizes = load_training_tiles(paths, config.model.image_size, config.tiling,
+                                                                 skip_bad)
+    for p, reason in skipped:
+        log.warning("skipped %s: %s", p, reason)
+    train_idx, val_idx = split_indices(len(paths), config.train.val_fraction, config.train.seed)
+    source = str(data) if not isinstance(data, list) else f"{len(paths)} uploaded files"
+    images = GoodImages(source, paths, sizes, skipped, geometry, train_idx, val_idx, tiled.subset(train_idx),
+                        tiled.subset(val_idx))
+    log.info("geometry %s: %d training tiles from %d images, %d validation tiles from %d images", geometry,
+             len(images.train.tiles), len(train_idx), len(images.val.tiles), len(val_idx))
+    return images
+
+
+def choose_and_calibrate(fitted: Fitted, device: torch.device, images: GoodImages, val_images: list[np.ndarray],
+                         model_cfg: ModelOptions, config: TrainingOptions) -> tuple[ModelOptions, Selection, Calibration]:
+    """Model selection on synthetic anomalies of the held-out good images, then the threshold from their
+    scores as the runtime computes them (stitched maps, the chosen image score)."""
+    chosen = select(fitted.amap.to(device), device, images.val, val_images, images.geometry, model_cfg,
+                    config.train.seed, config.train.batch_size)
+    model_cfg = updated(model_cfg, sigma=chosen.chosen.sigma, image_score=chosen.chosen.image_score)
+    spec = ImageScore(model_cfg.image_score, model_cfg.topk)  # type: ignore[arg-type]
+    return model_cfg, chosen, calibrate(image_scores(chosen.good_maps, spec), config.calibration)
+
+
+def training_record(config: TrainingOptions, fitted: Fitted, device: torch.device, chosen: Selection) -> dict[str, Any]:
+    """manifest["training"]: the run's settings, what the method reports, model selection's candidates."""
+    rec = {"config": to_dict(config.train), "calibration_config": to_dict(config.calibration),
+           "tiling_config": to_dict(config.tiling)}
+    method_facts = {k: v for k, v in fitted.record.items() if k not in ("history",)}
+    rec.update({k: v for k, v in method_facts.items() if not isinstance(v, dict)})
+    rec.update(seconds=round(fitted.seconds, 2), history=fitted.record.get("history", []), device=str(device))
+    rec.update({k: v for k, v in method_facts.items() if isinstance(v, dict)})  # e.g. "patchcore": {...}
+    rec["selection"] = chosen.report
+    return rec
+
+
+def data_record(images: GoodImages) -> dict[str, Any]:
+    """manifest["data"]: which images, how they were split and tiled."""
+    short = sorted(min(h, w) for h, w in images.sizes)
+    return {
+        "source": images.source, "fingerprint": fingerprint(images.paths), "n_images": len(images.paths),
+        "n_train": len(images.train_idx), "n_val": len(images.val_idx),
+        "skipped": [str(p) for p, _ in images.skipped], "val_files": [images.paths[i].name for i in images.val_idx],
+        "short_side_px": {"min": short[0], "median": float(np.median(short)), "max": short[-1]},
+        "n_train_tiles": len(images.train.tiles), "n_val_tiles": len(images.val.tiles),
+    }
+
+
+def publish(models_dir: str | Path, fitted: Fitted, manifest: dict[str, Any], check_images: list[np.ndarray],
+            export: bool, should_stop: Callable[[], bool] | None) -> tuple[str, Path]:
+    """Weights + manifest staged, ONNX exported and parity-checked on real images, then published."""
+
+    def before_publish(staging: Path) -> None:
+        if export:
+            from stpm.export import export_bundle
+
+            export_bundle(staging, check_images=check_images)
+        if should_stop is not None and should_stop():  # last chance to cancel: nothing is visible yet
+            raise TrainingStopped("stop requested before publishing")
+
+    t0 = time.monotonic()
+    version, path = publish_model(models_dir, fitted.amap, manifest, before_publish)
+    log.info("published %s/%s in %.1fs", manifest["name"], version, time.monotonic() - t0)
+    return version, path
+
+
+def run_training(
+    data: str | Path | list[Path],
+    name: str,
+    models_dir: str | Path,
+    config: TrainingOptions = TrainingOptions(),
+    *,
+    run_dir: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    skip_bad: bool = False,
+    resume: bool = False,
+    export: bool = True,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    show_bar: bool = True,
+) -> TrainOutcome:
+    """Fit on the good images in `data` (a folder, MVTec category, or a list of files) and publish the next
+    version of `name`. The method sees the training images' tiles; what the options leave open (sigma,
+    image score) is chosen on synthetic anomalies of the held-out good images, which then set the
+    threshold. -> TrainOutcome (version None when Ctrl-C stopped a training loop: nothing published)."""
+    check_name(name)
+    model_cfg = resolved(config.model)
+    images = load_good_images(data, config, skip_bad)
+    device = resolve_device(config.train.device)
+    run = FitRun(device, weights_dir, Path(run_dir) if run_dir else None, resume, progress, should_stop, show_bar)
+    with reproducible(config.train.seed, device) as gen:  # seeded; the caller's RNGs and settings come back after
+        data_ = FitData(images.train, images.val, config.train.seed, gen)
+        fitted = registry.method(model_cfg.method).fit(model_cfg, config.train, data_, run)
+        if fitted.interrupted:
+            return TrainOutcome(None, None, fitted, None, images.skipped)
+        epochs = fitted.record.get("epochs_run", 0)
+        run.report({"phase": "selection and calibration", "epoch": epochs, "epochs": epochs})
+        val_images = images.val_images()
+        model_cfg, chosen, cal = choose_and_calibrate(fitted, device, images, val_images, model_cfg, config)
+        manifest = build_manifest(name, model_cfg, cal, fitted.teacher_source,
+                                  training_record(config, fitted, device, chosen), data_record(images),
+                                  images.geometry)
+        version, path = publish(models_dir, fitted, manifest, val_images[:PARITY_IMAGES], export, should_stop)
+    return TrainOutcome(version, path, fitted, cal, images.skipped)
+
+
+__all__ = ["GoodImages", "MIN_GOOD_IMAGES", "TrainOutcome", "load_good_images", "resolved", "run_training"]
