@@ -53,6 +53,7 @@ def main() -> None:
     pipeline = Pipeline(res, data, scale, torch.device("cpu"), tag="cifar_cpu")
     for seed in args.seeds:
         pipeline.seed_run(seed)
+    res.finish()
 
 
 if __name__ == "__main__":

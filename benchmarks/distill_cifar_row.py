@@ -117,6 +117,7 @@ def main() -> None:
         update_doc("cifar_row")
         if not args.no_row:
             row(args, res, seed, teacher, fresh, cfg, record, xtr, ytr)
+    res.finish()
 
 
 def row(args, res, seed, teacher, fresh, cfg, record, xtr, ytr) -> None:

@@ -3,7 +3,9 @@
 Results are saved after every trained model (benchmarks/results/distill_<name>.json), keyed by seed, so a
 killed run loses at most one model and a rerun (all seeds, or some: `--seeds 2`) merges into the same file and
 skips the models already recorded (`Results.has`). Every run record keeps the load average at start and end,
-its mean over the run (sampled at every saved result), and wall and CPU seconds.
+its mean over the run (sampled at every saved result), and wall and CPU seconds, and whether the run reached
+its end (`finished`, set by `Results.finish`): a file whose last run did not is rendered as partial, without
+verdicts (distill_render.is_partial).
 """
 from __future__ import annotations
 
@@ -96,14 +98,21 @@ class Results:
                 self.data |= {k: v for k, v in old.items() if k not in ("benchmark", "config")}
         self.run = {"command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
                     "seeds": args.seeds, "machine": machine(), "load_at_start": os.getloadavg()[0],
-                    "run_id": f"{os.getpid()}-{time.time_ns()}"}
+                    "run_id": f"{os.getpid()}-{time.time_ns()}", "finished": False}
         self.loads = [os.getloadavg()[0]]
         self.data["runs"].append(self.run)  # values are replaced key by key as this run records them
 
     def render(self) -> None:
         """Re-render this benchmark's block of the doc, unless the results go to a file of their own (--out)."""
-        if self.path == RESULTS / f"distill_{self.data['benchmark']}.json":
+        if self.path.resolve() == (RESULTS / f"distill_{self.data['benchmark']}.json").resolve():
             update_doc(self.data["benchmark"])
+
+    def finish(self) -> None:
+        """Mark this run complete: until then, while it is the file's last run, its block reads as partial."""
+        self.run["finished"] = True
+        self.data.pop("missing", None)  # a partial file's note of what was missing (distill_render.partial_notice)
+        self.save()
+        self.render()
 
     def has(self, key: str, seed: int) -> bool:
         """True when a value for (key, seed) is recorded already (a resumed run skips that model)."""

@@ -192,8 +192,7 @@ def main() -> None:
         merge(res, [p for p in paths if p.is_file()])
         if failed:
             raise SystemExit(f"seed processes failed: {failed}")
-    res.save()
-    res.render()
+    res.finish()
 
 
 if __name__ == "__main__":

@@ -162,6 +162,7 @@ def main() -> None:
                     train_student(res, data, soft_key(width, t, lam), seed, width, args.sweep_epochs, False,
                                   targets, t, lam)
         res.render()
+    res.finish()
 
 
 if __name__ == "__main__":

@@ -8,182 +8,40 @@ the seeds' numbers beside ours and a verdict computed from the numbers by the cr
 from __future__ import annotations
 
 import json
-import re
-import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "DISTILLATION.md"
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # stpm, and the renderers beside this file
 
-from stpm.distill.summary import format_mean_std  # noqa: E402
+from distill_render import (
+    VERDICT,
+    all_positive,
+    header,
+    is_partial,
+    mean,
+    ms,
+    paired,
+    per_seed,
+    seeds_of,
+    vals,
+    verdict,
+    without_verdicts,
+)
+from distill_report_hinton import epoch_times, hinton
 
-NAMES = ("hinton", "cifar", "cifar_row", "noisy_student", "disjoint", "gpu")
+CLAIMS = ("hinton", "cifar", "cifar_row", "noisy_student", "disjoint", "gpu")  # blocks with verdicts
+NAMES = (*CLAIMS, "epoch_times")
 NOT_RUN = {"gpu": "Not run yet: no GPU was at hand when this page was last rendered. `python benchmarks/distill_gpu.py` "
                   "on a GPU machine writes benchmarks/results/distill_gpu.json, and this block shows its numbers "
                   "with the GPU, the command and the time."}
 
 
-def ms(v: list[float], d: int = 2) -> str:
-    """Mean ± std; fewer than the protocol's 3 seeds is said in the cell."""
-    s = format_mean_std(v, d)
-    return f"{s} ({len(v)} seeds)" if len(v) == 2 else s
-
-
 def load(name: str) -> dict | None:
     p = RESULTS / f"distill_{name}.json"
     return json.loads(p.read_text()) if p.is_file() else None
-
-
-def seeds_of(r: dict) -> list[str]:
-    return sorted({s for per in r["values"].values() for s in per}, key=int)
-
-
-def vals(r: dict, key: str) -> list[float]:
-    per = r["values"].get(key, {})
-    return [per[s] for s in seeds_of(r) if s in per]
-
-
-def per_seed(r: dict, key: str, d: int = 1) -> str:
-    per = r["values"].get(key, {})
-    return ", ".join(f"{per[s]:.{d}f}" for s in seeds_of(r) if s in per)
-
-
-def mean(v: list[float]) -> float:
-    return statistics.fmean(v) if v else float("nan")
-
-
-def paired(r: dict, a: str, b: str) -> list[float]:
-    """Per-seed differences a - b over the seeds that have both."""
-    pa, pb = r["values"].get(a, {}), r["values"].get(b, {})
-    return [pa[s] - pb[s] for s in seeds_of(r) if s in pa and s in pb]
-
-
-def all_positive(d: list[float]) -> bool:
-    """A gain seen in every seed (and more than one seed): the minimum for calling a difference clear."""
-    return len(d) > 1 and all(x > 0 for x in d)
-
-
-def header(r: dict) -> str:
-    lines = []
-    for run in r["runs"]:
-        if "wall_seconds" not in run:
-            continue
-        load_mean = f", mean {run['load_mean']:.1f}" if "load_mean" in run else ""
-        gpu = f" · GPU {run['gpu']}" if "gpu" in run else ""
-        cpu = run["cpu_seconds"] + run.get("child_cpu_seconds", 0)  # with the per-seed processes of distill_gpu
-        lines.append(f"`{run['command']}` · seeds {run['seeds']} · {run['machine']}{gpu} · load average "
-                     f"{run['load_at_start']:.1f} at start, {run.get('load_at_end', float('nan')):.1f} at end"
-                     f"{load_mean} · CPU {cpu / 60:.0f} min, wall {run['wall_seconds'] / 60:.0f} min")
-    cfg = ", ".join(f"{k} {setting(v)}" for k, v in r["config"].items())
-    return ("Runs: " + "; ".join(lines) + f"\n\nData: {r.get('data', '?')}. Settings: {cfg}. Seeds completed: "
-            f"{[int(s) for s in seeds_of(r)]}. Per-seed numbers depend on the machine (BLAS kernels and thread "
-            "scheduling change the floating-point order); compare means and spreads, not single seeds.\n")
-
-
-def setting(v: object) -> str:
-    """A config value as prose: dicts as (key value, ...), lists as [a, b] with numbers in short form."""
-    if isinstance(v, dict):
-        return "(" + ", ".join(f"{k} {setting(x)}" for k, x in v.items()) + ")"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(setting(x) for x in v) + "]"
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def verdict(label: str, criterion: str, outcome: str, numbers: str) -> str:
-    return f"**Verdict ({label}): {outcome}.** Criterion: {criterion}. {numbers}"
-
-
-# ------------------------------------------------------------------------------------------------ hinton
-
-def _soft(width: int, t: float, lam: float) -> str:
-    return f"2x{width} soft T={t:g} lambda={lam:g}"
-
-
-def hinton_big_t(r: dict) -> float | None:
-    """The 2 x 800 temperature chosen on seed select_seed's validation errors (None until all candidates ran)."""
-    c, s = r["config"], str(r["config"]["select_seed"])
-    val = {t: r["values"].get(f"{_soft(800, t, c['hard_weight'])} | val errors", {}).get(s) for t in c["big_ts"]}
-    if any(v is None for v in val.values()):
-        return None
-    return min(sorted(val, reverse=True), key=val.get)
-
-
-def hinton(r: dict) -> str:
-    c = r["config"]
-    big_t = hinton_big_t(r)
-    soft800 = _soft(800, big_t, c["hard_weight"]) if big_t is not None else None
-    out = [header(r), "| model | ours: test errors / 10,000 | per seed | val errors / 5,000 | training errors / "
-           "55,000 | seed 002: test errors / 10,000 |", "|---|---|---|---|---|---|"]
-    rows = [("teacher 2x1200", "teacher 2 x 1200, dropout + max-norm + jitter", "67"),
-            ("2x800 hard labels", "2 x 800 hard labels", "146")]
-    if soft800:
-        rows.append((soft800, f"2 x 800 soft targets, T = {big_t:g}, lambda = {c['hard_weight']:g}", "74 (T = 20)"))
-    for key, label, ref in rows:
-        if vals(r, f"{key} | test errors"):
-            train = per_seed(r, f"{key} | train errors", 0) or "—"
-            out.append(f"| {label} | {ms(vals(r, f'{key} | test errors'), 1)} | {per_seed(r, f'{key} | test errors', 0)}"
-                       f" | {per_seed(r, f'{key} | val errors', 0)} | {train} | {ref} |")
-    picks = [(t, r["values"].get(f"{_soft(800, t, c['hard_weight'])} | val errors", {}).get(str(c["select_seed"])))
-             for t in c["big_ts"]]
-    if any(v is not None for _, v in picks):
-        out += ["", f"Temperature of the 2 x 800 student, chosen on the validation errors of seed {c['select_seed']} "
-                f"(lambda {c['hard_weight']:g}): " + ", ".join(f"T = {t:g}: {v}" for t, v in picks if v is not None)
-                + (f" → **T = {big_t:g}**." if big_t is not None else " (not all candidates run yet).")]
-    hard, soft = "2x800 hard labels | test errors", f"{soft800} | test errors"
-    if soft800 and vals(r, hard) and vals(r, soft):
-        d = paired(r, soft, hard)
-        ratios = [r["values"][soft][s] / r["values"][hard][s] for s in seeds_of(r)
-                  if s in r["values"][soft] and s in r["values"][hard]]
-        ratio = mean(vals(r, soft)) / mean(vals(r, hard))
-        every = len(d) > 1 and all(x < 0 for x in d)
-        outcome = "reproduced" if ratio <= 0.6 else ("partly" if ratio < 1 and every else "not reproduced")
-        out += ["", verdict("soft targets vs hard labels", "mean soft-target errors <= 0.6 x hard-label errors "
-                            "(seed: 74/146 = 0.51) = reproduced; fewer errors in every seed = partly", outcome,
-                            f"Ours: {mean(vals(r, soft)):.1f} / {mean(vals(r, hard)):.1f} = **{ratio:.2f}**; per "
-                            f"seed {', '.join(f'{x:.2f}' for x in ratios)}; paired differences soft - hard "
-                            f"{ms(d, 1)} errors ({', '.join(f'{x:+.0f}' for x in d)}); soft better in every seed: "
-                            f"{every}.")]
-    out += hinton_sweep(r)
-    return "\n".join(out)
-
-
-def hinton_sweep(r: dict) -> list[str]:
-    """The temperature table (each T at the lambda with fewer mean validation errors) and its verdict."""
-    c = r["config"]
-    out = ["", "| T | 2x300: lambda | 2x300: val errors / 5,000 | 2x300: test errors / 10,000 | 2x30: lambda | "
-           "2x30: val errors / 5,000 | 2x30: test errors / 10,000 |", "|---|---|---|---|---|---|---|"]
-    cell = lambda key: [ms(vals(r, f"{key} | {s} errors"), 1) if vals(r, f"{key} | {s} errors") else "—"  # noqa: E731
-                        for s in ("val", "test")]
-    out.append("| hard labels | — | " + " | — | ".join(" | ".join(cell(f"2x{w} hard labels")) for w in (300, 30)) + " |")
-    best: dict[int, dict[float, tuple[float, float]]] = {300: {}, 30: {}}  # width -> T -> (mean val, lambda)
-    for t in c["temperatures"]:
-        cells = []
-        for w in (300, 30):
-            lams = {lam: mean(vals(r, f"{_soft(w, t, lam)} | val errors")) for lam in c["hard_weights"]
-                    if vals(r, f"{_soft(w, t, lam)} | val errors")}
-            if not lams:
-                cells += ["—", "—", "—"]
-                continue
-            lam = min(lams, key=lams.get)
-            best[w][t] = (lams[lam], lam)
-            cells += [f"{lam:g}", *cell(_soft(w, t, lam))]
-        out.append(f"| {t:g} | " + " | ".join(cells) + " |")
-    n_full = {w: min((len(vals(r, f"{_soft(w, t, lam)} | val errors")) for t in c["temperatures"]
-                      for lam in c["hard_weights"]), default=0) for w in (300, 30)}
-    if all(len(best[w]) == len(c["temperatures"]) and n_full[w] > 0 for w in (300, 30)):
-        pick = {w: min(best[w], key=lambda t: best[w][t][0]) for w in (300, 30)}
-        ok300, ok30 = pick[300] >= 8, 2.5 <= pick[30] <= 4
-        outcome = "reproduced" if ok300 and ok30 else ("partly" if ok300 or ok30 else "not reproduced")
-        out += ["", verdict("temperature", "best T by mean validation errors (each T at its better lambda) >= 8 "
-                            "for 300 units and within 2.5-4 for 30 units (seed 002) = reproduced; one of the two = "
-                            "partly", outcome, f"Ours: 300 units **T = {pick[300]:g}** (lambda "
-                            f"{best[300][pick[300]][1]:g}), 30 units **T = {pick[30]:g}** (lambda "
-                            f"{best[30][pick[30]][1]:g}); seeds per cell: {n_full[300]} (300 units), {n_full[30]} "
-                            "(30 units).")]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ cifar
@@ -207,10 +65,10 @@ def cifar_row(r: dict) -> str:
 
 def cifar_takd(r: dict, tag: str) -> list[str]:
     """The model table and the TAKD verdict; `tag` tells the verdict labels of different blocks apart."""
-    acc = lambda k: vals(r, f"{k} | test acc")  # noqa: E731
+    acc = lambda k: vals(r, f"{k} | test acc")
     c = r["config"]
     t = "takd10" if c.get("width", 100) == 100 else f"takd10x{c['width']}"
-    out = [f"| model | ours: CIFAR-10 test accuracy % | per seed | ours: validation accuracy % | seed 002 "
+    out = ["| model | ours: CIFAR-10 test accuracy % | per seed | ours: validation accuracy % | seed 002 "
            "(plain CNNs, CIFAR-10) |", "|---|---|---|---|---|"]
     ref = {"teacher takd10": "—", "teacher takd10 early": "—", "TA takd8 (KD from teacher)": "—",
            "TA takd6 (KD from teacher)": "—", "TA takd4 (KD from teacher)": "—", "student takd2 NOKD": "70.16"}
@@ -245,7 +103,7 @@ def cifar_takd(r: dict, tag: str) -> list[str]:
 
 
 def cifar_eskd(r: dict, tag: str) -> list[str]:
-    acc = lambda k: vals(r, f"{k} | test acc")  # noqa: E731
+    acc = lambda k: vals(r, f"{k} | test acc")
     eskd, full = acc("student takd2 ESKD (early teacher)"), acc("student takd2 BLKD")
     if not (eskd and full):
         return []
@@ -263,7 +121,7 @@ def cifar_eskd(r: dict, tag: str) -> list[str]:
 
 
 def cifar_row_table(r: dict, tag: str) -> list[str]:
-    acc = lambda k: vals(r, f"{k} | test acc")  # noqa: E731
+    acc = lambda k: vals(r, f"{k} | test acc")
     rows = [(k, acc(f"row {k}")) for k in CIFAR_ROW if acc(f"row {k}")]
     if not rows:
         return []
@@ -367,19 +225,25 @@ def disjoint(r: dict) -> str:
 
 
 RENDER = {"hinton": hinton, "cifar": cifar, "cifar_row": cifar_row, "noisy_student": noisy_student,
-          "disjoint": disjoint, "gpu": gpu}
-VERDICT = re.compile(r"\*\*Verdict \((.+?)\): (reproduced|partly|not reproduced)\.\*\*")
+          "disjoint": disjoint, "gpu": gpu, "epoch_times": epoch_times}
+
+
+def render(name: str, r: dict) -> str:
+    """The block of one result file; a partial run's block draws no verdict."""
+    text = RENDER[name](r)
+    return without_verdicts(text) if is_partial(r) else text
 
 
 def summary() -> str:
     """One row per verdict of every rendered block, with the seeds behind it."""
     out = ["| claim | verdict | seeds completed | section |", "|---|---|---|---|"]
-    for name in NAMES:
+    for name in CLAIMS:
         r = load(name)
-        if not r:
-            out.append(f"| distill_{name} | not run yet | — | distill_{name} |")
+        if not r or is_partial(r):
+            state = "partial run, no verdict" if r else "not run yet"
+            out.append(f"| distill_{name} | {state} | — | distill_{name} |")
             continue
-        for label, outcome in VERDICT.findall(RENDER[name](r)):
+        for label, outcome in VERDICT.findall(render(name, r)):
             n = len(seeds_of(r))
             if label.startswith("comparison row"):  # its methods may have fewer seeds than the TAKD runs
                 n = min(len(v) for v in (vals(r, f"row {k} | test acc") for k in CIFAR_ROW) if v)
@@ -398,7 +262,7 @@ def write_sections(names: list[str] | tuple[str, ...] = NAMES, doc: Path = DOC) 
         if begin not in text or end not in text:
             print(f"{doc}: no block for {name}; add the lines\n{begin}\n{end}")
             continue
-        body = (summary() if name == "summary" else RENDER[name](r) if r else
+        body = (summary() if name == "summary" else render(name, r) if r else
                 NOT_RUN.get(name, f"(no results/distill_{name}.json yet)"))
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
