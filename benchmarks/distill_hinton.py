@@ -22,18 +22,15 @@ validation errors):
 Precision: bfloat16 autocast for the 2 x 1200 and 2 x 800 nets where the CPU computes bf16 natively (AMX:
 about 2x faster there), float32 for the small ones (bf16 is not faster there) and for every evaluation.
 
-Plan, sized from one measured epoch of 55,000 digits on this machine (Intel Xeon with AMX, 2 cores, 1 torch
-thread, load average about 3 from other jobs): 2 x 1200 with dropout and jitter 16-18 s per epoch in
-float32, about 10 s in bf16; 2 x 800 6-7.5 s float32, about 3.6 s bf16; 2 x 300 1.7 s; 2 x 30 0.5 s.
-- teacher: 200 epochs, ~33 min;
-- 2 x 800: 30 epochs per student (zero training errors well before), 3 selection runs (seed 0) + 3 hard +
-  2 soft = 8 students, ~15 min;
-- sweep: 20 epochs per student, (1 + 5 x 2) students x 3 seeds per width: 2 x 300 ~19 min, 2 x 30 ~6 min.
-Expected total about 75 minutes of one core of a quiet 2-core machine; more under load.
+Plan: `python benchmarks/distill_epoch_times.py` measures one epoch of every model above (CPU and wall
+seconds, load average) and prices this default schedule from it in docs/DISTILLATION.md: the teacher's 200
+epochs, 2 x 800 students of 30 epochs (3 selection runs on seed 0, then hard and soft for seeds 1-2, hard for
+seed 0) and the sweep's students of 20 epochs ((1 + 5 x 2) per width and seed).
 
 python benchmarks/distill_hinton.py [--seeds 0 1 2] [--teacher-epochs 200] [--epochs 30] [--sweep-epochs 20]
        [--precision auto|fp32|bf16] [--widths 800,300,30]
-A rerun resumes: models whose numbers are in the result file (same settings) are not trained again.
+A rerun resumes: models whose numbers are in the result file (same settings) are not trained again, and the
+teacher continues after its last epoch (its state is saved under benchmarks/work/ after every epoch).
 `--widths 800,30` and `--widths 300` split the students over two processes (one result file, merged).
 """
 from __future__ import annotations
@@ -93,7 +90,7 @@ def teacher_model(args, res: Results, data: Split, bf16: bool) -> torch.nn.Modul
                       augment=TEACHER["augment"], lr_schedule="cosine", cpu_bf16=bf16)
     hist = run(CrossEntropyObjective(teacher), data.x_train, data.y_train,
                RunConfig(cfg, TEACHER["batch_size"], TEACHER["seed"], tensor_batches=True), CPU,
-               eval_data=(data.x_val, data.y_val), desc="teacher")
+               eval_data=(data.x_val, data.y_val), desc="teacher", resume_path=path.with_suffix(".resume.pt"))
     save_checkpoint(teacher, path, {"model": TEACHER["model"], "split": data.fingerprint(), "classes": None,
                                     "recipe": res.data["config"]["teacher"], "curve": hist.test_errors})
     record(res, "teacher 2x1200", 0, teacher, data, hist.test_errors)

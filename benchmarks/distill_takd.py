@@ -6,11 +6,13 @@ epochs is the early-stopped teacher), three assistants learn from the teacher by
 the early-stopped teacher (ESKD). Assistants and students see the training images without augmentation, so
 each KD source's logits are computed once. Teacher and assistants are trained once (seed 0) and shared by the
 seeds when `Scale.shared_teachers`, else once per seed. Trained teachers and assistants and their logits are
-kept under benchmarks/work/ so that a resumed run does not train them again.
+kept under benchmarks/work/ so that a resumed run does not train them again; while one trains, its state is
+saved there after every epoch, so a killed run resumes a teacher or assistant after its last epoch.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from distill_common import WORK, Results, accuracy, seed_all
@@ -95,6 +97,10 @@ class Pipeline:
     def path(self, what: str, seed: int) -> str:
         return str(WORK / f"{self.tag}_{what}_seed{seed}.pt")
 
+    def resume(self, what: str, seed: int) -> Path:
+        """Where the training of a teacher or assistant keeps its state after every epoch (a kill loses one)."""
+        return WORK / f"{self.tag}_{what}_seed{seed}.resume.pt"
+
     def cached(self, what: str, seed: int, depth: int) -> tuple[torch.nn.Module, torch.Tensor] | None:
         """A model (and its training-set logits) saved by an earlier run on this split with this scale."""
         try:
@@ -126,7 +132,7 @@ class Pipeline:
             hist = run(CrossEntropyObjective(teacher), self.xtr, self.ytr,
                        s.run_config(s.teacher_epochs, seed, "crop-flip"), self.device,
                        eval_data=self.val,
-                       snapshot_epochs=(s.early_epoch,), desc="teacher")
+                       snapshot_epochs=(s.early_epoch,), desc="teacher", resume_path=self.resume("teacher", seed))
             early = self.fresh(10, seed)
             early.load_state_dict(hist.snapshots[s.early_epoch])
             self.record("teacher takd10", seed, teacher, hist.test_errors)
@@ -145,8 +151,8 @@ class Pipeline:
                 ta = self.fresh(depth, seed)
                 hist = run(CachedKDObjective(ta, s.temperature, s.hard_weight), self.xtr, targets["teacher"],
                            s.run_config(s.assistant_epochs, seed), self.device,
-                           eval_data=self.val,
-                           desc=f"TA{depth}")
+                           eval_data=self.val, desc=f"TA{depth}",
+                           resume_path=self.resume(f"assistant{depth}", seed))
                 self.record(key, seed, ta, hist.test_errors)
                 got = (ta, self.keep(f"assistant{depth}", seed, depth, ta))
             elif not self.res.has(f"{key} | test acc", seed):

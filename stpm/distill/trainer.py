@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -173,11 +173,14 @@ class History:
 
 def fit(objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device: torch.device,
         eval_data: tuple[Tensor, Tensor] | None = None, snapshot_epochs: tuple[int, ...] = (),
-        checkpoint_path: Path | None = None, desc: str = "fit") -> History:
+        checkpoint_path: Path | None = None, desc: str = "fit", resume_path: Path | None = None) -> History:
     """Train `objective` for cfg.epochs; evaluate objective.student on eval_data after each epoch.
 
     snapshot_epochs: 1-based epochs after which a copy of the student's state_dict is kept (ESKD).
     checkpoint_path: the student's final state_dict is saved there (weights only).
+    resume_path: the training state is saved there after every epoch (weights, optimizer, scheduler, random
+    generators, history); a fit given the same file and settings continues after its last epoch, so a killed
+    run loses at most one epoch, and ends as the uninterrupted run would. The file is deleted at the end.
     """
     objective.to(device)
     if cfg.channels_last:
@@ -189,7 +192,8 @@ def fit(objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device
     fp16 = cfg.amp and device.type == "cuda" and cfg.amp_dtype == "float16"
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
     hist = History()
-    for epoch in range(1, cfg.epochs + 1):
+    progress = TrainingState(resume_path, cfg, objective, optimizer, scheduler, scaler, train_loader, hist)
+    for epoch in range(progress.load() + 1, cfg.epochs + 1):
         hist.losses.append(train_one_epoch(objective, train_loader, optimizer, device, cfg, scaler,
                                            desc=f"{desc} {epoch}/{cfg.epochs}", scheduler=scheduler))
         if eval_data is not None:
@@ -197,9 +201,69 @@ def fit(objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device
         if epoch in snapshot_epochs:
             hist.snapshots[epoch] = copy.deepcopy({k: v.detach().cpu() for k, v in
                                                    objective.student.state_dict().items()})
+        progress.save(epoch)
+    progress.done()
     if checkpoint_path is not None:
         save_checkpoint(objective.student, checkpoint_path)
     return hist
+
+
+@dataclass
+class TrainingState:
+    """fit()'s state after an epoch, saved to and restored from `path` (nothing happens when path is None)."""
+
+    path: Path | None
+    cfg: TrainConfig
+    objective: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler | None
+    loader: object  # a DataLoader or TensorBatches: its shuffling generator is part of the state
+    hist: History
+
+    def _parts(self) -> dict:
+        return {"objective": self.objective, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "scaler": self.scaler}
+
+    def save(self, epoch: int) -> None:
+        if self.path is None:
+            return
+        generator = getattr(self.loader, "generator", None)
+        state = {"epoch": epoch, "config": asdict(self.cfg), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                 "loader_rng": generator.get_state() if generator is not None else None,
+                 "history": {"losses": self.hist.losses, "test_errors": self.hist.test_errors,
+                             "snapshots": self.hist.snapshots},
+                 **{k: v.state_dict() for k, v in self._parts().items() if v is not None}}
+        path = Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)  # a kill while saving leaves the previous epoch's state
+
+    def load(self) -> int:
+        """Restore the saved state; the number of epochs it had completed (0 without a file)."""
+        if self.path is None or not Path(self.path).is_file():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["config"] != asdict(self.cfg):
+            diff = {k: (v, asdict(self.cfg).get(k)) for k, v in state["config"].items() if asdict(self.cfg).get(k) != v}
+            raise ValueError(f"{self.path} was saved by a run with other settings (saved, now): {diff}; delete it "
+                             "to start afresh")
+        for key, part in self._parts().items():
+            if part is not None:
+                part.load_state_dict(state[key])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state["loader_rng"] is not None:
+            self.loader.generator.set_state(state["loader_rng"])
+        self.hist.losses[:], self.hist.test_errors[:] = state["history"]["losses"], state["history"]["test_errors"]
+        self.hist.snapshots.update(state["history"]["snapshots"])
+        return int(state["epoch"])
+
+    def done(self) -> None:
+        if self.path is not None:
+            Path(self.path).unlink(missing_ok=True)
 
 
 def save_checkpoint(model: nn.Module, path: Path, meta: dict | None = None) -> None:

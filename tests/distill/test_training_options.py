@@ -80,3 +80,67 @@ def test_cifar_reader_takes_the_first_images_of_each_class(cifar_dir):
     images, labels = read_cifar10_tar(cifar_dir / "test.tar.gz", per_class=3)
     assert images.shape == (30, 32, 32, 3)
     assert np.bincount(labels).tolist() == [3] * 10
+
+
+@pytest.mark.parametrize("tensor_batches", [True, False])
+def test_a_killed_fit_resumes_from_its_last_epoch_and_ends_as_the_uninterrupted_run(digits_batch, tmp_path,
+                                                                                    monkeypatch, tensor_batches):
+    """Dropout, shift augmentation, shuffling, Adam and the cosine schedule all carry over a kill after epoch 2."""
+    from stpm.distill import trainer
+
+    x, y = digits_batch
+    cfg = M.RunConfig(TrainConfig(epochs=3, lr=1e-2, lr_schedule="cosine", augment="shift1", max_norm=2.0), 16, 0,
+                      tensor_batches=tensor_batches)
+
+    def train(resume_path=None):
+        torch.manual_seed(0)
+        model = build_model("mlp64d", SPEC)
+        hist = M.run(M.CrossEntropyObjective(model), x, y, cfg, torch.device("cpu"), eval_data=(x, y),
+                     snapshot_epochs=(1,), resume_path=resume_path)
+        return model, hist
+
+    whole, whole_hist = train()
+    state = tmp_path / "teacher.resume.pt"
+    real_epoch, calls = trainer.train_one_epoch, []
+
+    def killed_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(state)
+    assert state.is_file()
+    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
+    torch.manual_seed(123)  # the resumed process starts from other random states; the file restores them
+    resumed, resumed_hist = train(state)
+    assert not state.exists()
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed_hist.losses == whole_hist.losses and resumed_hist.test_errors == whole_hist.test_errors
+    assert all(torch.equal(a, b) for a, b in zip(whole_hist.snapshots[1].values(), resumed_hist.snapshots[1].values()))
+
+
+def test_a_resume_file_from_other_settings_is_refused(digits_batch, tmp_path, monkeypatch):
+    from stpm.distill import trainer
+
+    x, y = digits_batch
+    state = tmp_path / "run.resume.pt"
+    real_epoch, calls = trainer.train_one_epoch, []
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        M.run(M.CrossEntropyObjective(build_model("mlp64", SPEC)), x, y, M.RunConfig(TrainConfig(epochs=2, lr=1e-2), 16),
+              torch.device("cpu"), resume_path=state)
+    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
+    with pytest.raises(ValueError, match=r"other settings .*'lr': \(0.01, 0.001\)"):
+        M.run(M.CrossEntropyObjective(build_model("mlp64", SPEC)), x, y, M.RunConfig(TrainConfig(epochs=2, lr=1e-3), 16),
+              torch.device("cpu"), resume_path=state)

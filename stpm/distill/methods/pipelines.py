@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -24,12 +25,13 @@ class RunConfig:
 
 def run(objective: Objective, x: Tensor, y: Tensor, cfg: RunConfig, device: torch.device,
         eval_data: tuple[Tensor, Tensor] | None = None, snapshot_epochs: tuple[int, ...] = (),
-        desc: str = "fit") -> History:
-    """fit() on in-memory tensors with a seeded shuffling loader (a DataLoader, or TensorBatches)."""
+        desc: str = "fit", resume_path: Path | None = None) -> History:
+    """fit() on in-memory tensors with a seeded shuffling loader (a DataLoader, or TensorBatches); resume_path:
+    see fit()."""
     batches = (TensorBatches(x, y, cfg.batch_size, shuffle=True, seed=cfg.seed) if cfg.tensor_batches
                else loader(x, y, cfg.batch_size, shuffle=True, seed=cfg.seed))
     return fit(objective, batches, cfg.train, device,
-               eval_data=eval_data, snapshot_epochs=snapshot_epochs, desc=desc)
+               eval_data=eval_data, snapshot_epochs=snapshot_epochs, desc=desc, resume_path=resume_path)
 
 
 def train_classifier(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, device: torch.device,
