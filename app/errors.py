@@ -1,5 +1,6 @@
 """Every error is JSON `{"error": code, "detail": message}` with the right status (never an HTML page);
-the model store's errors mapped onto HTTP (`model_error`, `NoModelError`, `ModelRequiredError`)."""
+the model store's errors mapped onto HTTP (`model_error`, `NoModelError`, `ModelRequiredError`); the job
+database out of reach (scaled mode: PostgreSQL restarting or cut off) is a 503 with its reason."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.jobs.store import StoreUnavailable
 from stpm.bundle import BundleError, ModelNotFoundError, NoActiveVersionError
 
 log = logging.getLogger("app")
@@ -121,7 +123,14 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
+async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, f"{exc}; retry in a few seconds (scoring does not need the job database)",
+                          "job_store_unavailable", headers={"Retry-After": "5"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)

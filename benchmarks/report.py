@@ -1,4 +1,4 @@
-"""The generated blocks of docs/BENCHMARKS.md, docs/DISTILLATION.md and docs/DOCKER.md: each one is the Markdown of one
+"""The generated blocks of docs/BENCHMARKS.md, docs/DISTILLATION.md, docs/DOCKER.md and docs/SCALING.md: each one is the Markdown of one
 result file in benchmarks/results/ (or one run's per-seed files), rendered here, and marked in the doc so
 nobody types into it. Torch-free.
 
@@ -25,11 +25,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: `benchmarks` and `stpm` import from the checkout
     sys.path.insert(0, str(ROOT))
+from benchmarks.report_faults import scale_faults_markdown  # noqa: E402  (docs/SCALING.md's faults table)
+
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 DISTILL_DOC = ROOT / "docs" / "DISTILLATION.md"
 DOCKER_DOC = ROOT / "docs" / "DOCKER.md"
-DOCS = (DOC, DISTILL_DOC, DOCKER_DOC)
+SCALING_DOC = ROOT / "docs" / "SCALING.md"
+DOCS = (DOC, DISTILL_DOC, DOCKER_DOC, SCALING_DOC)
 BLOCK = re.compile(r"<!-- BEGIN generated (?P<key>[\w.-]+):[^>]*-->\n(?P<body>.*?)<!-- END generated (?P=key) -->",
                    re.DOTALL)
 
@@ -445,6 +448,7 @@ BLOCKS: dict[str, Block] = {
                            doc=DOCKER_DOC),
     "docker_smoke": Block("scripts/docker-smoke.sh", "docker_smoke_*.json", docker_smoke_markdown, doc=DOCKER_DOC,
                           load=load_docker_smoke),
+    "scale_faults": Block("benchmarks/scale_faults.py", "scale_faults.json", scale_faults_markdown, doc=SCALING_DOC),
 }
 
 

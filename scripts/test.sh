@@ -15,10 +15,14 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
         || echo "warning: could not install chromium; browser tests will skip (fail under CI=true)" >&2
 fi
-# The scale-out tests start Debian's redis-server and PostgreSQL themselves (tests/services.py).
-if { ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } \
+# The scale-out tests start Debian's redis-server, PostgreSQL and nginx themselves (tests/services.py), and
+# cut a worker's host off in a network namespace (tests/netns.py: iproute2's `ip netns`, as root).
+if { ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+        || ! command -v nginx >/dev/null || ! command -v ip >/dev/null; } \
         && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql >/dev/null) \
-        || echo "warning: could not install redis-server/postgresql; scale-out tests will skip (fail under CI=true)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql nginx \
+        iproute2 >/dev/null) \
+        || echo "warning: could not install redis-server/postgresql/nginx/iproute2; scale-out tests will skip" \
+                "(fail under CI=true)" >&2
 fi
 exec .venv/bin/python -m pytest "$@"

@@ -72,12 +72,15 @@ class Cluster:
 
     # ----- workers -----
 
-    def start_worker(self, name: str, wait: bool = True, concurrency: int = 1) -> subprocess.Popen:
+    def start_worker(self, name: str, wait: bool = True, concurrency: int = 1, prefix: list[str] = (),
+                     env: dict[str, str] | None = None) -> subprocess.Popen:
+        """`prefix`: e.g. `ip netns exec NS` (a worker on another "host"); `env`: settings of its own."""
         log_path = self.logs / f"{name}.log"
         log = open(log_path, "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.celery_worker", f"--hostname={name}@test", f"--concurrency={concurrency}"],
-            cwd=REPO, env=self._env({}), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [*prefix, sys.executable, "-m", "app.celery_worker", f"--hostname={name}@test",
+             f"--concurrency={concurrency}"],
+            cwd=REPO, env=self._env(env or {}), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         proc.log_offset = log_path.stat().st_size if log_path.exists() else 0  # type: ignore[attr-defined]
         self.workers[name] = proc

@@ -6,6 +6,11 @@ place that imports torch. It reads its parameters from the job row, reports prog
 row for a cancel request (through `should_stop`), and writes the final state, all guarded by its run
 token. It exits when its parent (the server or worker) dies, so a killed server never leaves a training
 process behind that could publish or write state the restarted server did not expect.
+
+The job database out of reach (scaled mode: PostgreSQL restarting, or this host cut off): progress
+reports are skipped, and every cancel check, the one before publishing included, waits for an answer
+from the row (training pauses) for at most `--db-grace` seconds (the worker passes job_stale_after_s,
+after which the job is failed by the others' sweep); then the process stops without publishing (exit 4).
 """
 
 from __future__ import annotations
@@ -18,14 +23,36 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from app.jobs.store import STORE_ENV, Job, JobStore
+from app.jobs.store import STORE_ENV, Job, JobStore, StoreUnavailable
 from app.jobs.uploads import IMAGES
 
+T = TypeVar("T")
 log = logging.getLogger("app.jobs.run_job")
 PROGRESS_EVERY_S = 0.5
 CANCEL_POLL_S = 0.3
+STORE_RETRY_S = 0.5
+EXIT_STORE_LOST = 4
+
+
+def until_reachable(call: Callable[[], T], grace_s: float) -> T:
+    """`call()`, retried while the job database is unreachable, for at most `grace_s` seconds (then the
+    last StoreUnavailable is raised)."""
+    deadline = time.monotonic() + grace_s
+    warned = False
+    while True:
+        try:
+            return call()
+        except StoreUnavailable as e:
+            if time.monotonic() >= deadline:
+                raise
+            if not warned:
+                log.warning("%s; waiting for it (at most %.0f s)", e, grace_s)
+                warned = True
+            time.sleep(STORE_RETRY_S)
 
 
 def _die_with_parent() -> None:
@@ -69,8 +96,8 @@ class Progress:
     record; at most every PROGRESS_EVERY_S unless an epoch or a phase ends), and whether a cancel was
     asked for (read from the row at most every CANCEL_POLL_S)."""
 
-    def __init__(self, store: JobStore, job_id: str, token: str):
-        self.store, self.job_id, self.token = store, job_id, token
+    def __init__(self, store: JobStore, job_id: str, token: str, db_grace_s: float = 60.0):
+        self.store, self.job_id, self.token, self.db_grace_s = store, job_id, token, db_grace_s
         self.started = time.monotonic()
         self.phase = "loading"
         self.last_write = self.last_poll = 0.0
@@ -87,8 +114,11 @@ class Progress:
         if not force and now - self.last_write < PROGRESS_EVERY_S:
             return
         self.last_write = now
-        self.store.set_progress(self.job_id, self.token,
-                                {"phase": self.phase, "elapsed_s": round(now - self.started, 2), **extra})
+        try:
+            self.store.set_progress(self.job_id, self.token,
+                                    {"phase": self.phase, "elapsed_s": round(now - self.started, 2), **extra})
+        except StoreUnavailable as e:  # progress is for display: skip it while the database is away
+            log.warning("progress not recorded: %s", e)
 
     def __call__(self, d: dict) -> None:
         """The training pipeline's progress callback."""
@@ -125,10 +155,11 @@ class Progress:
             d["eta_s"] = round((time.monotonic() - self.phase_t0) / done * (total - done), 1)
 
     def should_stop(self) -> bool:
-        now = time.monotonic()
-        if not self.stop_requested and now - self.last_poll >= CANCEL_POLL_S:
-            self.last_poll = now
-            self.stop_requested = self.store.cancel_requested(self.job_id)
+        """Whether to stop (cancelled, or the run is no longer ours): an answer read from the row at most
+        CANCEL_POLL_S ago; while the database is away this waits (StoreUnavailable after db_grace_s)."""
+        if not self.stop_requested and time.monotonic() - self.last_poll >= CANCEL_POLL_S:
+            self.stop_requested = until_reachable(lambda: self.store.cancel_requested(self.job_id), self.db_grace_s)
+            self.last_poll = time.monotonic()
         return self.stop_requested
 
 
@@ -142,6 +173,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--weights-dir", default=None)
+    p.add_argument("--db-grace", type=float, default=60.0,
+                   help="seconds to wait for an unreachable job database before stopping without publishing")
     args = p.parse_args(argv)
     if not args.db:
         p.error(f"no job store: pass --db or set {STORE_ENV}")
@@ -175,6 +208,11 @@ def train(job: Job, args: argparse.Namespace, progress: Progress):
         return None
 
 
+def settle(store: JobStore, job_id: str, state: str, args: argparse.Namespace, **fields) -> bool:
+    """The run's final state into its row (guarded by the token), waiting out a database restart."""
+    return until_reachable(lambda: store.finish(job_id, state, token=args.token, **fields), args.db_grace)
+
+
 def record_success(store: JobStore, job: Job, args: argparse.Namespace, version: str) -> None:
     """Activate the new version if the job asked for it, and settle the row as succeeded."""
     from stpm import bundle
@@ -187,35 +225,47 @@ def record_success(store: JobStore, job: Job, args: argparse.Namespace, version:
             note = f"published {job.name}/{version} but could not activate it: {readable_error(e)}"
     # the first version of a new name is activated by the publish itself (stpm.bundle)
     activated = bundle.get_active(args.models_dir, job.name) == version
-    if not store.finish(job.id, "succeeded", token=args.token, version=version, activated=activated, error=note):
+    if not settle(store, job.id, "succeeded", args, version=version, activated=activated, error=note):
         log.error("job %s: published %s but the job row was no longer ours", job.id, version)
     log.info("job %s succeeded: %s/%s", job.id, job.name, version)
+
+
+def run(store: JobStore, job: Job, args: argparse.Namespace) -> int:
+    """Train, publish and settle the claimed job; -> the exit code."""
+    progress = Progress(store, job.id, args.token, args.db_grace)
+    progress.report({}, force=True)
+    try:
+        outcome = train(job, args, progress)
+        if outcome is None or outcome.version is None:
+            settle(store, job.id, "cancelled", args, error=f"cancelled while running (after "
+                   f"{progress.epochs_done} completed epoch(s)); no version was published")
+            log.info("job %s cancelled", job.id)
+            return 0
+        record_success(store, job, args, outcome.version)
+        return 0
+    except StoreUnavailable:
+        raise
+    except BaseException as e:
+        log.exception("job %s failed", job.id)
+        settle(store, job.id, "failed", args, error=readable_error(e))
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _die_with_parent()
-    store = JobStore(args.db, pool_size=1)
-    job = store.get(args.job_id)
-    if job is None or job.state != "running" or job.run_token != args.token:
-        log.error("job %s is not running under this token; nothing to do", args.job_id)
-        return 3
-    progress = Progress(store, job.id, args.token)
-    progress.report({}, force=True)
     try:
-        outcome = train(job, args, progress)
-        if outcome is None or outcome.version is None:
-            store.finish(job.id, "cancelled", token=args.token, error=f"cancelled while running "
-                         f"(after {progress.epochs_done} completed epoch(s)); no version was published")
-            log.info("job %s cancelled", job.id)
-            return 0
-        record_success(store, job, args, outcome.version)
-        return 0
-    except BaseException as e:
-        log.exception("job %s failed", job.id)
-        store.finish(job.id, "failed", token=args.token, error=readable_error(e))
-        return 1
+        store = until_reachable(lambda: JobStore(args.db, pool_size=1), args.db_grace)
+        job = until_reachable(lambda: store.get(args.job_id), args.db_grace)
+        if job is None or job.state != "running" or job.run_token != args.token:
+            log.error("job %s is not running under this token; nothing to do", args.job_id)
+            return 3
+        return run(store, job, args)
+    except StoreUnavailable as e:  # staging folders are removed on the way out; nothing unchecked is published
+        log.error("job %s: stopped after waiting %.0f s for the job database (%s); its worker or the others' sweep "
+                  "settles the row", args.job_id, args.db_grace, e)
+        return EXIT_STORE_LOST
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ SQLAlchemy expression, and compiles for either dialect.
 
 Each process has one engine: a small connection pool (SQLite: its connections set `synchronous=FULL`
 and a 30 s busy timeout; PostgreSQL: `pool_size` connections, pinged on checkout, so a database restart
-costs one reconnect, not a failed request). Connections autocommit, and every write is a single
+costs one reconnect, not a failed request; a connection attempt or an unacknowledged send gives up after
+10 s, so a database host cut off by the network is noticed instead of waited for). While PostgreSQL cannot
+be reached, every method raises `StoreUnavailable` with the driver's reason (the API answers 503 with it).
+Connections autocommit, and every write is a single
 statement, so it is atomic on both without explicit transactions. A job row is the single source of
 truth for its state:
 
@@ -47,15 +50,25 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.jobs.schema import FINISHED, STATES, ensure_schema, jobs
 
-__all__ = ["FINISHED", "STATES", "STORE_ENV", "Job", "JobStore", "is_url", "iso"]
+__all__ = ["FINISHED", "STATES", "STORE_ENV", "Job", "JobStore", "StoreUnavailable", "is_url", "iso"]
 
 STORE_ENV = "STPM_RUN_JOB_STORE"  # how a training process learns its store (a URL may hold a password)
 _PG_LOCK = 7317001  # advisory lock id: one replica at a time creates or migrates the table
 _SEQ_RETRIES = 20  # PostgreSQL: two replicas may draw the same seq at once; the unique index says so
+# PostgreSQL (libpq): give up a connection attempt, or a connection whose sent data stays unacknowledged
+# (the database host vanished from the network), after this long; a postgresql:// URL's own
+# ?connect_timeout=S&tcp_user_timeout=MS win
+_PG_TIMEOUTS = {"connect_timeout": 10, "tcp_user_timeout": 10_000}
+_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)  # PostgreSQL: down, restarting or cut off
+
+
+class StoreUnavailable(RuntimeError):
+    """The job database cannot be reached right now (stopped, restarting, cut off); the message says why."""
 
 
 def iso(t: float | None) -> str | None:
@@ -147,8 +160,10 @@ def _postgres_engine(url: str, pool_size: int) -> Engine:
         import psycopg  # noqa: F401
     except ImportError as e:
         raise RuntimeError(f"a PostgreSQL job store needs psycopg: pip install 'stpm[scale]' ({e})") from None
-    return create_engine(make_url(url).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT",
-                         pool_size=pool_size, max_overflow=0, pool_timeout=30.0, pool_pre_ping=True)
+    u = make_url(url).set(drivername="postgresql+psycopg")
+    timeouts = {k: v for k, v in _PG_TIMEOUTS.items() if k not in u.query}
+    return create_engine(u, isolation_level="AUTOCOMMIT", pool_size=pool_size, max_overflow=0, pool_timeout=30.0,
+                         pool_pre_ping=True, connect_args=timeouts)
 
 
 def _sqlite_engine(path: Path) -> Engine:
@@ -180,9 +195,23 @@ class JobStore:
             self.engine = _sqlite_engine(self.path)
         self._create_schema()
 
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """A pooled connection; PostgreSQL out of reach raises StoreUnavailable (its reason, no password)."""
+        try:
+            with self.engine.connect() as c:
+                yield c
+        except _UNREACHABLE as e:
+            if self.kind != "postgresql":
+                raise
+            u = self.engine.url
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:300]
+            raise StoreUnavailable(f"the job database {u.host}:{u.port or 5432}/{u.database} is unreachable: "
+                                   f"{reason}") from e
+
     def _create_schema(self) -> None:
         if self.kind == "sqlite":
-            with self.engine.connect() as c:
+            with self._connect() as c:
                 c.exec_driver_sql("PRAGMA journal_mode=WAL")
                 ensure_schema(c)
             return
@@ -193,7 +222,7 @@ class JobStore:
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A connection whose statements commit together at the end (rolled back on an error)."""
-        with self.engine.connect() as c:
+        with self._connect() as c:
             c.execution_options(isolation_level="SERIALIZABLE" if self.kind == "sqlite" else "READ COMMITTED")
             with c.begin():
                 yield c
@@ -202,16 +231,16 @@ class JobStore:
         self.engine.dispose()
 
     def _jobs(self, query: Select) -> list[Job]:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return [Job.from_row(r) for r in c.execute(query)]
 
     def _scalar(self, query: Select) -> Any:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return c.execute(query).scalar()
 
     def _update(self, *where: ColumnElement[bool], **values: Any) -> bool:
         """One guarded UPDATE; -> whether it changed exactly one row."""
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return c.execute(update(jobs).where(*where).values(**values)).rowcount == 1
 
     # ----- API side -----
@@ -225,7 +254,7 @@ class JobStore:
             n_images=n_images, fingerprint=fingerprint)
         for attempt in range(_SEQ_RETRIES):
             try:
-                with self.engine.connect() as c:
+                with self._connect() as c:
                     c.execute(row)
                 break
             except IntegrityError as e:  # re-raised unless it is the seq race
@@ -244,12 +273,12 @@ class JobStore:
         return self._jobs(query.where(jobs.c.state == state) if state else query)
 
     def ids(self) -> set[str]:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             return set(c.execute(select(jobs.c.id)).scalars())
 
     def counts(self) -> dict[str, int]:
         """Jobs per state (every state present, 0 included)."""
-        with self.engine.connect() as c:
+        with self._connect() as c:
             found = dict(c.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all())
         return {s: int(found.get(s, 0)) for s in STATES}
 
@@ -299,7 +328,7 @@ class JobStore:
         token = uuid.uuid4().hex
         query = (update(jobs).where(which, jobs.c.state == "queued").values(**_claimed(token, worker))
                  .returning(*jobs.columns))
-        with self.engine.connect() as c:
+        with self._connect() as c:
             row = c.execute(query).first()
         return (Job.from_row(row), token) if row is not None else None
 
@@ -322,7 +351,7 @@ class JobStore:
         return self._update(*_owned(job_id, token), progress=progress, updated_at=time.time())
 
     def cancel_requested(self, job_id: str) -> bool:
-        with self.engine.connect() as c:
+        with self._connect() as c:
             r = c.execute(select(jobs.c.cancel_requested_at, jobs.c.state).where(jobs.c.id == job_id)).first()
         return r is None or r.cancel_requested_at is not None or r.state != "running"
 

@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Protocol
 
-from app.jobs.store import STORE_ENV, Job, JobStore
+from app.jobs.store import STORE_ENV, Job, JobStore, StoreUnavailable
 from app.jobs.uploads import IMAGES, clean_incoming
 from app.settings import Settings
 
@@ -248,6 +248,7 @@ class LocalRunner:
         cmd = [
             self.python, "-m", "app.jobs.run_job", job.id,
             "--token", token, "--models-dir", str(self.models_dir), "--device", self.settings.train_device,
+            "--db-grace", str(self.settings.job_stale_after_s),  # then the sweep fails the job: stop waiting
         ]
         if self.settings.train_threads:
             cmd += ["--threads", str(self.settings.train_threads)]
@@ -298,8 +299,13 @@ class LocalRunner:
             except Exception as e:  # noqa: BLE001 - the job store is unreachable: keep supervising, retry
                 log.warning("job %s: job store unreachable (%s); retrying", job.id, e)
             time.sleep(POLL_S)
-        self._reap(child, code)
-        return self._state(job.id)
+        try:
+            self._reap(child, code)
+            return self._state(job.id)
+        except StoreUnavailable as e:  # the row's last heartbeat goes stale: the sweep settles it
+            log.warning("job %s: its training process exited (%s) while %s; the job is settled by the sweep", job.id,
+                        _exit_reason(code) if code else "code 0", e)
+            return "unknown"
 
     def sweep_stale(self, stale_after_s: float) -> list[str]:
         """Settle running jobs whose worker stopped sending heartbeats (it died); -> their ids.
