@@ -1,5 +1,5 @@
-"""The per-request memory budget of /score: decoded pixels plus heatmap pixels, counted from the image
-headers before anything is decoded.
+"""The per-request budgets of /score, counted from the image headers and the model's geometry before any
+pixel is decoded: memory (decoded pixels plus heatmap pixels) and work (tiles x tile^2 pixels of model input).
 
 A request holds every decoded image (3 bytes a pixel) until it is scored, and every heatmap it asks
 for is rendered at its size (overlay and map PNGs, base64 in the JSON). The per-image pixel limit
@@ -8,6 +8,12 @@ its pixels once, and once more per heatmap (`overlay`, `map`; `both` is two) at 
 the input's (`heatmap_size=input`) or the model's (`model`: the image's tile plan, made once when the
 Scorer read its header). benchmarks/memory.py measures the peak RSS of the largest request the default
 budget accepts.
+
+The work budget: a model's scale and tile count turn a small image into many tiles (a model with scale 4
+and 64 px tiles makes 4,096 tiles of a 770 x 770 image), whose cost the pixel budget does not see. Each
+image counts its tiles x tile^2 (what the graph runs on; the tiles cover the image at the model's scale,
+so this also bounds the resized copy), and the request's sum is capped by max_request_tile_pixels.
+benchmarks/request_limits.py measures what a refused request costs.
 """
 
 from __future__ import annotations
@@ -50,4 +56,20 @@ def check(count: PixelCount, n_images: int, limit: int) -> None:
         413, "too_many_pixels",
         f"the request needs {count.total} pixels ({n_images} image(s): {count.decoded} decoded + "
         f"{count.heatmaps} of heatmaps); at most {limit} per request (setting max_request_pixels): {hint}",
+    )
+
+
+def check_tiles(images: Sequence[PreparedImage], limit: int) -> None:
+    """Raise 413 `too_many_tiles` when the request's tiles x tile^2 (model input pixels) exceed `limit`."""
+    planned = [im for im in images if im.plan is not None]
+    total = sum(im.tile_pixels() for im in planned)
+    if total <= limit:
+        return
+    tiles = sum(im.plan.n_tiles for im in planned)
+    sizes = sorted({im.plan.tile for im in planned})
+    raise APIError(
+        413, "too_many_tiles",
+        f"the request needs {tiles} tiles of {'/'.join(map(str, sizes))} px at this model's scale ({total} pixels "
+        f"of model input); at most {limit} per request (setting max_request_tile_pixels): send fewer or smaller "
+        "images per request",
     )

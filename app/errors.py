@@ -14,7 +14,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.jobs.store import StoreUnavailable
-from stpm.bundle import BundleError, ModelNotFoundError, NoActiveVersionError
+from app.methods import allowed_methods
+from stpm.bundle import (
+    BundleError,
+    MalformedBundleError,
+    ModelNotFoundError,
+    NoActiveVersionError,
+    StoreNotWritableError,
+    VersionInUseError,
+)
 
 log = logging.getLogger("app")
 
@@ -32,6 +40,7 @@ _CODES = {
     429: "too_many_requests",
     500: "internal_error",
     503: "unavailable",
+    507: "insufficient_storage",
 }
 
 
@@ -72,11 +81,19 @@ class ModelRequiredError(APIError):
 
 
 def model_error(exc: BundleError) -> APIError:
-    """Map the store's exceptions onto HTTP: unknown -> 404, nothing activated -> 409, malformed -> 400."""
+    """Map the store's exceptions onto HTTP: unknown -> 404; nothing activated, or a delete refused because
+    the version is active or in use -> 409; a bundle whose manifest is broken, or a store that cannot be
+    written -> 503 (the server's content, not the request, is at fault); a malformed reference -> 400."""
     if isinstance(exc, NoActiveVersionError):
         return APIError(409, "no_active_version", str(exc))
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, "model_not_found", str(exc))
+    if isinstance(exc, VersionInUseError):
+        return APIError(409, "version_in_use", f"{exc} (or pass force=true)")
+    if isinstance(exc, MalformedBundleError):
+        return APIError(503, "model_unavailable", str(exc))
+    if isinstance(exc, StoreNotWritableError):
+        return APIError(503, "model_store_not_writable", str(exc))
     return APIError(400, "invalid_model_name", str(exc))
 
 
@@ -94,9 +111,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     detail = exc.detail
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no route {request.url.path}"
-    elif exc.status_code == 405:
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
         detail = f"method {request.method} is not allowed on {request.url.path}"
-    return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
+        allowed = allowed_methods(request.app.router.routes, request.scope)
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)} if allowed else headers
+    return error_response(exc.status_code, detail, headers=headers)
 
 
 def _loc(loc: tuple) -> str:

@@ -28,6 +28,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app.errors import install_error_handlers
+from app.methods import MethodsMiddleware
 from app.metrics import Metrics
 from app.middleware import APIKeyMiddleware, MetricsMiddleware, RequestLimitMiddleware
 from app.registry import ModelRegistry
@@ -91,11 +92,12 @@ def create_app(
     install_error_handlers(app)
     for r in ROUTERS:
         app.include_router(r)
+    app.add_middleware(MethodsMiddleware, routes=app.router.routes)  # innermost: HEAD / OPTIONS after the key
     # Added last = outermost: metrics see every answer, including 401 and 413.
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value(), state=app.state)
     app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_request_bytes,
-                       body_timeout_s=settings.body_timeout_s)
+                       body_timeout_s=settings.body_timeout_s, body_deadline_s=settings.body_deadline_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.openapi = functools.partial(_openapi, app, settings)  # type: ignore[method-assign]
     return app
@@ -138,22 +140,44 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         document_errors(schema, keyed=settings.api_key is not None, public=app.state.public_paths)
+        forms_without_null(schema)
         if settings.api_key is not None:
             schema.setdefault("components", {})["securitySchemes"] = {
                 "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
                 "Bearer": {"type": "http", "scheme": "bearer"},
             }
             schema["security"] = [{"ApiKey": []}, {"Bearer": []}]
+            for path in app.state.public_paths & set(schema.get("paths", {})):
+                for op in schema["paths"][path].values():
+                    op["security"] = []  # public: answered without the key (probes, the page)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def forms_without_null(schema: dict) -> None:
+    """A multipart form field cannot be null (left out, it takes its default): the `null` branch pydantic
+    gives an optional field is dropped from the form schemas, so clients do not send the text `null`."""
+    comps = schema.get("components", {}).get("schemas", {})
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            form = op.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {})
+            target = comps.get(form.get("$ref", "").rsplit("/", 1)[-1], form)
+            for prop in target.get("properties", {}).values():
+                branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+                if "anyOf" in prop and len(branches) == 1:
+                    del prop["anyOf"]
+                    prop.update(branches[0])
+                elif "anyOf" in prop:
+                    prop["anyOf"] = branches
 
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 BODY_ERRORS = {
     "400": "Malformed request, Content-Length, multipart body or boundary",
-    "408": "The request body stalled (setting body_timeout_s)",
+    "408": "The request body stalled (setting body_timeout_s) or took too long (setting body_deadline_s)",
     "413": "The request body over the limit (setting max_request_bytes)",
     "415": "Not multipart/form-data",
+    "507": "The server's temporary storage for uploads is full",
 }
 
 

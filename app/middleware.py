@@ -3,7 +3,8 @@
 * RequestLimitMiddleware: refuses a body whose Content-Length exceeds the limit (or is not a number)
   before reading it, caps streamed (chunked) bodies as they arrive, and answers 408 when a client
   stops sending its body for `body_timeout_s` (a stalled upload must not hold a request, or a
-  graceful shutdown, open).
+  graceful shutdown, open), or has not sent all of it `body_deadline_s` after it began (a body dripped a
+  byte at a time).
 * APIKeyMiddleware: secure by default; every path needs the key unless listed in
   ``app.state.public_paths`` (exact) or ``app.state.public_prefixes``.
 * MetricsMiddleware: request counts and latency by route template (unmatched paths share one label).
@@ -49,11 +50,22 @@ class BodyTimeout(APIError):
         )
 
 
+class BodyDeadline(APIError):
+    def __init__(self, seconds: float, received: int):
+        super().__init__(
+            408, "body_timeout",
+            f"the request body did not arrive within {seconds:g} s ({received} bytes so far; setting body_deadline_s)",
+            headers=CLOSE,
+        )
+
+
 class RequestLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float | None = None):
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float | None = None,
+                 body_deadline_s: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s
+        self.body_deadline_s = body_deadline_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,17 +89,20 @@ class RequestLimitMiddleware:
         seen = 0
         started = False
         body_done = False
-        timeout = self.body_timeout_s
+        timeout, deadline = self.body_timeout_s, self.body_deadline_s
+        ends = None if deadline is None else time.monotonic() + deadline
 
         async def limited_receive() -> Message:
             nonlocal seen, body_done
-            if body_done or timeout is None:
+            if body_done or (timeout is None and ends is None):
                 msg = await receive()  # after the body: e.g. waiting for a disconnect, no deadline
             else:
+                left = None if ends is None else ends - time.monotonic()
+                wait = left if timeout is None else timeout if left is None else min(timeout, left)
                 try:
-                    msg = await asyncio.wait_for(receive(), timeout)
+                    msg = await asyncio.wait_for(receive(), max(wait, 0.0))
                 except asyncio.TimeoutError:
-                    raise BodyTimeout(timeout, seen) from None
+                    raise (BodyTimeout(timeout, seen) if wait == timeout else BodyDeadline(deadline, seen)) from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
@@ -103,7 +118,7 @@ class RequestLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except (BodyTooLarge, BodyTimeout) as e:  # raised outside the routes' exception handling
+        except (BodyTooLarge, BodyTimeout, BodyDeadline) as e:  # raised outside the routes' exception handling
             if started:
                 raise
             await send_json(send, e.status_code, {"error": e.error, "detail": e.detail}, [(b"connection", b"close")])

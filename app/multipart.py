@@ -8,7 +8,8 @@ the `MultipartRoute` class instead answer:
 * 415 `unsupported_media_type` when the Content-Type is not multipart/form-data, naming it;
 * 400 `invalid_multipart` for a missing or malformed boundary, a body the parser cannot read (with the
   parser's own reason), or a body that ends before its closing boundary (a truncated upload);
-* 413 for more parts or larger text fields than Starlette's form limits.
+* 413 for more parts or larger text fields than Starlette's form limits;
+* 507 `insufficient_storage` when the temporary folder the uploads are spooled to is full.
 
 The parsed form is left on the request, where Starlette keeps it (`Request._form`), so FastAPI's own
 handler validates the fields from it without reading the body again.
@@ -16,6 +17,7 @@ handler validates the fields from it without reading the body again.
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -74,6 +76,11 @@ async def parse_multipart(request: Request) -> None:
                             max_part_size=MAX_PART_SIZE)
     try:
         form = await parser.parse()
+    except OSError as e:  # a file part over 1 MB is spooled to TMPDIR, which may be full
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise APIError(507, "insufficient_storage", "the server's temporary storage (TMPDIR, where uploads over "
+                           "1 MB are spooled) is full; nothing was stored: retry later") from None
+        raise
     except MultiPartException as e:
         reason = _reason(e)
         if reason:

@@ -33,8 +33,8 @@ from app.errors import APIError, ModelRequiredError, NoModelError, model_error
 from app.metrics import Metrics
 from app.settings import Settings
 from stpm import bundle
-from stpm.bundle.manifest import Manifest
 from stpm.bundle import BundleError, ModelNotFoundError
+from stpm.bundle.manifest import Manifest
 
 log = logging.getLogger("app.registry")
 
@@ -210,7 +210,7 @@ class ModelRegistry:
             self.metrics.model_loads.labels(label, "error").inc()
             self.last_error = self.redact(f"{label}: {type(e).__name__}: {e}")
             log.error("loading model %s failed: %s", label, e)
-            if isinstance(e, ModelNotFoundError):
+            if isinstance(e, ModelNotFoundError) or _identity(path) != identity:  # deleted while it loaded
                 raise APIError(404, "model_not_found", f"model {label} does not exist") from None
             raise APIError(
                 503, "model_unavailable", self.redact(f"model {label} could not be loaded: {type(e).__name__}: {e}")

@@ -94,7 +94,10 @@ def main(args: argparse.Namespace) -> int:
         workers=settings.workers,
         log_level=settings.log_level,
         access_log=settings.log_level in ("debug", "trace"),
-        http=protocol_class(),  # JSON error bodies for requests the HTTP parser refuses
+        http=protocol_class(),  # JSON error bodies for requests the HTTP parser refuses; head size and time
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
+        limit_concurrency=settings.max_concurrency,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
     )
     return 0

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from stpm.imaging.decode import DEFAULT_MAX_PIXELS
+from stpm.options.sections import MAX_TILE_PIXELS
 
 
 class Settings(BaseSettings):
@@ -73,12 +74,33 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         20.0, gt=0, description="A request whose body stops arriving for this long is answered 408 (stalled uploads)"
     )
+    body_deadline_s: float = Field(
+        300.0, gt=0, description="A request body still arriving this long after its head is answered 408 (a body "
+        "dripped a byte at a time; max_request_bytes / body_deadline_s is the slowest upload rate served)"
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Bytes of a request's head (request line and headers) at most: 431 beyond, "
+        "checked as it arrives, before the HTTP parser holds more than one read (256 KiB) past it"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A request whose head has not fully arrived this long after its first byte (or a new "
+        "connection that sends nothing) is answered 408 and closed (slowly dripped headers)"
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this long")
+    max_concurrency: int = Field(
+        200, ge=1, description="Connections and requests at once per worker process; beyond, uvicorn answers 503"
+    )
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, requests still running after this long are cancelled (0: wait for all)"
     )
     max_request_pixels: int = Field(
         3 * DEFAULT_MAX_PIXELS, ge=1, description="Memory budget of one /score request: decoded pixels of all its "
         "images plus the pixels of every heatmap it asks for (see app/budget.py)"
+    )
+    max_request_tile_pixels: int = Field(
+        MAX_TILE_PIXELS, ge=1, description="Work budget of one /score request: its tiles x tile^2 pixels of model "
+        "input at the model's scale (default: the largest image any model trained here may take, "
+        "stpm.options.MAX_TILE_PIXELS; see app/budget.py)"
     )
 
     # Training jobs (POST /train; see app/jobs and docs/SERVICE.md "Training jobs").

@@ -21,8 +21,15 @@ pytest.importorskip("schemathesis", reason="schemathesis (test extra) is not ins
 
 MAX_EXAMPLES = 40
 KEY = "schemathesis-k3y"
-CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
-          "response_headers_conformance", "response_schema_conformance", "negative_data_rejection")
+# `all`: every check schemathesis has (server errors, status codes, content types, headers, body schemas,
+# negative data refused, positive data accepted, missing required headers, unsupported methods and Allow,
+# use after free, resource availability, ignored auth, object-level authorization)
+CHECKS = ("all",)
+# ...except positive_data_acceptance (schema-valid data must be accepted): the API's bodies are uploads,
+# and a schema-valid file is any byte string, which is rightly 422 when it is no decodable image (no schema
+# can say "an image"); /train also has rules across fields (student_backbone with method stpm only).
+# Excluded for all operations: schemathesis 4.32's per-operation `enabled = false` did not take effect.
+EXCLUDED = ("positive_data_acceptance",)
 
 
 def test_live_openapi_conformance(tmp_path):
@@ -32,7 +39,8 @@ def test_live_openapi_conformance(tmp_path):
                                        "STPM_TRAIN_MIN_IMAGES": "3"})
     try:
         cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "-H", f"X-API-Key: {KEY}",
-               "--checks", ",".join(CHECKS), "--max-examples", str(MAX_EXAMPLES), "--generation-deterministic",
+               "--checks", ",".join(CHECKS), "--exclude-checks", ",".join(EXCLUDED), "--max-examples", str(MAX_EXAMPLES),
+               "--generation-deterministic",
                "--request-timeout", "60", "--no-color"]
         r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
         out = r.stdout + r.stderr

@@ -340,6 +340,18 @@ CASES: dict[str, Case] = {
     "train/truncated-multipart": Case(400, "invalid_multipart", "truncated",
                                       lambda: Req("POST", "/train", headers=MP, content=multipart_body(
                                           [("name", None, b"corpus"), ("files", "a.png", photo(1))], close=False))),
+    # ---- issue 24's review: unknown options, layers that are paths, a geometry of unbounded work
+    "train/unknown-fields": Case(422, "validation_error", "unknown field 'bogus_option'",
+                                 lambda: train(*good_images(3), epoch="5", bogus_option="1")),
+    "train/layers-traversal": Case(422, "invalid_parameter", "no feature layer bogus",
+                                   lambda: train(*good_images(3), layers="bogus,../../etc")),
+    "train/tiles-times-size-over-bound": Case(422, "invalid_parameter", "max_tiles",
+                                              lambda: train(*good_images(3), scale="4", max_tiles="4096", image_size="64")),
+    # ---- /ui: asset names that are not files (a NUL byte gave a 500 and a traceback)
+    "ui/null-byte": Case(404, "not_found", "no file /ui/", lambda: Req("GET", "/ui/%00")),
+    "ui/not-utf8": Case(404, "not_found", "no file /ui/", lambda: Req("GET", "/ui/%ff%fe")),
+    "ui/traversal": Case(404, "not_found", "/ui/", lambda: Req("GET", "/ui/..%2findex.html")),
+    "ui/long-name": Case(404, "not_found", "no file /ui/", lambda: Req("GET", "/ui/" + "a" * 5000 + ".js")),
 }
 
 
@@ -380,7 +392,7 @@ def send(url: str, req: Req) -> tuple[int, dict[str, str], bytes]:
 
 def test_the_corpus_is_large_enough():
     routes = {name.split("/")[0] for name in CASES}
-    assert len(CASES) >= 40 and routes == {"score", "overlay", "train"}
+    assert len(CASES) >= 40 and routes == {"score", "overlay", "train", "ui"}
 
 
 @pytest.mark.parametrize("name", list(CASES))

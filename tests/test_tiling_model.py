@@ -145,7 +145,8 @@ def test_torch_and_onnx_agree_on_tiles_and_on_stitched_maps_and_scores(syn, syn_
     res = syn_scorer.score(images, map_size="model")
     span = syn_scorer.threshold - syn_scorer.low
     np.testing.assert_allclose([r.raw_score for r in res], raw_t, rtol=1e-4, atol=1e-3 * span)
-    assert [r.is_anomaly for r in res] == list(raw_t >= syn_scorer.threshold)
+    decided = np.abs(raw_t - syn_scorer.threshold) > 1e-4 * np.abs(raw_t) + 1e-3 * span  # outside the tolerance
+    assert [r.is_anomaly for r, d in zip(res, decided) if d] == list((raw_t >= syn_scorer.threshold)[decided])
     for r, mt, im in zip(res, maps_t, images):
         assert r.anomaly_map.shape == mt.shape
         p = syn_scorer.plan(*im.shape[:2])

@@ -78,17 +78,33 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
+DISK_FULL = ("No space left on device", "StorageFull", "Disk quota exceeded", "FilesystemQuotaExceeded")
+
+
 def readable_error(e: BaseException) -> str:
     """A message a user can act on."""
     name = type(e).__name__
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full: {e.strerror} ({e.filename or 'while writing'}); free space and resubmit"
+    if name == "SafetensorError" and any(s in str(e) for s in DISK_FULL):  # Rust's io::Error, as text
+        return "disk full: No space left on device (while writing the weights); free space and resubmit"
     if name == "OutOfMemoryError":
         return f"out of GPU memory ({e}); lower batch_size or image_size and resubmit"
     if isinstance(e, MemoryError):
         return "out of memory; lower batch_size or image_size, or upload fewer images, and resubmit"
     msg = str(e).strip() or name
     return msg if isinstance(e, ValueError) and name != "ValueError" else f"{name}: {msg}"
+
+
+def redact(message: str, folders: list[str | Path | None]) -> str:
+    """A job error as API clients see it: the server's folders (the model store, the data directory) named
+    `<models>` / `<data>` instead of their paths."""
+    for folder, label in zip(folders, ("<models>", "<data>")):
+        if folder is None:
+            continue
+        for form in {str(Path(folder)), str(Path(folder).resolve())}:
+            message = message.replace(form, label)
+    return message
 
 
 class Progress:
@@ -247,7 +263,8 @@ def run(store: JobStore, job: Job, args: argparse.Namespace) -> int:
         raise
     except BaseException as e:
         log.exception("job %s failed", job.id)
-        settle(store, job.id, "failed", args, error=readable_error(e))
+        settle(store, job.id, "failed", args,
+               error=redact(readable_error(e), [args.models_dir, Path(job.job_dir).parent.parent]))
         return 1
 
 

@@ -11,9 +11,10 @@ and a 30 s busy timeout; PostgreSQL: `pool_size` connections, pinged on checkout
 costs one reconnect, not a failed request; a connection attempt or an unacknowledged send gives up after
 10 s, so a database host cut off by the network is noticed instead of waited for). While PostgreSQL cannot
 be reached, every method raises `StoreUnavailable` with the driver's reason (the API answers 503 with it).
-Connections autocommit, and every write is a single
-statement, so it is atomic on both without explicit transactions. A job row is the single source of
-truth for its state:
+Connections autocommit, and every write is a single statement, so it is atomic on both without explicit
+transactions; creating a job is the exception: the queue is counted and the row inserted (its seq drawn)
+under one lock (`create(max_queued=...)`), so concurrent submits never exceed the queue cap and never draw
+the same seq. A job row is the single source of truth for its state:
 
     queued -> running -> succeeded | failed | cancelled        queued -> cancelled
 
@@ -50,25 +51,23 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from app.jobs.errors import QueueFullError, StoreUnavailable
 from app.jobs.schema import FINISHED, STATES, ensure_schema, jobs
 
-__all__ = ["FINISHED", "STATES", "STORE_ENV", "Job", "JobStore", "StoreUnavailable", "is_url", "iso"]
+__all__ = ["FINISHED", "STATES", "STORE_ENV", "Job", "JobStore", "QueueFullError", "StoreUnavailable", "is_url",
+           "iso"]
 
 STORE_ENV = "STPM_RUN_JOB_STORE"  # how a training process learns its store (a URL may hold a password)
 _PG_LOCK = 7317001  # advisory lock id: one replica at a time creates or migrates the table
-_SEQ_RETRIES = 20  # PostgreSQL: two replicas may draw the same seq at once; the unique index says so
+_PG_CREATE_LOCK = 7317002  # advisory lock id: one creator at a time counts the queue and draws a seq
 # PostgreSQL (libpq): give up a connection attempt, or a connection whose sent data stays unacknowledged
 # (the database host vanished from the network), after this long; a postgresql:// URL's own
 # ?connect_timeout=S&tcp_user_timeout=MS win
 _PG_TIMEOUTS = {"connect_timeout": 10, "tcp_user_timeout": 10_000}
 _UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)  # PostgreSQL: down, restarting or cut off
-
-
-class StoreUnavailable(RuntimeError):
-    """The job database cannot be reached right now (stopped, restarting, cut off); the message says why."""
 
 
 def iso(t: float | None) -> str | None:
@@ -246,23 +245,39 @@ class JobStore:
     # ----- API side -----
 
     def create(self, job_id: str, name: str, params: dict[str, Any], job_dir: str | Path, n_images: int,
-               fingerprint: str | None) -> Job:
+               fingerprint: str | None, max_queued: int | None = None) -> Job:
+        """Insert a queued job. With `max_queued`, the queue is counted and the row inserted under one lock
+        (SQLite: an immediate transaction; PostgreSQL: an advisory lock), so concurrent submits can never
+        queue more: QueueFullError otherwise."""
         now = time.time()
         row = insert(jobs).values(
             id=job_id, seq=select(func.coalesce(func.max(jobs.c.seq), 0) + 1).scalar_subquery(), name=name,
             state="queued", params=params, created_at=now, updated_at=now, job_dir=str(job_dir),
             n_images=n_images, fingerprint=fingerprint)
-        for attempt in range(_SEQ_RETRIES):
-            try:
-                with self._connect() as c:
-                    c.execute(row)
-                break
-            except IntegrityError as e:  # re-raised unless it is the seq race
-                if "unique" not in str(e.orig).lower() or self.get(job_id) is not None \
-                        or attempt == _SEQ_RETRIES - 1:
-                    raise
-                time.sleep(0.005 * (attempt + 1))
+        with self._creating() as c:
+            if max_queued is not None:
+                queued = c.execute(select(func.count()).where(jobs.c.state == "queued")).scalar()
+                if queued >= max_queued:
+                    raise QueueFullError(queued, max_queued)
+            c.execute(row)
         return self.get(job_id)
+
+    @contextmanager
+    def _creating(self) -> Iterator[Connection]:
+        """A connection on which the queue's count and a new row's seq are drawn by one creator at a time."""
+        if self.kind == "postgresql":
+            with self.transaction() as c:
+                c.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_CREATE_LOCK})
+                yield c
+            return
+        with self._connect() as c:  # autocommit: the transaction is ours to open
+            c.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock first (waits up to busy_timeout)
+            try:
+                yield c
+            except BaseException:
+                c.exec_driver_sql("ROLLBACK")
+                raise
+            c.exec_driver_sql("COMMIT")
 
     def get(self, job_id: str) -> Job | None:
         found = self._jobs(select(jobs).where(jobs.c.id == job_id))

@@ -30,9 +30,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from app.jobs.store import STORE_ENV, Job, JobStore, StoreUnavailable
 from app.jobs.uploads import IMAGES, clean_incoming
@@ -110,7 +111,7 @@ def _kill_and_wait(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def _stop_child(child: "_Child") -> None:
+def _stop_child(child: _Child) -> None:
     child.proc.kill()
     try:
         child.proc.wait(10)

@@ -15,9 +15,14 @@ from app.schemas import ErrorResponse, Health, Ready
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-async def healthz(started_at: StartedAtDep, settings: SettingsDep) -> Health:
-    return Health(uptime_s=round(time.time() - started_at, 3), replica=settings.replica)
+@router.get("/healthz", response_model=Health, response_model_exclude_none=True,
+            summary="Liveness: the process answers",
+            description="Public. When the server has an API key, `replica` (host and port) is shown only to "
+            "requests that send the key.")
+async def healthz(request: Request, started_at: StartedAtDep, settings: SettingsDep) -> Health:
+    key = settings.api_key
+    private = key is not None and not has_valid_key(request.scope["headers"], key.get_secret_value())
+    return Health(uptime_s=round(time.time() - started_at, 3), replica=None if private else settings.replica)
 
 
 @router.get(

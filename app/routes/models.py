@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
@@ -48,6 +50,29 @@ def _check(name: str, version: str | None = None) -> None:
         raise model_error(e) from None
 
 
+def _name_only(value: Any) -> Any:
+    """A path on the server -> its last part (what a client may see of it); anything else as it is."""
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return PurePath(value.replace("\\", "/")).name or value.strip("/\\")
+    return value
+
+
+def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as clients see it: the paths of the training machine (the data folder, skipped files,
+    a teacher weight file) reduced to their names."""
+    out = dict(manifest)
+    if isinstance(out.get("data"), dict):
+        data = out["data"] = dict(out["data"])
+        data["source"] = _name_only(data.get("source"))
+        if isinstance(data.get("skipped"), list):
+            data["skipped"] = [_name_only(p) for p in data["skipped"]]
+    if isinstance(out.get("model"), dict) and out["model"].get("weights"):
+        out["model"] = {**out["model"], "weights": _name_only(out["model"]["weights"])}
+    if "teacher_weights_source" in out:
+        out["teacher_weights_source"] = _name_only(out["teacher_weights_source"])
+    return out
+
+
 def _version_info(reg: ModelRegistry, name: str, version: str, active: str | None) -> tuple[dict[str, Any], dict]:
     """A version's summary and its manifest (as stored). A malformed manifest is a BundleError: that version
     is left out of the listing, never an error for the whole list."""
@@ -67,7 +92,7 @@ def _version_info(reg: ModelRegistry, name: str, version: str, active: str | Non
     lm = reg.peek(name, version)
     if lm is not None:
         info["inference"] = inference_info(lm) or None
-    return info, man.to_dict()
+    return info, public_manifest(man.to_dict())
 
 
 def _summary(reg: ModelRegistry, name: str, default: str | None) -> tuple[dict[str, Any], dict[str, dict]]:
@@ -158,7 +183,7 @@ async def activate(registry: RegistryDep, stored: StoredVersionDep):
     name, version = stored.name, stored.version
     try:
         await registry.load(name, version)  # refuse to activate what cannot serve
-        bundle.set_active(registry.models_dir, name, version)
+        await run_in_threadpool(bundle.set_active, registry.models_dir, name, version)  # under the name's lock
     except BundleError as e:
         raise model_error(e) from None
     return {"name": name, "active_version": version, "previous_version": stored.active, "loaded": True}
@@ -176,16 +201,11 @@ async def delete_version(
     force: Annotated[bool, Query(description="Delete even the active / in-use version")] = False,
 ):
     name, version = stored.name, stored.version
-    if not force:
-        if version == stored.active:
-            raise APIError(
-                409, "version_in_use", f"{name}/{version} is the active version; activate another one first "
-                "or pass force=true",
-            )
-        if registry.in_use(name, version):
-            raise APIError(409, "version_in_use", f"{name}/{version} is serving requests; retry or pass force=true")
+    # Is it active? serving? Both asked under the name's lock, so an activation cannot slip in between.
+    in_use = None if force else functools.partial(registry.in_use, name, version)
     try:
-        await run_in_threadpool(bundle.delete_version, registry.models_dir, name, version)
+        await run_in_threadpool(bundle.delete_version, registry.models_dir, name, version, keep_active=not force,
+                                in_use=in_use)
     except BundleError as e:
         raise model_error(e) from None
     await registry.forget(name, version, "deleted")  # requests in flight finish; no new one gets it

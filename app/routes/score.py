@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from app.multipart import MultipartRoute
 from app.registry import ScoreOptions
 from app.schemas import ErrorResponse, HeatmapMode, ScoreResponse
 from app.settings import Settings
+from stpm import bundle
 from stpm.imaging.decode import ImageDecodeError
 from stpm.imaging.render import MEDIA_TYPES
 from stpm.runtime.images import PreparedImage
@@ -25,15 +27,27 @@ from stpm.runtime.images import PreparedImage
 router = APIRouter(tags=["score"], route_class=MultipartRoute)
 
 FILES_DOC = "Images (PNG, JPEG, BMP, TIFF, WebP, ...); repeat the field for several. 16-bit, CMYK, palette and alpha are converted."
-MODEL_DOC = "`name` (its active version) or `name/vN`; default: the server's default model"
+MODEL_DOC = "`name` (its active version) or `name/vN`; default (absent or empty): the server's default model"
+MODEL_REF_RE = re.compile(bundle.MODEL_REF_PATTERN)
+ModelRef = Annotated[str | None, Query(max_length=200, description=MODEL_DOC, examples=["bottle", "bottle/v2"],
+                                       json_schema_extra={"pattern": bundle.MODEL_REF_PATTERN})]
+
+
+def _model_ref(model: str | None) -> str | None:
+    """The `model` parameter, checked against its documented pattern (400 `invalid_model_name` naming it)."""
+    if model is not None and not MODEL_REF_RE.fullmatch(model):
+        raise APIError(400, "invalid_model_name", f"invalid model reference {model[:80]!r}: expected NAME or "
+                       "NAME/VERSION (1-64 letters, digits, '.', '_' or '-'; versions v1, v2, ...)")
+    return model or None
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "Malformed model name"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "Unknown model or version"},
     409: {"model": ErrorResponse, "description": "No model trained yet"},
-    413: {"model": ErrorResponse, "description": "Too many files, a file or the request too large, or the request's "
-          "images and heatmaps over the pixel budget (max_request_pixels)"},
+    413: {"model": ErrorResponse, "description": "Too many files, a file or the request too large, the request's "
+          "images and heatmaps over the pixel budget (max_request_pixels), or its tiles at the model's scale over "
+          "the work budget (max_request_tile_pixels)"},
     422: {"model": ErrorResponse, "description": "A file is not a decodable image within the limits (`invalid_image`), "
           "its size does not fit the model's geometry (`unsupported_image_size`: smaller than one tile at the "
           "model's scale, or more tiles than allowed), or a field is missing"},
@@ -87,24 +101,40 @@ def _decode_all(scorer, images: list[PreparedImage]) -> list[dict[str, str]]:
     return errors
 
 
+def _check_budgets(images: list[PreparedImage], heatmaps: int, heatmap_size: str, settings: Settings,
+                   metrics: Metrics) -> None:
+    """The request's memory (413 `too_many_pixels`) and work (413 `too_many_tiles`), from the headers and plans."""
+    for reason, check in (
+        ("too_many_pixels", lambda: budget.check(budget.count_pixels(images, heatmaps, heatmap_size == "model"),
+                                                 len(images), settings.max_request_pixels)),
+        ("too_many_tiles", lambda: budget.check_tiles(images, settings.max_request_tile_pixels)),
+    ):
+        try:
+            check()
+        except APIError:
+            metrics.rejected.labels(reason).inc()
+            raise
+
+
+def _refuse_unplannable(metrics: Metrics, images: list[PreparedImage]) -> None:
+    _refuse(metrics, "unsupported_image_size",
+            [{"file": im.name, "reason": im.tiling_error} for im in images if im.tiling_error])
+
+
 async def _prepare(scorer, files: list[UploadFile], heatmaps: int, heatmap_size: str, settings: Settings,
                    metrics: Metrics) -> list[PreparedImage]:
-    """The request's images, each prepared once by the scorer: read (header size, tile plan), the pixel
-    budget checked from those (413, before anything is decoded), decoded (422 `invalid_image`), and the
-    sizes the geometry cannot cover refused (422 `unsupported_image_size`), all before anything is queued
-    (a batch shared with other requests must not fail because of one of them). heatmaps: outputs per image."""
+    """The request's images, each prepared once by the scorer: read (header size, tile plan); the pixel and
+    tile budgets checked (413) and the sizes the geometry cannot cover refused (422 `unsupported_image_size`)
+    from those, before any pixel is decoded; then decoded (422 `invalid_image`). All before anything is
+    queued (a batch shared with other requests must not fail because of one of them). heatmaps: outputs
+    per image."""
     blobs, names = await _read_files(files, settings, metrics)
     images = await run_in_threadpool(_read_all, scorer, blobs, names)
     del blobs  # the prepared images hold the bytes until they are decoded, then drop them
-    try:
-        budget.check(budget.count_pixels(images, heatmaps, heatmap_size == "model"), len(images),
-                     settings.max_request_pixels)
-    except APIError:
-        metrics.rejected.labels("too_many_pixels").inc()
-        raise
+    _check_budgets(images, heatmaps, heatmap_size, settings, metrics)
+    _refuse_unplannable(metrics, images)
     _refuse(metrics, "invalid_image", await run_in_threadpool(_decode_all, scorer, images))
-    _refuse(metrics, "unsupported_image_size",
-            [{"file": im.name, "reason": im.tiling_error} for im in images if im.tiling_error])
+    _refuse_unplannable(metrics, images)  # a decoded size other than the header's is planned again
     return images
 
 
@@ -171,7 +201,7 @@ async def score(
     settings: SettingsDep,
     metrics: MetricsDep,
     files: Annotated[list[UploadFile], File(description=FILES_DOC, min_length=1)],
-    model: Annotated[str | None, Query(max_length=200, description=MODEL_DOC, examples=["bottle", "bottle/v2"])] = None,
+    model: ModelRef = None,
     heatmap: Annotated[HeatmapMode, Query(description="Add base64 PNGs: the overlay, the raw normalised map, both")] = "none",
     heatmap_size: Annotated[
         Literal["input", "model"],
@@ -181,7 +211,7 @@ async def score(
     heatmap_format: Annotated[HeatmapFormat, Query(description=FORMAT_DOC)] = "png",
 ):
     t0 = time.perf_counter()
-    lm = await registry.get(model)
+    lm = await registry.get(_model_ref(model))
     images = await _prepare(lm.scorer, files, _outputs(heatmap), heatmap_size, settings, metrics)
     results, queued_s = await registry.score(lm, images, [im.name for im in images],
                                              _options(heatmap, heatmap_size, heatmap_format))
@@ -214,14 +244,14 @@ async def score_overlay(
     settings: SettingsDep,
     metrics: MetricsDep,
     files: Annotated[list[UploadFile], File(description="Exactly one image", min_length=1, max_length=1)],
-    model: Annotated[str | None, Query(max_length=200, description=MODEL_DOC)] = None,
+    model: ModelRef = None,
     kind: Annotated[Literal["overlay", "map"], Query(description="The blended overlay or the grayscale map")] = "overlay",
     heatmap_size: Annotated[Literal["input", "model"], Query()] = "input",
     heatmap_format: Annotated[HeatmapFormat, Query(description=FORMAT_DOC)] = "png",
 ) -> Response:
     if len(files) != 1:
         raise APIError(422, "validation_error", f"/score/overlay takes exactly one file in field 'files', got {len(files)}")
-    lm = await registry.get(model)
+    lm = await registry.get(_model_ref(model))
     images = await _prepare(lm.scorer, files, 1, heatmap_size, settings, metrics)
     results, _ = await registry.score(lm, images, [im.name for im in images],
                                       _options(kind, heatmap_size, heatmap_format))

@@ -7,20 +7,20 @@ import shutil
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
-
 from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import JobRunnerDep, JobStoreDep, jobs_of
-from app.errors import APIError
-from app.jobs.store import STATES, Job, JobStore
+from app.errors import APIError, model_error
+from app.jobs.store import STATES, Job, JobStore, QueueFullError
 from app.jobs.uploads import Limits, UploadError, store_upload
 from app.jobs.worker import JobRunner
 from app.multipart import MultipartRoute
 from app.schemas import ErrorResponse, TrainJob, TrainJobList
+from app.settings import Settings
 from stpm import bundle
 from stpm.options import build, form_model, options_of, to_params, training_options
 
@@ -58,6 +58,23 @@ def _get(store: JobStore, job_id: str) -> Job:
     return job
 
 
+def _queue_full(queued: int, limit: int) -> APIError:
+    return APIError(429, "queue_full", f"{queued} training jobs are already waiting; at most {limit} (setting "
+                    "train_max_queued): retry when one has started", headers={"Retry-After": "60"})
+
+
+async def _check_room(store: JobStore, s: Settings) -> None:
+    """Before the upload is stored: 429 when the queue is full (checked again, under the store's lock, when
+    the job is created), 503 when the model store cannot be written (the job could never publish)."""
+    queued = await run_in_threadpool(store.list, "queued", s.train_max_queued, 0)
+    if len(queued) >= s.train_max_queued:
+        raise _queue_full(len(queued), s.train_max_queued)
+    try:
+        await run_in_threadpool(bundle.check_writable, s.models_dir, "a training job could not publish its model")
+    except bundle.BundleError as e:
+        raise model_error(e) from None
+
+
 TrainForm = form_model("TrainForm", {
     "files": (list[UploadFile], Field(..., min_length=1, description="Good images (repeat the field), and/or zip/tar "
                                       "archives of them (.zip, .tar, .tar.gz, .tar.xz, .tgz, .tar.bz2)")),
@@ -76,6 +93,7 @@ TrainForm = form_model("TrainForm", {
         **ERRORS,
         413: {"model": ErrorResponse, "description": "Request, an image, an archive or the image count over the limit"},
         429: {"model": ErrorResponse, "description": "The training queue is full (train_max_queued); retry later"},
+        503: {"model": ErrorResponse, "description": "Training is disabled, or the model store cannot be written"},
         422: {"model": ErrorResponse, "description": "A file is not a decodable image (all named in `files`), too "
               "few images, a bad parameter, or an unknown form field"},
         507: {"model": ErrorResponse, "description": "Disk full while storing the upload (nothing stored)"},
@@ -95,11 +113,7 @@ async def submit(request: Request, form: Annotated[TrainForm, Form(media_type="m
     if config.train.epochs > s.train_max_epochs:
         raise APIError(422, "invalid_parameter", f"epochs={config.train.epochs}: at most {s.train_max_epochs} "
                        "(setting train_max_epochs)")
-    queued = await run_in_threadpool(store.list, "queued", s.train_max_queued, 0)
-    if len(queued) >= s.train_max_queued:
-        raise APIError(429, "queue_full", f"{len(queued)} training jobs are already waiting; at most "
-                       f"{s.train_max_queued} (setting train_max_queued): retry when one has started",
-                       headers={"Retry-After": "60"})
+    await _check_room(store, s)
     params: dict[str, Any] = {**to_params(config), "activate": form.activate}
     params["train"].pop("device")  # the server's setting (train_device), not the client's
     limits = Limits(s.train_min_images, s.train_max_images, s.max_upload_bytes, s.train_max_archive_bytes,
@@ -119,9 +133,12 @@ async def submit(request: Request, form: Annotated[TrainForm, Form(media_type="m
         shutil.rmtree(stored.job_dir, ignore_errors=True)
         raise APIError(422, "invalid_parameter", f"val_fraction={val_fraction} leaves no training image out of {n}")
     try:
-        job = await run_in_threadpool(store.create, job_id, form.name, params, stored.job_dir, n, stored.fingerprint)
-    except BaseException:
+        job = await run_in_threadpool(store.create, job_id, form.name, params, stored.job_dir, n, stored.fingerprint,
+                                      s.train_max_queued)  # counted and inserted under one lock
+    except BaseException as e:
         shutil.rmtree(stored.job_dir, ignore_errors=True)
+        if isinstance(e, QueueFullError):
+            raise _queue_full(e.queued, e.limit) from None
         raise
     await run_in_threadpool(runner.submit, job_id)  # Celery: a round trip to the broker
     return JSONResponse(_public(store, job), status_code=202, headers={"Location": f"/train/{job_id}"})

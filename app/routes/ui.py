@@ -34,10 +34,14 @@ MEDIA = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=u
 router = APIRouter(include_in_schema=False)
 
 
+# The page's files, listed once: a request names one of these or gets 404 (no path is ever built from it).
+ASSETS = frozenset(p.name for p in STATIC_DIR.iterdir() if p.is_file() and p.suffix in MEDIA)
+
+
 def _file(name: str) -> FileResponse:
-    path = (STATIC_DIR / name).resolve()
-    if path.parent != STATIC_DIR or not path.is_file() or path.suffix not in MEDIA:
-        raise APIError(404, "not_found", f"no file /ui/{name}")
+    if name not in ASSETS:
+        raise APIError(404, "not_found", f"no file /ui/{name[:100]!r}")
+    path = STATIC_DIR / name
     headers = dict(HEADERS)
     if path.suffix == ".html":
         headers["Content-Security-Policy"] = CSP

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from stpm.bundle.errors import BundleError, ModelNotFoundError
+from stpm.bundle.errors import MalformedBundleError, ModelNotFoundError
 from stpm.bundle.names import MANIFEST
 
 # Excluded from the digest that identifies what a model computes: the ONNX export record (`stpm export`
@@ -23,13 +23,21 @@ DERIVED_KEYS = ("exports", "metrics", "version")
 
 
 def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
-    p = Path(bundle_dir) / MANIFEST
+    """A bundle's manifest.json as a dict. Errors name the bundle as name/version (never the store's path):
+    ModelNotFoundError without a manifest, MalformedBundleError for one that is not a JSON object."""
+    bundle_dir = Path(bundle_dir)
+    where = f"{bundle_dir.parent.name}/{bundle_dir.name}"
     try:
-        return json.loads(p.read_text())
+        raw = json.loads((bundle_dir / MANIFEST).read_text())
     except FileNotFoundError:
-        raise ModelNotFoundError(f"{bundle_dir} is not a model bundle (no {MANIFEST})") from None
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{p} is not valid JSON: {e}") from None
+        raise ModelNotFoundError(f"{where} is not a model bundle (no {MANIFEST})") from None
+    except OSError as e:
+        raise MalformedBundleError(f"{where}: the manifest cannot be read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MalformedBundleError(f"{where}: the manifest is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise MalformedBundleError(f"{where}: the manifest is not a JSON object")
+    return raw
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:

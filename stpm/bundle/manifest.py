@@ -1,7 +1,7 @@
 """The typed manifest of a bundle (manifest.json): parsed and validated once, read through one object.
 
 Every reader (the scorer, backend choice, export, evaluation, loading a model, the service's listing)
-takes a `Manifest`; a malformed manifest is one `BundleError` naming the bundle and the field, never a
+takes a `Manifest`; a malformed manifest is one `MalformedBundleError` (a BundleError) naming the bundle and the field, never a
 KeyError deep inside a reader. Manifests of every earlier format load: format 1 (no `tiling`, no
 `image_score`: squash to S x S, score = map maximum), format 2 (tiling), and bundles from before PatchCore
 (no `model.method`: STPM). Fields a reader does not know are kept (`extra="allow"`).
@@ -19,9 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from stpm.bundle.calibration import Calibration
-from stpm.bundle.names import MANIFEST
-from stpm.bundle.errors import BundleError, ModelNotFoundError
-from stpm.bundle.files import manifest_digest
+from stpm.bundle.errors import MalformedBundleError
+from stpm.bundle.files import manifest_digest, read_manifest
 from stpm.imaging.geometry import Geometry
 from stpm.imaging.scores import ImageScore
 
@@ -93,38 +92,28 @@ class Manifest(BaseModel):
 
     @classmethod
     def parse(cls, raw: Any, where: str = "manifest") -> Manifest:
-        """A manifest's JSON value -> Manifest; BundleError naming `where` and the bad field otherwise."""
+        """A manifest's JSON value -> Manifest; MalformedBundleError naming `where` and the bad field otherwise."""
         if not isinstance(raw, dict):
-            raise BundleError(f"{where}: the manifest is not a JSON object")
+            raise MalformedBundleError(f"{where}: the manifest is not a JSON object")
         try:
             m = cls.model_validate(raw)
         except ValidationError as e:
             err = e.errors()[0]
             field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            raise BundleError(f"{where}: malformed manifest: {field}: {err['msg']}") from None
+            raise MalformedBundleError(f"{where}: malformed manifest: {field}: {err['msg']}") from None
         if m.tiling is not None and m.tiling.tile != m.model.image_size:
-            raise BundleError(f"{where}: malformed manifest: tiling.tile {m.tiling.tile} differs from "
+            raise MalformedBundleError(f"{where}: malformed manifest: tiling.tile {m.tiling.tile} differs from "
                               f"model.image_size {m.model.image_size}")
         m._raw = copy.deepcopy(raw)
         return m
 
     @classmethod
     def read(cls, bundle_dir: str | Path) -> Manifest:
-        """The manifest of a bundle folder. Errors name the bundle as name/version, not the store's path."""
-        import json
-
+        """The manifest of a bundle folder. Errors name the bundle as name/version, not the store's path:
+        ModelNotFoundError without a manifest, MalformedBundleError for one that cannot be parsed."""
         bundle_dir = Path(bundle_dir)
         where = f"{bundle_dir.parent.name}/{bundle_dir.name}"
-        try:
-            text = (bundle_dir / MANIFEST).read_text()
-        except FileNotFoundError:
-            raise ModelNotFoundError(f"{where} is not a model bundle (no {MANIFEST})") from None
-        except OSError as e:
-            raise BundleError(f"{where}: the manifest cannot be read ({e.strerror or e})") from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{where}: the manifest is not valid JSON ({e.msg}, line {e.lineno})") from None
+        raw = read_manifest(bundle_dir)
         return cls.parse(raw, where)
 
     # ------------------------------------------------------------------ views

@@ -23,28 +23,35 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stpm.bundle.errors import BundleError, ModelNotFoundError, NoActiveVersionError
+from stpm.bundle.errors import (
+    BundleError,
+    MalformedBundleError,
+    ModelNotFoundError,
+    NoActiveVersionError,
+    VersionInUseError,
+)
 from stpm.bundle.files import (
     atomic_write_text,
     fsync_dir,
     read_manifest,
     write_manifest,
 )
+from stpm.bundle.lock import LOCK, NOT_WRITABLE, check_writable, name_lock, not_writable
 from stpm.bundle.names import EVALUATIONS, MANIFEST
 
 # Patterns as JSON Schema / ECMA regexes (the API spec shows them); Python matches them with fullmatch.
 NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 VERSION_PATTERN = r"^v[1-9][0-9]{0,8}$"
+# A /score `model` parameter: NAME or NAME/VERSION, or empty (the server's default model).
+MODEL_REF_PATTERN = r"^((?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/v[1-9][0-9]{0,8})?)?$"
 NAME_RE = re.compile(NAME_PATTERN)
 VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 ACTIVE = "ACTIVE"
 LAST_VERSION = ".last-version"  # the highest version number ever given under a name
-LOCK = ".lock"
 STAGING = ".staging-"
 DELETED = ".deleted-"
 STALE_STAGING_S = 6 * 3600.0  # a staging folder whose owner cannot be checked is stale after this long
@@ -114,7 +121,7 @@ def set_active(models_dir: str | Path, name: str, version: str) -> None:
     d = Path(models_dir) / name
     if not d.is_dir():
         raise ModelNotFoundError(f"model {name}/{version} does not exist")
-    with _name_lock(d):
+    with name_lock(d):
         _adopt_legacy(d)
         if version not in list_versions(models_dir, name):
             raise ModelNotFoundError(f"model {name}/{version} does not exist")
@@ -159,13 +166,16 @@ def read_evaluations(bundle_dir: str | Path) -> dict[str, Any]:
     """The version's recorded evaluations {dataset: metrics} (`stpm eval`); {} when none. Versions from
     before eval.json kept them in the manifest's `metrics`; those are returned too."""
     bundle_dir = Path(bundle_dir)
+    where = f"{bundle_dir.parent.name}/{bundle_dir.name}"
     legacy = (read_manifest(bundle_dir).get("metrics") or {}) if (bundle_dir / MANIFEST).is_file() else {}
     try:
         recorded = json.loads((bundle_dir / EVALUATIONS).read_text())
     except FileNotFoundError:
         recorded = {}
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{bundle_dir / EVALUATIONS} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MalformedBundleError(f"{where}: {EVALUATIONS} is not valid JSON ({e})") from None
+    if not isinstance(legacy, dict) or not isinstance(recorded, dict):
+        raise MalformedBundleError(f"{where}: its evaluations are not a JSON object")
     return {**legacy, **recorded}
 
 
@@ -174,26 +184,13 @@ def record_evaluation(bundle_dir: str | Path, dataset: str, result: dict[str, An
     lock. The manifest, the weights and the exports are not touched."""
     bundle_dir = Path(bundle_dir)
     read_manifest(bundle_dir)  # a bundle, not any folder
-    with _name_lock(bundle_dir.parent):
+    with name_lock(bundle_dir.parent):
         try:
             recorded = json.loads((bundle_dir / EVALUATIONS).read_text())
         except FileNotFoundError:
             recorded = {}
         recorded[dataset] = result
         atomic_write_text(bundle_dir / EVALUATIONS, json.dumps(recorded, indent=2) + "\n")
-
-
-@contextmanager
-def _name_lock(name_dir: Path) -> Iterator[None]:
-    """Exclusive per-name lock (flock on `<name>/.lock`) across threads and processes."""
-    import fcntl
-
-    fd = os.open(name_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _last_version(name_dir: Path) -> int:
@@ -241,9 +238,14 @@ def new_staging_dir(models_dir: str | Path, name: str) -> Path:
     Its name records the owner (`.staging-<pid>-<host>-<random>`) so that start-up cleanup removes
     only folders whose publisher is gone (`clean_staging`)."""
     d = Path(models_dir) / check_name(name)
-    d.mkdir(parents=True, exist_ok=True)
     tmp = d / f"{STAGING}{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex}"
-    tmp.mkdir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        if e.errno in NOT_WRITABLE:
+            raise not_writable(e, f"model {name} cannot be published") from None
+        raise
     return tmp
 
 
@@ -261,7 +263,7 @@ def publish(staging: Path, models_dir: str | Path, name: str) -> tuple[str, Path
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     d = Path(models_dir) / check_name(name)
-    with _name_lock(d):
+    with name_lock(d):
         _adopt_legacy(d)
         first = not list_versions(models_dir, name)
         while True:
@@ -283,13 +285,22 @@ def publish(staging: Path, models_dir: str | Path, name: str) -> tuple[str, Path
             return version, target
 
 
-def delete_version(models_dir: str | Path, name: str, version: str) -> None:
-    """Remove a version: renamed away first (atomic disappearance), then deleted. Its number stays taken."""
+def delete_version(models_dir: str | Path, name: str, version: str, *, keep_active: bool = False,
+                   in_use: Callable[[], bool] | None = None) -> None:
+    """Remove a version: renamed away first (atomic disappearance), then deleted. Its number stays taken.
+
+    keep_active: refuse (VersionInUseError) when it is the active version; in_use: refuse when this says
+    it serves requests. Both are checked under the name's lock, so an activation cannot slip in between
+    the check and the delete."""
     path = resolve(models_dir, f"{name}/{version}")
     d = path.parent
-    with _name_lock(d):
+    with name_lock(d):
         _adopt_legacy(d)
         path = resolve(models_dir, f"{name}/{version}")
+        if keep_active and get_active(models_dir, name) == version:
+            raise VersionInUseError(f"{name}/{version} is the active version; activate another one first")
+        if in_use is not None and in_use():
+            raise VersionInUseError(f"{name}/{version} is serving requests")
         _raise_last_version(d, int(version[1:]))
         trash = path.with_name(f"{DELETED}{version}-{uuid.uuid4().hex}")
         os.rename(path, trash)
@@ -351,6 +362,7 @@ def clean_staging(models_dir: str | Path, max_age_s: float = STALE_STAGING_S) ->
 
 __all__ = [
     "NAME_PATTERN",
+    "MODEL_REF_PATTERN",
     "VERSION_PATTERN",
     "NAME_RE",
     "VERSION_RE",
@@ -362,6 +374,7 @@ __all__ = [
     "STALE_STAGING_S",
     "FORMAT_VERSION",
     "check_name",
+    "check_writable",
     "check_version",
     "parse_ref",
     "list_models",

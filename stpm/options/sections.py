@@ -41,6 +41,10 @@ ImageScoreMethod = Literal["max", "topk_mean", "auto"]
 TilingMode = Literal["tile", "squash"]
 
 AUTO = "auto"  # an option value that model selection resolves after fitting (image_score)
+# The most model input one image may need: max_tiles x image_size^2 (e.g. 128 tiles of 256 px, 2,048 of 64 px).
+# The server's default per-request work budget is the same (app setting max_request_tile_pixels), so every
+# image a model accepts can be scored, and no model trained here turns one image into unbounded work.
+MAX_TILE_PIXELS = 8 * 1024 * 1024
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 META = "stpm"  # the key of our metadata in a field's json_schema_extra
@@ -183,6 +187,16 @@ class TrainingOptions(BaseModel):
     calibration: CalibrationOptions = CalibrationOptions()
     tiling: TilingOptions = TilingOptions()
 
+    @model_validator(mode="after")
+    def _bounded_work(self) -> TrainingOptions:
+        """max_tiles x image_size^2 within MAX_TILE_PIXELS: one image's work at scoring time is bounded."""
+        s, n = self.model.image_size, self.tiling.max_tiles
+        if self.tiling.mode == "tile" and n * s * s > MAX_TILE_PIXELS:
+            raise ValueError(f"max_tiles={n} with image_size={s}: one image could need {n * s * s} pixels of model "
+                             f"input; at most {MAX_TILE_PIXELS} (max_tiles <= {MAX_TILE_PIXELS // (s * s)} at this "
+                             "image_size)")
+        return self
+
 
 SECTIONS: dict[str, type[Section]] = {"model": ModelOptions, "train": TrainOptions,
                                       "calibration": CalibrationOptions, "tiling": TilingOptions}
@@ -221,6 +235,7 @@ __all__ = [
     "Combine",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MAX_TILE_PIXELS",
     "ImageScoreMethod",
     "ModelOptions",
     "SECTIONS",

@@ -191,7 +191,10 @@ def build(values: Mapping[str, Any], base: TrainingOptions | None = None) -> Tra
             sections[sec] = type(current).model_validate({**current.model_dump(), **changes.get(sec, {})})
         except ValidationError as e:
             raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
-    return TrainingOptions(**sections)
+    try:
+        return TrainingOptions(**sections)
+    except ValidationError as e:  # a combination across sections (the work one image may need)
+        raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def values_of(cfg: TrainingOptions) -> dict[str, Any]:

@@ -45,6 +45,11 @@ class PreparedImage:
         """Pixels of this image at the model's scale (its map's own size); 0 where it has no plan."""
         return self.plan.h * self.plan.w if self.plan is not None else 0
 
+    def tile_pixels(self) -> int:
+        """The model's work on this image: its tiles x tile^2 pixels of model input (they cover the scaled
+        image, so this also bounds its size); 0 where it has no plan."""
+        return self.plan.n_tiles * self.plan.tile**2 if self.plan is not None else 0
+
 
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) of an encoded image after its EXIF orientation, from the header (nothing decoded);
@@ -54,12 +59,21 @@ def header_size(data: bytes) -> tuple[int, int] | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
-                orientation = img.getexif().get(0x0112, 1)
+                orientation = _header_orientation(img)
     except Exception:  # noqa: BLE001 - any unreadable header: left to the decoder's error
         return None
     if w < 1 or h < 1:
         return None
     return (int(w), int(h)) if orientation in ROTATED else (int(h), int(w))
+
+
+def _header_orientation(img: Image.Image) -> int:
+    """The EXIF orientation if the header holds it. A PNG's eXIf chunk may follow the pixels, and PIL's
+    getexif() then decodes the whole image to find it: that is left to decoding (which transposes and
+    plans the decoded size again)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    return img.getexif().get(0x0112, 1)
 
 
 def _plan(image: PreparedImage, geometry: Geometry | None) -> None:
