@@ -131,6 +131,6 @@ def quiet_machine_minutes(minutes: dict[str, float]) -> str:
             "in one process (the CPU minutes above: one torch thread runs at one core's pace when nothing else "
             f"runs), or {teacher + split:.0f} minutes on two quiet cores: the teacher ({teacher:.0f} min), then the "
             f"students in two processes (`--widths 800,30` and `--widths 300`, {split:.0f} min for the longer). "
-            "CPU seconds measured under load (see the load column) tend to run above a quiet core's (shared caches "
-            "and memory bandwidth), so these minutes are more likely high than low; wall time under load is longer "
-            "still (the wall column).")
+            "CPU seconds measured under load (see the load column) may differ from a quiet core's either way (shared "
+            "caches and memory bandwidth, two epochs per model), so this is an estimate to check against a quiet "
+            "run's own block; wall time under load is longer (the wall column).")
