@@ -129,6 +129,7 @@ def main() -> None:
         for ds in datasets:
             one_dataset(ds, seed, res)
         update_doc("disjoint")
+    res.finish()
 
 
 if __name__ == "__main__":

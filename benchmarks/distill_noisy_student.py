@@ -64,6 +64,7 @@ def main() -> None:
         res.add("student without noise, iteration 1 (ablation) | test acc", seed,
                 accuracy(student, data.x_test, data.y_test), " %")
         update_doc("noisy_student")
+    res.finish()
 
 
 if __name__ == "__main__":

@@ -8,122 +8,40 @@ the seeds' numbers beside ours and a verdict computed from the numbers by the cr
 from __future__ import annotations
 
 import json
-import re
-import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "DISTILLATION.md"
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # stpm, and the renderers beside this file
 
-from stpm.distill.summary import format_mean_std  # noqa: E402
+from distill_render import (
+    VERDICT,
+    all_positive,
+    header,
+    is_partial,
+    mean,
+    ms,
+    paired,
+    per_seed,
+    seeds_of,
+    vals,
+    verdict,
+    without_verdicts,
+)
+from distill_report_hinton import epoch_times, hinton
 
-NAMES = ("hinton", "cifar", "noisy_student", "disjoint")
-
-
-def ms(v: list[float], d: int = 2) -> str:
-    """Mean ± std; fewer than the protocol's 3 seeds is said in the cell."""
-    s = format_mean_std(v, d)
-    return f"{s} ({len(v)} seeds)" if len(v) == 2 else s
+CLAIMS = ("hinton", "cifar", "cifar_row", "noisy_student", "disjoint", "gpu")  # blocks with verdicts
+NAMES = (*CLAIMS, "epoch_times")
+NOT_RUN = {"gpu": "Not run yet: no GPU was at hand when this page was last rendered. `python benchmarks/distill_gpu.py` "
+                  "on a GPU machine writes benchmarks/results/distill_gpu.json, and this block shows its numbers "
+                  "with the GPU, the command and the time."}
 
 
 def load(name: str) -> dict | None:
     p = RESULTS / f"distill_{name}.json"
     return json.loads(p.read_text()) if p.is_file() else None
-
-
-def seeds_of(r: dict) -> list[str]:
-    return sorted({s for per in r["values"].values() for s in per}, key=int)
-
-
-def vals(r: dict, key: str) -> list[float]:
-    per = r["values"].get(key, {})
-    return [per[s] for s in seeds_of(r) if s in per]
-
-
-def per_seed(r: dict, key: str, d: int = 1) -> str:
-    per = r["values"].get(key, {})
-    return ", ".join(f"{per[s]:.{d}f}" for s in seeds_of(r) if s in per)
-
-
-def mean(v: list[float]) -> float:
-    return statistics.fmean(v) if v else float("nan")
-
-
-def paired(r: dict, a: str, b: str) -> list[float]:
-    """Per-seed differences a - b over the seeds that have both."""
-    pa, pb = r["values"].get(a, {}), r["values"].get(b, {})
-    return [pa[s] - pb[s] for s in seeds_of(r) if s in pa and s in pb]
-
-
-def all_positive(d: list[float]) -> bool:
-    """A gain seen in every seed (and more than one seed): the minimum for calling a difference clear."""
-    return len(d) > 1 and all(x > 0 for x in d)
-
-
-def header(r: dict) -> str:
-    lines = []
-    for run in r["runs"]:
-        if "wall_seconds" not in run:
-            continue
-        lines.append(f"`{run['command']}` · seeds {run['seeds']} · {run['machine']} · load average "
-                     f"{run['load_at_start']:.1f} at start, {run.get('load_at_end', float('nan')):.1f} at end · "
-                     f"CPU {run['cpu_seconds'] / 60:.0f} min, wall {run['wall_seconds'] / 60:.0f} min")
-    cfg = ", ".join(f"{k} {v}" for k, v in r["config"].items())
-    return ("Runs: " + "; ".join(lines) + f"\n\nData: {r.get('data', '?')}. Settings: {cfg}. Seeds completed: "
-            f"{[int(s) for s in seeds_of(r)]}. Per-seed numbers depend on the machine (BLAS kernels and thread "
-            "scheduling change the floating-point order); compare means and spreads, not single seeds.\n")
-
-
-def verdict(label: str, criterion: str, outcome: str, numbers: str) -> str:
-    return f"**Verdict ({label}): {outcome}.** Criterion: {criterion}. {numbers}"
-
-
-# ------------------------------------------------------------------------------------------------ hinton
-
-def hinton(r: dict) -> str:
-    out = [header(r), "| model | ours: test errors / 10,000 | per seed | seed 002: test errors / 10,000 |",
-           "|---|---|---|---|"]
-    ref = {"teacher 2x1200 dropout+jitter": "67", "2x800 hard labels": "146", "2x800 soft T=20": "74"}
-    for k, v in ref.items():  # the teacher is one model shared by the seeds: one value
-        key = f"{k} | test errors"
-        if vals(r, key):
-            out.append(f"| {k} | {ms(vals(r, key), 1)} | {per_seed(r, key, 0)} | {v} |")
-    hard, soft = vals(r, "2x800 hard labels | test errors"), vals(r, "2x800 soft T=20 | test errors")
-    if hard and soft:
-        ratio = mean(soft) / mean(hard)
-        n = min(len(hard), len(soft))
-        every = all(s < h for s, h in zip(soft[:n], hard[:n]))
-        outcome = "reproduced" if ratio <= 0.6 else ("partly" if ratio < 1 and every else "not reproduced")
-        out += ["", verdict("soft targets vs hard labels", "mean soft-target errors <= 0.6 x hard-label errors "
-                            "(seed: 74/146 = 0.51) = reproduced; fewer errors in every seed = partly",
-                            outcome, f"Ours: {mean(soft):.1f} / {mean(hard):.1f} = **{ratio:.2f}**; soft better "
-                            f"in every seed: {every}.")]
-    temps = r["config"]["temperatures"]
-    out += ["", "| T | 2x300: val errors / 5,000 | 2x300: test errors / 10,000 | 2x30: val errors / 5,000 | "
-            "2x30: test errors / 10,000 |", "|---|---|---|---|---|"]
-    best = {}
-    for label, prefix in [("hard labels", "hard labels")] + [(f"{t:g}", f"soft T={t:g}") for t in temps]:
-        cells = []
-        for w in (300, 30):
-            for split in ("val", "test"):
-                v = vals(r, f"2x{w} {prefix} | {split} errors")
-                cells.append(ms(v, 1) if v else "—")
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
-    for w in (300, 30):
-        means = {t: mean(vals(r, f"2x{w} soft T={t:g} | val errors")) for t in temps
-                 if vals(r, f"2x{w} soft T={t:g} | val errors")}
-        if means:
-            best[w] = min(means, key=means.get)
-    if len(best) == 2:
-        ok300, ok30 = best[300] >= 8, 2.5 <= best[30] <= 4
-        outcome = "reproduced" if ok300 and ok30 else ("partly" if ok300 or ok30 else "not reproduced")
-        out += ["", verdict("temperature", "best T by mean validation errors >= 8 for 300 units and within "
-                            "2.5-4 for 30 units (seed 002) = reproduced; one of the two = partly", outcome,
-                            f"Ours: 300 units **T = {best[300]:g}**, 30 units **T = {best[30]:g}**.")]
-    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------ cifar
@@ -135,17 +53,34 @@ SEED_ROW_RESNET8 = {"NOKD": "86.02", "BLKD": "86.66", "FitNets": "86.73", "AT": 
 
 
 def cifar(r: dict) -> str:
-    acc = lambda k: vals(r, f"{k} | test acc")  # noqa: E731
-    out = [header(r), "| model | ours: CIFAR-10 test accuracy % | per seed | seed 002 (plain CNNs, CIFAR-10) |",
-           "|---|---|---|---|"]
-    ref = {"teacher takd10": "—", "TA takd8 (KD from teacher)": "—", "TA takd6 (KD from teacher)": "—",
-           "TA takd4 (KD from teacher)": "—", "student takd2 NOKD": "70.16",
-           "student takd2 NOKD + crop-flip (reference)": "—", "student takd2 BLKD": "72.57",
-           "student takd2 TAKD (TA=8)": "72.75", "student takd2 TAKD (TA=6)": "73.15",
-           "student takd2 TAKD (TA=4)": "73.51"}
+    """TAKD and ESKD (the CPU run at full CIFAR-10 scale)."""
+    return "\n".join([header(r), *cifar_takd(r, ""), *cifar_eskd(r, "")])
+
+
+def cifar_row(r: dict) -> str:
+    """The comparison row of the earlier small CPU run."""
+    note = [f"Note: {r['note']}."] if r.get("note") else []
+    return "\n".join([header(r), *note, *cifar_row_table(r, " (small CPU scale)")])
+
+
+def cifar_takd(r: dict, tag: str) -> list[str]:
+    """The model table and the TAKD verdict; `tag` tells the verdict labels of different blocks apart."""
+    acc = lambda k: vals(r, f"{k} | test acc")
+    c = r["config"]
+    t = "takd10" if c.get("width", 100) == 100 else f"takd10x{c['width']}"
+    out = ["| model | ours: CIFAR-10 test accuracy % | per seed | ours: validation accuracy % | seed 002 "
+           "(plain CNNs, CIFAR-10) |", "|---|---|---|---|---|"]
+    ref = {"teacher takd10": "—", "teacher takd10 early": "—", "TA takd8 (KD from teacher)": "—",
+           "TA takd6 (KD from teacher)": "—", "TA takd4 (KD from teacher)": "—", "student takd2 NOKD": "70.16"}
+    ref |= {k[: -len(" | test acc")]: "—" for k in r["values"]
+            if k.startswith("student takd2 NOKD, half") and k.endswith(" | test acc")}
+    ref |= {"student takd2 BLKD": "72.57", "student takd2 TAKD (TA=8)": "72.75", "student takd2 TAKD (TA=6)": "73.15",
+            "student takd2 TAKD (TA=4)": "73.51", "student takd2 ESKD (early teacher)": "—"}
     for k, v in ref.items():
         if acc(k):
-            out.append(f"| {k} | {ms(acc(k))} | {per_seed(r, f'{k} | test acc', 2)} | {v} |")
+            label = k.replace("teacher takd10 early", f"early-stopped teacher (epoch {c.get('early_teacher_epoch')})")
+            out.append(f"| {label.replace('takd10', t)} | {ms(acc(k))} | {per_seed(r, f'{k} | test acc', 2)} | "
+                       f"{ms(vals(r, f'{k} | val acc'))} | {v} |")
     nokd, blkd = acc("student takd2 NOKD"), acc("student takd2 BLKD")
     tas = {ta: acc(f"student takd2 TAKD (TA={ta})") for ta in (8, 6, 4)}
     if nokd and blkd and all(tas.values()):
@@ -158,54 +93,83 @@ def cifar(r: dict) -> str:
         outcome = ("reproduced" if order and ta_order and clear else
                    "partly" if (m["BLKD"] > m["NOKD"] and max(m["TA8"], m["TA6"], m["TA4"]) > m["BLKD"]) or order
                    else "not reproduced")
-        out += ["", verdict("TAKD", "mean accuracies NOKD < BLKD < TAKD(TA=4) and TA=8 < TA=6 < TA=4 (seed 002), "
-                            "with BLKD > NOKD and TAKD(TA=4) > BLKD in every seed = reproduced; KD above NOKD and "
-                            "some assistant above BLKD on average, or the first ordering alone = partly", outcome,
+        out += ["", verdict(f"TAKD{tag}", "mean accuracies NOKD < BLKD < TAKD(TA=4) and TA=8 < TA=6 < TA=4 (seed "
+                            "002), with BLKD > NOKD and TAKD(TA=4) > BLKD in every seed = reproduced; KD above NOKD "
+                            "and some assistant above BLKD on average, or the first ordering alone = partly", outcome,
                             f"Paired per-seed differences: BLKD - NOKD {ms(d_kd)} points, TAKD(TA=4) - BLKD "
                             f"{ms(d_ta)} points; NOKD < BLKD < TAKD(TA=4) in the means: {order}; TA ordering "
                             f"8 < 6 < 4 in the means: {ta_order}; both gains in every seed: {clear}.")]
-    eskd, full = acc("student takd2 ESKD (early teacher)"), blkd
-    if eskd and full:
-        out += ["", "| KD source | teacher test accuracy % | student takd2 test accuracy % |", "|---|---|---|",
-                f"| fully trained teacher (epoch {r['config']['teacher_epochs']}) | {ms(acc('teacher takd10'))} | "
-                f"{ms(full)} |",
-                f"| early-stopped teacher (epoch {r['config']['early_teacher_epoch']}, a third of the schedule, "
-                f"fixed in advance) | "
-                f"{ms(acc('teacher takd10 early'))} | {ms(eskd)} |"]
-        d = paired(r, "student takd2 ESKD (early teacher) | test acc", "student takd2 BLKD | test acc")
-        outcome = "reproduced" if all_positive(d) else "partly" if d and mean(d) > 0 else "not reproduced"
-        out += ["", verdict("ESKD", "the student of the early-stopped teacher beats the student of the fully "
-                            "trained teacher in every seed = reproduced; on average = partly (seed 002, after "
-                            "Cho & Hariharan 2019: early stopping the teacher helps)", outcome,
-                            f"Paired differences ESKD - KD: {ms(d)} points.")]
+    return out
+
+
+def cifar_eskd(r: dict, tag: str) -> list[str]:
+    acc = lambda k: vals(r, f"{k} | test acc")
+    eskd, full = acc("student takd2 ESKD (early teacher)"), acc("student takd2 BLKD")
+    if not (eskd and full):
+        return []
+    c = r["config"]
+    out = ["", "| KD source | teacher test accuracy % | student takd2 test accuracy % |", "|---|---|---|",
+           f"| fully trained teacher (epoch {c['teacher_epochs']}) | {ms(acc('teacher takd10'))} | {ms(full)} |",
+           f"| early-stopped teacher (epoch {c['early_teacher_epoch']}, a third of the schedule, fixed in advance) | "
+           f"{ms(acc('teacher takd10 early'))} | {ms(eskd)} |"]
+    d = paired(r, "student takd2 ESKD (early teacher) | test acc", "student takd2 BLKD | test acc")
+    outcome = "reproduced" if all_positive(d) else "partly" if d and mean(d) > 0 else "not reproduced"
+    return out + ["", verdict(f"ESKD{tag}", "the student of the early-stopped teacher beats the student of the fully "
+                              "trained teacher in every seed = reproduced; on average = partly (seed 002, after Cho "
+                              "& Hariharan 2019: early stopping the teacher helps)", outcome,
+                              f"Paired differences ESKD - KD: {ms(d)} points.")]
+
+
+def cifar_row_table(r: dict, tag: str) -> list[str]:
+    acc = lambda k: vals(r, f"{k} | test acc")
     rows = [(k, acc(f"row {k}")) for k in CIFAR_ROW if acc(f"row {k}")]
-    if rows:
-        out += ["", "| method (student takd2, teacher takd10) | ours: test accuracy % | per seed | "
-                "minus NOKD (paired) | seed 002: ResNet8 student, CIFAR-10 |", "|---|---|---|---|---|"]
-        for k, v in rows:
-            d = paired(r, f"row {k} | test acc", "row NOKD | test acc")
-            out.append(f"| {k} | {ms(v)} | {per_seed(r, f'row {k} | test acc', 2)} | "
-                       f"{ms(d) if k != 'NOKD' else '—'} | {SEED_ROW_RESNET8.get(k, '—')} |")
-        # paired with NOKD over the seeds each method has (the row may have fewer seeds than NOKD)
-        better = [k for k, _ in rows
-                  if k != "NOKD" and mean(paired(r, f"row {k} | test acc", "row NOKD | test acc")) > 0]
-        every = [k for k, _ in rows if k != "NOKD" and all_positive(paired(r, f"row {k} | test acc",
-                                                                            "row NOKD | test acc"))]
-        n = len(rows) - 1
-        outcome = "reproduced" if len(every) == n else ("partly" if better else "not reproduced")
-        out += ["", verdict("comparison row", "every method above NOKD in every seed (as in seed 002's ResNet8 "
-                            "row) = reproduced; some above NOKD on average (paired, over the seeds the method has) = "
-                            "partly", outcome,
-                            f"{len(better)} of {n} methods above NOKD on average ({', '.join(better) or 'none'}); "
-                            f"in every seed: {', '.join(every) or 'none'}.")]
-    return "\n".join(out)
+    if not rows:
+        return []
+    out = ["", "| method (student takd2, teacher takd10) | ours: test accuracy % | per seed | minus NOKD (paired) | "
+           "seed 002: ResNet8 student, CIFAR-10 |", "|---|---|---|---|---|"]
+    for k, v in rows:
+        d = paired(r, f"row {k} | test acc", "row NOKD | test acc")
+        out.append(f"| {k} | {ms(v)} | {per_seed(r, f'row {k} | test acc', 2)} | "
+                   f"{ms(d) if k != 'NOKD' else '—'} | {SEED_ROW_RESNET8.get(k, '—')} |")
+    # paired with NOKD over the seeds each method has (the row may have fewer seeds than NOKD)
+    better = [k for k, _ in rows if k != "NOKD" and mean(paired(r, f"row {k} | test acc", "row NOKD | test acc")) > 0]
+    every = [k for k, _ in rows if k != "NOKD" and all_positive(paired(r, f"row {k} | test acc",
+                                                                        "row NOKD | test acc"))]
+    n = len(rows) - 1
+    outcome = "reproduced" if len(every) == n else ("partly" if better else "not reproduced")
+    return out + ["", verdict(f"comparison row{tag}", "every method above NOKD in every seed (as in seed 002's "
+                              "ResNet8 row) = reproduced; some above NOKD on average (paired, over the seeds the "
+                              "method has) = partly", outcome,
+                              f"{len(better)} of {n} methods above NOKD on average ({', '.join(better) or 'none'}); "
+                              f"in every seed: {', '.join(every) or 'none'}.")]
+
+
+def gpu(r: dict) -> str:
+    """The GPU run: TAKD, ESKD, the comparison row and Noisy Student at full scale, one block."""
+    out = [header(r)]
+    parts = r.get("part_seconds", {})
+    if parts:
+        out += [f"Wall seconds per part: {', '.join(f'{k} {v:.0f}' for k, v in parts.items())}.", ""]
+    out += ["**TAKD and ESKD**", "", *cifar_takd(r, " (GPU)"), *cifar_eskd(r, " (GPU)")]
+    out += ["", "**Comparison row**", *cifar_row_table(r, " (GPU)")]
+    ns = noisy_student_table(r, " (GPU)")
+    return "\n".join(out + (["", "**Noisy Student**", "", *ns] if ns else []))
 
 
 # ------------------------------------------------------------------------------------------------ noisy student
 
 def noisy_student(r: dict) -> str:
-    keys = [k[: -len(" | test acc")] for k in r["values"] if k.endswith(" | test acc")]
-    out = [header(r), "| model | ours: CIFAR-10 test accuracy % | per seed |", "|---|---|---|"]
+    return "\n".join([header(r), *noisy_student_table(r, "")])
+
+
+def noisy_student_table(r: dict, tag: str) -> list[str]:
+    keys = [k[: -len(" | test acc")] for k in ("teacher | test acc", "noisy student iteration 1 | test acc",
+                                                "noisy student iteration 2 | test acc",
+                                                "student without noise, iteration 1 (ablation) | test acc")
+            if k in r["values"]]
+    if not keys:
+        return []
+    out = ["| model | ours: CIFAR-10 test accuracy % | per seed |", "|---|---|---|"]
     out += [f"| {k} | {ms(vals(r, f'{k} | test acc'))} | {per_seed(r, f'{k} | test acc', 2)} |" for k in keys]
     t, s1, s2 = (vals(r, f"{k} | test acc") for k in ("teacher", "noisy student iteration 1",
                                                         "noisy student iteration 2"))
@@ -215,11 +179,11 @@ def noisy_student(r: dict) -> str:
         ok1, ok2 = mean(d1) > 0, mean(d2) > 0
         outcome = ("reproduced" if all_positive(d1) and all_positive(d2) else
                    "partly" if ok1 or ok2 else "not reproduced")
-        out += ["", verdict("Noisy Student", "each noised student beats its teacher in every seed (iteration 1 > "
-                            "teacher, iteration 2 > iteration 1; seeds 000/001) = reproduced; either on average = "
+        out += ["", verdict(f"Noisy Student{tag}", "each noised student beats its teacher in every seed (iteration 1 "
+                            "> teacher, iteration 2 > iteration 1; seeds 000/001) = reproduced; either on average = "
                             "partly", outcome, f"Paired differences: iteration 1 - teacher {ms(d1)}, iteration 2 - "
                             f"iteration 1 {ms(d2)} points.")]
-    return "\n".join(out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ disjoint
@@ -260,21 +224,28 @@ def disjoint(r: dict) -> str:
     return "\n".join(out)
 
 
-RENDER = {"hinton": hinton, "cifar": cifar, "noisy_student": noisy_student, "disjoint": disjoint}
-VERDICT = re.compile(r"\*\*Verdict \((.+?)\): (reproduced|partly|not reproduced)\.\*\*")
+RENDER = {"hinton": hinton, "cifar": cifar, "cifar_row": cifar_row, "noisy_student": noisy_student,
+          "disjoint": disjoint, "gpu": gpu, "epoch_times": epoch_times}
+
+
+def render(name: str, r: dict) -> str:
+    """The block of one result file; a partial run's block draws no verdict."""
+    text = RENDER[name](r)
+    return without_verdicts(text) if is_partial(r) else text
 
 
 def summary() -> str:
     """One row per verdict of every rendered block, with the seeds behind it."""
     out = ["| claim | verdict | seeds completed | section |", "|---|---|---|---|"]
-    for name in NAMES:
+    for name in CLAIMS:
         r = load(name)
-        if not r:
-            out.append(f"| {name} | not run | — | — |")
+        if not r or is_partial(r):
+            state = "partial run, no verdict" if r else "not run yet"
+            out.append(f"| distill_{name} | {state} | — | distill_{name} |")
             continue
-        for label, outcome in VERDICT.findall(RENDER[name](r)):
+        for label, outcome in VERDICT.findall(render(name, r)):
             n = len(seeds_of(r))
-            if label == "comparison row":  # its methods may have fewer seeds than the TAKD runs
+            if label.startswith("comparison row"):  # its methods may have fewer seeds than the TAKD runs
                 n = min(len(v) for v in (vals(r, f"row {k} | test acc") for k in CIFAR_ROW) if v)
             out.append(f"| {label} | **{outcome}** | {n} | distill_{name} |")
     return "\n".join(out)
@@ -291,8 +262,8 @@ def write_sections(names: list[str] | tuple[str, ...] = NAMES, doc: Path = DOC) 
         if begin not in text or end not in text:
             print(f"{doc}: no block for {name}; add the lines\n{begin}\n{end}")
             continue
-        body = (summary() if name == "summary" else RENDER[name](r) if r else
-                f"(no results/distill_{name}.json yet)")
+        body = (summary() if name == "summary" else render(name, r) if r else
+                NOT_RUN.get(name, f"(no results/distill_{name}.json yet)"))
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{begin}\n{body}\n{end}{tail}"

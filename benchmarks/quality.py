@@ -52,6 +52,23 @@ DATASETS = {
     "kolektorsdd": DATA / "kolektorsdd_half" / "kolektorsdd",
 }
 STUDENTS = {"same (efficientnet_lite0)": None, "resnet18 + 1x1 proj": "resnet18"}
+# Mixed-size sets: every image of a shared set replaced by a random crop of 0.2-1x its height and width
+# (stpm.training.mixed, seed 0; defective crops keep part of the defect and their masks), built at run time
+# into a temporary folder, never committed. Small crops are padded (bundle format 3).
+MIXED_ROOT = Path(tempfile.gettempdir()) / "stpm-quality-mixed"
+MIXED = {f"mixed_{name}": name for name in ("bottle", "metal_plate", "kolektorsdd")}
+DATASETS.update({mixed: MIXED_ROOT / name for mixed, name in MIXED.items()})
+
+
+def build_mixed_sets(names: list[str], seed: int = 0) -> None:
+    """The requested mixed-size sets, (re)built from their shared sets into MIXED_ROOT."""
+    import shutil
+
+    from stpm.training.mixed import build_mixed_set
+
+    for mixed in (n for n in names if n in MIXED):
+        shutil.rmtree(DATASETS[mixed], ignore_errors=True)
+        build_mixed_set(DATASETS[MIXED[mixed]], DATASETS[mixed], seed=seed)
 
 
 def main() -> int:
@@ -78,6 +95,7 @@ def main() -> int:
         print(decisions_markdown(res))
         write_block(DOC, "quality_decisions", decisions_markdown(res))
         return 0
+    build_mixed_sets(a.datasets.split(","))
     if a.students is None:
         return run_configs(a)
     if a.students == "all":

@@ -80,6 +80,44 @@ def methods_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def mixed_scale_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/mixed_scale.py: one row per mixed-size set and short-side quantile of the scale rule."""
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+             "| dataset | scale = 256 / short side at quantile | scale | image AUROC | pixel AUROC | AUPRO@0.3 "
+             "| F1-max | P/R @ calibrated thr | train tiles | test tiles (padded images / all) "
+             "| train s (load average at the run's start or end) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: (r["dataset"], r["quantile"])):
+        c = r["calibrated"] or {}
+        lines.append(
+            f"| {r['dataset']} | {r['quantile']:g} | {r['scale']:.3f} | {r['image_auroc']:.3f} "
+            f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
+            f"| {c.get('precision', 0):.2f} / {c.get('recall', 0):.2f} | {r['n_train_tiles']} "
+            f"| {r['test_tiles']} ({r['n_test_padded']} / {r['n_test']}) | {r['train_s']:.0f} "
+            f"({_load_of(r)}) |")
+    return "\n".join(lines)
+
+
+def _load_of(row: dict[str, Any]) -> str:
+    """The load average a row recorded: at its start, or (rows before that fix) at its end."""
+    return f"start {row['load_at_start']:.1f}" if "load_at_start" in row else f"end {row['load_at_end']:.1f}"
+
+
+def padding_content_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/padding_content.py: one row per shared set and padding mode."""
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+             "| dataset | padding | good crops: median score (in context) | median change vs in context "
+             "| good crops over the threshold (in context) | crop image AUROC (in context) | crops good / defective |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['dataset']} | {r['mode']} | {r['good_median_score']:.3f} ({r['good_median_in_context']:.3f}) "
+            f"| {r['good_median_abs_change']:.3f} | {r['good_over_threshold']:.2f} "
+            f"({r['good_over_threshold_in_context']:.2f}) | {r['crop_auroc']:.3f} ({r['crop_auroc_in_context']:.3f}) "
+            f"| {r['n_good']} / {r['n_defective']} |")
+    return "\n".join(lines)
+
+
 def _pct(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{100 * v:.{digits}f} %"
 
@@ -542,6 +580,7 @@ BLOCKS: dict[str, Block] = {
                            doc=DOCKER_DOC),
     "docker_smoke": Block("scripts/docker-smoke.sh", "docker_smoke_*.json", docker_smoke_markdown, doc=DOCKER_DOC,
                           load=load_docker_smoke),
+    "mixed_scale": Block("benchmarks/mixed_scale.py", "mixed_scale.json", mixed_scale_markdown),
     "scale_faults": Block("benchmarks/scale_faults.py", "scale_faults.json", scale_faults_markdown, doc=SCALING_DOC),
 }
 

@@ -11,7 +11,7 @@ from stpm.imaging.scores import image_score, image_scores
 from stpm.imaging.geometry import axis_origins, plan, predict_maps, stitch, tile_images, tiles
 from stpm.options import TilingOptions
 from stpm.imaging.decode import resize_rgb
-from stpm.imaging.geometry import Geometry, TilingError
+from stpm.imaging.geometry import DEFAULT_SCALE_QUANTILE, Geometry, TilingError
 from stpm.imaging.scores import ImageScore
 from stpm.training.data import choose_geometry, choose_scale
 
@@ -75,6 +75,20 @@ def test_default_scale_makes_a_median_image_one_tile_wide():
     assert choose_geometry(TilingOptions(resolution=128), 256, [(512, 512)]).scale == 0.25
     assert choose_geometry(TilingOptions(scale=0.8, resolution=128), 256, [(512, 512)]).scale == 0.8
     assert choose_geometry(TilingOptions(mode="squash"), 256, [(620, 250)]) == Geometry.squash(256)
+
+
+def test_scale_quantile_picks_which_short_side_fills_one_tile():
+    sizes = [(100, 300), (200, 200), (400, 500), (512, 512), (60, 90)]  # short sides 60, 100, 200, 400, 512
+    assert choose_scale(256, sizes, quantile=0.5) == 256 / 200  # the median
+    assert choose_scale(256, sizes, quantile=1.0) == 0.5 and choose_scale(256, sizes, quantile=0.75) == 0.64
+    assert choose_scale(256, sizes, quantile=0.0) == 256 / 60
+    default = choose_scale(256, sizes, quantile=DEFAULT_SCALE_QUANTILE)
+    assert choose_geometry(TilingOptions(), 256, sizes).scale == default
+    assert choose_geometry(TilingOptions(scale_quantile=1.0, resolution=128), 256, sizes).scale == 0.25
+    with pytest.raises(ValueError, match="quantile"):
+        choose_scale(256, sizes, quantile=1.5)
+    with pytest.raises(ValueError):
+        TilingOptions(scale_quantile=-0.1)
 
 
 def test_tiles_are_crops_of_the_pillow_resize():

@@ -111,9 +111,10 @@ def torch_image_path(bundle_dir: Path, images: list[np.ndarray]) -> tuple[list[n
 @pytest.mark.slow
 def test_manifest_records_the_chosen_geometry(syn):
     m = bundle.read_manifest(syn)
-    assert m["format_version"] == 2
+    assert m["format_version"] == 3
     g = Manifest.parse(m).geometry
     assert g.mode == "tile" and g.tile == SIZE and g.scale == pytest.approx(SIZE / H)  # median short side -> S
+    assert g.small_images == "pad"
     assert m["data"]["n_train_tiles"] == 3 * m["data"]["n_train"]  # 64 x 160 at this scale: 3 tiles each
     assert m["data"]["short_side_px"]["median"] == H
     assert m["training"]["tiling_config"]["mode"] == "tile"
@@ -167,14 +168,15 @@ def test_torch_and_onnx_agree_on_tiles_and_on_stitched_maps_and_scores(syn, syn_
 
 
 @pytest.mark.slow
-def test_images_the_geometry_cannot_cover_are_refused_by_name(syn_scorer):
-    for arr, needle in ((np.zeros((10000, 1, 3), np.uint8), "smaller than one tile"),
-                        (np.zeros((20, 20, 3), np.uint8), "smaller than one tile"),
+def test_images_beyond_the_tile_budget_are_refused_by_name_small_ones_score(syn_scorer):
+    for arr, needle in ((np.zeros((10000, 1, 3), np.uint8), "needs 111 tiles"),
                         (np.zeros((64, 8000, 3), np.uint8), "at most 64 are allowed")):
         with pytest.raises(ImageDecodeError) as e:
             syn_scorer.score([texture(1), arr], names=["fine.png", "odd.png"])
-        assert e.value.name == "odd.png" and needle in e.value.reason
+        assert e.value.name == "odd.png" and needle in e.value.reason and "max_tiles" in e.value.reason
         assert f"{arr.shape[1]} x {arr.shape[0]}" in e.value.reason
+    small = syn_scorer.score([texture(1, 20, 20)], map_size="input")[0]  # format 2 refused it: 5.6x too small
+    assert small.anomaly_map.shape == (20, 20) and small.scaled_size == (11, 11) and small.tiles == 1
 
 
 @pytest.mark.slow
@@ -187,21 +189,27 @@ def test_cli_names_the_image_and_the_limit(syn, tmp_path, capsys):
     rc = main(["predict", "syn", str(tmp_path / "needle.png"), str(tmp_path / "fine.png"), "--models-dir", models,
                "--out", str(tmp_path / "pred")])
     err = capsys.readouterr().err
-    assert rc == 1 and "needle.png" in err and "1 x 10000" in err and "smaller than one tile" in err
+    assert rc == 1 and "needle.png" in err and "1 x 10000" in err and "max_tiles" in err
     report = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert [Path(r["file"]).name for r in report["results"]] == ["fine.png"]
     with Image.open(report["results"][0]["overlay"]) as ov:
         assert ov.size == (W, H)
-    # a training image that does not fit the geometry chosen from the others is named too
+    # a training image beyond the tile budget at the scale chosen from the others is named too; a sliver
+    # smaller than a tile is padded and trains
     data = tmp_path / "train"
     data.mkdir()
     for i in range(4):
         Image.fromarray(texture(i)).save(data / f"g{i}.png")
     Image.fromarray(texture(9, 20, 300)).save(data / "sliver.png")
-    rc = main(["train", str(data), "--name", "t", "--models-dir", str(tmp_path / "m"), "--no-pretrained",
-               "--image-size", "32", "--epochs", "1", "--no-export"])
+    Image.fromarray(texture(8, 120, 20000)).save(data / "banner.png")
+    args = ["train", str(data), "--name", "t", "--models-dir", str(tmp_path / "m"), "--no-pretrained",
+            "--image-size", "32", "--epochs", "1", "--no-export"]
+    rc = main(args)
     err = capsys.readouterr().err
-    assert rc == 2 and "sliver.png" in err and "smaller than one tile" in err and "--skip-bad" in err
+    assert rc == 2 and "banner.png" in err and "max_tiles" in err and "--skip-bad" in err and "sliver" not in err
+    assert main(args + ["--skip-bad"]) == 0
+    m = bundle.read_manifest(tmp_path / "m" / "t" / "v1")
+    assert m["data"]["n_images"] == 5 and [Path(p).name for p in m["data"]["skipped"]] == ["banner.png"]
 
 
 @pytest.mark.slow
@@ -221,7 +229,7 @@ def test_score_endpoint_422_for_unsupported_sizes_and_whole_input_heatmaps(syn):
         body = r.json()
         assert body["error"] == "unsupported_image_size"
         assert [f["file"] for f in body["files"]] == ["needle.png", "strip.png"]
-        assert "smaller than one tile" in body["files"][0]["reason"] and "max_tiles" in body["files"][1]["reason"]
+        assert all("max_tiles" in f["reason"] for f in body["files"])  # small images score (test_padding_model)
         r = c.post("/score/overlay", files=files[:1])
         assert r.status_code == 422 and r.json()["error"] == "unsupported_image_size"
 
@@ -286,20 +294,29 @@ def test_format_1_bundles_score_exactly_as_before(legacy):
     assert bundle.read_manifest(path)["exports"]["manifest_digest"] == bundle.manifest_digest(bundle.read_manifest(path))
 
 
-@pytest.mark.slow
-def test_single_tile_geometry_equals_the_squash_path(legacy, tmp_path):
-    """The same weights as a tiled bundle whose scale makes a 512 px image one tile: identical scores."""
+@pytest.fixture(scope="module")
+def format2(legacy, tmp_path_factory):
+    """The same weights as a format-2 bundle (tiling without small_images) whose scale makes a 512 px image
+    one tile."""
     from test_export import SIZE as S
 
     legacy, real = legacy
-    tiled = tmp_path / "tiny" / "v1"
+    tiled = tmp_path_factory.mktemp("format2") / "tiny" / "v1"
     shutil.copytree(legacy, tiled)
     m = bundle.read_manifest(tiled)
     m["format_version"] = 2
-    m["tiling"] = Geometry(S, S / 512).to_dict()
+    m["tiling"] = {k: v for k, v in Geometry(S, S / 512).to_dict().items() if k != "small_images"}
     m["model"].update(image_score="max", topk=0.01)
     bundle.write_manifest(tiled, m)
     ex.export_bundle(tiled, check_images=real)
+    return tiled
+
+
+@pytest.mark.slow
+def test_single_tile_geometry_equals_the_squash_path(legacy, format2):
+    """The same weights as a tiled bundle whose scale makes a 512 px image one tile: identical scores."""
+    legacy, real = legacy
+    tiled = format2
     # the same backend for both: auto may time OpenVINO and ONNX Runtime differently for two scorers
     a = Scorer(legacy, intra_op_threads=1, backend="onnxruntime").score(real, map_size="input")
     b = Scorer(tiled, intra_op_threads=1, backend="onnxruntime").score(real, map_size="input")
@@ -307,6 +324,21 @@ def test_single_tile_geometry_equals_the_squash_path(legacy, tmp_path):
         assert rb.tiles == 1 and ra.raw_score == pytest.approx(rb.raw_score, rel=1e-6)
         assert ra.is_anomaly == rb.is_anomaly
         np.testing.assert_allclose(ra.anomaly_map, rb.anomaly_map, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_format_2_bundles_still_upscale_or_refuse_small_images(format2):
+    """Format 2 as it always was: a short side needing at most 2x is upscaled to one tile, smaller images are
+    refused naming their size (format 3 pads them: tests/test_padding_model.py)."""
+    from test_export import SIZE as S
+
+    sc = Scorer(format2, intra_op_threads=1, backend="onnxruntime")
+    assert sc.geometry.small_images == "upscale" and sc.manifest.format_version == 2
+    r = sc.score([texture(1, 300, 400)], map_size="model")[0]  # 75 x 100 at the scale: upscaled 1.7x
+    assert r.scaled_size == (S, round(400 * S / 300)) and r.anomaly_map.shape == r.scaled_size
+    with pytest.raises(ImageDecodeError) as e:
+        sc.score([texture(1, 200, 400)], names=["small.png"])
+    assert e.value.name == "small.png" and "smaller than one tile" in e.value.reason and "400 x 200" in e.value.reason
 
 
 # ------------------------------------------------------------------------------------ real data

@@ -49,8 +49,8 @@ ERRORS = {
           "images and heatmaps over the pixel budget (max_request_pixels), or its tiles at the model's scale over "
           "the work budget (max_request_tile_pixels)"},
     422: {"model": ErrorResponse, "description": "A file is not a decodable image within the limits (`invalid_image`), "
-          "its size does not fit the model's geometry (`unsupported_image_size`: smaller than one tile at the "
-          "model's scale, or more tiles than allowed), or a field is missing"},
+          "its size does not fit the model's geometry (`unsupported_image_size`: more tiles than allowed, or for "
+          "bundles before format 3 smaller than one tile at the model's scale), or a field is missing"},
     503: {"model": ErrorResponse, "description": "The model could not be loaded"},
 }
 

@@ -1,10 +1,12 @@
 """The typed manifest of a bundle (manifest.json): parsed and validated once, read through one object.
 
 Every reader (the scorer, backend choice, export, evaluation, loading a model, the service's listing)
-takes a `Manifest`; a malformed manifest is one `MalformedBundleError` (a BundleError) naming the bundle and the field, never a
-KeyError deep inside a reader. Manifests of every earlier format load: format 1 (no `tiling`, no
-`image_score`: squash to S x S, score = map maximum), format 2 (tiling), and bundles from before PatchCore
-(no `model.method`: STPM). Fields a reader does not know are kept (`extra="allow"`).
+takes a `Manifest`; a malformed manifest is one `MalformedBundleError` (a BundleError) naming the bundle and
+the field, never a KeyError deep inside a reader. Manifests of every format load: format 1 (no `tiling`, no
+`image_score`: squash to S x S, score = map maximum), format 2 (tiling; an image smaller than a tile is
+upscaled by at most `max_upscale`, else refused), format 3 (`tiling.small_images` = "pad": such an image is
+padded and its padding masked), and bundles from before PatchCore (no `model.method`: STPM). Fields a
+reader does not know are kept (`extra="allow"`).
 
 The JSON as read is kept beside the typed view: the digest that identifies what a model computes is taken
 over it (stpm.bundle.store.manifest_digest), so a parse never changes a bundle's identity. Torch-free.

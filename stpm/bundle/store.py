@@ -55,7 +55,7 @@ LAST_VERSION = ".last-version"  # the highest version number ever given under a 
 STAGING = ".staging-"
 DELETED = ".deleted-"
 STALE_STAGING_S = 6 * 3600.0  # a staging folder whose owner cannot be checked is stale after this long
-FORMAT_VERSION = 2  # 2: manifest["tiling"] (stpm.tiling); format 1 bundles squash to image_size
+FORMAT_VERSION = 3  # 3: tiling.small_images ("pad"); 2: manifest["tiling"]; format 1 bundles squash to image_size
 
 
 def check_name(name: str) -> str:

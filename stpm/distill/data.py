@@ -115,8 +115,9 @@ def load_mnist(raw_dir: Path | None = None, check_md5: bool = True) -> tuple[np.
     return tuple(arrays)
 
 
-def read_cifar10_tar(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """All `<split>/<class>/<n>.jpg` members of a CIFAR-10 JPEG tarball, decoded with Pillow, in name order.
+def read_cifar10_tar(path: Path, per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All `<split>/<class>/<n>.jpg` members of a CIFAR-10 JPEG tarball (or the first `per_class` of each class,
+    for quick runs), decoded with Pillow, in name order.
 
     -> uint8 images [N, 32, 32, 3], int64 labels [N] (index into CIFAR10_CLASSES).
     """
@@ -126,6 +127,8 @@ def read_cifar10_tar(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with tarfile.open(path, "r:gz") as tar:
         members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")),
                          key=lambda m: m.name)
+        if per_class is not None:
+            members = [m for m in members if int(Path(m.name).stem) < per_class]
         for m in members:
             cls = Path(m.name).parent.name
             if cls not in CIFAR10_CLASSES:
@@ -138,11 +141,16 @@ def read_cifar10_tar(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
-def load_cifar10(root: Path | None = None, cache: Path | None = None) -> tuple[np.ndarray, ...]:
+def load_cifar10(root: Path | None = None, cache: Path | None = None,
+                 per_class: int | None = None) -> tuple[np.ndarray, ...]:
     """CIFAR-10 from shared/data/cifar10_jpeg: train [50000, 32, 32, 3] uint8, labels, test [10000, ...], labels.
 
     Decoding the 60,000 JPEGs takes ~30 s of CPU; `cache` (an .npz path) keeps the decoded arrays for reuse.
+    per_class: only the first images of each class in each split (quick runs; never cached).
     """
+    if per_class is not None:
+        root = root or shared_data_dir() / "cifar10_jpeg"
+        return tuple(a for split in ("train", "test") for a in read_cifar10_tar(root / f"{split}.tar.gz", per_class))
     if cache is not None and Path(cache).is_file():
         with np.load(cache) as z:
             return z["x_train"], z["y_train"], z["x_test"], z["y_test"]
@@ -208,9 +216,10 @@ def mnist_split(n_train: int | None = None, n_val: int = 0, split_seed: int = 0,
 
 
 def cifar10_split(n_train: int | None = None, n_val: int = 0, split_seed: int = 0, root: Path | None = None,
-                  cache: Path | None = None) -> Split:
-    """CIFAR-10 (JPEG q75 copy): train/validation drawn from the 50,000 training images; the official 10,000 test."""
-    xtr, ytr, xte, yte = load_cifar10(root, cache)
+                  cache: Path | None = None, per_class: int | None = None) -> Split:
+    """CIFAR-10 (JPEG q75 copy): train/validation drawn from the 50,000 training images; the official 10,000 test
+    (per_class: the first images of each class of both splits only, for quick runs)."""
+    xtr, ytr, xte, yte = load_cifar10(root, cache, per_class)
     norm = lambda a: _normalise(a, CIFAR10_MEAN, CIFAR10_STD)  # noqa: E731
     return _from_pool("cifar10", norm(xtr), torch.from_numpy(ytr), norm(xte), torch.from_numpy(yte), 10,
                       n_train, n_val, split_seed, "CIFAR-10 (JPEG q75)")
@@ -342,3 +351,25 @@ def loader(x: Tensor, y: Tensor, batch_size: int, shuffle: bool, seed: int = 0) 
     """In-memory loader; shuffling is seeded."""
     g = torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None)
+
+
+class TensorBatches:
+    """Mini-batches cut from in-memory tensors by index: no per-sample collate, and the tensors stay on their
+    device (load the data to the GPU once). Seeded: the shuffle order depends only on `seed` and the epoch."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, shuffle: bool = True, seed: int = 0) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        n = len(self.y)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.x.device)
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield self.x[idx], self.y[idx]

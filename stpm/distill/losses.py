@@ -12,6 +12,11 @@ from torch import Tensor
 IGNORE_INDEX = -1
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """float16/bfloat16 (an autocast forward's logits) -> float32; other dtypes unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def softmax_t(logits: Tensor, temperature: float) -> Tensor:
     """Softened softmax q_i = exp(z_i/T) / sum_j exp(z_j/T). [B, N] -> [B, N]."""
     return F.softmax(logits / temperature, dim=-1)
@@ -47,7 +52,7 @@ def hard_cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
     """CE(softmax(z^s), y) over labelled rows; rows with y == -1 are ignored; 0 if none. [B, N], [B] -> []."""
     if not bool((labels != IGNORE_INDEX).any()):
         return student_logits.sum() * 0.0
-    return F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(at_least_float32(student_logits), labels, ignore_index=IGNORE_INDEX)
 
 
 def hinton_loss(
@@ -55,8 +60,10 @@ def hinton_loss(
 ) -> Tensor:
     """L = lambda * CE(q^{s,1}, y) + (1 - lambda) * T^2 * KL(q^{t,T} || q^{s,T}). [B, N], [B, N], [B] -> [].
 
-    lambda = hard_weight; unlabelled rows (y == -1) contribute only the soft term.
+    lambda = hard_weight; unlabelled rows (y == -1) contribute only the soft term. Computed in at least float32
+    (the logits of an autocast forward may be float16/bfloat16).
     """
+    student_logits, teacher_logits = at_least_float32(student_logits), at_least_float32(teacher_logits)
     hard = hard_cross_entropy(student_logits, labels)
     soft = soft_target_kl(student_logits, teacher_logits, temperature)
     return hard_weight * hard + (1.0 - hard_weight) * soft

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,10 +25,15 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     amp: bool = True  # used only on CUDA
+    amp_dtype: str = "float16"  # float16 (with a gradient scaler) | bfloat16 (no scaler needed), CUDA autocast
     progress: bool = False
     grad_clip: float = 0.0  # 0 disables clipping
     augment: str = "none"  # training-batch augmentation: none | shift<N> | crop-flip (see data.augmentation)
     lr_schedule: str = "constant"  # constant | cosine (per step, from lr down to 0 at the last step)
+    nesterov: bool = False  # SGD only
+    max_norm: float = 0.0  # > 0: after each step, every unit's incoming weight vector has L2 norm <= max_norm
+    cpu_bf16: bool = False  # bfloat16 autocast on CPU (fast with AMX / AVX-512 bf16); weights stay float32
+    channels_last: bool = False  # model and 4-D batches in channels-last order (faster convs on CPU and GPU)
 
 
 class FrozenTeacher(nn.Module):
@@ -70,7 +75,8 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
@@ -85,10 +91,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: constant | cosine")
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+def _autocast(device: torch.device, cfg: TrainConfig):
+    if cfg.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=getattr(torch, cfg.amp_dtype))
+    if cfg.cpu_bf16 and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Max-norm constraint (Srivastava et al. 2014): rescale every unit's incoming weight vector (a row of a
+    Linear weight, one filter of a Conv weight) whose L2 norm exceeds max_norm down to max_norm."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            w = m.weight
+            w.copy_(torch.renorm(w.reshape(w.shape[0], -1), 2, 0, max_norm).reshape(w.shape))
 
 
 def train_one_epoch(objective: Objective, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -103,8 +121,10 @@ def train_one_epoch(objective: Objective, loader: DataLoader, optimizer: torch.o
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if augment is not None:
             x = augment(x)
+        if cfg.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, cfg.amp):
+        with _autocast(device, cfg):
             loss = objective(x, y)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -118,6 +138,8 @@ def train_one_epoch(objective: Objective, loader: DataLoader, optimizer: torch.o
             scaler.update()
         else:
             optimizer.step()
+        if cfg.max_norm > 0:
+            apply_max_norm(objective.student, cfg.max_norm)
         if scheduler is not None:
             scheduler.step()
         total += float(loss.detach()) * len(x)
@@ -151,18 +173,27 @@ class History:
 
 def fit(objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device: torch.device,
         eval_data: tuple[Tensor, Tensor] | None = None, snapshot_epochs: tuple[int, ...] = (),
-        checkpoint_path: Path | None = None, desc: str = "fit") -> History:
+        checkpoint_path: Path | None = None, desc: str = "fit", resume_path: Path | None = None) -> History:
     """Train `objective` for cfg.epochs; evaluate objective.student on eval_data after each epoch.
 
     snapshot_epochs: 1-based epochs after which a copy of the student's state_dict is kept (ESKD).
     checkpoint_path: the student's final state_dict is saved there (weights only).
+    resume_path: the training state is saved there after every epoch (weights, optimizer, scheduler, random
+    generators, history); a fit given the same file and settings continues after its last epoch, so a killed
+    run loses at most one epoch, and ends as the uninterrupted run would. The file is deleted at the end.
     """
     objective.to(device)
+    if cfg.channels_last:
+        objective.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(trainable_parameters(objective), cfg)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
-    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
+    if cfg.amp_dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"amp_dtype must be float16 or bfloat16, not {cfg.amp_dtype!r}")
+    fp16 = cfg.amp and device.type == "cuda" and cfg.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
     hist = History()
-    for epoch in range(1, cfg.epochs + 1):
+    progress = TrainingState(resume_path, cfg, objective, optimizer, scheduler, scaler, train_loader, hist)
+    for epoch in range(progress.load() + 1, cfg.epochs + 1):
         hist.losses.append(train_one_epoch(objective, train_loader, optimizer, device, cfg, scaler,
                                            desc=f"{desc} {epoch}/{cfg.epochs}", scheduler=scheduler))
         if eval_data is not None:
@@ -170,9 +201,69 @@ def fit(objective: Objective, train_loader: DataLoader, cfg: TrainConfig, device
         if epoch in snapshot_epochs:
             hist.snapshots[epoch] = copy.deepcopy({k: v.detach().cpu() for k, v in
                                                    objective.student.state_dict().items()})
+        progress.save(epoch)
+    progress.done()
     if checkpoint_path is not None:
         save_checkpoint(objective.student, checkpoint_path)
     return hist
+
+
+@dataclass
+class TrainingState:
+    """fit()'s state after an epoch, saved to and restored from `path` (nothing happens when path is None)."""
+
+    path: Path | None
+    cfg: TrainConfig
+    objective: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler | None
+    loader: object  # a DataLoader or TensorBatches: its shuffling generator is part of the state
+    hist: History
+
+    def _parts(self) -> dict:
+        return {"objective": self.objective, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "scaler": self.scaler}
+
+    def save(self, epoch: int) -> None:
+        if self.path is None:
+            return
+        generator = getattr(self.loader, "generator", None)
+        state = {"epoch": epoch, "config": asdict(self.cfg), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                 "loader_rng": generator.get_state() if generator is not None else None,
+                 "history": {"losses": self.hist.losses, "test_errors": self.hist.test_errors,
+                             "snapshots": self.hist.snapshots},
+                 **{k: v.state_dict() for k, v in self._parts().items() if v is not None}}
+        path = Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)  # a kill while saving leaves the previous epoch's state
+
+    def load(self) -> int:
+        """Restore the saved state; the number of epochs it had completed (0 without a file)."""
+        if self.path is None or not Path(self.path).is_file():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["config"] != asdict(self.cfg):
+            diff = {k: (v, asdict(self.cfg).get(k)) for k, v in state["config"].items() if asdict(self.cfg).get(k) != v}
+            raise ValueError(f"{self.path} was saved by a run with other settings (saved, now): {diff}; delete it "
+                             "to start afresh")
+        for key, part in self._parts().items():
+            if part is not None:
+                part.load_state_dict(state[key])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state["loader_rng"] is not None:
+            self.loader.generator.set_state(state["loader_rng"])
+        self.hist.losses[:], self.hist.test_errors[:] = state["history"]["losses"], state["history"]["test_errors"]
+        self.hist.snapshots.update(state["history"]["snapshots"])
+        return int(state["epoch"])
+
+    def done(self) -> None:
+        if self.path is not None:
+            Path(self.path).unlink(missing_ok=True)
 
 
 def save_checkpoint(model: nn.Module, path: Path, meta: dict | None = None) -> None:

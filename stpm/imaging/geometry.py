@@ -10,10 +10,21 @@ tile; `stitch` averages the overlaps back into one map at the scaled size h x w;
 to the input size for display. A `Geometry` in mode "squash" is the legacy path (every image resized
 to S x S, one tile): bundles without a `tiling` section in their manifest score exactly as before.
 
+An image whose scaled side is shorter than a tile (`small_images="pad"`, bundle format 3) is not
+enlarged: it is centred on a canvas of at least one tile per side, the rest filled by reflecting the
+image (np.pad "reflect": the texture continues across the border, no artificial edge, so the
+features of the image's own pixels near its border look like those of interior pixels). Every tile
+knows which of its pixels are the image's own (`tile_boxes`, `valid_grid`): training takes no feature
+position whose receptive centre lies in the padding, and `stitch` crops the map to the image's own
+h x w, so the padding never scores. Bundles of formats 1-2 (`small_images="upscale"`) upscale such an
+image by at most `max_upscale` and refuse smaller ones, exactly as before.
+
     g = Geometry(tile=256, scale=1.024)
     p = plan(630, 250, g)                    # 630 x 250 image -> 645 x 256, 4 tiles along the height
     maps = tile_fn(tiles(image, p).transpose(0, 3, 1, 2))   # [4, 256, 256]
     amap = stitch(maps, p)                   # [645, 256]
+    q = plan(120, 200, g)                    # 123 x 205: centred on one 256 x 256 tile, reflect-padded
+    stitch(tile_fn(...), q).shape            # (123, 205): the image's own pixels only
 """
 
 from __future__ import annotations
@@ -28,9 +39,14 @@ import numpy as np
 from stpm.imaging.decode import resize_rgb
 
 GeometryMode = Literal["tile", "squash"]
+SmallImages = Literal["upscale", "pad"]
+SMALL_IMAGES: tuple[str, ...] = ("pad", "upscale")
+PAD_MODE = "reflect"  # np.pad mode of the canvas around a small image (see the module docstring)
 DEFAULT_OVERLAP = 0.25  # minimum overlap of neighbouring tiles, fraction of a tile
 DEFAULT_MAX_UPSCALE = 2.0
 DEFAULT_MAX_TILES = 64
+# the default scale maps the training images' short side at this quantile to the resolution (benchmarks/mixed_scale.py)
+DEFAULT_SCALE_QUANTILE = 0.5
 
 # tile_fn: uint8 tiles [N, 3, S, S] (RGB, NCHW) -> float32 anomaly maps [N, S, S]
 TileFn = Callable[[np.ndarray], np.ndarray]
@@ -51,10 +67,15 @@ class Geometry:
     max_upscale: float = DEFAULT_MAX_UPSCALE  # extra uniform upscaling allowed for small inputs
     max_tiles: int = DEFAULT_MAX_TILES
     mode: GeometryMode = "tile"
+    # an image whose scaled side is shorter than a tile: "pad" (format 3) or "upscale" by at most
+    # max_upscale, else refused (formats 1-2, whose manifests do not have this field)
+    small_images: SmallImages = "upscale"
 
     def __post_init__(self):
         if self.mode not in ("tile", "squash"):
             raise ValueError(f"geometry mode must be 'tile' or 'squash', got {self.mode!r}")
+        if self.small_images not in SMALL_IMAGES:
+            raise ValueError(f"small_images must be 'pad' or 'upscale', got {self.small_images!r}")
         if int(self.tile) != self.tile or self.tile < 1:
             raise ValueError(f"tile size must be a positive integer, got {self.tile}")
         if not (math.isfinite(self.scale) and self.scale > 0):
@@ -83,7 +104,9 @@ class Geometry:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Where the tiles of one image lie. Input height x width -> scaled h x w; tile origins ys, xs."""
+    """Where the tiles of one image lie. Input height x width -> scaled h x w (the image's own pixels,
+    the size of its stitched map), placed at (top, left) on a canvas of canvas_h x canvas_w (larger
+    than h x w only where a side is shorter than a tile: padding); tile origins ys, xs on the canvas."""
 
     height: int
     width: int
@@ -92,6 +115,20 @@ class TilePlan:
     tile: int
     ys: tuple[int, ...]
     xs: tuple[int, ...]
+    top: int = 0
+    left: int = 0
+
+    @property
+    def canvas_h(self) -> int:
+        return max(self.h, self.tile)
+
+    @property
+    def canvas_w(self) -> int:
+        return max(self.w, self.tile)
+
+    @property
+    def padded(self) -> bool:
+        return (self.canvas_h, self.canvas_w) != (self.h, self.w)
 
     @property
     def n_tiles(self) -> int:
@@ -126,7 +163,24 @@ def plan(height: int, width: int, geometry: Geometry) -> TilePlan:
         raise TilingError(f"image {_size(width, height)} has no pixels")
     if geometry.mode == "squash":
         return TilePlan(height, width, s, s, s, (0,), (0,))
-    scale = geometry.scale
+    if geometry.small_images == "upscale":
+        h, w = _upscaled_size(height, width, geometry)
+    else:
+        h, w = max(1, int(round(height * geometry.scale))), max(1, int(round(width * geometry.scale)))
+    ch, cw = max(h, s), max(w, s)
+    ys, xs = axis_origins(ch, s, geometry.overlap), axis_origins(cw, s, geometry.overlap)
+    n = len(ys) * len(xs)
+    if n > geometry.max_tiles:
+        raise TilingError(
+            f"image {_size(width, height)} (width x height) needs {n} tiles ({len(ys)} x {len(xs)} tiles of {s} px "
+            f"at this model's scale, where it is {_size(w, h)}) but at most {geometry.max_tiles} are allowed "
+            f"(max_tiles)")
+    return TilePlan(height, width, h, w, s, ys, xs, (ch - h) // 2, (cw - w) // 2)
+
+
+def _upscaled_size(height: int, width: int, geometry: Geometry) -> tuple[int, int]:
+    """Formats 1-2: the scaled size, a short side below a tile upscaled to it by at most max_upscale."""
+    s, scale = int(geometry.tile), geometry.scale
     short = min(height, width) * scale
     if round(short) < s:
         up = s / short
@@ -138,39 +192,58 @@ def plan(height: int, width: int, geometry: Geometry) -> TilePlan:
                 f"the {s} px tile would need {up:.2f}x upscaling (at most {geometry.max_upscale:g}x, max_upscale); "
                 f"send images at least {need} px on the short side")
         scale *= up
-    h, w = max(s, int(round(height * scale))), max(s, int(round(width * scale)))
-    ys, xs = axis_origins(h, s, geometry.overlap), axis_origins(w, s, geometry.overlap)
-    n = len(ys) * len(xs)
-    if n > geometry.max_tiles:
-        raise TilingError(
-            f"image {_size(width, height)} (width x height) needs {n} tiles ({len(ys)} x {len(xs)} tiles of {s} px "
-            f"at this model's scale, where it is {_size(w, h)}) but at most {geometry.max_tiles} are allowed "
-            f"(max_tiles)")
-    return TilePlan(height, width, h, w, s, ys, xs)
+    return max(s, int(round(height * scale))), max(s, int(round(width * scale)))
 
 
 def tiles(image: np.ndarray, p: TilePlan) -> np.ndarray:
-    """uint8 RGB [H, W, 3] -> uint8 [T, S, S, 3], resized to p.h x p.w as stpm.imageio.resize_rgb does."""
+    """uint8 RGB [H, W, 3] -> uint8 [T, S, S, 3], resized to p.h x p.w as stpm.imageio.resize_rgb does
+    (then reflect-padded to the canvas where the plan pads)."""
     if image.shape[:2] != (p.height, p.width):
         raise ValueError(f"image is {image.shape[1]} x {image.shape[0]} but the plan is for {p.width} x {p.height}")
     scaled = resize_rgb(image, (p.h, p.w))
+    if p.padded:
+        bottom, right = p.canvas_h - p.h - p.top, p.canvas_w - p.w - p.left
+        scaled = np.pad(scaled, ((p.top, bottom), (p.left, right), (0, 0)), mode=PAD_MODE)
     s = p.tile
     return np.ascontiguousarray(np.stack([scaled[y:y + s, x:x + s] for y, x in p.origins]))
 
 
+def tile_boxes(p: TilePlan) -> np.ndarray:
+    """int64 [T, 4]: per tile (row-major, as `tiles`), the box of the image's own pixels in tile
+    coordinates, (y0, y1, x0, x1) half-open; (0, S, 0, S) for a tile without padding."""
+    s = p.tile
+    return np.array([(max(p.top - y, 0), min(p.top + p.h - y, s), max(p.left - x, 0), min(p.left + p.w - x, s))
+                     for y, x in p.origins], dtype=np.int64).reshape(-1, 4)
+
+
+def valid_grid(boxes: np.ndarray, tile: int, grid: tuple[int, int]) -> np.ndarray:
+    """bool [T, gh, gw]: which positions of a gh x gw feature grid over an S x S tile have their
+    receptive centre (the tile pixel floor((i + 0.5) * S / g)) inside the tile's box of own pixels."""
+    gh, gw = grid
+    cy = np.floor((np.arange(gh) + 0.5) * tile / gh).astype(np.int64)
+    cx = np.floor((np.arange(gw) + 0.5) * tile / gw).astype(np.int64)
+    b = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    rows = (cy[None, :] >= b[:, 0:1]) & (cy[None, :] < b[:, 1:2])
+    cols = (cx[None, :] >= b[:, 2:3]) & (cx[None, :] < b[:, 3:4])
+    return rows[:, :, None] & cols[:, None, :]
+
+
 def stitch(tile_maps: np.ndarray, p: TilePlan) -> np.ndarray:
-    """float [T, S, S] -> float32 [h, w]; where tiles overlap their values are averaged."""
+    """float [T, S, S] -> float32 [h, w]; where tiles overlap their values are averaged; the padding of a
+    small image is cropped away (the map covers the image's own pixels only)."""
     tile_maps = np.asarray(tile_maps, dtype=np.float32)
     s = p.tile
     if tile_maps.shape != (p.n_tiles, s, s):
         raise ValueError(f"expected tile maps of shape {(p.n_tiles, s, s)}, got {tile_maps.shape}")
-    if p.n_tiles == 1 and (p.h, p.w) == (s, s):
-        return tile_maps[0].copy()
-    acc = np.zeros((p.h, p.w), dtype=np.float32)
-    count = np.zeros((p.h, p.w), dtype=np.float32)
+    if p.n_tiles == 1 and (p.canvas_h, p.canvas_w) == (s, s):
+        return tile_maps[0, p.top:p.top + p.h, p.left:p.left + p.w].copy()
+    acc = np.zeros((p.canvas_h, p.canvas_w), dtype=np.float32)
+    count = np.zeros((p.canvas_h, p.canvas_w), dtype=np.float32)
     for m, (y, x) in zip(tile_maps, p.origins):
         acc[y:y + s, x:x + s] += m
         count[y:y + s, x:x + s] += 1.0
+    if p.padded:
+        acc, count = acc[p.top:p.top + p.h, p.left:p.left + p.w], count[p.top:p.top + p.h, p.left:p.left + p.w]
     return acc / count
 
 
@@ -190,6 +263,15 @@ class TiledImages:
 
     def __len__(self) -> int:
         return len(self.plans)
+
+    @property
+    def padded(self) -> bool:
+        """Whether any tile holds padding (an image smaller than a tile at this scale)."""
+        return any(p.padded for p in self.plans)
+
+    def boxes(self) -> np.ndarray:
+        """int64 [T, 4]: every tile's box of own pixels (`tile_boxes`), in the order of `tiles`."""
+        return np.concatenate([tile_boxes(p) for p in self.plans]) if self.plans else np.zeros((0, 4), np.int64)
 
     def subset(self, indices: Sequence[int]) -> TiledImages:
         parts = [self.tiles[self.offsets[i]:self.offsets[i + 1]] for i in indices]
@@ -251,7 +333,11 @@ def predict_maps(tile_fn: TileFn, tiled: TiledImages, max_batch: int = 16) -> li
 
 
 __all__ = [
+    "DEFAULT_SCALE_QUANTILE",
     "Geometry",
+    "PAD_MODE",
+    "SMALL_IMAGES",
+    "SmallImages",
     "TileFn",
     "TilePlan",
     "TiledImages",
@@ -263,6 +349,8 @@ __all__ = [
     "run_tiles",
     "stitch",
     "stitch_all",
+    "tile_boxes",
     "tile_images",
     "tiles",
+    "valid_grid",
 ]

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from stpm.imaging.geometry import DEFAULT_MAX_TILES, DEFAULT_MAX_UPSCALE, DEFAULT_OVERLAP
+from stpm.imaging.geometry import DEFAULT_MAX_TILES, DEFAULT_MAX_UPSCALE, DEFAULT_OVERLAP, DEFAULT_SCALE_QUANTILE
 from stpm.imaging.scores import ImageScore
 from stpm.methods import registry
 from stpm.methods.backbone_specs import BACKBONE_NAMES
@@ -39,6 +39,7 @@ Combine = Literal["product", "sum"]
 ThresholdMethod = Literal["target_fpr", "synthetic_f1", "max_margin", "quantile"]
 ImageScoreMethod = Literal["max", "topk_mean", "auto"]
 TilingMode = Literal["tile", "squash"]
+SmallImages = Literal["pad", "upscale"]
 
 AUTO = "auto"  # an option value that model selection resolves after fitting (image_score)
 # The most model input one image may need: max_tiles x image_size^2 (e.g. 128 tiles of 256 px, 2,048 of 64 px).
@@ -130,18 +131,25 @@ class TilingOptions(Section):
     """How images of any size and shape meet the S x S model input (stpm.imaging.geometry).
 
     mode "tile": every image is resized by one fixed `scale` (aspect ratio kept) and covered by
-    overlapping S x S tiles. The scale is chosen at training as resolution / median short side of
-    the training images (resolution default: S), unless `scale` is given. mode "squash": every image
+    overlapping S x S tiles. The scale is chosen at training as resolution / the training images' short
+    side at quantile scale_quantile (resolution default: S), unless `scale` is given. An image whose scaled side is
+    shorter than a tile is padded (its padding masked out of training and scoring), or with
+    small_images="upscale" enlarged by at most max_upscale, else refused. mode "squash": every image
     is resized to S x S (the format-1 behaviour; say so explicitly, it loses thin defects)."""
 
     mode: TilingMode = option("tile", "tile: keep the aspect ratio, one fixed scale, overlapping S x S tiles; squash: "
                               "resize every image to S x S (loses thin defects in elongated images)", name="tiling")
-    resolution: int | None = option(None, "pixels the training images' median short side is scaled to (default: S, "
-                                    "so an image of the median size is one tile high or wide)", ge=16, le=8192)
+    resolution: int | None = option(None, "pixels the training images' short side at scale_quantile is scaled to "
+                                    "(default: S, so such an image is one tile high or wide)", ge=16, le=8192)
+    scale_quantile: float = option(DEFAULT_SCALE_QUANTILE, "which training image's short side sets the scale: its "
+                                   "quantile over the training images (0.5 the median, 1 the largest)", ge=0, le=1)
     scale: float | None = option(None, "fixed input -> model scale (wins over resolution)", gt=0, le=16)
     overlap: float = option(DEFAULT_OVERLAP, "minimum overlap of neighbouring tiles, fraction of a tile", ge=0, lt=1)
-    max_upscale: float = option(DEFAULT_MAX_UPSCALE, "a smaller image is upscaled to one tile by at most this "
-                                "factor, else refused", ge=1, le=16)
+    small_images: SmallImages = option("pad", "an image whose scaled side is shorter than a tile: pad (reflect-padded "
+                                       "to the tile, the padding masked out of training and scoring) or upscale "
+                                       "(by at most max_upscale, else refused: bundles before format 3)")
+    max_upscale: float = option(DEFAULT_MAX_UPSCALE, "small_images=upscale: a smaller image is upscaled to one tile "
+                                "by at most this factor, else refused", ge=1, le=16)
     max_tiles: int = option(DEFAULT_MAX_TILES, "images needing more tiles are refused", ge=1, le=4096)
 
 

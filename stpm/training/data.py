@@ -21,7 +21,7 @@ from stpm.imaging.decode import (
     resize_rgb,
 )
 from stpm.options import TilingOptions
-from stpm.imaging.geometry import Geometry, TiledImages, TilingError, plan, tiles
+from stpm.imaging.geometry import DEFAULT_SCALE_QUANTILE, Geometry, TiledImages, TilingError, plan, tiles
 
 
 @dataclass(frozen=True)
@@ -161,23 +161,27 @@ def load_training_tiles(
     return tiled, geometry, kept, bad, [size_of[p] for p in kept]
 
 
-def choose_scale(tile: int, sizes: Sequence[tuple[int, int]], resolution: int | None = None) -> float:
-    """Default scale: resolution (default: the tile size) / median short side of the training images."""
+def choose_scale(tile: int, sizes: Sequence[tuple[int, int]], resolution: int | None = None,
+                 quantile: float = DEFAULT_SCALE_QUANTILE) -> float:
+    """Default scale: resolution (default: the tile size) / the training images' short side at `quantile`
+    (0.5: the median)."""
     if not sizes:
         raise ValueError("no image sizes to choose a scale from")
     res = tile if resolution is None else resolution
     if res < 1:
         raise ValueError(f"resolution must be >= 1, got {res}")
-    return float(res / np.median([min(h, w) for h, w in sizes]))
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"scale quantile must be within 0..1, got {quantile}")
+    return float(res / np.quantile([min(h, w) for h, w in sizes], quantile))
 
 
 def choose_geometry(cfg: TilingOptions, tile: int, sizes: Sequence[tuple[int, int]]) -> Geometry:
     """A training run's TilingOptions + tile size + its images' (height, width) -> the bundle's Geometry."""
     if cfg.mode == "squash":
         return Geometry.squash(tile)
-    scale = float(cfg.scale) if cfg.scale is not None else choose_scale(tile, sizes, cfg.resolution)
+    scale = float(cfg.scale) if cfg.scale is not None else choose_scale(tile, sizes, cfg.resolution, cfg.scale_quantile)
     return Geometry(tile=int(tile), scale=scale, overlap=float(cfg.overlap), max_upscale=float(cfg.max_upscale),
-                    max_tiles=int(cfg.max_tiles), mode="tile")
+                    max_tiles=int(cfg.max_tiles), mode="tile", small_images=cfg.small_images)
 
 
 def load_mask(path: Path | None, image_size: int | tuple[int, int]) -> np.ndarray:

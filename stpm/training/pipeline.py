@@ -155,6 +155,7 @@ def data_record(images: GoodImages) -> dict[str, Any]:
         "skipped": [str(p) for p, _ in images.skipped], "val_files": [images.paths[i].name for i in images.val_idx],
         "short_side_px": {"min": short[0], "median": float(np.median(short)), "max": short[-1]},
         "n_train_tiles": len(images.train.tiles), "n_val_tiles": len(images.val.tiles),
+        "n_padded": sum(p.padded for p in images.train.plans + images.val.plans),  # smaller than a tile: padded
     }
 
 

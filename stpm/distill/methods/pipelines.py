@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from stpm.distill.data import loader
+from stpm.distill.data import TensorBatches, loader
 from stpm.distill.methods.offline import CrossEntropyObjective, KDObjective, SoftLabelObjective
 from stpm.distill.trainer import History, Objective, TrainConfig, fit, predict_logits
 
@@ -19,14 +20,18 @@ class RunConfig:
     train: TrainConfig
     batch_size: int = 128
     seed: int = 0
+    tensor_batches: bool = False  # index the tensors directly (data.TensorBatches; keeps GPU data on the GPU)
 
 
 def run(objective: Objective, x: Tensor, y: Tensor, cfg: RunConfig, device: torch.device,
         eval_data: tuple[Tensor, Tensor] | None = None, snapshot_epochs: tuple[int, ...] = (),
-        desc: str = "fit") -> History:
-    """fit() on in-memory tensors with a seeded shuffling loader."""
-    return fit(objective, loader(x, y, cfg.batch_size, shuffle=True, seed=cfg.seed), cfg.train, device,
-               eval_data=eval_data, snapshot_epochs=snapshot_epochs, desc=desc)
+        desc: str = "fit", resume_path: Path | None = None) -> History:
+    """fit() on in-memory tensors with a seeded shuffling loader (a DataLoader, or TensorBatches); resume_path:
+    see fit()."""
+    batches = (TensorBatches(x, y, cfg.batch_size, shuffle=True, seed=cfg.seed) if cfg.tensor_batches
+               else loader(x, y, cfg.batch_size, shuffle=True, seed=cfg.seed))
+    return fit(objective, batches, cfg.train, device,
+               eval_data=eval_data, snapshot_epochs=snapshot_epochs, desc=desc, resume_path=resume_path)
 
 
 def train_classifier(model: nn.Module, x: Tensor, y: Tensor, cfg: RunConfig, device: torch.device,
@@ -91,12 +96,12 @@ def noisy_student(teacher: nn.Module, make_student: Callable[[], nn.Module], x_l
     results = []
     current = teacher
     for _ in range(ns.iterations):
-        targets = pseudo_labels(current, x_unlabeled, device, ns.temperature, ns.soft)
+        targets = pseudo_labels(current, x_unlabeled, device, ns.temperature, ns.soft).to(x_unlabeled.device)
         num_classes = targets.shape[-1]
         if int(y_labeled.max()) >= num_classes or int(y_labeled.min()) < 0:
             raise ValueError(f"labels must lie in [0, {num_classes}) (the teacher's outputs); "
                              f"got {int(y_labeled.min())}..{int(y_labeled.max())}")
-        y_lab = torch.nn.functional.one_hot(y_labeled, num_classes).float()
+        y_lab = torch.nn.functional.one_hot(y_labeled, num_classes).float().to(targets.device)
         student = make_student()
         objective = SoftLabelObjective(student, ns.max_shift, ns.noise_std)
         hist = run(objective, torch.cat([x_labeled, x_unlabeled]), torch.cat([y_lab, targets]), cfg, device,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stpm.imaging.geometry import valid_grid
 from stpm.methods import backbones
 
 
@@ -59,20 +60,28 @@ def collect_features(
     device: torch.device,
     batch_size: int = 16,
     on_batch: Callable[[int, int], None] | None = None,
-) -> torch.Tensor:
-    """uint8 tiles [T, S, S, 3] -> patch features [T * h * w, D] (float32, on the CPU)."""
+    boxes: np.ndarray | None = None,
+) -> tuple[torch.Tensor, int]:
+    """uint8 tiles [T, S, S, 3] -> (patch features [M, D] float32 on the CPU, T * h * w: every position).
+    M = T * h * w, or with `boxes` (int [T, 4], each tile's own pixels, stpm.imaging.geometry.tile_boxes)
+    only the positions whose receptive centre lies in them: padding gives no feature."""
     features.eval()
-    out = []
+    out, positions = [], 0
     for i in range(0, len(tiles), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(tiles[i:i + batch_size])).to(device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        f = features(x)
-        out.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).float().cpu())
+        f = features(x).permute(0, 2, 3, 1)  # [B, h, w, D]
+        positions += f.shape[0] * f.shape[1] * f.shape[2]
+        if boxes is None:
+            out.append(f.reshape(-1, f.shape[-1]).float().cpu())
+        else:
+            keep = valid_grid(boxes[i:i + batch_size], tiles.shape[1], (f.shape[1], f.shape[2]))
+            out.append(f[torch.from_numpy(keep).to(f.device)].float().cpu())
         if on_batch is not None:
             on_batch(min(i + batch_size, len(tiles)), len(tiles))
-    if not out:
-        raise ValueError("no tiles to collect features from")
-    return torch.cat(out)
+    if not out or sum(len(o) for o in out) == 0:
+        raise ValueError("no tiles (or no position inside an image) to collect features from")
+    return torch.cat(out), positions
 
 
 def build_features(cfg, weights_dir=None) -> tuple[PatchFeatures, str]:

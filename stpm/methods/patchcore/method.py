@@ -19,9 +19,12 @@ from stpm.methods.patchcore.features import PatchFeatures, build_features, colle
 from stpm.methods.patchcore.spec import SPEC
 
 
-def _features(features: PatchFeatures, data: FitData, run: FitRun, batch_size: int) -> torch.Tensor:
-    """Every training tile's patch features [T * h * w, D], with a bar, progress and cancellation."""
+def _features(features: PatchFeatures, data: FitData, run: FitRun, batch_size: int) -> tuple[torch.Tensor, int]:
+    """Every training tile's patch features [M, D] (all T * h * w positions; where tiles hold padding, only those
+    whose receptive centre is the image's own) and the number of positions, with a bar, progress and
+    cancellation."""
     tiles = data.train.tiles
+    boxes = data.train.boxes() if data.train.padded else None
     bar = tqdm(total=len(tiles), desc="patch features", unit="tile", disable=not run.show_bar)
 
     def on_batch(done: int, total: int) -> None:
@@ -30,7 +33,7 @@ def _features(features: PatchFeatures, data: FitData, run: FitRun, batch_size: i
         run.report({"phase": "patch features", "epoch": 1, "epochs": 1, "step": done, "steps": total})
 
     try:
-        return collect_features(features, tiles, run.device, batch_size, on_batch)
+        return collect_features(features, tiles, run.device, batch_size, on_batch, boxes)
     finally:
         bar.close()
 
@@ -39,7 +42,7 @@ class PatchCore(Method):
     def fit(self, cfg: Any, train: Any, data: FitData, run: FitRun) -> Fitted:
         t0 = time.monotonic()
         features, source = build_features(cfg, run.weights_dir)
-        patches = _features(features.to(run.device), data, run, train.batch_size)
+        patches, positions = _features(features.to(run.device), data, run, train.batch_size)
         t1 = time.monotonic()
         n = len(data.train.tiles)
         run.report({"phase": "memory bank (coreset)", "epoch": 1, "epochs": 1, "step": n, "steps": n})
@@ -47,7 +50,8 @@ class PatchCore(Method):
         t2 = time.monotonic()
         sigma = SPEC.default_sigma if cfg.sigma is None else float(cfg.sigma)  # model selection may change it
         amap = PatchCoreMap(features.cpu(), bank, sigma).eval()
-        info = {"n_patches": int(len(patches)), "feature_dim": int(patches.shape[1]), "bank_size": int(len(bank)),
+        info = {"n_patches": int(len(patches)), "n_padding_positions": positions - len(patches),
+                "feature_dim": int(patches.shape[1]), "bank_size": int(len(bank)),
                 "features_seconds": round(t1 - t0, 2), "coreset_seconds": round(t2 - t1, 2),
                 "seconds": round(t2 - t0, 2)}
         record = {"epochs_run": 0, "best_epoch": 0, "best_val_loss": None, "stopped_early": False, "history": [],

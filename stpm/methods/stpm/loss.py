@@ -23,14 +23,33 @@ def layer_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return 0.5 * (t - s).pow(2).sum(dim=1)
 
 
-def stpm_loss(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
+def grid_mask(valid: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Pixel validity [B, S, S] -> which positions of a gh x gw feature grid have their receptive centre
+    (pixel floor((i + 0.5) * S / g)) on a valid pixel: bool [B, gh, gw]."""
+    (gh, gw), (sh, sw) = grid, valid.shape[-2:]
+    iy = ((torch.arange(gh, device=valid.device) + 0.5) * sh / gh).floor().long()
+    ix = ((torch.arange(gw, device=valid.device) + 0.5) * sw / gw).floor().long()
+    return valid[:, iy][:, :, ix]
+
+
+def stpm_loss(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+              valid: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's loss: per layer the mean over positions (and batch) of `layer_distance`, summed.
 
-    teacher, student: lists of [B, C_l, H_l, W_l] -> scalar.
+    teacher, student: lists of [B, C_l, H_l, W_l] -> scalar. valid: bool [B, S, S], the tiles' own pixels
+    (None: all); then each layer's mean runs over the positions whose receptive centre is valid only, so
+    the padding of small images trains nothing.
     """
     if len(teacher) != len(student):
         raise ValueError(f"{len(teacher)} teacher layers but {len(student)} student layers")
-    return sum(layer_distance(t, s).mean() for t, s in zip(teacher, student))
+    if valid is None:
+        return sum(layer_distance(t, s).mean() for t, s in zip(teacher, student))
+    total = torch.zeros((), device=teacher[0].device)
+    for t, s in zip(teacher, student):
+        d = layer_distance(t, s)
+        m = grid_mask(valid, (d.shape[-2], d.shape[-1])).to(d.dtype)
+        total = total + (d * m).sum() / m.sum().clamp_min(1.0)
+    return total
 
 
 def anomaly_map(

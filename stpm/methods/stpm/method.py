@@ -40,10 +40,11 @@ class STPMMethod(Method):
     def fit(self, cfg: Any, train: Any, data: FitData, run: FitRun) -> Fitted:
         model, source = build_stpm(cfg, run.weights_dir, seed=data.seed)
         n_tiles = len(data.train.tiles)
-        train_loader = DataLoader(ImageArrayDataset(data.train.tiles, augment=train.augment),
+        boxes = [d.boxes() if d.padded else None for d in (data.train, data.val)]  # padding: masked in the loss
+        train_loader = DataLoader(ImageArrayDataset(data.train.tiles, augment=train.augment, boxes=boxes[0]),
                                   batch_size=train.batch_size, shuffle=True, drop_last=n_tiles > train.batch_size,
                                   generator=data.generator, num_workers=train.num_workers)
-        val_loader = DataLoader(ImageArrayDataset(data.val.tiles), batch_size=train.batch_size)
+        val_loader = DataLoader(ImageArrayDataset(data.val.tiles, boxes=boxes[1]), batch_size=train.batch_size)
         checkpoint = None
         if run.run_dir is not None:
             Path(run.run_dir).mkdir(parents=True, exist_ok=True)

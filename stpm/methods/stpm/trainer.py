@@ -30,6 +30,13 @@ def make_optimizer(model: STPM, cfg: TrainOptions) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def _unpack(batch: torch.Tensor | list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A loader's batch -> (tiles, their pixel validity or None: see ImageArrayDataset), on `device`."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    return batch.to(device, non_blocking=True), None
+
+
 def train_one_epoch(
     model: STPM,
     loader: DataLoader,
@@ -42,13 +49,13 @@ def train_one_epoch(
     """One pass over `loader`; -> mean training loss."""
     model.train()
     total, count = 0.0, 0
-    for step, x in enumerate(loader):
+    for step, batch in enumerate(loader):
         if max_steps and step >= max_steps:
             break
-        x = x.to(device, non_blocking=True)
+        x, valid = _unpack(batch, device)
         with torch.autocast(device.type, enabled=scaler is not None):
             t, s = model(x)
-            loss = stpm_loss(t, s)
+            loss = stpm_loss(t, s, valid)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
@@ -70,10 +77,10 @@ def train_one_epoch(
 def validation_loss(model: STPM, loader: DataLoader, device: torch.device) -> float:
     model.eval()
     total, count = 0.0, 0
-    for x in loader:
-        x = x.to(device)
+    for batch in loader:
+        x, valid = _unpack(batch, device)
         t, s = model(x)
-        total += stpm_loss(t, s).item() * len(x)
+        total += stpm_loss(t, s, valid).item() * len(x)
         count += len(x)
     return total / max(count, 1)
 
