@@ -254,7 +254,7 @@ def run_configs(a: argparse.Namespace) -> int:
                 "dataset": ds, "config": label, "method": m.method, "teacher": m.backbone,
                 "student": getattr(m, "student_backbone", None), "epochs": tcfg.epochs if m.method == "stpm" else None,
                 "sigma": m.sigma, "image_score": m.image_score,
-                "selection": manifest.training.get("selection"),
+                "selection": manifest.training.get("selection"), "settings": manifest.training.get("settings"),
                 "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro_0.3"],
                 "f1_max": o.get("image_f1_max"), "calibrated": o.get("at_calibrated_threshold"),
                 "decisions": decision_columns(manifest.calibration,
@@ -266,7 +266,7 @@ def run_configs(a: argparse.Namespace) -> int:
                 "n_train": manifest.data["n_train"], "n_test": len(rep["per_image"]),
             }
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "selection"}, indent=1), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("selection", "scores")}, indent=1), flush=True)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps({"command": " ".join(["benchmarks/quality.py", *sys.argv[1:]]),
                                             "machine": machine, "rows": rows}, indent=2))

@@ -145,7 +145,22 @@ def decisions_markdown(res: dict[str, Any]) -> str:
                 f"| {r['dataset']} | {name} | {d['threshold']:.4g} | {_pct(d.get('expected_fpr'))}{span}, "
                 f"n = {d['n_good_images']} | {_pct(d['realised_fpr'])} ({fp} of {d['n_test_good']}) | {syn} "
                 f"| {d['precision']:.2f} / {d['recall']:.2f} | {f'{t[0]:.2f} / {t[1]:.2f}' if t else '—'} | {met} |")
+    lines += ["", "What model selection chose (on synthetic anomalies of the held-out good images):", ""]
+    lines += [f"- {r['dataset']}: {_chosen(r)}" for r in res["rows"]]
     return "\n".join(lines)
+
+
+def _chosen(row: dict[str, Any]) -> str:
+    """One quality row's choice: resolution and layers (stpm.training.settings), sigma and image score."""
+    tail = f"sigma {row['sigma']:g}, image score {row['image_score']}"
+    st = row.get("settings")
+    if not st:
+        return f"default resolution and layers (no search recorded in this run), {tail}"
+    tried = "; ".join(f"x{c['scale_factor']:g} {','.join(c['layers'])}: {c['synthetic_image_auroc']:.3f}"
+                      for c in st["candidates"])
+    c = st["chosen"]
+    return (f"scale x{c['scale_factor']:g} of the default, layers {','.join(c['layers'])}, {tail} "
+            f"(synthetic image AUROC per candidate: {tried}; search {st.get('search_s', 0):.0f} s)")
 
 
 DECISION_TARGETS = {"bottle": (0.95, 0.95), "metal_plate": (0.95, 0.95), "kolektorsdd": (0.90, 0.80)}  # issue 25
