@@ -44,6 +44,7 @@ def test_the_search_covers_what_the_options_leave_open_within_the_tile_budget():
     # a method with a training loop, or too few held-out images to judge by: the defaults, no search
     assert len(_candidates(build({"method": "stpm"}))) == 1
     assert _candidates(build({}), held_out=HELD_OUT - 1) == [settings.Setting(1.0, default_layers)]
+    assert _candidates(build({"search_settings": False})) == [settings.Setting(1.0, default_layers)]  # turned off
 
 
 def _trial(factor: float, layers: tuple[str, ...], auroc: float) -> settings.Trial:

@@ -56,10 +56,11 @@ class Setting:
 def candidates(config: TrainingOptions, model_cfg: ModelOptions, geometry: Geometry,
                sizes: Sequence[tuple[int, int]], n_held_out: int) -> list[Setting]:
     """The settings to try, cheapest first: what the options fix is fixed, what they leave open is searched
-    (only for a method cheap to fit again, with at least MIN_HELD_OUT held-out images to judge by)."""
+    (unless `search_settings` is off; only for a method cheap to fit again, with at least MIN_HELD_OUT
+    held-out images to judge by)."""
     t = config.tiling
     factors = [1.0]
-    if not registry.spec(model_cfg.method).cheap_fit or n_held_out < MIN_HELD_OUT:
+    if not (config.train.search_settings and registry.spec(model_cfg.method).cheap_fit) or n_held_out < MIN_HELD_OUT:
         return [Setting(1.0, model_cfg.layers)]
     if t.mode == "tile" and t.scale is None and t.resolution is None:
         median = (int(np.median([h for h, _ in sizes])), int(np.median([w for _, w in sizes])))
