@@ -291,3 +291,25 @@ def test_one_gate_for_every_lower_precision():
     moved[[2, 3]] = ref[[2, 3]]
     assert not ex.Gate(min_agreement=1.0, max_auroc_drop=0.0, max_score_move=0.05).judge(ref, moved, cal, None)["ok"]
     assert ex.Gate(min_agreement=1.0, max_auroc_drop=0.0).judge(ref, moved, cal, None)["ok"]
+
+
+def test_map_parity_is_judged_on_the_map_the_user_gets():
+    """Differences where both engines' maps clip to 0 (far below the good scores' floor, where a memory
+    bank's distance is numerically unstable near 0) are invisible; the same difference above it is not."""
+    from stpm.export.parity import image_parity, parity_report
+    from stpm.imaging.scores import ImageScore
+
+    cal = Calibration(threshold=10.0, low=6.0)  # scale 0.125 per raw unit
+    rng = np.random.default_rng(0)
+    m0 = rng.uniform(6.0, 12.0, (2, 8, 8)).astype(np.float32)
+    m0[:, :2] = 0.05  # near-zero distances
+    below = m0.copy()
+    below[:, :2] += 0.5  # still far below low: both normalise to 0
+    raw, score = m0.max(axis=(1, 2)), cal.normalise(m0.max(axis=(1, 2)))
+    ok = parity_report((m0, raw, score), (below, raw, score), cal, atol=1e-3)
+    assert ok["ok"] and ok["max_abs_map_normalised"] == 0.0 and ok["max_abs_map_raw_x_scale"] == pytest.approx(0.0625)
+    above = m0.copy()
+    above[:, 4:] += 0.5  # where the map is seen
+    assert not parity_report((m0, raw, score), (above, raw, score), cal, atol=1e-3)["ok"]
+    assert image_parity(list(m0), list(below), ImageScore("max"), cal, 1e-3)["ok"]
+    assert not image_parity(list(m0), list(above), ImageScore("max"), cal, 1e-3)["ok"]
