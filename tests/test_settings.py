@@ -29,22 +29,23 @@ def _candidates(config: TrainingOptions, size: int = 1024, held_out: int = HELD_
 
 
 def test_the_search_covers_what_the_options_leave_open_within_the_tile_budget():
-    open_ = _candidates(build({}))
+    open_ = _candidates(build({"search_settings": True}))
     default_layers = resolved(ModelOptions()).layers
     assert open_[0] == settings.Setting(1.0, default_layers)  # the default first: it wins ties
     # square parts at tile 256: x2 needs 9 tiles per image (within MAX_TILES_PER_IMAGE)
     assert sorted({s.factor for s in open_}) == [1.0, 2.0]
     assert len({s.layers for s in open_}) == 2 and len(open_) == 4
     # elongated ones (1:4, as KolektorSDD): x2 would need 3 x 11 tiles, so only the default scale is tried
-    assert {s.factor for s in _candidates(build({}), size=256, aspect=4)} == {1.0}
+    assert {s.factor for s in _candidates(build({"search_settings": True}), size=256, aspect=4)} == {1.0}
     # what the user fixes stays fixed
-    assert {s.factor for s in _candidates(build({"scale": 0.25}))} == {1.0}
-    assert {s.factor for s in _candidates(build({"resolution": 256}))} == {1.0}
-    assert {s.layers for s in _candidates(build({"layers": "blocks.1,blocks.2"}))} == {("blocks.1", "blocks.2")}
+    assert {s.factor for s in _candidates(build({"search_settings": True, "scale": 0.25}))} == {1.0}
+    assert {s.factor for s in _candidates(build({"search_settings": True, "resolution": 256}))} == {1.0}
+    fixed_layers = _candidates(build({"search_settings": True, "layers": "blocks.1,blocks.2"}))
+    assert {s.layers for s in fixed_layers} == {("blocks.1", "blocks.2")}
     # a method with a training loop, or too few held-out images to judge by: the defaults, no search
-    assert len(_candidates(build({"method": "stpm"}))) == 1
-    assert _candidates(build({}), held_out=HELD_OUT - 1) == [settings.Setting(1.0, default_layers)]
-    assert _candidates(build({"search_settings": False})) == [settings.Setting(1.0, default_layers)]  # turned off
+    assert len(_candidates(build({"search_settings": True, "method": "stpm"}))) == 1
+    assert _candidates(build({"search_settings": True}), held_out=HELD_OUT - 1) == [settings.Setting(1.0, default_layers)]
+    assert _candidates(build({})) == [settings.Setting(1.0, default_layers)]  # off by default
 
 
 def _trial(factor: float, layers: tuple[str, ...], auroc: float) -> settings.Trial:
@@ -133,7 +134,7 @@ def test_training_records_the_search_and_uses_its_choice(tiny, tmp_path, monkeyp
     for i, img in enumerate(train + val):
         Image.fromarray(img).save(tmp_path / f"{i}.png")
     monkeypatch.setattr(settings, "MIN_HELD_OUT", 2)
-    config = build({"pretrained": False, "image_size": 64, "bank_size": 500, "layers": "blocks.2,blocks.4",
+    config = build({"search_settings": True, "pretrained": False, "image_size": 64, "bank_size": 500, "layers": "blocks.2,blocks.4",
                     "device": "cpu", "batch_size": 8, "val_fraction": 0.3})
     out = run_training(sorted(tmp_path.glob("*.png")), "searched", tmp_path / "models", config, export=False,
                        show_bar=False)
