@@ -31,7 +31,7 @@ from stpm.training.calibration import calibrate
 from stpm.training.data import good_train_dir, list_images, load_training_tiles
 from stpm.training.publish import build_manifest, publish_model
 from stpm.training.reproducible import reproducible, resolve_device, split_indices
-from stpm.training.selection import Selection, select
+from stpm.training.selection import PER_IMAGE, Selection, select
 
 log = logging.getLogger("stpm.training")
 MIN_GOOD_IMAGES = 3
@@ -125,7 +125,7 @@ def choose_and_calibrate(fitted: Fitted, device: torch.device, images: GoodImage
     model_cfg = updated(model_cfg, sigma=chosen.chosen.sigma, image_score=chosen.chosen.image_score)
     spec = ImageScore(model_cfg.image_score, model_cfg.topk)  # type: ignore[arg-type]
     source = {"kind": "training", "images": "held-out good images of the training data", "n_images": len(val_images),
-              "synthetic": "one synthetic anomaly of each (model selection's)"}
+              "synthetic": f"{PER_IMAGE} synthetic anomalies of each (model selection's)"}
     cal = calibrate(image_scores(chosen.good_maps, spec), config.calibration,
                     image_scores(chosen.synthetic_maps, spec), chosen.synthetic_kinds, source)
     return model_cfg, chosen, cal

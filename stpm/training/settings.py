@@ -1,8 +1,9 @@
 """Choosing a model's resolution and feature layers without a single defect image.
 
 The default scale (tile / median short side) shrinks a 1024 px part to 256 px, where a scratch or a
-pin-hole of a few pixels vanishes; the default layers see the image at stride 8 / 16. What the user leaves
-open (no `--scale` / `--resolution`, no `--layers`) is chosen here, before the final fit: every candidate
+pin-hole of a few pixels vanishes; the default layers see the image at stride 8 / 16. With
+`search_settings` on (opt-in), what the user leaves open (no `--scale` / `--resolution`, no `--layers`) is
+chosen here, before the final fit: every candidate
 (the default scale and 2x finer, within the tile budget; the method's layer sets) is fitted on a
 sample of the training images and scored on synthetic anomalies of the held-out good images (all kinds,
 including `fine` ones a few input pixels wide: stpm.training.synthetic), exactly as model selection scores
