@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 
@@ -59,6 +60,41 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def read_response(s: socket.socket) -> bytes:
+    """One whole HTTP response (head, then Content-Length bytes of body), however the reads split it."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed before a whole head: {raw!r}"
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed before a whole body: {raw!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def drip_until_answered(s: socket.socket, data: bytes, send: bool = True) -> bytes:
+    """`data` one byte per 0.25 s (send=False: only the waits) until the server answers or closes; -> all
+    it sent back, read until it closed the connection."""
+    raw = b""
+    for byte in data:
+        try:
+            if send:
+                s.sendall(bytes([byte]))
+            s.settimeout(0.25)
+            raw = s.recv(65536)
+            break
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    s.settimeout(5)
+    return raw + read_until_closed(s)
+
+
 def answer(raw: bytes) -> tuple[int, dict]:
     status, headers, body = split_response(raw)
     assert headers.get("connection") == "close" and headers.get("content-type") == "application/json", raw[:300]
@@ -94,20 +130,8 @@ def test_a_slow_or_silent_head_is_cut_off_at_header_timeout(server, first):
     t0 = time.monotonic()
     with connect(url) as s:
         s.sendall(first)
-        raw = b""
-        for byte in b"Host: x\r\nX-Slow: " + b"a" * 100:  # a byte per 0.25 s: never idle for long
-            try:
-                if first:
-                    s.sendall(bytes([byte]))
-                s.settimeout(0.25)
-                raw = s.recv(65536)
-                break
-            except TimeoutError:
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                break
-        s.settimeout(5)
-        raw += read_until_closed(s)
+        # a byte per 0.25 s: never idle for long (silent: the same wait, nothing sent)
+        raw = drip_until_answered(s, b"Host: x\r\nX-Slow: " + b"a" * 100, send=bool(first))
     took = time.monotonic() - t0
     print(f"{'dripped' if first else 'silent'} head: 408 and closed after {took:.2f} s")
     status, body = answer(raw)
@@ -122,19 +146,7 @@ def test_a_dripped_body_is_cut_off_at_body_deadline(server):
         part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
         s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                   b"Content-Length: %d\r\n\r\n" % (len(part) + 1000) + part)
-        raw = b""
-        for _ in range(1000):  # a byte per 0.25 s: body_timeout_s (1.5 s between bytes) never fires
-            try:
-                s.sendall(b"x")
-                s.settimeout(0.25)
-                raw = s.recv(65536)
-                break
-            except TimeoutError:
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                break
-        s.settimeout(5)
-        raw += read_until_closed(s)
+        raw = drip_until_answered(s, b"x" * 1000)  # a byte per 0.25 s: body_timeout_s (1.5 s) never fires
     took = time.monotonic() - t0
     print(f"dripped body: 408 and closed after {took:.2f} s")
     status, body = answer(raw)
@@ -147,7 +159,7 @@ def test_an_idle_keep_alive_connection_is_closed(server):
     with connect(url) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         s.settimeout(5)
-        first = s.recv(65536)
+        first = read_response(s)  # head and body may come in separate reads
         t0 = time.monotonic()
         rest = read_until_closed(s)
     took = time.monotonic() - t0
