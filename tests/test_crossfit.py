@@ -103,7 +103,12 @@ def test_published_calibration_counts_the_out_of_fold_images(tmp_path, folds):
                                              sigma=4.0, image_score="max"),
                           train=TrainOptions(device="cpu", batch_size=8, val_fraction=0.3),
                           calibration=CalibrationOptions(folds=folds))
-    out = run_training(good, "plate-cf", tmp_path, cfg, export=False, show_bar=False)
+    records = []
+    out = run_training(good, "plate-cf", tmp_path, cfg, export=False, show_bar=False, progress=records.append)
+    # the service's job runner reads epoch and epochs from every step record (app/jobs/run_job.py)
+    assert all({"epoch", "epochs"} <= set(r) for r in records if "steps" in r)
+    oof = [r for r in records if r.get("phase") == "calibration (out-of-fold scores)"]
+    assert [(r["step"], r["steps"]) for r in oof] == ([(k, 4) for k in range(1, 5)] if folds else [])
     m = json.loads((out.path / "manifest.json").read_text())
     cal, source = m["calibration"], m["calibration"]["source"]
     assert m["data"]["n_val"] == 3 and m["data"]["n_train"] == 7

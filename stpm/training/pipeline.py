@@ -134,7 +134,8 @@ def choose_and_calibrate(fitted: Fitted, device: torch.device, images: GoodImage
         def on_fold(done: int, total: int) -> None:
             if run is not None:
                 run.check_stop()
-                run.report({"phase": "calibration (out-of-fold scores)", "step": done, "steps": total})
+                run.report({"phase": "calibration (out-of-fold scores)", "epoch": 1, "epochs": 1, "step": done,
+                            "steps": total})
 
         oof = out_of_fold_scores(fitted, images.train, folds, device, spec, config.train.batch_size, on_fold)
         source.update(images="held-out good images, and the training images scored out of fold",
