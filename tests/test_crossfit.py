@@ -113,7 +113,7 @@ def test_published_calibration_counts_the_out_of_fold_images(tmp_path, folds):
     cal, source = m["calibration"], m["calibration"]["source"]
     assert m["data"]["n_val"] == 3 and m["data"]["n_train"] == 7
     if folds:
-        assert source["n_held_out"] == 3 and source["n_out_of_fold"] == 7 and source["folds"] == 4
+        assert source["n_held_out"] == 3 and source["n_out_of_fold"] == 7 and source["folds"] == 4 and source["seconds"] > 0
         assert cal["n_images"] == 10 == len(cal["good_scores"])
     else:
         assert "n_out_of_fold" not in source and cal["n_images"] == 3 == len(cal["good_scores"])

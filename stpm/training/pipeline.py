@@ -117,31 +117,42 @@ def choose_settings(data: str | Path | list[Path], images: GoodImages, model_cfg
     return config, model_cfg, images, choice.report
 
 
+def out_of_fold(fitted: Fitted, device: torch.device, images: GoodImages, folds: np.ndarray, spec: ImageScore,
+                config: TrainingOptions, run: FitRun | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The training images' out-of-fold scores (stpm.training.crossfit), with progress and cancellation;
+    -> (scores, what calibration.source records of them)."""
+
+    def on_fold(done: int, total: int) -> None:
+        if run is not None:
+            run.check_stop()
+            run.report({"phase": "calibration (out-of-fold scores)", "epoch": 1, "epochs": 1, "step": done,
+                        "steps": total})
+
+    t0 = time.monotonic()
+    scores = out_of_fold_scores(fitted, images.train, folds, device, spec, config.train.batch_size, on_fold)
+    return scores, {"images": "held-out good images, and the training images scored out of fold",
+                    "n_held_out": len(images.val_idx), "n_out_of_fold": len(scores), "folds": int(folds.max()) + 1,
+                    "seconds": round(time.monotonic() - t0, 2)}
+
+
 def choose_and_calibrate(fitted: Fitted, device: torch.device, images: GoodImages, val_images: list[np.ndarray],
                          model_cfg: ModelOptions, config: TrainingOptions, folds: np.ndarray | None = None,
                          run: FitRun | None = None) -> tuple[ModelOptions, Selection, Calibration]:
     """Model selection on synthetic anomalies of the held-out good images, then the threshold from their
     scores as the runtime computes them (stitched maps, the chosen image score), joined by the training
-    images' out-of-fold scores where the method offers them (stpm.training.crossfit)."""
+    images' out-of-fold scores where the method offers them (`folds`: stpm.training.crossfit)."""
     chosen = select(fitted.amap.to(device), device, images.val, val_images, images.geometry, model_cfg,
                     config.train.seed, config.train.batch_size)
     model_cfg = updated(model_cfg, sigma=chosen.chosen.sigma, image_score=chosen.chosen.image_score)
     spec = ImageScore(model_cfg.image_score, model_cfg.topk)  # type: ignore[arg-type]
     good = image_scores(chosen.good_maps, spec)
-    source = {"kind": "training", "images": "held-out good images of the training data", "n_images": len(val_images),
+    source = {"kind": "training", "images": "held-out good images of the training data",
               "synthetic": f"{PER_IMAGE} synthetic anomalies of each (model selection's)"}
     if folds is not None and fitted.without_fold is not None:
-        def on_fold(done: int, total: int) -> None:
-            if run is not None:
-                run.check_stop()
-                run.report({"phase": "calibration (out-of-fold scores)", "epoch": 1, "epochs": 1, "step": done,
-                            "steps": total})
-
-        oof = out_of_fold_scores(fitted, images.train, folds, device, spec, config.train.batch_size, on_fold)
-        source.update(images="held-out good images, and the training images scored out of fold",
-                      n_images=len(val_images) + len(oof), n_held_out=len(val_images), n_out_of_fold=len(oof),
-                      folds=int(folds.max()) + 1)
+        oof, facts = out_of_fold(fitted, device, images, folds, spec, config, run)
         good = np.r_[good, oof]
+        source.update(facts)
+    source["n_images"] = len(good)
     cal = calibrate(good, config.calibration, image_scores(chosen.synthetic_maps, spec), chosen.synthetic_kinds,
                     source)
     return model_cfg, chosen, cal
