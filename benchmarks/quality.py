@@ -42,7 +42,7 @@ from stpm.evaluation import metrics  # noqa: E402
 from stpm.evaluation.report import evaluate  # noqa: E402
 from stpm.methods.loading import load_map  # noqa: E402
 from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions  # noqa: E402
-from stpm.training.calibration import recalibrate  # noqa: E402
+from stpm.training.calibration import calibrate, recalibrate  # noqa: E402
 from stpm.training.pipeline import run_training  # noqa: E402
 
 DATA = Path(os.environ.get("STPM_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -195,6 +195,10 @@ def decision_columns(cal: Calibration, labels: np.ndarray, scores: np.ndarray) -
     rules = {"default": cal}
     for rule in ("max_margin", "synthetic_f1"):
         rules[rule] = recalibrate(cal, CalibrationOptions(method=rule), {"kind": "benchmark"})
+    n_held = (cal.source or {}).get("n_held_out")
+    if n_held is not None:  # cross-fitted: the default rule on the held-out images alone, as before
+        rules["held_out_only"] = calibrate(cal.good_scores[:n_held], CalibrationOptions(), cal.synthetic_scores,
+                                           cal.synthetic_kinds, {"kind": "benchmark"})
     out = {}
     for rule, c in rules.items():
         at = metrics.at_threshold(labels, scores, c.threshold)
@@ -210,12 +214,12 @@ def decision_columns(cal: Calibration, labels: np.ndarray, scores: np.ndarray) -
 def redecide(path: Path) -> dict:
     """A decisions result recomputed from each row's recorded raw scores with the current calibration code
     (the raw scores do not depend on the calibration: no training is needed)."""
-    from stpm.training.calibration import calibrate
-
     res = json.loads(path.read_text())
     for row in res["rows"]:
         s = row["scores"]
-        cal = calibrate(s["val_good"], CalibrationOptions(), s["synthetic"], s["synthetic_kinds"])
+        source = {"n_held_out": len(s["val_good"])} if s.get("out_of_fold_good") else None
+        cal = calibrate(s["val_good"] + s.get("out_of_fold_good", []), CalibrationOptions(), s["synthetic"],
+                        s["synthetic_kinds"], source)
         labels = np.array([d != "good" for d in s["test_defects"]])
         row["decisions"] = decision_columns(cal, labels, np.asarray(s["test_scores"], dtype=float))
     res["redecided"] = ("decisions recomputed from the recorded scores: benchmarks/quality.py --redecide "
@@ -225,7 +229,9 @@ def redecide(path: Path) -> dict:
 
 def scores_record(ds: str, seed: int, cal: Calibration, rep: dict) -> dict:
     """The raw scores calibration and evaluation saw (benchmarks/calibration_estimators.py reads them)."""
-    return {"dataset": ds, "seed": seed, "val_good": cal.good_scores, "synthetic": cal.synthetic_scores,
+    n_held = (cal.source or {}).get("n_held_out", len(cal.good_scores))
+    return {"dataset": ds, "seed": seed, "val_good": cal.good_scores[:n_held],
+            "out_of_fold_good": cal.good_scores[n_held:], "synthetic": cal.synthetic_scores,
             "synthetic_kinds": cal.synthetic_kinds, "test_scores": [r["raw_score"] for r in rep["per_image"]],
             "test_defects": [r["defect"] for r in rep["per_image"]]}
 

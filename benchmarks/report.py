@@ -122,6 +122,9 @@ def _pct(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{100 * v:.{digits}f} %"
 
 
+RULE_NAMES = {"held_out_only": "target_fpr, held-out images only (no cross-fitting)"}
+
+
 def decisions_markdown(res: dict[str, Any]) -> str:
     """benchmarks/quality.py --configs default: the default threshold's decisions per set beside what the
     bundle states, and the former default (max_margin) and synthetic_f1 from the same run's scores."""
@@ -140,14 +143,31 @@ def decisions_markdown(res: dict[str, Any]) -> str:
             if t:
                 met = "yes" if d["precision"] >= t[0] and d["recall"] >= t[1] else "**no**"
             syn = "—" if d.get("synthetic_recall") is None else f"{d['synthetic_recall']:.2f} of {d['n_synthetic']}"
-            name = "**default** (" + d["rule"] + ")" if rule == "default" else rule
+            name = "**default** (" + d["rule"] + ")" if rule == "default" else RULE_NAMES.get(rule, rule)
             lines.append(
                 f"| {r['dataset']} | {name} | {d['threshold']:.4g} | {_pct(d.get('expected_fpr'))}{span}, "
                 f"n = {d['n_good_images']} | {_pct(d['realised_fpr'])} ({fp} of {d['n_test_good']}) | {syn} "
                 f"| {d['precision']:.2f} / {d['recall']:.2f} | {f'{t[0]:.2f} / {t[1]:.2f}' if t else '—'} | {met} |")
     lines += ["", "What model selection chose (on synthetic anomalies of the held-out good images):", ""]
     lines += [f"- {r['dataset']}: {_chosen(r)}" for r in res["rows"]]
+    spread = [_good_medians(r) for r in res["rows"] if (r.get("scores") or {}).get("out_of_fold_good")]
+    if spread:
+        lines += ["", "The good images' scores by source (median, and the 90th percentile): held-out images (scored by "
+                  "the final model), training images scored out of fold (by the bank without their fold), and "
+                  "test/good (unseen):", ""] + spread
     return "\n".join(lines)
+
+
+def _good_medians(row: dict[str, Any]) -> str:
+    s = row["scores"]
+    test_good = [v for v, d in zip(s["test_scores"], s["test_defects"]) if d == "good"]
+
+    def q(v: list[float]) -> str:
+        p90 = statistics.quantiles(v, n=10, method="inclusive")[-1] if len(v) > 1 else v[0]
+        return f"{statistics.median(v):.4g} / {p90:.4g} (n = {len(v)})"
+
+    return (f"- {row['dataset']}: held-out {q(s['val_good'])}; out of fold {q(s['out_of_fold_good'])}; "
+            f"test/good {q(test_good)}")
 
 
 def _chosen(row: dict[str, Any]) -> str:

@@ -148,3 +148,40 @@ def test_a_calibration_from_before_these_fields_loads_with_them_empty():
     assert cal.expected_fpr is None and cal.good_scores == [] and cal.synthetic is None
     e = cal.expectation()
     assert e["rule"] == "max_margin" and e["expected_fpr"] is None and e["synthetic_recall"] is None
+
+
+def test_a_heavier_tail_than_the_fitted_family_gets_the_conformal_bound():
+    """300 good scores from a Pareto tail (far heavier than log-normal): the fitted threshold would be
+    exceeded by several times the target; where the scores are enough for it, the conformal bound (the
+    k-th smallest, k = ceil((n + 1)(1 - target))) sets the threshold, and over many calibrations it
+    realises at most the target, as its exact Beta law says."""
+    from stpm.training.calibration import conformal_rank
+
+    dist, n = stats.pareto(1.5, scale=20.0), 300
+    k = conformal_rank(n, TARGET)
+    assert k == 298 and conformal_rank(98, TARGET) is None and conformal_rank(99, TARGET) == 99
+    samples = dist.rvs(size=(400, n), random_state=np.random.default_rng(0))
+    cals = [calibrate(s, CalibrationOptions(target_fpr=TARGET)) for s in samples]
+    bound = [c for c, s in zip(cals, samples) if c.threshold == np.sort(s)[k - 1]]
+    assert len(bound) > 0.9 * len(cals)  # the bound binds almost always on this tail
+    fitted = np.array([fit_tail(s, TAIL_FAMILY, TAIL_TRANSFORM).threshold(TARGET) for s in samples])
+    assert dist.sf(fitted).mean() > 2 * TARGET  # what the fit alone would realise
+    realised = dist.sf([c.threshold for c in cals])
+    assert realised.mean() <= TARGET * 1.25, realised.mean()  # the bound: (n - k + 1) / (n + 1) = 0.0100
+    c = bound[0]
+    assert c.estimator == f"conformal ({k}-th of {n} good scores)"
+    assert c.expected_fpr == pytest.approx((n - k + 1) / (n + 1))
+    lo, hi = c.expected_fpr_interval
+    assert 0 < lo < c.expected_fpr < hi < 0.03
+    assert any("heavier than the fitted" in note for note in c.notes)
+
+
+def test_the_assumed_family_keeps_its_fitted_threshold_with_many_scores():
+    """300 log-normal scores: the data rarely contradict the family, so the fitted threshold stays in most
+    calibrations (the bound only steps in where significantly too many scores reach it)."""
+    samples = ASSUMED_DIST.rvs(size=(200, 300), random_state=np.random.default_rng(1))
+    cals = [calibrate(s, CalibrationOptions(target_fpr=TARGET)) for s in samples]
+    fitted = [c for c in cals if c.estimator == f"{TAIL_FAMILY if TAIL_TRANSFORM != 'log' else 'lognormal'} predictive"]
+    assert len(fitted) > 0.9 * len(cals), len(fitted)
+    realised = ASSUMED_DIST.sf([c.threshold for c in cals])
+    assert realised.mean() == pytest.approx(TARGET, rel=0.2), realised.mean()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +32,9 @@ class FitData:
     val: TiledImages
     seed: int
     generator: torch.Generator
+    # the fold (0 .. K-1) of each training image, for cross-fitted calibration; a method that can fit
+    # without one fold at no extra cost offers Fitted.without_fold (PatchCore), the others ignore it
+    folds: np.ndarray | None = None
 
 
 @dataclass
@@ -65,6 +69,9 @@ class Fitted:
     summary: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     interrupted: bool = False  # stopped by Ctrl-C before anything could be published
+    # fold k -> the map module a fit on every training image outside fold k gives (FitData.folds), on the
+    # device of `amap`; None where the method cannot offer it cheaply
+    without_fold: Callable[[int], MapModule] | None = None
 
 
 class Method(ABC):

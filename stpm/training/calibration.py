@@ -5,7 +5,10 @@ stpm.training.tail) and the recall on synthetic anomalies of those images. numpy
 Rules (CalibrationOptions.method):
   - `target_fpr` (the default): the threshold whose expected false-positive rate on good parts is
     `target_fpr`, from a fitted tail of the good scores (TAIL_FAMILY on TAIL_TRANSFORM, predictive;
-    chosen by benchmarks/calibration_estimators.py), not from their sample maximum;
+    chosen by benchmarks/calibration_estimators.py), not from their sample maximum; where there are
+    scores enough for a conformal bound (n >= (1 - target) / target) and significantly more of them reach
+    the fitted threshold than the family allows (its tail is heavier), the conformal bound, whose rate is
+    exact whatever the distribution;
   - `synthetic_f1`: the threshold maximising F1 on the held-out good images against their synthetic
     anomalies (false positives counted by the fitted tail), among those whose expected false-positive
     rate is at most `target_fpr`;
@@ -19,10 +22,12 @@ the tail fit, with an interval. `low` is normalised 0, the threshold 0.5.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from stpm.bundle.calibration import Calibration
 from stpm.options import CalibrationOptions
@@ -33,6 +38,7 @@ MIN_TAIL_IMAGES = 5  # fewer held-out good scores: no tail estimate (max_margin,
 TAIL_FAMILY = "normal"  # chosen by measurement: benchmarks/calibration_estimators.py, docs/BENCHMARKS.md
 TAIL_TRANSFORM = "log"
 TAIL_RULES = ("target_fpr", "synthetic_f1")
+HEAVY_TAIL_P = 0.05  # this few good scores reaching the fitted threshold by chance: the tail is heavier
 
 
 def _spread(s: np.ndarray) -> float:
@@ -59,20 +65,60 @@ def _synthetic_f1_threshold(fit: TailFit, floor: float, synthetic: np.ndarray, n
     return float(cands[int(np.argmax(f1))])  # the first (lowest) among equals
 
 
-def _rule_threshold(s: np.ndarray, cfg: CalibrationOptions, fit: TailFit | None, synthetic: np.ndarray) -> float:
+def conformal_rank(n: int, alpha: float) -> int | None:
+    """k = ceil((n + 1)(1 - alpha)): a good part scores above the k-th smallest of n good scores with
+    probability (n - k + 1) / (n + 1) <= alpha, whatever their distribution (split-conformal); None when
+    k > n (too few scores for this alpha: n < (1 - alpha) / alpha, e.g. 99 at 1 %)."""
+    k = math.ceil((n + 1) * (1 - alpha) - 1e-9)
+    return k if k <= n else None
+
+
+def _target_threshold(s: np.ndarray, fit: TailFit, alpha: float) -> tuple[float, int | None]:
+    """The tail fit's threshold for `alpha`; where there are scores enough for a conformal bound and more of
+    them reach the fitted threshold than the fitted family allows (binomial p < HEAVY_TAIL_P: the tail is
+    heavier), the higher of it and the bound -> (threshold, the conformal rank k when it bound, else None)."""
+    thr, k = fit.threshold(alpha), conformal_rank(s.size, alpha)
+    if k is None or stats.binom.sf(int(np.sum(s >= thr)) - 1, s.size, alpha) >= HEAVY_TAIL_P:
+        return thr, None
+    bound = float(np.sort(s)[k - 1])
+    return (bound, k) if bound > thr else (thr, None)
+
+
+def _rule_threshold(s: np.ndarray, cfg: CalibrationOptions, fit: TailFit | None,
+                    synthetic: np.ndarray) -> tuple[float, int | None]:
+    """The rule's threshold, and the conformal rank when that bound set it (tail rules only)."""
     if cfg.method == "quantile":
-        return float(np.quantile(s, cfg.quantile)) + cfg.margin * _spread(s)
+        return float(np.quantile(s, cfg.quantile)) + cfg.margin * _spread(s), None
     if cfg.method == "max_margin" or fit is None:
-        return float(s.max()) + cfg.margin * _spread(s)
-    thr = fit.threshold(cfg.target_fpr)
+        return float(s.max()) + cfg.margin * _spread(s), None
+    thr, k = _target_threshold(s, fit, cfg.target_fpr)
     if cfg.method == "synthetic_f1" and synthetic.size:
-        thr = _synthetic_f1_threshold(fit, thr, synthetic, s.size)
-    return thr
+        best = _synthetic_f1_threshold(fit, thr, synthetic, s.size)
+        thr, k = best, (k if best == thr else None)
+    return thr, k
+
+
+def _expected(s: np.ndarray, fit: TailFit | None, thr: float,
+              k: int | None) -> tuple[str | None, float | None, tuple[float, float] | None]:
+    """(estimator, expected false-positive rate at thr, its INTERVAL interval). At a conformal threshold (the
+    k-th of n good scores) the rate is exact and distribution-free: Beta(n - k + 1, k), mean (n-k+1)/(n+1)."""
+    if fit is None:
+        return None, None, None
+    if k is None:
+        return f"{fit.name} predictive", fit.expected_fpr(thr), fit.fpr_interval(thr)
+    a, b = s.size - k + 1, k
+    lo, hi = stats.beta.ppf([(1 - INTERVAL) / 2, (1 + INTERVAL) / 2], a, b)
+    return f"conformal ({k}-th of {s.size} good scores)", a / (s.size + 1), (float(lo), float(hi))
 
 
 def _notes(s: np.ndarray, cfg: CalibrationOptions, fit: TailFit | None, thr: float, floored: bool,
-           synthetic: np.ndarray) -> list[str]:
+           synthetic: np.ndarray, k: int | None) -> list[str]:
     notes = []
+    if k is not None and fit is not None:
+        above = int(np.sum(s >= fit.threshold(cfg.target_fpr)))
+        notes.append(f"the good scores' tail is heavier than the fitted {fit.name}: {above} of {s.size} reach its "
+                     f"threshold where {cfg.target_fpr * s.size:.1f} were expected; the threshold is the conformal "
+                     f"bound instead (the {k}-th of the {s.size} good scores)")
     if cfg.method in TAIL_RULES and fit is None:
         notes.append(f"{s.size} held-out good score(s), fewer than the {MIN_TAIL_IMAGES} a tail estimate needs: "
                      f"max_margin used instead of {cfg.method}")
@@ -109,8 +155,10 @@ def calibrate(good_scores: Any, cfg: CalibrationOptions = CalibrationOptions(), 
         raise ValueError(f"{len(synthetic_kinds)} synthetic kinds for {syn.size} synthetic scores")
     fit = fit_tail(s, TAIL_FAMILY, TAIL_TRANSFORM) if s.size >= MIN_TAIL_IMAGES else None
     med = float(np.median(s))
-    rule_thr = _rule_threshold(s, cfg, fit, syn)
+    rule_thr, rank = _rule_threshold(s, cfg, fit, syn)
     thr = max(rule_thr, med + 1e-12)
+    rank = rank if thr == rule_thr else None
+    estimator, expected_fpr, interval = _expected(s, fit, thr, rank)
     low = min(float(s.min()), thr - _spread(s))  # keep thr - low > 0 even with a single score
     kinds = list(synthetic_kinds) or ["synthetic"] * syn.size
     stats = {"min": float(s.min()), "median": med, "max": float(s.max()), "mean": float(s.mean()),
@@ -118,11 +166,9 @@ def calibrate(good_scores: Any, cfg: CalibrationOptions = CalibrationOptions(), 
     return Calibration(
         threshold=thr, low=low, method=cfg.method, quantile=cfg.quantile, margin=cfg.margin, n_images=int(s.size),
         good_stats=stats, target_fpr=cfg.target_fpr if cfg.method in TAIL_RULES else None,
-        estimator=f"{fit.name} predictive" if fit is not None else None,
-        expected_fpr=fit.expected_fpr(thr) if fit is not None else None,
-        expected_fpr_interval=fit.fpr_interval(thr) if fit is not None else None,
+        estimator=estimator, expected_fpr=expected_fpr, expected_fpr_interval=interval,
         interval_level=INTERVAL if fit is not None else None,
-        synthetic=synthetic_recall(thr, syn, kinds), notes=_notes(s, cfg, fit, thr, rule_thr < thr, syn),
+        synthetic=synthetic_recall(thr, syn, kinds), notes=_notes(s, cfg, fit, thr, rule_thr < thr, syn, rank),
         good_scores=s.tolist(), synthetic_scores=syn.tolist(), synthetic_kinds=kinds if syn.size else [],
         source=source)
 
@@ -148,5 +194,5 @@ def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float,
     return float(t[i]), float(f1[i])
 
 
-__all__ = ["MIN_TAIL_IMAGES", "TAIL_FAMILY", "TAIL_TRANSFORM", "calibrate", "f1_optimal_threshold", "recalibrate",
+__all__ = ["MIN_TAIL_IMAGES", "TAIL_FAMILY", "TAIL_TRANSFORM", "calibrate", "conformal_rank", "f1_optimal_threshold", "recalibrate",
            "synthetic_recall"]

@@ -28,6 +28,7 @@ from stpm.methods.maps import MapModule
 from stpm.options import AUTO, ModelOptions, TrainingOptions, to_dict, updated
 from stpm.training import settings
 from stpm.training.calibration import calibrate
+from stpm.training.crossfit import fold_labels, out_of_fold_scores
 from stpm.training.data import good_train_dir, list_images, load_training_tiles
 from stpm.training.publish import build_manifest, publish_model
 from stpm.training.reproducible import reproducible, resolve_device, split_indices
@@ -116,18 +117,44 @@ def choose_settings(data: str | Path | list[Path], images: GoodImages, model_cfg
     return config, model_cfg, images, choice.report
 
 
+def out_of_fold(fitted: Fitted, device: torch.device, images: GoodImages, folds: np.ndarray, spec: ImageScore,
+                config: TrainingOptions, run: FitRun | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The training images' out-of-fold scores (stpm.training.crossfit), with progress and cancellation;
+    -> (scores, what calibration.source records of them)."""
+
+    def on_fold(done: int, total: int) -> None:
+        if run is not None:
+            run.check_stop()
+            run.report({"phase": "calibration (out-of-fold scores)", "epoch": 1, "epochs": 1, "step": done,
+                        "steps": total})
+
+    t0 = time.monotonic()
+    scores = out_of_fold_scores(fitted, images.train, folds, device, spec, config.train.batch_size, on_fold)
+    return scores, {"images": "held-out good images, and the training images scored out of fold",
+                    "n_held_out": len(images.val_idx), "n_out_of_fold": len(scores), "folds": int(folds.max()) + 1,
+                    "seconds": round(time.monotonic() - t0, 2)}
+
+
 def choose_and_calibrate(fitted: Fitted, device: torch.device, images: GoodImages, val_images: list[np.ndarray],
-                         model_cfg: ModelOptions, config: TrainingOptions) -> tuple[ModelOptions, Selection, Calibration]:
+                         model_cfg: ModelOptions, config: TrainingOptions, folds: np.ndarray | None = None,
+                         run: FitRun | None = None) -> tuple[ModelOptions, Selection, Calibration]:
     """Model selection on synthetic anomalies of the held-out good images, then the threshold from their
-    scores as the runtime computes them (stitched maps, the chosen image score)."""
+    scores as the runtime computes them (stitched maps, the chosen image score), joined by the training
+    images' out-of-fold scores where the method offers them (`folds`: stpm.training.crossfit)."""
     chosen = select(fitted.amap.to(device), device, images.val, val_images, images.geometry, model_cfg,
                     config.train.seed, config.train.batch_size)
     model_cfg = updated(model_cfg, sigma=chosen.chosen.sigma, image_score=chosen.chosen.image_score)
     spec = ImageScore(model_cfg.image_score, model_cfg.topk)  # type: ignore[arg-type]
-    source = {"kind": "training", "images": "held-out good images of the training data", "n_images": len(val_images),
+    good = image_scores(chosen.good_maps, spec)
+    source = {"kind": "training", "images": "held-out good images of the training data",
               "synthetic": f"{PER_IMAGE} synthetic anomalies of each (model selection's)"}
-    cal = calibrate(image_scores(chosen.good_maps, spec), config.calibration,
-                    image_scores(chosen.synthetic_maps, spec), chosen.synthetic_kinds, source)
+    if folds is not None and fitted.without_fold is not None:
+        oof, facts = out_of_fold(fitted, device, images, folds, spec, config, run)
+        good = np.r_[good, oof]
+        source.update(facts)
+    source["n_images"] = len(good)
+    cal = calibrate(good, config.calibration, image_scores(chosen.synthetic_maps, spec), chosen.synthetic_kinds,
+                    source)
     return model_cfg, chosen, cal
 
 
@@ -204,14 +231,16 @@ def run_training(
     with reproducible(config.train.seed, device) as gen:  # seeded; the caller's RNGs and settings come back after
         config, model_cfg, images, setting_report = choose_settings(data, images, model_cfg, config, run, gen,
                                                                     skip_bad)
-        data_ = FitData(images.train, images.val, config.train.seed, gen)
+        folds = fold_labels(len(images.train_idx), config.calibration.folds, config.train.seed)
+        data_ = FitData(images.train, images.val, config.train.seed, gen, folds)
         fitted = registry.method(model_cfg.method).fit(model_cfg, config.train, data_, run)
         if fitted.interrupted:
             return TrainOutcome(None, None, fitted, None, images.skipped)
         epochs = fitted.record.get("epochs_run", 0)
         run.report({"phase": "selection and calibration", "epoch": epochs, "epochs": epochs})
         val_images = images.val_images()
-        model_cfg, chosen, cal = choose_and_calibrate(fitted, device, images, val_images, model_cfg, config)
+        model_cfg, chosen, cal = choose_and_calibrate(fitted, device, images, val_images, model_cfg, config, folds,
+                                                      run)
         manifest = build_manifest(name, model_cfg, cal, fitted.teacher_source,
                                   training_record(config, fitted, device, chosen, setting_report),
                                   data_record(images),

@@ -4,14 +4,17 @@ coreset of them (the memory bank); the bundle holds the teacher's weights and th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from stpm.bundle.names import MEMORY_BANK_WEIGHTS, TEACHER_WEIGHTS
+from stpm.imaging.geometry import valid_grid
 from stpm.methods.base import FitData, FitRun, Fitted, Method
 from stpm.methods.patchcore.anomaly_map import PatchCoreMap
 from stpm.methods.patchcore.coreset import bank_rows, fit_bank
@@ -38,6 +41,38 @@ def _features(features: PatchFeatures, data: FitData, run: FitRun, batch_size: i
         bar.close()
 
 
+def _patch_folds(data: FitData, patches: int, positions: int) -> torch.Tensor | None:
+    """The fold of each training patch (its image's, FitData.folds), in collect_features' order."""
+    if data.folds is None:
+        return None
+    tiles = data.train
+    tile_image = np.repeat(np.arange(len(tiles)), np.diff(tiles.offsets))
+    per_tile = positions // len(tiles.tiles)  # every tile has the same h x w grid
+    if tiles.padded:
+        grid = round(per_tile ** 0.5)
+        counts = valid_grid(tiles.boxes(), tiles.tiles.shape[1], (grid, grid)).reshape(len(tiles.tiles), -1).sum(1)
+    else:
+        counts = np.full(len(tiles.tiles), per_tile)
+    folds = np.repeat(np.asarray(data.folds)[tile_image], counts)
+    if len(folds) != patches:
+        raise RuntimeError(f"{len(folds)} patch folds for {patches} patches")
+    return torch.from_numpy(folds.astype(np.int64))
+
+
+def _without_fold(amap: PatchCoreMap, bank_folds: torch.Tensor) -> Callable[[int], PatchCoreMap]:
+    """Fold k -> the map module on the bank rows chosen from the other folds (their own coreset: the chunks
+    never mix folds), sharing the teacher; on the device and with the smoothing `amap` has then."""
+
+    def build(k: int) -> PatchCoreMap:
+        rows = bank_folds != k
+        if not bool(rows.any()):
+            raise ValueError(f"every memory-bank row comes from fold {k}")
+        return PatchCoreMap(amap.features, amap.bank[rows.to(amap.bank.device)], amap.sigma).eval().to(
+            amap.bank.device)
+
+    return build
+
+
 class PatchCore(Method):
     def fit(self, cfg: Any, train: Any, data: FitData, run: FitRun) -> Fitted:
         t0 = time.monotonic()
@@ -46,7 +81,8 @@ class PatchCore(Method):
         t1 = time.monotonic()
         n = len(data.train.tiles)
         run.report({"phase": "memory bank (coreset)", "epoch": 1, "epochs": 1, "step": n, "steps": n})
-        bank = fit_bank(patches, bank_rows(len(patches), cfg.coreset_ratio, cfg.bank_size), seed=data.seed)
+        bank, bank_folds = fit_bank(patches, bank_rows(len(patches), cfg.coreset_ratio, cfg.bank_size),
+                                    seed=data.seed, groups=_patch_folds(data, len(patches), positions))
         t2 = time.monotonic()
         sigma = SPEC.default_sigma if cfg.sigma is None else float(cfg.sigma)  # model selection may change it
         amap = PatchCoreMap(features.cpu(), bank, sigma).eval()
@@ -56,7 +92,8 @@ class PatchCore(Method):
                 "seconds": round(t2 - t0, 2)}
         record = {"epochs_run": 0, "best_epoch": 0, "best_val_loss": None, "stopped_early": False, "history": [],
                   "patchcore": info}
-        return Fitted(amap, source, record, dict(info), t2 - t0)
+        without = _without_fold(amap, bank_folds) if bank_folds is not None else None
+        return Fitted(amap, source, record, dict(info), t2 - t0, without_fold=without)
 
     def save(self, amap: PatchCoreMap, folder: Path) -> list[str]:
         teacher = {k: v.detach().cpu().contiguous() for k, v in amap.features.teacher.state_dict().items()}
