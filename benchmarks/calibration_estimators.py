@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stpm.options import CalibrationOptions  # noqa: E402
-from stpm.training.calibration import _spread, calibrate  # noqa: E402
+from stpm.training.calibration import _spread, _target_threshold  # noqa: E402
 from stpm.training.tail import fit_tail  # noqa: E402
 
 Estimator = Callable[[np.ndarray, float], float]
@@ -99,6 +99,17 @@ def _predictive(family: str, transform: str) -> Estimator:
     return lambda s, a: fit_tail(s, family, transform).threshold(a)  # type: ignore[arg-type]
 
 
+def _guarded(family: str, transform: str) -> Estimator:
+    """A predictive fit, with the conformal bound where the scores contradict it (stpm.training.calibration's
+    target_fpr rule, on this family)."""
+
+    def est(s: np.ndarray, a: float) -> float:
+        thr, _ = _target_threshold(s, fit_tail(s, family, transform), a)  # type: ignore[arg-type]
+        return thr
+
+    return est
+
+
 ESTIMATORS: dict[str, Estimator] = {
     "max_margin (old default)": lambda s, a: float(s.max()) + CalibrationOptions().margin * _spread(s),
     "empirical quantile": lambda s, a: float(np.quantile(s, 1 - a)),
@@ -111,10 +122,10 @@ ESTIMATORS: dict[str, Estimator] = {
     "GPD on the top 30 %": _gpd,
     "normal predictive": _predictive("normal", "identity"),
     "log-normal predictive": _predictive("normal", "log"),
-    "log-normal predictive, conformal where the tail is heavier (default)": lambda s, a: calibrate(
-        s, CalibrationOptions(target_fpr=a)).threshold,
+    "log-normal predictive, conformal where the tail is heavier": _guarded("normal", "log"),
     "Gumbel predictive": _predictive("gumbel", "identity"),
     "log-Gumbel predictive": _predictive("gumbel", "log"),
+    "Gumbel predictive, conformal where the tail is heavier": _guarded("gumbel", "identity"),
 }
 
 KNOWN: dict[str, stats.rv_continuous] = {
@@ -134,16 +145,19 @@ def max_of_exponentials() -> stats.rv_continuous:
     return stats.gumbel_r(np.log(500), 1)  # the exact limit; within 0.2 % of the finite maximum's tail
 
 
-def known_distributions(alphas: tuple[float, ...], ns: tuple[int, ...], reps: int) -> list[dict]:
-    """Every estimator on samples of n from each known distribution: the true rate at its threshold."""
+def known_distributions(alphas: tuple[float, ...], ns: tuple[int, ...], reps: int,
+                        only: list[str] | None = None) -> list[dict]:
+    """Every estimator (or those in `only`) on samples of n from each known distribution: the true rate at
+    its threshold."""
     rows = []
+    estimators = {k: v for k, v in ESTIMATORS.items() if only is None or k in only}
     dists = {**KNOWN, "max of 500 exponentials": max_of_exponentials()}
     for dname, dist in dists.items():
         for n in ns:
             samples = dist.rvs(size=(reps, n), random_state=np.random.default_rng(n))
             median = float(dist.median())
             for a in alphas:
-                for ename, est in ESTIMATORS.items():
+                for ename, est in estimators.items():
                     thr = np.array([est(s, a) for s in samples])
                     fpr = dist.sf(thr)
                     rows.append({"distribution": dname, "n": n, "alpha": a, "estimator": ename,
@@ -201,8 +215,15 @@ def main() -> int:
     earlier = json.loads(Path(a.known_from).read_text()) if a.known_from else None
     res = {"command": " ".join(["benchmarks/calibration_estimators.py", *sys.argv[1:]]),
            "known": earlier["known"] if earlier else known_distributions(alphas, ns, a.reps)}
-    if earlier:  # the known-distribution rows came from this earlier command
+    if earlier:  # the known-distribution rows came from this earlier command; estimators it lacks are added
         res["known_command"] = earlier.get("known_command", earlier["command"])
+        have = {r["estimator"] for r in res["known"]}
+        missing = [e for e in ESTIMATORS if e not in have]
+        if missing:
+            res["known"] = [r for r in res["known"] if r["estimator"] in ESTIMATORS] + known_distributions(
+                tuple(sorted({r["alpha"] for r in res["known"]})), tuple(sorted({r["n"] for r in res["known"]})),
+                a.reps, missing)
+            res["known_command"] += f" (rows of {', '.join(missing)}: {res['command']})"
     if Path(a.scores).is_file():
         scores = json.loads(Path(a.scores).read_text())
         runs = [r["scores"] for r in scores["rows"]] if a.scores_from_quality else scores["runs"]

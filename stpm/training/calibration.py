@@ -35,8 +35,8 @@ from stpm.training.tail import INTERVAL, TailFit, fit_tail
 
 REL_SPREAD_FLOOR = 0.05
 MIN_TAIL_IMAGES = 5  # fewer held-out good scores: no tail estimate (max_margin, recorded)
-TAIL_FAMILY = "normal"  # chosen by measurement: benchmarks/calibration_estimators.py, docs/BENCHMARKS.md
-TAIL_TRANSFORM = "log"
+TAIL_FAMILY = "gumbel"  # chosen by measurement: benchmarks/calibration_estimators.py, docs/BENCHMARKS.md
+TAIL_TRANSFORM = "identity"
 TAIL_RULES = ("target_fpr", "synthetic_f1")
 HEAVY_TAIL_P = 0.05  # this few good scores reaching the fitted threshold by chance: the tail is heavier
 
