@@ -26,7 +26,8 @@ from stpm.runtime.scorer import Scorer
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export import bottle_images, make_bundle
 
-needs_openvino = pytest.mark.skipif(cpu.openvino_available() is not None, reason="openvino not installed")
+needs_openvino = pytest.mark.skipif(cpu.openvino_available() is not None,
+                                    reason=str(cpu.openvino_available()))  # not installed, or switched off
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_cpu_flags_read_at_run_time():
     line = next((x for x in text.splitlines() if x.startswith("flags")), None)
     if line is None:
         pytest.skip("no /proc/cpuinfo flags line on this machine")
-    assert flags == frozenset(line.split(":", 1)[1].split())
+    assert flags == frozenset(line.split(":", 1)[1].split()) - cpu.ignored_flags()  # the fp32 run hides some
     # precision support follows the flags, whatever machine runs this
     assert cpu.cpu_precision_support("bf16", frozenset({"avx2"})) is not None
     assert cpu.cpu_precision_support("bf16", frozenset({"avx512_bf16"})) is None
@@ -67,6 +68,23 @@ def test_cpu_flags_read_at_run_time():
     assert cpu.cpu_precision_support("int8", frozenset({"avx2"})) is not None
     assert cpu.cpu_precision_support("int8", frozenset({"avx_vnni"})) is None
     assert cpu.cpu_precision_support("fp32", frozenset()) is None
+
+
+def test_the_switches_hide_cpu_flags_and_openvino(monkeypatch):
+    """STPM_CPU_IGNORE_FLAGS and STPM_NO_OPENVINO (scripts/test.sh --fp32): this CPU as one without them."""
+    reported = frozenset({"sse2", "avx2", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(cpu, "_reported_flags", lambda: reported)
+    cpu.cpu_flags.cache_clear()
+    try:
+        monkeypatch.setenv(cpu.IGNORE_FLAGS_ENV, "avx512_bf16, amx_bf16")
+        assert cpu.cpu_flags() == {"sse2", "avx2"} and cpu.cpu_precision_support("bf16") is not None
+        cpu.cpu_flags.cache_clear()
+        monkeypatch.delenv(cpu.IGNORE_FLAGS_ENV)
+        assert cpu.cpu_precision_support("bf16") is None
+    finally:
+        cpu.cpu_flags.cache_clear()
+    monkeypatch.setenv(cpu.NO_OPENVINO_ENV, "1")
+    assert cpu.openvino_available() == "OpenVINO is switched off (STPM_NO_OPENVINO=1)"
 
 
 def test_both_backends_read_the_same_onnx_metadata(tiny):
