@@ -26,7 +26,8 @@ from stpm.runtime.scorer import Scorer
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export import bottle_images, make_bundle
 
-needs_openvino = pytest.mark.skipif(cpu.openvino_available() is not None, reason="openvino not installed")
+needs_openvino = pytest.mark.skipif(cpu.openvino_available() is not None,
+                                    reason=str(cpu.openvino_available()))  # not installed, or switched off
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_cpu_flags_read_at_run_time():
     line = next((x for x in text.splitlines() if x.startswith("flags")), None)
     if line is None:
         pytest.skip("no /proc/cpuinfo flags line on this machine")
-    assert flags == frozenset(line.split(":", 1)[1].split())
+    assert flags == frozenset(line.split(":", 1)[1].split()) - cpu.ignored_flags()  # the fp32 run hides some
     # precision support follows the flags, whatever machine runs this
     assert cpu.cpu_precision_support("bf16", frozenset({"avx2"})) is not None
     assert cpu.cpu_precision_support("bf16", frozenset({"avx512_bf16"})) is None
@@ -67,6 +68,23 @@ def test_cpu_flags_read_at_run_time():
     assert cpu.cpu_precision_support("int8", frozenset({"avx2"})) is not None
     assert cpu.cpu_precision_support("int8", frozenset({"avx_vnni"})) is None
     assert cpu.cpu_precision_support("fp32", frozenset()) is None
+
+
+def test_the_switches_hide_cpu_flags_and_openvino(monkeypatch):
+    """STPM_CPU_IGNORE_FLAGS and STPM_NO_OPENVINO (scripts/test.sh --fp32): this CPU as one without them."""
+    reported = frozenset({"sse2", "avx2", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(cpu, "_reported_flags", lambda: reported)
+    cpu.cpu_flags.cache_clear()
+    try:
+        monkeypatch.setenv(cpu.IGNORE_FLAGS_ENV, "avx512_bf16, amx_bf16")
+        assert cpu.cpu_flags() == {"sse2", "avx2"} and cpu.cpu_precision_support("bf16") is not None
+        cpu.cpu_flags.cache_clear()
+        monkeypatch.delenv(cpu.IGNORE_FLAGS_ENV)
+        assert cpu.cpu_precision_support("bf16") is None
+    finally:
+        cpu.cpu_flags.cache_clear()
+    monkeypatch.setenv(cpu.NO_OPENVINO_ENV, "1")
+    assert cpu.openvino_available() == "OpenVINO is switched off (STPM_NO_OPENVINO=1)"
 
 
 def test_both_backends_read_the_same_onnx_metadata(tiny):
@@ -96,8 +114,12 @@ def test_auto_times_the_candidates_and_says_which(tiny):
     s = Scorer(tiny, backend="auto", precision="auto", intra_op_threads=1)
     sel = s.selection
     assert (sel.requested_backend, sel.requested_precision) == ("auto", "auto")
-    expected = {"onnxruntime/fp32"} | ({"openvino/fp32"} if cpu.openvino_available() is None else set())
-    assert expected <= set(sel.timings_ms) and f"{s.backend}/{s.precision}" in sel.timings_ms
+    with_openvino = cpu.openvino_available() is None
+    if with_openvino or sel.timings_ms:  # two candidates or more: each timed, the chosen one among them
+        expected = {"onnxruntime/fp32"} | ({"openvino/fp32"} if with_openvino else set())
+        assert expected <= set(sel.timings_ms) and f"{s.backend}/{s.precision}" in sel.timings_ms
+    else:  # ONNX Runtime fp32 alone (OpenVINO missing or switched off, no faster precision here): not timed
+        assert (s.backend, s.precision) == ("onnxruntime", "fp32") and sel.reason == "the only candidate"
     if len(sel.timings_ms) > 1:
         assert sel.reason.startswith("fastest on this machine")
         fastest = min(sel.timings_ms.values())
@@ -123,6 +145,7 @@ def test_missing_precision_falls_back_to_fp32_with_a_warning(tiny, tmp_path, cap
         assert len(s.score([np.zeros((64, 64, 3), np.uint8)])) == 1
 
 
+@needs_openvino  # the one backend that runs bf16: without it no CPU flag is consulted
 def test_bf16_needs_the_cpu_flags(tiny, tmp_path, monkeypatch):
     b = copy_of(tiny, tmp_path)
     m = bundle.read_manifest(b)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from tests.conftest import METAL_PLATE, require
 
+from stpm.bundle.calibration import Calibration
 from stpm.options import ModelOptions, TrainingOptions, TrainOptions
 from stpm.methods import registry
 from stpm.methods.patchcore.anomaly_map import nearest_distance
@@ -161,17 +162,28 @@ def test_tiled_memory_bank_map_peaks_at_a_pasted_defect_in_onnx(tmp_path):
     y, x, s = DEFECT
     margin = 24  # input px: about the stride-16 layer's cell plus the 3 x 3 neighbourhood, (16 + 8) / 1.07
     for seed in (100, 101):
-        rb, rg = scorer.score([with_defect(texture(seed)), texture(seed)], map_size="input")
-        assert rb.raw_score > 2 * rg.raw_score and rb.is_anomaly
+        bad, good = with_defect(texture(seed)), texture(seed)
+        rb, rg = scorer.score([bad, good])
+        # measured raw ratio bad / good: 2.74-2.78 (this Xeon, AVX-512/AMX; the same capped at AVX2)
+        assert rb.raw_score > 2 * rg.raw_score, (seed, rb.raw_score, rg.raw_score)
+        # maps read at a calibration made from the pair's scores (threshold halfway, low 0): the raw maps
+        # scaled, never clipped (at the bundle's threshold the good map clipped to 0 and the defect's to 1
+        # over whole regions, and these comparisons held by clipping; argmax took the first saturated pixel)
+        scorer.calibration = Calibration(threshold=(rb.raw_score + rg.raw_score) / 2, low=0.0)
+        rb, rg = scorer.score([bad, good], map_size="input")
+        assert rb.is_anomaly and not rg.is_anomaly and rb.anomaly_map.max() < 1.0
         assert rb.tiles == 3 and rb.scaled_size == (128, 320) and rb.anomaly_map.shape == (H, W)  # 1:2.5 kept
         # the defect lights up: its whole square is above anything on the good image, and the map's
         # maximum lies in its columns (vertically the deep layer's large receptive field can pull it
         # towards the edge of the square's influence on these 120 px high stripes)
-        assert rb.anomaly_map[y:y + s, x:x + s].min() > rg.anomaly_map.max(), seed
+        square = rb.anomaly_map[y:y + s, x:x + s]
+        # measured: the square's minimum / the good map's maximum 1.59-1.66, the maximum in its columns /
+        # elsewhere 1.45-1.48, far / good at most 1.0 (AVX-512/AMX and AVX2 alike)
+        assert square.min() > rg.anomaly_map.max(), (seed, square.min() / rg.anomaly_map.max())
         py, px = np.unravel_index(np.argmax(rb.anomaly_map), rb.anomaly_map.shape)
         assert x - margin <= px < x + s + margin and abs(py - (y + s / 2)) < H / 3, (seed, py, px)
         far = rb.anomaly_map[:, :x - 3 * margin]  # two tiles away from the defect: as good as the good image
-        assert far.max() <= rg.anomaly_map.max() * 1.05 + 1e-3, seed
+        assert far.max() <= rg.anomaly_map.max() * 1.05 + 1e-3, (seed, far.max() / rg.anomaly_map.max())
 
 
 @pytest.mark.slow
@@ -204,10 +216,11 @@ def test_bf16_search_split_is_the_same_graph_in_two_parts(plate_bundle):
     and the outputs are the whole graph's; on a CPU with bf16 the session runs f32 features + a bf16
     search, whose image scores stay within 2 % of fp32 on real test images (whole-graph bf16 moved them
     by up to ~3 % on the trained bundles: docs/BENCHMARKS.md, Peer)."""
-    pytest.importorskip("openvino", reason="openvino is a scoring dependency")
-    import openvino as ov
-
     from stpm.runtime import cpu, sessions
+
+    if cpu.openvino_available() is not None:  # not installed, or switched off (scripts/test.sh --fp32)
+        pytest.skip(cpu.openvino_available())
+    import openvino as ov
 
     from stpm.bundle.manifest import Manifest
     from stpm.imaging.geometry import tile_images

@@ -100,7 +100,9 @@ def test_bundle_reproduces_the_model_as_trained(run):
     scores = assert_reproduces(out.model, out.path, test)
     scorer = stpm.load(out.path, device="cpu")
     scorer.calibration, half_gap = threshold_in_widest_gap(scores)
-    assert half_gap > ATOL / manifest.calibration.scale  # the parity tolerance, in raw units (asserted above)
+    # the parity tolerance, in raw units (asserted above); measured: the half gap is 66 x it (AVX-512/AMX)
+    # and 324 x (torch capped at AVX2)
+    assert half_gap > ATOL / manifest.calibration.scale
     results = scorer.score(test, map_size="model")
     assert [r.is_anomaly for r in results] == list(scores >= scorer.calibration.threshold), "decisions differ"
     assert 0 < sum(r.is_anomaly for r in results) < len(test), "decisions on both sides are compared"

@@ -62,6 +62,8 @@ def test_scores_match_torch_and_decisions(scorer, real):
     span = scorer.threshold - scorer.low
     np.testing.assert_allclose(raw, ref, rtol=1e-4, atol=1e-3 * span)
     assert [r.is_anomaly for r in res] == list(ref >= scorer.threshold)
+    # both sides by construction (make_bundle calibrates on the lower half of these very scores); the score
+    # nearest the threshold lies 0.088 spans from it (AVX-512 and AVX2 alike), 88 x the tolerance above
     assert 0 < sum(r.is_anomaly for r in res) < len(res)
     for r in res:
         assert r.threshold == scorer.threshold and r.is_anomaly == (r.raw_score >= r.threshold)

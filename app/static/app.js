@@ -786,7 +786,16 @@ async function loadModels() {
       el("p", {}, "Train one from a folder of good images in the ", el("a", { href: "#train", onclick: (e) => { e.preventDefault(); showTab("train"); }, text: "Train tab" }), ".")));
     return;
   }
+  // a re-render (the page's two loads on opening #models, Refresh, an activation) keeps open panels open
+  const open = [...box.querySelectorAll("section.model tr[data-version] details.version-details[open]")]
+    .map((d) => [d.closest("section.model").dataset.model, d.closest("tr").dataset.version]);
   box.replaceChildren(...state.models.map(modelCard));
+  for (const [name, version] of open) {
+    const section = [...box.querySelectorAll("section.model")].find((s) => s.dataset.model === name);
+    const row = section && [...section.querySelectorAll("tr[data-version]")].find((r) => r.dataset.version === version);
+    const details = row && row.querySelector("details.version-details");
+    if (details) details.open = true;  // its toggle listener loads the details again
+  }
 }
 
 function modelCard(m) {

@@ -77,7 +77,7 @@ def check_bf16(
     nothing is measured: the record says so and bf16 is not shipped (re-run on a bf16 machine)."""
     bundle_dir = Path(bundle_dir)
     manifest = exported_manifest(bundle_dir)
-    why = cpu.openvino_available() or cpu.cpu_precision_support("bf16")
+    why = "; ".join(r for r in (cpu.openvino_available(), cpu.cpu_precision_support("bf16")) if r)
     out: dict[str, Any] = {"backend": "openvino", "file": SCORER_ONNX, "cpu": cpu.cpu_name(),
                            "method": "OpenVINO CPU, INFERENCE_PRECISION_HINT=bf16 on the fp32 graph"}
     # (a memory-bank graph: bf16 for the bank search only, f32 features; the session's `mode` says)
