@@ -172,7 +172,7 @@ def test_the_patchcore_fields_appear_in_the_cli_the_api_and_the_job_runner():
     parser = build_parser("train")
     base = ["train", "d", "--name", "n"]
     m = from_args(parser.parse_args(base)).model
-    assert (m.method, m.sigma, m.image_score, m.coreset_ratio, m.bank_size) == ("patchcore", None, "auto", 0.1, 16384)
+    assert (m.method, m.sigma, m.image_score, m.coreset_ratio, m.bank_size) == ("patchcore", None, "auto", 0.01, 16384)
     m = from_args(parser.parse_args(
         base + ["--method", "stpm", "--sigma", "2.5", "--coreset-ratio", "0.25", "--bank-size", "1000",
                 "--neighbourhood", "5"])).model
