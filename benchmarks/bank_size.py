@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import numpy as np
@@ -112,16 +113,39 @@ def export_variant(models_dir: Path, label: str, rows: int, amap, cal, trained, 
     return str(path)
 
 
-def run_set(name: str, caps: list[int], work: Path, bundles: Path | None) -> dict[str, Any]:
-    """Train the default once on `name`, then measure every bank variant from the same features."""
+def from_bundle(name: str, bundle: Path, config: TrainingOptions):
+    """A default bundle trained earlier on `name` (e.g. by a run that was stopped) and the patch features its fit
+    saw, recomputed by PatchCore's own feature step on the same training tiles with the bundle's teacher."""
+    from stpm.methods.base import FitData, FitRun, Fitted
+    from stpm.methods.loading import load_map, model_options
+
+    amap, manifest = load_map(bundle)
+    images = load_good_images(DATASETS[name], config, False)
+    data = FitData(images.train, images.val, config.train.seed, torch.Generator())
+    patches, _ = patchcore_method._features(amap.features, data, FitRun(torch.device("cpu"), show_bar=False),
+                                            config.train.batch_size)
+    m = model_options(manifest)
+    same = torch.equal(fit_bank(patches, bank_rows(len(patches), m.coreset_ratio, m.bank_size), config.train.seed),
+                       amap.bank)
+    if not same:
+        raise SystemExit(f"{bundle}: the recomputed patch features do not rebuild the bundle's bank")
+    fitted = Fitted(amap, str(manifest.teacher_weights_source), {})
+    return SimpleNamespace(path=bundle, fitted=fitted), patches
+
+
+def run_set(name: str, caps: list[int], work: Path, bundles: Path | None, bundle: Path | None = None) -> dict[str, Any]:
+    """Train the default once on `name` (or take `bundle`), then measure every bank variant from the same features."""
     from stpm.methods.loading import load_map, model_options
 
     config = TrainingOptions(train=TrainOptions(device="cpu"))
     t0 = time.monotonic()
-    with captured_patches() as seen:
-        trained = run_training(DATASETS[name], name, work, config, export=False, show_bar=False)
+    if bundle is not None:
+        trained, patches = from_bundle(name, bundle, config)
+    else:
+        with captured_patches() as seen:
+            trained = run_training(DATASETS[name], name, work, config, export=False, show_bar=False)
+        patches = seen[-1]
     train_s = time.monotonic() - t0
-    patches = seen[-1]
     _, manifest = load_map(trained.path)
     cfg = model_options(manifest)  # the default as trained: sigma and image score as selection chose them
     images = load_good_images(DATASETS[name], config, False)
@@ -136,7 +160,7 @@ def run_set(name: str, caps: list[int], work: Path, bundles: Path | None) -> dic
             continue
         done[rows] = label
         row, amap, cal = measure(name, rows, patches, trained, manifest, images, config, cfg)
-        if label == TODAY:
+        if len(amap.bank) == len(trained.fitted.amap.bank):  # the default's own bank, rebuilt: it must be equal
             row["same_as_trained_bank"] = bool(torch.equal(amap.bank, trained.fitted.amap.bank.float()))
         if bundles is not None and name == "bottle":
             row["bundle"] = export_variant(bundles, label, rows, amap, cal, trained, manifest, images)
@@ -151,9 +175,11 @@ def merge(parts: list[Path], out: Path) -> int:
     res = {**runs[0], "command": " ; ".join(r["command"] for r in runs), "sets": {}}
     res["load_average_start"] = max((r["load_average_start"] for r in runs), key=lambda x: x[0])
     res["load_average_end"] = max((r["load_average_end"] for r in runs), key=lambda x: x[0])
-    for r in runs:
+    for r in runs:  # a set measured by several runs (one stopped, one --from-bundle): its banks merged
         for name, s in r["sets"].items():
-            res["sets"][name] = {**s, "command": r["command"]}
+            banks = {k: {**b, "command": r["command"]} for k, b in s.get("banks", {}).items()}
+            old = res["sets"].get(name, {})
+            res["sets"][name] = {**old, **s, "banks": {**old.get("banks", {}), **banks}}
     out.write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
@@ -164,6 +190,8 @@ def main() -> int:
     ap.add_argument("--caps", default="16384,8192,4096,2048")
     ap.add_argument("--bundles", default=None, help="publish the bottle banks as exported bundles here")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bank_size.json"))
+    ap.add_argument("--from-bundle", default=None, metavar="BUNDLE",
+                    help="one set (--datasets): a default bundle trained on it earlier instead of training now")
     ap.add_argument("--merge", nargs="+", default=None, metavar="RESULT",
                     help="no run: the union of the sets of these result files (runs split across processes) -> --out")
     a = ap.parse_args()
@@ -175,7 +203,10 @@ def main() -> int:
                            "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
                            "load_average_start": [round(x, 2) for x in os.getloadavg()], "sets": {}}
     for name in a.datasets.split(","):
-        res["sets"][name] = run_set(name, caps, work, Path(a.bundles) if a.bundles else None)
+        res["sets"][name] = run_set(name, caps, work, Path(a.bundles) if a.bundles else None,
+                                    Path(a.from_bundle) if a.from_bundle else None)
+        if a.from_bundle:
+            res["sets"][name]["from_bundle"] = a.from_bundle
         res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     return 0
