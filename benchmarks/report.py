@@ -26,6 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: `benchmarks` and `stpm` import from the checkout
     sys.path.insert(0, str(ROOT))
+from benchmarks.report_bank import bank_size_markdown, bank_speed_markdown  # noqa: E402  (issue 26's tables)
 from benchmarks.report_faults import scale_faults_markdown  # noqa: E402  (docs/SCALING.md's faults table)
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -609,6 +610,8 @@ BLOCKS: dict[str, Block] = {
     "scale": Block("benchmarks/scale.py", "scale.json", scale_markdown),
     "scale-jobs": Block("benchmarks/scale.py", "scale-jobs.json", scale_markdown),
     "peer": Block("benchmarks/peer.py", "peer.json", peer_markdown),
+    "bank_size": Block("benchmarks/bank_size.py", "bank_size.json", bank_size_markdown),
+    "bank_speed": Block("benchmarks/bank_speed.py", "bank_speed.json", bank_speed_markdown),
     "bf16_split": Block("benchmarks/bf16_split.py", "bf16_split.json", bf16_split_markdown),
     "precision": Block("benchmarks/precision.py", "precision.json", precision_markdown),
     "docker_images": Block("benchmarks/docker_images.py", "docker_images.json", docker_images_markdown,

@@ -172,7 +172,7 @@ def test_the_patchcore_fields_appear_in_the_cli_the_api_and_the_job_runner():
     parser = build_parser("train")
     base = ["train", "d", "--name", "n"]
     m = from_args(parser.parse_args(base)).model
-    assert (m.method, m.sigma, m.image_score, m.coreset_ratio, m.bank_size) == ("patchcore", None, "auto", 0.1, 16384)
+    assert (m.method, m.sigma, m.image_score, m.coreset_ratio, m.bank_size) == ("patchcore", None, "auto", 0.01, 16384)
     m = from_args(parser.parse_args(
         base + ["--method", "stpm", "--sigma", "2.5", "--coreset-ratio", "0.25", "--bank-size", "1000",
                 "--neighbourhood", "5"])).model
@@ -204,7 +204,7 @@ def test_the_patchcore_fields_appear_in_the_cli_the_api_and_the_job_runner():
         r = c.post("/t", data={"method": "stpm", "sigma": "2.5", "bank_size": "1000", "neighbourhood": "5"})
         assert r.status_code == 200, r.text
         m = build(seen).model
-        assert (m.method, m.sigma, m.bank_size, m.coreset_ratio, m.neighbourhood) == ("stpm", 2.5, 1000, 0.1, 5)
+        assert (m.method, m.sigma, m.bank_size, m.coreset_ratio, m.neighbourhood) == ("stpm", 2.5, 1000, 0.01, 5)
         assert c.post("/t", data={"sigma": ""}).status_code == 200 and build(seen).model.sigma is None
         for bad in ({"method": "nearest"}, {"sigma": "-1"}, {"sigma": "nan"}, {"coreset_ratio": "0"},
                     {"bank_size": "1.5"}, {"neighbourhood": "three"}, {"image_score": "median"}, {"bogus": "1"}):

@@ -19,7 +19,7 @@ from stpm.bundle.calibration import Calibration
 from stpm.options import ModelOptions, TrainingOptions, TrainOptions
 from stpm.methods import registry
 from stpm.methods.patchcore.anomaly_map import nearest_distance
-from stpm.methods.patchcore.coreset import greedy_coreset
+from stpm.methods.patchcore.coreset import MIN_BANK, bank_rows, greedy_coreset
 from stpm.training.selection import PER_IMAGE, candidates
 from stpm.training.synthetic import KINDS, make_anomalies
 
@@ -49,6 +49,25 @@ def test_greedy_coreset_is_deterministic_and_covers_better_than_random_rows():
     assert torch.equal(c, d) and len(c) == len(torch.unique(c)) >= 400
     assert torch.cdist(x, x[c]).amin(1).max() < 2.0  # 400 rows in 4 chunks still reach all 40 clusters
     assert torch.equal(greedy_coreset(x, len(x) + 5), torch.arange(len(x)))
+
+
+def test_default_bank_follows_the_ratio_between_the_floor_and_the_cap():
+    """The default bank (issue 26): the ratio of the patches, never fewer than MIN_BANK rows (or every patch when
+    there are fewer), never more than the cap; it grows with the training set and never shrinks."""
+    m = ModelOptions()
+    assert MIN_BANK <= m.bank_size  # else the cap would undercut the floor
+    assert f"at least {MIN_BANK} rows" in ModelOptions.model_fields["coreset_ratio"].description  # --help says it
+
+    def rows(n: int) -> int:
+        return bank_rows(n, m.coreset_ratio, m.bank_size)
+
+    assert rows(500) == 500 and rows(MIN_BANK) == MIN_BANK  # small sets: every patch
+    assert rows(171_008) == MIN_BANK  # a shared set's size (bottle: 167 images x 1024 positions): the floor
+    big = 4 * round(MIN_BANK / m.coreset_ratio)
+    assert rows(big) == round(m.coreset_ratio * big) < m.bank_size  # larger sets: the ratio
+    assert rows(100 * round(m.bank_size / m.coreset_ratio)) == m.bank_size  # very large sets: the cap
+    sizes = [10, 1_000, 50_000, 300_000, 1_000_000, 3_000_000, 30_000_000]
+    assert [rows(n) for n in sizes] == sorted(rows(n) for n in sizes)
 
 
 def test_synthetic_anomalies_are_deterministic_given_the_seed():
