@@ -279,7 +279,7 @@ def run_configs(a: argparse.Namespace) -> int:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps({"command": " ".join(["benchmarks/quality.py", *sys.argv[1:]]),
                                             "machine": machine, "rows": rows}, indent=2))
-    from benchmarks.report import BLOCKS, DOC, RESULTS, decisions_markdown, methods_markdown, write_block
+    from benchmarks.report import BLOCKS, DOC, RESULTS, both_markdown, decisions_markdown, methods_markdown, write_block
 
     res = json.loads(out_path.read_text())
     print(methods_markdown(res))
@@ -287,7 +287,8 @@ def run_configs(a: argparse.Namespace) -> int:
     # quality_methods: the methods table; quality_decisions: the threshold's (only for the result files the
     # docs cite: a scratch run to /tmp leaves the docs alone)
     if out_path.stem in BLOCKS and out_path.resolve().parent == RESULTS.resolve():
-        render = decisions_markdown if out_path.stem == "quality_decisions" else methods_markdown
+        render = {"quality_decisions": decisions_markdown, "quality_methods": methods_markdown}.get(out_path.stem,
+                                                                                                  both_markdown)
         write_block(DOC, out_path.stem, render(res))
     return 0
 

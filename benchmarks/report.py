@@ -81,6 +81,12 @@ def methods_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def both_markdown(res: dict[str, Any]) -> str:
+    """A quality.py run shown whole: the methods table, then its decisions (the command line once)."""
+    decisions = decisions_markdown(res).split("\n", 2)[2]  # without its command line and the blank after it
+    return methods_markdown(res) + "\n\nDecisions at the default threshold and the other rules:\n\n" + decisions
+
+
 def mixed_scale_markdown(res: dict[str, Any]) -> str:
     """benchmarks/mixed_scale.py: one row per mixed-size set and short-side quantile of the scale rule."""
     lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
@@ -618,6 +624,7 @@ class Block:
 BLOCKS: dict[str, Block] = {
     "quality_methods": Block("benchmarks/quality.py", "quality_methods.json", methods_markdown),
     "quality_decisions": Block("benchmarks/quality.py", "quality_decisions.json", decisions_markdown),
+    "quality_mixed": Block("benchmarks/quality.py", "quality_mixed.json", both_markdown),
     "calibration_estimators": Block("benchmarks/calibration_estimators.py", "calibration_estimators.json",
                                     estimators_markdown),
     "quality_128px": Block("benchmarks/quality.py", "quality_128px.json", quality_markdown),
