@@ -124,10 +124,10 @@ def from_bundle(name: str, bundle: Path, config: TrainingOptions):
     images = load_good_images(DATASETS[name], config, False)
     folds = fold_labels(len(images.train_idx), config.calibration.folds, config.train.seed)  # as training did
     data = FitData(images.train, images.val, config.train.seed, torch.Generator(), folds)
-    patches, positions = patchcore_method._features(amap.features, data, FitRun(torch.device("cpu"), show_bar=False),
-                                                    config.train.batch_size)
+    collected = patchcore_method._features(amap.features, data, FitRun(torch.device("cpu"), show_bar=False),
+                                           config.train.batch_size)
     m = model_options(manifest)
-    groups = patchcore_method._patch_folds(data, len(patches), positions)
+    groups, patches = patchcore_method._patch_folds(data, collected), collected.features
     rebuilt, _ = fit_bank(patches, bank_rows(len(patches), m.coreset_ratio, m.bank_size), config.train.seed, groups)
     same = torch.equal(rebuilt, amap.bank)
     if not same:

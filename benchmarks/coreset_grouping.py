@@ -34,8 +34,8 @@ amap, manifest = load_map(bundle)
 images = load_good_images(DATASETS["kolektorsdd"], config, False)
 folds = fold_labels(len(images.train_idx), 5, 0)
 data = FitData(images.train, images.val, 0, torch.Generator(), folds)
-patches, positions = pm._features(amap.features, data, FitRun(torch.device("cpu"), show_bar=False), 16)
-groups = pm._patch_folds(data, len(patches), positions)
+collected = pm._features(amap.features, data, FitRun(torch.device("cpu"), show_bar=False), 16)
+groups, patches = pm._patch_folds(data, collected), collected.features
 m = model_options(manifest)
 rows = bank_rows(len(patches), m.coreset_ratio, m.bank_size)
 out = []

@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.1, help="paper: 0.4 at batch 32; scaled linearly")
     ap.add_argument("--datasets", default=",".join(DATASETS))
-    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, stpm")
+    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, search (--search-settings), stpm")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--students", default=None, help="'all' or a comma list of " + ", ".join(STUDENTS) +
                     ": the STPM student comparison instead of --configs")
@@ -145,15 +145,18 @@ def main() -> int:
 
 
 def config_of(label: str, a: argparse.Namespace) -> tuple[ModelOptions, TrainOptions]:
-    """default: what `stpm train DATA --name X` does (only the device set); stpm: STPM on the same
+    """default: what `stpm train DATA --name X` does (only the device set); search: the same with
+    `--search-settings`; stpm: STPM on the same
     default teacher with the ResNet18 student (it beat the same-family student, quality_256px) and a
     short schedule (--epochs, --batch-size, --lr)."""
     if label == "default":
         return ModelOptions(), TrainOptions(device=a.device)
+    if label == "search":  # the defaults with the opt-in settings search (resolution and layers, issue 25)
+        return ModelOptions(), TrainOptions(device=a.device, search_settings=True)
     if label == "stpm":
         return (ModelOptions(method="stpm", student_backbone="resnet18", image_size=a.image_size),
                 TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device))
-    raise SystemExit(f"unknown config {label!r}: default or stpm")
+    raise SystemExit(f"unknown config {label!r}: default, search or stpm")
 
 
 def machine_line() -> str:
@@ -276,13 +279,16 @@ def run_configs(a: argparse.Namespace) -> int:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps({"command": " ".join(["benchmarks/quality.py", *sys.argv[1:]]),
                                             "machine": machine, "rows": rows}, indent=2))
-    from benchmarks.report import BLOCKS, DOC, decisions_markdown, methods_markdown, write_block
+    from benchmarks.report import BLOCKS, DOC, RESULTS, both_markdown, decisions_markdown, methods_markdown, write_block
 
     res = json.loads(out_path.read_text())
     print(methods_markdown(res))
     print(decisions_markdown(res))
-    if out_path.stem in BLOCKS:  # quality_methods: the methods table; quality_decisions: the threshold's
-        render = decisions_markdown if out_path.stem == "quality_decisions" else methods_markdown
+    # quality_methods: the methods table; quality_decisions: the threshold's (only for the result files the
+    # docs cite: a scratch run to /tmp leaves the docs alone)
+    if out_path.stem in BLOCKS and out_path.resolve().parent == RESULTS.resolve():
+        render = {"quality_decisions": decisions_markdown, "quality_methods": methods_markdown}.get(out_path.stem,
+                                                                                                  both_markdown)
         write_block(DOC, out_path.stem, render(res))
     return 0
 

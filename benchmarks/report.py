@@ -81,6 +81,12 @@ def methods_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def both_markdown(res: dict[str, Any]) -> str:
+    """A quality.py run shown whole: the methods table, then its decisions (the command line once)."""
+    decisions = decisions_markdown(res).split("\n", 2)[2]  # without its command line and the blank after it
+    return methods_markdown(res) + "\n\nDecisions at the default threshold and the other rules:\n\n" + decisions
+
+
 def mixed_scale_markdown(res: dict[str, Any]) -> str:
     """benchmarks/mixed_scale.py: one row per mixed-size set and short-side quantile of the scale rule."""
     lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
@@ -151,12 +157,41 @@ def decisions_markdown(res: dict[str, Any]) -> str:
                 f"| {d['precision']:.2f} / {d['recall']:.2f} | {f'{t[0]:.2f} / {t[1]:.2f}' if t else '—'} | {met} |")
     lines += ["", "What model selection chose (on synthetic anomalies of the held-out good images):", ""]
     lines += [f"- {r['dataset']}: {_chosen(r)}" for r in res["rows"]]
+    ceilings = [_ceiling(r) for r in res["rows"] if (r.get("scores") or {}).get("test_scores")]
+    if ceilings:
+        lines += ["", "What the ranking allows: the highest recall on test at the target precision over *every* "
+                  "threshold (an oracle that reads the test labels: no rule without them can do better), the "
+                  "highest threshold that gives it, and the share of the good calibration scores (held out and out of "
+                  "fold) at or above it, the false-positive rate that threshold would be expected to have:", ""]
+        lines += ceilings
     spread = [_good_medians(r) for r in res["rows"] if (r.get("scores") or {}).get("out_of_fold_good")]
     if spread:
         lines += ["", "The good images' scores by source (median, and the 90th percentile): held-out images (scored by "
                   "the final model), training images scored out of fold (by the bank without their fold), and "
                   "test/good (unseen):", ""] + spread
     return "\n".join(lines)
+
+
+def _ceiling(row: dict[str, Any]) -> str:
+    """The best test recall at the issue's target precision over every threshold, for one quality row."""
+    s = row["scores"]
+    scores = [float(v) for v in s["test_scores"]]
+    bad = [d != "good" for d in s["test_defects"]]
+    target_p = DECISION_TARGETS.get(row["dataset"], (0.90, 0.0))[0]
+    best = None  # (recall, precision, threshold): of equal recalls the highest threshold (fewest false alarms)
+    for thr in sorted(set(scores), reverse=True):
+        tp = sum(v >= thr for v, b in zip(scores, bad) if b)
+        fp = sum(v >= thr for v, b in zip(scores, bad) if not b)
+        if tp and tp / (tp + fp) >= target_p and (best is None or tp / sum(bad) > best[0]):
+            best = (tp / sum(bad), tp / (tp + fp), thr)
+    if best is None:
+        return f"- {row['dataset']}: no threshold reaches precision {target_p:.2f} on test"
+    pool = [float(v) for v in (s.get("val_good") or []) + (s.get("out_of_fold_good") or [])]
+    share = f"; {_pct(sum(v >= best[2] for v in pool) / len(pool))} of the {len(pool)} calibration scores" if pool else ""
+    default = (row.get("decisions") or {}).get("default")
+    now = f" (the default threshold: {default['recall']:.2f})" if default else ""
+    return (f"- {row['dataset']}: recall {best[0]:.2f} at precision {best[1]:.2f} (>= {target_p:.2f}){now}, "
+            f"threshold {best[2]:.4g}{share}")
 
 
 def _good_medians(row: dict[str, Any]) -> str:
@@ -589,6 +624,7 @@ class Block:
 BLOCKS: dict[str, Block] = {
     "quality_methods": Block("benchmarks/quality.py", "quality_methods.json", methods_markdown),
     "quality_decisions": Block("benchmarks/quality.py", "quality_decisions.json", decisions_markdown),
+    "quality_mixed": Block("benchmarks/quality.py", "quality_mixed.json", both_markdown),
     "calibration_estimators": Block("benchmarks/calibration_estimators.py", "calibration_estimators.json",
                                     estimators_markdown),
     "quality_128px": Block("benchmarks/quality.py", "quality_128px.json", quality_markdown),

@@ -52,9 +52,10 @@ def test_patchcore_bank_has_no_row_from_padding():
     assert tiled.padded
     data = FitData(tiled, tiled, 0, torch.Generator().manual_seed(0))
     fitted = PatchCore().fit(cfg, TrainOptions(batch_size=4), data, FitRun(torch.device("cpu"), show_bar=False))
-    every, positions = collect_features(fitted.amap.features, tiled.tiles, torch.device("cpu"), 4)
+    every, positions, tile = collect_features(fitted.amap.features, tiled.tiles, torch.device("cpu"), 4)
     grid = (SIZE // 8, SIZE // 8)  # layer2 of resnet18: stride 8
     assert positions == len(every) == len(tiled.tiles) * grid[0] * grid[1]
+    assert np.array_equal(tile, np.repeat(np.arange(len(tiled.tiles)), grid[0] * grid[1]))
     own = valid_grid(tiled.boxes(), SIZE, grid).reshape(-1)
     info = fitted.record["patchcore"]
     assert info["n_patches"] == own.sum() and info["n_padding_positions"] == (~own).sum() > 0
@@ -63,6 +64,32 @@ def test_patchcore_bank_has_no_row_from_padding():
     nearest = torch.cdist(bank, every).min(dim=1)
     assert float(nearest.values.max()) < 1e-3 * float(every.norm(dim=1).mean())
     assert own[nearest.indices.numpy()].all()  # every bank row comes from the image's own positions
+
+
+def test_patchcore_patch_folds_follow_their_images_through_padding():
+    """Cross-fitting groups the coreset by the fold of each patch's image: with padded tiles (fewer patches
+    per tile) and images of several tiles, each patch carries its own image's fold, and the counts add up."""
+    from stpm.methods import registry
+    from stpm.methods.base import FitData, FitRun
+    from stpm.methods.patchcore.features import build_features
+    from stpm.methods.patchcore.method import _features, _patch_folds
+
+    cfg = registry.spec("patchcore").resolve(ModelOptions(backbone="resnet18", pretrained=False, image_size=SIZE))
+    sizes = [(30, 90), (64, 64), (20, 20), (100, 40), (150, 70)]  # padded ones and ones of several tiles
+    tiled = tile_images(textures(sizes), Geometry(SIZE, 1.0, small_images="pad"))
+    assert tiled.padded and len(tiled.tiles) > len(sizes)
+    folds = [3, 0, 4, 1, 2]
+    data = FitData(tiled, tiled, 0, torch.Generator().manual_seed(0), folds)
+    features, _ = build_features(cfg)
+    patches = _features(features, data, FitRun(torch.device("cpu"), show_bar=False), 4)
+    got = _patch_folds(data, patches).numpy()
+    assert len(got) == len(patches.features) < patches.positions  # padding gave no patch
+    grid = (SIZE // 8, SIZE // 8)
+    per_tile = valid_grid(tiled.boxes(), SIZE, grid).reshape(len(tiled.tiles), -1).sum(1)
+    tile_image = np.repeat(np.arange(len(sizes)), np.diff(tiled.offsets))
+    for image, fold in enumerate(folds):
+        assert (got == fold).sum() == per_tile[tile_image == image].sum() > 0
+    assert np.array_equal(got, np.repeat(np.asarray(folds)[tile_image], per_tile))
 
 
 def test_stpm_loss_ignores_padded_positions():

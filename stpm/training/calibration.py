@@ -120,7 +120,7 @@ def _notes(s: np.ndarray, cfg: CalibrationOptions, fit: TailFit | None, thr: flo
                      f"threshold where {cfg.target_fpr * s.size:.1f} were expected; the threshold is the conformal "
                      f"bound instead (the {k}-th of the {s.size} good scores)")
     if cfg.method in TAIL_RULES and fit is None:
-        notes.append(f"{s.size} held-out good score(s), fewer than the {MIN_TAIL_IMAGES} a tail estimate needs: "
+        notes.append(f"{s.size} good calibration score(s), fewer than the {MIN_TAIL_IMAGES} a tail estimate needs: "
                      f"max_margin used instead of {cfg.method}")
     if cfg.method == "synthetic_f1" and not synthetic.size:
         notes.append("no synthetic anomaly scores: the target_fpr threshold is used")
@@ -128,7 +128,8 @@ def _notes(s: np.ndarray, cfg: CalibrationOptions, fit: TailFit | None, thr: flo
         notes.append("the rule's threshold lay below the median good score and was raised to it")
     if fit is not None and thr < float(s.max()):
         n_above = int(np.sum(s >= thr))
-        notes.append(f"{n_above} of the {s.size} held-out good images score at or above the threshold")
+        notes.append(f"{n_above} of the {s.size} good calibration images (held out or out of fold) score at or "
+                     "above the threshold")
     return notes
 
 

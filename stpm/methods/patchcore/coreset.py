@@ -44,7 +44,7 @@ def _chunks(m: int, groups: torch.Tensor | None, n: int, chunk: int, g: torch.Ge
     for idx in members:
         mg = len(idx)
         parts = math.ceil(mg / chunk)
-        n_g = n if groups is None else math.ceil(n * mg / m)
+        n_g = math.ceil(n * mg / m)  # all n when there are no groups (mg == m)
         for c in range(parts):
             chunks.append(idx[c * mg // parts:(c + 1) * mg // parts])
             wanted.append(min(len(chunks[-1]), math.ceil(n_g / parts)))

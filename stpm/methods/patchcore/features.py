@@ -4,6 +4,7 @@ over a neighbourhood, brought to the finest layer's grid and concatenated (one D
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +54,14 @@ class PatchFeatures(nn.Module):
         return torch.cat(out, dim=1)
 
 
+class Patches(NamedTuple):
+    """What collect_features gathers from a set of tiles."""
+
+    features: torch.Tensor  # float32 [M, D] on the CPU, in tile order, row-major within a tile
+    positions: int  # T * h * w: every grid position, padding included
+    tile: np.ndarray  # int64 [M]: the tile each feature comes from
+
+
 @torch.no_grad()
 def collect_features(
     features: PatchFeatures,
@@ -61,27 +70,27 @@ def collect_features(
     batch_size: int = 16,
     on_batch: Callable[[int, int], None] | None = None,
     boxes: np.ndarray | None = None,
-) -> tuple[torch.Tensor, int]:
-    """uint8 tiles [T, S, S, 3] -> (patch features [M, D] float32 on the CPU, T * h * w: every position).
-    M = T * h * w, or with `boxes` (int [T, 4], each tile's own pixels, stpm.imaging.geometry.tile_boxes)
-    only the positions whose receptive centre lies in them: padding gives no feature."""
+) -> Patches:
+    """uint8 tiles [T, S, S, 3] -> Patches: M = T * h * w features, or with `boxes` (int [T, 4], each
+    tile's own pixels, stpm.imaging.geometry.tile_boxes) only the positions whose receptive centre lies in
+    them (padding gives no feature), and the tile of each."""
     features.eval()
-    out, positions = [], 0
+    out, tile_of, positions = [], [], 0
     for i in range(0, len(tiles), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(tiles[i:i + batch_size])).to(device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         f = features(x).permute(0, 2, 3, 1)  # [B, h, w, D]
         positions += f.shape[0] * f.shape[1] * f.shape[2]
-        if boxes is None:
-            out.append(f.reshape(-1, f.shape[-1]).float().cpu())
-        else:
-            keep = valid_grid(boxes[i:i + batch_size], tiles.shape[1], (f.shape[1], f.shape[2]))
-            out.append(f[torch.from_numpy(keep).to(f.device)].float().cpu())
+        keep = (np.ones(f.shape[:3], dtype=bool) if boxes is None
+                else valid_grid(boxes[i:i + batch_size], tiles.shape[1], (f.shape[1], f.shape[2])))
+        out.append(f.reshape(-1, f.shape[-1]).float().cpu() if boxes is None
+                   else f[torch.from_numpy(keep).to(f.device)].float().cpu())
+        tile_of.append(np.repeat(np.arange(i, i + f.shape[0]), keep.reshape(f.shape[0], -1).sum(1)))
         if on_batch is not None:
             on_batch(min(i + batch_size, len(tiles)), len(tiles))
     if not out or sum(len(o) for o in out) == 0:
         raise ValueError("no tiles (or no position inside an image) to collect features from")
-    return torch.cat(out), positions
+    return Patches(torch.cat(out), positions, np.concatenate(tile_of).astype(np.int64))
 
 
 def build_features(cfg, weights_dir=None) -> tuple[PatchFeatures, str]:
@@ -91,4 +100,4 @@ def build_features(cfg, weights_dir=None) -> tuple[PatchFeatures, str]:
     return PatchFeatures(teacher, cfg.mean, cfg.std, cfg.neighbourhood), source
 
 
-__all__ = ["PatchFeatures", "build_features", "collect_features"]
+__all__ = ["PatchFeatures", "Patches", "build_features", "collect_features"]

@@ -14,18 +14,16 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from stpm.bundle.names import MEMORY_BANK_WEIGHTS, TEACHER_WEIGHTS
-from stpm.imaging.geometry import valid_grid
 from stpm.methods.base import FitData, FitRun, Fitted, Method
 from stpm.methods.patchcore.anomaly_map import PatchCoreMap
 from stpm.methods.patchcore.coreset import bank_rows, fit_bank
-from stpm.methods.patchcore.features import PatchFeatures, build_features, collect_features
+from stpm.methods.patchcore.features import Patches, PatchFeatures, build_features, collect_features
 from stpm.methods.patchcore.spec import SPEC
 
 
-def _features(features: PatchFeatures, data: FitData, run: FitRun, batch_size: int) -> tuple[torch.Tensor, int]:
-    """Every training tile's patch features [M, D] (all T * h * w positions; where tiles hold padding, only those
-    whose receptive centre is the image's own) and the number of positions, with a bar, progress and
-    cancellation."""
+def _features(features: PatchFeatures, data: FitData, run: FitRun, batch_size: int) -> Patches:
+    """Every training tile's patch features (all T * h * w positions; where tiles hold padding, only those
+    whose receptive centre is the image's own), with a bar, progress and cancellation."""
     tiles = data.train.tiles
     boxes = data.train.boxes() if data.train.padded else None
     bar = tqdm(total=len(tiles), desc="patch features", unit="tile", disable=not run.show_bar)
@@ -41,22 +39,12 @@ def _features(features: PatchFeatures, data: FitData, run: FitRun, batch_size: i
         bar.close()
 
 
-def _patch_folds(data: FitData, patches: int, positions: int) -> torch.Tensor | None:
-    """The fold of each training patch (its image's, FitData.folds), in collect_features' order."""
+def _patch_folds(data: FitData, patches: Patches) -> torch.Tensor | None:
+    """The fold of each training patch (its image's, FitData.folds)."""
     if data.folds is None:
         return None
-    tiles = data.train
-    tile_image = np.repeat(np.arange(len(tiles)), np.diff(tiles.offsets))
-    per_tile = positions // len(tiles.tiles)  # every tile has the same h x w grid
-    if tiles.padded:
-        grid = round(per_tile ** 0.5)
-        counts = valid_grid(tiles.boxes(), tiles.tiles.shape[1], (grid, grid)).reshape(len(tiles.tiles), -1).sum(1)
-    else:
-        counts = np.full(len(tiles.tiles), per_tile)
-    folds = np.repeat(np.asarray(data.folds)[tile_image], counts)
-    if len(folds) != patches:
-        raise RuntimeError(f"{len(folds)} patch folds for {patches} patches")
-    return torch.from_numpy(folds.astype(np.int64))
+    tile_image = np.repeat(np.arange(len(data.train)), np.diff(data.train.offsets))
+    return torch.from_numpy(np.asarray(data.folds, dtype=np.int64)[tile_image[patches.tile]])
 
 
 def _without_fold(amap: PatchCoreMap, bank_folds: torch.Tensor) -> Callable[[int], PatchCoreMap]:
@@ -77,17 +65,18 @@ class PatchCore(Method):
     def fit(self, cfg: Any, train: Any, data: FitData, run: FitRun) -> Fitted:
         t0 = time.monotonic()
         features, source = build_features(cfg, run.weights_dir)
-        patches, positions = _features(features.to(run.device), data, run, train.batch_size)
+        patches = _features(features.to(run.device), data, run, train.batch_size)
         t1 = time.monotonic()
         n = len(data.train.tiles)
         run.report({"phase": "memory bank (coreset)", "epoch": 1, "epochs": 1, "step": n, "steps": n})
-        bank, bank_folds = fit_bank(patches, bank_rows(len(patches), cfg.coreset_ratio, cfg.bank_size),
-                                    seed=data.seed, groups=_patch_folds(data, len(patches), positions))
+        bank, bank_folds = fit_bank(patches.features, bank_rows(len(patches.features), cfg.coreset_ratio, cfg.bank_size),
+                                    seed=data.seed, groups=_patch_folds(data, patches))
         t2 = time.monotonic()
         sigma = SPEC.default_sigma if cfg.sigma is None else float(cfg.sigma)  # model selection may change it
         amap = PatchCoreMap(features.cpu(), bank, sigma).eval()
-        info = {"n_patches": int(len(patches)), "n_padding_positions": positions - len(patches),
-                "feature_dim": int(patches.shape[1]), "bank_size": int(len(bank)),
+        n_patches = len(patches.features)
+        info = {"n_patches": n_patches, "n_padding_positions": patches.positions - n_patches,
+                "feature_dim": int(patches.features.shape[1]), "bank_size": int(len(bank)),
                 "features_seconds": round(t1 - t0, 2), "coreset_seconds": round(t2 - t1, 2),
                 "seconds": round(t2 - t0, 2)}
         record = {"epochs_run": 0, "best_epoch": 0, "best_val_loss": None, "stopped_early": False, "history": [],
