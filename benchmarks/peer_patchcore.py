@@ -48,6 +48,13 @@ def offline_timm() -> None:
     timm.create_model = no_download
 
 
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _paths(cache: Path) -> dict[str, Path]:
     return {"xml": cache / "weights" / "openvino" / "model.xml", "pt": cache / "weights" / "torch" / "model.pt",
             "record": cache / "build.json"}
@@ -104,7 +111,7 @@ def build(train_dir: Path, cache: Path) -> dict:
     record = {"model": "anomalib.models.Patchcore() defaults", "backbone": module.model.backbone,
               "layers": list(module.model.layers), "coreset_sampling_ratio": module.coreset_sampling_ratio,
               "image_size": list(module.pre_processor.transform.transforms[0].size), "train_dir": str(train_dir),
-              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+              "cpu": _cpu_model(), "torch": torch.__version__}
     record |= feature_pass(module, images)
     record["bank_rows"] = random_bank(module, module.coreset_sampling_ratio)
     record["bank"] = f"random rows, seed {SEED}, int(patches x coreset_sampling_ratio) (the coreset's size)"
