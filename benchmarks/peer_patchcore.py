@@ -114,7 +114,7 @@ def build(train_dir: Path, cache: Path) -> dict:
               "cpu": _cpu_model(), "torch": torch.__version__}
     record |= feature_pass(module, images)
     record["bank_rows"] = random_bank(module, module.coreset_sampling_ratio)
-    record["bank"] = f"random rows, seed {SEED}, int(patches x coreset_sampling_ratio) (the coreset's size)"
+    record["bank"] = f"random rows (seed {SEED}), as many as the coreset keeps: int(patches x coreset_sampling_ratio)"
     module.eval()
     t0 = time.perf_counter()
     xml = module.to_openvino(export_root=cache, input_size=INPUT_SIZE, onnx_kwargs={"dynamic_axes": {}})

@@ -490,7 +490,7 @@ def _peer_patchcore_build(b: dict[str, Any]) -> str:
             f"{'x'.join(map(str, b['image_size']))} px input, coreset_sampling_ratio {b['coreset_sampling_ratio']}); "
             f"feature grid {grid}, {b['dims']} dims: {b['images']} training images x {b['patches_per_image']} patches = "
             f"{b['patches']} rows; bank **{b['bank_rows']} rows** ({b['bank']}). Fit (anomalib's feature pass, no "
-            f"coreset): **{b['fit_seconds']:.1f} s** with {b['torch_threads']} torch threads, load average "
+            f"coreset): **{b['fit_seconds']:.1f} s** on {b['cpu']} with {b['torch_threads']} torch threads, load average "
             f"{b['load_average_start']:.1f} -> {b['load_average_end']:.1f}; exports (OpenVINO input "
             f"{b['openvino_input_shape']}, torch) {b['export_seconds']:.1f} s.")
 

@@ -13,7 +13,7 @@ from benchmarks import report  # noqa: E402
 BUILD = {"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"], "image_size": [256, 256],
          "coreset_sampling_ratio": 0.1, "feature_grid": [32, 32], "dims": 1536, "images": 209,
          "patches_per_image": 1024, "patches": 214016, "bank_rows": 21401, "bank": "random rows",
-         "fit_seconds": 61.5, "torch_threads": 2, "load_average_start": 0.4, "load_average_end": 1.2,
+         "fit_seconds": 61.5, "cpu": "test CPU", "torch_threads": 2, "load_average_start": 0.4, "load_average_end": 1.2,
          "openvino_input_shape": "[1,3,512,512]", "export_seconds": 40.0}
 
 
