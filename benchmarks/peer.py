@@ -1,13 +1,17 @@
-"""Side by side with the peer: anomalib 2.7.0 STFPM (its own virtualenv) vs this project's Scorer, in one run.
+"""Side by side with the peers: anomalib 2.7.0 STFPM and Patchcore (own virtualenv) vs this project's Scorer.
 
     .venv/bin/python benchmarks/peer.py --peer-python /work/venvs/anomalib/bin/python --rounds 8 --per-round 15
 
 The peer's virtualenv: `python -m venv V && V/bin/pip install anomalib==2.7.0 openvino lightning timm
-onnxscript`. Its timm backbone is built with `pretrained=False` (patched here: offline, and speed does
+onnxscript` (here with this machine's torch==2.14.1 torchvision==0.29.1). Its timm backbone is built with `pretrained=False` (patched here: offline, and speed does
 not depend on the weights); it is exported with `Stfpm.to_openvino(input_size=(512, 512))` (its
 pre-processing, 512 -> 256 resize and normalisation, inside the graph) and run by
 `OpenVINOInferencer.predict(path)`: its default (bf16 inference precision where the CPU has it) and
-forced to f32. This project: a ResNet18 STPM bundle at 256 px with random weights (benchmarks/speed.py's
+forced to f32. The peer the default competes with, anomalib's `Patchcore()` with its defaults
+(peer_pc_ov: OpenVINOInferencer.predict at its default precision; peer_pc_torch: TorchInferencer), is built by
+benchmarks/peer_patchcore.py (feature pass over the bottle train/good images, a bank of random rows of the
+coreset's size, batch-1 exports) and cached in --peer-cache; its build record goes into the output.
+This project: a ResNet18 STPM bundle at 256 px with random weights (benchmarks/speed.py's
 speed_bundle), `Scorer(backend="auto", precision="auto")`, `score([file bytes], overlay=True)`: decode,
 resize, inference, overlay at the input's 512 px, encoded PNG or JPEG; and the bare session on a ready
 uint8 [1, 3, 256, 256] tensor. "quality": the defaults (PatchCore on an EfficientNet-Lite1 teacher), trained
@@ -32,23 +36,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PEER_KINDS = ("peer_ov_default", "peer_ov_f32")
+STFPM_KINDS = ("peer_ov_default", "peer_ov_f32")
+PATCHCORE_KINDS = ("peer_pc_ov", "peer_pc_torch")  # benchmarks/peer_patchcore.py's PC_KINDS
+PEER_KINDS = STFPM_KINDS + PATCHCORE_KINDS
 OUR_KINDS = ("ours_full_png", "ours_full_jpeg", "ours_bare_session")
 QUALITY_KINDS = ("quality_full_png", "quality_full_jpeg", "quality_bare_session")  # the defaults: PatchCore, Lite1
 
 
 # ------------------------------------------------------------------------------------------ workers
 
-def _peer_predictor(kind: str, workdir: Path):
-    import timm
+def _peer_predictor(kind: str, workdir: Path, peer_cache: Path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peer_patchcore
 
-    create = timm.create_model
-
-    def no_download(*args, **kw):  # offline: speed does not depend on the weights
-        kw["pretrained"] = False
-        return create(*args, **kw)
-
-    timm.create_model = no_download
+    if kind in PATCHCORE_KINDS:
+        return peer_patchcore.predictor(kind, peer_cache)
+    peer_patchcore.offline_timm()  # speed does not depend on the weights
     from anomalib.deploy import OpenVINOInferencer
     from anomalib.models import Stfpm
 
@@ -85,14 +88,14 @@ def _our_predictor(kind: str, bundle_dir: Path):
     return predict, info
 
 
-def worker(kind: str, workdir: Path, bundle_dir: Path | None, images: list[Path]) -> None:
+def worker(kind: str, workdir: Path, bundle_dir: Path | None, images: list[Path], peer_cache: Path) -> None:
     """Load, warm up, say ready; then for each "N" on stdin score the next N images and answer with times.
     The answers go to the original stdout; whatever the libraries print goes to stderr."""
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     if kind in PEER_KINDS:
-        predict, info = _peer_predictor(kind, workdir)
+        predict, info = _peer_predictor(kind, workdir, peer_cache)
     else:
         predict, info = _our_predictor(kind, bundle_dir)
     for p in images[:5]:
@@ -127,7 +130,11 @@ def pct(xs: list[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(xs), q)), 2)
 
 
-def main() -> int:
+def _shared_bottle() -> Path:
+    return Path(os.environ.get("STPM_SHARED_DATA", ROOT.parent / "shared" / "data")) / "mvtec_ad_bottle_512" / "bottle"
+
+
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peer-python", default="/work/venvs/anomalib/bin/python")
     ap.add_argument("--images", default=None, help="folder of 512 px PNGs (default: the bottle test set)")
@@ -140,23 +147,17 @@ def main() -> int:
     ap.add_argument("--bundle", default=None, help="our ResNet18 bundle (default: random weights at 256 px)")
     ap.add_argument("--quality-bundle", default=None,
                     help="a bundle trained with the defaults (default: `stpm train` on the bottle train/good now)")
+    ap.add_argument("--peer-cache", default=str(ROOT / "benchmarks" / "work" / "peer_patchcore"),
+                    help="the peer Patchcore's exports and build record (built here when missing)")
+    ap.add_argument("--peer-refit", action="store_true", help="fit and export the peer Patchcore again")
     a = ap.parse_args()
+    a.peer_cache = str(Path(a.peer_cache).resolve())  # the workers run in a temporary folder
+    a.images = str(Path(a.images).resolve()) if a.images else None
+    return a
 
-    if a.images:
-        images = sorted(Path(a.images).rglob("*.png"))
-    else:
-        data = Path(os.environ.get("STPM_SHARED_DATA", ROOT.parent / "shared" / "data"))
-        images = sorted((data / "mvtec_ad_bottle_512" / "bottle" / "test").rglob("*.png"))
-    if not images:
-        sys.exit("no images found (--images, or the shared bottle data)")
-    if a.worker:
-        worker(a.worker, Path(a.workdir), Path(a.bundle) if a.bundle else None, images)
-        return 0
 
-    kinds = a.kinds.split(",")
-    tmp = Path(tempfile.mkdtemp(prefix="stpm-peer-"))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    sys.path.insert(0, str(ROOT))
+def _bundles(kinds: list[str], a: argparse.Namespace, tmp: Path) -> dict[str, str]:
+    """Our bundles: the random-weight ResNet18 STPM, and the defaults trained on the bottle train/good now."""
     from speed import speed_bundle
 
     bundles = {}
@@ -164,16 +165,28 @@ def main() -> int:
         bundles["ours"] = a.bundle or str(speed_bundle(tmp / "models"))
     if any(k in QUALITY_KINDS for k in kinds):  # the quality default, trained for real: bf16 ships only if it holds
         if a.quality_bundle is None:
-            data = Path(os.environ.get("STPM_SHARED_DATA", ROOT.parent / "shared" / "data"))
-            subprocess.run([sys.executable, "-m", "stpm.cli", "train", str(data / "mvtec_ad_bottle_512" / "bottle"),
+            subprocess.run([sys.executable, "-m", "stpm.cli", "train", str(_shared_bottle()),
                             "--name", "quality", "--models-dir", str(tmp / "models")], check=True, cwd=ROOT,
                            stdout=subprocess.DEVNULL)
             a.quality_bundle = str(tmp / "models" / "quality" / "v1")
         bundles["quality"] = a.quality_bundle
+    return bundles
+
+
+def _peer_patchcore_build(a: argparse.Namespace) -> dict:
+    """Fit and export the peer Patchcore in its virtualenv unless cached; its build record."""
+    cmd = [a.peer_python, str(ROOT / "benchmarks" / "peer_patchcore.py"),
+           "--train", str(_shared_bottle() / "train" / "good"), "--cache", a.peer_cache] + (["--refit"] if a.peer_refit else [])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(cmd, check=True, env=env, cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL)
+    return json.loads((Path(a.peer_cache) / "build.json").read_text())
+
+
+def _start_workers(kinds: list[str], a: argparse.Namespace, tmp: Path, bundles: dict[str, str]):
     procs, infos = {}, {}
     for k in kinds:  # one at a time: model export / load must not overlap the others' warm-up
         py = a.peer_python if k in PEER_KINDS else sys.executable
-        cmd = [py, str(Path(__file__).resolve()), "--worker", k, "--workdir", str(tmp)]
+        cmd = [py, str(Path(__file__).resolve()), "--worker", k, "--workdir", str(tmp), "--peer-cache", a.peer_cache]
         cmd += ["--images", a.images] if a.images else []
         cmd += ["--bundle", bundles[k.split("_")[0]]] if k not in PEER_KINDS else []
         env = {**os.environ, "TRUST_REMOTE_CODE": "1", "PYTHONWARNINGS": "ignore"}
@@ -185,7 +198,11 @@ def main() -> int:
         infos[k] = json.loads(line)["info"]
         procs[k] = p
         print(f"{k} ready: {infos[k]}", file=sys.stderr, flush=True)
+    return procs, infos
 
+
+def _rounds(kinds: list[str], procs: dict, a: argparse.Namespace) -> tuple[dict, dict, list[float]]:
+    """Interleaved rounds, each contender --per-round images in a rotating order; wall and CPU ms per image."""
     wall = {k: [] for k in kinds}
     cpu = {k: [] for k in kinds}
     loads = []
@@ -203,15 +220,15 @@ def main() -> int:
     for p in procs.values():
         p.stdin.close()
         p.wait(timeout=60)
+    return wall, cpu, loads
 
-    rows = {k: {"p50_ms": pct(wall[k], 50), "p95_ms": pct(wall[k], 95), "cpu_p50_ms": pct(cpu[k], 50),
-                "cpu_p95_ms": pct(cpu[k], 95), "n": len(wall[k]), "info": infos[k]} for k in kinds}
-    out = {"command": " ".join([Path(sys.executable).name] + sys.argv), "cpu": cpu_info(),
-           "load_average_per_round": loads, "load_average_end": [round(x, 2) for x in os.getloadavg()],
-           "images": f"{len(images)} PNGs, first {images[0]}", "rows": rows}
-    if "peer_ov_default" in rows:
-        ref = rows["peer_ov_default"]["p50_ms"]
-        out["vs_peer_ov_default_p50"] = {k: round(v["p50_ms"] / ref, 3) for k, v in rows.items()}
+
+def _ratios(out: dict) -> None:
+    """p50 ratios to each peer's OpenVINO row, and decode + render's share of the bare session."""
+    rows = out["rows"]
+    for ref, key in (("peer_ov_default", "vs_peer_ov_default_p50"), ("peer_pc_ov", "vs_peer_pc_ov_p50")):
+        if ref in rows:
+            out[key] = {k: round(v["p50_ms"] / rows[ref]["p50_ms"], 3) for k, v in rows.items()}
     out["decode_render_share_of_bare"] = {}
     for who in ("ours", "quality"):
         if f"{who}_bare_session" in rows:
@@ -221,6 +238,37 @@ def main() -> int:
                     r = rows[f"{who}_full_{f}"]
                     out["decode_render_share_of_bare"][f"{who}_full_{f}"] = {
                         "wall": round((r["p50_ms"] - bare) / bare, 3), "cpu": round((r["cpu_p50_ms"] - bare_cpu) / bare_cpu, 3)}
+
+
+def main() -> int:
+    a = _args()
+    images = sorted(Path(a.images).rglob("*.png")) if a.images else sorted((_shared_bottle() / "test").rglob("*.png"))
+    if not images:
+        sys.exit("no images found (--images, or the shared bottle data)")
+    if a.worker:
+        worker(a.worker, Path(a.workdir), Path(a.bundle) if a.bundle else None, images, Path(a.peer_cache))
+        return 0
+
+    kinds = a.kinds.split(",")
+    unknown = sorted(set(kinds) - set(PEER_KINDS + OUR_KINDS + QUALITY_KINDS))
+    if unknown:
+        sys.exit(f"unknown --kinds {unknown}; known: {', '.join(PEER_KINDS + OUR_KINDS + QUALITY_KINDS)}")
+    tmp = Path(tempfile.mkdtemp(prefix="stpm-peer-"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT))
+    bundles = _bundles(kinds, a, tmp)
+    build = _peer_patchcore_build(a) if any(k in PATCHCORE_KINDS for k in kinds) else None
+    procs, infos = _start_workers(kinds, a, tmp, bundles)
+    wall, cpu, loads = _rounds(kinds, procs, a)
+
+    rows = {k: {"p50_ms": pct(wall[k], 50), "p95_ms": pct(wall[k], 95), "cpu_p50_ms": pct(cpu[k], 50),
+                "cpu_p95_ms": pct(cpu[k], 95), "n": len(wall[k]), "info": infos[k]} for k in kinds}
+    out = {"command": " ".join([Path(sys.executable).name] + sys.argv), "cpu": cpu_info(),
+           "load_average_per_round": loads, "load_average_end": [round(x, 2) for x in os.getloadavg()],
+           "images": f"{len(images)} PNGs, first {images[0]}", "rows": rows}
+    if build is not None:
+        out["peer_patchcore_build"] = build
+    _ratios(out)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))

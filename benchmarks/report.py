@@ -502,6 +502,7 @@ def bf16_split_markdown(res: dict[str, Any]) -> str:
 
 PEER_LABELS = {
     "peer_ov_default": "anomalib STFPM, OpenVINO default", "peer_ov_f32": "anomalib STFPM, OpenVINO forced f32",
+    "peer_pc_ov": "anomalib Patchcore, OpenVINO default", "peer_pc_torch": "anomalib Patchcore, TorchInferencer",
     "ours_full_png": "ours ResNet18 STPM, overlay PNG", "ours_full_jpeg": "ours ResNet18 STPM, overlay JPEG",
     "ours_bare_session": "ours ResNet18 STPM, bare session", "quality_full_png": "ours defaults (PatchCore), overlay PNG",
     "quality_full_jpeg": "ours defaults (PatchCore), overlay JPEG", "quality_bare_session": "ours defaults, bare session",
@@ -511,26 +512,48 @@ PEER_LABELS = {
 def _peer_runs_on(info: dict[str, Any]) -> str:
     if "backend" in info:
         return f"{info['backend']} / {info['precision']}"
+    if info.get("runtime") == "torch":
+        return f"torch {info['dtype']}, {info['threads']} threads"
     m = re.search(r"'(\w+)'", str(info.get("inference_precision", "")))  # "<Type: 'bfloat16'>"
     return f"OpenVINO {m[1] if m else info.get('inference_precision', '?')}"
 
 
+def _peer_patchcore_build(b: dict[str, Any]) -> str:
+    """The peer Patchcore's build record (benchmarks/peer_patchcore.py) in one paragraph."""
+    grid = "x".join(map(str, b["feature_grid"])) if b.get("feature_grid") else "?"
+    return (f"Peer Patchcore: `Patchcore()` defaults ({b['backbone']}, {' + '.join(b['layers'])}, "
+            f"{'x'.join(map(str, b['image_size']))} px input, coreset_sampling_ratio {b['coreset_sampling_ratio']}); "
+            f"feature grid {grid}, {b['dims']} dims: {b['images']} training images x {b['patches_per_image']} patches = "
+            f"{b['patches']} rows; bank **{b['bank_rows']} rows** ({b['bank']}). Fit (anomalib's feature pass, no "
+            f"coreset): **{b['fit_seconds']:.1f} s** on {b['cpu']} with {b['torch_threads']} torch threads, load average "
+            f"{b['load_average_start']:.1f} -> {b['load_average_end']:.1f}; exports (OpenVINO input "
+            f"{b['openvino_input_shape']}, torch) {b['export_seconds']:.1f} s.")
+
+
 def peer_markdown(res: dict[str, Any]) -> str:
     loads = res["load_average_per_round"]
+    pc = res.get("vs_peer_pc_ov_p50", {})
     lines = [f"Command: `.venv/bin/{res['command']}`. CPU: {res['cpu']['model']}, {res['cpu']['cores']} cores "
              f"(flags: {', '.join(f for f in res['cpu']['simd_flags'] if 'amx' in f or 'vnni' in f or 'bf16' in f)}); "
              f"load average per round {min(loads):.1f}-{max(loads):.1f}, {res['load_average_end'][0]:.1f} at the end. "
              f"Inputs: {res['images']}.", "",
-             "| contender | runs on | p50 ms | p95 ms | CPU p50 ms | p50 / peer default |", "|---|---|---:|---:|---:|---:|"]
+             "| contender | runs on | p50 ms | p95 ms | CPU p50 ms | p50 / peer default |"
+             + (" p50 / Patchcore OpenVINO |" if pc else ""), "|---|---|---:|---:|---:|---:|" + ("---:|" if pc else "")]
     ratio = res.get("vs_peer_ov_default_p50", {})
     for k, r in res["rows"].items():
         lines.append(f"| {PEER_LABELS.get(k, k)} | {_peer_runs_on(r['info'])} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
-                     f"{r['cpu_p50_ms']:.1f} | {ratio.get(k, float('nan')):.2f} |")
+                     f"{r['cpu_p50_ms']:.1f} | {ratio.get(k, float('nan')):.2f} |" + (f" {pc[k]:.3f} |" if pc else ""))
     lines.append("")
+    if "peer_patchcore_build" in res:
+        lines += [_peer_patchcore_build(res["peer_patchcore_build"]), ""]
     for k in ("ours_full_png", "ours_full_jpeg", "quality_full_png", "quality_full_jpeg"):
         if k in ratio:
             lines.append(f"- {PEER_LABELS[k]}: p50 **{ratio[k]:.2f}x** the peer's OpenVINO default (target <= 0.8: "
                          f"{_verdict(ratio[k] <= 0.8)})")
+    for k in ("quality_full_png", "quality_full_jpeg"):
+        if k in pc:
+            lines.append(f"- {PEER_LABELS[k]}: p50 **{pc[k]:.3f}x** anomalib Patchcore's OpenVINO default "
+                         f"(target <= 0.1: {_verdict(pc[k] <= 0.1)})")
     for k, share in res.get("decode_render_share_of_bare", {}).items():
         lines.append(f"- {PEER_LABELS[k]}: decode + render add **{100 * share['wall']:.0f} %** wall / "
                      f"{100 * share['cpu']:.0f} % CPU to the bare session (target <= 15 %: {_verdict(share['cpu'] <= 0.15)})")
