@@ -146,15 +146,26 @@ class Results:
             tmp.write_text(json.dumps(self.data, indent=1))
             tmp.replace(self.path)
 
+    def _merge_runs(self, disk_runs: list[dict]) -> None:
+        """Run records we lack are taken; of another process's run known to both, the fresher record (more
+        wall seconds) wins, so a copy taken early never overwrites that run's later progress; ours stays ours."""
+        index = {r.get("run_id"): i for i, r in enumerate(self.data["runs"]) if r.get("run_id") is not None}
+        for r in disk_runs:
+            i = index.get(r.get("run_id")) if r.get("run_id") is not None else None
+            if i is None:
+                if r not in self.data["runs"]:
+                    self.data["runs"].append(r)
+            elif self.data["runs"][i] is not self.run and \
+                    r.get("wall_seconds", 0) > self.data["runs"][i].get("wall_seconds", 0):
+                self.data["runs"][i] = r
+
     def merge(self, disk: dict) -> None:
         """Take what another process saved with the same config: values, notes and run records we lack."""
         if disk.get("config") != self.data["config"]:
             return
         for section, content in disk.items():
             if section == "runs":
-                mine = [r.get("run_id") for r in self.data["runs"]]
-                self.data["runs"] += [r for r in content if r not in self.data["runs"] and
-                                      (r.get("run_id") is None or r.get("run_id") not in mine)]
+                self._merge_runs(content)
             elif isinstance(content, dict) and section != "config":
                 ours = self.data.setdefault(section, {})
                 for key, value in content.items():

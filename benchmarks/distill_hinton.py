@@ -65,7 +65,8 @@ def student_config(epochs: int, seed: int, bf16: bool) -> RunConfig:
 
 def record(res: Results, key: str, seed: int, model: torch.nn.Module, data: Split, curve: list[int],
            train_targets: torch.Tensor | None = None) -> None:
-    """Validation and test errors (and training errors of the 2 x 800 students), the validation curve."""
+    """Validation and test errors (and training errors, on the untranslated digits, of the teacher and the
+    2 x 800 students), the validation curve."""
     res.note("curves", f"{key} | seed {seed} | val errors per epoch", curve)
     if train_targets is not None:
         res.add(f"{key} | train errors", seed, errors(model, data.x_train, train_targets))
@@ -82,7 +83,9 @@ def teacher_model(args, res: Results, data: Split, bf16: bool) -> torch.nn.Modul
         if meta.get("split") == data.fingerprint() and meta.get("recipe") == res.data["config"]["teacher"]:
             teacher.load_state_dict(state)
             if not res.has("teacher 2x1200 | test errors", 0):
-                record(res, "teacher 2x1200", 0, teacher, data, meta.get("curve", []))
+                record(res, "teacher 2x1200", 0, teacher, data, meta.get("curve", []), data.y_train)
+            elif not res.has("teacher 2x1200 | train errors", 0):  # recorded before training errors were
+                res.add("teacher 2x1200 | train errors", 0, errors(teacher, data.x_train, data.y_train))
             return teacher
     seed_all(TEACHER["seed"])
     teacher = build_model(TEACHER["model"], SPEC)
@@ -93,7 +96,7 @@ def teacher_model(args, res: Results, data: Split, bf16: bool) -> torch.nn.Modul
                eval_data=(data.x_val, data.y_val), desc="teacher", resume_path=path.with_suffix(".resume.pt"))
     save_checkpoint(teacher, path, {"model": TEACHER["model"], "split": data.fingerprint(), "classes": None,
                                     "recipe": res.data["config"]["teacher"], "curve": hist.test_errors})
-    record(res, "teacher 2x1200", 0, teacher, data, hist.test_errors)
+    record(res, "teacher 2x1200", 0, teacher, data, hist.test_errors, data.y_train)
     return teacher
 
 

@@ -122,6 +122,37 @@ def test_results_are_partial_until_the_run_finishes(tmp_path, monkeypatch):
     assert not is_partial(saved) and "missing" not in saved and saved["values"] == {"model | test acc": {"0": 50.0}}
 
 
+def test_parallel_runs_keep_each_others_latest_run_record(tmp_path, monkeypatch):
+    """Two processes of one benchmark (distill_hinton --widths 800,30 and --widths 300) save to one file in
+    turns: each run's record on disk is its latest, whichever process wrote last (a copy one process took
+    early used to overwrite the other's progress, and a finished run read as a 99-second one)."""
+    import argparse
+
+    import distill_common
+
+    monkeypatch.setattr(distill_common, "WORK", tmp_path / "work")
+    out = tmp_path / "r.json"
+    args = argparse.Namespace(seeds=[0], out=out)
+    a = distill_common.Results("x", args, {"a": 1})
+    a.add("a | test", 0, 1.0)
+    b = distill_common.Results("x", args, {"a": 1})
+    b.add("b | test", 0, 2.0)
+    a.add("a | test", 1, 3.0)  # a now holds b's early record
+    b.started -= 100.0  # b works on: its record grows
+    b.add("b | test", 1, 4.0)
+    b.finish()
+    a.started -= 50.0
+    a.add("a | test", 2, 5.0)  # a writes last
+    runs = {r["run_id"]: r for r in json.loads(out.read_text())["runs"]}
+    assert len(runs) == 2
+    assert runs[b.run["run_id"]]["finished"] and runs[b.run["run_id"]]["wall_seconds"] >= 100.0
+    assert not runs[a.run["run_id"]]["finished"] and runs[a.run["run_id"]]["wall_seconds"] >= 50.0
+    a.finish()
+    saved = json.loads(out.read_text())
+    assert all(r["finished"] for r in saved["runs"])
+    assert saved["values"] == {"a | test": {"0": 1.0, "1": 3.0, "2": 5.0}, "b | test": {"0": 2.0, "1": 4.0}}
+
+
 def test_the_hinton_plan_prices_the_default_schedule_from_the_measured_epochs():
     from distill_epoch_times import MODELS, schedule
     from distill_report_hinton import TWO_PROCESS_SPLIT
