@@ -41,7 +41,7 @@ from stpm.bundle.calibration import Calibration  # noqa: E402
 from stpm.evaluation import metrics  # noqa: E402
 from stpm.evaluation.report import evaluate  # noqa: E402
 from stpm.methods.loading import load_map  # noqa: E402
-from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions  # noqa: E402
+from stpm.options import CalibrationOptions, ModelOptions, TilingOptions, TrainingOptions, TrainOptions  # noqa: E402
 from stpm.training.calibration import calibrate, recalibrate  # noqa: E402
 from stpm.training.pipeline import run_training  # noqa: E402
 
@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.1, help="paper: 0.4 at batch 32; scaled linearly")
     ap.add_argument("--datasets", default=",".join(DATASETS))
-    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, search (--search-settings), stpm")
+    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, x2 (twice the resolution), search (--search-settings), stpm")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--students", default=None, help="'all' or a comma list of " + ", ".join(STUDENTS) +
                     ": the STPM student comparison instead of --configs")
@@ -151,12 +151,22 @@ def config_of(label: str, a: argparse.Namespace) -> tuple[ModelOptions, TrainOpt
     short schedule (--epochs, --batch-size, --lr)."""
     if label == "default":
         return ModelOptions(), TrainOptions(device=a.device)
+    if label == "x2":  # the tiling differs (tiling_of)
+        return ModelOptions(), TrainOptions(device=a.device)
     if label == "search":  # the defaults with the opt-in settings search (resolution and layers, issue 25)
         return ModelOptions(), TrainOptions(device=a.device, search_settings=True)
     if label == "stpm":
         return (ModelOptions(method="stpm", student_backbone="resnet18", image_size=a.image_size),
                 TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device))
-    raise SystemExit(f"unknown config {label!r}: default, search or stpm")
+    raise SystemExit(f"unknown config {label!r}: default, x2, search or stpm")
+
+
+def tiling_of(label: str) -> TilingOptions:
+    """x2: the defaults at twice the default resolution (the training images' median short side scaled to two
+    tiles, not one: what `--search-settings` calls scale x2, here fixed instead of searched)."""
+    if label == "x2":
+        return TilingOptions(resolution=2 * ModelOptions().image_size)
+    return TilingOptions()
 
 
 def machine_line() -> str:
@@ -253,7 +263,8 @@ def run_configs(a: argparse.Namespace) -> int:
             mcfg, tcfg = config_of(label, a)
             name = f"{ds}-{label}"
             t0 = time.monotonic()
-            out = run_training(DATASETS[ds], name, models_dir, TrainingOptions(model=mcfg, train=tcfg, calibration=CalibrationOptions()), export=True, show_bar=True)
+            options = TrainingOptions(model=mcfg, train=tcfg, calibration=CalibrationOptions(), tiling=tiling_of(label))
+            out = run_training(DATASETS[ds], name, models_dir, options, export=True, show_bar=True)
             train_s = time.monotonic() - t0
             model, manifest = load_map(out.path)
             rep = evaluate(model, manifest, DATASETS[ds], device, Path(a.report_dir) / name)
