@@ -78,7 +78,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.1, help="paper: 0.4 at batch 32; scaled linearly")
     ap.add_argument("--datasets", default=",".join(DATASETS))
-    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, x2 (twice the resolution), search (--search-settings), stpm")
+    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), "
+                    "search (--search-settings), stpm")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--students", default=None, help="'all' or a comma list of " + ", ".join(STUDENTS) +
                     ": the STPM student comparison instead of --configs")
@@ -151,6 +152,8 @@ def config_of(label: str, a: argparse.Namespace) -> tuple[ModelOptions, TrainOpt
     short schedule (--epochs, --batch-size, --lr)."""
     if label == "default":
         return ModelOptions(), TrainOptions(device=a.device)
+    if label == "lite2":  # the defaults on the larger EfficientNet-Lite2 teacher (its default layers)
+        return ModelOptions(backbone="efficientnet_lite2"), TrainOptions(device=a.device)
     if label == "x2":  # the tiling differs (tiling_of)
         return ModelOptions(), TrainOptions(device=a.device)
     if label == "search":  # the defaults with the opt-in settings search (resolution and layers, issue 25)
@@ -158,7 +161,7 @@ def config_of(label: str, a: argparse.Namespace) -> tuple[ModelOptions, TrainOpt
     if label == "stpm":
         return (ModelOptions(method="stpm", student_backbone="resnet18", image_size=a.image_size),
                 TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device))
-    raise SystemExit(f"unknown config {label!r}: default, x2, search or stpm")
+    raise SystemExit(f"unknown config {label!r}: default, lite2, x2, search or stpm")
 
 
 def tiling_of(label: str) -> TilingOptions:
