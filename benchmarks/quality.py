@@ -145,31 +145,26 @@ def main() -> int:
     return 0
 
 
-def config_of(label: str, a: argparse.Namespace) -> tuple[ModelOptions, TrainOptions]:
-    """default: what `stpm train DATA --name X` does (only the device set); search: the same with
-    `--search-settings`; stpm: STPM on the same
-    default teacher with the ResNet18 student (it beat the same-family student, quality_256px) and a
-    short schedule (--epochs, --batch-size, --lr)."""
-    if label == "default":
-        return ModelOptions(), TrainOptions(device=a.device)
-    if label == "lite2":  # the defaults on the larger EfficientNet-Lite2 teacher (its default layers)
-        return ModelOptions(backbone="efficientnet_lite2"), TrainOptions(device=a.device)
-    if label == "x2":  # the tiling differs (tiling_of)
-        return ModelOptions(), TrainOptions(device=a.device)
-    if label == "search":  # the defaults with the opt-in settings search (resolution and layers, issue 25)
-        return ModelOptions(), TrainOptions(device=a.device, search_settings=True)
-    if label == "stpm":
-        return (ModelOptions(method="stpm", student_backbone="resnet18", image_size=a.image_size),
-                TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device))
-    raise SystemExit(f"unknown config {label!r}: default, lite2, x2, search or stpm")
-
-
-def tiling_of(label: str) -> TilingOptions:
-    """x2: the defaults at twice the default resolution (the training images' median short side scaled to two
-    tiles, not one: what `--search-settings` calls scale x2, here fixed instead of searched)."""
-    if label == "x2":
-        return TilingOptions(resolution=2 * ModelOptions().image_size)
-    return TilingOptions()
+def config_of(label: str, a: argparse.Namespace) -> TrainingOptions:
+    """default: what `stpm train DATA --name X` does (only the device set); lite2: the same on the larger
+    EfficientNet-Lite2 teacher (its default layers); x2: the same at twice the default resolution (the
+    training images' median short side scaled to two tiles, not one: what `--search-settings` calls scale
+    x2, here fixed); search: the same with `--search-settings`; stpm: STPM on the same default teacher with
+    the ResNet18 student (it beat the same-family student, quality_256px) and a short schedule (--epochs,
+    --batch-size, --lr)."""
+    model, train, tiling = ModelOptions(), TrainOptions(device=a.device), TilingOptions()
+    if label == "lite2":
+        model = ModelOptions(backbone="efficientnet_lite2")
+    elif label == "x2":
+        tiling = TilingOptions(resolution=2 * model.image_size)
+    elif label == "search":
+        train = TrainOptions(device=a.device, search_settings=True)
+    elif label == "stpm":
+        model = ModelOptions(method="stpm", student_backbone="resnet18", image_size=a.image_size)
+        train = TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device)
+    elif label != "default":
+        raise SystemExit(f"unknown config {label!r}: default, lite2, x2, search or stpm")
+    return TrainingOptions(model=model, train=train, tiling=tiling, calibration=CalibrationOptions())
 
 
 def machine_line() -> str:
@@ -263,10 +258,9 @@ def run_configs(a: argparse.Namespace) -> int:
     models_dir = Path(tempfile.mkdtemp(prefix="stpm-quality-"))
     for ds in a.datasets.split(","):
         for label in a.configs.split(","):
-            mcfg, tcfg = config_of(label, a)
+            options = config_of(label, a)
             name = f"{ds}-{label}"
             t0 = time.monotonic()
-            options = TrainingOptions(model=mcfg, train=tcfg, calibration=CalibrationOptions(), tiling=tiling_of(label))
             out = run_training(DATASETS[ds], name, models_dir, options, export=True, show_bar=True)
             train_s = time.monotonic() - t0
             model, manifest = load_map(out.path)
@@ -275,7 +269,7 @@ def run_configs(a: argparse.Namespace) -> int:
             m = manifest.model
             row = {
                 "dataset": ds, "config": label, "method": m.method, "teacher": m.backbone,
-                "student": getattr(m, "student_backbone", None), "epochs": tcfg.epochs if m.method == "stpm" else None,
+                "student": getattr(m, "student_backbone", None), "epochs": options.train.epochs if m.method == "stpm" else None,
                 "sigma": m.sigma, "image_score": m.image_score,
                 "selection": manifest.training.get("selection"), "settings": manifest.training.get("settings"),
                 "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"], "aupro": o["aupro_0.3"],
@@ -283,7 +277,7 @@ def run_configs(a: argparse.Namespace) -> int:
                 "decisions": decision_columns(manifest.calibration,
                                               np.array([r["defect"] != "good" for r in rep["per_image"]]),
                                               np.array([r["raw_score"] for r in rep["per_image"]])),
-                "scores": scores_record(ds, tcfg.seed, manifest.calibration, rep),
+                "scores": scores_record(ds, options.train.seed, manifest.calibration, rep),
                 "train_s": train_s, "fit_s": out.fitted.seconds,
                 "score_ms_per_image": score_ms_per_image(out.path, DATASETS[ds], a.device),
                 "n_train": manifest.data["n_train"], "n_test": len(rep["per_image"]),
@@ -293,17 +287,15 @@ def run_configs(a: argparse.Namespace) -> int:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps({"command": " ".join(["benchmarks/quality.py", *sys.argv[1:]]),
                                             "machine": machine, "rows": rows}, indent=2))
-    from benchmarks.report import BLOCKS, DOC, RESULTS, both_markdown, decisions_markdown, methods_markdown, write_block
+    from benchmarks.report import BLOCKS, DOC, RESULTS, decisions_markdown, methods_markdown, write_block
 
     res = json.loads(out_path.read_text())
     print(methods_markdown(res))
     print(decisions_markdown(res))
-    # quality_methods: the methods table; quality_decisions: the threshold's (only for the result files the
-    # docs cite: a scratch run to /tmp leaves the docs alone)
+    # the block of a result file the docs cite, rendered as report.py renders it (a scratch run to /tmp leaves
+    # the docs alone)
     if out_path.stem in BLOCKS and out_path.resolve().parent == RESULTS.resolve():
-        render = {"quality_decisions": decisions_markdown, "quality_methods": methods_markdown}.get(out_path.stem,
-                                                                                                  both_markdown)
-        write_block(DOC, out_path.stem, render(res))
+        write_block(DOC, out_path.stem, BLOCKS[out_path.stem].render(res))
     return 0
 
 

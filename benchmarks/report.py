@@ -174,16 +174,16 @@ def decisions_markdown(res: dict[str, Any]) -> str:
 
 def _ceiling(row: dict[str, Any]) -> str:
     """The best test recall at the issue's target precision over every threshold, for one quality row."""
+    from stpm.evaluation.metrics import at_threshold  # numpy / scikit-learn only
+
     s = row["scores"]
-    scores = [float(v) for v in s["test_scores"]]
     bad = [d != "good" for d in s["test_defects"]]
     target_p = DECISION_TARGETS.get(row["dataset"], (0.90, 0.0))[0]
     best = None  # (recall, precision, threshold): of equal recalls the highest threshold (fewest false alarms)
-    for thr in sorted(set(scores), reverse=True):
-        tp = sum(v >= thr for v, b in zip(scores, bad) if b)
-        fp = sum(v >= thr for v, b in zip(scores, bad) if not b)
-        if tp and tp / (tp + fp) >= target_p and (best is None or tp / sum(bad) > best[0]):
-            best = (tp / sum(bad), tp / (tp + fp), thr)
+    for thr in sorted(set(s["test_scores"]), reverse=True):
+        m = at_threshold(bad, s["test_scores"], thr)
+        if m["tp"] and m["precision"] >= target_p and (best is None or m["recall"] > best[0]):
+            best = (m["recall"], m["precision"], thr)
     if best is None:
         return f"- {row['dataset']}: no threshold reaches precision {target_p:.2f} on test"
     pool = [float(v) for v in (s.get("val_good") or []) + (s.get("out_of_fold_good") or [])]

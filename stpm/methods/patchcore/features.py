@@ -81,11 +81,13 @@ def collect_features(
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         f = features(x).permute(0, 2, 3, 1)  # [B, h, w, D]
         positions += f.shape[0] * f.shape[1] * f.shape[2]
-        keep = (np.ones(f.shape[:3], dtype=bool) if boxes is None
-                else valid_grid(boxes[i:i + batch_size], tiles.shape[1], (f.shape[1], f.shape[2])))
-        out.append(f.reshape(-1, f.shape[-1]).float().cpu() if boxes is None
-                   else f[torch.from_numpy(keep).to(f.device)].float().cpu())
-        tile_of.append(np.repeat(np.arange(i, i + f.shape[0]), keep.reshape(f.shape[0], -1).sum(1)))
+        if boxes is None:
+            kept, per_tile = f.reshape(-1, f.shape[-1]), np.full(f.shape[0], f.shape[1] * f.shape[2])
+        else:
+            keep = valid_grid(boxes[i:i + batch_size], tiles.shape[1], (f.shape[1], f.shape[2]))
+            kept, per_tile = f[torch.from_numpy(keep).to(f.device)], keep.reshape(f.shape[0], -1).sum(1)
+        out.append(kept.float().cpu())
+        tile_of.append(np.repeat(np.arange(i, i + f.shape[0]), per_tile))
         if on_batch is not None:
             on_batch(min(i + batch_size, len(tiles)), len(tiles))
     if not out or sum(len(o) for o in out) == 0:

@@ -69,12 +69,12 @@ class PatchCore(Method):
         t1 = time.monotonic()
         n = len(data.train.tiles)
         run.report({"phase": "memory bank (coreset)", "epoch": 1, "epochs": 1, "step": n, "steps": n})
-        bank, bank_folds = fit_bank(patches.features, bank_rows(len(patches.features), cfg.coreset_ratio, cfg.bank_size),
+        n_patches = len(patches.features)
+        bank, bank_folds = fit_bank(patches.features, bank_rows(n_patches, cfg.coreset_ratio, cfg.bank_size),
                                     seed=data.seed, groups=_patch_folds(data, patches))
         t2 = time.monotonic()
         sigma = SPEC.default_sigma if cfg.sigma is None else float(cfg.sigma)  # model selection may change it
         amap = PatchCoreMap(features.cpu(), bank, sigma).eval()
-        n_patches = len(patches.features)
         info = {"n_patches": n_patches, "n_padding_positions": patches.positions - n_patches,
                 "feature_dim": int(patches.features.shape[1]), "bank_size": int(len(bank)),
                 "features_seconds": round(t1 - t0, 2), "coreset_seconds": round(t2 - t1, 2),
