@@ -46,7 +46,7 @@ def scorer_maps(path: Path, mode: str):
 
 
 def main() -> int:
-    from report import DOC, bf16_split_markdown, write_block
+    import report
     from sklearn.metrics import roc_auc_score
     from speed import shared_data
 
@@ -107,8 +107,7 @@ def main() -> int:
     res["load_avg_at_end"] = list(os.getloadavg())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
-    if Path(a.out).resolve() == (ROOT / "benchmarks" / "results" / "bf16_split.json").resolve():
-        write_block(DOC, "bf16_split", bf16_split_markdown(res))
+    report.publish(a.out, res)
     return 0
 
 

@@ -231,9 +231,11 @@ def main() -> int:
                    real=resampled(runs, alphas, a.splits))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
-    from benchmarks.report import estimators_markdown
+    from benchmarks import report
+    from benchmarks.report_calibration import estimators_markdown
 
     print(estimators_markdown(res))
+    report.publish(a.out, res)
     return 0
 
 

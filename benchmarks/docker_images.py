@@ -212,9 +212,8 @@ def main() -> int:
     res["memory"] = {role: measure_memory(images[role], models_dir, model, a) for role in a.memory}
     res["machine"]["load_avg_end"] = list(os.getloadavg())
     a.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(report.docker_images_markdown(res))
-    if a.out.resolve() == OUT.resolve():
-        report.write_block(report.DOCKER_DOC, "docker_images", report.docker_images_markdown(res))
+    print(report.render("docker_images", res))
+    report.publish(a.out, res)
     return 0
 
 

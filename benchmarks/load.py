@@ -316,11 +316,11 @@ def run_sweep(args: argparse.Namespace, models_dir: Path, model: str) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    from benchmarks.report import BLOCKS, DOC, sweep_markdown, write_block
+    from benchmarks import report
+    from benchmarks.report_speed import sweep_markdown
 
     print(sweep_markdown(result))
-    if args.out.stem in BLOCKS:
-        write_block(DOC, args.out.stem, sweep_markdown(result))
+    report.publish(args.out, result)
     return 1 if any(r["errors"] for p in points for r in p["runs"]) else 0
 
 
@@ -404,11 +404,11 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    from benchmarks.report import BLOCKS, DOC, load_markdown, write_block
+    from benchmarks import report
+    from benchmarks.report_speed import load_markdown
 
     print(load_markdown(result))
-    if args.out.stem in BLOCKS:  # a result file the doc shows: its block follows
-        write_block(DOC, args.out.stem, load_markdown(result))
+    report.publish(args.out, result)
     return 1 if any(r["errors"] for r in runs) else 0
 
 

@@ -46,12 +46,11 @@ def main() -> int:
             print(f"| {combine} | {sigma:g} | {o['image_auroc']:.3f} | {o['pixel_auroc']:.3f} | {o['aupro_0.3']:.3f} |",
                   flush=True)
     if a.out:
-        from benchmarks.report import BLOCKS, DOC, map_ablation_markdown, write_block
+        from benchmarks import report
 
         res = {"bundle": a.bundle, "data": a.data, "rows": rows}
         Path(a.out).write_text(json.dumps(res, indent=2))
-        if Path(a.out).stem in BLOCKS:
-            write_block(DOC, Path(a.out).stem, map_ablation_markdown(res))
+        report.publish(a.out, res)
     return 0
 
 

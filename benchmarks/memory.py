@@ -159,11 +159,11 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.out}\n")
-    from benchmarks.report import BLOCKS, DOC, memory_markdown, write_block
+    from benchmarks import report
+    from benchmarks.report_speed import memory_markdown
 
     print(memory_markdown(out))
-    if args.out.stem in BLOCKS:  # a result file the doc shows: its block follows
-        write_block(DOC, args.out.stem, memory_markdown(out))
+    report.publish(args.out, out)
     bad = [r for r in results if r["status"] != r["expected"]]
     return 1 if bad else 0
 

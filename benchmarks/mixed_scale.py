@@ -97,9 +97,10 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(res, indent=2))
-    from benchmarks.report import DOC, mixed_scale_markdown, write_block
+    from benchmarks import report
+    from benchmarks.report_quality import mixed_scale_markdown
 
-    write_block(DOC, "mixed_scale", mixed_scale_markdown(res))
+    report.publish(out, res)
     print(mixed_scale_markdown(res))
     return 0
 

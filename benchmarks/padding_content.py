@@ -132,7 +132,7 @@ def main() -> int:
             print(json.dumps(res["rows"][-1]), flush=True)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2))
-    from benchmarks.report import padding_content_markdown
+    from benchmarks.report_quality import padding_content_markdown
 
     print(padding_content_markdown(res))
     return 0

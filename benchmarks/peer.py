@@ -272,10 +272,9 @@ def main() -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
-    if Path(a.out).resolve() == (ROOT / "benchmarks" / "results" / "peer.json").resolve():
-        from report import DOC, peer_markdown, write_block
+    import report
 
-        write_block(DOC, "peer", peer_markdown(out))
+    report.publish(a.out, out)
     return 0
 
 

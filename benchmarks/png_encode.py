@@ -25,7 +25,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import png_encode_markdown, write_block  # noqa: E402
+from benchmarks import report  # noqa: E402
+from benchmarks.report_speed import png_encode_markdown  # noqa: E402
 from stpm.imaging.decode import read_image  # noqa: E402
 from stpm.imaging.render import overlay, png_bytes  # noqa: E402
 
@@ -89,7 +90,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     if not a.no_doc:
-        write_block(ROOT / "docs" / "BENCHMARKS.md", "png_encode", png_encode_markdown(res))
+        report.publish(out, res)
     print(png_encode_markdown(res))
     return 0
 

@@ -26,7 +26,7 @@ DATA = {"bottle": "mvtec_ad_bottle_512/bottle", "metal_plate": "mpdd_metal_plate
 
 
 def main() -> int:
-    from report import precision_markdown, write_block
+    import report
     from speed import shared_data
     from stpm.runtime import cpu
     from stpm import export as ex
@@ -62,7 +62,7 @@ def main() -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     if not a.no_doc:
-        write_block(ROOT / "docs" / "BENCHMARKS.md", "precision", precision_markdown(res))
+        report.publish(a.out, res)
     return 0
 
 

@@ -89,12 +89,13 @@ def main() -> int:
                     help="recompute a decisions result's threshold columns from its recorded scores (no training)")
     a = ap.parse_args()
     if a.redecide:
-        from benchmarks.report import DOC, decisions_markdown, write_block
+        from benchmarks import report
+        from benchmarks.report_quality import decisions_markdown
 
         res = redecide(Path(a.redecide))
         Path(a.redecide).write_text(json.dumps(res, indent=2))
         print(decisions_markdown(res))
-        write_block(DOC, "quality_decisions", decisions_markdown(res))
+        report.publish(a.redecide, res)
         return 0
     build_mixed_sets(a.datasets.split(","))
     if a.students is None:
@@ -136,12 +137,12 @@ def main() -> int:
             Path(a.out).write_text(json.dumps({
                 "command": " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
                 f"{torch.get_num_threads()} threads, torch {torch.__version__}", "rows": rows}, indent=2))
-    from benchmarks.report import BLOCKS, DOC, quality_markdown, write_block
+    from benchmarks import report
+    from benchmarks.report_quality import quality_markdown
 
     res = json.loads(Path(a.out).read_text())
     print(quality_markdown(res))
-    if Path(a.out).stem in BLOCKS:
-        write_block(DOC, Path(a.out).stem, quality_markdown(res))
+    report.publish(a.out, res)
     return 0
 
 
@@ -287,15 +288,13 @@ def run_configs(a: argparse.Namespace) -> int:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps({"command": " ".join(["benchmarks/quality.py", *sys.argv[1:]]),
                                             "machine": machine, "rows": rows}, indent=2))
-    from benchmarks.report import BLOCKS, DOC, RESULTS, decisions_markdown, methods_markdown, write_block
+    from benchmarks import report
+    from benchmarks.report_quality import decisions_markdown, methods_markdown
 
     res = json.loads(out_path.read_text())
     print(methods_markdown(res))
     print(decisions_markdown(res))
-    # the block of a result file the docs cite, rendered as report.py renders it (a scratch run to /tmp leaves
-    # the docs alone)
-    if out_path.stem in BLOCKS and out_path.resolve().parent == RESULTS.resolve():
-        write_block(DOC, out_path.stem, BLOCKS[out_path.stem].render(res))
+    report.publish(out_path, res)  # the block of a result file the docs cite (a scratch run to /tmp: none)
     return 0
 
 

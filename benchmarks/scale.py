@@ -227,11 +227,11 @@ def main() -> int:
         result["jobs"] = jobs(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    from benchmarks.report import BLOCKS, DOC, scale_markdown, write_block
+    from benchmarks import report
+    from benchmarks.report_speed import scale_markdown
 
     print(scale_markdown(result))
-    if args.out.stem in BLOCKS:  # a result file the doc shows: its block follows
-        write_block(DOC, args.out.stem, scale_markdown(result))
+    report.publish(args.out, result)
     return 0
 
 

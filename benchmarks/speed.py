@@ -69,7 +69,7 @@ def main() -> int:
     ap.add_argument("--no-doc", action="store_true", help="do not touch docs/BENCHMARKS.md")
     a = ap.parse_args()
 
-    from benchmarks.report import DOC, write_block
+    from benchmarks import report
     from stpm.evaluation.speed import run_bench
 
     images = a.images or str(shared_data() / "mvtec_ad_bottle_512" / "bottle" / "test")
@@ -82,9 +82,7 @@ def main() -> int:
     res["command"] = ".venv/bin/python benchmarks/speed.py " + " ".join(sys.argv[1:])
     out.write_text(json.dumps(res, indent=2) + "\n")
     if not a.no_doc:
-        from benchmarks.report import speed_markdown
-
-        write_block(DOC, out.stem, speed_markdown(res))
+        report.publish(out, res)
     return 0
 
 

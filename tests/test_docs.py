@@ -68,6 +68,28 @@ def test_replace_block_refuses_unknown_and_missing_blocks():
     assert report.blocks_in(report.replace_block(marked, "png_encode", "new 1.5x")) == {"png_encode": "new 1.5x\n"}
 
 
+def test_publish_writes_a_cited_result_files_block_and_leaves_the_docs_alone_for_a_scratch_run(tmp_path, monkeypatch):
+    """A benchmark publishes through report.publish: only a registered result file in benchmarks/results/
+    rewrites its block (with its registered renderer, in its registered doc); the same file name elsewhere
+    (a scratch run to /tmp) and an unregistered name write nothing."""
+    import dataclasses
+
+    results, doc = tmp_path / "results", tmp_path / "DOC.md"
+    results.mkdir()
+    res = {"command": "benchmarks/png_encode.py", "machine": "test CPU", "rows": []}
+    blocks = {k: dataclasses.replace(b, doc=doc) for k, b in report.BLOCKS.items()}
+    monkeypatch.setattr(report, "BLOCKS", blocks)
+    monkeypatch.setattr(report, "RESULTS", results)
+    before = f"prose\n{report.begin_marker('mixed_scale')}\nold\n<!-- END generated mixed_scale -->\n"
+    doc.write_text(before)
+    assert not report.publish(tmp_path / "mixed_scale.json", res)  # not in the results folder
+    assert not report.publish(results / "unregistered.json", res)
+    assert doc.read_text() == before
+    assert report.publish(results / "mixed_scale.json", res)
+    assert report.blocks_in(doc.read_text()) == {"mixed_scale": report.render("mixed_scale", res)}
+    assert doc.read_text().startswith("prose\n")
+
+
 def test_distillation_tables_are_their_result_files_rendered(tmp_path):
     """docs/DISTILLATION.md's `distill_*` blocks (benchmarks/distill_report.py's own markers) equal a fresh
     rendering of benchmarks/results/distill_*.json."""

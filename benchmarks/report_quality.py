@@ -1,0 +1,203 @@
+"""docs/BENCHMARKS.md's quality blocks: benchmarks/quality.py's methods and decisions tables (with what model
+selection chose and what the ranking allows), the mixed-size and padding tables, and the map ablation. Rendered
+through benchmarks/report.py like every generated block. Torch-free (the decisions' oracle line uses
+stpm.evaluation.metrics: numpy and scikit-learn).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+
+def quality_markdown(res: dict[str, Any]) -> str:
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+             "| dataset | student | epochs | image AUROC | pixel AUROC | AUPRO@0.3 | F1-max | P/R @ calibrated thr "
+             "| s/epoch | train img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        c = r["calibrated"] or {}
+        lines.append(
+            f"| {r['dataset']} | {r['student']} | {r['epochs']} (best {r['best_epoch']}) | {r['image_auroc']:.3f} "
+            f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} | {c.get('precision', 0):.2f} / "
+            f"{c.get('recall', 0):.2f} | {r['train_s_per_epoch']:.0f} | {r['train_images_per_s']:.2f} |")
+    return "\n".join(lines)
+
+
+TARGETS = {"bottle": (0.99, 0.97), "metal_plate": (0.98, 0.97), "kolektorsdd": (0.90, 0.95)}  # issue 12
+
+
+def methods_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/quality.py --configs: one row per data set and method configuration."""
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+             "| dataset | config | method (teacher) | sigma / image score | image AUROC | pixel AUROC | AUPRO@0.3 "
+             "| F1-max | P/R @ calibrated thr | train s | score ms/img | issue 12 target img / px |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        c = r["calibrated"] or {}
+        t = TARGETS.get(r["dataset"])
+        target = "—"
+        if t and r["config"] == "default":
+            ok = r["image_auroc"] >= t[0] and r["pixel_auroc"] >= t[1] and r["train_s"] <= 900
+            target = f"{t[0]:.2f} / {t[1]:.2f}, 15 min: {'met' if ok else 'missed'}"
+        method = r["method"] + (f", {r['epochs']} epochs" if r.get("epochs") else "")
+        teacher = r["teacher"] + (f" -> {r['student']}" if r.get("student") else "")
+        lines.append(
+            f"| {r['dataset']} | {r['config']} | {method} ({teacher}) | {r['sigma']:g} / {r['image_score']} "
+            f"| {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
+            f"| {c.get('precision', 0):.2f} / {c.get('recall', 0):.2f} | {r['train_s']:.0f} "
+            f"| {r['score_ms_per_image']:.0f} | {target} |")
+    return "\n".join(lines)
+
+
+def both_markdown(res: dict[str, Any]) -> str:
+    """A quality.py run shown whole: the methods table, then its decisions (the command line once)."""
+    decisions = decisions_markdown(res).split("\n", 2)[2]  # without its command line and the blank after it
+    return methods_markdown(res) + "\n\nDecisions at the default threshold and the other rules:\n\n" + decisions
+
+
+def mixed_scale_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/mixed_scale.py: one row per mixed-size set and short-side quantile of the scale rule."""
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+             "| dataset | scale = 256 / short side at quantile | scale | image AUROC | pixel AUROC | AUPRO@0.3 "
+             "| F1-max | P/R @ calibrated thr | train tiles | test tiles (padded images / all) "
+             "| train s (load average at the run's start or end) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: (r["dataset"], r["quantile"])):
+        c = r["calibrated"] or {}
+        lines.append(
+            f"| {r['dataset']} | {r['quantile']:g} | {r['scale']:.3f} | {r['image_auroc']:.3f} "
+            f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
+            f"| {c.get('precision', 0):.2f} / {c.get('recall', 0):.2f} | {r['n_train_tiles']} "
+            f"| {r['test_tiles']} ({r['n_test_padded']} / {r['n_test']}) | {r['train_s']:.0f} "
+            f"({_load_of(r)}) |")
+    return "\n".join(lines)
+
+
+def _load_of(row: dict[str, Any]) -> str:
+    """The load average a row recorded: at its start, or (rows before that fix) at its end."""
+    return f"start {row['load_at_start']:.1f}" if "load_at_start" in row else f"end {row['load_at_end']:.1f}"
+
+
+def padding_content_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/padding_content.py: one row per shared set and padding mode."""
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+             "| dataset | padding | good crops: median score (in context) | median change vs in context "
+             "| good crops over the threshold (in context) | crop image AUROC (in context) | crops good / defective |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['dataset']} | {r['mode']} | {r['good_median_score']:.3f} ({r['good_median_in_context']:.3f}) "
+            f"| {r['good_median_abs_change']:.3f} | {r['good_over_threshold']:.2f} "
+            f"({r['good_over_threshold_in_context']:.2f}) | {r['crop_auroc']:.3f} ({r['crop_auroc_in_context']:.3f}) "
+            f"| {r['n_good']} / {r['n_defective']} |")
+    return "\n".join(lines)
+
+
+def percent(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{100 * v:.{digits}f} %"
+
+
+DECISION_TARGETS = {"bottle": (0.95, 0.95), "metal_plate": (0.95, 0.95), "kolektorsdd": (0.90, 0.80)}  # issue 25
+
+
+RULE_NAMES = {"held_out_only": "target_fpr, held-out images only (no cross-fitting)"}
+
+
+def decisions_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/quality.py --configs default: the default threshold's decisions per set beside what the
+    bundle states, and the former default (max_margin) and synthetic_f1 from the same run's scores."""
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}."
+             + (f" The threshold columns: {res['redecided']}." if res.get("redecided") else ""), "",
+             "| dataset | rule | threshold | expected FPR (90 % interval), from n good | realised FPR on test/good "
+             "| synthetic recall | precision / recall on test | issue 25 target P / R | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        for rule, d in (r.get("decisions") or {}).items():
+            iv = d.get("expected_fpr_interval")
+            span = f" ({percent(iv[0])} – {percent(iv[1])})" if iv else ""
+            fp = round(d["realised_fpr"] * d["n_test_good"])
+            t = DECISION_TARGETS.get(r["dataset"]) if rule == "default" else None
+            met = "—"
+            if t:
+                met = "yes" if d["precision"] >= t[0] and d["recall"] >= t[1] else "**no**"
+            syn = "—" if d.get("synthetic_recall") is None else f"{d['synthetic_recall']:.2f} of {d['n_synthetic']}"
+            name = "**default** (" + d["rule"] + ")" if rule == "default" else RULE_NAMES.get(rule, rule)
+            lines.append(
+                f"| {r['dataset']} | {name} | {d['threshold']:.4g} | {percent(d.get('expected_fpr'))}{span}, "
+                f"n = {d['n_good_images']} | {percent(d['realised_fpr'])} ({fp} of {d['n_test_good']}) | {syn} "
+                f"| {d['precision']:.2f} / {d['recall']:.2f} | {f'{t[0]:.2f} / {t[1]:.2f}' if t else '—'} | {met} |")
+    lines += ["", "What model selection chose (on synthetic anomalies of the held-out good images):", ""]
+    lines += [f"- {r['dataset']}: {_chosen(r)}" for r in res["rows"]]
+    ceilings = [_ceiling(r) for r in res["rows"] if (r.get("scores") or {}).get("test_scores")]
+    if ceilings:
+        lines += ["", "What the ranking allows: the highest recall on test at the target precision over *every* "
+                  "threshold (an oracle that reads the test labels: no rule without them can do better), the "
+                  "highest threshold that gives it, and the share of the good calibration scores (held out and out of "
+                  "fold) at or above it, the false-positive rate that threshold would be expected to have:", ""]
+        lines += ceilings
+    spread = [_good_medians(r) for r in res["rows"] if (r.get("scores") or {}).get("out_of_fold_good")]
+    if spread:
+        lines += ["", "The good images' scores by source (median, and the 90th percentile): held-out images (scored by "
+                  "the final model), training images scored out of fold (by the bank without their fold), and "
+                  "test/good (unseen):", ""] + spread
+    return "\n".join(lines)
+
+
+def _ceiling(row: dict[str, Any]) -> str:
+    """The best test recall at the issue's target precision over every threshold, for one quality row."""
+    from stpm.evaluation.metrics import at_threshold  # numpy / scikit-learn only
+
+    s = row["scores"]
+    bad = [d != "good" for d in s["test_defects"]]
+    target_p = DECISION_TARGETS.get(row["dataset"], (0.90, 0.0))[0]
+    best = None  # (recall, precision, threshold): of equal recalls the highest threshold (fewest false alarms)
+    for thr in sorted(set(s["test_scores"]), reverse=True):
+        m = at_threshold(bad, s["test_scores"], thr)
+        if m["tp"] and m["precision"] >= target_p and (best is None or m["recall"] > best[0]):
+            best = (m["recall"], m["precision"], thr)
+    if best is None:
+        return f"- {row['dataset']}: no threshold reaches precision {target_p:.2f} on test"
+    pool = [float(v) for v in (s.get("val_good") or []) + (s.get("out_of_fold_good") or [])]
+    share = f"; {percent(sum(v >= best[2] for v in pool) / len(pool))} of the {len(pool)} calibration scores" if pool else ""
+    default = (row.get("decisions") or {}).get("default")
+    now = f" (the default threshold: {default['recall']:.2f})" if default else ""
+    return (f"- {row['dataset']}: recall {best[0]:.2f} at precision {best[1]:.2f} (>= {target_p:.2f}){now}, "
+            f"threshold {best[2]:.4g}{share}")
+
+
+def _good_medians(row: dict[str, Any]) -> str:
+    s = row["scores"]
+    test_good = [v for v, d in zip(s["test_scores"], s["test_defects"]) if d == "good"]
+
+    def q(v: list[float]) -> str:
+        p90 = statistics.quantiles(v, n=10, method="inclusive")[-1] if len(v) > 1 else v[0]
+        return f"{statistics.median(v):.4g} / {p90:.4g} (n = {len(v)})"
+
+    return (f"- {row['dataset']}: held-out {q(s['val_good'])}; out of fold {q(s['out_of_fold_good'])}; "
+            f"test/good {q(test_good)}")
+
+
+def _chosen(row: dict[str, Any]) -> str:
+    """One quality row's choice: resolution and layers (stpm.training.settings), sigma and image score."""
+    tail = f"sigma {row['sigma']:g}, image score {row['image_score']}"
+    st = row.get("settings")
+    if not st:
+        return f"default resolution and layers (no --search-settings), {tail}"
+    tried = "; ".join(f"x{c['scale_factor']:g} {','.join(c['layers'])}: {c['synthetic_image_auroc']:.3f}"
+                      for c in st["candidates"])
+    c = st["chosen"]
+    return (f"scale x{c['scale_factor']:g} of the default, layers {','.join(c['layers'])}, {tail} "
+            f"(synthetic image AUROC per candidate: {tried}; search {st.get('search_s', 0):.0f} s)")
+
+
+def map_ablation_markdown(res: dict[str, Any]) -> str:
+    lines = [f"Bundle: `{res['bundle']}` (a temporary bundle of the 128 px bottle run, not kept: rerunning needs a "
+             "new bundle), data `" + res["data"] + "`.", "",
+             "| fusion | sigma | image AUROC | pixel AUROC | AUPRO@0.3 |", "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['combine']} | {r['sigma']:g} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
+                     f"{r['aupro']:.3f} |")
+    spread = max(r["pixel_auroc"] for r in res["rows"]) - min(r["pixel_auroc"] for r in res["rows"])
+    lines += ["", f"Pixel AUROC spread over these settings: {spread:.3f}."]
+    return "\n".join(lines)
