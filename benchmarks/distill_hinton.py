@@ -16,6 +16,11 @@ validation errors):
 - 2 x 800: hard labels vs soft targets (lambda = 0.1 on the hard-label term, Hinton's "considerably lower
   weight"); the temperature is chosen among 4, 8, 20 on the validation errors of seed 0, then seeds 1 and 2
   train at that temperature.
+- `--jittered` (a check of why the soft targets help less than in the seed): 2 x 800 hard labels and soft
+  targets at the chosen T and lambda, both on the teacher's +-2 px translated digits (a new translation per
+  batch, the teacher's soft targets computed on the same translated digits), every seed: is the gap to the
+  seed's 74 errors the transfer set? Both arms get the same digits, so their ratio stays a like-for-like
+  comparison.
 - sweep: 2 x 300 and 2 x 30, hard labels and soft targets for T in {1, 2.5, 4, 8, 20} x lambda in
   {0.1, 0.5}; for each T the lambda with fewer mean validation errors, and the best T by mean validation
   errors over the seeds.
@@ -28,7 +33,7 @@ epochs, 2 x 800 students of 30 epochs (3 selection runs on seed 0, then hard and
 seed 0) and the sweep's students of 20 epochs ((1 + 5 x 2) per width and seed).
 
 python benchmarks/distill_hinton.py [--seeds 0 1 2] [--teacher-epochs 200] [--epochs 30] [--sweep-epochs 20]
-       [--precision auto|fp32|bf16] [--widths 800,300,30]
+       [--precision auto|fp32|bf16] [--widths 800,300,30] [--jittered]
 A rerun resumes: models whose numbers are in the result file (same settings) are not trained again, and the
 teacher continues after its last epoch (its state is saved under benchmarks/work/ after every epoch).
 `--widths 800,30` and `--widths 300` split the students over two processes (one result file, merged).
@@ -39,7 +44,14 @@ import torch
 from distill_common import WORK, Results, errors, parse_args, precision_arg, seed_all
 
 from stpm.distill.data import Split, mnist_split
-from stpm.distill.methods import CachedKDObjective, CrossEntropyObjective, RunConfig, pack_labels_and_logits, run
+from stpm.distill.methods import (
+    CachedKDObjective,
+    CrossEntropyObjective,
+    KDObjective,
+    RunConfig,
+    pack_labels_and_logits,
+    run,
+)
 from stpm.distill.models import InputSpec, build_model
 from stpm.distill.trainer import TrainConfig, predict_logits, read_checkpoint, save_checkpoint
 
@@ -54,13 +66,16 @@ STUDENT = {"optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine", "batch_size
 SPEC, CPU = InputSpec(1, 28, 10), torch.device("cpu")
 
 
+JITTERED = ", jittered digits"  # key suffix of the --jittered students
+
+
 def soft_key(width: int, t: float, lam: float) -> str:
     return f"2x{width} soft T={t:g} lambda={lam:g}"
 
 
-def student_config(epochs: int, seed: int, bf16: bool) -> RunConfig:
-    return RunConfig(TrainConfig(epochs=epochs, lr=STUDENT["lr"], lr_schedule="cosine", cpu_bf16=bf16),
-                     batch_size=STUDENT["batch_size"], seed=seed, tensor_batches=True)
+def student_config(epochs: int, seed: int, bf16: bool, augment: str = "none") -> RunConfig:
+    return RunConfig(TrainConfig(epochs=epochs, lr=STUDENT["lr"], lr_schedule="cosine", cpu_bf16=bf16,
+                                 augment=augment), batch_size=STUDENT["batch_size"], seed=seed, tensor_batches=True)
 
 
 def record(res: Results, key: str, seed: int, model: torch.nn.Module, data: Split, curve: list[int],
@@ -114,6 +129,21 @@ def train_student(res: Results, data: Split, key: str, seed: int, width: int, ep
     record(res, key, seed, model, data, hist.test_errors, data.y_train if width == 800 else None)
 
 
+def train_jittered(res: Results, data: Split, teacher: torch.nn.Module, seed: int, epochs: int, bf16: bool,
+                   t: float | None = None) -> None:
+    """--jittered: a 2 x 800 student on the teacher's translated digits, hard labels (t None) or soft targets
+    at T = t (lambda HARD_WEIGHT) from the teacher on the same translated batch; skipped when recorded."""
+    key = ("2x800 hard labels" if t is None else soft_key(800, t, HARD_WEIGHT)) + JITTERED
+    if res.has(f"{key} | test errors", seed):
+        return
+    seed_all(seed)
+    model = build_model("mlp800", SPEC)
+    objective = CrossEntropyObjective(model) if t is None else KDObjective(model, teacher, t, HARD_WEIGHT)
+    hist = run(objective, data.x_train, data.y_train, student_config(epochs, seed, bf16, TEACHER["augment"]), CPU,
+               eval_data=(data.x_val, data.y_val), desc=key)
+    record(res, key, seed, model, data, hist.test_errors, data.y_train)
+
+
 def chosen_big_t(res: Results) -> float:
     """The 2 x 800 temperature with the fewest validation errors of seed SELECT_SEED (ties: the larger T)."""
     val = {t: res.get(f"{soft_key(800, t, HARD_WEIGHT)} | val errors", SELECT_SEED) for t in BIG_TS}
@@ -126,7 +156,9 @@ def main() -> None:
                                 "--sweep-epochs": (int, 20, "2 x 300 / 2 x 30 student epochs"),
                                 "--precision": (str, "auto", "auto | fp32 | bf16 (2x1200 and 2x800 nets)"),
                                 "--widths": (str, "800,300,30", "students to train (parallel processes may share "
-                                                                "the widths: --widths 800,30 and --widths 300)")})
+                                                                "the widths: --widths 800,30 and --widths 300)"),
+                                "--jittered": (bool, False, "also 2 x 800 hard and soft students on translated "
+                                                            "digits (needs the 2 x 800 temperature chosen)")})
     widths = [int(w) for w in args.widths.split(",")]
     if not set(widths) <= {800, 300, 30}:
         raise SystemExit(f"--widths must be a subset of 800,300,30, got {args.widths}")
@@ -152,6 +184,12 @@ def main() -> None:
             train_student(res, data, "2x800 hard labels", seed, 800, args.epochs, bf16)
             train_student(res, data, soft_key(800, big_t, HARD_WEIGHT), seed, 800, args.epochs, bf16, targets,
                           big_t, HARD_WEIGHT)
+        res.render()
+    if args.jittered:
+        big_t = chosen_big_t(res)  # a KeyError here: run the 2 x 800 selection (--widths 800) first
+        for seed in args.seeds:
+            train_jittered(res, data, teacher, seed, args.epochs, bf16)
+            train_jittered(res, data, teacher, seed, args.epochs, bf16, big_t)
         res.render()
 
     for seed in args.seeds:

@@ -6,6 +6,9 @@ from __future__ import annotations
 from distill_render import header, is_partial, mean, ms, paired, per_seed, run_lines, seeds_of, vals, verdict
 
 
+JITTERED = ", jittered digits"  # distill_hinton.py --jittered's key suffix
+
+
 def _soft(width: int, t: float, lam: float) -> str:
     return f"2x{width} soft T={t:g} lambda={lam:g}"
 
@@ -29,6 +32,8 @@ def hinton(r: dict) -> str:
             ("2x800 hard labels", "2 x 800 hard labels", "146")]
     if soft800:
         rows.append((soft800, f"2 x 800 soft targets, T = {big_t:g}, lambda = {c['hard_weight']:g}", "74 (T = 20)"))
+        rows += [("2x800 hard labels" + JITTERED, "2 x 800 hard labels, on translated digits (--jittered)", "—"),
+                 (soft800 + JITTERED, f"2 x 800 soft targets, T = {big_t:g}, on translated digits (--jittered)", "—")]
     for key, label, ref in rows:
         if vals(r, f"{key} | test errors"):
             train = per_seed(r, f"{key} | train errors", 0) or "—"
@@ -54,8 +59,25 @@ def hinton(r: dict) -> str:
                             f"seed {', '.join(f'{x:.2f}' for x in ratios)}; paired differences soft - hard "
                             f"{ms(d, 1)} errors ({', '.join(f'{x:+.0f}' for x in d)}); soft better in every seed: "
                             f"{every}.")]
+    if soft800:
+        out += jittered_reading(r, soft800)
     out += hinton_sweep(r)
     return "\n".join(out)
+
+
+def jittered_reading(r: dict, soft800: str) -> list[str]:
+    """distill_hinton.py --jittered: the same comparison with both arms on translated digits (not a verdict)."""
+    hard, soft = f"2x800 hard labels{JITTERED} | test errors", f"{soft800}{JITTERED} | test errors"
+    if not (vals(r, hard) and vals(r, soft)):
+        return []
+    d = paired(r, soft, hard)
+    ratio = mean(vals(r, soft)) / mean(vals(r, hard))
+    return ["", (f"On translated digits (`--jittered`: both arms see the teacher's +-2 px translations, a new one "
+                 f"per batch, the soft targets computed on the same translated digits): soft / hard = "
+                 f"{mean(vals(r, soft)):.1f} / {mean(vals(r, hard)):.1f} = **{ratio:.2f}**; paired differences soft "
+                 f"- hard {ms(d, 1)} errors ({', '.join(f'{x:+.0f}' for x in d)}); seeds: {len(d)}. This reading "
+                 "asks whether the transfer set explains the gap to the seed; the verdict above stays the seed's "
+                 "setting (untranslated digits for the students).")]
 
 
 def hinton_sweep(r: dict) -> list[str]:

@@ -68,6 +68,20 @@ def test_hinton_verdicts_follow_the_validation_choices_and_the_stated_criteria()
     assert "Verdict (temperature): reproduced." in text
 
 
+def test_the_jittered_check_is_a_reading_beside_the_verdict_and_absent_until_run():
+    v = {"2x800 soft T=4 lambda=0.1 | val errors": [30], "2x800 soft T=20 lambda=0.1 | val errors": [40],
+         "2x800 hard labels | test errors": [140, 150], "2x800 soft T=4 lambda=0.1 | test errors": [100, 105]}
+    before = distill_report.hinton(_hinton_result(v))
+    assert "translated digits" not in before
+    v |= {"2x800 hard labels, jittered digits | test errors": [90, 100],
+          "2x800 soft T=4 lambda=0.1, jittered digits | test errors": [60, 66]}
+    text = distill_report.hinton(_hinton_result(v))
+    assert "| 2 x 800 soft targets, T = 4, on translated digits (--jittered) | 63.0 ± 4.2 (2 seeds) | 60, 66 |" in text
+    assert "soft / hard = 63.0 / 95.0 = **0.66**" in text and "(-30, -34); seeds: 2" in text
+    verdict = "**Verdict (soft targets vs hard labels): partly.**"  # 102.5 / 145 on the untranslated digits
+    assert verdict in before and verdict in text
+
+
 def test_a_missing_gpu_result_says_the_block_was_not_run(tmp_path, monkeypatch):
     monkeypatch.setattr(distill_report, "RESULTS", tmp_path)
     doc = tmp_path / "doc.md"
