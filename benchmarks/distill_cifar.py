@@ -10,7 +10,9 @@ teacher (ESKD), plus NOKD at half the epochs (its accuracy beside NOKD's shows w
 Students and assistants see no augmentation (the paper's plain-CNN code has none), so every KD source's
 logits are computed once. KD: T = 4, lambda = 0.5 on the hard-label term (the earlier run's choice on
 validation; not re-tuned). SGD with Nesterov momentum 0.9, weight decay 5e-4, lr 0.05 with a cosine decay to
-0, batch 128 (the paper: SGD momentum 0.9, lr 0.01 constant for 200 epochs, weight decay 1e-4).
+0, batch 128 (the paper: SGD momentum 0.9, lr 0.01 constant for 200 epochs, weight decay 1e-4); the
+assistants and students warm the lr up linearly over their first epoch (Scale.warmup_epochs: without it the
+full-width takd4 assistant died in its first epoch, a constant classifier at 10 %), the teacher does not.
 Teacher and assistants are trained once (seed 0) and shared by the three seeds (CPU time); the seeds vary
 the students. bfloat16 autocast and channels-last where the CPU computes bf16 natively (AMX), float32
 evaluation.

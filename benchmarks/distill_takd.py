@@ -26,7 +26,8 @@ SPEC = InputSpec(3, 32, 10)
 ASSISTANT_DEPTHS = (8, 6, 4)
 TEACHER_SETTINGS = ("width", "teacher_epochs", "early_teacher_epoch", "optimizer", "lr", "momentum", "weight_decay",
                     "batch_size", "precision", "teacher_augment", "lr_schedule")
-ASSISTANT_SETTINGS = (*TEACHER_SETTINGS, "assistant_epochs", "temperature", "hard_weight", "student_augment")
+ASSISTANT_SETTINGS = (*TEACHER_SETTINGS, "assistant_epochs", "temperature", "hard_weight", "student_augment",
+                      "warmup_epochs")
 
 
 def settings_of(config: dict, what: str) -> dict:
@@ -52,6 +53,10 @@ class Scale:
     hard_weight: float = 0.5
     shared_teachers: bool = True
     precision: str = "fp32"  # fp32 | bf16 (bfloat16 autocast on the CPU or the GPU; weights stay float32)
+    # linear lr warmup of the assistants and students (not the teacher): at lr 0.05 from the first step, the
+    # full-width takd4 assistant lost every ReLU of its last conv layer in its first epoch and stayed a
+    # constant classifier (10 % accuracy) on the full CIFAR-10 CPU run; one epoch of warmup trains it
+    warmup_epochs: float = 1.0
 
     def name(self, depth: int) -> str:
         return f"takd{depth}" if self.width == 100 else f"takd{depth}x{self.width}"
@@ -64,10 +69,11 @@ class Scale:
         return asdict(self) | {"teacher_augment": "crop-flip", "student_augment": "none",
                                "early_teacher_epoch": self.early_epoch, "lr_schedule": "cosine"}
 
-    def run_config(self, epochs: int, seed: int, augment: str = "none") -> RunConfig:
+    def run_config(self, epochs: int, seed: int, augment: str = "none", warmup: bool = True) -> RunConfig:
         train = TrainConfig(epochs=epochs, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
                             nesterov=self.optimizer == "sgd", weight_decay=self.weight_decay,
-                            lr_schedule="cosine", augment=augment, amp=self.precision == "bf16",
+                            lr_schedule="cosine", warmup_epochs=self.warmup_epochs if warmup else 0.0,
+                            augment=augment, amp=self.precision == "bf16",
                             amp_dtype="bfloat16", cpu_bf16=self.precision == "bf16", channels_last=True)
         return RunConfig(train, self.batch_size, seed, tensor_batches=True)
 
@@ -130,7 +136,7 @@ class Pipeline:
         if hit is None or early_hit is None:
             teacher = self.fresh(10, seed)
             hist = run(CrossEntropyObjective(teacher), self.xtr, self.ytr,
-                       s.run_config(s.teacher_epochs, seed, "crop-flip"), self.device,
+                       s.run_config(s.teacher_epochs, seed, "crop-flip", warmup=False), self.device,
                        eval_data=self.val,
                        snapshot_epochs=(s.early_epoch,), desc="teacher", resume_path=self.resume("teacher", seed))
             early = self.fresh(10, seed)

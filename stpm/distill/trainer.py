@@ -30,6 +30,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 disables clipping
     augment: str = "none"  # training-batch augmentation: none | shift<N> | crop-flip (see data.augmentation)
     lr_schedule: str = "constant"  # constant | cosine (per step, from lr down to 0 at the last step)
+    warmup_epochs: float = 0.0  # > 0: the learning rate rises linearly from lr / steps over these epochs' steps
     nesterov: bool = False  # SGD only
     max_norm: float = 0.0  # > 0: after each step, every unit's incoming weight vector has L2 norm <= max_norm
     cpu_bf16: bool = False  # bfloat16 autocast on CPU (fast with AMX / AVX-512 bf16); weights stay float32
@@ -82,13 +83,21 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """None for a constant learning rate; cosine decay over all cfg.epochs * steps_per_epoch steps."""
-    if cfg.lr_schedule == "constant":
+    """None for a constant learning rate without warmup; else the factor on lr per step: the cosine decay over
+    all cfg.epochs * steps_per_epoch steps (or 1), times a linear warmup over the first cfg.warmup_epochs (a
+    high lr on a fresh net can kill every ReLU of a layer in the first steps, leaving a constant classifier)."""
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: constant | cosine")
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if cfg.lr_schedule == "constant" and warm <= 0:
         return None
-    if cfg.lr_schedule == "cosine":
-        total = max(1, cfg.epochs * steps_per_epoch)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-    raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: constant | cosine")
+    total = max(1, cfg.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        decay = 0.5 * (1 + math.cos(math.pi * step / total)) if cfg.lr_schedule == "cosine" else 1.0
+        return decay * min(1.0, (step + 1) / warm) if warm > 0 else decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _autocast(device: torch.device, cfg: TrainConfig):

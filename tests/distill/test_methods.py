@@ -250,6 +250,26 @@ def test_cached_objectives_equal_their_live_counterparts(digits_batch, teachers)
     assert total.item() > soft.item()
 
 
+def test_warmup_rises_linearly_over_its_steps_then_follows_the_schedule():
+    from stpm.distill.trainer import make_scheduler
+
+    def lrs(cfg: TrainConfig, steps: int) -> list[float]:
+        opt = make_optimizer(list(build_model("mlp16", SPEC).parameters()), cfg)
+        sched = make_scheduler(opt, cfg, steps_per_epoch=4)
+        out = [opt.param_groups[0]["lr"]]
+        for _ in range(steps - 1):
+            opt.step()
+            sched.step()
+            out.append(opt.param_groups[0]["lr"])
+        return out
+
+    const = lrs(TrainConfig(epochs=3, lr=0.1, warmup_epochs=1.0), 12)  # 4 warmup steps, then constant
+    assert const[:5] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1]) and const[-1] == pytest.approx(0.1)
+    cos, plain = (lrs(TrainConfig(epochs=3, lr=0.1, lr_schedule="cosine", warmup_epochs=w), 12) for w in (1.0, 0.0))
+    assert cos[0] == pytest.approx(plain[0] / 4) and cos[4:] == pytest.approx(plain[4:])  # the decay after it
+    assert cos[:4] == sorted(cos[:4]) and cos[3] == pytest.approx(plain[3])
+
+
 def test_cosine_schedule_decays_the_learning_rate_to_zero(digits_batch):
     from stpm.distill.trainer import make_scheduler
 
