@@ -71,6 +71,12 @@ def test_the_time_budgets_leave_costly_candidates_out_never_the_default():
     assert "search" in settings._left_out_because(finer, [cheap], settings.SEARCH_BUDGET_S + 1)
     slow = settings.Trial(settings.Setting(1.0, ("a",)), 1.0, 1.0, settings.BUDGET_S / 2, 0.9, 0.9, {})
     assert "full fit" in settings._left_out_because(finer, [slow], 0.0)  # 4x the tiles: over the budget
+    # a trial's time (fit + scoring the synthetic anomalies), scaled by the tiles, must fit in what is left
+    timed = settings.Trial(settings.Setting(1.0, ("a",)), 1.0, 1.0, 10.0, 0.9, 0.9, {}, trial_s=60.0)
+    assert settings._left_out_because(finer, [timed], settings.SEARCH_BUDGET_S - 4 * 60.0) is None
+    why = settings._left_out_because(finer, [timed], settings.SEARCH_BUDGET_S - 4 * 60.0 + 1)
+    assert "past its" in why and "about 240 s more" in why
+    assert settings._left_out_because(settings.Setting(1.0, ("b",)), [timed], settings.SEARCH_BUDGET_S - 61) is None
 
 
 def test_fine_anomalies_are_a_few_input_pixels_whatever_the_image_size():
