@@ -34,6 +34,7 @@ from benchmarks.report_quality import (  # noqa: E402
     decisions_markdown,
     map_ablation_markdown,
     methods_markdown,
+    mixed_defects_markdown,
     mixed_scale_markdown,
     quality_markdown,
 )
@@ -108,6 +109,7 @@ BLOCKS: dict[str, Block] = {
     "docker_smoke": Block("scripts/docker-smoke.sh", "docker_smoke_*.json", docker_smoke_markdown, doc=DOCKER_DOC,
                           load=load_docker_smoke),
     "mixed_scale": Block("benchmarks/mixed_scale.py", "mixed_scale.json", mixed_scale_markdown),
+    "mixed_defects": Block("benchmarks/mixed_defects.py", "mixed_defects.json", mixed_defects_markdown),
     "scale_faults": Block("benchmarks/scale_faults.py", "scale_faults.json", scale_faults_markdown, doc=SCALING_DOC),
 }
 

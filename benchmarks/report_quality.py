@@ -74,6 +74,19 @@ def mixed_scale_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def mixed_defects_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/mixed_defects.py: how much of its defect each mixed set's defective crops keep."""
+    lines = [f"Command: `.venv/bin/python {res['command']}` (mixed sets of seed {res['seed']}; no model).", "",
+             "| dataset | defective crops | share of the defect's pixels kept: median | crops keeping < 10 % "
+             "| crops keeping < 25 % | defect pixels: median in the crop / in the full image |",
+             "|---|---|---|---|---|---|"]
+    for name, s in res["sets"].items():
+        lines.append(f"| {name} | {s['n_defective']} | {percent(s['median_share_kept'], 0)} "
+                     f"| {percent(s['share_below_10pct'], 0)} | {percent(s['share_below_25pct'], 0)} "
+                     f"| {s['median_crop_px']:.0f} / {s['median_source_px']:.0f} |")
+    return "\n".join(lines)
+
+
 def _load_of(row: dict[str, Any]) -> str:
     """The load average a row recorded: at its start, or (rows before that fix) at its end."""
     return f"start {row['load_at_start']:.1f}" if "load_at_start" in row else f"end {row['load_at_end']:.1f}"
