@@ -12,8 +12,8 @@ of good crops over the threshold (false alarms caused by the padding), and the c
 
     .venv/bin/python benchmarks/padding_content.py --out benchmarks/results/padding_content.json
 
-Prints its Markdown table (benchmarks/report.py padding_content_markdown); not yet a docs block (no
-result file has been recorded).
+Prints its Markdown table and, with the default --out, writes its block of docs/BENCHMARKS.md
+(benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -132,9 +132,11 @@ def main() -> int:
             print(json.dumps(res["rows"][-1]), flush=True)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2))
+    from benchmarks import report
     from benchmarks.report_quality import padding_content_markdown
 
     print(padding_content_markdown(res))
+    report.publish(a.out, res)
     return 0
 
 

@@ -36,6 +36,7 @@ from benchmarks.report_quality import (  # noqa: E402
     methods_markdown,
     mixed_defects_markdown,
     mixed_scale_markdown,
+    padding_content_markdown,
     quality_markdown,
 )
 from benchmarks.report_speed import (  # noqa: E402
@@ -110,6 +111,7 @@ BLOCKS: dict[str, Block] = {
                           load=load_docker_smoke),
     "mixed_scale": Block("benchmarks/mixed_scale.py", "mixed_scale.json", mixed_scale_markdown),
     "mixed_defects": Block("benchmarks/mixed_defects.py", "mixed_defects.json", mixed_defects_markdown),
+    "padding_content": Block("benchmarks/padding_content.py", "padding_content.json", padding_content_markdown),
     "scale_faults": Block("benchmarks/scale_faults.py", "scale_faults.json", scale_faults_markdown, doc=SCALING_DOC),
 }
 
