@@ -21,6 +21,8 @@ validation errors):
   batch, the teacher's soft targets computed on the same translated digits), every seed: is the gap to the
   seed's 74 errors the transfer set? Both arms get the same digits, so their ratio stays a like-for-like
   comparison.
+- `--big-lambdas 0.5,...` (another check): 2 x 800 soft-target students at the chosen T with these lambdas
+  instead of HARD_WEIGHT, every seed (the cached teacher logits; no translations), beside the main arms.
 - sweep: 2 x 300 and 2 x 30, hard labels and soft targets for T in {1, 2.5, 4, 8, 20} x lambda in
   {0.1, 0.5}; for each T the lambda with fewer mean validation errors, and the best T by mean validation
   errors over the seeds.
@@ -33,7 +35,7 @@ epochs, 2 x 800 students of 30 epochs (3 selection runs on seed 0, then hard and
 seed 0) and the sweep's students of 20 epochs ((1 + 5 x 2) per width and seed).
 
 python benchmarks/distill_hinton.py [--seeds 0 1 2] [--teacher-epochs 200] [--epochs 30] [--sweep-epochs 20]
-       [--precision auto|fp32|bf16] [--widths 800,300,30] [--jittered]
+       [--precision auto|fp32|bf16] [--widths 800,300,30] [--jittered] [--big-lambdas 0.5]
 A rerun resumes: models whose numbers are in the result file (same settings) are not trained again, and the
 teacher continues after its last epoch (its state is saved under benchmarks/work/ after every epoch).
 `--widths 800,30` and `--widths 300` split the students over two processes (one result file, merged).
@@ -158,7 +160,9 @@ def main() -> None:
                                 "--widths": (str, "800,300,30", "students to train (parallel processes may share "
                                                                 "the widths: --widths 800,30 and --widths 300)"),
                                 "--jittered": (bool, False, "also 2 x 800 hard and soft students on translated "
-                                                            "digits (needs the 2 x 800 temperature chosen)")})
+                                                            "digits (needs the 2 x 800 temperature chosen)"),
+                                "--big-lambdas": (str, "", "also 2 x 800 soft students at the chosen T with these "
+                                                           "lambdas, comma-separated (e.g. 0.5)")})
     widths = [int(w) for w in args.widths.split(",")]
     if not set(widths) <= {800, 300, 30}:
         raise SystemExit(f"--widths must be a subset of 800,300,30, got {args.widths}")
@@ -184,6 +188,11 @@ def main() -> None:
             train_student(res, data, "2x800 hard labels", seed, 800, args.epochs, bf16)
             train_student(res, data, soft_key(800, big_t, HARD_WEIGHT), seed, 800, args.epochs, bf16, targets,
                           big_t, HARD_WEIGHT)
+        res.render()
+    for lam in (float(x) for x in args.big_lambdas.split(",") if x.strip()):
+        big_t = chosen_big_t(res)  # a KeyError here: run the 2 x 800 selection (--widths 800) first
+        for seed in args.seeds:
+            train_student(res, data, soft_key(800, big_t, lam), seed, 800, args.epochs, bf16, targets, big_t, lam)
         res.render()
     if args.jittered:
         big_t = chosen_big_t(res)  # a KeyError here: run the 2 x 800 selection (--widths 800) first

@@ -60,9 +60,28 @@ def hinton(r: dict) -> str:
                             f"{ms(d, 1)} errors ({', '.join(f'{x:+.0f}' for x in d)}); soft better in every seed: "
                             f"{every}.")]
     if soft800:
-        out += jittered_reading(r, soft800)
+        out += lambda_reading(r, big_t) + jittered_reading(r, soft800)
     out += hinton_sweep(r)
     return "\n".join(out)
+
+
+def lambda_reading(r: dict, big_t: float) -> list[str]:
+    """distill_hinton.py --big-lambdas: the 2 x 800 soft students at other lambdas (a reading, not a verdict)."""
+    c, hard = r["config"], "2x800 hard labels | test errors"
+    out = []
+    for key in sorted(k for k in r["values"] if k.startswith(f"2x800 soft T={big_t:g} lambda=")
+                      and k.endswith(" | test errors") and JITTERED not in k):
+        lam = float(key.split("lambda=")[1].split(" ")[0])
+        if lam == c["hard_weight"] or not vals(r, hard):
+            continue
+        d = paired(r, key, hard)
+        out.append(f"lambda = {lam:g}: {mean(vals(r, key)):.1f} test errors ({per_seed(r, key, 0)}; validation "
+                   f"{per_seed(r, key.replace('test errors', 'val errors'), 0)}), soft / hard = "
+                   f"**{mean(vals(r, key)) / mean(vals(r, hard)):.2f}**, paired {ms(d, 1)}")
+    if not out:
+        return []
+    return ["", f"Other lambdas at T = {big_t:g} (`--big-lambdas`, every seed; the main arm's lambda is "
+                f"{c['hard_weight']:g}): " + "; ".join(out) + "."]
 
 
 def jittered_reading(r: dict, soft800: str) -> list[str]:

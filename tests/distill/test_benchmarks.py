@@ -80,6 +80,10 @@ def test_the_jittered_check_is_a_reading_beside_the_verdict_and_absent_until_run
     assert "soft / hard = 63.0 / 95.0 = **0.66**" in text and "(-30, -34); seeds: 2" in text
     verdict = "**Verdict (soft targets vs hard labels): partly.**"  # 102.5 / 145 on the untranslated digits
     assert verdict in before and verdict in text
+    v |= {"2x800 soft T=4 lambda=0.5 | test errors": [87, 87], "2x800 soft T=4 lambda=0.5 | val errors": [40, 42]}
+    text = distill_report.hinton(_hinton_result(v))
+    assert "Other lambdas at T = 4" in text and "lambda = 0.5: 87.0 test errors (87, 87; validation 40, 42)" in text
+    assert "soft / hard = **0.60**" in text and verdict in text  # a reading: the verdict keeps lambda 0.1
 
 
 def test_a_missing_gpu_result_says_the_block_was_not_run(tmp_path, monkeypatch):
