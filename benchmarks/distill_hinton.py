@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import torch
 from distill_common import WORK, Results, errors, parse_args, precision_arg, seed_all
+from distill_report_hinton import JITTERED, soft_key
 
 from stpm.distill.data import Split, mnist_split
 from stpm.distill.methods import (
@@ -66,13 +67,6 @@ TEACHER = {"model": "mlp1200d", "optimizer": "adam", "lr": 1e-3, "max_norm": 3.5
            "lr_schedule": "cosine", "batch_size": 128, "seed": 0}
 STUDENT = {"optimizer": "adam", "lr": 1e-3, "lr_schedule": "cosine", "batch_size": 128, "regularisation": "none"}
 SPEC, CPU = InputSpec(1, 28, 10), torch.device("cpu")
-
-
-JITTERED = ", jittered digits"  # key suffix of the --jittered students
-
-
-def soft_key(width: int, t: float, lam: float) -> str:
-    return f"2x{width} soft T={t:g} lambda={lam:g}"
 
 
 def student_config(epochs: int, seed: int, bf16: bool, augment: str = "none") -> RunConfig:
@@ -118,32 +112,25 @@ def teacher_model(args, res: Results, data: Split, bf16: bool) -> torch.nn.Modul
 
 
 def train_student(res: Results, data: Split, key: str, seed: int, width: int, epochs: int, bf16: bool,
-                  targets: torch.Tensor | None = None, t: float = 0.0, lam: float = 0.0) -> None:
-    """One student (hard labels when targets is None, else soft targets at T = t, lambda = lam); skipped
-    when its numbers are recorded already."""
+                  targets: torch.Tensor | torch.nn.Module | None = None, t: float = 0.0, lam: float = 0.0,
+                  augment: str = "none") -> None:
+    """One student: hard labels (targets None), soft targets at T = t, lambda = lam from cached teacher logits
+    (targets a tensor), or from the teacher itself on each (augmented) batch (targets the teacher: --jittered);
+    skipped when its numbers are recorded already."""
     if res.has(f"{key} | test errors", seed):
         return
     seed_all(seed)
     model = build_model(f"mlp{width}", SPEC)
-    objective = CrossEntropyObjective(model) if targets is None else CachedKDObjective(model, t, lam)
-    hist = run(objective, data.x_train, data.y_train if targets is None else targets,
-               student_config(epochs, seed, bf16), CPU, eval_data=(data.x_val, data.y_val), desc=key)
-    record(res, key, seed, model, data, hist.test_errors, data.y_train if width == 800 else None)
-
-
-def train_jittered(res: Results, data: Split, teacher: torch.nn.Module, seed: int, epochs: int, bf16: bool,
-                   t: float | None = None) -> None:
-    """--jittered: a 2 x 800 student on the teacher's translated digits, hard labels (t None) or soft targets
-    at T = t (lambda HARD_WEIGHT) from the teacher on the same translated batch; skipped when recorded."""
-    key = ("2x800 hard labels" if t is None else soft_key(800, t, HARD_WEIGHT)) + JITTERED
-    if res.has(f"{key} | test errors", seed):
-        return
-    seed_all(seed)
-    model = build_model("mlp800", SPEC)
-    objective = CrossEntropyObjective(model) if t is None else KDObjective(model, teacher, t, HARD_WEIGHT)
-    hist = run(objective, data.x_train, data.y_train, student_config(epochs, seed, bf16, TEACHER["augment"]), CPU,
+    if targets is None:
+        objective = CrossEntropyObjective(model)
+    elif isinstance(targets, torch.nn.Module):
+        objective = KDObjective(model, targets, t, lam)
+    else:
+        objective = CachedKDObjective(model, t, lam)
+    labels = targets if isinstance(targets, torch.Tensor) else data.y_train
+    hist = run(objective, data.x_train, labels, student_config(epochs, seed, bf16, augment), CPU,
                eval_data=(data.x_val, data.y_val), desc=key)
-    record(res, key, seed, model, data, hist.test_errors, data.y_train)
+    record(res, key, seed, model, data, hist.test_errors, data.y_train if width == 800 else None)
 
 
 def chosen_big_t(res: Results) -> float:
@@ -189,16 +176,18 @@ def main() -> None:
             train_student(res, data, soft_key(800, big_t, HARD_WEIGHT), seed, 800, args.epochs, bf16, targets,
                           big_t, HARD_WEIGHT)
         res.render()
-    for lam in (float(x) for x in args.big_lambdas.split(",") if x.strip()):
+    lambdas = [float(x) for x in args.big_lambdas.split(",") if x.strip()]
+    if lambdas or args.jittered:  # the checks beside the main arms, at its temperature
         big_t = chosen_big_t(res)  # a KeyError here: run the 2 x 800 selection (--widths 800) first
-        for seed in args.seeds:
-            train_student(res, data, soft_key(800, big_t, lam), seed, 800, args.epochs, bf16, targets, big_t, lam)
-        res.render()
-    if args.jittered:
-        big_t = chosen_big_t(res)  # a KeyError here: run the 2 x 800 selection (--widths 800) first
-        for seed in args.seeds:
-            train_jittered(res, data, teacher, seed, args.epochs, bf16)
-            train_jittered(res, data, teacher, seed, args.epochs, bf16, big_t)
+        for lam in lambdas:
+            for seed in args.seeds:
+                train_student(res, data, soft_key(800, big_t, lam), seed, 800, args.epochs, bf16, targets, big_t, lam)
+        if args.jittered:
+            shift = TEACHER["augment"]
+            for seed in args.seeds:
+                train_student(res, data, "2x800 hard labels" + JITTERED, seed, 800, args.epochs, bf16, augment=shift)
+                train_student(res, data, soft_key(800, big_t, HARD_WEIGHT) + JITTERED, seed, 800, args.epochs, bf16,
+                              teacher, big_t, HARD_WEIGHT, shift)
         res.render()
 
     for seed in args.seeds:

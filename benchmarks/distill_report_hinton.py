@@ -6,17 +6,17 @@ from __future__ import annotations
 from distill_render import header, is_partial, mean, ms, paired, per_seed, run_lines, seeds_of, vals, verdict
 
 
-JITTERED = ", jittered digits"  # distill_hinton.py --jittered's key suffix
+JITTERED = ", jittered digits"  # the key suffix of distill_hinton.py --jittered's students
 
 
-def _soft(width: int, t: float, lam: float) -> str:
+def soft_key(width: int, t: float, lam: float) -> str:
     return f"2x{width} soft T={t:g} lambda={lam:g}"
 
 
 def hinton_big_t(r: dict) -> float | None:
     """The 2 x 800 temperature chosen on seed select_seed's validation errors (None until all candidates ran)."""
     c, s = r["config"], str(r["config"]["select_seed"])
-    val = {t: r["values"].get(f"{_soft(800, t, c['hard_weight'])} | val errors", {}).get(s) for t in c["big_ts"]}
+    val = {t: r["values"].get(f"{soft_key(800, t, c['hard_weight'])} | val errors", {}).get(s) for t in c["big_ts"]}
     if any(v is None for v in val.values()):
         return None
     return min(sorted(val, reverse=True), key=val.get)
@@ -25,7 +25,7 @@ def hinton_big_t(r: dict) -> float | None:
 def hinton(r: dict) -> str:
     c = r["config"]
     big_t = hinton_big_t(r)
-    soft800 = _soft(800, big_t, c["hard_weight"]) if big_t is not None else None
+    soft800 = soft_key(800, big_t, c["hard_weight"]) if big_t is not None else None
     out = [header(r), ("| model | ours: test errors / 10,000 | per seed | val errors / 5,000 | training errors / "
                        "55,000 | seed 002: test errors / 10,000 |"), "|---|---|---|---|---|---|"]
     rows = [("teacher 2x1200", "teacher 2 x 1200, dropout + max-norm + jitter", "67"),
@@ -39,7 +39,7 @@ def hinton(r: dict) -> str:
             train = per_seed(r, f"{key} | train errors", 0) or "—"
             out.append(f"| {label} | {ms(vals(r, f'{key} | test errors'), 1)} | {per_seed(r, f'{key} | test errors', 0)}"
                        f" | {per_seed(r, f'{key} | val errors', 0)} | {train} | {ref} |")
-    picks = [(t, r["values"].get(f"{_soft(800, t, c['hard_weight'])} | val errors", {}).get(str(c["select_seed"])))
+    picks = [(t, r["values"].get(f"{soft_key(800, t, c['hard_weight'])} | val errors", {}).get(str(c["select_seed"])))
              for t in c["big_ts"]]
     if any(v is not None for _, v in picks):
         out += ["", f"Temperature of the 2 x 800 student, chosen on the validation errors of seed {c['select_seed']} "
@@ -111,16 +111,16 @@ def hinton_sweep(r: dict) -> list[str]:
     for t in c["temperatures"]:
         cells = []
         for w in (300, 30):
-            lams = {lam: mean(vals(r, f"{_soft(w, t, lam)} | val errors")) for lam in c["hard_weights"]
-                    if vals(r, f"{_soft(w, t, lam)} | val errors")}
+            lams = {lam: mean(vals(r, f"{soft_key(w, t, lam)} | val errors")) for lam in c["hard_weights"]
+                    if vals(r, f"{soft_key(w, t, lam)} | val errors")}
             if not lams:
                 cells += ["—", "—", "—"]
                 continue
             lam = min(lams, key=lams.get)
             best[w][t] = (lams[lam], lam)
-            cells += [f"{lam:g}", *cell(_soft(w, t, lam))]
+            cells += [f"{lam:g}", *cell(soft_key(w, t, lam))]
         out.append(f"| {t:g} | " + " | ".join(cells) + " |")
-    n_full = {w: min((len(vals(r, f"{_soft(w, t, lam)} | val errors")) for t in c["temperatures"]
+    n_full = {w: min((len(vals(r, f"{soft_key(w, t, lam)} | val errors")) for t in c["temperatures"]
                       for lam in c["hard_weights"]), default=0) for w in (300, 30)}
     if all(len(best[w]) == len(c["temperatures"]) and n_full[w] > 0 for w in (300, 30)):
         pick = {w: min(best[w], key=lambda t: best[w][t][0]) for w in (300, 30)}
