@@ -10,8 +10,17 @@ import statistics
 from typing import Any
 
 
+def _command_line(res: dict[str, Any]) -> str:
+    return f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}."
+
+
+def _precision_recall(calibrated: dict[str, Any]) -> str:
+    """P / R at the calibrated threshold (0 where a row recorded none)."""
+    return f"{calibrated.get('precision', 0):.2f} / {calibrated.get('recall', 0):.2f}"
+
+
 def quality_markdown(res: dict[str, Any]) -> str:
-    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+    lines = [_command_line(res), "",
              "| dataset | student | epochs | image AUROC | pixel AUROC | AUPRO@0.3 | F1-max | P/R @ calibrated thr "
              "| s/epoch | train img/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -19,8 +28,8 @@ def quality_markdown(res: dict[str, Any]) -> str:
         c = r["calibrated"] or {}
         lines.append(
             f"| {r['dataset']} | {r['student']} | {r['epochs']} (best {r['best_epoch']}) | {r['image_auroc']:.3f} "
-            f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} | {c.get('precision', 0):.2f} / "
-            f"{c.get('recall', 0):.2f} | {r['train_s_per_epoch']:.0f} | {r['train_images_per_s']:.2f} |")
+            f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} | {_precision_recall(c)} "
+            f"| {r['train_s_per_epoch']:.0f} | {r['train_images_per_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -29,7 +38,7 @@ TARGETS = {"bottle": (0.99, 0.97), "metal_plate": (0.98, 0.97), "kolektorsdd": (
 
 def methods_markdown(res: dict[str, Any]) -> str:
     """benchmarks/quality.py --configs: one row per data set and method configuration."""
-    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+    lines = [_command_line(res), "",
              "| dataset | config | method (teacher) | sigma / image score | image AUROC | pixel AUROC | AUPRO@0.3 "
              "| F1-max | P/R @ calibrated thr | train s | score ms/img | issue 12 target img / px |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -45,7 +54,7 @@ def methods_markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"| {r['dataset']} | {r['config']} | {method} ({teacher}) | {r['sigma']:g} / {r['image_score']} "
             f"| {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
-            f"| {c.get('precision', 0):.2f} / {c.get('recall', 0):.2f} | {r['train_s']:.0f} "
+            f"| {_precision_recall(c)} | {r['train_s']:.0f} "
             f"| {r['score_ms_per_image']:.0f} | {target} |")
     return "\n".join(lines)
 
@@ -58,7 +67,7 @@ def both_markdown(res: dict[str, Any]) -> str:
 
 def mixed_scale_markdown(res: dict[str, Any]) -> str:
     """benchmarks/mixed_scale.py: one row per mixed-size set and short-side quantile of the scale rule."""
-    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+    lines = [_command_line(res), "",
              "| dataset | scale = 256 / short side at quantile | scale | image AUROC | pixel AUROC | AUPRO@0.3 "
              "| F1-max | P/R @ calibrated thr | train tiles | test tiles (padded images / all) "
              "| train s (load average at the run's start or end) |",
@@ -68,7 +77,7 @@ def mixed_scale_markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"| {r['dataset']} | {r['quantile']:g} | {r['scale']:.3f} | {r['image_auroc']:.3f} "
             f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['f1_max']:.3f} "
-            f"| {c.get('precision', 0):.2f} / {c.get('recall', 0):.2f} | {r['n_train_tiles']} "
+            f"| {_precision_recall(c)} | {r['n_train_tiles']} "
             f"| {r['test_tiles']} ({r['n_test_padded']} / {r['n_test']}) | {r['train_s']:.0f} "
             f"({_load_of(r)}) |")
     return "\n".join(lines)
@@ -94,7 +103,7 @@ def _load_of(row: dict[str, Any]) -> str:
 
 def padding_content_markdown(res: dict[str, Any]) -> str:
     """benchmarks/padding_content.py: one row per shared set and padding mode."""
-    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}.", "",
+    lines = [_command_line(res), "",
              "| dataset | padding | good crops: median score (in context) | median change vs in context "
              "| good crops over the threshold (in context) | crop image AUROC (in context) | crops good / defective |",
              "|---|---|---|---|---|---|---|"]
@@ -120,7 +129,7 @@ RULE_NAMES = {"held_out_only": "target_fpr, held-out images only (no cross-fitti
 def decisions_markdown(res: dict[str, Any]) -> str:
     """benchmarks/quality.py --configs default: the default threshold's decisions per set beside what the
     bundle states, and the former default (max_margin) and synthetic_f1 from the same run's scores."""
-    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}."
+    lines = [_command_line(res)
              + (f" The threshold columns: {res['redecided']}." if res.get("redecided") else ""), "",
              "| dataset | rule | threshold | expected FPR (90 % interval), from n good | realised FPR on test/good "
              "| synthetic recall | precision / recall on test | issue 25 target P / R | met |",
