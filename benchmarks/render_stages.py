@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/render_stages.py
 
-decode (stpm.imageio.decode_image), the 256 -> 512 map resize, the Turbo overlay blend, and the overlay's
+decode (stpm.imaging.decode.decode_image), the 256 -> 512 map resize, the Turbo overlay blend (OpenCV, and
+Pillow's for comparison), and the overlay's
 encoding as PNG / JPEG / WebP (stpm.render). Prints JSON.
 """
 
@@ -45,7 +46,8 @@ def main() -> int:
     ov = render.overlay(rgb, big)
     out = {"image": f"{rgb.shape[1]}x{rgb.shape[0]} PNG", "decode": cpu_ms(lambda i: decode_image(data[i % len(data)])),
            "resize_map_256_to_input": cpu_ms(lambda i: render.resize_map(small, rgb.shape[:2])),
-           "overlay_blend": cpu_ms(lambda i: render.overlay(rgb, big))}
+           "overlay_blend": cpu_ms(lambda i: render.overlay(rgb, big)),
+           "overlay_blend_pillow": cpu_ms(lambda i: render.pillow_overlay(rgb, big))}
     for f in render.FORMATS:
         out[f"encode_{f}"] = cpu_ms(lambda i, f=f: render.encode(ov, f))
     print(json.dumps(out))

@@ -61,15 +61,27 @@ def colorize(amap: np.ndarray) -> np.ndarray:
 
 
 _TURBO_PALETTE = TURBO.ravel().tolist()
+_TURBO_COLUMN = np.ascontiguousarray(TURBO.reshape(256, 1, 3))  # OpenCV's user colormap: [256, 1] of 3 channels
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend the coloured map over a uint8 RGB image of the same [H, W]; -> uint8 [H, W, 3].
 
-    The colormap runs as a Pillow palette and the blend in Pillow's C code: a numpy gather + blend
-    costs about twice as much at 512 px."""
+    With OpenCV installed the colormap is a table lookup and the blend OpenCV's saturating weighted sum,
+    about five times faster than Pillow at 512 px (benchmarks/render_stages.py); the pixels match
+    Pillow's to one level (rounding). Without it the colormap runs as a Pillow palette and the blend in
+    Pillow's C code (a numpy gather + blend costs about twice as much)."""
     if image.shape[:2] != amap.shape:
         raise ValueError(f"image {image.shape[:2]} and map {amap.shape} differ in size")
+    if _CV2 is not None:
+        levels = _CV2.convertScaleAbs(np.clip(amap, 0.0, 1.0), alpha=255.0)  # rounded, saturated uint8
+        coloured = _CV2.applyColorMap(levels, _TURBO_COLUMN)
+        return _CV2.addWeighted(np.ascontiguousarray(image, dtype=np.uint8), 1.0 - alpha, coloured, alpha, 0.0)
+    return pillow_overlay(image, amap, alpha)
+
+
+def pillow_overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """`overlay` in Pillow alone (no OpenCV)."""
     pal = Image.fromarray(to_uint8(amap), mode="P")
     pal.putpalette(_TURBO_PALETTE)
     return np.asarray(Image.blend(Image.fromarray(image), pal.convert("RGB"), alpha))
