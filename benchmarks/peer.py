@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/peer.py --peer-python /work/venvs/anomalib/bin/python --rounds 8 --per-round 15
 
-The peer's virtualenv: `python -m venv V && V/bin/pip install anomalib==2.7.0 openvino lightning timm
-onnxscript` (here with this machine's torch==2.14.1 torchvision==0.29.1). Its timm backbone is built with `pretrained=False` (patched here: offline, and speed does
+The peer's virtualenv: `bash benchmarks/peer_venv.sh V` (anomalib==2.7.0 openvino lightning timm onnxscript,
+with this machine's torch==2.14.1 torchvision==0.29.1). Its timm backbone is built with `pretrained=False` (patched here: offline, and speed does
 not depend on the weights); it is exported with `Stfpm.to_openvino(input_size=(512, 512))` (its
 pre-processing, 512 -> 256 resize and normalisation, inside the graph) and run by
 `OpenVINOInferencer.predict(path)`: its default (bf16 inference precision where the CPU has it) and

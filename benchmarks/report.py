@@ -32,6 +32,7 @@ from benchmarks.report_faults import scale_faults_markdown  # noqa: E402
 from benchmarks.report_quality import (  # noqa: E402
     both_markdown,
     decisions_markdown,
+    feature_taps_markdown,
     map_ablation_markdown,
     methods_markdown,
     mixed_defects_markdown,
@@ -111,6 +112,7 @@ BLOCKS: dict[str, Block] = {
                           load=load_docker_smoke),
     "mixed_scale": Block("benchmarks/mixed_scale.py", "mixed_scale.json", mixed_scale_markdown),
     "mixed_defects": Block("benchmarks/mixed_defects.py", "mixed_defects.json", mixed_defects_markdown),
+    "feature_taps": Block("benchmarks/feature_taps.py", "feature_taps.json", feature_taps_markdown),
     "padding_content": Block("benchmarks/padding_content.py", "padding_content.json", padding_content_markdown),
     "scale_faults": Block("benchmarks/scale_faults.py", "scale_faults.json", scale_faults_markdown, doc=SCALING_DOC),
 }

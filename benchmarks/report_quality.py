@@ -101,6 +101,35 @@ def _load_of(row: dict[str, Any]) -> str:
     return f"start {row['load_at_start']:.1f}" if "load_at_start" in row else f"end {row['load_at_end']:.1f}"
 
 
+def feature_taps_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/feature_taps.py: PatchCore on other Lite activations, and the default's map smoothing and
+    image score, one run per set (whole images, not the pipeline: compare within a set)."""
+    machines = list(dict.fromkeys(r["machine"] for r in res["rows"]))
+    lines = ["Commands: " + "; ".join(f"`.venv/bin/python {c}`" for c in res["commands"]) + ".",
+             "Machine: " + "; ".join(machines) + ".", "",
+             "| dataset | variant | taps (dims) | bank rows | image AUROC: max / top 1 % mean (sigma 4) "
+             "| pixel AUROC (sigma 4) | fit / score CPU s |",
+             "|---|---|---|---:|---|---:|---|"]
+    for r in res["rows"]:
+        img = r["image_auroc"]
+        taps = " + ".join(r["taps"]) + (f", projected to {r['projection']}" if r["projection"] else "")
+        lines.append(f"| {r['dataset']} | {r['variant']} | {taps} ({r['dims']}) | {r['bank_rows']:,} "
+                     f"| {img['sigma 4, max']:.3f} / {img['sigma 4, top 0.01 mean']:.3f} "
+                     f"| {r['pixel_auroc']['sigma 4']:.3f} | {r['fit_cpu_s']:.0f} / {r['score_cpu_s']:.0f} |")
+    grid = [r for r in res["rows"] if r["variant"] == "default" and "sigma 2" in r["pixel_auroc"]]
+    if grid:
+        lines += ["", "The default taps under every map smoothing and image score (image AUROC; pixel AUROC last):", "",
+                  "| dataset | sigma | max | top 0.1 % mean | top 1 % mean | top 5 % mean | pixel AUROC |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in grid:
+            for sigma in (2, 4, 8):
+                img = r["image_auroc"]
+                cells = " | ".join(f"{img[f'sigma {sigma}, {k}']:.3f}"
+                                   for k in ("max", "top 0.001 mean", "top 0.01 mean", "top 0.05 mean"))
+                lines.append(f"| {r['dataset']} | {sigma} | {cells} | {r['pixel_auroc'][f'sigma {sigma}']:.3f} |")
+    return "\n".join(lines)
+
+
 def padding_content_markdown(res: dict[str, Any]) -> str:
     """benchmarks/padding_content.py: one row per shared set and padding mode."""
     lines = [_command_line(res), "",
