@@ -80,6 +80,7 @@ BLOCKS: dict[str, Block] = {
     "quality_mixed": Block("benchmarks/quality.py", "quality_mixed.json", both_markdown),
     "quality_search": Block("benchmarks/quality.py", "quality_search.json", both_markdown),
     "quality_x2": Block("benchmarks/quality.py", "quality_x2.json", both_markdown),
+    "quality_stride4": Block("benchmarks/quality.py", "quality_stride4.json", both_markdown),
     "quality_lite2": Block("benchmarks/quality.py", "quality_lite2.json", both_markdown),
     "calibration_estimators": Block("benchmarks/calibration_estimators.py", "calibration_estimators.json",
                                     estimators_markdown),

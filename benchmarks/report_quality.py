@@ -234,7 +234,8 @@ def _chosen(row: dict[str, Any]) -> str:
     tail = f"sigma {row['sigma']:g}, image score {row['image_score']}"
     st = row.get("settings")
     if not st:
-        return f"default resolution and layers (no --search-settings), {tail}"
+        fixed = "default" if row.get("config", "default") == "default" else f"the {row['config']} config's"
+        return f"{fixed} resolution and layers (no --search-settings), {tail}"
     tried = "; ".join(f"x{c['scale_factor']:g} {','.join(c['layers'])}: {c['synthetic_image_auroc']:.3f}"
                       for c in st["candidates"])
     c = st["chosen"]

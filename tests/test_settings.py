@@ -35,6 +35,9 @@ def test_the_search_covers_what_the_options_leave_open_within_the_tile_budget():
     # square parts at tile 256: x2 needs 9 tiles per image (within MAX_TILES_PER_IMAGE)
     assert sorted({s.factor for s in open_}) == [1.0, 2.0]
     assert len({s.layers for s in open_}) == 2 and len(open_) == 4
+    # the finer layer set is the default pair with the stage below it: a stride-4 grid, the same receptive fields
+    finer = next(s.layers for s in open_ if s.layers != default_layers)
+    assert finer[1:] == default_layers and len(finer) == 3
     # elongated ones (1:4, as KolektorSDD): x2 would need 3 x 11 tiles, so only the default scale is tried
     assert {s.factor for s in _candidates(build({"search_settings": True}), size=256, aspect=4)} == {1.0}
     # what the user fixes stays fixed
