@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.1, help="paper: 0.4 at batch 32; scaled linearly")
     ap.add_argument("--datasets", default=",".join(DATASETS))
-    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), stride4 (a stride-4 patch grid), "
+    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), stride4 (a stride-4 patch grid), stride4_bank (the same, the default's bank rows), "
                     "search (--search-settings), stpm")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--students", default=None, help="'all' or a comma list of " + ", ".join(STUDENTS) +
@@ -151,7 +151,8 @@ def config_of(label: str, a: argparse.Namespace) -> TrainingOptions:
     EfficientNet-Lite2 teacher (its default layers); x2: the same at twice the default resolution (the
     training images' median short side scaled to two tiles, not one: what `--search-settings` calls scale
     x2, here fixed); stride4: the default layers plus blocks.1, so the patch grid is stride 4 (4x the patches and
-queries; benchmarks/feature_taps.py); search: the same with `--search-settings`; stpm: STPM on the same default teacher with
+queries; benchmarks/feature_taps.py); stride4_bank: the same with a quarter of the coreset ratio, so the bank keeps
+the default's rows; search: the same with `--search-settings`; stpm: STPM on the same default teacher with
     the ResNet18 student (it beat the same-family student, quality_256px) and a short schedule (--epochs,
     --batch-size, --lr)."""
     model, train, tiling = ModelOptions(), TrainOptions(device=a.device), TilingOptions()
@@ -159,15 +160,16 @@ queries; benchmarks/feature_taps.py); search: the same with `--search-settings`;
         model = ModelOptions(backbone="efficientnet_lite2")
     elif label == "x2":
         tiling = TilingOptions(resolution=2 * model.image_size)
-    elif label == "stride4":
-        model = ModelOptions(layers=("blocks.1", "blocks.2", "blocks.4"))
+    elif label in ("stride4", "stride4_bank"):
+        ratio = ModelOptions().coreset_ratio / (4 if label == "stride4_bank" else 1)  # 4x the patches at stride 4
+        model = ModelOptions(layers=("blocks.1", "blocks.2", "blocks.4"), coreset_ratio=ratio)
     elif label == "search":
         train = TrainOptions(device=a.device, search_settings=True)
     elif label == "stpm":
         model = ModelOptions(method="stpm", student_backbone="resnet18", image_size=a.image_size)
         train = TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device)
     elif label != "default":
-        raise SystemExit(f"unknown config {label!r}: default, lite2, x2, stride4, search or stpm")
+        raise SystemExit(f"unknown config {label!r}: default, lite2, x2, stride4, stride4_bank, search or stpm")
     return TrainingOptions(model=model, train=train, tiling=tiling, calibration=CalibrationOptions())
 
 

@@ -123,8 +123,11 @@ def test_the_search_is_deterministic_given_the_seed_and_records_every_candidate(
                                    FitRun(torch.device("cpu"), show_bar=False), gen)
 
     a, b = run(), run()
-    strip = lambda r: [{k: v for k, v in c.items() if not k.endswith("_s") and k != "full_fit_s_estimate"}
-                       for c in r["candidates"]]
+
+    def strip(r):
+        return [{k: v for k, v in c.items() if not k.endswith("_s") and k != "full_fit_s_estimate"}
+                for c in r["candidates"]]
+
     assert strip(a.report) == strip(b.report) and a.setting == b.setting
     assert [c["scale_factor"] for c in a.report["candidates"]] == [1.0, 2.0]
     assert a.report["candidates"][1]["tiles_per_image"] > a.report["candidates"][0]["tiles_per_image"]
