@@ -274,3 +274,31 @@ def test_a_postgresql_restart_costs_no_request(postgres):
         assert s.claim(a, "w") is not None
     finally:
         s.close()
+
+
+def test_the_switch_to_wal_is_retried_while_another_opener_holds_the_database(monkeypatch):
+    """SQLite refuses a would-be deadlock at once ("database is locked", no busy wait): opening a store
+    retries the switch (3 in 150 runs of six openers failed before); any other error is raised."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.jobs import store as store_module
+
+    class Conn:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def exec_driver_sql(self, sql):
+            assert sql == "PRAGMA journal_mode=WAL"
+            self.calls += 1
+            if self.errors:
+                raise OperationalError(sql, (), Exception(self.errors.pop(0)))
+
+    monkeypatch.setattr(store_module.time, "sleep", lambda s: None)
+    locked = Conn(["database is locked", "database is locked"])
+    store_module._enable_wal(locked)
+    assert locked.calls == 3
+    with pytest.raises(OperationalError, match="disk I/O error"):
+        store_module._enable_wal(Conn(["disk I/O error"]))
+    monkeypatch.setattr(store_module, "WAL_SWITCH_S", -1.0)  # past its deadline at once
+    with pytest.raises(OperationalError, match="locked"):
+        store_module._enable_wal(Conn(["database is locked"] * 3))

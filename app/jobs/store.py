@@ -165,6 +165,26 @@ def _postgres_engine(url: str, pool_size: int) -> Engine:
                          pool_pre_ping=True, connect_args=timeouts)
 
 
+WAL_SWITCH_S = 30.0  # how long opening a store keeps retrying the switch to WAL (the busy timeout's length)
+
+
+def _enable_wal(conn: Connection) -> None:
+    """Put a SQLite store in WAL mode. Several processes opening a new store at once all ask for the switch,
+    which needs the database to itself; SQLite answers one that would deadlock with "database is locked"
+    at once, without waiting out the busy timeout. Retry with backoff until the switch is made (by this
+    process or another one), for up to WAL_SWITCH_S."""
+    deadline, delay = time.monotonic() + WAL_SWITCH_S, 0.005
+    while True:
+        try:
+            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            return
+        except OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 0.25)
+
+
 def _sqlite_engine(path: Path) -> Engine:
     engine = create_engine(URL.create("sqlite", database=str(path)), isolation_level="AUTOCOMMIT",
                            connect_args={"timeout": 30.0})
@@ -211,7 +231,7 @@ class JobStore:
     def _create_schema(self) -> None:
         if self.kind == "sqlite":
             with self._connect() as c:
-                c.exec_driver_sql("PRAGMA journal_mode=WAL")
+                _enable_wal(c)
                 ensure_schema(c)
             return
         with self.transaction() as c:  # DDL is transactional in PostgreSQL: all of it or none
