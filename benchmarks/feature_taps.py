@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,10 +42,13 @@ from stpm.evaluation.metrics import auroc  # noqa: E402
 from stpm.methods.backbones import build_teacher  # noqa: E402
 from stpm.methods.patchcore.anomaly_map import nearest_distance  # noqa: E402
 from stpm.methods.patchcore.coreset import bank_rows, fit_bank  # noqa: E402
+from stpm.methods.patchcore.features import PatchFeatures  # noqa: E402
+from stpm.options import ModelOptions  # noqa: E402
 from stpm.options.sections import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from stpm.training.data import good_train_dir, list_images, test_samples  # noqa: E402
 
 BACKBONE = "efficientnet_lite1"
+DEFAULTS = ModelOptions()  # the bank rule and the neighbourhood of `stpm train`
 SHORT_SIDE = 256
 VARIANTS = {  # name -> (module paths inside timm's EfficientNet features, random projection dims or 0)
     "default": (("blocks.2", "blocks.4"), 0),
@@ -69,18 +73,29 @@ def load(path: Path, mask: bool = False) -> np.ndarray:
         return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
 
 
+class _Hooked(nn.Module):
+    """timm's EfficientNet features with forward hooks on `paths`: an input -> those activations, in order."""
+
+    def __init__(self, net: nn.Module, paths: tuple[str, ...]):
+        super().__init__()
+        self.net, self.paths, self.caught = net, paths, {}
+        for p in paths:
+            net.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: self.caught.__setitem__(p, o))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.caught.clear()
+        self.net(x)
+        return [self.caught[p] for p in self.paths]
+
+
 class Taps:
-    """The frozen teacher with forward hooks on `paths` (finest first); an image -> PatchCore features
-    [h / stride, w / stride, D] on the finest tap's grid, and that stride."""
+    """The frozen teacher's activations at `paths` (finest first) as PatchCore features (stpm's PatchFeatures:
+    the input norm, the neighbourhood average, the finest tap's grid); an image -> features
+    [h / stride, w / stride, D] and that stride."""
 
     def __init__(self, paths: tuple[str, ...], proj: int, seed: int = 0):
         teacher, self.source = build_teacher(BACKBONE, ("blocks.2", "blocks.4", "blocks.6"))
-        self.net = teacher.net.eval()
-        self.paths, self.caught = paths, {}
-        for p in paths:
-            self.net.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: self.caught.__setitem__(p, o))
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.features = PatchFeatures(_Hooked(teacher.net, paths), IMAGENET_MEAN, IMAGENET_STD, DEFAULTS.neighbourhood)
         self.proj_dims, self.proj, self.g = proj, None, torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
@@ -88,16 +103,9 @@ class Taps:
         h, w = img.shape[:2]
         H, W = math.ceil(h / 32) * 32, math.ceil(w / 32) * 32
         x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
-        x = F.pad(x, (0, W - w, 0, H - h), mode="reflect")
-        self.caught.clear()
-        self.net((x - self.mean) / self.std)
-        grid = tuple(self.caught[self.paths[0]].shape[-2:])
-        stride = H // grid[0]
-        out = []
-        for p in self.paths:
-            f = F.avg_pool2d(self.caught[p], 3, stride=1, padding=1, count_include_pad=False)
-            out.append(f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="bilinear", align_corners=False))
-        f = torch.cat(out, 1)[0].permute(1, 2, 0)[:math.ceil(h / stride), :math.ceil(w / stride)]
+        f = self.features(F.pad(x, (0, W - w, 0, H - h), mode="reflect"))
+        stride = H // f.shape[-2]
+        f = f[0].permute(1, 2, 0)[:math.ceil(h / stride), :math.ceil(w / stride)]
         if self.proj_dims:
             if self.proj is None:
                 self.proj = torch.randn(f.shape[-1], self.proj_dims, generator=self.g) / math.sqrt(self.proj_dims)
@@ -110,7 +118,7 @@ def run_variant(data: Path, label: str, score_grid: bool) -> dict:
     taps = Taps(paths, proj)
     t0 = time.process_time()
     train = torch.cat([(f := taps(load(p))[0]).reshape(-1, f.shape[-1]) for p in list_images(good_train_dir(data))])
-    bank, _ = fit_bank(train, bank_rows(len(train), 0.01, 16384), seed=0)
+    bank, _ = fit_bank(train, bank_rows(len(train), DEFAULTS.coreset_ratio, DEFAULTS.bank_size), seed=0)
     center = bank.mean(0)
     bc = bank - center
     bsq = (bc * bc).sum(1)
