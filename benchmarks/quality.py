@@ -41,6 +41,7 @@ from stpm.bundle.calibration import Calibration  # noqa: E402
 from stpm.evaluation import metrics  # noqa: E402
 from stpm.evaluation.report import evaluate  # noqa: E402
 from stpm.methods.loading import load_map  # noqa: E402
+from stpm.methods.patchcore.spec import layer_candidates  # noqa: E402
 from stpm.options import CalibrationOptions, ModelOptions, TilingOptions, TrainingOptions, TrainOptions  # noqa: E402
 from stpm.training.calibration import calibrate, recalibrate  # noqa: E402
 from stpm.training.pipeline import run_training  # noqa: E402
@@ -162,7 +163,8 @@ the default's rows; search: the same with `--search-settings`; stpm: STPM on the
         tiling = TilingOptions(resolution=2 * model.image_size)
     elif label in ("stride4", "stride4_bank"):
         ratio = ModelOptions().coreset_ratio / (4 if label == "stride4_bank" else 1)  # 4x the patches at stride 4
-        model = ModelOptions(layers=("blocks.1", "blocks.2", "blocks.4"), coreset_ratio=ratio)
+        finer = layer_candidates(ModelOptions().backbone)[-1]  # what --search-settings tries: blocks.1,2,4
+        model = ModelOptions(layers=finer, coreset_ratio=ratio)
     elif label == "search":
         train = TrainOptions(device=a.device, search_settings=True)
     elif label == "stpm":
