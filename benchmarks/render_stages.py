@@ -1,15 +1,18 @@
 """CPU ms per stage of the full path's decode and render, 512 px bottle PNGs: median of 20 (process time).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/render_stages.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/render_stages.py --out benchmarks/results/render_stages.json
 
 decode (stpm.imaging.decode.decode_image), the 256 -> 512 map resize, the Turbo overlay blend (OpenCV, and
 Pillow's for comparison), and the overlay's
-encoding as PNG / JPEG / WebP (stpm.render). Prints JSON.
+encoding as PNG / JPEG / WebP (stpm.render). Prints JSON; with --out, also writes it with the command, the
+CPU and its flags, and the load average at the start.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +36,12 @@ def cpu_ms(fn, n: int = 20) -> float:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="also write the JSON here (e.g. benchmarks/results/render_stages.json)")
+    a = ap.parse_args()
+    load = round(os.getloadavg()[0], 2)
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peer import cpu_info
     from speed import shared_data
 
     paths = sorted((shared_data() / "mvtec_ad_bottle_512" / "bottle" / "test").rglob("*.png"))[:20]
@@ -51,6 +59,10 @@ def main() -> int:
     for f in render.FORMATS:
         out[f"encode_{f}"] = cpu_ms(lambda i, f=f: render.encode(ov, f))
     print(json.dumps(out))
+    if a.out:
+        record = {"command": " ".join(["benchmarks/render_stages.py", *sys.argv[1:]]), "cpu": cpu_info(),
+                  "load_average_at_start": load, "threads": os.environ.get("OMP_NUM_THREADS"), "cpu_ms_median_of_20": out}
+        Path(a.out).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 
