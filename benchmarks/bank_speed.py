@@ -4,7 +4,13 @@ fp32 on ONNX Runtime and on OpenVINO (f32 inference precision, set explicitly), 
     .venv/bin/python benchmarks/bank_speed.py --bundles /tmp/bank-bundles --rounds 6 --per-round 10
 
 The bundles are the bottle banks benchmarks/bank_size.py --bundles published (same teacher, geometry and
-sigma; only the bank differs). Inputs: the bottle test PNGs at 512 px, batch 1. Per bundle and backend:
+sigma; only the bank differs); `--pattern` picks other bundles side by side, e.g. the default and `--mirrors hv`
+on bottle (benchmarks/results/mirrors_speed.json):
+
+    .venv/bin/python benchmarks/bank_speed.py --bundles /tmp/mspeed --pattern 'bottle-*/v1' \
+        --out benchmarks/results/mirrors_speed.json
+
+Inputs: the bottle test PNGs at 512 px, batch 1. Per bundle and backend:
 the full path (file bytes -> score + overlay at 512 px, PNG and JPEG, as benchmarks/peer.py times it) and
 the bare `Scorer.infer` on a ready uint8 tile. All scorers live in this one process, loaded and warmed
 once; rounds are interleaved (each round runs every contender for --per-round images, in a rotating
@@ -46,7 +52,8 @@ def contenders(bundle: Path, backend: str) -> tuple[dict[str, Callable[[Path], f
     s = Scorer(bundle, precision="fp32", fall_back_to_fp32=False, **BACKENDS[backend])
     with safe_open(str(bundle / MEMORY_BANK_WEIGHTS), "np") as f:
         rows = int(f.get_slice("bank").get_shape()[0])
-    info = {"backend": s.backend, "precision": s.precision, "reason": s.selection.reason, "bank_rows": rows}
+    info = {"backend": s.backend, "precision": s.precision, "reason": s.selection.reason, "bank_rows": rows,
+            "mirrors": s.manifest.model.mirrors}
     tile = np.random.default_rng(0).integers(0, 256, (1, 3, s.image_size, s.image_size), dtype=np.uint8)
 
     def full(fmt: str) -> Callable[[Path], float]:
@@ -58,6 +65,13 @@ def contenders(bundle: Path, backend: str) -> tuple[dict[str, Callable[[Path], f
 
     return {"full_png": full("png"), "full_jpeg": full("jpeg"),
             "bare_infer": lambda path: float(s.infer(tile)[1][0])}, info
+
+
+def _order(bundle: Path) -> tuple[int, str]:
+    """bottle-bankN: the largest bank first; other names in name order."""
+    name = bundle.parent.name
+    rows = name.removeprefix("bottle-bank")
+    return (-int(rows), name) if rows.isdigit() else (0, name)
 
 
 def timed(predict: Callable[[Path], float], images: list[Path], start: int, n: int) -> tuple[list[float], list[float]]:
@@ -73,12 +87,13 @@ def timed(predict: Callable[[Path], float], images: list[Path], start: int, n: i
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundles", required=True, help="folder of bottle-bankN/v1 bundles (benchmarks/bank_size.py)")
+    ap.add_argument("--pattern", default="bottle-bank*/v1", help="which bundles under --bundles (a glob)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bank_speed.json"))
     a = ap.parse_args()
     images = sorted((shared_data() / "mvtec_ad_bottle_512" / "bottle" / "test").rglob("*.png"))
-    bundles = sorted(Path(a.bundles).glob("bottle-bank*/v1"), key=lambda p: -int(p.parent.name[len("bottle-bank"):]))
+    bundles = sorted(Path(a.bundles).glob(a.pattern), key=_order)
     if not images or not bundles:
         sys.exit(f"no images ({len(images)}) or no bundles under {a.bundles} ({len(bundles)})")
     predictors, infos = {}, {}

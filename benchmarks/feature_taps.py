@@ -6,7 +6,12 @@ activations of the same frozen ImageNet Lite1 at the same strides (8 and 16): th
 the next stage (ReLU6, 6x the channels), the last block's depthwise output, and one more stage (blocks.3, or
 the stride-32 blocks.5), and a grid 4x finer (blocks.1 added, stride 4). Each variant fits a memory bank as `stpm train` does (PatchCore's 3 x 3 neighbourhood
 average, the finest tap's grid, a greedy coreset of 1 % of the patches, at least 2048 rows, seed 0) and scores
-every test image: image AUROC (the smoothed map's max and its top-1 % mean) and pixel AUROC.
+every test image: image AUROC (the smoothed map's max and its top-1 % mean) and pixel AUROC. The mirror
+variants (MIRRORS) keep the default taps and add mirror images: to the bank (`flips`: each training image's
+left-right, top-bottom and both mirrors), to the test map (`mirror-*`: the mean of the image's map and its
+mirrors' maps, each mirrored back), or to both (`flips+mirror-average`, what `stpm train --mirrors hv` does,
+and its one-mirror forms); `shift-average` averages the maps of the image shifted by half the grid's stride
+instead, to tell the mirrors apart from a change of the grid's phase.
 
 This is not the pipeline: each image is scaled whole to a 256 px short side (the bundle scale on these sets)
 and reflect-padded to a multiple of 32, instead of tiled, and nothing is cross-fitted or calibrated. Compare
@@ -43,6 +48,8 @@ from stpm.methods.backbones import build_teacher  # noqa: E402
 from stpm.methods.patchcore.anomaly_map import nearest_distance  # noqa: E402
 from stpm.methods.patchcore.coreset import bank_rows, fit_bank  # noqa: E402
 from stpm.methods.patchcore.features import PatchFeatures  # noqa: E402
+from stpm.methods.patchcore.mirrors import MIRRORS as PATCHCORE_MIRRORS  # noqa: E402
+from stpm.methods.patchcore.mirrors import mirror_tiles  # noqa: E402
 from stpm.options import ModelOptions  # noqa: E402
 from stpm.options.sections import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from stpm.training.data import good_train_dir, list_images, test_samples  # noqa: E402
@@ -58,7 +65,23 @@ VARIANTS = {  # name -> (module paths inside timm's EfficientNet features, rando
     "three-stages": (("blocks.2", "blocks.3", "blocks.4"), 0),
     "stride-32": (("blocks.2", "blocks.4", "blocks.5"), 0),
     "stride-4": (("blocks.1", "blocks.2", "blocks.4"), 0),  # a 4x finer grid: 4x the patches and queries
+    "shift-average": (("blocks.2", "blocks.4"), 0),  # the default bank; a test map is averaged over half-stride shifts
 }
+# Mirror variants (the default taps): (bank mirrors, test mirrors), each mirror as stpm's mirrors module flips. The bank
+# is fitted on every training image and its bank mirrors; a test map is the mean of the image's map and its test
+# mirrors' maps, each mirrored back onto the image first.
+H, V, HV = PATCHCORE_MIRRORS["h"][0], PATCHCORE_MIRRORS["v"][0], PATCHCORE_MIRRORS["hv"][-1]
+MIRRORS = {
+    "flips": ((H, V, HV), ()),
+    "mirror-average": ((), (H, V, HV)),
+    "mirror-h": ((), (H,)),
+    "mirror-v": ((), (V,)),
+    "flips+mirror-average": ((H, V, HV), (H, V, HV)),
+    "flips-h+mirror-h": ((H,), (H,)),
+    "flips-v+mirror-v": ((V,), (V,)),
+}
+VARIANTS.update({name: (("blocks.2", "blocks.4"), 0) for name in MIRRORS})
+SHIFT_AVERAGED = {"shift-average"}  # ... the mean of the maps of the image shifted by (0 | 4, 0 | 4) px
 SIGMAS = (2, 4, 8)
 TOPK = (0.001, 0.01, 0.05)
 
@@ -71,6 +94,11 @@ def load(path: Path, mask: bool = False) -> np.ndarray:
         if mask:
             return np.asarray(im.convert("L").resize(size, Image.NEAREST)) > 127
         return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
+
+
+def _mirror(a: np.ndarray, flips: tuple[int, ...]) -> np.ndarray:
+    """An image [H, W, 3] or a map [H, W] mirrored as stpm mirrors a tile (a view)."""
+    return mirror_tiles(a[None], flips)[0]
 
 
 class _Hooked(nn.Module):
@@ -117,7 +145,10 @@ def run_variant(data: Path, label: str, score_grid: bool) -> dict:
     paths, proj = VARIANTS[label]
     taps = Taps(paths, proj)
     t0 = time.process_time()
-    train = torch.cat([(f := taps(load(p))[0]).reshape(-1, f.shape[-1]) for p in list_images(good_train_dir(data))])
+    bank_mirrors, test_mirrors = MIRRORS.get(label, ((), ()))
+    train = torch.cat([(f := taps(v)[0]).reshape(-1, f.shape[-1])
+                       for p in list_images(good_train_dir(data)) for img in [load(p)]
+                       for v in [img] + [_mirror(img, m) for m in bank_mirrors]])
     bank, _ = fit_bank(train, bank_rows(len(train), DEFAULTS.coreset_ratio, DEFAULTS.bank_size), seed=0)
     center = bank.mean(0)
     bc = bank - center
@@ -126,13 +157,23 @@ def run_variant(data: Path, label: str, score_grid: bool) -> dict:
     labels, scores, px_labels = [], {}, []
     px_scores = {s: [] for s in SIGMAS}
     t0 = time.process_time()
-    for s in test_samples(data):
-        img = load(s.path)
+
+    def raw_map(img: np.ndarray) -> np.ndarray:
         f, stride = taps(img)
         gh, gw, d = f.shape
         dist = nearest_distance(f.reshape(-1, d) - center, bc, bsq).reshape(1, 1, gh, gw)
-        raw = F.interpolate(dist, size=(gh * stride, gw * stride), mode="bilinear",
-                            align_corners=False)[0, 0, :img.shape[0], :img.shape[1]].numpy()
+        return F.interpolate(dist, size=(gh * stride, gw * stride), mode="bilinear",
+                             align_corners=False)[0, 0, :img.shape[0], :img.shape[1]].numpy()
+
+    for s in test_samples(data):
+        img = load(s.path)
+        if test_mirrors:  # each mirror's map is mirrored back onto the image before the mean
+            raw = (raw_map(img) + sum(_mirror(raw_map(_mirror(img, m)), m) for m in test_mirrors)) / (1 + len(test_mirrors))
+        elif label in SHIFT_AVERAGED:  # reflect-pad top / left by the shift, then crop the map back onto the image
+            raw = sum(raw_map(np.pad(img, ((dy, 0), (dx, 0), (0, 0)), mode="reflect"))[dy:, dx:]
+                      for dy in (0, 4) for dx in (0, 4)) / 4
+        else:
+            raw = raw_map(img)
         gt = load(s.mask, mask=True) if s.mask is not None else np.zeros(raw.shape, bool)
         labels.append(s.label)
         px_labels.append(gt[::2, ::2].ravel())

@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.1, help="paper: 0.4 at batch 32; scaled linearly")
     ap.add_argument("--datasets", default=",".join(DATASETS))
-    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), stride4 (a stride-4 patch grid), stride4_bank (the same, the default's bank rows), "
+    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), stride4 (a stride-4 patch grid), stride4_bank (the same, the default's bank rows), mirrors (the bank and the map averaged over the hv mirrors), mirrors_bank (the same, the default's bank rows), "
                     "search (--search-settings), stpm")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--students", default=None, help="'all' or a comma list of " + ", ".join(STUDENTS) +
@@ -153,7 +153,9 @@ def config_of(label: str, a: argparse.Namespace) -> TrainingOptions:
     training images' median short side scaled to two tiles, not one: what `--search-settings` calls scale
     x2, here fixed); stride4: the default layers plus blocks.1, so the patch grid is stride 4 (4x the patches and
 queries; benchmarks/feature_taps.py); stride4_bank: the same with a quarter of the coreset ratio, so the bank keeps
-the default's rows; search: the same with `--search-settings`; stpm: STPM on the same default teacher with
+the default's rows; mirrors: the default with `--mirrors hv` (the bank also holds each good tile's three
+mirror images, a tile's map is averaged over its mirrors: 4x the patches, features and search); mirrors_bank: the
+same with a quarter of the coreset ratio, so the bank keeps about the default's rows; search: the same with `--search-settings`; stpm: STPM on the same default teacher with
     the ResNet18 student (it beat the same-family student, quality_256px) and a short schedule (--epochs,
     --batch-size, --lr)."""
     model, train, tiling = ModelOptions(), TrainOptions(device=a.device), TilingOptions()
@@ -165,13 +167,17 @@ the default's rows; search: the same with `--search-settings`; stpm: STPM on the
         ratio = ModelOptions().coreset_ratio / (4 if label == "stride4_bank" else 1)  # 4x the patches at stride 4
         finer = layer_candidates(ModelOptions().backbone)[-1]  # what --search-settings tries: blocks.1,2,4
         model = ModelOptions(layers=finer, coreset_ratio=ratio)
+    elif label in ("mirrors", "mirrors_bank"):
+        ratio = ModelOptions().coreset_ratio / (4 if label == "mirrors_bank" else 1)  # 4x the patches with hv
+        model = ModelOptions(mirrors="hv", coreset_ratio=ratio)
     elif label == "search":
         train = TrainOptions(device=a.device, search_settings=True)
     elif label == "stpm":
         model = ModelOptions(method="stpm", student_backbone="resnet18", image_size=a.image_size)
         train = TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device)
     elif label != "default":
-        raise SystemExit(f"unknown config {label!r}: default, lite2, x2, stride4, stride4_bank, search or stpm")
+        raise SystemExit(f"unknown config {label!r}: default, lite2, x2, stride4, stride4_bank, mirrors, "
+                         "mirrors_bank, search or stpm")
     return TrainingOptions(model=model, train=train, tiling=tiling, calibration=CalibrationOptions())
 
 

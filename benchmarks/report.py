@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: `benchmarks` and `stpm` import from the checkout
     sys.path.insert(0, str(ROOT))
-from benchmarks.report_bank import bank_size_markdown, bank_speed_markdown  # noqa: E402
+from benchmarks.report_bank import bank_size_markdown, bank_speed_markdown, bundles_speed_markdown  # noqa: E402
 from benchmarks.report_calibration import estimators_markdown  # noqa: E402
 from benchmarks.report_docker import docker_images_markdown, docker_smoke_markdown, load_docker_smoke  # noqa: E402
 from benchmarks.report_faults import scale_faults_markdown  # noqa: E402
@@ -81,6 +81,7 @@ BLOCKS: dict[str, Block] = {
     "quality_search": Block("benchmarks/quality.py", "quality_search.json", both_markdown),
     "quality_x2": Block("benchmarks/quality.py", "quality_x2.json", both_markdown),
     "quality_stride4": Block("benchmarks/quality.py", "quality_stride4.json", both_markdown),
+    "quality_mirrors": Block("benchmarks/quality.py", "quality_mirrors.json", both_markdown),
     "quality_lite2": Block("benchmarks/quality.py", "quality_lite2.json", both_markdown),
     "calibration_estimators": Block("benchmarks/calibration_estimators.py", "calibration_estimators.json",
                                     estimators_markdown),
@@ -105,6 +106,7 @@ BLOCKS: dict[str, Block] = {
     "peer": Block("benchmarks/peer.py", "peer.json", peer_markdown),
     "bank_size": Block("benchmarks/bank_size.py", "bank_size.json", bank_size_markdown),
     "bank_speed": Block("benchmarks/bank_speed.py", "bank_speed.json", bank_speed_markdown),
+    "mirrors_speed": Block("benchmarks/bank_speed.py", "mirrors_speed.json", bundles_speed_markdown),
     "bf16_split": Block("benchmarks/bf16_split.py", "bf16_split.json", bf16_split_markdown),
     "precision": Block("benchmarks/precision.py", "precision.json", precision_markdown),
     "docker_images": Block("benchmarks/docker_images.py", "docker_images.json", docker_images_markdown,

@@ -80,4 +80,27 @@ def bank_speed_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["bank_size_markdown", "bank_speed_markdown", "within"]
+def bundles_speed_markdown(res: dict[str, Any]) -> str:
+    """bank_speed.py --pattern over bundles that differ in more than the bank (e.g. the default and --mirrors hv):
+    a row per bundle and backend, the bare path against the first bundle's on the same backend."""
+    loads = res["load_average_per_round"]
+    lines = [f"Command: `.venv/bin/python {res['command']}`. CPU: {_flags(res['cpu'])}; load average per round "
+             f"{min(loads):.1f}-{max(loads):.1f}, {res['load_average_end'][0]:.1f} at the end. Inputs: {res['images']}.",
+             "", "| bundle | mirrors | bank rows | runs on | full path PNG p50 / p95 ms | full path JPEG p50 / p95 ms | "
+             "bare `infer` p50 / p95 ms | bare CPU p50 ms | bare p50 / the first bundle's |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    rows = res["rows"]
+    groups = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in rows))
+    first = {g.split("/")[1]: rows[f"{g}/bare_infer"]["p50_ms"] for g in reversed(groups)}
+    for g in groups:
+        name, backend = g.split("/")
+        png, jpeg, bare = (rows[f"{g}/{p}"] for p in ("full_png", "full_jpeg", "bare_infer"))
+        info = bare["info"]
+        lines.append(f"| {name} | {info.get('mirrors', 'none')} | {info['bank_rows']:,} | {backend} / {info['precision']} | "
+                     f"{png['p50_ms']:.1f} / {png['p95_ms']:.1f} | {jpeg['p50_ms']:.1f} / {jpeg['p95_ms']:.1f} | "
+                     f"{bare['p50_ms']:.1f} / {bare['p95_ms']:.1f} | {bare['cpu_p50_ms']:.1f} | "
+                     f"{bare['p50_ms'] / first[backend]:.2f} |")
+    return "\n".join(lines)
+
+
+__all__ = ["bank_size_markdown", "bank_speed_markdown", "bundles_speed_markdown", "within"]

@@ -40,6 +40,7 @@ ThresholdMethod = Literal["target_fpr", "synthetic_f1", "max_margin", "quantile"
 ImageScoreMethod = Literal["max", "topk_mean", "auto"]
 TilingMode = Literal["tile", "squash"]
 SmallImages = Literal["pad", "upscale"]
+Mirrors = Literal["none", "h", "v", "hv"]  # stpm.methods.patchcore.mirrors
 
 AUTO = "auto"  # an option value that model selection resolves after fitting (image_score)
 # The most model input one image may need: max_tiles x image_size^2 (e.g. 128 tiles of 256 px, 2,048 of 64 px).
@@ -117,6 +118,9 @@ class ModelOptions(Section):
                             "with it)", ge=1, le=1_000_000)
     neighbourhood: int = option(3, "patchcore: patch features are averaged over this many positions square (odd)",
                                 ge=1, le=9)
+    mirrors: Mirrors = option("none", "patchcore: the bank also learns each good tile's mirror images and a tile's map "
+                              "is averaged over its mirrors (h left-right, v top-bottom, hv both): sharper maps at "
+                              "2x (h, v) or 4x (hv) the scoring cost; not for parts whose mirror image is a defect")
     mean: tuple[float, float, float] = internal(IMAGENET_MEAN, "the teacher's input norm")
     std: tuple[float, float, float] = internal(IMAGENET_STD, "the teacher's input norm")
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from stpm.methods.maps import MapModule
 from stpm.methods.patchcore.features import PatchFeatures
+from stpm.methods.patchcore.mirrors import mean_of_views, mirror_dims, views
 
 BANK_CHUNK = 4096  # bank rows per matmul in the nearest-neighbour search
 
@@ -33,10 +34,14 @@ class PatchCoreMap(MapModule):
 
     The search runs on features centred on the bank's mean (distances do not change): the norms
     that cancel in |q|^2 - 2 q.b + |b|^2 are then smaller, which keeps a bf16 search (OpenVINO on
-    CPUs with bf16) closer to fp32 (benchmarks/bf16_split.py; docs/BENCHMARKS.md, "Peer")."""
+    CPUs with bf16) closer to fp32 (benchmarks/bf16_split.py; docs/BENCHMARKS.md, "Peer").
 
-    def __init__(self, features: PatchFeatures, bank: torch.Tensor, sigma: float = 4.0):
+    mirrors (stpm.methods.patchcore.mirrors): the map of each tile is averaged with its mirrors' maps; the
+    teacher sees the tiles and their mirrors as one batch."""
+
+    def __init__(self, features: PatchFeatures, bank: torch.Tensor, sigma: float = 4.0, mirrors: str = "none"):
         super().__init__(sigma)
+        self.mirrors, self._flips = mirrors, mirror_dims(mirrors)
         if bank.ndim != 2 or bank.shape[0] < 1:
             raise ValueError(f"memory bank must be [K, D] with K >= 1, got {tuple(bank.shape)}")
         self.features = features
@@ -49,11 +54,12 @@ class PatchCoreMap(MapModule):
         self.register_buffer("bank_sq", (centered * centered).sum(1), persistent=False)
 
     def unblurred(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
+        f = self.features(views(x, self._flips))
         n, d, h, w = f.shape
         q = f.permute(0, 2, 3, 1).reshape(n * h * w, d) - self.center
         dist = nearest_distance(q, self.bank_centered, self.bank_sq).reshape(n, 1, h, w)
-        return F.interpolate(dist, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False).squeeze(1)
+        up = F.interpolate(dist, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False).squeeze(1)
+        return mean_of_views(up, self._flips)
 
 
 __all__ = ["BANK_CHUNK", "PatchCoreMap", "nearest_distance"]

@@ -18,25 +18,35 @@ from stpm.methods.base import FitData, FitRun, Fitted, Method
 from stpm.methods.patchcore.anomaly_map import PatchCoreMap
 from stpm.methods.patchcore.coreset import bank_rows, fit_bank
 from stpm.methods.patchcore.features import Patches, PatchFeatures, build_features, collect_features
+from stpm.methods.patchcore.mirrors import mirror_boxes, mirror_dims, mirror_tiles
 from stpm.methods.patchcore.spec import SPEC
 
 
-def _features(features: PatchFeatures, data: FitData, run: FitRun, batch_size: int) -> Patches:
+def _features(features: PatchFeatures, data: FitData, run: FitRun, batch_size: int, mirrors: str = "none") -> Patches:
     """Every training tile's patch features (all T * h * w positions; where tiles hold padding, only those
-    whose receptive centre is the image's own), with a bar, progress and cancellation."""
+    whose receptive centre is the image's own), then those of each of its mirrors (`mirrors`, the same tile
+    index), with a bar, progress and cancellation."""
     tiles = data.train.tiles
     boxes = data.train.boxes() if data.train.padded else None
-    bar = tqdm(total=len(tiles), desc="patch features", unit="tile", disable=not run.show_bar)
-
-    def on_batch(done: int, total: int) -> None:
-        run.check_stop()
-        bar.update(done - bar.n)
-        run.report({"phase": "patch features", "epoch": 1, "epochs": 1, "step": done, "steps": total})
-
+    flips = ((),) + mirror_dims(mirrors)
+    total = len(tiles) * len(flips)
+    bar = tqdm(total=total, desc="patch features", unit="tile", disable=not run.show_bar)
+    parts = []
     try:
-        return collect_features(features, tiles, run.device, batch_size, on_batch, boxes)
+        for i, d in enumerate(flips):
+            def on_batch(done: int, _: int, before: int = i * len(tiles)) -> None:
+                run.check_stop()
+                bar.update(before + done - bar.n)
+                run.report({"phase": "patch features", "epoch": 1, "epochs": 1, "step": before + done, "steps": total})
+
+            parts.append(collect_features(features, mirror_tiles(tiles, d), run.device, batch_size, on_batch,
+                                          None if boxes is None else mirror_boxes(boxes, tiles.shape[1], d)))
     finally:
         bar.close()
+    if len(parts) == 1:
+        return parts[0]
+    return Patches(torch.cat([p.features for p in parts]), sum(p.positions for p in parts),
+                   np.concatenate([p.tile for p in parts]))
 
 
 def _patch_folds(data: FitData, patches: Patches) -> torch.Tensor | None:
@@ -55,7 +65,7 @@ def _without_fold(amap: PatchCoreMap, bank_folds: torch.Tensor) -> Callable[[int
         rows = bank_folds != k
         if not bool(rows.any()):
             raise ValueError(f"every memory-bank row comes from fold {k}")
-        return PatchCoreMap(amap.features, amap.bank[rows.to(amap.bank.device)], amap.sigma).eval().to(
+        return PatchCoreMap(amap.features, amap.bank[rows.to(amap.bank.device)], amap.sigma, amap.mirrors).eval().to(
             amap.bank.device)
 
     return build
@@ -65,7 +75,7 @@ class PatchCore(Method):
     def fit(self, cfg: Any, train: Any, data: FitData, run: FitRun) -> Fitted:
         t0 = time.monotonic()
         features, source = build_features(cfg, run.weights_dir)
-        patches = _features(features.to(run.device), data, run, train.batch_size)
+        patches = _features(features.to(run.device), data, run, train.batch_size, cfg.mirrors)
         t1 = time.monotonic()
         n = len(data.train.tiles)
         run.report({"phase": "memory bank (coreset)", "epoch": 1, "epochs": 1, "step": n, "steps": n})
@@ -74,8 +84,8 @@ class PatchCore(Method):
                                     seed=data.seed, groups=_patch_folds(data, patches))
         t2 = time.monotonic()
         sigma = SPEC.default_sigma if cfg.sigma is None else float(cfg.sigma)  # model selection may change it
-        amap = PatchCoreMap(features.cpu(), bank, sigma).eval()
-        info = {"n_patches": n_patches, "n_padding_positions": patches.positions - n_patches,
+        amap = PatchCoreMap(features.cpu(), bank, sigma, cfg.mirrors).eval()
+        info = {"n_patches": n_patches, "mirrors": cfg.mirrors, "n_padding_positions": patches.positions - n_patches,
                 "feature_dim": int(patches.features.shape[1]), "bank_size": int(len(bank)),
                 "features_seconds": round(t1 - t0, 2), "coreset_seconds": round(t2 - t1, 2),
                 "seconds": round(t2 - t0, 2)}
@@ -94,7 +104,7 @@ class PatchCore(Method):
         features, _ = build_features(cfg.model_copy(update={"pretrained": False}))  # the bundle has the weights
         features.teacher.load_state_dict(load_file(str(folder / TEACHER_WEIGHTS)), strict=True)
         bank = load_file(str(folder / MEMORY_BANK_WEIGHTS))["bank"]
-        return PatchCoreMap(features, bank, float(cfg.sigma)).eval()
+        return PatchCoreMap(features, bank, float(cfg.sigma), cfg.mirrors).eval()
 
 
 __all__ = ["PatchCore"]
