@@ -120,7 +120,8 @@ class ModelOptions(Section):
                                 ge=1, le=9)
     mirrors: Mirrors = option("none", "patchcore: the bank also learns each good tile's mirror images and a tile's map "
                               "is averaged over its mirrors (h left-right, v top-bottom, hv both): sharper maps at "
-                              "2x (h, v) or 4x (hv) the scoring cost; not for parts whose mirror image is a defect")
+                              "2x (h, v) or 4x (hv) the features per tile, and a bank as much larger unless "
+                              "coreset_ratio is lowered with it; not for parts whose mirror image is a defect")
     mean: tuple[float, float, float] = internal(IMAGENET_MEAN, "the teacher's input norm")
     std: tuple[float, float, float] = internal(IMAGENET_STD, "the teacher's input norm")
 
