@@ -163,13 +163,12 @@ same with a quarter of the coreset ratio, so the bank keeps about the default's 
         model = ModelOptions(backbone="efficientnet_lite2")
     elif label == "x2":
         tiling = TilingOptions(resolution=2 * model.image_size)
-    elif label in ("stride4", "stride4_bank"):
-        ratio = ModelOptions().coreset_ratio / (4 if label == "stride4_bank" else 1)  # 4x the patches at stride 4
-        finer = layer_candidates(ModelOptions().backbone)[-1]  # what --search-settings tries: blocks.1,2,4
-        model = ModelOptions(layers=finer, coreset_ratio=ratio)
-    elif label in ("mirrors", "mirrors_bank"):
-        ratio = ModelOptions().coreset_ratio / (4 if label == "mirrors_bank" else 1)  # 4x the patches with hv
-        model = ModelOptions(mirrors="hv", coreset_ratio=ratio)
+    elif label.removesuffix("_bank") in ("stride4", "mirrors"):  # 4x the patches; _bank: a quarter of the ratio
+        ratio = ModelOptions().coreset_ratio / (4 if label.endswith("_bank") else 1)
+        if label.startswith("stride4"):  # what --search-settings tries: blocks.1,2,4
+            model = ModelOptions(layers=layer_candidates(ModelOptions().backbone)[-1], coreset_ratio=ratio)
+        else:
+            model = ModelOptions(mirrors="hv", coreset_ratio=ratio)
     elif label == "search":
         train = TrainOptions(device=a.device, search_settings=True)
     elif label == "stpm":

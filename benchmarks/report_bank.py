@@ -61,11 +61,15 @@ def _bank_of(key: str) -> str:
     return key.split("/")[0].removeprefix("bottle-bank")
 
 
-def bank_speed_markdown(res: dict[str, Any]) -> str:
+def _speed_header(res: dict[str, Any]) -> str:
+    """The command, CPU and load line of a bank_speed.py result."""
     loads = res["load_average_per_round"]
-    lines = [f"Command: `.venv/bin/python {res['command']}`. CPU: {_flags(res['cpu'])}; load average per round "
-             f"{min(loads):.1f}-{max(loads):.1f}, {res['load_average_end'][0]:.1f} at the end. Inputs: {res['images']}.",
-             "", "| bank rows | runs on | full path PNG p50 / p95 ms | full path JPEG p50 / p95 ms | bare `infer` "
+    return (f"Command: `.venv/bin/python {res['command']}`. CPU: {_flags(res['cpu'])}; load average per round "
+            f"{min(loads):.1f}-{max(loads):.1f}, {res['load_average_end'][0]:.1f} at the end. Inputs: {res['images']}.")
+
+
+def bank_speed_markdown(res: dict[str, Any]) -> str:
+    lines = [_speed_header(res), "", "| bank rows | runs on | full path PNG p50 / p95 ms | full path JPEG p50 / p95 ms | bare `infer` "
              "p50 / p95 ms | bare CPU p50 ms | bare p50 / the largest bank's |", "|---:|---|---:|---:|---:|---:|---:|"]
     rows = res["rows"]
     groups = dict.fromkeys(k.rsplit("/", 1)[0] for k in rows)
@@ -83,10 +87,7 @@ def bank_speed_markdown(res: dict[str, Any]) -> str:
 def bundles_speed_markdown(res: dict[str, Any]) -> str:
     """bank_speed.py --pattern over bundles that differ in more than the bank (e.g. the default and --mirrors hv):
     a row per bundle and backend, the bare path against the first bundle's on the same backend."""
-    loads = res["load_average_per_round"]
-    lines = [f"Command: `.venv/bin/python {res['command']}`. CPU: {_flags(res['cpu'])}; load average per round "
-             f"{min(loads):.1f}-{max(loads):.1f}, {res['load_average_end'][0]:.1f} at the end. Inputs: {res['images']}.",
-             "", "| bundle | mirrors | bank rows | runs on | full path PNG p50 / p95 ms | full path JPEG p50 / p95 ms | "
+    lines = [_speed_header(res), "", "| bundle | mirrors | bank rows | runs on | full path PNG p50 / p95 ms | full path JPEG p50 / p95 ms | "
              "bare `infer` p50 / p95 ms | bare CPU p50 ms | bare p50 / the first bundle's |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     rows = res["rows"]

@@ -33,6 +33,7 @@ from stpm.imaging.geometry import DEFAULT_MAX_TILES, DEFAULT_MAX_UPSCALE, DEFAUL
 from stpm.imaging.scores import ImageScore
 from stpm.methods import registry
 from stpm.methods.backbone_specs import BACKBONE_NAMES
+from stpm.methods.patchcore.spec import MIRROR_NAMES
 
 Backbone = Literal[BACKBONE_NAMES]  # type: ignore[valid-type]  (the table in stpm.methods.backbone_specs)
 Combine = Literal["product", "sum"]
@@ -40,7 +41,7 @@ ThresholdMethod = Literal["target_fpr", "synthetic_f1", "max_margin", "quantile"
 ImageScoreMethod = Literal["max", "topk_mean", "auto"]
 TilingMode = Literal["tile", "squash"]
 SmallImages = Literal["pad", "upscale"]
-Mirrors = Literal["none", "h", "v", "hv"]  # stpm.methods.patchcore.mirrors
+Mirrors = Literal[MIRROR_NAMES]  # type: ignore[valid-type]  (the table in stpm.methods.patchcore.spec)
 
 AUTO = "auto"  # an option value that model selection resolves after fitting (image_score)
 # The most model input one image may need: max_tiles x image_size^2 (e.g. 128 tiles of 256 px, 2,048 of 64 px).

@@ -13,13 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# name -> the mirrors besides the identity, each as the tensor dims it flips ([..., H, W]: rows -2, columns -1)
-MIRRORS: dict[str, tuple[tuple[int, ...], ...]] = {
-    "none": (),
-    "h": ((-1,),),  # left-right
-    "v": ((-2,),),  # top-bottom
-    "hv": ((-1,), (-2,), (-2, -1)),  # both, and the two together (a half turn)
-}
+from stpm.methods.patchcore.spec import MIRRORS
 
 
 def mirror_dims(name: str) -> tuple[tuple[int, ...], ...]:

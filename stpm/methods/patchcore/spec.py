@@ -11,6 +11,15 @@ from stpm.methods.backbone_specs import resolve_layers, spec
 from stpm.methods.spec import MethodSpec
 
 DEFAULT_SIGMA = 4.0  # PatchCore's smoothing at 224-256 px tiles
+# --mirrors (stpm.methods.patchcore.mirrors): name -> the mirrors besides the identity, each as the tensor dims it
+# flips ([..., H, W]: rows -2, columns -1)
+MIRRORS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": (),
+    "h": ((-1,),),  # left-right
+    "v": ((-2,),),  # top-bottom
+    "hv": ((-1,), (-2,), (-2, -1)),  # both, and the two together (a half turn)
+}
+MIRROR_NAMES = tuple(MIRRORS)
 
 
 def default_layers(backbone: str) -> tuple[str, ...]:
