@@ -61,7 +61,8 @@ def test_patchcore_bank_has_no_row_from_padding():
     assert info["n_patches"] == own.sum() and info["n_padding_positions"] == (~own).sum() > 0
     bank = fitted.amap.bank
     assert len(bank) == own.sum()  # small: the bank keeps every patch it was given
-    nearest = torch.cdist(bank, every).min(dim=1)
+    nearest = torch.cdist(bank, every, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)  # exact: the matmul
+    # shortcut's rounding (~1e-3 of the norm, by the random teacher's weights) is not a padded row
     assert float(nearest.values.max()) < 1e-3 * float(every.norm(dim=1).mean())
     assert own[nearest.indices.numpy()].all()  # every bank row comes from the image's own positions
 
