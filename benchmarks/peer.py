@@ -37,10 +37,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 STFPM_KINDS = ("peer_ov_default", "peer_ov_f32")
-PATCHCORE_KINDS = ("peer_pc_ov", "peer_pc_torch")  # benchmarks/peer_patchcore.py's PC_KINDS
+PATCHCORE_KINDS = ("peer_pc_ov", "peer_pc_ov_f32", "peer_pc_torch")  # benchmarks/peer_patchcore.py's PC_KINDS
 PEER_KINDS = STFPM_KINDS + PATCHCORE_KINDS
 OUR_KINDS = ("ours_full_png", "ours_full_jpeg", "ours_bare_session")
-QUALITY_KINDS = ("quality_full_png", "quality_full_jpeg", "quality_bare_session")  # the defaults: PatchCore, Lite1
+# The defaults (PatchCore, Lite1): as `auto` chooses; "_f32_": OpenVINO forced to f32, the proxy on a bf16 CPU for
+# one without bf16 (beside the peers' f32 rows); "_zlib": the PNG heatmap deflated by Python's zlib, the encoder
+# before isal, so the gain shows in the same run.
+QUALITY_KINDS = ("quality_full_png", "quality_full_jpeg", "quality_bare_session", "quality_full_png_zlib",
+                 "quality_f32_full_png", "quality_f32_full_jpeg", "quality_f32_bare_session")
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -71,14 +75,22 @@ def _our_predictor(kind: str, bundle_dir: Path):
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
+    from stpm.imaging import render
     from stpm.runtime.scorer import Scorer
 
-    s = Scorer(bundle_dir, backend="auto", precision="auto")
-    info = {"backend": s.backend, "precision": s.precision, "selection": s.selection.to_dict()}
+    if "_f32_" in kind:
+        s = Scorer(bundle_dir, backend="openvino", precision="fp32", fall_back_to_fp32=False)
+    else:
+        s = Scorer(bundle_dir, backend="auto", precision="auto")
+    if kind.endswith("_zlib"):
+        render._ISAL = None  # this worker process only: PNG deflate by Python's zlib, as before isal
+    info = {"backend": s.backend, "precision": s.precision, "selection": s.selection.to_dict(),
+            "png_deflate": "isal" if render._ISAL is not None else "zlib"}
     if kind.endswith("_bare_session"):
         batch = np.random.default_rng(0).integers(0, 256, (1, 3, s.image_size, s.image_size), dtype=np.uint8)
         return (lambda path: float(s.infer(batch)[1][0])), info
     fmt = "jpeg" if kind.endswith("_full_jpeg") else "png"
+    assert kind.endswith(("_full_png", "_full_jpeg", "_full_png_zlib")), kind
 
     def predict(path: Path) -> float:
         r = s.score([path.read_bytes()], overlay=True, heatmap_format=fmt)[0]
@@ -201,10 +213,11 @@ def _start_workers(kinds: list[str], a: argparse.Namespace, tmp: Path, bundles: 
     return procs, infos
 
 
-def _rounds(kinds: list[str], procs: dict, a: argparse.Namespace) -> tuple[dict, dict, list[float]]:
+def _rounds(kinds: list[str], procs: dict, a: argparse.Namespace) -> tuple[dict, dict, dict, list[float]]:
     """Interleaved rounds, each contender --per-round images in a rotating order; wall and CPU ms per image."""
     wall = {k: [] for k in kinds}
     cpu = {k: [] for k in kinds}
+    per_round = {k: [] for k in kinds}  # each round's p50: shows a contender drifting over the run
     loads = []
     for r in range(a.rounds):
         loads.append(round(os.getloadavg()[0], 2))
@@ -215,22 +228,27 @@ def _rounds(kinds: list[str], procs: dict, a: argparse.Namespace) -> tuple[dict,
             res = json.loads(procs[k].stdout.readline())
             wall[k] += res["wall_ms"]
             cpu[k] += res["cpu_ms"]
+            per_round[k].append(pct(res["wall_ms"], 50))
         print(f"round {r + 1}/{a.rounds} load {loads[-1]}: "
               + ", ".join(f"{k} {pct(wall[k], 50)}" for k in kinds), file=sys.stderr, flush=True)
     for p in procs.values():
         p.stdin.close()
         p.wait(timeout=60)
-    return wall, cpu, loads
+    return wall, cpu, per_round, loads
 
 
 def _ratios(out: dict) -> None:
     """p50 ratios to each peer's OpenVINO row, and decode + render's share of the bare session."""
     rows = out["rows"]
-    for ref, key in (("peer_ov_default", "vs_peer_ov_default_p50"), ("peer_pc_ov", "vs_peer_pc_ov_p50")):
+    for ref, key in (("peer_ov_default", "vs_peer_ov_default_p50"), ("peer_pc_ov", "vs_peer_pc_ov_p50"),
+                     ("peer_ov_f32", "vs_peer_ov_f32_p50"), ("peer_pc_ov_f32", "vs_peer_pc_ov_f32_p50")):
         if ref in rows:
             out[key] = {k: round(v["p50_ms"] / rows[ref]["p50_ms"], 3) for k, v in rows.items()}
+            if all("round_p50_ms" in v for v in rows.values()):  # the ratio within each round: its lowest, highest
+                per = {k: [x / y for x, y in zip(v["round_p50_ms"], rows[ref]["round_p50_ms"])] for k, v in rows.items()}
+                out[key + "_round_range"] = {k: [round(min(r), 3), round(max(r), 3)] for k, r in per.items()}
     out["decode_render_share_of_bare"] = {}
-    for who in ("ours", "quality"):
+    for who in ("ours", "quality", "quality_f32"):
         if f"{who}_bare_session" in rows:
             bare, bare_cpu = rows[f"{who}_bare_session"]["p50_ms"], rows[f"{who}_bare_session"]["cpu_p50_ms"]
             for f in ("png", "jpeg"):
@@ -259,10 +277,11 @@ def main() -> int:
     bundles = _bundles(kinds, a, tmp)
     build = _peer_patchcore_build(a) if any(k in PATCHCORE_KINDS for k in kinds) else None
     procs, infos = _start_workers(kinds, a, tmp, bundles)
-    wall, cpu, loads = _rounds(kinds, procs, a)
+    wall, cpu, per_round, loads = _rounds(kinds, procs, a)
 
     rows = {k: {"p50_ms": pct(wall[k], 50), "p95_ms": pct(wall[k], 95), "cpu_p50_ms": pct(cpu[k], 50),
-                "cpu_p95_ms": pct(cpu[k], 95), "n": len(wall[k]), "info": infos[k]} for k in kinds}
+                "cpu_p95_ms": pct(cpu[k], 95), "n": len(wall[k]), "round_p50_ms": per_round[k], "info": infos[k]}
+            for k in kinds}
     out = {"command": " ".join([Path(sys.executable).name] + sys.argv), "cpu": cpu_info(),
            "load_average_per_round": loads, "load_average_end": [round(x, 2) for x in os.getloadavg()],
            "images": f"{len(images)} PNGs, first {images[0]}", "rows": rows}

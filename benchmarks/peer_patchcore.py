@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-PC_KINDS = ("peer_pc_ov", "peer_pc_torch")
+PC_KINDS = ("peer_pc_ov", "peer_pc_ov_f32", "peer_pc_torch")
 INPUT_SIZE = (512, 512)  # the bottle PNGs; the graph resizes to the model's 256 px itself
 TRAIN_BATCH = 32  # anomalib's datamodules' default train_batch_size
 SEED = 0
@@ -142,10 +142,11 @@ def predictor(kind: str, cache: Path) -> tuple[Callable[[Path], float], dict]:
     """The peer's own inferencer on the cached export: OpenVINOInferencer (its default precision) or TorchInferencer."""
     offline_timm()  # unpickling the torch export rebuilds the timm backbone
     p = _paths(cache)
-    if kind == "peer_pc_ov":
+    if kind in ("peer_pc_ov", "peer_pc_ov_f32"):  # its default precision (bf16 where the CPU has it), or f32
         from anomalib.deploy import OpenVINOInferencer
 
-        inf = OpenVINOInferencer(path=p["xml"], device="CPU")
+        config = {"INFERENCE_PRECISION_HINT": "f32"} if kind == "peer_pc_ov_f32" else None
+        inf = OpenVINOInferencer(path=p["xml"], device="CPU", config=config)
         info = {"inference_precision": str(inf.model.get_property("INFERENCE_PRECISION_HINT")),
                 "threads": int(inf.model.get_property("INFERENCE_NUM_THREADS"))}
     elif kind == "peer_pc_torch":

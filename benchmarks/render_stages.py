@@ -4,7 +4,7 @@
 
 decode (stpm.imaging.decode.decode_image), the 256 -> 512 map resize, the Turbo overlay blend (OpenCV, and
 Pillow's for comparison), and the overlay's
-encoding as PNG / JPEG / WebP (stpm.render). Prints JSON; with --out, also writes it with the command, the
+encoding as PNG / JPEG / WebP (stpm.render; PNG also with Python's zlib, the deflate without isal). Prints JSON; with --out, also writes it with the command, the
 CPU and its flags, and the load average at the start.
 """
 
@@ -58,6 +58,8 @@ def main() -> int:
            "overlay_blend_pillow": cpu_ms(lambda i: render.pillow_overlay(rgb, big))}
     for f in render.FORMATS:
         out[f"encode_{f}"] = cpu_ms(lambda i, f=f: render.encode(ov, f))
+    out["encode_png_deflate"] = "isal" if render._ISAL is not None else "zlib"
+    out["encode_png_zlib"] = cpu_ms(lambda i: render.png_bytes(ov, "zlib"))
     print(json.dumps(out))
     if a.out:
         record = {"command": " ".join(["benchmarks/render_stages.py", *sys.argv[1:]]), "cpu": cpu_info(),

@@ -47,6 +47,7 @@ from benchmarks.report_speed import (  # noqa: E402
     peer_markdown,
     png_encode_markdown,
     precision_markdown,
+    render_stages_markdown,
     scale_markdown,
     speed_markdown,
     sweep_markdown,
@@ -96,6 +97,7 @@ BLOCKS: dict[str, Block] = {
         ".venv/bin/python benchmarks/speed.py --bundle <trained EfficientNet-Lite0 bottle bundle, 128 px> --threads 1 "
         "--int8-data ../shared/data/mvtec_ad_bottle_512/bottle --out benchmarks/results/speed-bottle-lite0-t1.json"),
     "png_encode": Block("benchmarks/png_encode.py", "png_encode.json", png_encode_markdown),
+    "render_stages": Block("benchmarks/render_stages.py", "render_stages.json", render_stages_markdown),
     "load_default": Block("benchmarks/load.py", "load_default.json", load_markdown),
     "load_intra1": Block("benchmarks/load.py", "load_intra1.json", load_markdown),
     "load_sweep": Block("benchmarks/load.py", "load_sweep.json", sweep_markdown),

@@ -33,3 +33,33 @@ def test_overlay_refuses_a_map_of_another_size():
     image, amap = _case(1)
     with pytest.raises(ValueError, match="differ in size"):
         render.overlay(image, amap[:-1])
+
+
+@pytest.mark.parametrize("library", ["isal", "zlib"])
+@pytest.mark.parametrize("shape", [(37, 53, 3), (37, 53), (1, 1, 3)])
+def test_png_bytes_decode_to_the_same_pixels(library, shape):
+    """The minimal PNG encoder, with either deflate, writes files Pillow and OpenCV read back exactly."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    if library == "isal":
+        pytest.importorskip("isal", reason="the isal package (a base dependency) is not installed")
+    a = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    a[: shape[0] // 2] = 7  # runs, which RLE and ISA-L both shorten
+    data = render.png_bytes(a, deflate_library=library)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), a)
+    back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(back[..., ::-1] if a.ndim == 3 else back, a)
+
+
+def test_png_deflate_defaults_to_isal_where_installed_and_refuses_unknown_libraries():
+    raw = bytes(range(256)) * 64
+    import zlib
+
+    assert zlib.decompress(render.deflate(raw)) == raw
+    expected = "isal" if render._ISAL is not None else "zlib"
+    assert render.deflate(raw) == render.deflate(raw, expected)
+    with pytest.raises(ValueError, match="isal or zlib"):
+        render.deflate(raw, "brotli")

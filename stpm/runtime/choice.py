@@ -101,17 +101,27 @@ def measured_backends(manifest: Manifest) -> dict[str, str]:
     return {p: r["backend"] for p, r in records.items() if r and r.get("backend")}
 
 
-def time_session(session: Session, image_size: int, runs: int = 5, warmup: int = 2) -> float:
-    """Best wall ms of a batch-1 run (the minimum: robust to other processes' load)."""
+def time_sessions(sessions: Sequence[Session], image_size: int, runs: int = 5, warmup: int = 2) -> list[float]:
+    """Best wall ms of a batch-1 run of each session (the minimum: robust to other processes' load).
+
+    The sessions' runs are interleaved, one run of each per round in a rotating order, so that a burst
+    of load on the machine slows every candidate alike instead of all the runs of one."""
     x = np.random.default_rng(0).integers(0, 256, (1, 3, image_size, image_size), dtype=np.uint8)
-    for _ in range(warmup):
-        session.run(x)
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(x)
-        best = min(best, (time.perf_counter() - t0) * 1e3)
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(x)
+    best = [float("inf")] * len(sessions)
+    for r in range(runs):
+        for i in [(r + j) % len(sessions) for j in range(len(sessions))]:
+            t0 = time.perf_counter()
+            sessions[i].run(x)
+            best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
     return best
+
+
+def time_session(session: Session, image_size: int, runs: int = 5, warmup: int = 2) -> float:
+    """Best wall ms of a batch-1 run of one session."""
+    return time_sessions([session], image_size, runs, warmup)[0]
 
 
 def env_choice(value: str | None, env: str) -> str:
@@ -193,10 +203,11 @@ def _candidates(req: _Request, backends: list[str], held: dict[str, str | None],
 
 def _fastest(req: _Request, cands: list[tuple[str, str]], image_size: int, options: SessionOptions,
              ) -> tuple[Session, tuple[str, str], dict[str, float]]:
-    """Create the candidates' sessions and keep the fastest at batch 1 (a later candidate must be
-    AUTO_MARGIN faster to win: stable under noise); a single candidate is not timed."""
+    """Create the candidates' sessions and keep the fastest at batch 1, timed side by side
+    (time_sessions); a later candidate must be AUTO_MARGIN faster to win (stable under noise). A single
+    candidate is not timed."""
     timings: dict[str, float] = {}
-    best: tuple[float, Session, tuple[str, str]] | None = None
+    created: list[tuple[tuple[str, str], Session]] = []
     for b, p in cands:
         try:
             s = create_session(req.bundle_dir / PRECISION_FILES[p], b, p, options)
@@ -205,10 +216,13 @@ def _fastest(req: _Request, cands: list[tuple[str, str]], image_size: int, optio
             continue
         if len(cands) == 1:
             return s, (b, p), timings
-        ms = timings[f"{b}/{p}"] = time_session(s, image_size)
+        created.append(((b, p), s))
+    best: tuple[float, Session, tuple[str, str]] | None = None
+    for ((b, p), s), ms in zip(created, time_sessions([s for _, s in created], image_size)):
+        timings[f"{b}/{p}"] = ms
         if best is None or ms < best[0] * (1.0 - AUTO_MARGIN):
             best = (ms, s, (b, p))
-        del s
+    del created
     if best is not None:
         return best[1], best[2], timings
     if cands == [("onnxruntime", "fp32")]:
@@ -257,4 +271,4 @@ def choose_backend(
 
 
 __all__ = ["AUTO_MARGIN", "BackendChoice", "bundle_precisions", "choose_backend", "env_choice", "measured_backends",
-           "time_session"]
+           "time_session", "time_sessions"]
