@@ -52,7 +52,9 @@ def main() -> int:
     small = np.random.default_rng(0).random((256, 256)).astype(np.float32)
     big = render.resize_map(small, rgb.shape[:2])
     ov = render.overlay(rgb, big)
+    jpegs = [render.encode(decode_image(d), "jpeg") for d in data]  # the same images as JPEG (quality 90)
     out = {"image": f"{rgb.shape[1]}x{rgb.shape[0]} PNG", "decode": cpu_ms(lambda i: decode_image(data[i % len(data)])),
+           "decode_jpeg": cpu_ms(lambda i: decode_image(jpegs[i % len(jpegs)])),
            "resize_map_256_to_input": cpu_ms(lambda i: render.resize_map(small, rgb.shape[:2])),
            "overlay_blend": cpu_ms(lambda i: render.overlay(rgb, big)),
            "overlay_blend_pillow": cpu_ms(lambda i: render.pillow_overlay(rgb, big))}

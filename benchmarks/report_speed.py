@@ -71,6 +71,7 @@ def png_encode_markdown(res: dict[str, Any]) -> str:
 
 
 RENDER_STAGES = (("decode", "decode the input PNG (stpm.imaging.decode: OpenCV)"),
+                 ("decode_jpeg", "decode the same image as a JPEG, quality 90 (stpm.imaging.decode: simplejpeg)"),
                  ("resize_map_256_to_input", "resize the 256 px map to the input's size"),
                  ("overlay_blend", "colormap + blend (OpenCV)"), ("overlay_blend_pillow", "colormap + blend (Pillow)"),
                  ("encode_png", "encode the overlay, PNG (the default deflate)"),
@@ -245,7 +246,8 @@ PEER_LABELS = {
     "ours_full_png": "ours ResNet18 STPM, overlay PNG", "ours_full_jpeg": "ours ResNet18 STPM, overlay JPEG",
     "ours_bare_session": "ours ResNet18 STPM, bare session", "quality_full_png": "ours defaults (PatchCore), overlay PNG",
     "quality_full_jpeg": "ours defaults (PatchCore), overlay JPEG", "quality_bare_session": "ours defaults, bare session",
-    "quality_full_png_zlib": "ours defaults, overlay PNG deflated by zlib (before isal)",
+    "quality_f32_full_png_zlib": "ours defaults forced f32, overlay PNG deflated by zlib (before isal)",
+    "quality_f32_jpegin_full_jpeg": "ours defaults forced f32, JPEG in (the same images, quality 95), overlay JPEG",
     "peer_pc_ov_f32": "anomalib Patchcore, OpenVINO forced f32",
     "quality_f32_full_png": "ours defaults forced f32, overlay PNG",
     "quality_f32_full_jpeg": "ours defaults forced f32, overlay JPEG",
