@@ -100,7 +100,7 @@ _ISAL = _isal_zlib()  # ISA-L's deflate where installed (PyPI `isal`); Python's 
 
 def deflate(raw: np.ndarray | bytes, library: str | None = None) -> bytes:
     """A zlib stream of `raw` at PNG_COMPRESS_LEVEL: by ISA-L ("isal", the default where installed:
-    about 4x faster than zlib level 1 on 512 px overlays for ~7 % more bytes, benchmarks/png_encode.py)
+    about 3x faster than zlib level 1 on 512 px overlays for ~5 % more bytes, benchmarks/png_encode.py)
     or by Python's zlib ("zlib", level 1, RLE strategy). Both release the GIL while compressing."""
     library = library or ("isal" if _ISAL is not None else "zlib")
     if library == "isal":
