@@ -252,7 +252,7 @@ def cmd_activate(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from stpm import bundle
-    from stpm.evaluation.report import evaluate
+    from stpm.evaluation.report import evaluate, format_operating_points
     from stpm.methods.loading import load_map
     from stpm.training.reproducible import resolve_device
 
@@ -267,8 +267,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
             "per_defect": report["metrics"]["per_defect"],
         })
     o = report["metrics"]["overall"]
+    decision = {k: v for k, v in report["decision"].items() if k != "operating_points"}  # a table below
     print(json.dumps({**{k: o[k] for k in ("image_auroc", "pixel_auroc", "aupro_0.3", "image_f1_max") if k in o},
-                      "decision": report["decision"]}, indent=2))
+                      "decision": decision}, indent=2))
+    if report["decision"]["operating_points"]:
+        print(format_operating_points(report["decision"]["operating_points"]))
     print(f"report: {out / 'report.json'}  pictures: {out / 'index.html'}"
           + ("" if a.no_record else f"  recorded in: {path / EVALUATIONS}"))
     return 0

@@ -141,7 +141,28 @@ def decision_html(d: dict[str, Any]) -> str:
             ("precision", "", f"{prec}")]
     body = "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
     return ("<h2>Decisions at the threshold</h2><table><tr><th></th><th>expected (calibration)</th>"
-            f"<th>realised (this test set)</th></tr>{body}</table>")
+            f"<th>realised (this test set)</th></tr>{body}</table>" + operating_points_html(d.get("operating_points")))
 
 
-__all__ = ["decision_html", "write_html", "write_pictures"]
+def operating_points_html(points: list[dict[str, Any]] | None) -> str:
+    """Other thresholds the recorded scores allow (stpm calibrate MODEL --target-fpr T), each with what the
+    calibration expects and what this test set shows."""
+    if not points:
+        return ""
+
+    def cell(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    bold = ' style="font-weight:bold"'
+    body = "".join(
+        f"<tr{bold if p['current'] else ''}><td>{_pct(p['target_fpr'])}</td>"
+        f"<td>{p['threshold']:.4g}</td><td>{_pct(p['expected_fpr'])}</td><td>{cell(p['synthetic_recall'])}</td>"
+        f"<td>{_pct(p['fpr_on_test_good'])} ({p['n_flagged_good']})</td><td>{cell(p['precision'])}</td>"
+        f"<td>{cell(p['recall'])}</td></tr>" for p in points)
+    return ("<h2>Other operating points</h2><p>The threshold <code>stpm calibrate MODEL --target-fpr T</code> "
+            "would set from the scores this model recorded (no retraining); the model's own row in bold.</p>"
+            "<table><tr><th>target FPR T</th><th>threshold</th><th>expected FPR</th><th>synthetic recall</th>"
+            "<th>FPR on test/good (flagged)</th><th>precision</th><th>recall</th></tr>" + body + "</table>")
+
+
+__all__ = ["decision_html", "operating_points_html", "write_html", "write_pictures"]

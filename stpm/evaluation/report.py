@@ -18,6 +18,10 @@ from stpm.imaging.scores import ImageScore, image_scores
 from stpm.bundle.calibration import Calibration
 from stpm.bundle.manifest import Manifest
 from stpm.methods.maps import MapModule, tile_fn
+from stpm.options import CalibrationOptions
+from stpm.training.calibration import recalibrate
+
+OPERATING_FPRS = (0.005, 0.01, 0.02, 0.05, 0.1)  # the targets `stpm eval` shows beside the bundle's own
 
 
 def score_samples(
@@ -84,6 +88,50 @@ def decision(cal: Calibration, overall: dict[str, Any]) -> dict[str, Any]:
             "f1_max": overall.get("image_f1_max"), "f1_max_threshold": f1_thr}
 
 
+def operating_points(cal: Calibration, labels: np.ndarray, scores: np.ndarray,
+                     targets: tuple[float, ...] = OPERATING_FPRS) -> list[dict[str, Any]]:
+    """For each target false-positive rate T: the threshold `stpm calibrate MODEL --target-fpr T` would
+    set from the scores the bundle's calibration recorded (no retraining, the default rule), what that
+    calibration expects, and what this labelled test set shows at it. `current`: the row whose rule and
+    target are the bundle's own. Empty where the calibration records no scores (bundles before them)."""
+    if not cal.good_scores:
+        return []
+    own = (cal.target_fpr,) if cal.method == "target_fpr" and cal.target_fpr is not None else ()
+    rows = []
+    for t in sorted({*targets, *own}):
+        c = recalibrate(cal, CalibrationOptions(method="target_fpr", target_fpr=t), {"kind": "eval"})
+        at = metrics.at_threshold(labels, scores, c.threshold)
+        n_good = at["fp"] + at["tn"]
+        rows.append({"target_fpr": t, "threshold": c.threshold, "expected_fpr": c.expected_fpr,
+                     "expected_fpr_interval": c.expected_fpr_interval,
+                     "synthetic_recall": (c.synthetic or {}).get("recall"),
+                     "fpr_on_test_good": at["fpr"] if n_good else None, "n_flagged_good": at["fp"],
+                     "precision": at["precision"] if at["tp"] + at["fp"] else None,
+                     "recall": at["recall"] if at["tp"] + at["fn"] else None,
+                     "current": cal.method == "target_fpr" and cal.target_fpr == t})
+    return rows
+
+
+def format_operating_points(points: list[dict[str, Any]]) -> str:
+    """operating_points as a text table for the terminal ("*" marks the model's own row)."""
+    if not points:
+        return ""
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f} %"
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = ["other operating points (stpm calibrate MODEL --target-fpr T; no retraining):",
+             f"  {'T':>8} {'threshold':>10} {'expected FPR':>13} {'FPR test/good':>14} {'precision':>10} {'recall':>7}"]
+    for p in points:
+        lines.append(f"{'*' if p['current'] else ' '} {pct(p['target_fpr']):>8} {p['threshold']:>10.4g} "
+                     f"{pct(p['expected_fpr']):>13} {pct(p['fpr_on_test_good']):>14} {num(p['precision']):>10} "
+                     f"{num(p['recall']):>7}")
+    return "\n".join(lines)
+
+
 def evaluate(
     amap: MapModule, manifest: Manifest, data: str | Path, device: torch.device, out_dir: str | Path | None,
     progress: bool = True,
@@ -100,7 +148,8 @@ def evaluate(
     report: dict[str, Any] = {
         "model": manifest.ref, "data": str(data), "image_size": manifest.model.image_size,
         "tiling": geometry.to_dict(), "image_score": spec.method, "threshold": cal.threshold, "metrics": m,
-        "decision": decision(cal, m["overall"]),
+        "decision": {**decision(cal, m["overall"]),
+                     "operating_points": operating_points(cal, result["labels"], result["scores"])},
         "per_image": [{"file": str(s.path), "defect": s.defect, "raw_score": float(sc),
                        "score": float(cal.normalise(sc)), "tiles": p.n_tiles, "scaled_size": [p.h, p.w]}
                       for s, sc, p in zip(samples, result["scores"], result["plans"])],
