@@ -265,6 +265,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         bundle.record_evaluation(path, str(Path(a.data).resolve().name), {
             "data": str(a.data), "evaluated_at": bundle.utc_now(), **report["metrics"]["overall"],
             "per_defect": report["metrics"]["per_defect"],
+            "operating_points": report["decision"]["operating_points"],  # GET /models shows them with the rest
         })
     o = report["metrics"]["overall"]
     decision = {k: v for k, v in report["decision"].items() if k != "operating_points"}  # a table below

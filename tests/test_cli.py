@@ -226,5 +226,8 @@ def test_eval_writes_report_pictures_and_records_metrics_beside_an_unchanged_ver
     recorded = json.loads((version / names.EVALUATIONS).read_text())["bottle"]
     assert recorded["image_auroc"] == report["metrics"]["overall"]["image_auroc"]
     assert bundle.read_evaluations(version)["bottle"] == recorded
+    points = report["decision"]["operating_points"]  # other --target-fpr thresholds from the recorded scores
+    assert points and recorded["operating_points"] == points and sum(p["current"] for p in points) == 1
+    assert "other operating points" in capsys.readouterr().out
     assert (version / names.MANIFEST).read_bytes() == manifest_bytes  # not rewritten
     assert {f: bundle.sha256_file(version / f) for f in weights} == weights
