@@ -76,6 +76,28 @@ def browser():
         b.close()
 
 
+_MODELS: dict[str, Path] = {}  # server url -> its models folder
+
+
+def server_models(url: str) -> Path:
+    return _MODELS[url]
+
+
+def record_eval(models: Path, name: str, version: str) -> None:
+    """Record an evaluation as `stpm eval` does (bundle.record_evaluation), with operating points. The
+    figures are fixed rendering data (those of the defaults on MPDD metal plate), not this bundle's."""
+    def point(t: float, fpr: float, recall: float, current: bool = False) -> dict:
+        return {"target_fpr": t, "threshold": 50.0 - 100 * t, "expected_fpr": t, "expected_fpr_interval": None,
+                "synthetic_recall": 0.3, "fpr_on_test_good": fpr, "n_flagged_good": round(26 * fpr),
+                "precision": 1.0 if fpr == 0 else 0.98, "recall": recall, "current": current}
+
+    bundle.record_evaluation(models / name / version, "metal_plate", {
+        "data": "metal_plate", "evaluated_at": bundle.utc_now(), "image_auroc": 0.9986,
+        "at_calibrated_threshold": {"fpr": 0.0, "precision": 1.0, "recall": 0.78},
+        "operating_points": [point(0.005, 0.0, 0.68), point(0.01, 0.0, 0.78, current=True), point(0.02, 0.0, 0.86),
+                             point(0.05, 0.0, 1.0), point(0.1, 2 / 26, 1.0)]})
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A server holding demo/v1 and demo/v2 (tiny random-init bundles); training jobs publish here too."""
@@ -83,6 +105,7 @@ def server(tmp_path_factory):
     models = make_store(root, versions=2)
     bundle.set_active(models, "demo", "v2")  # the first version is activated by publishing; v2 by asking
     proc, url = start_uvicorn(models, {"STPM_DATA_DIR": str(root / "data"), "STPM_TRAIN_THREADS": "2"})
+    _MODELS[url] = models
     yield url
     stop(proc)
 
@@ -287,6 +310,15 @@ def test_models_tab_activate_and_delete(page, server):
     v1.locator("summary:has-text('Calibration')").click()
     v1.locator("dt:has-text('Threshold')").wait_for()
     assert "held-out good images" in v1.inner_text()
+    # an evaluation recorded by `stpm eval` shows its other operating points (here: recorded for demo/v1 below)
+    assert card.locator("li.operating-points").count() == 0
+    record_eval(server_models(server), "demo", "v1")
+    page.reload()
+    card.wait_for()
+    points = card.locator("tr[data-version='v1'] li.operating-points")
+    points.wait_for()
+    assert "2.0 % → FPR 0.0 %, R 0.86" in points.inner_text() and "10.0 % → FPR 7.7 %, R 1" in points.inner_text()
+    assert "1.0 % →" not in points.inner_text()  # the model's own target is the line above it
     v1.locator("button:has-text('Activate')").click()
     page.wait_for_selector("section.model[data-model='demo'] tr[data-version='v1'] .pill:has-text('active')")
     shot(page, "models")

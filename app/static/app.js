@@ -736,7 +736,8 @@ function fmtPct(x) {
 }
 
 /* What the calibration promises (expected false-positive rate on good parts, recall on synthetic anomalies)
-   beside what each recorded evaluation showed at the threshold (realised FPR on test/good, precision, recall). */
+   beside what each recorded evaluation showed at the threshold (realised FPR on test/good, precision, recall),
+   and at the thresholds other target rates would give (stpm eval's operating points). */
 function decisionList(cal, metrics) {
   const items = [];
   if (cal) {
@@ -755,6 +756,12 @@ function decisionList(cal, metrics) {
     if (!at) continue;
     items.push(el("li", { title: `measured by stpm eval on ${data}` }, `${data}: FPR `, el("strong", { text: fmtPct(at.fpr) }),
       " · P ", el("strong", { text: fmtNum(at.precision) }), " · R ", el("strong", { text: fmtNum(at.recall) })));
+    const others = (m.operating_points || []).filter((p) => !p.current);
+    if (others.length) {  // what `stpm calibrate MODEL --target-fpr T` would give on the same test set
+      items.push(el("li", { class: "operating-points",
+        title: `stpm calibrate MODEL --target-fpr T would set these thresholds from the recorded scores (no retraining); measured by stpm eval on ${data}` },
+        `${data} at other targets: `, others.map((p) => `${fmtPct(p.target_fpr)} → FPR ${fmtPct(p.fpr_on_test_good)}, R ${fmtNum(p.recall)}`).join(" · ")));
+    }
   }
   return items.length ? el("ul", { class: "metrics" }, items) : el("span", { class: "muted", text: "—" });
 }
