@@ -102,7 +102,7 @@ def _our_predictor(kind: str, bundle_dir: Path, images: list[Path]):
     if kind.endswith("_zlib"):
         render._ISAL = None  # this worker process only: PNG deflate by Python's zlib, as before isal
     info = {"backend": s.backend, "precision": s.precision, "selection": s.selection.to_dict(),
-            "png_deflate": "isal" if render._ISAL is not None else "zlib"}
+            "png_deflate": render.default_deflate()}
     if kind.endswith("_bare_session"):
         batch = np.random.default_rng(0).integers(0, 256, (1, 3, s.image_size, s.image_size), dtype=np.uint8)
         return (lambda path: float(s.infer(batch)[1][0])), info

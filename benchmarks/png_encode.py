@@ -30,7 +30,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.peer import cpu_info  # noqa: E402
 from benchmarks.report_speed import png_encode_markdown  # noqa: E402
 from stpm.imaging.decode import read_image  # noqa: E402
-from stpm.imaging.render import _ISAL, overlay, png_bytes  # noqa: E402
+from stpm.imaging.render import default_deflate, overlay, png_bytes  # noqa: E402
 
 
 def overlays(data: Path, n: int) -> list[np.ndarray]:
@@ -75,7 +75,8 @@ def main() -> int:
         raise SystemExit(f"no test images under {a.data}")
     load0 = os.getloadavg()[0]
     rows = []
-    ours = [("stpm.render.png_bytes, ISA-L level 1 (the default)", lambda x: png_bytes(x, "isal"))] if _ISAL else []
+    ours = [("stpm.render.png_bytes, ISA-L level 1 (the default)", lambda x: png_bytes(x, "isal"))] \
+        if default_deflate() == "isal" else []
     for name, fn in (*ours, ("stpm.render.png_bytes, zlib level 1, RLE (without isal)", lambda x: png_bytes(x, "zlib")),
                      ("Pillow compress_level=1", pillow(1)), ("Pillow compress_level=6 (default)", pillow(6))):
         ms, kb = time_ms(fn, arrays, a.repeats)

@@ -60,7 +60,7 @@ def main() -> int:
            "overlay_blend_pillow": cpu_ms(lambda i: render.pillow_overlay(rgb, big))}
     for f in render.FORMATS:
         out[f"encode_{f}"] = cpu_ms(lambda i, f=f: render.encode(ov, f))
-    out["encode_png_deflate"] = "isal" if render._ISAL is not None else "zlib"
+    out["encode_png_deflate"] = render.default_deflate()
     out["encode_png_zlib"] = cpu_ms(lambda i: render.png_bytes(ov, "zlib"))
     print(json.dumps(out))
     if a.out:

@@ -52,13 +52,16 @@ def speed_markdown(res: dict[str, Any]) -> str:
     )
 
 
+def _cpu_line(c: dict[str, Any]) -> str:
+    """benchmarks/peer.py's cpu_info in a few words: model, cores and the SIMD flags that decide the speed."""
+    flags = [f for f in c["simd_flags"] if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")]
+    return f"{c['model']}, {c['cores']} cores (flags include {', '.join(flags)})"
+
+
 def png_encode_markdown(res: dict[str, Any]) -> str:
     m, im = res["machine"], res["images"]
     ours = res["rows"][0]
-    ci = m.get("cpu_info")
-    cpu = (f"{ci['model']}, {ci['cores']} cores (flags include "
-           f"{', '.join(f for f in ci['simd_flags'] if f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16'))})"
-           if ci else f"{m['cpu']}, {m['cpus']} CPUs")
+    cpu = _cpu_line(m["cpu_info"]) if m.get("cpu_info") else f"{m['cpu']}, {m['cpus']} CPUs"
     lines = [f"Command: `{res['command'].strip()}`. Machine: {cpu}, load average "
              f"{m['load_avg_at_start']:.1f} at start, {m['load_avg_at_end']:.1f} at end; Pillow {m['pillow']}. "
              f"{im['n']} overlays of {im['shape'][1]}x{im['shape'][0]} RGB ({im['source']}), median of "
@@ -81,10 +84,9 @@ RENDER_STAGES = (("decode", "decode the input PNG (stpm.imaging.decode: OpenCV)"
 
 def render_stages_markdown(res: dict[str, Any]) -> str:
     """benchmarks/render_stages.py: CPU ms per decode / render stage of the full path."""
-    c, ms = res["cpu"], res["cpu_ms_median_of_20"]
-    flags = [f for f in c["simd_flags"] if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")]
-    lines = [f"Command: `OMP_NUM_THREADS={res['threads']} .venv/bin/python {res['command']}`. CPU: {c['model']}, "
-             f"{c['cores']} cores (flags include {', '.join(flags)}); load average {res['load_average_at_start']:.1f} "
+    ms = res["cpu_ms_median_of_20"]
+    lines = [f"Command: `OMP_NUM_THREADS={res['threads']} .venv/bin/python {res['command']}`. CPU: "
+             f"{_cpu_line(res['cpu'])}; load average {res['load_average_at_start']:.1f} "
              f"at the start. Input: a {ms['image']}; PNG deflate by default: {ms.get('encode_png_deflate', 'zlib')}. "
              "CPU ms, median of 20 calls.", "", "| stage | CPU ms |", "|---|---:|"]
     lines += [f"| {label} | {ms[k]:.2f} |" for k, label in RENDER_STAGES if k in ms]

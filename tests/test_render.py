@@ -60,6 +60,6 @@ def test_png_deflate_defaults_to_isal_where_installed_and_refuses_unknown_librar
 
     assert zlib.decompress(render.deflate(raw)) == raw
     expected = "isal" if render._ISAL is not None else "zlib"
-    assert render.deflate(raw) == render.deflate(raw, expected)
+    assert render.default_deflate() == expected and render.deflate(raw) == render.deflate(raw, expected)
     with pytest.raises(ValueError, match="isal or zlib"):
         render.deflate(raw, "brotli")

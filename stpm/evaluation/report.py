@@ -108,7 +108,7 @@ def operating_points(cal: Calibration, labels: np.ndarray, scores: np.ndarray,
                      "fpr_on_test_good": at["fpr"] if n_good else None, "n_flagged_good": at["fp"],
                      "precision": at["precision"] if at["tp"] + at["fp"] else None,
                      "recall": at["recall"] if at["tp"] + at["fn"] else None,
-                     "current": cal.method == "target_fpr" and cal.target_fpr == t})
+                     "current": t in own})
     return rows
 
 

@@ -98,11 +98,16 @@ def _isal_zlib():
 _ISAL = _isal_zlib()  # ISA-L's deflate where installed (PyPI `isal`); Python's zlib otherwise
 
 
+def default_deflate() -> str:
+    """The library `deflate` uses unless told: "isal" where installed, else "zlib"."""
+    return "isal" if _ISAL is not None else "zlib"
+
+
 def deflate(raw: np.ndarray | bytes, library: str | None = None) -> bytes:
     """A zlib stream of `raw` at PNG_COMPRESS_LEVEL: by ISA-L ("isal", the default where installed:
     about 3x faster than zlib level 1 on 512 px overlays for ~5 % more bytes, benchmarks/png_encode.py)
     or by Python's zlib ("zlib", level 1, RLE strategy). Both release the GIL while compressing."""
-    library = library or ("isal" if _ISAL is not None else "zlib")
+    library = library or default_deflate()
     if library == "isal":
         if _ISAL is None:
             raise RuntimeError("the isal package is not installed")

@@ -119,11 +119,6 @@ def time_sessions(sessions: Sequence[Session], image_size: int, runs: int = 5, w
     return best
 
 
-def time_session(session: Session, image_size: int, runs: int = 5, warmup: int = 2) -> float:
-    """Best wall ms of a batch-1 run of one session."""
-    return time_sessions([session], image_size, runs, warmup)[0]
-
-
 def env_choice(value: str | None, env: str) -> str:
     """An explicit value, else the environment variable, else "auto"."""
     if value is not None:
@@ -271,4 +266,4 @@ def choose_backend(
 
 
 __all__ = ["AUTO_MARGIN", "BackendChoice", "bundle_precisions", "choose_backend", "env_choice", "measured_backends",
-           "time_session", "time_sessions"]
+           "time_sessions"]
