@@ -78,7 +78,7 @@ def recalibrated(amap: PatchCoreMap, trained, images, config: TrainingOptions, c
     device = torch.device("cpu")
     fitted = dataclasses.replace(trained.fitted, amap=amap)
     with reproducible(config.train.seed, device):
-        _, _, cal = choose_and_calibrate(fitted, device, images, images.val_images(), cfg, config)
+        _, _, cal, _ = choose_and_calibrate(fitted, device, images, images.val_images(), cfg, config)
     return cal
 
 

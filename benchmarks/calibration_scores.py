@@ -45,7 +45,7 @@ def scores_of(ds: str, seed: int) -> dict:
     with reproducible(seed, device) as gen:
         fitted = registry.method(model_cfg.method).fit(model_cfg, config.train, FitData(images.train, images.val,
                                                                                        seed, gen), run)
-        model_cfg, chosen, _ = choose_and_calibrate(fitted, device, images, images.val_images(), model_cfg, config)
+        model_cfg, chosen, _, _ = choose_and_calibrate(fitted, device, images, images.val_images(), model_cfg, config)
     spec = ImageScore(model_cfg.image_score, model_cfg.topk)  # type: ignore[arg-type]
     samples = test_samples(DATASETS[ds])
     test = score_samples(fitted.amap, samples, images.geometry, device, spec, progress=False)

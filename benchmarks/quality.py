@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.1, help="paper: 0.4 at batch 32; scaled linearly")
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), stride4 (a stride-4 patch grid), stride4_bank (the same, the default's bank rows), mirrors (the bank and the map averaged over the hv mirrors), mirrors_bank (the same, the default's bank rows), "
-                    "search (--search-settings), stpm")
+                    "no_prior (the default without a position prior), search (--search-settings), stpm")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--students", default=None, help="'all' or a comma list of " + ", ".join(STUDENTS) +
                     ": the STPM student comparison instead of --configs")
@@ -155,7 +155,8 @@ def config_of(label: str, a: argparse.Namespace) -> TrainingOptions:
 queries; benchmarks/feature_taps.py); stride4_bank: the same with a quarter of the coreset ratio, so the bank keeps
 the default's rows; mirrors: the default with `--mirrors hv` (the bank also holds each good tile's three
 mirror images, a tile's map is averaged over its mirrors: 4x the patches, features and search); mirrors_bank: the
-same with a quarter of the coreset ratio, so the bank keeps about the default's rows; search: the same with `--search-settings`; stpm: STPM on the same default teacher with
+same with a quarter of the coreset ratio, so the bank keeps about the default's rows; no_prior: the default with
+`--position-prior off` (the image score never discounts a position prior); search: the same with `--search-settings`; stpm: STPM on the same default teacher with
     the ResNet18 student (it beat the same-family student, quality_256px) and a short schedule (--epochs,
     --batch-size, --lr)."""
     model, train, tiling = ModelOptions(), TrainOptions(device=a.device), TilingOptions()
@@ -169,6 +170,8 @@ same with a quarter of the coreset ratio, so the bank keeps about the default's 
             model = ModelOptions(layers=layer_candidates(ModelOptions().backbone)[-1], coreset_ratio=ratio)
         else:
             model = ModelOptions(mirrors="hv", coreset_ratio=ratio)
+    elif label == "no_prior":
+        model = ModelOptions(position_prior="off")
     elif label == "search":
         train = TrainOptions(device=a.device, search_settings=True)
     elif label == "stpm":
@@ -176,7 +179,7 @@ same with a quarter of the coreset ratio, so the bank keeps about the default's 
         train = TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device)
     elif label != "default":
         raise SystemExit(f"unknown config {label!r}: default, lite2, x2, stride4, stride4_bank, mirrors, "
-                         "mirrors_bank, search or stpm")
+                         "mirrors_bank, no_prior, search or stpm")
     return TrainingOptions(model=model, train=train, tiling=tiling, calibration=CalibrationOptions())
 
 

@@ -229,9 +229,23 @@ def _good_medians(row: dict[str, Any]) -> str:
             f"test/good {q(test_good)}")
 
 
+def _prior(row: dict[str, Any]) -> str:
+    """The position prior's choice (stpm.training.position_prior), where the run recorded one."""
+    pr = (row.get("selection") or {}).get("position_prior")
+    if not pr:
+        return ""
+    if "synthetic_image_auroc_with" not in pr:
+        return f"; no position prior ({pr['reason']})"
+    verdict = "kept" if pr["chosen"] else "not kept"
+    return (f"; position prior {verdict} ({pr['mode']}: synthetic image AUROC {pr['synthetic_image_auroc_without']:.4f}"
+            f" without, {pr['synthetic_image_auroc_with']:.4f} with, from {pr['n_images']} out-of-fold maps on a "
+            f"{pr['grid'][0]} x {pr['grid'][1]} grid)")
+
+
 def _chosen(row: dict[str, Any]) -> str:
-    """One quality row's choice: resolution and layers (stpm.training.settings), sigma and image score."""
-    tail = f"sigma {row['sigma']:g}, image score {row['image_score']}"
+    """One quality row's choice: resolution and layers (stpm.training.settings), sigma and image score, and the
+    position prior."""
+    tail = f"sigma {row['sigma']:g}, image score {row['image_score']}{_prior(row)}"
     st = row.get("settings")
     if not st:
         fixed = "default" if row.get("config", "default") == "default" else f"the {row['config']} config's"

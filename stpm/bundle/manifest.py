@@ -18,13 +18,13 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from stpm.bundle.calibration import Calibration
 from stpm.bundle.errors import MalformedBundleError
 from stpm.bundle.files import manifest_digest, read_manifest
 from stpm.imaging.geometry import Geometry
-from stpm.imaging.scores import ImageScore
+from stpm.imaging.scores import ImageScore, PositionPrior
 
 LEGACY_METHOD = "stpm"  # bundles written before PatchCore have no model.method
 
@@ -46,6 +46,21 @@ class ModelRecord(BaseModel):
     @property
     def score_spec(self) -> ImageScore:
         return ImageScore(self.image_score, float(self.topk))  # type: ignore[arg-type]
+
+
+class PriorRecord(BaseModel):
+    """manifest["position_prior"]: what good images score per position (stpm.imaging.scores.PositionPrior),
+    discounted from every map before its image score; with how training estimated it."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    grid: tuple[int, int]
+    values: list[float]
+
+    @model_validator(mode="after")
+    def _shape(self) -> PriorRecord:
+        PositionPrior.from_record({"grid": self.grid, "values": self.values})  # size, finiteness
+        return self
 
 
 class FileRecord(BaseModel):
@@ -87,6 +102,7 @@ class Manifest(BaseModel):
     exports: ExportsRecord | None = None
     library_versions: dict[str, str] = {}
     teacher_weights_source: str | None = None
+    position_prior: PriorRecord | None = None  # absent: the image score is the map's own
 
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -135,7 +151,12 @@ class Manifest(BaseModel):
 
     @property
     def image_score(self) -> ImageScore:
-        return self.model.score_spec
+        """How an image score comes from a stitched map: the method, top-k and position prior recorded."""
+        spec = self.model.score_spec
+        if self.position_prior is None:
+            return spec
+        prior = PositionPrior.from_record({"grid": self.position_prior.grid, "values": self.position_prior.values})
+        return ImageScore(spec.method, spec.topk, prior)
 
     @property
     def export_files(self) -> dict[str, FileRecord]:
@@ -150,4 +171,4 @@ class Manifest(BaseModel):
         return copy.deepcopy(self._raw)
 
 
-__all__ = ["ExportsRecord", "FileRecord", "LEGACY_METHOD", "Manifest", "ModelRecord"]
+__all__ = ["ExportsRecord", "FileRecord", "LEGACY_METHOD", "Manifest", "ModelRecord", "PriorRecord"]

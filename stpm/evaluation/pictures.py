@@ -62,7 +62,7 @@ def _case_grid(out_dir: Path, name: str, title: str, idx: np.ndarray, result: di
         raw = result["scores"][i]
         row[0].imshow(im)
         row[0].set_title(f"{samples[i].defect}/{samples[i].path.name}", fontsize=size)
-        row[1].imshow(_overlay(im, cal.normalise(result["maps"][i])))
+        row[1].imshow(_overlay(im, cal.normalise(result["maps"][i] - result.get("map_offset", 0.0))))
         row[1].set_title(f"score {float(cal.normalise(raw)):.2f}\n(raw {raw:.3g})", fontsize=size)
         row[2].imshow(result["masks"][i], cmap="gray", vmin=0, vmax=1)
         row[2].set_title("ground truth", fontsize=size)

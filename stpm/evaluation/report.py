@@ -43,6 +43,7 @@ def score_samples(
     masks = [load_mask(s.mask, (p.h, p.w)) for s, p in zip(samples, tiled.plans)]
     labels = np.array([s.label for s in samples])
     return {"maps": maps, "scores": image_scores(maps, spec), "masks": masks, "labels": labels,
+            "map_offset": spec.map_offset,
             "plans": tiled.plans}
 
 

@@ -152,7 +152,7 @@ def check_parity(graphs: list[Graph], paths: dict[str, Path], tiled: TiledImages
     scorer = next(g for g in graphs if g.file == SCORER_ONNX)
     ref = torch_reference(scorer.module, tiled)
     got = ort_outputs(cpu_session(paths[SCORER_ONNX]), tiled)
-    parity = parity_report(ref, got, calibration, atol)  # per tile
+    parity = parity_report(ref, got, calibration, atol, manifest.image_score.map_offset)  # per tile
     parity["n_tiles"], parity["n_images"] = parity["n_images"], len(tiled)
     parity["images"] = image_parity(stitch_all(ref[0], tiled), stitch_all(got[0], tiled),
                                     manifest.image_score, calibration, atol)
@@ -297,7 +297,8 @@ def _export_fp16(amap: nn.Module, manifest: Manifest, bundle_dir: Path, tiled: T
         out["parity"] = None
         out["parity_note"] = f"not measurable on ONNX Runtime CPU here ({type(e).__name__}); measure on a GPU"
         return out
-    out["parity"] = {**parity_report(ref, got, calibration, atol), "provider": "CPUExecutionProvider",
+    out["parity"] = {**parity_report(ref, got, calibration, atol, manifest.image_score.map_offset),
+                     "provider": "CPUExecutionProvider",
                      "reference": "torch fp32"}
     if not out["parity"]["ok"]:  # recorded, not shipped: Scorer(precision="fp16") then refuses the bundle
         path.unlink(missing_ok=True)

@@ -116,14 +116,15 @@ def _flips(r0: np.ndarray, r1: np.ndarray, s0: np.ndarray, s1: np.ndarray, calib
 
 
 def parity_report(ref: tuple[np.ndarray, np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray, np.ndarray],
-                  calibration: Calibration, atol: float) -> dict[str, Any]:
+                  calibration: Calibration, atol: float, map_offset: float = 0.0) -> dict[str, Any]:
     """Compare per-tile (map, raw, score) triples; differences in raw and normalised units, decisions.
     Maps are compared as the user gets them: normalised and clipped to [0, 1] (a PatchCore distance far
     below the good scores' floor is numerically unstable near 0 and is shown as 0 by both engines);
-    `max_abs_map_raw_x_scale` keeps the unclipped difference for the record."""
+    `max_abs_map_raw_x_scale` keeps the unclipped difference for the record. map_offset: what maps are
+    lowered by before they are shown (ImageScore.map_offset: a bundle with a position prior)."""
     (m0, r0, s0), (m1, r1, s1) = ref, got
     d_map, d_raw, d_score = _max_abs(m0, m1), _max_abs(r0, r1), _max_abs(s0, s1)
-    d_seen = _max_abs(calibration.normalise(m0), calibration.normalise(m1))
+    d_seen = _max_abs(calibration.normalise(m0 - map_offset), calibration.normalise(m1 - map_offset))
     flips, borderline = _flips(r0, r1, s0, s1, calibration, atol)
     report = {
         "n_images": len(r0),
@@ -148,7 +149,9 @@ def image_parity(ref_maps: Sequence[np.ndarray], got_maps: Sequence[np.ndarray],
     """Compare stitched per-image maps and the image scores the manifest's score function gives."""
     r0, r1 = image_scores(ref_maps, spec), image_scores(got_maps, spec)
     d_map = max(_max_abs(a, b) for a, b in zip(ref_maps, got_maps))
-    d_seen = max(_max_abs(calibration.normalise(a), calibration.normalise(b)) for a, b in zip(ref_maps, got_maps))
+    shown = spec.map_offset  # maps as the runtime shows them
+    d_seen = max(_max_abs(calibration.normalise(a - shown), calibration.normalise(b - shown))
+                 for a, b in zip(ref_maps, got_maps))
     flips, borderline = _flips(r0, r1, calibration.normalise(r0), calibration.normalise(r1), calibration, atol)
     out = {
         "n_images": len(r0),

@@ -39,6 +39,7 @@ Backbone = Literal[BACKBONE_NAMES]  # type: ignore[valid-type]  (the table in st
 Combine = Literal["product", "sum"]
 ThresholdMethod = Literal["target_fpr", "synthetic_f1", "max_margin", "quantile"]
 ImageScoreMethod = Literal["max", "topk_mean", "auto"]
+PositionPriorMode = Literal["auto", "on", "off"]
 TilingMode = Literal["tile", "squash"]
 SmallImages = Literal["pad", "upscale"]
 Mirrors = Literal[MIRROR_NAMES]  # type: ignore[valid-type]  (the table in stpm.methods.patchcore.spec)
@@ -110,6 +111,11 @@ class ModelOptions(Section):
                                            "good images)")
     topk: float = option(0.01, "for topk_mean: < 1 a fraction of the map's pixels, >= 1 a number of pixels",
                          gt=0, le=1_000_000)
+    position_prior: PositionPriorMode = option(
+        "auto", "discount what good images score at each position of the image (relative to its size) before "
+        "the image score: for parts in a fixed framing whose good images all score high somewhere (an edge, a rim); "
+        "auto: where it raises the synthetic image AUROC of the held-out good images (estimated from the "
+        "training images scored out of fold, so patchcore only)")
     # The bank: the paper's 1 % of the patches (at least MIN_BANK rows, at most bank_size): the floor on bottle and
     # metal plate, more rows on KolektorSDD's larger set; within 0.005 image and pixel AUROC of the former 10 % /
     # 16384-row bank on each, where a fixed 2048-row cap was not (docs/BENCHMARKS.md, "Memory-bank size").

@@ -164,7 +164,8 @@ class Scorer:
         self.threshold: float = self.calibration.threshold
         self.low: float = self.calibration.low
         # format 1 (and squash + max): one tile per image, whose graph score is the image's score
-        self._graph_score = self.geometry.mode == "squash" and self.image_score.method == "max"
+        self._graph_score = (self.geometry.mode == "squash" and self.image_score.method == "max"
+                             and self.image_score.prior is None)
 
     def _verify_files(self) -> None:
         """Every scorer graph the backend choice may load matches its sha256 in the manifest, before any is parsed."""
@@ -282,7 +283,7 @@ class Scorer:
         if self._graph_score:
             raw, score = progress.raw[0], progress.scores[0]
         else:
-            raw = image_score(amap, self.image_score)
+            raw = image_score(amap, self.image_score)  # less the position prior, if the bundle has one
             score = float(self.normalise(np.float32(raw)))
         r = ScoreResult(
             name=p.name, raw_score=raw, score=score, is_anomaly=bool(self.calibration.is_anomaly(raw)),
@@ -314,7 +315,7 @@ class Scorer:
                     size = r.scaled_size
                 else:
                     size = (int(map_size[0]), int(map_size[1]))
-                nmap = render.resize_map(self.normalise(sc.amap), size)
+                nmap = render.resize_map(self.normalise(sc.amap - self.image_score.map_offset), size)
                 if map_size is not None:
                     r.anomaly_map = nmap
                 if overlay:

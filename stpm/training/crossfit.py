@@ -36,11 +36,14 @@ def fold_labels(n_train: int, folds: int, seed: int) -> np.ndarray | None:
 
 
 def out_of_fold_scores(fitted: Fitted, train: TiledImages, labels: np.ndarray, device: torch.device,
-                       spec: ImageScore, batch_size: int,
-                       on_fold: Callable[[int, int], None] | None = None) -> np.ndarray:
+                       spec: ImageScore | Callable[[int], ImageScore], batch_size: int,
+                       on_fold: Callable[[int, int], None] | None = None,
+                       on_maps: Callable[[np.ndarray, list[np.ndarray]], None] | None = None) -> np.ndarray:
     """Each training image's score [n_train] under the model fitted without its fold (Fitted.without_fold,
     with the smoothing model selection chose), computed as the held-out images' are (stitched maps, the
-    chosen image score)."""
+    chosen image score). `spec` may differ per fold (a function of the fold: a position prior estimated
+    without that fold); `on_maps(indices, maps)` sees each fold's stitched maps (the position prior's
+    estimate) before they are dropped."""
     if fitted.without_fold is None:
         raise ValueError("this method offers no fit without a fold")
     scores = np.full(len(train), np.nan)
@@ -48,7 +51,9 @@ def out_of_fold_scores(fitted: Fitted, train: TiledImages, labels: np.ndarray, d
     for fold in range(k):
         idx = np.flatnonzero(labels == fold)
         maps = predict_maps(tile_fn(fitted.without_fold(fold), device), train.subset(idx.tolist()), batch_size)
-        scores[idx] = image_scores(maps, spec)
+        scores[idx] = image_scores(maps, spec(fold) if callable(spec) else spec)
+        if on_maps is not None:
+            on_maps(idx, maps)
         if on_fold is not None:
             on_fold(fold + 1, k)
     log.info("out-of-fold scores of %d training images in %d folds: median %.4g, max %.4g", len(scores), k,

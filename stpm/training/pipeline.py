@@ -1,5 +1,6 @@
 """The whole training job: good images -> tiles -> method.fit -> model selection on synthetic anomalies ->
-calibration on held-out good images -> (ONNX export) -> an atomically published bundle version.
+the position prior (from the training images scored out of fold) -> calibration on held-out good images and
+those out-of-fold scores -> (ONNX export) -> an atomically published bundle version.
 
 Shared by `stpm train`, `stpm.train` and the service's training worker, so all produce identical bundles.
 Each step is a function below; `run_training` reads top to bottom.
@@ -26,7 +27,7 @@ from stpm.methods import registry
 from stpm.methods.base import FitData, FitRun, Fitted, ProgressFn, TrainingStopped
 from stpm.methods.maps import MapModule
 from stpm.options import AUTO, ModelOptions, TrainingOptions, to_dict, updated
-from stpm.training import settings
+from stpm.training import position_prior, settings
 from stpm.training.calibration import calibrate
 from stpm.training.crossfit import fold_labels, out_of_fold_scores
 from stpm.training.data import good_train_dir, list_images, load_training_tiles
@@ -117,45 +118,97 @@ def choose_settings(data: str | Path | list[Path], images: GoodImages, model_cfg
     return config, model_cfg, images, choice.report
 
 
-def out_of_fold(fitted: Fitted, device: torch.device, images: GoodImages, folds: np.ndarray, spec: ImageScore,
-                config: TrainingOptions, run: FitRun | None) -> tuple[np.ndarray, dict[str, Any]]:
+KEEP_OOF_MAPS_BYTES = 256 << 20  # out-of-fold maps kept for rescoring under a prior (else scored again)
+
+
+@dataclass
+class OutOfFold:
+    """The training images' out-of-fold scores, their maps on the position prior's grid, and what
+    calibration.source records of them. `maps` holds the stitched maps while they fit KEEP_OOF_MAPS_BYTES."""
+
+    scores: np.ndarray
+    grids: np.ndarray
+    facts: dict[str, Any]
+    maps: list[np.ndarray | None]
+
+
+def out_of_fold(fitted: Fitted, device: torch.device, images: GoodImages, folds: np.ndarray,
+                spec: ImageScore | Callable[[int], ImageScore], config: TrainingOptions, run: FitRun | None,
+                grid: tuple[int, int], keep_bytes: int = KEEP_OOF_MAPS_BYTES,
+                phase: str = "calibration (out-of-fold scores)") -> OutOfFold:
     """The training images' out-of-fold scores (stpm.training.crossfit), with progress and cancellation;
-    -> (scores, what calibration.source records of them)."""
+    their maps reduced to `grid`, and the maps themselves while they fit in `keep_bytes`."""
 
     def on_fold(done: int, total: int) -> None:
         if run is not None:
             run.check_stop()
-            run.report({"phase": "calibration (out-of-fold scores)", "epoch": 1, "epochs": 1, "step": done,
-                        "steps": total})
+            run.report({"phase": phase, "epoch": 1, "epochs": 1, "step": done, "steps": total})
+
+    grids = np.zeros((len(images.train_idx), *grid), dtype=np.float32)
+    kept: list[np.ndarray | None] = [None] * len(images.train_idx)
+    budget = [keep_bytes]
+
+    def on_maps(idx: np.ndarray, maps: list[np.ndarray]) -> None:
+        for i, m in zip(idx, maps):
+            grids[i] = position_prior.to_grid(m, grid)
+            if budget[0] >= m.nbytes:
+                kept[i], budget[0] = m, budget[0] - m.nbytes
 
     t0 = time.monotonic()
-    scores = out_of_fold_scores(fitted, images.train, folds, device, spec, config.train.batch_size, on_fold)
-    return scores, {"images": "held-out good images, and the training images scored out of fold",
-                    "n_held_out": len(images.val_idx), "n_out_of_fold": len(scores), "folds": int(folds.max()) + 1,
-                    "seconds": round(time.monotonic() - t0, 2)}
+    scores = out_of_fold_scores(fitted, images.train, folds, device, spec, config.train.batch_size, on_fold, on_maps)
+    facts = {"images": "held-out good images, and the training images scored out of fold",
+             "n_held_out": len(images.val_idx), "n_out_of_fold": len(scores), "folds": int(folds.max()) + 1,
+             "seconds": round(time.monotonic() - t0, 2)}
+    return OutOfFold(scores, grids, facts, kept)
+
+
+def rescored_out_of_fold(oof: OutOfFold, fitted: Fitted, device: torch.device, images: GoodImages,
+                         folds: np.ndarray, spec: ImageScore, config: TrainingOptions, run: FitRun | None) -> np.ndarray:
+    """The out-of-fold scores again, each fold's under the position prior estimated without that fold: from
+    the kept maps, or (where they did not all fit in memory) by scoring the folds again."""
+    specs = {int(f): ImageScore(spec.method, spec.topk, position_prior.leave_fold_out(oof.grids, folds, int(f)))
+             for f in np.unique(folds)}
+    if all(m is not None for m in oof.maps):
+        return np.array([image_scores([m], specs[int(f)])[0] for m, f in zip(oof.maps, folds)])
+    gh, gw = oof.grids.shape[1:]
+    return out_of_fold(fitted, device, images, folds, lambda f: specs[f], config, run, (int(gh), int(gw)),
+                       keep_bytes=0, phase="calibration (position prior)").scores
 
 
 def choose_and_calibrate(fitted: Fitted, device: torch.device, images: GoodImages, val_images: list[np.ndarray],
                          model_cfg: ModelOptions, config: TrainingOptions, folds: np.ndarray | None = None,
-                         run: FitRun | None = None) -> tuple[ModelOptions, Selection, Calibration]:
-    """Model selection on synthetic anomalies of the held-out good images, then the threshold from their
-    scores as the runtime computes them (stitched maps, the chosen image score), joined by the training
-    images' out-of-fold scores where the method offers them (`folds`: stpm.training.crossfit)."""
+                         run: FitRun | None = None
+                         ) -> tuple[ModelOptions, Selection, Calibration, position_prior.PriorChoice]:
+    """Model selection on synthetic anomalies of the held-out good images, then the position prior (from the
+    training images' out-of-fold maps, where the method offers them: `folds`, stpm.training.crossfit), then
+    the threshold from their scores as the runtime computes them (stitched maps, the chosen image score),
+    joined by the out-of-fold scores."""
     chosen = select(fitted.amap.to(device), device, images.val, val_images, images.geometry, model_cfg,
                     config.train.seed, config.train.batch_size)
     model_cfg = updated(model_cfg, sigma=chosen.chosen.sigma, image_score=chosen.chosen.image_score)
     spec = ImageScore(model_cfg.image_score, model_cfg.topk)  # type: ignore[arg-type]
-    good = image_scores(chosen.good_maps, spec)
     source = {"kind": "training", "images": "held-out good images of the training data",
               "synthetic": f"{PER_IMAGE} synthetic anomalies of each (model selection's)"}
+    oof = None
     if folds is not None and fitted.without_fold is not None:
-        oof, facts = out_of_fold(fitted, device, images, folds, spec, config, run)
-        good = np.r_[good, oof]
-        source.update(facts)
+        grid = position_prior.grid_for([(p.h, p.w) for p in images.train.plans + images.val.plans])
+        keep = 0 if model_cfg.position_prior == "off" else KEEP_OOF_MAPS_BYTES  # kept to rescore under a prior
+        oof = out_of_fold(fitted, device, images, folds, spec, config, run, grid, keep)
+        source.update(oof.facts)
+    prior = position_prior.choose(model_cfg.position_prior, None if oof is None else oof.grids, chosen.good_maps,
+                                  chosen.synthetic_maps, spec)
+    chosen.report["position_prior"] = prior.report
+    model_cfg = updated(model_cfg, position_prior="on" if prior.prior is not None else "off")
+    good = image_scores(chosen.good_maps, ImageScore(spec.method, spec.topk, prior.prior))
+    if oof is not None:
+        oof_scores = oof.scores if prior.prior is None else rescored_out_of_fold(
+            oof, fitted, device, images, folds, spec, config, run)
+        good = np.r_[good, oof_scores]
+    spec = ImageScore(spec.method, spec.topk, prior.prior)
     source["n_images"] = len(good)
     cal = calibrate(good, config.calibration, image_scores(chosen.synthetic_maps, spec), chosen.synthetic_kinds,
                     source)
-    return model_cfg, chosen, cal
+    return model_cfg, chosen, cal, prior
 
 
 def training_record(config: TrainingOptions, fitted: Fitted, device: torch.device, chosen: Selection,
@@ -239,12 +292,12 @@ def run_training(
         epochs = fitted.record.get("epochs_run", 0)
         run.report({"phase": "selection and calibration", "epoch": epochs, "epochs": epochs})
         val_images = images.val_images()
-        model_cfg, chosen, cal = choose_and_calibrate(fitted, device, images, val_images, model_cfg, config, folds,
-                                                      run)
+        model_cfg, chosen, cal, prior = choose_and_calibrate(fitted, device, images, val_images, model_cfg, config,
+                                                             folds, run)
         manifest = build_manifest(name, model_cfg, cal, fitted.teacher_source,
                                   training_record(config, fitted, device, chosen, setting_report),
                                   data_record(images),
-                                  images.geometry)
+                                  images.geometry, prior.prior)
         version, path = publish(models_dir, fitted, manifest, val_images[:PARITY_IMAGES], export, should_stop)
     return TrainOutcome(version, path, fitted, cal, images.skipped)
 

@@ -11,6 +11,7 @@ from stpm import bundle
 from stpm.bundle.calibration import Calibration
 from stpm.bundle.manifest import Manifest
 from stpm.imaging.geometry import Geometry
+from stpm.imaging.scores import PositionPrior
 from stpm.methods import registry
 from stpm.methods.loading import save_map
 from stpm.methods.maps import MapModule
@@ -18,12 +19,15 @@ from stpm.options import AUTO, ModelOptions, to_dict, updated
 
 
 def concrete(model_cfg: ModelOptions) -> ModelOptions:
-    """What a manifest records: settings model selection left open (sigma None, image score "auto") get the
-    method's defaults (its first candidate sigma, the map maximum) when no selection chose them."""
+    """What a manifest records: settings model selection left open (sigma None, image score and position prior
+    "auto") get the method's defaults (its first candidate sigma, the map maximum, no prior) when no selection
+    chose them."""
     if model_cfg.sigma is None:
         model_cfg = updated(model_cfg, sigma=registry.spec(model_cfg.method).default_sigma)
     if model_cfg.image_score == AUTO:
         model_cfg = updated(model_cfg, image_score="max")
+    if model_cfg.position_prior == AUTO:
+        model_cfg = updated(model_cfg, position_prior="off")
     return model_cfg
 
 
@@ -35,8 +39,10 @@ def build_manifest(
     training: dict[str, Any],
     data: dict[str, Any],
     geometry: Geometry | None = None,
+    position_prior: PositionPrior | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a new bundle (validated as a Manifest). geometry None: squash to model.image_size."""
+    """The manifest of a new bundle (validated as a Manifest). geometry None: squash to model.image_size;
+    position_prior: what the image score discounts (stpm.training.position_prior), if anything."""
     model_cfg = concrete(model_cfg)
     geometry = geometry or Geometry.squash(model_cfg.image_size)
     raw = {
@@ -53,6 +59,10 @@ def build_manifest(
         "files": {},
         "library_versions": bundle.library_versions(),
     }
+    if position_prior is not None:
+        raw["position_prior"] = {**position_prior.to_record(),
+                                 "estimate": "the mean of the training images' out-of-fold maps on this grid "
+                                             "(training.selection.position_prior)"}
     Manifest.parse(raw, f"{name} (new)")  # every manifest written is one every reader parses
     return raw
 
