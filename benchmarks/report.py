@@ -84,6 +84,7 @@ BLOCKS: dict[str, Block] = {
     "quality_stride4": Block("benchmarks/quality.py", "quality_stride4.json", both_markdown),
     "quality_mirrors": Block("benchmarks/quality.py", "quality_mirrors.json", both_markdown),
     "quality_prior": Block("benchmarks/quality.py", "quality_prior.json", both_markdown),
+    "quality_prior_mixed": Block("benchmarks/quality.py", "quality_prior_mixed.json", both_markdown),
     "quality_lite2": Block("benchmarks/quality.py", "quality_lite2.json", both_markdown),
     "calibration_estimators": Block("benchmarks/calibration_estimators.py", "calibration_estimators.json",
                                     estimators_markdown),
