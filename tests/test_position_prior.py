@@ -154,6 +154,8 @@ def test_the_manifest_carries_the_prior_into_the_image_score():
         Manifest.parse(_manifest_with({"grid": [2, 2], "values": [1.0, 2.0, 3.0]}))
     with pytest.raises(MalformedBundleError, match="position_prior"):
         Manifest.parse(_manifest_with({"grid": [2, 2]}))
+    with pytest.raises(MalformedBundleError, match="position_prior: .*at least 1 x 1, got -2 x -2"):
+        Manifest.parse(_manifest_with({"grid": [-2, -2], "values": [1.0, 2.0, 3.0, 4.0]}))
 
 
 def _plates_with_prior(n: int, size: int, score: str):
@@ -208,6 +210,18 @@ def test_a_trained_prior_is_the_one_the_runtime_and_calibration_use(tmp_path):
     np.testing.assert_allclose(shown, s.normalise(scored[0].amap - s.image_score.map_offset), atol=1e-6)
     assert m["exports"]["parity"]["images"]["ok"]
     assert len(m["calibration"]["good_scores"]) == 10
+
+    # `stpm eval` scores the labelled test images with the same prior and says so
+    import torch
+
+    from stpm.evaluation.report import evaluate
+    from stpm.methods.loading import load_map
+
+    amap, man = load_map(out.path)
+    report = evaluate(amap, man, require(METAL_PLATE), torch.device("cpu"), None, progress=False)
+    assert report["position_prior"] == [16, 16]
+    for row in report["per_image"][::20]:  # torch's scores with the prior are the ONNX scorer's
+        assert row["raw_score"] == pytest.approx(s.score([row["file"]])[0].raw_score, abs=2e-3)
 
 
 @pytest.mark.slow

@@ -148,7 +148,9 @@ def evaluate(
                         [s.defect for s in samples], cal.threshold)
     report: dict[str, Any] = {
         "model": manifest.ref, "data": str(data), "image_size": manifest.model.image_size,
-        "tiling": geometry.to_dict(), "image_score": spec.method, "threshold": cal.threshold, "metrics": m,
+        "tiling": geometry.to_dict(), "image_score": spec.method,
+        "position_prior": None if spec.prior is None else list(spec.prior.grid),  # discounted from the image score
+        "threshold": cal.threshold, "metrics": m,
         "decision": {**decision(cal, m["overall"]),
                      "operating_points": operating_points(cal, result["labels"], result["scores"])},
         "per_image": [{"file": str(s.path), "defect": s.defect, "raw_score": float(sc),

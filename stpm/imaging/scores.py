@@ -87,6 +87,8 @@ class PositionPrior:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> PositionPrior:
         gh, gw = (int(x) for x in record["grid"])
+        if gh < 1 or gw < 1:
+            raise ValueError(f"a position prior's grid must be at least 1 x 1, got {gh} x {gw}")
         values = np.asarray(record["values"], dtype=np.float32)
         if values.size != gh * gw:
             raise ValueError(f"a {gh} x {gw} position prior needs {gh * gw} values, got {values.size}")
