@@ -135,8 +135,8 @@ def discounted(amap: np.ndarray, spec: ImageScore) -> np.ndarray:
 
 
 def image_score(amap: np.ndarray, spec: ImageScore = ImageScore()) -> float:
-    """An image's score from its map (any shape). The one function evaluation, calibration and the
-    runtime use, so they agree."""
+    """An image's score from its map (any shape; [h, w] where the spec has a position prior). The one
+    function evaluation, calibration and the runtime use, so they agree."""
     if np.size(amap) == 0:
         raise ValueError("empty map")
     v = discounted(amap, spec).ravel()
