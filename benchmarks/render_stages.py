@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/render_stages.py --out benchmarks/results/render_stages.json
 
-decode (stpm.imaging.decode.decode_image), the 256 -> 512 map resize, the Turbo overlay blend (OpenCV, and
+decode (stpm.imaging.decode.decode_image), the input's resize to the model's scale (half, as on bottle), the
+256 -> 512 map resize, the Turbo overlay blend (OpenCV, and
 Pillow's for comparison), and the overlay's
 encoding as PNG / JPEG / WebP (stpm.render; PNG also with Python's zlib, the deflate without isal). Prints JSON; with --out, also writes it with the command, the
 CPU and its flags, and the load average at the start.
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stpm.imaging import render  # noqa: E402
-from stpm.imaging.decode import decode_image  # noqa: E402
+from stpm.imaging.decode import decode_image, resize_rgb  # noqa: E402
 
 
 def cpu_ms(fn, n: int = 20) -> float:
@@ -55,6 +56,7 @@ def main() -> int:
     jpegs = [render.encode(decode_image(d), "jpeg") for d in data]  # the same images as JPEG (quality 90)
     out = {"image": f"{rgb.shape[1]}x{rgb.shape[0]} PNG", "decode": cpu_ms(lambda i: decode_image(data[i % len(data)])),
            "decode_jpeg": cpu_ms(lambda i: decode_image(jpegs[i % len(jpegs)])),
+           "resize_input_to_half": cpu_ms(lambda i: resize_rgb(rgb, (rgb.shape[0] // 2, rgb.shape[1] // 2))),
            "resize_map_256_to_input": cpu_ms(lambda i: render.resize_map(small, rgb.shape[:2])),
            "overlay_blend": cpu_ms(lambda i: render.overlay(rgb, big)),
            "overlay_blend_pillow": cpu_ms(lambda i: render.pillow_overlay(rgb, big))}

@@ -100,6 +100,7 @@ BLOCKS: dict[str, Block] = {
         "--int8-data ../shared/data/mvtec_ad_bottle_512/bottle --out benchmarks/results/speed-bottle-lite0-t1.json"),
     "png_encode": Block("benchmarks/png_encode.py", "png_encode.json", png_encode_markdown),
     "render_stages": Block("benchmarks/render_stages.py", "render_stages.json", render_stages_markdown),
+    "render_stages_zen5": Block("benchmarks/render_stages.py", "render_stages_zen5.json", render_stages_markdown),
     "load_default": Block("benchmarks/load.py", "load_default.json", load_markdown),
     "load_intra1": Block("benchmarks/load.py", "load_intra1.json", load_markdown),
     "load_sweep": Block("benchmarks/load.py", "load_sweep.json", sweep_markdown),

@@ -75,6 +75,8 @@ def png_encode_markdown(res: dict[str, Any]) -> str:
 
 RENDER_STAGES = (("decode", "decode the input PNG (stpm.imaging.decode: OpenCV)"),
                  ("decode_jpeg", "decode the same image as a JPEG, quality 90 (stpm.imaging.decode: simplejpeg)"),
+                 ("resize_input_to_half", "resize the input to the model's scale, here half (Pillow's antialiased "
+                  "bilinear, as training resizes)"),
                  ("resize_map_256_to_input", "resize the 256 px map to the input's size"),
                  ("overlay_blend", "colormap + blend (OpenCV)"), ("overlay_blend_pillow", "colormap + blend (Pillow)"),
                  ("encode_png", "encode the overlay, PNG (the default deflate)"),
