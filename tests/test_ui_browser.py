@@ -111,6 +111,34 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def framed_server(tmp_path_factory):
+    """A server holding one model whose image score discounts a position prior: PatchCore on a random teacher
+    (pretrained=False: what is shown, not how good it is) trained on twelve 64 px images with a bright rim."""
+    import numpy as np
+    from PIL import Image
+
+    from stpm.options import CalibrationOptions, ModelOptions, TrainingOptions, TrainOptions
+    from stpm.training.pipeline import run_training
+
+    root = tmp_path_factory.mktemp("ui-framed")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        a = rng.integers(90, 110, (64, 64, 3), dtype=np.uint8)
+        a[:, -8:] = 230  # the rim every good part has
+        paths.append(root / f"good{i:02d}.png")
+        Image.fromarray(a).save(paths[-1])
+    cfg = TrainingOptions(model=ModelOptions(backbone="resnet18", pretrained=False, image_size=64, sigma=4.0,
+                                             image_score="max", position_prior="on"),
+                          train=TrainOptions(device="cpu", val_fraction=0.25),
+                          calibration=CalibrationOptions(folds=3))
+    run_training(paths, "framed", root / "models", cfg, show_bar=False)
+    proc, url = start_uvicorn(root / "models", {"STPM_DATA_DIR": str(root / "data")})
+    yield url
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory):
     """A server with an API key and no model at all."""
     root = tmp_path_factory.mktemp("ui-key")
@@ -333,6 +361,17 @@ def test_models_tab_activate_and_delete(page, server):
     page.wait_for_selector("section.model[data-model='demo'] tr[data-version='v2']", state="detached")
     assert card.locator("tbody tr").count() == 1
     assert httpx.get(server + "/models/demo").json()["active_version"] == "v1"
+
+
+def test_models_tab_names_the_position_prior(page, framed_server):
+    page.goto(framed_server + "/#models")
+    v1 = page.locator("section.model[data-model='framed'] tr[data-version='v1']")
+    v1.wait_for()
+    v1.locator("summary:has-text('Calibration')").click()
+    v1.locator("dt:has-text('Image score')").wait_for()
+    text = v1.inner_text()
+    assert "max · less a position prior (8 × 8 grid)" in text  # 64 px maps in 8 px cells
+    assert "kept (on): synthetic image AUROC" in text and "from 9 out-of-fold images" in text  # 12 less 3 held out
 
 
 def test_train_tiny_job_from_a_folder_cancel_another(page, server, tmp_path):

@@ -859,6 +859,14 @@ async function loadVersionDetails(name, version, details) {
     if (cal.notes && cal.notes.length) add("Notes", cal.notes.join("; "));
     if (Object.keys(stats).length) add("Good scores", ["min", "median", "max"].filter((k) => k in stats).map((k) => `${k} ${fmtNum(stats[k])}`).join(" · "));
     const tr = man.training || {};
+    const mo = man.model || {};
+    const prior = man.position_prior;
+    add("Image score", mo.image_score ? mo.image_score + (mo.image_score === "topk_mean" ? ` (top ${fmtNum(mo.topk)})` : "")
+      + (prior && prior.grid ? ` · less a position prior (${prior.grid.join(" × ")} grid)` : "") : null);
+    const pp = (tr.selection || {}).position_prior;
+    if (pp && pp.synthetic_image_auroc_with != null) {
+      add("Position prior", `${pp.chosen ? "kept" : "not kept"} (${pp.mode}): synthetic image AUROC ${fmtNum(pp.synthetic_image_auroc_without)} without, ${fmtNum(pp.synthetic_image_auroc_with)} with, from ${pp.n_images} out-of-fold images`);
+    }
     add("Training", ["epochs", "best_epoch", "batch_size", "lr"].filter((k) => tr[k] != null).map((k) => `${k} ${typeof tr[k] === "number" ? fmtNum(tr[k]) : tr[k]}`).join(" · ") || null);
     const data = man.data || {};
     add("Data", data.n_images != null ? `${data.n_images} images` : (data.n_train != null ? `${data.n_train} train / ${data.n_val ?? "?"} val` : null));
