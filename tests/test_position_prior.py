@@ -13,18 +13,18 @@ from tests.conftest import METAL_PLATE, require
 
 from stpm.bundle.errors import MalformedBundleError
 from stpm.bundle.manifest import Manifest
-from stpm.imaging.scores import (PRIOR_SHAPES_CACHED, ImageScore, PositionPrior, bilinear, discounted, image_score,
-                                 image_scores)
+from stpm.imaging.scores import PRIOR_SHAPES_CACHED, ImageScore, PositionPrior, image_score, image_scores
 from stpm.training import position_prior as pp
 
 
-def test_bilinear_is_opencvs_linear_enlargement_and_keeps_constants():
+def test_the_prior_enlarges_as_opencvs_linear_resize_and_keeps_constants():
     cv2 = pytest.importorskip("cv2")
     a = np.random.default_rng(0).random((5, 7)).astype(np.float32)
     for shape in ((5, 7), (10, 14), (33, 20), (5, 40)):
         ref = cv2.resize(a, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
-        np.testing.assert_allclose(bilinear(a, shape), ref, atol=1e-5)
-    assert np.array_equal(bilinear(np.full((3, 4), 2.5, np.float32), (17, 9)), np.full((17, 9), 2.5, np.float32))
+        np.testing.assert_allclose(PositionPrior(a).at(shape), ref, atol=1e-5)
+    flat = PositionPrior(np.full((3, 4), 2.5, np.float32))
+    assert np.array_equal(flat.at((17, 9)), np.full((17, 9), 2.5, np.float32))
 
 
 def test_prior_record_round_trip_and_refusals():
@@ -60,12 +60,12 @@ def test_the_image_score_is_the_score_of_the_discounted_map():
         assert image_score(amap, with_flat) == pytest.approx(image_score(amap, plain) - 1.5, abs=1e-5)
     prior = PositionPrior(rng.random((5, 3)).astype(np.float32) * 4)
     spec = ImageScore("topk_mean", 0.05, prior)
-    d = discounted(amap, spec)
-    np.testing.assert_allclose(d, amap - bilinear(prior.values, amap.shape), atol=1e-6)
-    assert image_score(d, spec.plain) == image_score(amap, spec)
-    assert spec.plain.prior is None and ImageScore().plain == ImageScore()
+    cv2 = pytest.importorskip("cv2")
+    d = amap - prior.at(amap.shape)
+    ref = cv2.resize(prior.values, (amap.shape[1], amap.shape[0]), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(d, amap - ref, atol=1e-6)
+    assert image_score(d, ImageScore("topk_mean", 0.05)) == image_score(amap, spec)
     assert spec.map_offset == pytest.approx(float(prior.values.mean())) and ImageScore().map_offset == 0.0
-    assert np.array_equal(discounted(amap, ImageScore()), amap)
 
 
 def test_grid_and_its_area_means():
@@ -148,6 +148,7 @@ def test_the_manifest_carries_the_prior_into_the_image_score():
     m = Manifest.parse(_manifest_with({"grid": [2, 2], "values": [1.0, 2.0, 3.0, 4.0], "estimate": "a note"}))
     spec = m.image_score
     assert spec.prior is not None and spec.prior.grid == (2, 2) and spec.method == m.model.image_score
+    assert m.image_score.prior is spec.prior  # built once, when the manifest was read (and its resizes cached)
     plain = Manifest.parse({k: v for k, v in _manifest_with({}).items() if k != "position_prior"})
     assert plain.image_score.prior is None
     with pytest.raises(MalformedBundleError, match="position_prior"):
@@ -202,8 +203,8 @@ def test_a_trained_prior_is_the_one_the_runtime_and_calibration_use(tmp_path):
         plan = s.plan(*read_image(p).shape[:2])
         raw = stitch(s.infer(np.moveaxis(tiles(read_image(p), plan), -1, 1))[0], plan)
         np.testing.assert_array_equal(sc.amap, raw)  # the map is the model's own
-        assert sc.result.raw_score == pytest.approx(image_score(raw - prior.at(raw.shape), s.image_score.plain),
-                                                    abs=1e-6)
+        plain = ImageScore(s.image_score.method, s.image_score.topk)
+        assert sc.result.raw_score == pytest.approx(image_score(raw - prior.at(raw.shape), plain), abs=1e-6)
         assert sc.result.raw_score == pytest.approx(cal_score, abs=2e-3)  # ONNX vs torch, as the export's parity
     # shown on the threshold's scale less the prior's mean: a good part's heatmap keeps its level
     shown = s.render(scored[:1], map_size="model")[0].anomaly_map

@@ -57,10 +57,17 @@ class PriorRecord(BaseModel):
     grid: tuple[int, int]
     values: list[float]
 
+    _prior: PositionPrior = PrivateAttr()
+
     @model_validator(mode="after")
     def _shape(self) -> PriorRecord:
-        PositionPrior.from_record({"grid": self.grid, "values": self.values})  # size, finiteness
+        self._prior = PositionPrior.from_record({"grid": self.grid, "values": self.values})  # size, finiteness
         return self
+
+    @property
+    def prior(self) -> PositionPrior:
+        """The prior itself, built once when the manifest was read."""
+        return self._prior
 
 
 class FileRecord(BaseModel):
@@ -155,8 +162,7 @@ class Manifest(BaseModel):
         spec = self.model.score_spec
         if self.position_prior is None:
             return spec
-        prior = PositionPrior.from_record({"grid": self.position_prior.grid, "values": self.position_prior.values})
-        return ImageScore(spec.method, spec.topk, prior)
+        return ImageScore(spec.method, spec.topk, self.position_prior.prior)
 
     @property
     def export_files(self) -> dict[str, FileRecord]:

@@ -1,5 +1,5 @@
 """Image scores from anomaly maps: the one function evaluation, calibration and the runtime share.
-numpy only.
+numpy (and stpm.imaging.render's map resize, for a position prior).
 
 An image score may discount a position prior (`PositionPrior`): what good images score at each position of
 the image, in coordinates relative to the image's size, subtracted from the map before the maximum or the
@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from stpm.imaging.render import resize_map
+
 ScoreMethod = Literal["max", "topk_mean"]
 SCORE_METHODS: tuple[str, ...] = ("max", "topk_mean")
 
@@ -25,27 +27,11 @@ SCORE_METHODS: tuple[str, ...] = ("max", "topk_mean")
 PRIOR_SHAPES_CACHED = 64  # resized priors kept per PositionPrior (one per map size seen)
 
 
-def bilinear(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """float [gh, gw] -> float32 [h, w], bilinear on pixel centres (as OpenCV's INTER_LINEAR and torch's
-    align_corners=False), edges clamped. For enlarging a coarse grid to a map's size."""
-    a = np.asarray(a, dtype=np.float32)
-    h, w = int(shape[0]), int(shape[1])
-
-    def axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        c = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1.0)
-        i0 = np.floor(c).astype(np.int64)
-        return i0, np.minimum(i0 + 1, n_in - 1), (c - i0).astype(np.float32)
-
-    y0, y1, wy = axis(h, a.shape[0])
-    x0, x1, wx = axis(w, a.shape[1])
-    rows = a[y0] * (1.0 - wy)[:, None] + a[y1] * wy[:, None]
-    return rows[:, x0] * (1.0 - wx) + rows[:, x1] * wx
-
-
 @dataclass(frozen=True, eq=False)
 class PositionPrior:
     """What good images score at each position, on a grid over the image in relative coordinates: float32
-    [gh, gw], in the map's raw units. `at(shape)` is the grid enlarged to a map's size (cached per size)."""
+    [gh, gw], in the map's raw units. `at(shape)` is the grid resized to a map's size (bilinear,
+    stpm.imaging.render.resize_map; cached per size)."""
 
     values: np.ndarray
     _cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
@@ -71,7 +57,7 @@ class PositionPrior:
         key = (int(shape[0]), int(shape[1]))
         out = self._cache.get(key)
         if out is None:
-            out = bilinear(self.values, key)
+            out = resize_map(self.values, key)
             out.setflags(write=False)
             if len(self._cache) >= PRIOR_SHAPES_CACHED:
                 self._cache.pop(next(iter(self._cache)))
@@ -114,32 +100,21 @@ class ImageScore:
             raise ValueError(f"topk >= 1 counts pixels and must be a whole number, got {self.topk}")
 
     @property
-    def plain(self) -> ImageScore:
-        """The same score on a map the prior has already been taken from (`discounted`)."""
-        return self if self.prior is None else ImageScore(self.method, self.topk)
-
-    @property
     def map_offset(self) -> float:
         """What a map is lowered by before it is shown on the threshold's scale: the prior's mean (0 without),
         so a map keeps its level while the threshold is in discounted units."""
         return 0.0 if self.prior is None else self.prior.mean
 
 
-def discounted(amap: np.ndarray, spec: ImageScore) -> np.ndarray:
-    """A stitched map [h, w] less the spec's position prior at its size (the map itself without one): what
-    the image score is taken from, `image_score(map, spec) == image_score(discounted(map, spec), spec.plain)`."""
-    a = np.asarray(amap, dtype=np.float32)
-    if spec.prior is None:
-        return a
-    return a.reshape(a.shape[-2:]) - spec.prior.at(a.shape[-2:])
-
-
 def image_score(amap: np.ndarray, spec: ImageScore = ImageScore()) -> float:
     """An image's score from its map (any shape; [h, w] where the spec has a position prior). The one
     function evaluation, calibration and the runtime use, so they agree."""
-    if np.size(amap) == 0:
+    a = np.asarray(amap, dtype=np.float32)
+    if a.size == 0:
         raise ValueError("empty map")
-    v = discounted(amap, spec).ravel()
+    if spec.prior is not None:  # less what good images score at each position
+        a = a.reshape(a.shape[-2:]) - spec.prior.at(a.shape[-2:])
+    v = a.ravel()
     if spec.method == "max":
         return float(v.max())
     k = int(spec.topk) if spec.topk >= 1 else int(math.ceil(spec.topk * v.size))
@@ -152,5 +127,4 @@ def image_scores(maps: Sequence[np.ndarray], spec: ImageScore = ImageScore()) ->
     return np.array([image_score(m, spec) for m in maps], dtype=np.float64)
 
 
-__all__ = ["SCORE_METHODS", "ImageScore", "PositionPrior", "ScoreMethod", "bilinear", "discounted", "image_score",
-           "image_scores"]
+__all__ = ["SCORE_METHODS", "ImageScore", "PositionPrior", "ScoreMethod", "image_score", "image_scores"]

@@ -199,14 +199,14 @@ def choose_and_calibrate(fitted: Fitted, device: torch.device, images: GoodImage
                                   chosen.synthetic_maps, spec)
     chosen.report["position_prior"] = prior.report
     model_cfg = updated(model_cfg, position_prior="on" if prior.prior is not None else "off")
-    good = image_scores(chosen.good_maps, ImageScore(spec.method, spec.topk, prior.prior))
+    scored = ImageScore(spec.method, spec.topk, prior.prior)  # the held-out images': the prior of every fold
+    good = image_scores(chosen.good_maps, scored)
     if oof is not None:
         oof_scores = oof.scores if prior.prior is None else rescored_out_of_fold(
             oof, fitted, device, images, folds, spec, config, run)
         good = np.r_[good, oof_scores]
-    spec = ImageScore(spec.method, spec.topk, prior.prior)
     source["n_images"] = len(good)
-    cal = calibrate(good, config.calibration, image_scores(chosen.synthetic_maps, spec), chosen.synthetic_kinds,
+    cal = calibrate(good, config.calibration, image_scores(chosen.synthetic_maps, scored), chosen.synthetic_kinds,
                     source)
     return model_cfg, chosen, cal, prior
 
