@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import logging
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -76,7 +77,7 @@ def _calibrate_command(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("calibrate", help="publish a new version of a model with only its threshold changed: from "
                                          "new good images, or from the held-out scores it recorded")
-    p.add_argument("model", help="NAME, NAME/VERSION or a bundle folder")
+    p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, a bundle folder, or a model folder (its activated version)")
     p.add_argument("data", nargs="?", default=None,
                    help="good images the model has not seen (a folder, or an MVTec category: its train/good); "
                         "omitted: the held-out scores the model's calibration recorded")
@@ -89,7 +90,7 @@ def _calibrate_command(sub: argparse._SubParsersAction) -> None:
 
 def _eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on an MVTec-layout test set")
-    p.add_argument("model", help="NAME, NAME/VERSION or a bundle folder")
+    p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, a bundle folder, or a model folder (its activated version)")
     p.add_argument("data", help="MVTec category folder (uses test/ and ground_truth/)")
     _models_dir(p)
     p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ... (default auto)")
@@ -101,7 +102,7 @@ def _eval_command(sub: argparse._SubParsersAction) -> None:
 
 def _predict_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score images; write overlays and a JSON")
-    p.add_argument("model", help="NAME, NAME/VERSION or a bundle folder")
+    p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, a bundle folder, or a model folder (its activated version)")
     p.add_argument("images", nargs="+", help="image files or folders")
     _models_dir(p)
     p.add_argument("--device", default="auto", choices=PREDICT_DEVICES,
@@ -278,6 +279,42 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def overlay_stems(files: list[Path]) -> dict[Path, str]:
+    """A distinct overlay name per input file (keyed by its absolute path): its stem; where names collide, the
+    extension for files of one folder (000.png beside 000.jpg: 000_png, 000_jpg), the folders above it for
+    files of different folders (test/good/000.png beside test/crack/000.png: good__000, crack__000), and a
+    counter if that is not enough. The same file given twice has one name."""
+    unique = list(dict.fromkeys(f.absolute() for f in files))
+    level = dict.fromkeys(unique, 0)  # folders named above the stem
+    extension = dict.fromkeys(unique, False)
+
+    def name(f: Path) -> str:
+        up = f.parent.parts[1:]  # without the root
+        up = up[len(up) - min(level[f], len(up)):]
+        return "__".join([*up, f.stem]) + (f"_{f.suffix.lstrip('.')}" if extension[f] else "")
+
+    for _ in range(64):
+        names = {f: name(f) for f in unique}
+        groups: dict[str, list[Path]] = {}
+        for f in unique:
+            groups.setdefault(names[f], []).append(f)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        if not clashes:
+            return names
+        for group in clashes:
+            for f in group:
+                if not extension[f] and any(g.parent == f.parent for g in group if g != f):
+                    extension[f] = True
+                else:
+                    level[f] += 1
+    seen: Counter[str] = Counter()  # names that still collide after 64 rounds: number them
+    for f in unique:
+        seen[names[f]] += 1
+        if seen[names[f]] > 1:
+            names[f] += f"-{seen[names[f]]}"
+    return names
+
+
 def cmd_predict(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -293,6 +330,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     for item in a.images:
         p = Path(item)
         files.extend(sorted(q for q in p.iterdir() if is_image_path(q)) if p.is_dir() else [p])
+    names = overlay_stems(files)
     scorer = load(path, device=a.device, backend=a.backend, precision=a.precision)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -304,7 +342,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
             tqdm.write(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        overlay = out / f"{f.stem}_overlay.png"
+        overlay = out / f"{names[f.absolute()]}_overlay.png"
         overlay.write_bytes(r.overlay_image)
         results.append({"file": str(f), "raw_score": r.raw_score, "score": r.score, "is_anomaly": r.is_anomaly,
                         "threshold": r.threshold, "overlay": str(overlay)})

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,7 @@ def test_train_skip_bad_trains_publishes_and_reports(tmp_path, bottle_good, caps
     (["eval", "nosuchmodel", "."], "no model named 'nosuchmodel'"),
     (["eval", "../etc/passwd", "."], "invalid model"),
     (["export", "a/b/c"], "invalid model reference"),
+    (["export", "/nonexistent/models/x/v1"], "a bundle folder (with manifest.json) or a model folder"),
     (["train", "/nonexistent/folder", "--name", "x"], "does not exist"),
     (["train", ".", "--name", "../evil"], "invalid model name"),
 ])
@@ -85,6 +87,42 @@ def test_train_exports_and_predict_writes_overlays_and_json(tmp_path, bottle, bo
         assert 0.0 <= r["score"] <= 1.0 and r["is_anomaly"] == (r["raw_score"] >= r["threshold"])
         with Image.open(r["overlay"]) as im:
             assert im.size == (512, 512)  # overlays at the input's size
+    # both inputs are named 000.png: each keeps its own overlay (one used to overwrite the other)
+    assert defect.name == bottle_good[0].name
+    overlays = [r["overlay"] for r in report["results"]]
+    assert len(set(overlays)) == 2 and {Path(o).name for o in overlays} == {"broken_large__000_overlay.png",
+                                                                            "good__000_overlay.png"}
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == sorted(
+        [Path(o).name for o in overlays] + ["predictions.json"])
+
+
+def test_a_model_folder_path_scores_with_its_activated_version(tmp_path, bottle_good, capsys):
+    m = tmp_path / "m"
+    data = good_folder(tmp_path, bottle_good, 4)
+    for _ in range(2):  # v1 activated, v2 published beside it
+        assert main(["train", str(data), "--name", "p", "--models-dir", str(m), "--no-pretrained", "--method", "stpm",
+                     "--image-size", "32", "--epochs", "1", "--batch-size", "2", "--run-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    rc = main(["predict", str(m / "p"), str(data / bottle_good[0].name), "--out", str(tmp_path / "pred")])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "pred" / "predictions.json").read_text())["model"] == "p/v1"
+    (m / "q").mkdir()  # a folder with no versions is neither a model nor a bundle
+    assert main(["predict", str(m / "q"), str(data / bottle_good[0].name)]) == 2
+    assert "a model folder with published versions" in capsys.readouterr().err
+
+
+def test_overlay_names_are_distinct_and_short():
+    from stpm.cli import overlay_stems
+
+    def names(*paths: str) -> list[str]:
+        got = overlay_stems([Path(p) for p in paths])
+        return [got[Path(p).absolute()] for p in paths]
+
+    assert names("a/good/000.png", "a/crack/000.png", "x.png") == ["good__000", "crack__000", "x"]
+    assert names("d/000.png", "d/000.jpg") == ["000_png", "000_jpg"]
+    assert names("d/000.png", "./d/000.png") == ["000", "000"]  # one file given twice: one name
+    got = names("/x/good__000.png", "/x/good/000.png", "/y/000.png")  # a stem that looks like a folder name
+    assert len(set(got)) == 3
 
 
 def test_scoring_only_install_serves_without_torch():

@@ -150,10 +150,16 @@ def resolve(models_dir: str | Path, ref: str) -> Path:
 
 
 def locate(models_dir: str | Path, ref: str) -> Path:
-    """A bundle folder given as a path (it holds a manifest), else `resolve(models_dir, ref)`."""
+    """A bundle folder given as a path (it holds a manifest); a model's folder given as a path (models/NAME:
+    its activated version); else `resolve(models_dir, ref)`."""
     p = Path(ref)
     if (p / MANIFEST).is_file():
         return p
+    if len(p.parts) > 1 and p.is_dir() and NAME_RE.fullmatch(p.name) and list_versions(p.parent, p.name):
+        return resolve(p.parent, p.name)
+    if p.is_absolute() or len(p.parts) > 2:  # a path, not NAME or NAME/VERSION
+        raise BundleError(f"invalid model reference {ref!r}: expected NAME, NAME/VERSION, a bundle folder (with "
+                          f"{MANIFEST}) or a model folder with published versions")
     return resolve(models_dir, ref)
 
 

@@ -14,7 +14,7 @@ from stpm.bundle.manifest import Manifest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, or a bundle folder")
+    p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, a bundle folder, or a model folder (its activated version)")
     p.add_argument("--fp16", action="store_true", help="also write scorer_fp16.onnx (for GPUs)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--check-dir", default=None, help="folder of real images for the parity check")
