@@ -201,3 +201,40 @@ def test_the_assumed_family_keeps_its_fitted_threshold_with_many_scores():
     assert len(fitted) > 0.9 * len(cals), len(fitted)
     realised = ASSUMED_DIST.sf([c.threshold for c in cals])
     assert realised.mean() == pytest.approx(TARGET, rel=0.2), realised.mean()
+
+
+def test_a_far_largest_score_among_too_few_for_a_bound_sets_the_threshold_at_it():
+    """56 good scores (an STPM bundle's held-out images; a bound at 1 % needs 99) with a few odd parts: the
+    fitted threshold alone realises over twice the target. Where the largest score lies further out than
+    the family puts the largest of 56, the threshold is that score, and the bundle states its rate, 1 / 57,
+    instead of the target: what it states is then what it realises, on average."""
+    from stpm.training.tail import fit_tail as fit
+
+    n = 56
+    samples = _OddFew.rvs((400, n), np.random.default_rng(0))
+    cals = [calibrate(s, CalibrationOptions(target_fpr=TARGET)) for s in samples]
+    at_max = [c for c, s in zip(cals, samples) if c.threshold == s.max()]
+    assert len(at_max) > 0.5 * len(cals), len(at_max)  # measured: 0.66
+    fitted = np.array([fit(s, TAIL_FAMILY, TAIL_TRANSFORM).threshold(TARGET) for s in samples])
+    assert _OddFew.sf(fitted).mean() > 2 * TARGET  # measured: 2.6 %
+    realised = _OddFew.sf(np.array([c.threshold for c in cals]))
+    stated = np.array([c.expected_fpr for c in cals])
+    assert realised.mean() < 0.7 * _OddFew.sf(fitted).mean()  # measured: 1.6 % against 2.6 %
+    assert realised.mean() == pytest.approx(stated.mean(), rel=0.25)  # measured: 1.56 % and 1.50 %
+    c = at_max[0]
+    assert c.estimator == f"conformal ({n}-th of {n} good scores)"
+    assert c.expected_fpr == pytest.approx(1 / (n + 1)) and c.expected_fpr > TARGET
+    assert any("too few for a distribution-free bound" in note for note in c.notes)
+
+
+def test_the_assumed_family_meets_the_largest_score_check_as_often_as_its_level():
+    """Scores of the assumed family, too few for a bound: the check on the largest score is exact, so it
+    moves the threshold in about HEAVY_TAIL_P of calibrations, and the rate realised stays the target."""
+    from stpm.training.calibration import HEAVY_TAIL_P
+
+    samples = ASSUMED_DIST.rvs(size=(1000, 56), random_state=np.random.default_rng(56))
+    cals = [calibrate(s, CalibrationOptions(target_fpr=TARGET)) for s in samples]
+    moved = np.mean([c.threshold == s.max() and c.estimator.startswith("conformal") for c, s in zip(cals, samples)])
+    assert 0.5 * HEAVY_TAIL_P <= moved <= 1.5 * HEAVY_TAIL_P, moved  # measured: 0.050
+    realised = ASSUMED_DIST.sf(np.array([c.threshold for c in cals]))
+    assert realised.mean() == pytest.approx(TARGET, rel=0.15), realised.mean()  # measured: 1.00 %

@@ -45,6 +45,15 @@ def _realised(family: str, n: int, c: float) -> np.ndarray:
     return FAMILIES[family].sf(m + c * s)
 
 
+@lru_cache(maxsize=64)
+def _studentized_maxima(family: str, n: int) -> np.ndarray:
+    """(max - mean) / std of each of the SIMULATIONS standard samples of size n (the samples of _pivots),
+    sorted: the law of how far the largest of n scores lies above their mean, in their standard deviation,
+    for any location and scale of `family`."""
+    z = FAMILIES[family].rvs(size=(SIMULATIONS, n), random_state=np.random.default_rng(SIM_SEED + n))
+    return np.sort((z.max(axis=1) - z.mean(axis=1)) / z.std(axis=1, ddof=1))
+
+
 @lru_cache(maxsize=256)
 def k_factor(family: str, n: int, alpha: float) -> float:
     """c with mean(_realised(family, n, c)) == alpha: the predictive threshold's distance in stds."""
@@ -64,6 +73,7 @@ class TailFit:
     n: int
     mean: float  # of the transformed scores
     std: float  # ditto, floored (REL_STD_FLOOR)
+    max_distance: float = 0.0  # (max - mean) / std of the transformed scores (their own std, not floored)
 
     @property
     def name(self) -> str:
@@ -88,6 +98,14 @@ class TailFit:
         """The false-positive rate to expect at `threshold` (the average over the fits it could be)."""
         return float(_realised(self.family, self.n, self._c(threshold)).mean())
 
+    def max_p_value(self) -> float:
+        """How probable a largest score at least this far above the mean (in stds) is among n scores of the
+        fitted family: small when one score is far beyond what the family puts in a sample of n, i.e. the
+        tail is heavier. Exact for the family whatever its location and scale (the statistic is
+        studentized; simulated like the k factor); it needs no more scores than the fit."""
+        t = _studentized_maxima(self.family, self.n)
+        return float((t.size - np.searchsorted(t, self.max_distance, side="left") + 1) / (t.size + 1))
+
     def fpr_interval(self, threshold: float, level: float = INTERVAL) -> tuple[float, float]:
         """The central `level` interval of the rate a calibration like this one realises at `threshold`'s
         distance from the mean (its spread over the n-score samples it could have been fitted on)."""
@@ -107,7 +125,9 @@ def fit_tail(scores: np.ndarray, family: Family = "normal", transform: Transform
         transform = "identity"
     y = np.log(s) if transform == "log" else s
     floor = REL_STD_FLOOR * (1.0 if transform == "log" else max(abs(float(y.mean())), 1e-12))
-    return TailFit(family, transform, int(s.size), float(y.mean()), max(float(y.std(ddof=1)), floor))
+    sd = float(y.std(ddof=1))
+    distance = (float(y.max()) - float(y.mean())) / sd if sd > 0 else 0.0
+    return TailFit(family, transform, int(s.size), float(y.mean()), max(sd, floor), distance)
 
 
 __all__ = ["FAMILIES", "INTERVAL", "MIN_SCORES", "TailFit", "fit_tail", "k_factor"]
