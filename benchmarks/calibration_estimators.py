@@ -100,8 +100,9 @@ def _predictive(family: str, transform: str) -> Estimator:
 
 
 def _guarded(family: str, transform: str) -> Estimator:
-    """A predictive fit, with the conformal bound where the scores contradict it (stpm.training.calibration's
-    target_fpr rule, on this family)."""
+    """A predictive fit, with a distribution-free bound where the scores contradict it (stpm.training.calibration's
+    target_fpr rule, on this family): the conformal bound where the scores are many enough for one at the
+    target, else the largest score where it lies improbably far out for the family."""
 
     def est(s: np.ndarray, a: float) -> float:
         thr, _ = _target_threshold(s, fit_tail(s, family, transform), a)  # type: ignore[arg-type]
@@ -122,10 +123,10 @@ ESTIMATORS: dict[str, Estimator] = {
     "GPD on the top 30 %": _gpd,
     "normal predictive": _predictive("normal", "identity"),
     "log-normal predictive": _predictive("normal", "log"),
-    "log-normal predictive, conformal where the tail is heavier": _guarded("normal", "log"),
+    "log-normal predictive, guarded where the tail is heavier": _guarded("normal", "log"),
     "Gumbel predictive": _predictive("gumbel", "identity"),
     "log-Gumbel predictive": _predictive("gumbel", "log"),
-    "Gumbel predictive, conformal where the tail is heavier": _guarded("gumbel", "identity"),
+    "Gumbel predictive, guarded where the tail is heavier (the default)": _guarded("gumbel", "identity"),
 }
 
 KNOWN: dict[str, stats.rv_continuous] = {
@@ -200,7 +201,9 @@ def resampled(runs: list[dict], alphas: tuple[float, ...], splits: int) -> list[
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scores", default=str(ROOT / "benchmarks" / "results" / "calibration_scores.json"))
+    ap.add_argument("--scores", nargs="+", default=[str(ROOT / "benchmarks" / "results" / "calibration_scores.json")],
+                    help="result files with the scores; with --scores-from-quality a row whose config is not the "
+                         "default is its own data set, 'dataset (config)'")
     ap.add_argument("--alphas", default="0.01,0.05")
     ap.add_argument("--ns", default="5,10,20,40,80")
     ap.add_argument("--reps", type=int, default=1000)
@@ -224,10 +227,20 @@ def main() -> int:
                 tuple(sorted({r["alpha"] for r in res["known"]})), tuple(sorted({r["n"] for r in res["known"]})),
                 a.reps, missing)
             res["known_command"] += f" (rows of {', '.join(missing)}: {res['command']})"
-    if Path(a.scores).is_file():
-        scores = json.loads(Path(a.scores).read_text())
-        runs = [r["scores"] for r in scores["rows"]] if a.scores_from_quality else scores["runs"]
-        res.update(scores_machine=scores["machine"], scores_file=Path(a.scores).name,
+    files = [Path(f) for f in a.scores if Path(f).is_file()]
+    if files:
+        runs, machines = [], []
+        for f in files:
+            scores = json.loads(f.read_text())
+            machines.append(f"{f.name}: {scores['machine']}")
+            if not a.scores_from_quality:
+                runs += scores["runs"]
+                continue
+            for r in scores["rows"]:
+                config = r.get("config", "default")
+                label = r["dataset"] if config == "default" else f"{r['dataset']} ({config})"
+                runs.append({**r["scores"], "dataset": label})
+        res.update(scores_machine="; ".join(machines), scores_file=", ".join(f.name for f in files),
                    real=resampled(runs, alphas, a.splits))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))

@@ -31,6 +31,7 @@ from benchmarks.report_docker import docker_images_markdown, docker_smoke_markdo
 from benchmarks.report_faults import scale_faults_markdown  # noqa: E402
 from benchmarks.report_quality import (  # noqa: E402
     both_markdown,
+    ensemble_markdown,
     decisions_markdown,
     feature_taps_markdown,
     map_ablation_markdown,
@@ -86,6 +87,8 @@ BLOCKS: dict[str, Block] = {
     "quality_prior": Block("benchmarks/quality.py", "quality_prior.json", both_markdown),
     "quality_prior_mixed": Block("benchmarks/quality.py", "quality_prior_mixed.json", both_markdown),
     "quality_lite2": Block("benchmarks/quality.py", "quality_lite2.json", both_markdown),
+    "quality_stpm_ksdd": Block("benchmarks/quality.py", "quality_stpm_ksdd.json", both_markdown),
+    "ensemble_ksdd": Block("benchmarks/ensemble_maps.py", "ensemble_ksdd.json", ensemble_markdown),
     "calibration_estimators": Block("benchmarks/calibration_estimators.py", "calibration_estimators.json",
                                     estimators_markdown),
     "quality_128px": Block("benchmarks/quality.py", "quality_128px.json", quality_markdown),

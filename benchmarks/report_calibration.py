@@ -52,7 +52,7 @@ def _real_estimators(real: list[dict[str, Any]], ests: list[str], machine: str, 
     head = " | ".join(f"{d} (n = {runs[d]['n_fit']}) @ {percent(a, 0)}" for d in sets for a in alphas)
     counts = ", ".join(f"{d}: {runs[d]['runs']} training run(s)" for d in sets)
     lines = ["", f"Real scores ({counts}; "
-             f"scores from benchmarks/results/{source}, {machine}): the realised rate on the unseen good images "
+             f"scores from {', '.join('benchmarks/results/' + f for f in source.split(', '))}; {machine}): the realised rate on the unseen good images "
              "of random splits (resampled; in brackets: fitted on the held-out images, checked on test/good); last "
              "column the mean number of doublings off the target over these cells (the criterion).", "",
              f"| estimator | {head} | doublings off |", "|---|" + "---|" * (len(sets) * len(alphas) + 1)]

@@ -62,7 +62,9 @@ def methods_markdown(res: dict[str, Any]) -> str:
 def both_markdown(res: dict[str, Any]) -> str:
     """A quality.py run shown whole: the methods table, then its decisions (the command line once)."""
     decisions = decisions_markdown(res).split("\n", 2)[2]  # without its command line and the blank after it
-    return methods_markdown(res) + "\n\nDecisions at the default threshold and the other rules:\n\n" + decisions
+    again = (f" ({res['redecided']}, with the calibration code of that command; the P/R column above is at the "
+             "threshold each bundle was published with)") if res.get("redecided") else ""
+    return methods_markdown(res) + f"\n\nDecisions at the default threshold and the other rules{again}:\n\n" + decisions
 
 
 def mixed_scale_markdown(res: dict[str, Any]) -> str:
@@ -262,6 +264,31 @@ def _chosen(row: dict[str, Any]) -> str:
     c = st["chosen"]
     return (f"scale x{c['scale_factor']:g} of the default, layers {','.join(c['layers'])}, {tail} "
             f"(synthetic image AUROC per candidate: {tried}; search {st.get('search_s', 0):.0f} s)")
+
+
+def ensemble_markdown(res: dict[str, Any]) -> str:
+    """benchmarks/ensemble_maps.py: two bundles' maps alone and fused, on one test set."""
+    bundles = "; ".join(f"{b['method']} ({b['teacher']}{' -> ' + b['student'] if b.get('student') else ''}, image "
+                        f"score {b['image_score']}): `{b['bundle']}`" for b in res["bundles"])
+    lines = [f"Command: `.venv/bin/python {res['command']}`. Machine: {res['machine']}. Bundles: {bundles}. "
+             f"{res['n_test']} test images.", "",
+             "| maps | image AUROC (max) | image AUROC (top-1 % mean) | image AUROC (the bundle's own score) "
+             "| pixel AUROC | AUPRO@0.3 |", "|---|---|---|---|---|---|"]
+
+    def f(v: float | None) -> str:
+        return "—" if v is None else f"{v:.3f}"
+
+    for r in res["rows"]:
+        if "pixel_auroc" not in r:
+            continue
+        own = f(r.get("image_auroc_as_bundle"))
+        lines.append(f"| {r['name']} | {f(r['image_auroc_max'])} | {f(r['image_auroc_topk_mean'])} | {own} "
+                     f"| {f(r['pixel_auroc'])} | {f(r['aupro'])} |")
+    for r in res["rows"]:
+        if "image_auroc_as_bundles" in r:
+            lines += ["", f"The mean of the two bundles' own image scores, each on its threshold's scale: image AUROC "
+                          f"{f(r['image_auroc_as_bundles'])}."]
+    return "\n".join(lines)
 
 
 def map_ablation_markdown(res: dict[str, Any]) -> str:
