@@ -372,6 +372,8 @@ def test_models_tab_names_the_position_prior(page, framed_server):
     text = v1.inner_text()
     assert "max · less a position prior (8 × 8 grid)" in text  # 64 px maps in 8 px cells
     assert "kept (on): synthetic image AUROC" in text and "from 9 out-of-fold images" in text  # 12 less 3 held out
+    # cross-fitted calibration: the count says where its good scores came from
+    assert "12 good images: 3 held out, 9 training images scored out of fold" in text
 
 
 def test_train_tiny_job_from_a_folder_cancel_another(page, server, tmp_path):

@@ -848,7 +848,10 @@ async function loadVersionDetails(name, version, details) {
     add("Threshold (raw)", cal.threshold != null ? fmtNum(cal.threshold) : null);
     add("Maps to 0 (raw)", cal.low != null ? fmtNum(cal.low) : null);
     add("Rule", cal.method ? `${cal.method}${cal.method === "quantile" ? " q=" + cal.quantile : ""}${["max_margin", "quantile"].includes(cal.method) ? ", margin " + cal.margin : ""}` : null);
-    add("Calibrated on", cal.n_images != null ? `${cal.n_images} held-out good images` : null);
+    const src = cal.source || {};
+    add("Calibrated on", cal.n_images == null ? null : src.n_out_of_fold
+      ? `${cal.n_images} good images: ${src.n_held_out} held out, ${src.n_out_of_fold} training images scored out of fold`
+      : `${cal.n_images} held-out good images`);
     if (cal.target_fpr != null) add("Target FPR", fmtPct(cal.target_fpr));
     if (cal.expected_fpr != null) {
       const iv = cal.expected_fpr_interval;
