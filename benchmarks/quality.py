@@ -80,7 +80,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.1, help="paper: 0.4 at batch 32; scaled linearly")
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), stride4 (a stride-4 patch grid), stride4_bank (the same, the default's bank rows), mirrors (the bank and the map averaged over the hv mirrors), mirrors_bank (the same, the default's bank rows), "
-                    "no_prior (the default without a position prior), search (--search-settings), stpm")
+                    "no_prior (the default without a position prior), nbhd1 / nbhd5 (--neighbourhood 1 or 5, not 3), "
+                    "search (--search-settings), stpm")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--students", default=None, help="'all' or a comma list of " + ", ".join(STUDENTS) +
                     ": the STPM student comparison instead of --configs")
@@ -156,7 +157,8 @@ queries; benchmarks/feature_taps.py); stride4_bank: the same with a quarter of t
 the default's rows; mirrors: the default with `--mirrors hv` (the bank also holds each good tile's three
 mirror images, a tile's map is averaged over its mirrors: 4x the patches, features and search); mirrors_bank: the
 same with a quarter of the coreset ratio, so the bank keeps about the default's rows; no_prior: the default with
-`--position-prior off` (the image score never discounts a position prior); search: the same with `--search-settings`; stpm: STPM on the same default teacher with
+`--position-prior off` (the image score never discounts a position prior); nbhd1 / nbhd5: the default with the
+patch features averaged over 1 x 1 (none) or 5 x 5 positions instead of 3 x 3 (`--neighbourhood`); search: the same with `--search-settings`; stpm: STPM on the same default teacher with
     the ResNet18 student (it beat the same-family student, quality_256px) and a short schedule (--epochs,
     --batch-size, --lr)."""
     model, train, tiling = ModelOptions(), TrainOptions(device=a.device), TilingOptions()
@@ -172,6 +174,8 @@ same with a quarter of the coreset ratio, so the bank keeps about the default's 
             model = ModelOptions(mirrors="hv", coreset_ratio=ratio)
     elif label == "no_prior":
         model = ModelOptions(position_prior="off")
+    elif label in ("nbhd1", "nbhd5"):  # the patch features' neighbourhood: none (1 x 1) or 5 x 5, not 3 x 3
+        model = ModelOptions(neighbourhood=int(label[-1]))
     elif label == "search":
         train = TrainOptions(device=a.device, search_settings=True)
     elif label == "stpm":
@@ -179,7 +183,7 @@ same with a quarter of the coreset ratio, so the bank keeps about the default's 
         train = TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device)
     elif label != "default":
         raise SystemExit(f"unknown config {label!r}: default, lite2, x2, stride4, stride4_bank, mirrors, "
-                         "mirrors_bank, no_prior, search or stpm")
+                         "mirrors_bank, no_prior, nbhd1, nbhd5, search or stpm")
     return TrainingOptions(model=model, train=train, tiling=tiling, calibration=CalibrationOptions())
 
 
