@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STFPM_KINDS = ("peer_ov_default", "peer_ov_f32")
 PATCHCORE_KINDS = ("peer_pc_ov", "peer_pc_ov_f32", "peer_pc_torch")  # benchmarks/peer_patchcore.py's PC_KINDS
 PEER_KINDS = STFPM_KINDS + PATCHCORE_KINDS
-OUR_KINDS = ("ours_full_png", "ours_full_jpeg", "ours_bare_session")
+# Our ResNet18 STPM (random weights: speed does not depend on them), as `auto` chooses; "_f32_" as below.
+OUR_KINDS = ("ours_full_png", "ours_full_jpeg", "ours_bare_session", "ours_f32_full_png", "ours_f32_full_jpeg",
+             "ours_f32_bare_session")
 # The defaults (PatchCore, Lite1): as `auto` chooses; "_f32_": OpenVINO forced to f32, the proxy on a bf16 CPU for
 # one without bf16 (beside the peers' f32 rows), and one fixed session for the variants of the path below;
 # "_zlib": the PNG heatmap deflated by Python's zlib, the encoder before isal, so the gain shows in the same run;

@@ -114,6 +114,7 @@ BLOCKS: dict[str, Block] = {
     "scale-jobs": Block("benchmarks/scale.py", "scale-jobs.json", scale_markdown),
     "peer": Block("benchmarks/peer.py", "peer.json", peer_markdown),
     "peer_zen5": Block("benchmarks/peer.py", "peer_zen5.json", peer_markdown),
+    "peer_stpm_zen5": Block("benchmarks/peer.py", "peer_stpm_zen5.json", peer_markdown),
     "bank_size": Block("benchmarks/bank_size.py", "bank_size.json", bank_size_markdown),
     "bank_speed": Block("benchmarks/bank_speed.py", "bank_speed.json", bank_speed_markdown),
     "mirrors_speed": Block("benchmarks/bank_speed.py", "mirrors_speed.json", bundles_speed_markdown),

@@ -256,6 +256,9 @@ PEER_LABELS = {
     "quality_f32_full_png": "ours defaults forced f32, overlay PNG",
     "quality_f32_full_jpeg": "ours defaults forced f32, overlay JPEG",
     "quality_f32_bare_session": "ours defaults forced f32, bare session",
+    "ours_f32_full_png": "ours ResNet18 STPM forced f32, overlay PNG",
+    "ours_f32_full_jpeg": "ours ResNet18 STPM forced f32, overlay JPEG",
+    "ours_f32_bare_session": "ours ResNet18 STPM forced f32, bare session",
 }
 
 
@@ -305,7 +308,7 @@ def peer_markdown(res: dict[str, Any]) -> str:
              ("ours_full_png", "ours_full_jpeg", "quality_full_png", "quality_full_jpeg")),
             ("vs_peer_pc_ov_p50", "anomalib Patchcore's OpenVINO default", 0.1, ("quality_full_png", "quality_full_jpeg")),
             ("vs_peer_ov_f32_p50", "the peer STFPM's OpenVINO forced f32 (the proxy for a CPU without bf16)", 0.8,
-             ("quality_f32_full_png", "quality_f32_full_jpeg")),
+             ("quality_f32_full_png", "quality_f32_full_jpeg", "ours_f32_full_png", "ours_f32_full_jpeg")),
             ("vs_peer_pc_ov_f32_p50", "anomalib Patchcore's OpenVINO forced f32 (the proxy)", 0.1,
              ("quality_f32_full_png", "quality_f32_full_jpeg"))):
         refs, spread = res.get(key, {}), res.get(key + "_round_range", {})
