@@ -238,3 +238,22 @@ def test_the_assumed_family_meets_the_largest_score_check_as_often_as_its_level(
     assert 0.5 * HEAVY_TAIL_P <= moved <= 1.5 * HEAVY_TAIL_P, moved  # measured: 0.050
     realised = ASSUMED_DIST.sf(np.array([c.threshold for c in cals]))
     assert realised.mean() == pytest.approx(TARGET, rel=0.15), realised.mean()  # measured: 1.00 %
+
+
+def test_where_the_bound_is_the_largest_score_its_distance_is_checked_too():
+    """56 scores at a 2 % target: the conformal bound exists but is the largest score (k = n), so a count of
+    scores above the fitted threshold cannot show one far-out score; the largest-score check does, and the
+    threshold is that score, within the target (1 in 57)."""
+    from stpm.training.calibration import conformal_rank
+
+    rng = np.random.default_rng(3)
+    s = np.r_[stats.gumbel_r(20, 1).rvs(55, random_state=rng), 60.0]  # one good part far beyond the rest
+    assert conformal_rank(s.size, 0.02) == s.size
+    c = calibrate(s, CalibrationOptions(target_fpr=0.02))
+    assert c.threshold == 60.0 and c.estimator == "conformal (56-th of 56 good scores)"
+    assert c.expected_fpr == pytest.approx(1 / 57) and c.expected_fpr <= 0.02
+    assert any("within the target" in note for note in c.notes)
+    one = calibrate(s, CalibrationOptions(target_fpr=0.01))  # no bound at 1 %: the same score, stated above it
+    assert one.threshold == 60.0 and any("too few for a distribution-free bound" in note for note in one.notes)
+    plain = calibrate(s[:-1], CalibrationOptions(target_fpr=0.02))  # without it: the fitted threshold
+    assert plain.estimator == "gumbel predictive" and plain.threshold < 60.0

@@ -78,14 +78,16 @@ def _target_threshold(s: np.ndarray, fit: TailFit, alpha: float) -> tuple[float,
     the higher of it and a distribution-free bound -> (threshold, the conformal rank k when it bound, else
     None). With scores enough for a conformal bound at alpha (n >= (1 - alpha) / alpha), heavier means more
     of them reach the fitted threshold than the family allows (binomial p < HEAVY_TAIL_P) and the bound is
-    the k-th smallest; with fewer, the one sign left is a largest score further out than the family puts the
-    largest of n (TailFit.max_p_value < HEAVY_TAIL_P), and the bound is that largest score, whose rate,
-    1 / (n + 1), is then above alpha (and said to be)."""
+    the k-th smallest. Where that bound would be the largest score (k = n) or there is none, a count cannot
+    show a heavier tail; the sign left is a largest score further out than the family puts the largest of n
+    (TailFit.max_p_value < HEAVY_TAIL_P), and the bound is that largest score, whose rate is 1 / (n + 1):
+    within alpha where k = n, above it (and said to be) where there is no bound."""
     thr, k = fit.threshold(alpha), conformal_rank(s.size, alpha)
-    if k is None:  # too few scores for a bound at alpha: what is left to check is how far out the largest lies
+    if k is None or k == s.size:  # no bound at alpha, or the bound is the largest score: a count cannot tell
         if fit.max_p_value() < HEAVY_TAIL_P and float(s.max()) > thr:
             return float(s.max()), s.size  # the n-th of n: a rate of 1 / (n + 1), whatever the distribution
-        return thr, None
+        if k is None:
+            return thr, None
     if stats.binom.sf(int(np.sum(s >= thr)) - 1, s.size, alpha) >= HEAVY_TAIL_P:
         return thr, None
     bound = float(np.sort(s)[k - 1])
@@ -122,12 +124,16 @@ def _expected(s: np.ndarray, fit: TailFit | None, thr: float,
 def _notes(s: np.ndarray, cfg: CalibrationOptions, fit: TailFit | None, thr: float, floored: bool,
            synthetic: np.ndarray, k: int | None) -> list[str]:
     notes = []
-    if k is not None and fit is not None and conformal_rank(s.size, cfg.target_fpr) is None:
-        notes.append(f"the highest good score ({float(s.max()):.4g}) lies further out than the fitted {fit.name} puts the "
-                     f"largest of {s.size} scores (p = {fit.max_p_value():.2g}): the tail is heavier, and {s.size} "
-                     f"scores are too few for a distribution-free bound at {100 * cfg.target_fpr:g} % (that needs "
-                     f"{math.ceil((1 - cfg.target_fpr) / cfg.target_fpr - 1e-9)}); the threshold is that highest "
-                     f"score, which lets about 1 in {s.size + 1} good parts through")
+    if k is not None and fit is not None and k == s.size and fit.max_p_value() < HEAVY_TAIL_P:
+        far = (f"the highest good score ({float(s.max()):.4g}) lies further out than the fitted {fit.name} puts the "
+               f"largest of {s.size} scores (p = {fit.max_p_value():.2g}): the tail is heavier")
+        if conformal_rank(s.size, cfg.target_fpr) is None:
+            notes.append(f"{far}, and {s.size} scores are too few for a distribution-free bound at "
+                         f"{100 * cfg.target_fpr:g} % (that needs {math.ceil((1 - cfg.target_fpr) / cfg.target_fpr - 1e-9)}); "
+                         f"the threshold is that highest score, which lets about 1 in {s.size + 1} good parts through")
+        else:
+            notes.append(f"{far}; the threshold is the conformal bound, here that highest score (about 1 in "
+                         f"{s.size + 1} good parts, within the target)")
     elif k is not None and fit is not None:
         above = int(np.sum(s >= fit.threshold(cfg.target_fpr)))
         notes.append(f"the good scores' tail is heavier than the fitted {fit.name}: {above} of {s.size} reach its "
