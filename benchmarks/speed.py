@@ -46,9 +46,8 @@ def speed_bundle(models_dir: Path, image_size: int = 256, backbone: str = "resne
 
     cfg = ModelOptions(method="stpm", backbone=backbone, student_backbone=student_backbone, pretrained=False,
                       image_size=image_size)
-    # seeded: the random teacher (built before build_stpm seeds the student with 0; seed 1 here, or the two
-    # would start identical and every map be zero) and the calibration images, so every build is the same
-    # bundle, and the bf16 gate's verdict at export the same too
+    # seeded (build_stpm seeds its random teacher and the student, the calibration images come from `gen`):
+    # every build is the same bundle, and the bf16 gate's verdict at export the same too
     with reproducible(1, torch.device("cpu")) as gen:
         model, _ = build_stpm(cfg, seed=0)
         model.eval()

@@ -129,3 +129,18 @@ def test_calibration_comes_from_the_held_out_images(trained, bottle_good):
     trained_on = {p.name for p in bottle_good[:24]} - set(data["val_files"])
     assert set(data["val_files"]) < {p.name for p in bottle_good[:24]} and len(trained_on) == data["n_train"]
     assert cal["threshold"] > cal["good_stats"]["median"] == np.median(cal["good_scores"])
+
+
+def test_a_random_teacher_is_seeded_and_not_the_students_copy():
+    """--no-pretrained (tests, speed benchmarks): the same seed builds the same teacher and student, and the
+    teacher is not drawn from the student's seed (a same-backbone student would start as its copy)."""
+    cfg = ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=64)
+    a, _ = build_stpm(cfg, seed=0)
+    torch.rand(7)  # whatever the global generator did in between
+    b, _ = build_stpm(cfg, seed=0)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    t = dict(a.teacher.named_parameters())
+    s = dict(a.student.named_parameters())
+    shared = [k for k in t if k in s and t[k].shape == s[k].shape]
+    assert shared and all(not torch.equal(t[k], s[k]) for k in shared if t[k].dim() > 1)

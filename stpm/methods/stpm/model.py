@@ -76,6 +76,8 @@ def build_stpm(
     """Teacher with ImageNet weights (unless cfg.pretrained is False), random student; -> (model, source)."""
     t_layers = backbone_specs.resolve_layers(cfg.backbone, cfg.layers)
     s_layers = student_layers(cfg.backbone, cfg.student_backbone, t_layers)
+    if seed is not None and not cfg.pretrained:  # a random teacher (tests, speed benchmarks): seeded, and not
+        torch.manual_seed(seed + 1)  # from the student's seed, or a same-backbone student would start as its copy
     teacher, source = backbones.build_teacher(cfg.backbone, t_layers, cfg.pretrained, cfg.weights, weights_dir)
     if seed is not None:
         torch.manual_seed(seed)
