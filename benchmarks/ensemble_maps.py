@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import machine_line  # noqa: E402
+from stpm.bundle.calibration import Calibration  # noqa: E402
 from stpm.evaluation import metrics  # noqa: E402
 from stpm.evaluation.report import score_samples  # noqa: E402
 from stpm.imaging.render import resize_map  # noqa: E402
@@ -37,9 +38,10 @@ from stpm.training.data import test_samples  # noqa: E402
 SPECS = {"max": ImageScore("max"), "topk_mean": ImageScore("topk_mean")}
 
 
-def on_threshold_scale(maps: list[np.ndarray], low: float, threshold: float) -> list[np.ndarray]:
-    """Each map affine on its bundle's threshold scale, unclipped: low -> 0, threshold -> 0.5."""
-    return [((m - low) / (2.0 * (threshold - low))).astype(np.float32) for m in maps]
+def on_threshold_scale(x, cal: Calibration):
+    """Raw scores or maps on their bundle's threshold scale as Calibration.normalise puts them (low -> 0,
+    threshold -> 0.5), unclipped, so that fused maps keep what lies beyond either end."""
+    return 0.5 + (np.asarray(x, dtype=np.float64) - cal.threshold) * cal.scale
 
 
 def bundle_maps(bundle: Path, samples, device: torch.device) -> dict:
@@ -49,9 +51,9 @@ def bundle_maps(bundle: Path, samples, device: torch.device) -> dict:
     m = manifest.model
     return {"bundle": str(bundle), "method": m.method, "teacher": m.backbone,
             "student": getattr(m, "student_backbone", None), "image_score": m.image_score,
-            "maps": on_threshold_scale(out["maps"], cal.low, cal.threshold), "masks": out["masks"],
+            "maps": [on_threshold_scale(m, cal).astype(np.float32) for m in out["maps"]], "masks": out["masks"],
             "labels": out["labels"], "scores_as_bundle": out["scores"],
-            "scores_on_threshold_scale": (out["scores"] - cal.low) / (2.0 * (cal.threshold - cal.low))}
+            "scores_on_threshold_scale": on_threshold_scale(out["scores"], cal)}
 
 
 def row(name: str, maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stpm.evaluation import metrics
 from stpm.imaging.scores import ImageScore, PositionPrior, image_scores
 
 CELL_PX = 8  # a grid cell, in pixels of the model's scale: the teacher's finest feature stride
@@ -67,9 +68,8 @@ class PriorChoice:
 
 
 def _auroc(good: np.ndarray, bad: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(np.r_[np.zeros(len(good)), np.ones(len(bad))], np.r_[good, bad]))
+    """Synthetic image AUROC: good images against their synthetic anomalies (stpm.evaluation.metrics)."""
+    return metrics.auroc(np.r_[np.zeros(len(good)), np.ones(len(bad))], np.r_[good, bad])
 
 
 def choose(mode: str, oof_grids: np.ndarray | None, good_maps: Sequence[np.ndarray],
