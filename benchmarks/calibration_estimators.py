@@ -28,6 +28,7 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report_quality import row_label  # noqa: E402
 from stpm.options import CalibrationOptions  # noqa: E402
 from stpm.training.calibration import _spread, _target_threshold  # noqa: E402
 from stpm.training.tail import fit_tail  # noqa: E402
@@ -236,10 +237,7 @@ def main() -> int:
             if not a.scores_from_quality:
                 runs += scores["runs"]
                 continue
-            for r in scores["rows"]:
-                config = r.get("config", "default")
-                label = r["dataset"] if config == "default" else f"{r['dataset']} ({config})"
-                runs.append({**r["scores"], "dataset": label})
+            runs += [{**r["scores"], "dataset": row_label(r)} for r in scores["rows"]]
         res.update(scores_machine="; ".join(machines), scores_file=", ".join(f.name for f in files),
                    real=resampled(runs, alphas, a.splits))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

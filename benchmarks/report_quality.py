@@ -157,7 +157,7 @@ DECISION_TARGETS = {"bottle": (0.95, 0.95), "metal_plate": (0.95, 0.95), "kolekt
 RULE_NAMES = {"held_out_only": "target_fpr, held-out images only (no cross-fitting)"}
 
 
-def _label(row: dict[str, Any]) -> str:
+def row_label(row: dict[str, Any]) -> str:
     """A quality row's name in the decision lines: its data set, and its config where that is not the default
     (a run of several configs has one row per set and config)."""
     config = row.get("config", "default")
@@ -184,11 +184,11 @@ def decisions_markdown(res: dict[str, Any]) -> str:
             syn = "—" if d.get("synthetic_recall") is None else f"{d['synthetic_recall']:.2f} of {d['n_synthetic']}"
             name = "**default** (" + d["rule"] + ")" if rule == "default" else RULE_NAMES.get(rule, rule)
             lines.append(
-                f"| {_label(r)} | {name} | {d['threshold']:.4g} | {percent(d.get('expected_fpr'))}{span}, "
+                f"| {row_label(r)} | {name} | {d['threshold']:.4g} | {percent(d.get('expected_fpr'))}{span}, "
                 f"n = {d['n_good_images']} | {percent(d['realised_fpr'])} ({fp} of {d['n_test_good']}) | {syn} "
                 f"| {d['precision']:.2f} / {d['recall']:.2f} | {f'{t[0]:.2f} / {t[1]:.2f}' if t else '—'} | {met} |")
     lines += ["", "What model selection chose (on synthetic anomalies of the held-out good images):", ""]
-    lines += [f"- {_label(r)}: {_chosen(r)}" for r in res["rows"]]
+    lines += [f"- {row_label(r)}: {_chosen(r)}" for r in res["rows"]]
     ceilings = [_ceiling(r) for r in res["rows"] if (r.get("scores") or {}).get("test_scores")]
     if ceilings:
         lines += ["", "What the ranking allows: the highest recall on test at the target precision over *every* "
@@ -217,12 +217,12 @@ def _ceiling(row: dict[str, Any]) -> str:
         if m["tp"] and m["precision"] >= target_p and (best is None or m["recall"] > best[0]):
             best = (m["recall"], m["precision"], thr)
     if best is None:
-        return f"- {_label(row)}: no threshold reaches precision {target_p:.2f} on test"
+        return f"- {row_label(row)}: no threshold reaches precision {target_p:.2f} on test"
     pool = [float(v) for v in (s.get("val_good") or []) + (s.get("out_of_fold_good") or [])]
     share = f"; {percent(sum(v >= best[2] for v in pool) / len(pool))} of the {len(pool)} calibration scores" if pool else ""
     default = (row.get("decisions") or {}).get("default")
     now = f" (the default threshold: {default['recall']:.2f})" if default else ""
-    return (f"- {_label(row)}: recall {best[0]:.2f} at precision {best[1]:.2f} (>= {target_p:.2f}){now}, "
+    return (f"- {row_label(row)}: recall {best[0]:.2f} at precision {best[1]:.2f} (>= {target_p:.2f}){now}, "
             f"threshold {best[2]:.4g}{share}")
 
 
@@ -234,7 +234,7 @@ def _good_medians(row: dict[str, Any]) -> str:
         p90 = statistics.quantiles(v, n=10, method="inclusive")[-1] if len(v) > 1 else v[0]
         return f"{statistics.median(v):.4g} / {p90:.4g} (n = {len(v)})"
 
-    return (f"- {_label(row)}: held-out {q(s['val_good'])}; out of fold {q(s['out_of_fold_good'])}; "
+    return (f"- {row_label(row)}: held-out {q(s['val_good'])}; out of fold {q(s['out_of_fold_good'])}; "
             f"test/good {q(test_good)}")
 
 
