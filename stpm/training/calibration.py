@@ -73,10 +73,14 @@ def conformal_rank(n: int, alpha: float) -> int | None:
     return k if k <= n else None
 
 
-def _target_threshold(s: np.ndarray, fit: TailFit, alpha: float) -> tuple[float, int | None]:
+Guard = tuple[int, str]  # a distribution-free bound that set the threshold: (its rank k of n, which test fired)
+LARGEST, COUNT = "largest score", "count"
+
+
+def _target_threshold(s: np.ndarray, fit: TailFit, alpha: float) -> tuple[float, Guard | None]:
     """The tail fit's threshold for `alpha`; where the scores show the tail is heavier than the fitted family,
-    the higher of it and a distribution-free bound -> (threshold, the conformal rank k when it bound, else
-    None). With scores enough for a conformal bound at alpha (n >= (1 - alpha) / alpha), heavier means more
+    the higher of it and a distribution-free bound -> (threshold, (the bound's conformal rank k, the test
+    that showed the heavier tail: LARGEST or COUNT) when the bound set it, else None). With scores enough for a conformal bound at alpha (n >= (1 - alpha) / alpha), heavier means more
     of them reach the fitted threshold than the family allows (binomial p < HEAVY_TAIL_P) and the bound is
     the k-th smallest. Where that bound would be the largest score (k = n) or there is none, a count cannot
     show a heavier tail; the sign left is a largest score further out than the family puts the largest of n
@@ -85,27 +89,27 @@ def _target_threshold(s: np.ndarray, fit: TailFit, alpha: float) -> tuple[float,
     thr, k = fit.threshold(alpha), conformal_rank(s.size, alpha)
     if k is None or k == s.size:  # no bound at alpha, or the bound is the largest score: a count cannot tell
         if fit.max_p_value() < HEAVY_TAIL_P and float(s.max()) > thr:
-            return float(s.max()), s.size  # the n-th of n: a rate of 1 / (n + 1), whatever the distribution
+            return float(s.max()), (s.size, LARGEST)  # the n-th of n: a rate of 1 / (n + 1), whatever the law
         if k is None:
             return thr, None
     if stats.binom.sf(int(np.sum(s >= thr)) - 1, s.size, alpha) >= HEAVY_TAIL_P:
         return thr, None
     bound = float(np.sort(s)[k - 1])
-    return (bound, k) if bound > thr else (thr, None)
+    return (bound, (k, COUNT)) if bound > thr else (thr, None)
 
 
 def _rule_threshold(s: np.ndarray, cfg: CalibrationOptions, fit: TailFit | None,
-                    synthetic: np.ndarray) -> tuple[float, int | None]:
-    """The rule's threshold, and the conformal rank when that bound set it (tail rules only)."""
+                    synthetic: np.ndarray) -> tuple[float, Guard | None]:
+    """The rule's threshold, and the distribution-free bound when that set it (tail rules only)."""
     if cfg.method == "quantile":
         return float(np.quantile(s, cfg.quantile)) + cfg.margin * _spread(s), None
     if cfg.method == "max_margin" or fit is None:
         return float(s.max()) + cfg.margin * _spread(s), None
-    thr, k = _target_threshold(s, fit, cfg.target_fpr)
+    thr, guard = _target_threshold(s, fit, cfg.target_fpr)
     if cfg.method == "synthetic_f1" and synthetic.size:
         best = _synthetic_f1_threshold(fit, thr, synthetic, s.size)
-        thr, k = best, (k if best == thr else None)
-    return thr, k
+        thr, guard = best, (guard if best == thr else None)
+    return thr, guard
 
 
 def _expected(s: np.ndarray, fit: TailFit | None, thr: float,
@@ -122,9 +126,9 @@ def _expected(s: np.ndarray, fit: TailFit | None, thr: float,
 
 
 def _notes(s: np.ndarray, cfg: CalibrationOptions, fit: TailFit | None, thr: float, floored: bool,
-           synthetic: np.ndarray, k: int | None) -> list[str]:
+           synthetic: np.ndarray, guard: Guard | None) -> list[str]:
     notes = []
-    if k is not None and fit is not None and k == s.size and fit.max_p_value() < HEAVY_TAIL_P:
+    if guard is not None and fit is not None and guard[1] == LARGEST:
         far = (f"the highest good score ({float(s.max()):.4g}) lies further out than the fitted {fit.name} puts the "
                f"largest of {s.size} scores (p = {fit.max_p_value():.2g}): the tail is heavier")
         if conformal_rank(s.size, cfg.target_fpr) is None:
@@ -134,7 +138,8 @@ def _notes(s: np.ndarray, cfg: CalibrationOptions, fit: TailFit | None, thr: flo
         else:
             notes.append(f"{far}; the threshold is the conformal bound, here that highest score (about 1 in "
                          f"{s.size + 1} good parts, within the target)")
-    elif k is not None and fit is not None:
+    elif guard is not None and fit is not None:
+        k = guard[0]
         above = int(np.sum(s >= fit.threshold(cfg.target_fpr)))
         notes.append(f"the good scores' tail is heavier than the fitted {fit.name}: {above} of {s.size} reach its "
                      f"threshold where {cfg.target_fpr * s.size:.1f} were expected; the threshold is the conformal "
@@ -176,10 +181,10 @@ def calibrate(good_scores: Any, cfg: CalibrationOptions = CalibrationOptions(), 
         raise ValueError(f"{len(synthetic_kinds)} synthetic kinds for {syn.size} synthetic scores")
     fit = fit_tail(s, TAIL_FAMILY, TAIL_TRANSFORM) if s.size >= MIN_TAIL_IMAGES else None
     med = float(np.median(s))
-    rule_thr, rank = _rule_threshold(s, cfg, fit, syn)
+    rule_thr, guard = _rule_threshold(s, cfg, fit, syn)
     thr = max(rule_thr, med + 1e-12)
-    rank = rank if thr == rule_thr else None
-    estimator, expected_fpr, interval = _expected(s, fit, thr, rank)
+    guard = guard if thr == rule_thr else None
+    estimator, expected_fpr, interval = _expected(s, fit, thr, None if guard is None else guard[0])
     low = min(float(s.min()), thr - _spread(s))  # keep thr - low > 0 even with a single score
     kinds = list(synthetic_kinds) or ["synthetic"] * syn.size
     stats = {"min": float(s.min()), "median": med, "max": float(s.max()), "mean": float(s.mean()),
@@ -189,7 +194,7 @@ def calibrate(good_scores: Any, cfg: CalibrationOptions = CalibrationOptions(), 
         good_stats=stats, target_fpr=cfg.target_fpr if cfg.method in TAIL_RULES else None,
         estimator=estimator, expected_fpr=expected_fpr, expected_fpr_interval=interval,
         interval_level=INTERVAL if fit is not None else None,
-        synthetic=synthetic_recall(thr, syn, kinds), notes=_notes(s, cfg, fit, thr, rule_thr < thr, syn, rank),
+        synthetic=synthetic_recall(thr, syn, kinds), notes=_notes(s, cfg, fit, thr, rule_thr < thr, syn, guard),
         good_scores=s.tolist(), synthetic_scores=syn.tolist(), synthetic_kinds=kinds if syn.size else [],
         source=source)
 
