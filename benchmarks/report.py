@@ -89,6 +89,7 @@ BLOCKS: dict[str, Block] = {
     "quality_lite2": Block("benchmarks/quality.py", "quality_lite2.json", both_markdown),
     "quality_stpm_ksdd": Block("benchmarks/quality.py", "quality_stpm_ksdd.json", both_markdown),
     "quality_stpm_bm": Block("benchmarks/quality.py", "quality_stpm_bm.json", both_markdown),
+    "quality_stpm_cf": Block("benchmarks/quality.py", "quality_stpm_cf.json", both_markdown),
     "quality_nbhd_ksdd": Block("benchmarks/quality.py", "quality_nbhd_ksdd.json", both_markdown),
     "ensemble_ksdd": Block("benchmarks/ensemble_maps.py", "ensemble_ksdd.json", ensemble_markdown),
     "calibration_estimators": Block("benchmarks/calibration_estimators.py", "calibration_estimators.json",

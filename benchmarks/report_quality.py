@@ -199,8 +199,9 @@ def decisions_markdown(res: dict[str, Any]) -> str:
     spread = [_good_medians(r) for r in res["rows"] if (r.get("scores") or {}).get("out_of_fold_good")]
     if spread:
         lines += ["", "The good images' scores by source (median, and the 90th percentile): held-out images (scored by "
-                  "the final model), training images scored out of fold (by the bank without their fold), and "
-                  "test/good (unseen):", ""] + spread
+                  "the final model), training images scored out of fold (by the model fitted without their fold: "
+                  "PatchCore's bank of the other folds, or an STPM student of their own), and test/good (unseen):",
+                  ""] + spread
     return "\n".join(lines)
 
 

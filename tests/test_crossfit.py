@@ -118,3 +118,89 @@ def test_published_calibration_counts_the_out_of_fold_images(tmp_path, folds):
     else:
         assert "n_out_of_fold" not in source and cal["n_images"] == 3 == len(cal["good_scores"])
     assert m["training"]["calibration_config"]["folds"] == folds
+
+
+def _stpm_plate(n: int, size: int = 64):
+    """n real good metal plates tiled at `size` px, a random-weight ResNet18 STPM (the structure, not its
+    quality, is under test)."""
+    from stpm.imaging.decode import read_image
+    from stpm.imaging.geometry import Geometry, tile_images
+    from stpm.training.pipeline import resolved
+
+    images = [read_image(p) for p in sorted((require(METAL_PLATE) / "train" / "good").glob("*.png"))[:n]]
+    tiled = tile_images(images, Geometry(mode="tile", tile=size, scale=size / min(images[0].shape[:2])))
+    cfg = resolved(ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=size, sigma=2.0))
+    return tiled, cfg
+
+
+def test_stpm_fold_data_holds_exactly_the_other_folds_tiles():
+    from stpm.methods.base import FitData
+    from stpm.methods.stpm.method import fold_data
+
+    tiled, _ = _stpm_plate(7)
+    folds = fold_labels(7, 3, seed=0)
+    data = FitData(tiled, tiled, 0, torch.Generator().manual_seed(0), folds, refit_folds=True)
+    for k in range(3):
+        sub = fold_data(data, k)
+        outside = np.flatnonzero(folds != k)
+        want = np.concatenate([tiled.tiles[tiled.offsets[i]:tiled.offsets[i + 1]] for i in outside])
+        assert len(sub.train) == len(outside) and np.array_equal(sub.train.tiles, want)
+        assert sub.val is tiled and sub.folds is None  # validation on the held-out images; no folds within
+        assert sub.generator.initial_seed() == 1 + k
+    with pytest.raises(ValueError, match="no calibration folds"):
+        fold_data(FitData(tiled, tiled, 0, torch.Generator()), 0)
+
+
+@pytest.mark.slow
+def test_stpm_refits_one_student_per_fold_only_when_asked():
+    """With refit_folds each fold gets its own student (trained without the fold: not the final student,
+    not another fold's), built once and reused, sharing the final model's frozen teacher, on the smoothing
+    the final map has; without it STPM offers no fold models (held-out calibration, as before)."""
+    from stpm.methods import registry
+    from stpm.methods.base import FitData, FitRun
+
+    tiled, cfg = _stpm_plate(6)
+    folds = fold_labels(6, 3, seed=0)
+    train = TrainOptions(epochs=1, batch_size=4, lr=0.1, device="cpu")
+    run = FitRun(torch.device("cpu"), show_bar=False, progress=(records := []).append)
+    method = registry.method("stpm")
+    plain = method.fit(cfg, train, FitData(tiled, tiled, 0, torch.Generator().manual_seed(0), folds), run)
+    assert plain.without_fold is None
+    fitted = method.fit(cfg, train, FitData(tiled, tiled, 0, torch.Generator().manual_seed(0), folds,
+                                            refit_folds=True), run)
+    final = fitted.amap.model.student_state_dict()
+    fitted.amap.with_sigma(3.0)
+    students = []
+    for k in range(3):
+        m = fitted.without_fold(k)
+        assert m is fitted.without_fold(k)  # trained once
+        assert m.model.teacher is fitted.amap.model.teacher and m.sigma == 3.0
+        students.append(m.model.student_state_dict())
+    phases = [r["phase"] for r in records if "phase" in r]
+    assert sorted(set(phases)) == [f"calibration (student without fold {k} of 3)" for k in (1, 2, 3)]
+    key = next(k for k in final if k.endswith("weight") and final[k].dim() == 4)
+    for i, s in enumerate(students):
+        assert not torch.equal(s[key], final[key]), i
+        assert all(not torch.equal(s[key], t[key]) for t in students[i + 1:]), i
+
+
+@pytest.mark.slow
+def test_stpm_refit_folds_calibrates_on_every_good_image_reproducibly(tmp_path):
+    """run_training with --refit-folds: STPM's threshold sees the held-out images and every training image
+    scored by its fold's student; the same seed publishes the same calibration."""
+    from stpm.training.pipeline import run_training
+
+    good = sorted((require(METAL_PLATE) / "train" / "good").glob("*.png"))[:10]
+    cfg = TrainingOptions(model=ModelOptions(method="stpm", backbone="resnet18", pretrained=False, image_size=64,
+                                             sigma=2.0, image_score="max"),
+                          train=TrainOptions(epochs=1, batch_size=4, lr=0.1, device="cpu", val_fraction=0.3),
+                          calibration=CalibrationOptions(folds=3, refit_folds=True))
+    cals = []
+    for name in ("a", "b"):
+        out = run_training(good, f"plate-{name}", tmp_path, cfg, export=False, show_bar=False)
+        m = json.loads((out.path / "manifest.json").read_text())
+        source = m["calibration"]["source"]
+        assert source["n_held_out"] == 3 and source["n_out_of_fold"] == 7 and source["folds"] == 3
+        assert m["calibration"]["n_images"] == 10 and m["training"]["calibration_config"]["refit_folds"] is True
+        cals.append(m["calibration"])
+    assert cals[0]["good_scores"] == cals[1]["good_scores"] and cals[0]["threshold"] == cals[1]["threshold"]

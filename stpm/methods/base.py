@@ -33,8 +33,10 @@ class FitData:
     seed: int
     generator: torch.Generator
     # the fold (0 .. K-1) of each training image, for cross-fitted calibration; a method that can fit
-    # without one fold at no extra cost offers Fitted.without_fold (PatchCore), the others ignore it
+    # without one fold at no extra cost offers Fitted.without_fold (PatchCore); a method with a training
+    # loop (STPM) offers it only with refit_folds (one more training per fold), the others ignore it
     folds: np.ndarray | None = None
+    refit_folds: bool = False
 
 
 @dataclass
@@ -70,7 +72,8 @@ class Fitted:
     seconds: float = 0.0
     interrupted: bool = False  # stopped by Ctrl-C before anything could be published
     # fold k -> the map module a fit on every training image outside fold k gives (FitData.folds), on the
-    # device of `amap`; None where the method cannot offer it cheaply
+    # device of `amap` and with its smoothing then; None where the method offers none (a training loop
+    # without FitData.refit_folds)
     without_fold: Callable[[int], MapModule] | None = None
 
 

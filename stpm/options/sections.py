@@ -205,10 +205,15 @@ class CalibrationOptions(Section):
                                "expect at the threshold", gt=0, lt=0.5)
     quantile: float = option(0.99, "for quantile: which quantile of the good scores", ge=0.5, le=1)
     margin: float = option(0.1, "for max_margin: threshold = max + margin x spread of the good scores", ge=0, le=10)
-    folds: int = option(5, "methods with a cheap fit (PatchCore): the training images are split into this many "
-                        "folds and each is scored by a memory bank built without it; these out-of-fold scores join "
-                        "the held-out images' for the threshold (0: held-out images only)",
+    folds: int = option(5, "the training images are split into this many folds and each is scored by a model "
+                        "fitted without it (PatchCore: the memory bank of the other folds, at no extra cost; STPM: "
+                        "only with --refit-folds); these out-of-fold scores join the held-out images' for the "
+                        "threshold (0: held-out images only)",
                         name="calibration_folds", ge=0, le=20)
+    refit_folds: bool = option(False, "methods with a training loop (STPM): train one more model per calibration "
+                               "fold, without that fold, so that the training images are scored out of fold too "
+                               "(about --calibration-folds - 1 times the training time more); off: they calibrate "
+                               "on the held-out images alone")
 
 
 class TrainingOptions(BaseModel):

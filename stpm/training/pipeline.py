@@ -285,7 +285,7 @@ def run_training(
         config, model_cfg, images, setting_report = choose_settings(data, images, model_cfg, config, run, gen,
                                                                     skip_bad)
         folds = fold_labels(len(images.train_idx), config.calibration.folds, config.train.seed)
-        data_ = FitData(images.train, images.val, config.train.seed, gen, folds)
+        data_ = FitData(images.train, images.val, config.train.seed, gen, folds, config.calibration.refit_folds)
         fitted = registry.method(model_cfg.method).fit(model_cfg, config.train, data_, run)
         if fitted.interrupted:
             return TrainOutcome(None, None, fitted, None, images.skipped)

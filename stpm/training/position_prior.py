@@ -82,7 +82,7 @@ def choose(mode: str, oof_grids: np.ndarray | None, good_maps: Sequence[np.ndarr
         return PriorChoice(None, {**report, "reason": "position_prior off"})
     if oof_grids is None:
         return PriorChoice(None, {**report, "reason": "needs the training images scored out of fold (cross-fitting: "
-                                                      "patchcore with calibration folds >= 2)"})
+                                                      "calibration folds >= 2; stpm: with refit folds)"})
     report.update(grid=list(oof_grids.shape[1:]), cell_px=CELL_PX, n_images=len(oof_grids))
     if mode == "auto" and len(oof_grids) < MIN_IMAGES:
         return PriorChoice(None, {**report, "reason": f"auto needs at least {MIN_IMAGES} out-of-fold images"})

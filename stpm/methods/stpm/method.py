@@ -1,11 +1,16 @@
 """STPM behind the method interface: fit = train the student (stpm.methods.stpm.trainer); the bundle holds
-the teacher's and the student's weights; teacher.onnx and student.onnx are exported beside the scorer."""
+the teacher's and the student's weights; teacher.onnx and student.onnx are exported beside the scorer.
+With FitData.refit_folds, Fitted.without_fold trains one more student per calibration fold, on the
+training images outside it (the same recipe and seed), for cross-fitted calibration."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -36,6 +41,47 @@ class _Features(nn.Module):
         return tuple(f)
 
 
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
+def fold_data(data: FitData, k: int) -> FitData:
+    """The fit data without fold k: the training images outside it (FitData.folds), the same held-out
+    images (validation loss), a generator of its own (seed + 1 + k) so each fold's shuffling is fixed."""
+    if data.folds is None:
+        raise ValueError("no calibration folds")
+    keep = np.flatnonzero(np.asarray(data.folds) != k)
+    if len(keep) == 0:
+        raise ValueError(f"every training image is in fold {k}")
+    return FitData(data.train.subset(keep.tolist()), data.val, data.seed,
+                   torch.Generator().manual_seed(data.seed + 1 + k))
+
+
+def _without_fold(method: STPMMethod, cfg: Any, train: Any, data: FitData, run: FitRun,
+                  amap: STPMMap) -> Callable[[int], STPMMap]:
+    """Fold k -> a student trained without fold k (once; kept for a second scoring pass), on the device
+    and with the smoothing `amap` has then. Its progress is reported as a calibration phase; no checkpoints."""
+    n_folds = int(np.max(data.folds)) + 1
+    built: dict[int, STPMMap] = {}
+
+    def build(k: int) -> STPMMap:
+        if k not in built:
+            phase = f"calibration (student without fold {k + 1} of {n_folds})"
+            progress = None if run.progress is None else (lambda r: run.progress({**r, "phase": phase}))
+            fitted = method.fit(cfg, train, fold_data(data, k), replace(run, run_dir=None, resume=False,
+                                                                        progress=progress, show_bar=False))
+            if fitted.interrupted:
+                raise KeyboardInterrupt
+            if _same_weights(fitted.amap.model.teacher, amap.model.teacher):  # the same frozen teacher: one copy
+                fitted.amap.model.teacher = amap.model.teacher
+            built[k] = fitted.amap.eval()
+        device = next(amap.parameters()).device
+        return built[k].with_sigma(amap.sigma).to(device)
+
+    return build
+
+
 class STPMMethod(Method):
     def fit(self, cfg: Any, train: Any, data: FitData, run: FitRun) -> Fitted:
         model, source = build_stpm(cfg, run.weights_dir, seed=data.seed)
@@ -57,7 +103,9 @@ class STPMMethod(Method):
         summary = {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
                    "epochs_run": result.epochs_run}
         amap = STPMMap(model, cfg.combine, float(cfg.sigma or 0.0))
-        return Fitted(amap, source, record, summary, result.seconds, result.interrupted)
+        without = _without_fold(self, cfg, train, data, run, amap) if data.folds is not None and data.refit_folds \
+            else None
+        return Fitted(amap, source, record, summary, result.seconds, result.interrupted, without_fold=without)
 
     def save(self, amap: STPMMap, folder: Path) -> list[str]:
         save_file(_contiguous(amap.model.teacher.state_dict()), str(folder / TEACHER_WEIGHTS))
