@@ -50,6 +50,31 @@ QUALITY_KINDS = ("quality_full_png", "quality_full_jpeg", "quality_bare_session"
                  "quality_f32_full_jpeg", "quality_f32_bare_session", "quality_f32_full_png_zlib",
                  "quality_f32_jpegin_full_jpeg")
 JPEG_IN_QUALITY = 95
+# --max-isa avx2: every worker's libraries told to use AVX2 at most, for a CPU with AVX-512 to stand in for
+# an AVX2-only one (Zen 2). oneDNN (OpenVINO's convolutions, torch's), ATen, MKL, OpenCV and numpy honour
+# these; OpenVINO's own precision choice does not (it still picks bf16, whose kernels then fail: only
+# forced-f32 rows run), nor do OpenVINO's MLAS matrix products (its FullyConnected, PatchCore's bank
+# search), its JIT eltwise kernels, ONNX Runtime or ISA-L. Each OpenVINO worker records which kernels ran.
+AVX512_OPENCV = "AVX512_COMMON,AVX512_SKX,AVX512_KNL,AVX512_KNM,AVX512_CNL,AVX512_CLX,AVX512_ICL"
+ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                     "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OPENCV_CPU_DISABLE": AVX512_OPENCV,
+                     "NPY_DISABLE_CPU_FEATURES": "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL"}}
+
+
+def kernel_counts(compiled) -> dict[str, int]:
+    """An OpenVINO compiled model's kernels by ISA (after its first inference): how many nodes run AVX-512,
+    AVX2 or MLAS code (the rest: reference, reorder or no code of their own)."""
+    counts = {"avx512": 0, "avx2": 0}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        if "primitiveType" in rt:
+            prim = rt["primitiveType"].astype(str)
+            key = "avx512" if "avx512" in prim else "avx2" if "avx2" in prim else None
+            if key:
+                counts[key] += 1
+            elif "mlas" in prim:
+                counts["mlas (not capped)"] = counts.get("mlas (not capped)", 0) + 1
+    return counts
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -72,7 +97,7 @@ def _peer_predictor(kind: str, workdir: Path, peer_cache: Path):
     config = {"INFERENCE_PRECISION_HINT": "f32"} if kind == "peer_ov_f32" else None
     inf = OpenVINOInferencer(path=xml, device="CPU", config=config)
     info = {"inference_precision": str(inf.model.get_property("INFERENCE_PRECISION_HINT")),
-            "threads": int(inf.model.get_property("INFERENCE_NUM_THREADS"))}
+            "threads": int(inf.model.get_property("INFERENCE_NUM_THREADS")), "_openvino": [inf.model]}
     return (lambda path: float(inf.predict(str(path)).pred_score.ravel()[0])), info
 
 
@@ -105,6 +130,9 @@ def _our_predictor(kind: str, bundle_dir: Path, images: list[Path]):
         render._ISAL = None  # this worker process only: PNG deflate by Python's zlib, as before isal
     info = {"backend": s.backend, "precision": s.precision, "selection": s.selection.to_dict(),
             "png_deflate": render.default_deflate()}
+    stages = getattr(s.session, "_stages", None)  # OpenVINO: its compiled models
+    if stages:
+        info["_openvino"] = list(stages)
     if kind.endswith("_bare_session"):
         batch = np.random.default_rng(0).integers(0, 256, (1, 3, s.image_size, s.image_size), dtype=np.uint8)
         return (lambda path: float(s.infer(batch)[1][0])), info
@@ -132,6 +160,8 @@ def worker(kind: str, workdir: Path, bundle_dir: Path | None, images: list[Path]
         predict, info = _our_predictor(kind, bundle_dir, images)
     for p in images[:5]:
         predict(p)
+    if "_openvino" in info:  # after the warm-up: a dynamic-shape node picks its kernel at its first inference
+        info["kernels"] = [kernel_counts(c) for c in info.pop("_openvino")]
     print(json.dumps({"ready": kind, "info": info}), file=proto, flush=True)
     i = 0
     for line in sys.stdin:
@@ -182,6 +212,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--peer-cache", default=str(ROOT / "benchmarks" / "work" / "peer_patchcore"),
                     help="the peer Patchcore's exports and build record (built here when missing)")
     ap.add_argument("--peer-refit", action="store_true", help="fit and export the peer Patchcore again")
+    ap.add_argument("--max-isa", choices=sorted(ISA_CAPS), default=None,
+                    help="cap every worker's libraries at this instruction set (ISA_CAPS; forced-f32 OpenVINO "
+                         "rows only: see the note at ISA_CAPS)")
     a = ap.parse_args()
     a.peer_cache = str(Path(a.peer_cache).resolve())  # the workers run in a temporary folder
     a.images = str(Path(a.images).resolve()) if a.images else None
@@ -221,7 +254,7 @@ def _start_workers(kinds: list[str], a: argparse.Namespace, tmp: Path, bundles: 
         cmd = [py, str(Path(__file__).resolve()), "--worker", k, "--workdir", str(tmp), "--peer-cache", a.peer_cache]
         cmd += ["--images", a.images] if a.images else []
         cmd += ["--bundle", bundles[k.split("_")[0]]] if k not in PEER_KINDS else []
-        env = {**os.environ, "TRUST_REMOTE_CODE": "1", "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "TRUST_REMOTE_CODE": "1", "PYTHONWARNINGS": "ignore", **ISA_CAPS.get(a.max_isa, {})}
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                              cwd=str(tmp))  # the peer writes ./openvino_cache: keep it out of the repo
         line = p.stdout.readline()
@@ -289,6 +322,10 @@ def main() -> int:
     unknown = sorted(set(kinds) - set(PEER_KINDS + OUR_KINDS + QUALITY_KINDS))
     if unknown:
         sys.exit(f"unknown --kinds {unknown}; known: {', '.join(PEER_KINDS + OUR_KINDS + QUALITY_KINDS)}")
+    uncapped = [k for k in kinds if "f32" not in k]
+    if a.max_isa and uncapped:
+        sys.exit(f"--max-isa runs forced-f32 OpenVINO rows only (OpenVINO picks bf16 whatever the cap, and ONNX "
+                 f"Runtime ignores it): drop {uncapped}")
     tmp = Path(tempfile.mkdtemp(prefix="stpm-peer-"))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT))
@@ -301,6 +338,7 @@ def main() -> int:
                 "cpu_p95_ms": pct(cpu[k], 95), "n": len(wall[k]), "round_p50_ms": per_round[k], "info": infos[k]}
             for k in kinds}
     out = {"command": " ".join([Path(sys.executable).name] + sys.argv), "cpu": cpu_info(),
+           "isa_cap": None if a.max_isa is None else {"max_isa": a.max_isa, "env": ISA_CAPS[a.max_isa]},
            "load_average_per_round": loads, "load_average_end": [round(x, 2) for x in os.getloadavg()],
            "images": f"{len(images)} PNGs, first {images[0]}", "rows": rows}
     if build is not None:

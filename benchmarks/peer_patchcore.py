@@ -148,7 +148,7 @@ def predictor(kind: str, cache: Path) -> tuple[Callable[[Path], float], dict]:
         config = {"INFERENCE_PRECISION_HINT": "f32"} if kind == "peer_pc_ov_f32" else None
         inf = OpenVINOInferencer(path=p["xml"], device="CPU", config=config)
         info = {"inference_precision": str(inf.model.get_property("INFERENCE_PRECISION_HINT")),
-                "threads": int(inf.model.get_property("INFERENCE_NUM_THREADS"))}
+                "threads": int(inf.model.get_property("INFERENCE_NUM_THREADS")), "_openvino": [inf.model]}
     elif kind == "peer_pc_torch":
         import torch
         from anomalib.deploy import TorchInferencer

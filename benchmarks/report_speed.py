@@ -283,23 +283,43 @@ def _peer_patchcore_build(b: dict[str, Any]) -> str:
             f"{b['openvino_input_shape']}, torch) {b['export_seconds']:.1f} s.")
 
 
+def _kernels(info: dict[str, Any]) -> str:
+    """A worker's OpenVINO kernel counts (benchmarks/peer.py kernel_counts), summed over its compiled models."""
+    ks = info.get("kernels")
+    if not ks:
+        return "—"
+    total: dict[str, int] = {}
+    for k in ks if isinstance(ks, list) else [ks]:
+        for name, n in k.items():
+            total[name] = total.get(name, 0) + n
+    return f"{total.get('avx512', 0)} / {total.get('avx2', 0)} / {total.get('mlas (not capped)', 0)}"
+
+
 def peer_markdown(res: dict[str, Any]) -> str:
     loads = res["load_average_per_round"]
-    pc = res.get("vs_peer_pc_ov_p50", {})
+    cap = res.get("isa_cap")  # --max-isa: no default-precision rows; ratios to the peers' f32 rows
+    pc = res.get("vs_peer_pc_ov_f32_p50" if cap else "vs_peer_pc_ov_p50", {})
     rounds = all("round_p50_ms" in r for r in res["rows"].values())
     lines = [f"Command: `.venv/bin/{res['command']}`. CPU: {res['cpu']['model']}, {res['cpu']['cores']} cores "
              f"(flags: {', '.join(f for f in res['cpu']['simd_flags'] if 'amx' in f or 'vnni' in f or 'bf16' in f)}); "
              f"load average per round {min(loads):.1f}-{max(loads):.1f}, {res['load_average_end'][0]:.1f} at the end. "
-             f"Inputs: {res['images']}.", "",
-             "| contender | runs on | p50 ms | p95 ms | CPU p50 ms |" + (" p50 per round, first / min / max ms |" if rounds else "")
-             + " p50 / peer default |" + (" p50 / Patchcore OpenVINO |" if pc else ""),
-             "|---|---|---:|---:|---:|" + ("---:|" if rounds else "") + "---:|" + ("---:|" if pc else "")]
-    ratio = res.get("vs_peer_ov_default_p50", {})
+             f"Inputs: {res['images']}.", ""]
+    if cap:
+        lines += [f"Every worker capped at {cap['max_isa'].upper()}: "
+                  + ", ".join(f"`{k}={v}`" for k, v in cap["env"].items()) + ".", ""]
+    lines += ["| contender | runs on | p50 ms | p95 ms | CPU p50 ms |" + (" p50 per round, first / min / max ms |" if rounds else "")
+              + (" p50 / peer STFPM f32 |" if cap else " p50 / peer default |")
+              + ((" p50 / Patchcore OpenVINO f32 |" if cap else " p50 / Patchcore OpenVINO |") if pc else "")
+              + (" OpenVINO kernels: AVX-512 / AVX2 / MLAS (not capped) |" if cap else ""),
+              "|---|---|---:|---:|---:|" + ("---:|" if rounds else "") + "---:|" + ("---:|" if pc else "")
+              + ("---|" if cap else "")]
+    ratio = res.get("vs_peer_ov_f32_p50" if cap else "vs_peer_ov_default_p50", {})
     for k, r in res["rows"].items():
         rp = r.get("round_p50_ms")
         lines.append(f"| {PEER_LABELS.get(k, k)} | {_peer_runs_on(r['info'])} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
                      f"{r['cpu_p50_ms']:.1f} |" + (f" {rp[0]:.1f} / {min(rp):.1f} / {max(rp):.1f} |" if rounds else "")
-                     + f" {ratio.get(k, float('nan')):.2f} |" + (f" {pc[k]:.3f} |" if pc else ""))
+                     + f" {ratio.get(k, float('nan')):.2f} |" + (f" {pc[k]:.3f} |" if pc else "")
+                     + (f" {_kernels(r['info'])} |" if cap else ""))
     lines.append("")
     if "peer_patchcore_build" in res:
         lines += [_peer_patchcore_build(res["peer_patchcore_build"]), ""]
