@@ -162,6 +162,7 @@ patch features averaged over 1 x 1 (none) or 5 x 5 positions instead of 3 x 3 (`
     the ResNet18 student (it beat the same-family student, quality_256px) and a short schedule (--epochs,
     --batch-size, --lr); stpm_cf: the same with `--refit-folds` (a student per calibration fold)."""
     model, train, tiling = ModelOptions(), TrainOptions(device=a.device), TilingOptions()
+    calibration = CalibrationOptions()
     if label == "lite2":
         model = ModelOptions(backbone="efficientnet_lite2")
     elif label == "x2":
@@ -182,12 +183,11 @@ patch features averaged over 1 x 1 (none) or 5 x 5 positions instead of 3 x 3 (`
         model = ModelOptions(method="stpm", student_backbone="resnet18", image_size=a.image_size)
         train = TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device)
         if label == "stpm_cf":
-            return TrainingOptions(model=model, train=train, tiling=tiling,
-                                   calibration=CalibrationOptions(refit_folds=True))
+            calibration = CalibrationOptions(refit_folds=True)
     elif label != "default":
         raise SystemExit(f"unknown config {label!r}: default, lite2, x2, stride4, stride4_bank, mirrors, "
                          "mirrors_bank, no_prior, nbhd1, nbhd5, search, stpm or stpm_cf")
-    return TrainingOptions(model=model, train=train, tiling=tiling, calibration=CalibrationOptions())
+    return TrainingOptions(model=model, train=train, tiling=tiling, calibration=calibration)
 
 
 def machine_line() -> str:

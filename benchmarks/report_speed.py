@@ -285,11 +285,10 @@ def _peer_patchcore_build(b: dict[str, Any]) -> str:
 
 def _kernels(info: dict[str, Any]) -> str:
     """A worker's OpenVINO kernel counts (benchmarks/peer.py kernel_counts), summed over its compiled models."""
-    ks = info.get("kernels")
-    if not ks:
+    if not info.get("kernels"):
         return "—"
     total: dict[str, int] = {}
-    for k in ks if isinstance(ks, list) else [ks]:
+    for k in info["kernels"]:
         for name, n in k.items():
             total[name] = total.get(name, 0) + n
     return f"{total.get('avx512', 0)} / {total.get('avx2', 0)} / {total.get('mlas (not capped)', 0)}"

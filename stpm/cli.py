@@ -19,6 +19,7 @@ from types import ModuleType
 
 from stpm.runtime.sessions import BACKENDS, PRECISIONS
 from stpm.bundle.names import EVALUATIONS, SCORER_ONNX
+from stpm.bundle.store import MODEL_REF_HELP
 from stpm.options import add_arguments as add_training_options
 
 PREDICT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -77,7 +78,7 @@ def _calibrate_command(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("calibrate", help="publish a new version of a model with only its threshold changed: from "
                                          "new good images, or from the held-out scores it recorded")
-    p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, a bundle folder, or a model folder (its activated version)")
+    p.add_argument("model", help=MODEL_REF_HELP)
     p.add_argument("data", nargs="?", default=None,
                    help="good images the model has not seen (a folder, or an MVTec category: its train/good); "
                         "omitted: the held-out scores the model's calibration recorded")
@@ -90,7 +91,7 @@ def _calibrate_command(sub: argparse._SubParsersAction) -> None:
 
 def _eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on an MVTec-layout test set")
-    p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, a bundle folder, or a model folder (its activated version)")
+    p.add_argument("model", help=MODEL_REF_HELP)
     p.add_argument("data", help="MVTec category folder (uses test/ and ground_truth/)")
     _models_dir(p)
     p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ... (default auto)")
@@ -102,7 +103,7 @@ def _eval_command(sub: argparse._SubParsersAction) -> None:
 
 def _predict_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score images; write overlays and a JSON")
-    p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, a bundle folder, or a model folder (its activated version)")
+    p.add_argument("model", help=MODEL_REF_HELP)
     p.add_argument("images", nargs="+", help="image files or folders")
     _models_dir(p)
     p.add_argument("--device", default="auto", choices=PREDICT_DEVICES,

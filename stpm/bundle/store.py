@@ -149,6 +149,10 @@ def resolve(models_dir: str | Path, ref: str) -> Path:
     return path
 
 
+MODEL_REF_HELP = ("NAME or NAME/VERSION in --models-dir, a bundle folder, or a model folder (its activated "
+                  "version)")  # what locate() accepts, for the CLI commands that take a model
+
+
 def locate(models_dir: str | Path, ref: str) -> Path:
     """A bundle folder given as a path (it holds a manifest); a model's folder given as a path (models/NAME:
     its activated version); else `resolve(models_dir, ref)`."""
@@ -367,6 +371,7 @@ def clean_staging(models_dir: str | Path, max_age_s: float = STALE_STAGING_S) ->
 
 
 __all__ = [
+    "MODEL_REF_HELP",
     "NAME_PATTERN",
     "MODEL_REF_PATTERN",
     "VERSION_PATTERN",

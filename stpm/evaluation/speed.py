@@ -29,6 +29,7 @@ import numpy as np
 
 from stpm.bundle.manifest import Manifest
 from stpm.bundle.names import INPUT, REJECTED_INT8_ONNX, SCORER_INT8_ONNX, SCORER_ONNX
+from stpm.bundle.store import MODEL_REF_HELP
 from stpm.runtime.cpu import cpu_name
 
 
@@ -331,7 +332,7 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, a bundle folder, or a model folder (its activated version)")
+    p.add_argument("model", help=MODEL_REF_HELP)
     p.add_argument("images", help="folder of images to score (e.g. an MVTec category's test folder)")
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     p.add_argument("--seconds", type=float, default=8.0, help="measuring time per contender and batch size")

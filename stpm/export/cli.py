@@ -11,10 +11,11 @@ from stpm.export.onnx import export_bundle
 from stpm.export.parity import DEFAULT_ATOL, ExportParityError, tile_check_images
 from stpm.export.precision import check_bf16, quantize_int8
 from stpm.bundle.manifest import Manifest
+from stpm.bundle.store import MODEL_REF_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="NAME or NAME/VERSION in --models-dir, a bundle folder, or a model folder (its activated version)")
+    p.add_argument("model", help=MODEL_REF_HELP)
     p.add_argument("--fp16", action="store_true", help="also write scorer_fp16.onnx (for GPUs)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--check-dir", default=None, help="folder of real images for the parity check")

@@ -32,26 +32,26 @@ INTERVAL = 0.9  # the central interval of the realised false-positive rate that 
 
 
 @lru_cache(maxsize=64)
-def _pivots(family: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) of SIMULATIONS standard samples of size n of `family` (fixed seed)."""
+def _pivots(family: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, std, max) of SIMULATIONS standard samples of size n of `family` (fixed seed)."""
     z = FAMILIES[family].rvs(size=(SIMULATIONS, n), random_state=np.random.default_rng(SIM_SEED + n))
-    return z.mean(axis=1), z.std(axis=1, ddof=1)
+    return z.mean(axis=1), z.std(axis=1, ddof=1), z.max(axis=1)
 
 
 def _realised(family: str, n: int, c: float) -> np.ndarray:
     """The false-positive rate a threshold `mean + c * std` realises on each simulated sample (in the
     family's standard units, which is what the rate is in any units)."""
-    m, s = _pivots(family, n)
+    m, s, _ = _pivots(family, n)
     return FAMILIES[family].sf(m + c * s)
 
 
 @lru_cache(maxsize=64)
 def _studentized_maxima(family: str, n: int) -> np.ndarray:
-    """(max - mean) / std of each of the SIMULATIONS standard samples of size n (the samples of _pivots),
-    sorted: the law of how far the largest of n scores lies above their mean, in their standard deviation,
-    for any location and scale of `family`."""
-    z = FAMILIES[family].rvs(size=(SIMULATIONS, n), random_state=np.random.default_rng(SIM_SEED + n))
-    return np.sort((z.max(axis=1) - z.mean(axis=1)) / z.std(axis=1, ddof=1))
+    """(max - mean) / std of each of the SIMULATIONS standard samples of size n (those of _pivots), sorted:
+    the law of how far the largest of n scores lies above their mean, in their standard deviation, for any
+    location and scale of `family`."""
+    m, s, top = _pivots(family, n)
+    return np.sort((top - m) / s)
 
 
 @lru_cache(maxsize=256)
