@@ -81,7 +81,8 @@ def main() -> int:
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), stride4 (a stride-4 patch grid), stride4_bank (the same, the default's bank rows), mirrors (the bank and the map averaged over the hv mirrors), mirrors_bank (the same, the default's bank rows), "
                     "no_prior (the default without a position prior), nbhd1 / nbhd5 (--neighbourhood 1 or 5, not 3), "
-                    "search (--search-settings), stpm, stpm_cf (stpm with --refit-folds)")
+                    "search (--search-settings on), no_search (--search-settings off), stpm, stpm_cf (stpm with "
+                    "--refit-folds)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--students", default=None, help="'all' or a comma list of " + ", ".join(STUDENTS) +
                     ": the STPM student comparison instead of --configs")
@@ -158,11 +159,14 @@ the default's rows; mirrors: the default with `--mirrors hv` (the bank also hold
 mirror images, a tile's map is averaged over its mirrors: 4x the patches, features and search); mirrors_bank: the
 same with a quarter of the coreset ratio, so the bank keeps about the default's rows; no_prior: the default with
 `--position-prior off` (the image score never discounts a position prior); nbhd1 / nbhd5: the default with the
-patch features averaged over 1 x 1 (none) or 5 x 5 positions instead of 3 x 3 (`--neighbourhood`); search: the same with `--search-settings`; stpm: STPM on the same default teacher with
+patch features averaged over 1 x 1 (none) or 5 x 5 positions instead of 3 x 3 (`--neighbourhood`); search: the same with
+`--search-settings on` (the scale and the layers); no_search: the default with `--search-settings off` (the default
+before it searched the scale where it shrinks the images 2x or more); every variant above but default and search
+keeps the settings search off, so it is the default *scale* with its one change, as when it was measured; stpm: STPM on the same default teacher with
     the ResNet18 student (it beat the same-family student, quality_256px) and a short schedule (--epochs,
     --batch-size, --lr); stpm_cf: the same with `--refit-folds` (a student per calibration fold)."""
-    model, train, tiling = ModelOptions(), TrainOptions(device=a.device), TilingOptions()
-    calibration = CalibrationOptions()
+    model, tiling, calibration = ModelOptions(), TilingOptions(), CalibrationOptions()
+    train = TrainOptions(device=a.device, search_settings="auto" if label == "default" else "off")
     if label == "lite2":
         model = ModelOptions(backbone="efficientnet_lite2")
     elif label == "x2":
@@ -178,14 +182,14 @@ patch features averaged over 1 x 1 (none) or 5 x 5 positions instead of 3 x 3 (`
     elif label in ("nbhd1", "nbhd5"):  # the patch features' neighbourhood: none (1 x 1) or 5 x 5, not 3 x 3
         model = ModelOptions(neighbourhood=int(label[-1]))
     elif label == "search":
-        train = TrainOptions(device=a.device, search_settings=True)
+        train = TrainOptions(device=a.device, search_settings="on")
     elif label in ("stpm", "stpm_cf"):
         model = ModelOptions(method="stpm", student_backbone="resnet18", image_size=a.image_size)
         train = TrainOptions(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=0, device=a.device)
         if label == "stpm_cf":
             calibration = CalibrationOptions(refit_folds=True)
-    elif label != "default":
-        raise SystemExit(f"unknown config {label!r}: default, lite2, x2, stride4, stride4_bank, mirrors, "
+    elif label not in ("default", "no_search"):
+        raise SystemExit(f"unknown config {label!r}: default, no_search, lite2, x2, stride4, stride4_bank, mirrors, "
                          "mirrors_bank, no_prior, nbhd1, nbhd5, search, stpm or stpm_cf")
     return TrainingOptions(model=model, train=train, tiling=tiling, calibration=calibration)
 

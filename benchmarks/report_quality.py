@@ -259,12 +259,16 @@ def _chosen(row: dict[str, Any]) -> str:
     st = row.get("settings")
     if not st:
         fixed = "default" if row.get("config", "default") == "default" else f"the {row['config']} config's"
-        return f"{fixed} resolution and layers (no --search-settings), {tail}"
+        return f"{fixed} resolution and layers (no settings search), {tail}"
     tried = "; ".join(f"x{c['scale_factor']:g} {','.join(c['layers'])}: {c['synthetic_image_auroc']:.3f}"
                       for c in st["candidates"])
+    out = "".join(f"; left out: x{c['scale_factor']:g} {','.join(c['layers'])}"
+                  + (f" ({c['synthetic_image_auroc']:.3f})" if "synthetic_image_auroc" in c else "") + f", {c['why']}"
+                  for c in st.get("left_out", []))
+    kind = "search (auto)" if st.get("mode") == "auto" else "search"
     c = st["chosen"]
     return (f"scale x{c['scale_factor']:g} of the default, layers {','.join(c['layers'])}, {tail} "
-            f"(synthetic image AUROC per candidate: {tried}; search {st.get('search_s', 0):.0f} s)")
+            f"(synthetic image AUROC per candidate: {tried}{out}; {kind} {st.get('search_s', 0):.0f} s)")
 
 
 def ensemble_markdown(res: dict[str, Any]) -> str:

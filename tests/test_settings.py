@@ -29,7 +29,7 @@ def _candidates(config: TrainingOptions, size: int = 1024, held_out: int = HELD_
 
 
 def test_the_search_covers_what_the_options_leave_open_within_the_tile_budget():
-    open_ = _candidates(build({"search_settings": True}))
+    open_ = _candidates(build({"search_settings": "on"}))
     default_layers = resolved(ModelOptions()).layers
     assert open_[0] == settings.Setting(1.0, default_layers)  # the default first: it wins ties
     # square parts at tile 256: x2 needs 9 tiles per image (within MAX_TILES_PER_IMAGE)
@@ -39,16 +39,55 @@ def test_the_search_covers_what_the_options_leave_open_within_the_tile_budget():
     finer = next(s.layers for s in open_ if s.layers != default_layers)
     assert finer[1:] == default_layers and len(finer) == 3
     # elongated ones (1:4, as KolektorSDD): x2 would need 3 x 11 tiles, so only the default scale is tried
-    assert {s.factor for s in _candidates(build({"search_settings": True}), size=256, aspect=4)} == {1.0}
+    assert {s.factor for s in _candidates(build({"search_settings": "on"}), size=256, aspect=4)} == {1.0}
     # what the user fixes stays fixed
-    assert {s.factor for s in _candidates(build({"search_settings": True, "scale": 0.25}))} == {1.0}
-    assert {s.factor for s in _candidates(build({"search_settings": True, "resolution": 256}))} == {1.0}
-    fixed_layers = _candidates(build({"search_settings": True, "layers": "blocks.1,blocks.2"}))
+    assert {s.factor for s in _candidates(build({"search_settings": "on", "scale": 0.25}))} == {1.0}
+    assert {s.factor for s in _candidates(build({"search_settings": "on", "resolution": 256}))} == {1.0}
+    fixed_layers = _candidates(build({"search_settings": "on", "layers": "blocks.1,blocks.2"}))
     assert {s.layers for s in fixed_layers} == {("blocks.1", "blocks.2")}
     # a method with a training loop, or too few held-out images to judge by: the defaults, no search
-    assert len(_candidates(build({"search_settings": True, "method": "stpm"}))) == 1
-    assert _candidates(build({"search_settings": True}), held_out=HELD_OUT - 1) == [settings.Setting(1.0, default_layers)]
-    assert _candidates(build({})) == [settings.Setting(1.0, default_layers)]  # off by default
+    assert len(_candidates(build({"search_settings": "on", "method": "stpm"}))) == 1
+    assert _candidates(build({"search_settings": "on"}), held_out=HELD_OUT - 1) == [settings.Setting(1.0, default_layers)]
+    assert _candidates(build({"search_settings": "off"})) == [settings.Setting(1.0, default_layers)]
+
+
+def test_auto_searches_the_scale_alone_where_the_default_scale_loses_detail():
+    """The default (auto): where the default scale shrinks the images 2x or more (a 1024 px part at tile 256,
+    and the 512 px boundary itself), the default scale and 2x finer on the default layers; elsewhere (a part
+    shown at 0.64x) nothing is searched. A job queued when the option was a boolean still reads."""
+    default_layers = resolved(ModelOptions()).layers
+    assert build({}).train.search_settings == "auto"
+    for size in (1024, 512):
+        assert _candidates(build({}), size=size) == [settings.Setting(1.0, default_layers),
+                                                     settings.Setting(2.0, default_layers)]
+    assert _candidates(build({}), size=400) == [settings.Setting(1.0, default_layers)]
+    # the time budgets scale the default's trial by the tiles: 9 overlapping tiles for a square part at 2x
+    one, nine = _candidates(build({}), size=1024)
+    assert (one.tiles, nine.tiles) == (1, 9)
+    assert settings._cost_ratio(settings.Trial(one, 1.0, 1.0, 1.0, 0.9, 0.9, {}), nine) == 9
+    assert _candidates(build({}), held_out=HELD_OUT - 1) == [settings.Setting(1.0, default_layers)]
+    assert build({"search_settings": True}).train.search_settings == "on"
+    assert build({"search_settings": False}).train.search_settings == "off"
+
+
+def test_auto_buys_a_finer_scale_only_where_the_whole_training_fits_its_budget():
+    """The final training at a setting is expected from its trial (the sample fit scaled to every training
+    image; the trial's scoring per image scaled to the final passes); auto leaves 2x out before its trial
+    when the default's trial, at 4x the cost, says the whole training would overrun, and after it when its
+    own trial says so. `on` has no whole-training budget."""
+    base = settings.Trial(settings.Setting(1.0, ("a",)), 1.0, 1.0, 5.0, 0.9, 0.9, {}, trial_s=31.0)
+    sizes = settings.Sizes(n_train=20, n_val=10, spent_before_s=5.0)
+    # scoring: 30 s for 10 held-out images and their 20 synthetic anomalies -> 1 s per image, 50 images
+    assert settings.expected_final_s(base, sizes) == pytest.approx(5 + settings.FINAL_SCORING_FACTOR * 50)
+    assert settings.expected_final_s(base, sizes, 4.0) == pytest.approx(4 * settings.expected_final_s(base, sizes))
+    finer = settings.Setting(2.0, ("a",))
+    whole = sizes.spent_before_s + 31 + 4 * 31 + 4 * settings.expected_final_s(base, sizes)
+    assert whole < settings.TRAIN_BUDGET_S and settings._left_out_because(finer, [base], 31.0, sizes) is None
+    big = settings.Sizes(n_train=1000, n_val=10, spent_before_s=5.0)
+    assert "whole training" in settings._left_out_because(finer, [base], 31.0, big)
+    assert settings._left_out_because(finer, [base], 31.0, settings.Sizes(1000, 10, None)) is None  # on
+    assert settings._over_budget(base, 0.0, sizes) is None
+    assert "whole training" in settings._over_budget(base, settings.TRAIN_BUDGET_S, sizes)
 
 
 def _trial(factor: float, layers: tuple[str, ...], auroc: float) -> settings.Trial:
@@ -146,7 +185,7 @@ def test_training_records_the_search_and_uses_its_choice(tiny, tmp_path, monkeyp
     for i, img in enumerate(train + val):
         Image.fromarray(img).save(tmp_path / f"{i}.png")
     monkeypatch.setattr(settings, "MIN_HELD_OUT", 2)
-    config = build({"search_settings": True, "pretrained": False, "image_size": 64, "bank_size": 500, "layers": "blocks.2,blocks.4",
+    config = build({"search_settings": "on", "pretrained": False, "image_size": 64, "bank_size": 500, "layers": "blocks.2,blocks.4",
                     "device": "cpu", "batch_size": 8, "val_fraction": 0.3})
     out = run_training(sorted(tmp_path.glob("*.png")), "searched", tmp_path / "models", config, export=False,
                        show_bar=False)

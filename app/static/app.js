@@ -870,6 +870,12 @@ async function loadVersionDetails(name, version, details) {
     if (pp && pp.synthetic_image_auroc_with != null) {
       add("Position prior", `${pp.chosen ? "kept" : "not kept"} (${pp.mode}): synthetic image AUROC ${fmtNum(pp.synthetic_image_auroc_without)} without, ${fmtNum(pp.synthetic_image_auroc_with)} with, from ${pp.n_images} out-of-fold images`);
     }
+    const st = tr.settings;
+    if (st && st.chosen) {
+      const tried = (st.candidates || []).map((c) => `x${c.scale_factor} ${c.layers.join(",")} ${fmtNum(c.synthetic_image_auroc)}`).join(" · ");
+      const out = (st.left_out || []).map((c) => `x${c.scale_factor} left out: ${c.why}`).join(" · ");
+      add("Resolution", `x${st.chosen.scale_factor} the default scale, layers ${st.chosen.layers.join(",")} (${st.chosen.tiles_per_image} tiles per image); synthetic image AUROC: ${tried}${out ? " · " + out : ""} (search ${st.mode === "auto" ? "auto, " : ""}${fmtNum(st.search_s)} s)`);
+    }
     add("Training", ["epochs", "best_epoch", "batch_size", "lr"].filter((k) => tr[k] != null).map((k) => `${k} ${typeof tr[k] === "number" ? fmtNum(tr[k]) : tr[k]}`).join(" · ") || null);
     const data = man.data || {};
     add("Data", data.n_images != null ? `${data.n_images} images` : (data.n_train != null ? `${data.n_train} train / ${data.n_val ?? "?"} val` : null));

@@ -70,6 +70,15 @@ MethodName = Annotated[str, AfterValidator(_method_name)]
 Names = Annotated[tuple[str, ...], BeforeValidator(_comma_separated)]
 
 
+def _on_off(v: Any) -> Any:
+    """A former boolean option's value (a job queued before it had an auto) -> on / off."""
+    return ("on" if v else "off") if isinstance(v, bool) else v
+
+
+# search_settings was a boolean (on / off) before it had an auto mode
+SearchMode = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)]
+
+
 def option(default: Any, help: str, *, name: str | None = None, aliases: tuple[str, ...] = (), api: bool = True,
            **bounds: float) -> Any:
     """A user-facing option: its default, help, bounds (ge/gt/le/lt) and how it is offered."""
@@ -188,9 +197,12 @@ class TrainOptions(Section):
     num_workers: int = option(0, "DataLoader worker processes", name="workers", ge=0, le=64, api=False)
     augment: bool = option(False, "mild photometric jitter")
     max_steps: int = option(0, "cap on optimizer steps per epoch (0: none; smoke tests)", ge=0, le=1_000_000_000)
-    search_settings: bool = option(False, "choose the resolution and feature layers the options leave open on "
-                                   "synthetic anomalies (PatchCore, >= 10 held-out images; up to 8 minutes more "
-                                   "training, and a finer choice scores up to 9x slower)")
+    search_settings: SearchMode = option(
+        "auto", "choose what the options leave open on synthetic anomalies of the held-out good images (PatchCore, "
+        ">= 10 held-out images): on: the resolution (the default and 2x finer) and the feature layers (up to 8 "
+        "minutes more training; a finer choice scores up to 9x slower); auto: the resolution alone, only where "
+        "the default scale shrinks the images 2x or more, and 2x finer only where the whole training is expected "
+        "to fit in 12 minutes; off: neither")
 
 
 class CalibrationOptions(Section):

@@ -99,8 +99,9 @@ def load_good_images(data: str | Path | list[Path], config: TrainingOptions, ski
 
 
 def choose_settings(data: str | Path | list[Path], images: GoodImages, model_cfg: ModelOptions,
-                    config: TrainingOptions, run: FitRun, gen: torch.Generator, skip_bad: bool):
-    """The scale and feature layers the options leave open, chosen on synthetic anomalies (stpm.training.settings);
+                    config: TrainingOptions, run: FitRun, gen: torch.Generator, skip_bad: bool, started: float):
+    """The scale and feature layers the options leave open, chosen on synthetic anomalies (stpm.training.settings;
+    `started`: time.monotonic() when the training began, for its whole-training budget);
     -> (config, model_cfg, images at the chosen scale, the report or None when nothing was open)."""
     options = settings.candidates(config, model_cfg, images.geometry, images.sizes, len(images.val_idx))
     if len(options) == 1:
@@ -108,7 +109,7 @@ def choose_settings(data: str | Path | list[Path], images: GoodImages, model_cfg
     pick = settings.sample_indices(len(images.train_idx), settings.SAMPLE_IMAGES, config.train.seed)
     sample = [read_image(images.paths[images.train_idx[i]]) for i in pick]
     choice = settings.choose(options, sample, images.val_images(), len(images.train_idx), images.geometry, model_cfg,
-                             config, run, gen)
+                             config, run, gen, time.monotonic() - started)
     model_cfg = updated(model_cfg, layers=choice.setting.layers)
     scale = images.geometry.scale * choice.setting.factor
     config = config.model_copy(update={"model": updated(config.model, layers=choice.setting.layers),
@@ -276,6 +277,7 @@ def run_training(
     version of `name`. The method sees the training images' tiles; what the options leave open (sigma,
     image score) is chosen on synthetic anomalies of the held-out good images, which then set the
     threshold. -> TrainOutcome (version None when Ctrl-C stopped a training loop: nothing published)."""
+    started = time.monotonic()
     check_name(name)
     model_cfg = resolved(config.model)
     images = load_good_images(data, config, skip_bad)
@@ -283,7 +285,7 @@ def run_training(
     run = FitRun(device, weights_dir, Path(run_dir) if run_dir else None, resume, progress, should_stop, show_bar)
     with reproducible(config.train.seed, device) as gen:  # seeded; the caller's RNGs and settings come back after
         config, model_cfg, images, setting_report = choose_settings(data, images, model_cfg, config, run, gen,
-                                                                    skip_bad)
+                                                                    skip_bad, started)
         folds = fold_labels(len(images.train_idx), config.calibration.folds, config.train.seed)
         data_ = FitData(images.train, images.val, config.train.seed, gen, folds, config.calibration.refit_folds)
         fitted = registry.method(model_cfg.method).fit(model_cfg, config.train, data_, run)

@@ -1,24 +1,25 @@
 """Choosing a model's resolution and feature layers without a single defect image.
 
 The default scale (tile / median short side) shrinks a 1024 px part to 256 px, where a scratch or a
-pin-hole of a few pixels vanishes; the default layers see the image at stride 8 / 16. With
-`search_settings` on (opt-in), what the user leaves open (no `--scale` / `--resolution`, no `--layers`) is
-chosen here, before the final fit: every candidate
-(the default scale and 2x finer, within the tile budget; the method's layer sets) is fitted on a
-sample of the training images and scored on synthetic anomalies of the held-out good images (all kinds,
-including `fine` ones a few input pixels wide: stpm.training.synthetic), exactly as model selection scores
-its smoothing. The highest synthetic image AUROC wins; a finer (costlier) scale or another layer set must
-beat the cheapest candidate by TOLERANCE, so detail is bought only where the data shows it matters.
-Candidates whose full fit would exceed the time budget (extrapolated from their sample fit) are left out.
-Every candidate, its numbers and the choice go into the manifest (`training.settings`).
-"""
+pin-hole of a few pixels vanishes; the default layers see the image at stride 8 / 16. What the user leaves
+open (no `--scale` / `--resolution`, no `--layers`) is chosen here, before the final fit (`search_settings`:
+auto, the default, the scale alone and only where the default scale shrinks the images 2x or more; on, the
+scale and the layers; off): every candidate (the default scale and 2x finer, within the tile budget; with
+on, the method's layer sets) is fitted on a sample of the training images and scored on synthetic
+anomalies of the held-out good images (all kinds, including `fine` ones a few input pixels wide:
+stpm.training.synthetic), exactly as model selection scores its smoothing. The highest synthetic image
+AUROC wins; a finer (costlier) scale or another layer set must beat the cheapest candidate by TOLERANCE,
+so detail is bought only where the data shows it matters. Candidates whose full fit or trial would exceed
+the time budgets (extrapolated from the trials so far) are left out; with auto, so is a finer scale whose
+whole training (the search, then the final fit and its scoring passes) is expected beyond TRAIN_BUDGET_S.
+Every candidate, those left out and why, and the choice go into the manifest (`training.settings`)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from stpm.imaging.geometry import Geometry, plan, tile_images
 from stpm.methods import registry
 from stpm.methods.base import FitData, FitRun
 from stpm.options import ModelOptions, TrainingOptions, updated
-from stpm.training.selection import select
+from stpm.training.selection import PER_IMAGE, select
 
 log = logging.getLogger("stpm.training.settings")
 
@@ -43,12 +44,24 @@ SEARCH_BUDGET_S = 480.0  # once the search has taken this long, the candidates n
 # below this many held-out good images the synthetic AUROC of two settings differs by noise more than by
 # TOLERANCE (10 images: 10 good vs 20 synthetic, a step of 0.005), so the defaults are kept
 MIN_HELD_OUT = 10
+# search_settings auto: a finer candidate only where the whole training it leads to is expected within this
+# (the search so far, then the final fit and its scoring passes: `expected_final_s`), so that the defaults keep
+# to the 15 minutes on two CPU cores with room for a slower CPU and the export
+TRAIN_BUDGET_S = 720.0
+# the final model's scoring costs more per image than the trial's: its memory bank holds 1 % of every
+# training image's patches, not of the sample's (at least MIN_BANK rows either way); measured on bottle at
+# 2x (docs/BENCHMARKS.md, "The settings search by default")
+FINAL_SCORING_FACTOR = 1.5
+# search_settings auto: only where the default scale shrinks the (median) image by 2x or more, as a 512 px or
+# larger part at tile 256, where a defect 2 px wide is at most one pixel of model input
+AUTO_MAX_SCALE = 0.5
 
 
 @dataclass(frozen=True)
 class Setting:
     factor: float  # the scale as a multiple of the default scale
     layers: tuple[str, ...]
+    tiles: int = field(default=0, compare=False)  # the median image's tiles at this scale (0: not planned)
 
     def describe(self) -> str:
         return f"scale x{self.factor:g}, layers {','.join(self.layers)}"
@@ -57,25 +70,29 @@ class Setting:
 def candidates(config: TrainingOptions, model_cfg: ModelOptions, geometry: Geometry,
                sizes: Sequence[tuple[int, int]], n_held_out: int) -> list[Setting]:
     """The settings to try, cheapest first: what the options fix is fixed, what they leave open is searched
-    (unless `search_settings` is off; only for a method cheap to fit again, with at least MIN_HELD_OUT
-    held-out images to judge by)."""
-    t = config.tiling
-    factors = [1.0]
-    if not (config.train.search_settings and registry.spec(model_cfg.method).cheap_fit) or n_held_out < MIN_HELD_OUT:
-        return [Setting(1.0, model_cfg.layers)]
+    (`search_settings` on: the scale and the layers; auto: the scale alone, only where the default scale
+    shrinks the images by 1 / AUTO_MAX_SCALE or more; only for a method cheap to fit again, with at least
+    MIN_HELD_OUT held-out images to judge by)."""
+    t, mode = config.tiling, config.train.search_settings
+    default = [Setting(1.0, model_cfg.layers)]
+    if mode == "off" or not registry.spec(model_cfg.method).cheap_fit or n_held_out < MIN_HELD_OUT:
+        return default
+    if mode == "auto" and geometry.scale > AUTO_MAX_SCALE * (1 + 1e-6):
+        return default  # the default scale keeps the detail (at most a 2x reduction): nothing to search
+    median = (int(np.median([h for h, _ in sizes])), int(np.median([w for _, w in sizes])))
+    factors = {1.0: plan(*median, geometry).n_tiles}
     if t.mode == "tile" and t.scale is None and t.resolution is None:
-        median = (int(np.median([h for h, _ in sizes])), int(np.median([w for _, w in sizes])))
         largest = max(sizes, key=lambda s: s[0] * s[1])
         for f in SCALE_FACTORS[1:]:
             g = replace(geometry, scale=geometry.scale * f)
             if plan(*median, g).n_tiles > MAX_TILES_PER_IMAGE or plan(*largest, g).n_tiles > g.max_tiles:
                 break
-            factors.append(f)
+            factors[f] = plan(*median, g).n_tiles
     layer_sets = [model_cfg.layers]
-    if not config.model.layers:  # left open: the method's alternatives too
+    if mode == "on" and not config.model.layers:  # left open: the method's alternatives too
         layer_sets += [ls for ls in registry.spec(model_cfg.method).layer_candidates(model_cfg.backbone)
                        if ls != model_cfg.layers]
-    return [Setting(f, ls) for f in factors for ls in layer_sets]
+    return [Setting(f, ls, n) for f, n in factors.items() for ls in layer_sets]
 
 
 @dataclass
@@ -139,13 +156,16 @@ class Choice:
 
 def choose(settings: list[Setting], train_images: list[np.ndarray], val_images: list[np.ndarray],
            n_train: int, geometry: Geometry, model_cfg: ModelOptions, config: TrainingOptions, run: FitRun,
-           gen: torch.Generator) -> Choice:
-    """Try every setting on a sample of the training images (cheapest first, within the time budget)."""
+           gen: torch.Generator, spent_before_s: float = 0.0) -> Choice:
+    """Try every setting on a sample of the training images (cheapest first, within the time budgets; with
+    `search_settings` auto also within TRAIN_BUDGET_S for the whole training, of which `spent_before_s`
+    went before the search)."""
     trials: list[Trial] = []
     left_out: list[dict[str, Any]] = []
+    sizes = Sizes(n_train, len(val_images), spent_before_s if config.train.search_settings == "auto" else None)
     t0 = time.monotonic()
     for s in settings:
-        why = _left_out_because(s, trials, time.monotonic() - t0)
+        why = _left_out_because(s, trials, time.monotonic() - t0, sizes)
         if why:
             log.info("settings: %s left out (%s)", s.describe(), why)
             left_out.append({"scale_factor": s.factor, "layers": list(s.layers), "why": why})
@@ -153,19 +173,61 @@ def choose(settings: list[Setting], train_images: list[np.ndarray], val_images: 
         run.check_stop()
         run.report({"phase": f"settings: {s.describe()}", "epoch": 1, "epochs": 1, "step": len(trials) + 1,
                     "steps": len(settings)})
-        trials.append(_try(s, train_images, val_images, n_train, geometry, model_cfg, config, run, gen))
+        trial = _try(s, train_images, val_images, n_train, geometry, model_cfg, config, run, gen)
         log.info("settings: %s: synthetic image AUROC %.4f (%.0f s on %d images)", s.describe(),
-                 trials[-1].synthetic_image_auroc, trials[-1].sample_fit_s, len(train_images))
+                 trial.synthetic_image_auroc, trial.sample_fit_s, len(train_images))
+        why = _over_budget(trial, time.monotonic() - t0, sizes) if trials else None
+        if why:  # measured, but the final training it would lead to is not affordable
+            log.info("settings: %s not chosen (%s)", s.describe(), why)
+            left_out.append({**trial.record(), "why": why})
+            continue
+        trials.append(trial)
     best = _choose(trials)
     report = {"candidates": [t.record() for t in trials], "left_out": left_out, "chosen": best.record(),
               "n_sample_images": len(train_images), "tolerance": TOLERANCE, "budget_s": BUDGET_S,
               "search_budget_s": SEARCH_BUDGET_S, "search_s": round(time.monotonic() - t0, 1),
               "reason": "the cheapest setting (default scale and layers first) unless another beats its synthetic "
                         f"image AUROC by {TOLERANCE}; then the best of those"}
+    if sizes.spent_before_s is not None:
+        report.update(mode="auto", train_budget_s=TRAIN_BUDGET_S, spent_before_s=round(spent_before_s, 1),
+                      expected_final_s={f"x{t.setting.factor:g}": round(expected_final_s(t, sizes), 1)
+                                        for t in trials})
     return Choice(best.setting, report)
 
 
-def _left_out_because(s: Setting, trials: list[Trial], spent_s: float) -> str | None:
+@dataclass(frozen=True)
+class Sizes:
+    """What the whole-training budget needs to know: the final fit's images, and the time spent before the
+    search (None: no whole-training budget, `search_settings` on)."""
+
+    n_train: int
+    n_val: int
+    spent_before_s: float | None
+
+
+def expected_final_s(trial: Trial, sizes: Sizes, ratio: float = 1.0) -> float:
+    """The final training at a trial's setting (x `ratio` the cost), expected from the trial: its sample fit
+    scaled to every training image, and its scoring (each held-out image and its PER_IMAGE synthetic
+    anomalies) scaled to the final model's passes: every training image out of fold, and the held-out images
+    and their synthetic anomalies again (model selection), at FINAL_SCORING_FACTOR the cost per image."""
+    scored = sizes.n_val * (1 + PER_IMAGE)
+    per_image = max(trial.trial_s - trial.sample_fit_s, 0.0) / max(scored, 1)
+    return ratio * (trial.full_fit_s + FINAL_SCORING_FACTOR * per_image * (sizes.n_train + scored))
+
+
+def _over_budget(trial: Trial, spent_s: float, sizes: Sizes, ratio: float = 1.0, ahead_s: float = 0.0) -> str | None:
+    """Why the whole training would overrun TRAIN_BUDGET_S (auto only) at `trial`'s setting, or at a setting
+    `ratio` times as costly whose trial is still `ahead_s` away; else None."""
+    if sizes.spent_before_s is None:
+        return None
+    total = sizes.spent_before_s + spent_s + ahead_s + expected_final_s(trial, sizes, ratio)
+    if total > TRAIN_BUDGET_S:
+        return (f"the whole training would take about {total:.0f} s, over the {TRAIN_BUDGET_S:.0f} s of "
+                "search_settings auto")
+    return None
+
+
+def _left_out_because(s: Setting, trials: list[Trial], spent_s: float, sizes: Sizes | None = None) -> str | None:
     """Why a setting is not tried (the time budgets), or None. A trial's time is mostly the scoring of the
     held-out images' synthetic anomalies, not its sample fit (bottle at 2x: 19 s of fit in a search of 762
     s), so the search budget is checked against the time the trial is expected to take (the first trial's,
@@ -178,12 +240,18 @@ def _left_out_because(s: Setting, trials: list[Trial], spent_s: float) -> str | 
                 f"{spent_s:.0f} s)")
     if trials and trials[0].full_fit_s * _cost_ratio(trials[0], s) > BUDGET_S:
         return f"its full fit would exceed {BUDGET_S:.0f} s"
+    if trials and sizes is not None:
+        return _over_budget(trials[0], spent_s, sizes, _cost_ratio(trials[0], s), expected)
     return None
 
 
 def _cost_ratio(base: Trial, s: Setting) -> float:
-    """Roughly how much more a setting's fit costs than the base trial's: tiles grow with the scale squared."""
+    """Roughly how much more a setting's fit costs than the base trial's: as its tiles per image (overlapping
+    tiles: 9 for 4 tiles' area on a square part at 2x), else with the scale squared."""
+    if s.tiles and base.setting.tiles:
+        return s.tiles / base.setting.tiles
     return (s.factor / base.setting.factor) ** 2
 
 
-__all__ = ["MIN_HELD_OUT", "SAMPLE_IMAGES", "Choice", "Setting", "candidates", "choose", "sample_indices"]
+__all__ = ["AUTO_MAX_SCALE", "MIN_HELD_OUT", "SAMPLE_IMAGES", "TRAIN_BUDGET_S", "Choice", "Setting", "candidates", "choose",
+           "expected_final_s", "sample_indices"]
