@@ -194,3 +194,19 @@ def test_training_records_the_search_and_uses_its_choice(tiny, tmp_path, monkeyp
     assert [c["scale_factor"] for c in rec["candidates"]] == [1.0, 2.0]  # layers were given: only the scale
     assert m.geometry.scale == pytest.approx(64 / 96 * rec["chosen"]["scale_factor"])
     assert list(m.model.layers) == rec["chosen"]["layers"] == ["blocks.2", "blocks.4"]
+
+
+def test_the_search_runs_where_sigma_and_image_score_are_given(tiny):
+    """Given sigma and image score, model selection has nothing to choose, yet the settings search still
+    compares the scales by that candidate's synthetic AUROCs (it used to find none and fail), and the maps it
+    keeps are those of the given sigma."""
+    train, val, config = tiny
+    config = config.model_copy(update={"model": config.model.model_copy(update={"sigma": 4.0, "image_score": "max"})})
+    model_cfg = resolved(config.model)
+    options = [settings.Setting(1.0, model_cfg.layers), settings.Setting(2.0, model_cfg.layers)]
+    with reproducible(0, torch.device("cpu")) as gen:
+        choice = settings.choose(options, train, val, len(train), Geometry(tile=64, scale=64 / 96), model_cfg, config,
+                                 FitRun(torch.device("cpu"), show_bar=False), gen)
+    rows = choice.report["candidates"]
+    assert [r["scale_factor"] for r in rows] == [1.0, 2.0]
+    assert all(0.0 <= r["synthetic_image_auroc"] <= 1.0 and set(r["per_kind_image_auroc"]) for r in rows)

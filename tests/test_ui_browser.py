@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -133,6 +134,15 @@ def framed_server(tmp_path_factory):
                           train=TrainOptions(device="cpu", val_fraction=0.25),
                           calibration=CalibrationOptions(folds=3))
     run_training(paths, "framed", root / "models", cfg, show_bar=False)
+    # and one whose resolution was searched: 40 images of 128 px at 64 px tiles, 10 held out (the search's minimum)
+    searched = []
+    for i in range(40):
+        searched.append(root / f"part{i:02d}.png")
+        Image.fromarray(rng.integers(60, 200, (128, 128, 3), dtype=np.uint8)).save(searched[-1])
+    cfg = TrainingOptions(model=ModelOptions(backbone="resnet18", pretrained=False, image_size=64, layers=("layer2",),
+                                             sigma=4.0, image_score="max", position_prior="off"),
+                          train=TrainOptions(device="cpu", val_fraction=0.25, search_settings="on"))
+    run_training(searched, "searched", root / "models", cfg, show_bar=False, export=False)
     proc, url = start_uvicorn(root / "models", {"STPM_DATA_DIR": str(root / "data")})
     yield url
     stop(proc)
@@ -374,6 +384,18 @@ def test_models_tab_names_the_position_prior(page, framed_server):
     assert "kept (on): synthetic image AUROC" in text and "from 9 out-of-fold images" in text  # 12 less 3 held out
     # cross-fitted calibration: the count says where its good scores came from
     assert "12 good images: 3 held out, 9 training images scored out of fold" in text
+
+
+def test_models_tab_names_the_resolution_the_search_chose(page, framed_server):
+    page.goto(framed_server + "/#models")
+    v1 = page.locator("section.model[data-model='searched'] tr[data-version='v1']")
+    v1.wait_for()
+    v1.locator("summary:has-text('Calibration')").click()
+    v1.locator("dt:has-text('Resolution')").wait_for()
+    text = v1.locator("dt:has-text('Resolution') + dd").inner_text()
+    # both scales tried (the layers were given), the choice with its tiles, and the search's time
+    assert re.search(r"^x[12] the default scale, layers layer2 \((1|9) tiles per image\); synthetic image AUROC: "
+                     r"x1 layer2 [\d.]+ · x2 layer2 [\d.]+ \(search [\d.]+ s\)$", text), text
 
 
 def test_train_tiny_job_from_a_folder_cancel_another(page, server, tmp_path):

@@ -104,15 +104,20 @@ def _score_candidates(cands: list[Candidate], raw_good: np.ndarray, raw_bad: np.
         gm, bm = stitch_all(_blur(raw_good, sigma), good), stitch_all(_blur(raw_bad, sigma), bad)
         maps_by_sigma[sigma] = gm, bm
         px = _pixel_auroc(gm, bm, masks)
-        labels = np.r_[np.zeros(len(gm)), np.ones(len(bm))]
         for c in (c for c in cands if c.sigma == sigma):
-            spec = ImageScore(c.image_score, topk)
-            good_s, bad_s = image_scores(gm, spec), image_scores(bm, spec)
-            img = _auroc(labels, np.r_[good_s, bad_s])
-            rows.append({"sigma": sigma, "image_score": c.image_score, "synthetic_image_auroc": round(img, 4),
-                         "synthetic_pixel_auroc": round(px, 4),
-                         "per_kind_image_auroc": _per_kind(good_s, bad_s, kinds)})
+            rows.append({"sigma": sigma, "image_score": c.image_score,
+                         **_synthetic_aurocs(gm, bm, ImageScore(c.image_score, topk), px, kinds)})
     return rows, maps_by_sigma
+
+
+def _synthetic_aurocs(good_maps: list[np.ndarray], bad_maps: list[np.ndarray], spec: ImageScore, pixel_auroc: float,
+                      kinds: list[str]) -> dict[str, Any]:
+    """One candidate's synthetic image AUROC (good maps vs their synthetic anomalies' under `spec`), its pixel
+    AUROC, and the image AUROC per kind of anomaly."""
+    good_s, bad_s = image_scores(good_maps, spec), image_scores(bad_maps, spec)
+    img = _auroc(np.r_[np.zeros(len(good_s)), np.ones(len(bad_s))], np.r_[good_s, bad_s])
+    return {"synthetic_image_auroc": round(img, 4), "synthetic_pixel_auroc": round(pixel_auroc, 4),
+            "per_kind_image_auroc": _per_kind(good_s, bad_s, kinds)}
 
 
 def _per_kind(good: np.ndarray, bad: np.ndarray, kinds: list[str]) -> dict[str, float]:
@@ -145,7 +150,7 @@ def select(
     synthetic anomalies; the map module's smoothing is set to the winner."""
     cands = candidates(cfg)
     if len(cands) == 1:
-        return _given(amap, device, good, good_images, geometry, cands[0], seed, batch_size)
+        return _given(amap, device, good, good_images, geometry, cands[0], cfg.topk, seed, batch_size)
     if not good_images:
         raise ValueError("model selection needs at least one held-out good image")
     synth, bad, masks = _synthetic_set(good_images, geometry, seed)
@@ -169,17 +174,21 @@ def select(
 
 
 def _given(amap: MapModule, device: torch.device, good: TiledImages, good_images: Sequence[np.ndarray],
-           geometry: Geometry, only: Candidate, seed: int, batch_size: int) -> Selection:
+           geometry: Geometry, only: Candidate, topk: float, seed: int, batch_size: int) -> Selection:
     """Nothing to choose (sigma and image score given): the maps of the held-out good images and of their
-    synthetic anomalies (for calibration's recall side) under that candidate."""
+    synthetic anomalies (for calibration's recall side) under that candidate, and its synthetic AUROCs (what
+    the settings search compares, stpm.training.settings)."""
     fn = tile_fn(amap.with_sigma(only.sigma), device)
     maps = predict_maps(fn, good, batch_size)
-    report = {"candidates": [{"sigma": only.sigma, "image_score": only.image_score}],
-              "reason": "sigma and image score given explicitly"}
+    row: dict[str, Any] = {"sigma": only.sigma, "image_score": only.image_score}
+    report = {"candidates": [row], "reason": "sigma and image score given explicitly"}
     if not good_images:
         return Selection(only, maps, report)
-    synth, bad, _ = _synthetic_set(good_images, geometry, seed)
-    return Selection(only, maps, report, predict_maps(fn, bad, batch_size), [k for _, _, k in synth])
+    synth, bad, masks = _synthetic_set(good_images, geometry, seed)
+    bad_maps, kinds = predict_maps(fn, bad, batch_size), [k for _, _, k in synth]
+    row.update(_synthetic_aurocs(maps, bad_maps, ImageScore(only.image_score, topk),
+                                 _pixel_auroc(maps, bad_maps, masks), kinds))
+    return Selection(only, maps, report, bad_maps, kinds)
 
 
 __all__ = ["Candidate", "Selection", "candidates", "select"]
