@@ -73,8 +73,8 @@ def test_auto_searches_the_scale_alone_where_the_default_scale_loses_detail():
 def test_auto_buys_a_finer_scale_only_where_the_whole_training_fits_its_budget():
     """The final training at a setting is expected from its trial (the sample fit scaled to every training
     image; the trial's scoring per image scaled to the final passes); auto leaves 2x out before its trial
-    when the default's trial, at 4x the cost, says the whole training would overrun, and after it when its
-    own trial says so. `on` has no whole-training budget."""
+    when the default's trial at the area ratio (4x: a lower bound, whatever the tiles) says the whole training
+    would overrun, and after it when its own trial says so. `on` has no whole-training budget."""
     base = settings.Trial(settings.Setting(1.0, ("a",)), 1.0, 1.0, 5.0, 0.9, 0.9, {}, trial_s=31.0)
     sizes = settings.Sizes(n_train=20, n_val=10, spent_before_s=5.0)
     # scoring: 30 s for 10 held-out images and their 20 synthetic anomalies -> 1 s per image, 50 images
@@ -86,6 +86,10 @@ def test_auto_buys_a_finer_scale_only_where_the_whole_training_fits_its_budget()
     big = settings.Sizes(n_train=1000, n_val=10, spent_before_s=5.0)
     assert "whole training" in settings._left_out_because(finer, [base], 31.0, big)
     assert settings._left_out_because(finer, [base], 31.0, settings.Sizes(1000, 10, None)) is None  # on
+    # planned at 9 overlapping tiles, 2x would overrun by the tiles, but the screen leaves out only what cannot fit
+    tiled = settings.Trial(settings.Setting(1.0, ("a",), 1), 1.0, 1.0, 5.0, 0.9, 0.9, {}, trial_s=31.0)
+    assert sizes.spent_before_s + 31 + 9 * 31 + 9 * settings.expected_final_s(base, sizes) > settings.TRAIN_BUDGET_S
+    assert settings._left_out_because(settings.Setting(2.0, ("a",), 9), [tiled], 31.0, sizes) is None
     assert settings._over_budget(base, 0.0, sizes) is None
     assert "whole training" in settings._over_budget(base, settings.TRAIN_BUDGET_S, sizes)
 
