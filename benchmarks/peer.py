@@ -15,7 +15,10 @@ This project: a ResNet18 STPM bundle at 256 px with random weights (benchmarks/s
 speed_bundle), `Scorer(backend="auto", precision="auto")`, `score([file bytes], overlay=True)`: decode,
 resize, inference, overlay at the input's 512 px, encoded PNG or JPEG; and the bare session on a ready
 uint8 [1, 3, 256, 256] tensor. "quality": the defaults (PatchCore on an EfficientNet-Lite1 teacher), trained
-on the bottle train/good images (or --quality-bundle), so its bf16 gate decides on a real model.
+on the bottle train/good images (or --quality-bundle), so its bf16 gate decides on a real model; at the
+default scale (`--search-settings off`), the peer's 256 px: the default's settings search chooses twice the
+resolution on bottle, nine tiles per image (docs/BENCHMARKS.md, "The settings search by default"), which
+would compare different work.
 
 Every contender is a persistent worker process (models loaded and warmed once); rounds are interleaved
 (each round runs every contender for --per-round images, in a rotating order) so all see the same load.
@@ -231,7 +234,8 @@ def _bundles(kinds: list[str], a: argparse.Namespace, tmp: Path) -> dict[str, st
     if any(k in QUALITY_KINDS for k in kinds):  # the quality default, trained for real: bf16 ships only if it holds
         if a.quality_bundle is None:
             subprocess.run([sys.executable, "-m", "stpm.cli", "train", str(_shared_bottle()),
-                            "--name", "quality", "--models-dir", str(tmp / "models")], check=True, cwd=ROOT,
+                            "--name", "quality", "--models-dir", str(tmp / "models"), "--search-settings", "off"],
+                           check=True, cwd=ROOT,
                            stdout=subprocess.DEVNULL)
             a.quality_bundle = str(tmp / "models" / "quality" / "v1")
         bundles["quality"] = a.quality_bundle
