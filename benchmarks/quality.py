@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.1, help="paper: 0.4 at batch 32; scaled linearly")
     ap.add_argument("--datasets", default=",".join(DATASETS))
-    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), stride4 (a stride-4 patch grid), stride4_bank (the same, the default's bank rows), mirrors (the bank and the map averaged over the hv mirrors), mirrors_bank (the same, the default's bank rows), "
+    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), half (half the resolution), stride4 (a stride-4 patch grid), stride4_bank (the same, the default's bank rows), mirrors (the bank and the map averaged over the hv mirrors), mirrors_bank (the same, the default's bank rows), "
                     "no_prior (the default without a position prior), nbhd1 / nbhd5 (--neighbourhood 1 or 5, not 3), "
                     "search (--search-settings on), no_search (--search-settings off), stpm, stpm_cf (stpm with "
                     "--refit-folds)")
@@ -153,7 +153,8 @@ def config_of(label: str, a: argparse.Namespace) -> TrainingOptions:
     """default: what `stpm train DATA --name X` does (only the device set); lite2: the same on the larger
     EfficientNet-Lite2 teacher (its default layers); x2: the same at twice the default resolution (the
     training images' median short side scaled to two tiles, not one: what `--search-settings` calls scale
-    x2, here fixed); stride4: the default layers plus blocks.1, so the patch grid is stride 4 (4x the patches and
+    x2, here fixed); half: the same at half the default resolution (the median short side scaled to half a tile,
+padded to one); stride4: the default layers plus blocks.1, so the patch grid is stride 4 (4x the patches and
 queries; benchmarks/feature_taps.py); stride4_bank: the same with a quarter of the coreset ratio, so the bank keeps
 the default's rows; mirrors: the default with `--mirrors hv` (the bank also holds each good tile's three
 mirror images, a tile's map is averaged over its mirrors: 4x the patches, features and search); mirrors_bank: the
@@ -171,6 +172,8 @@ keeps the settings search off, so it is the default *scale* with its one change,
         model = ModelOptions(backbone="efficientnet_lite2")
     elif label == "x2":
         tiling = TilingOptions(resolution=2 * model.image_size)
+    elif label == "half":
+        tiling = TilingOptions(resolution=model.image_size // 2)
     elif label.removesuffix("_bank") in ("stride4", "mirrors"):  # 4x the patches; _bank: a quarter of the ratio
         ratio = ModelOptions().coreset_ratio / (4 if label.endswith("_bank") else 1)
         if label.startswith("stride4"):  # what --search-settings tries: blocks.1,2,4
@@ -189,7 +192,7 @@ keeps the settings search off, so it is the default *scale* with its one change,
         if label == "stpm_cf":
             calibration = CalibrationOptions(refit_folds=True)
     elif label not in ("default", "no_search"):
-        raise SystemExit(f"unknown config {label!r}: default, no_search, lite2, x2, stride4, stride4_bank, mirrors, "
+        raise SystemExit(f"unknown config {label!r}: default, no_search, lite2, x2, half, stride4, stride4_bank, mirrors, "
                          "mirrors_bank, no_prior, nbhd1, nbhd5, search, stpm or stpm_cf")
     return TrainingOptions(model=model, train=train, tiling=tiling, calibration=calibration)
 
