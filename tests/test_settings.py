@@ -214,3 +214,30 @@ def test_the_search_runs_where_sigma_and_image_score_are_given(tiny):
     rows = choice.report["candidates"]
     assert [r["scale_factor"] for r in rows] == [1.0, 2.0]
     assert all(0.0 <= r["synthetic_image_auroc"] <= 1.0 and set(r["per_kind_image_auroc"]) for r in rows)
+
+
+def test_the_default_searches_the_scale_of_large_images_within_its_budget(tmp_path):
+    """With no option but the data (a random teacher and 64 px tiles for speed), 128 px images are shrunk to
+    half, so `auto` tries the default scale and 2x on the default layers and records its budget and the final
+    training it expected of each; the published geometry is the chosen scale."""
+    from PIL import Image
+
+    from stpm.bundle.manifest import Manifest
+    from stpm.training.pipeline import run_training
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(40):  # 10 of them held out (val_fraction 0.25): the search's minimum
+        paths.append(tmp_path / f"{i:02d}.png")
+        Image.fromarray(rng.integers(60, 200, (128, 128, 3), dtype=np.uint8)).save(paths[-1])
+    config = build({"pretrained": False, "image_size": 64, "device": "cpu", "batch_size": 8, "val_fraction": 0.25})
+    assert config.train.search_settings == "auto"
+    out = run_training(paths, "auto", tmp_path / "models", config, export=False, show_bar=False)
+    m = Manifest.read(out.path)
+    rec = m.training["settings"]
+    default_layers = list(resolved(ModelOptions()).layers)
+    assert [(c["scale_factor"], c["layers"]) for c in rec["candidates"] + rec["left_out"]] == [
+        (1.0, default_layers), (2.0, default_layers)]
+    assert rec["mode"] == "auto" and rec["train_budget_s"] == settings.TRAIN_BUDGET_S and rec["spent_before_s"] >= 0
+    assert set(rec["expected_final_s"]) == {f"x{c['scale_factor']:g}" for c in rec["candidates"]}
+    assert m.geometry.scale == pytest.approx(64 / 128 * rec["chosen"]["scale_factor"])
