@@ -172,6 +172,9 @@ keeps the settings search off, so it is the default *scale* with its one change,
         model = ModelOptions(backbone="efficientnet_lite2")
     elif label == "x2":
         tiling = TilingOptions(resolution=2 * model.image_size)
+    elif label == "x2_tile":  # x2 with the tile doubled too: as many tiles as the default, each 4x the pixels
+        model = ModelOptions(image_size=2 * model.image_size)
+        tiling = TilingOptions(resolution=2 * ModelOptions().image_size, max_tiles=TilingOptions().max_tiles // 4)
     elif label == "half":
         tiling = TilingOptions(resolution=model.image_size // 2)
     elif label.removesuffix("_bank") in ("stride4", "mirrors"):  # 4x the patches; _bank: a quarter of the ratio
@@ -192,7 +195,7 @@ keeps the settings search off, so it is the default *scale* with its one change,
         if label == "stpm_cf":
             calibration = CalibrationOptions(refit_folds=True)
     elif label not in ("default", "no_search"):
-        raise SystemExit(f"unknown config {label!r}: default, no_search, lite2, x2, half, stride4, stride4_bank, mirrors, "
+        raise SystemExit(f"unknown config {label!r}: default, no_search, lite2, x2, x2_tile, half, stride4, stride4_bank, mirrors, "
                          "mirrors_bank, no_prior, nbhd1, nbhd5, search, stpm or stpm_cf")
     return TrainingOptions(model=model, train=train, tiling=tiling, calibration=calibration)
 

@@ -61,10 +61,16 @@ def test_auto_searches_the_scale_alone_where_the_default_scale_loses_detail():
         assert _candidates(build({}), size=size) == [settings.Setting(1.0, default_layers),
                                                      settings.Setting(2.0, default_layers)]
     assert _candidates(build({}), size=400) == [settings.Setting(1.0, default_layers)]
-    # the time budgets scale the default's trial by the tiles: 9 overlapping tiles for a square part at 2x
-    one, nine = _candidates(build({}), size=1024)
-    assert (one.tiles, nine.tiles) == (1, 9)
-    assert settings._cost_ratio(settings.Trial(one, 1.0, 1.0, 1.0, 0.9, 0.9, {}), nine) == 9
+    # 2x grows the tile with the scale: a 1024 px part is one 256 px tile at the default scale and one 512 px
+    # tile at 2x (not nine overlapping 256 px ones), within the same pixel budget; the time budgets scale the
+    # default's trial by the model input
+    one, two = _candidates(build({}), size=1024)
+    assert (one.cost, two.cost) == (256 ** 2, 512 ** 2)
+    assert settings._cost_ratio(settings.Trial(one, 1.0, 1.0, 1.0, 0.9, 0.9, {}), two) == 4
+    g = Geometry(tile=256, scale=0.25, max_tiles=64)
+    assert settings.finer(g, 1.0) is g
+    assert (settings.finer(g, 2.0).tile, settings.finer(g, 2.0).scale, settings.finer(g, 2.0).max_tiles) == (512, 0.5, 16)
+    assert settings.finer(Geometry(tile=768, scale=0.25), 2.0).tile == settings.MAX_TILE
     assert _candidates(build({}), held_out=HELD_OUT - 1) == [settings.Setting(1.0, default_layers)]
     assert build({"search_settings": True}).train.search_settings == "on"
     assert build({"search_settings": False}).train.search_settings == "off"
@@ -173,7 +179,9 @@ def test_the_search_is_deterministic_given_the_seed_and_records_every_candidate(
 
     assert strip(a.report) == strip(b.report) and a.setting == b.setting
     assert [c["scale_factor"] for c in a.report["candidates"]] == [1.0, 2.0]
-    assert a.report["candidates"][1]["tiles_per_image"] > a.report["candidates"][0]["tiles_per_image"]
+    c1, c2 = a.report["candidates"]
+    assert c2["tile"] == 2 * c1["tile"] == 128  # the tile grows with the scale
+    assert c2["tiles_per_image"] * c2["tile"] ** 2 > c1["tiles_per_image"] * c1["tile"] ** 2
     assert a.report["chosen"]["scale_factor"] == a.setting.factor and a.report["reason"]
 
 
@@ -197,6 +205,7 @@ def test_training_records_the_search_and_uses_its_choice(tiny, tmp_path, monkeyp
     rec = m.training["settings"]
     assert [c["scale_factor"] for c in rec["candidates"]] == [1.0, 2.0]  # layers were given: only the scale
     assert m.geometry.scale == pytest.approx(64 / 96 * rec["chosen"]["scale_factor"])
+    assert m.geometry.tile == m.model.image_size == 64 * rec["chosen"]["scale_factor"] == rec["chosen"]["tile"]
     assert list(m.model.layers) == rec["chosen"]["layers"] == ["blocks.2", "blocks.4"]
 
 
@@ -241,3 +250,4 @@ def test_the_default_searches_the_scale_of_large_images_within_its_budget(tmp_pa
     assert rec["mode"] == "auto" and rec["train_budget_s"] == settings.TRAIN_BUDGET_S and rec["spent_before_s"] >= 0
     assert set(rec["expected_final_s"]) == {f"x{c['scale_factor']:g}" for c in rec["candidates"]}
     assert m.geometry.scale == pytest.approx(64 / 128 * rec["chosen"]["scale_factor"])
+    assert m.geometry.tile == 64 * rec["chosen"]["scale_factor"]

@@ -394,7 +394,7 @@ def test_models_tab_names_the_resolution_the_search_chose(page, framed_server):
     v1.locator("dt:has-text('Resolution')").wait_for()
     text = v1.locator("dt:has-text('Resolution') + dd").inner_text()
     # both scales tried (the layers were given), the choice with its tiles, and the search's time
-    assert re.search(r"^x[12] the default scale, layers layer2 \((1|9) tiles per image\); synthetic image AUROC: "
+    assert re.search(r"^x[12] the default scale, layers layer2 \(1 tile of (64|128) px per image\); synthetic image AUROC: "
                      r"x1 layer2 [\d.]+ · x2 layer2 [\d.]+ \(search [\d.]+ s\)$", text), text
 
 

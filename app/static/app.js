@@ -874,7 +874,7 @@ async function loadVersionDetails(name, version, details) {
     if (st && st.chosen) {
       const tried = (st.candidates || []).map((c) => `x${c.scale_factor} ${c.layers.join(",")} ${fmtNum(c.synthetic_image_auroc)}`).join(" · ");
       const out = (st.left_out || []).map((c) => `x${c.scale_factor} left out: ${c.why}`).join(" · ");
-      add("Resolution", `x${st.chosen.scale_factor} the default scale, layers ${st.chosen.layers.join(",")} (${st.chosen.tiles_per_image} tiles per image); synthetic image AUROC: ${tried}${out ? " · " + out : ""} (search ${st.mode === "auto" ? "auto, " : ""}${fmtNum(st.search_s)} s)`);
+      add("Resolution", `x${st.chosen.scale_factor} the default scale, layers ${st.chosen.layers.join(",")} (${st.chosen.tiles_per_image} tile${st.chosen.tiles_per_image === 1 ? "" : "s"}${st.chosen.tile ? ` of ${st.chosen.tile} px` : ""} per image); synthetic image AUROC: ${tried}${out ? " · " + out : ""} (search ${st.mode === "auto" ? "auto, " : ""}${fmtNum(st.search_s)} s)`);
     }
     add("Training", ["epochs", "best_epoch", "batch_size", "lr"].filter((k) => tr[k] != null).map((k) => `${k} ${typeof tr[k] === "number" ? fmtNum(tr[k]) : tr[k]}`).join(" · ") || null);
     const data = man.data || {};

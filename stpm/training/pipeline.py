@@ -110,10 +110,11 @@ def choose_settings(data: str | Path | list[Path], images: GoodImages, model_cfg
     sample = [read_image(images.paths[images.train_idx[i]]) for i in pick]
     choice = settings.choose(options, sample, images.val_images(), len(images.train_idx), images.geometry, model_cfg,
                              config, run, gen, time.monotonic() - started)
-    model_cfg = updated(model_cfg, layers=choice.setting.layers)
-    scale = images.geometry.scale * choice.setting.factor
-    config = config.model_copy(update={"model": updated(config.model, layers=choice.setting.layers),
-                                       "tiling": updated(config.tiling, scale=scale)})
+    g = settings.finer(images.geometry, choice.setting.factor)  # the tile grows with the scale
+    model_cfg = updated(model_cfg, layers=choice.setting.layers, image_size=g.tile)
+    config = config.model_copy(update={
+        "model": updated(config.model, layers=choice.setting.layers, image_size=g.tile),
+        "tiling": updated(config.tiling, scale=g.scale, max_tiles=g.max_tiles)})
     if choice.setting.factor != 1.0:
         images = load_good_images(data, config, skip_bad)  # tiled again at the chosen scale
     return config, model_cfg, images, choice.report

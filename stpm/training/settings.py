@@ -36,7 +36,9 @@ log = logging.getLogger("stpm.training.settings")
 # multiples of the default scale tried when the scale is left open; 4x finer would need 36 or more tiles per
 # image (36x the scoring cost of one tile), beyond MAX_TILES_PER_IMAGE for any shape of image
 SCALE_FACTORS = (1.0, 2.0)
-MAX_TILES_PER_IMAGE = 16  # a finer scale is tried only if the median image then needs at most this many tiles
+# a finer scale is tried only if the median image then needs at most this many default tiles' pixels
+MAX_TILES_PER_IMAGE = 16
+MAX_TILE = 1024  # the largest tile a finer scale grows to (ModelOptions.image_size's bound)
 SAMPLE_IMAGES = 24  # training images each candidate is fitted on (the final fit uses all of them)
 TOLERANCE = 0.01  # synthetic image AUROC a costlier candidate must gain over the cheapest one
 BUDGET_S = 600.0  # a candidate whose full fit would take longer (extrapolated) is not tried further
@@ -61,7 +63,7 @@ AUTO_MAX_SCALE = 0.5
 class Setting:
     factor: float  # the scale as a multiple of the default scale
     layers: tuple[str, ...]
-    tiles: int = field(default=0, compare=False)  # the median image's tiles at this scale (0: not planned)
+    cost: int = field(default=0, compare=False)  # the median image's model input in pixels (0: not planned)
 
     def describe(self) -> str:
         return f"scale x{self.factor:g}, layers {','.join(self.layers)}"
@@ -80,19 +82,38 @@ def candidates(config: TrainingOptions, model_cfg: ModelOptions, geometry: Geome
     if mode == "auto" and geometry.scale > AUTO_MAX_SCALE * (1 + 1e-6):
         return default  # the default scale keeps the detail (at most a 2x reduction): nothing to search
     median = (int(np.median([h for h, _ in sizes])), int(np.median([w for _, w in sizes])))
-    factors = {1.0: plan(*median, geometry).n_tiles}
+    factors = {1.0: _input_pixels(median, geometry)}
     if t.mode == "tile" and t.scale is None and t.resolution is None:
         largest = max(sizes, key=lambda s: s[0] * s[1])
         for f in SCALE_FACTORS[1:]:
-            g = replace(geometry, scale=geometry.scale * f)
-            if plan(*median, g).n_tiles > MAX_TILES_PER_IMAGE or plan(*largest, g).n_tiles > g.max_tiles:
+            g = finer(geometry, f)
+            if (_input_pixels(median, g) > MAX_TILES_PER_IMAGE * geometry.tile ** 2
+                    or plan(*largest, g).n_tiles > g.max_tiles):
                 break
-            factors[f] = plan(*median, g).n_tiles
+            factors[f] = _input_pixels(median, g)
     layer_sets = [model_cfg.layers]
     if mode == "on" and not config.model.layers:  # left open: the method's alternatives too
         layer_sets += [ls for ls in registry.spec(model_cfg.method).layer_candidates(model_cfg.backbone)
                        if ls != model_cfg.layers]
     return [Setting(f, ls, n) for f, n in factors.items() for ls in layer_sets]
+
+
+def finer(geometry: Geometry, factor: float) -> Geometry:
+    """The geometry at `factor` x the default scale. The tile grows with it (up to MAX_TILE px), so an image
+    needs as many tiles as at the default scale, each factor^2 the pixels: bottle at 2x is one 512 px tile,
+    not nine overlapping 256 px ones (2.25x the pixels, and 9 tile borders), at 38 ms per image instead of 117
+    with the same maps (docs/BENCHMARKS.md, "The settings search by default"). max_tiles shrinks to keep
+    the pixel budget (max_tiles x tile^2)."""
+    if factor == 1.0:
+        return geometry
+    tile = min(int(round(geometry.tile * factor)), MAX_TILE)
+    return replace(geometry, scale=geometry.scale * factor, tile=tile,
+                   max_tiles=max(1, geometry.max_tiles * geometry.tile ** 2 // tile ** 2))
+
+
+def _input_pixels(size: tuple[int, int], geometry: Geometry) -> int:
+    """Model input pixels an image of `size` needs at `geometry`: its tiles x the tile's pixels."""
+    return plan(*size, geometry).n_tiles * geometry.tile ** 2
 
 
 @dataclass
@@ -105,9 +126,10 @@ class Trial:
     synthetic_pixel_auroc: float
     per_kind: dict[str, float]
     trial_s: float = 0.0  # the whole trial: the sample fit and the scoring of the synthetic anomalies
+    tile: int = 0  # the tile size in pixels at this setting (finer)
 
     def record(self) -> dict[str, Any]:
-        return {"scale_factor": self.setting.factor, "layers": list(self.setting.layers),
+        return {"scale_factor": self.setting.factor, "layers": list(self.setting.layers), "tile": self.tile,
                 "tiles_per_image": round(self.tiles_per_image, 2), "sample_fit_s": round(self.sample_fit_s, 1),
                 "full_fit_s_estimate": round(self.full_fit_s, 1), "trial_s": round(self.trial_s, 1),
                 "synthetic_image_auroc": self.synthetic_image_auroc,
@@ -123,9 +145,9 @@ def _try(setting: Setting, train_images: list[np.ndarray], val_images: list[np.n
          geometry: Geometry, model_cfg: ModelOptions, config: TrainingOptions, run: FitRun,
          gen: torch.Generator) -> Trial:
     """Fit `setting` on the sample and score it on the synthetic anomalies of the held-out images."""
-    g = replace(geometry, scale=geometry.scale * setting.factor)
+    g = finer(geometry, setting.factor)
     train, val = tile_images(train_images, g), tile_images(val_images, g)
-    cfg = updated(model_cfg, layers=setting.layers)
+    cfg = updated(model_cfg, layers=setting.layers, image_size=g.tile)
     quiet = replace(run, progress=None, show_bar=False)
     t0 = time.monotonic()
     fitted = registry.method(cfg.method).fit(cfg, config.train, FitData(train, val, config.train.seed, gen), quiet)
@@ -135,7 +157,7 @@ def _try(setting: Setting, train_images: list[np.ndarray], val_images: list[np.n
     best = max(chosen.report["candidates"], key=lambda r: r["synthetic_image_auroc"])
     return Trial(setting, len(train.tiles) / max(len(train_images), 1), sample_s,
                  sample_s * n_train / max(len(train_images), 1), best["synthetic_image_auroc"],
-                 best["synthetic_pixel_auroc"], best.get("per_kind_image_auroc", {}), time.monotonic() - t0)
+                 best["synthetic_pixel_auroc"], best.get("per_kind_image_auroc", {}), time.monotonic() - t0, g.tile)
 
 
 def _choose(trials: list[Trial]) -> Trial:
@@ -145,7 +167,7 @@ def _choose(trials: list[Trial]) -> Trial:
     if not better:
         return base
     return max(better, key=lambda t: (t.synthetic_image_auroc, np.nan_to_num(t.synthetic_pixel_auroc, nan=-1.0),
-                                      -t.tiles_per_image))
+                                      -t.tiles_per_image * t.tile ** 2))
 
 
 @dataclass
@@ -251,12 +273,12 @@ def _left_out_because(s: Setting, trials: list[Trial], spent_s: float, sizes: Si
 
 
 def _cost_ratio(base: Trial, s: Setting) -> float:
-    """Roughly how much more a setting's fit costs than the base trial's: as its tiles per image (overlapping
-    tiles: 9 for 4 tiles' area on a square part at 2x), else with the scale squared."""
-    if s.tiles and base.setting.tiles:
-        return s.tiles / base.setting.tiles
+    """Roughly how much more a setting's fit costs than the base trial's: as the model input its median
+    image needs (tiles x tile pixels), else with the scale squared."""
+    if s.cost and base.setting.cost:
+        return s.cost / base.setting.cost
     return (s.factor / base.setting.factor) ** 2
 
 
 __all__ = ["AUTO_MAX_SCALE", "MIN_HELD_OUT", "SAMPLE_IMAGES", "TRAIN_BUDGET_S", "Choice", "Setting", "candidates", "choose",
-           "expected_final_s", "sample_indices"]
+           "expected_final_s", "finer", "sample_indices"]
