@@ -200,7 +200,7 @@ class TrainOptions(Section):
     search_settings: SearchMode = option(
         "auto", "choose what the options leave open on synthetic anomalies of the held-out good images (PatchCore, "
         ">= 10 held-out images): on: the resolution (the default and 2x finer) and the feature layers (up to 8 "
-        "minutes more training; a finer choice scores up to 9x slower); auto: the resolution alone, only where "
+        "minutes more training; a finer choice scores about 4x slower); auto: the resolution alone, only where "
         "the default scale shrinks the images 2x or more, and 2x finer only where the whole training is expected "
         "to fit in 12 minutes; off: neither")
 

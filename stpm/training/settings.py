@@ -33,8 +33,8 @@ from stpm.training.selection import PER_IMAGE, select
 
 log = logging.getLogger("stpm.training.settings")
 
-# multiples of the default scale tried when the scale is left open; 4x finer would need 36 or more tiles per
-# image (36x the scoring cost of one tile), beyond MAX_TILES_PER_IMAGE for any shape of image
+# multiples of the default scale tried when the scale is left open; 4x finer would need 16x the default's model
+# input (a 1024 px tile where the default needs one of 256), and 16x its scoring cost
 SCALE_FACTORS = (1.0, 2.0)
 # a finer scale is tried only if the median image then needs at most this many default tiles' pixels
 MAX_TILES_PER_IMAGE = 16
