@@ -89,6 +89,7 @@ BLOCKS: dict[str, Block] = {
     "quality_lite2": Block("benchmarks/quality.py", "quality_lite2.json", both_markdown),
     "quality_stpm_ksdd": Block("benchmarks/quality.py", "quality_stpm_ksdd.json", both_markdown),
     "quality_stpm_bm": Block("benchmarks/quality.py", "quality_stpm_bm.json", both_markdown),
+    "quality_x2tile_ksdd": Block("benchmarks/quality.py", "quality_x2tile_ksdd.json", both_markdown),
     "quality_half_ksdd": Block("benchmarks/quality.py", "quality_half_ksdd.json", both_markdown),
     "quality_search_auto": Block("benchmarks/quality.py", "quality_search_auto.json", both_markdown),
     "quality_stpm_cf": Block("benchmarks/quality.py", "quality_stpm_cf.json", both_markdown),
