@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.1, help="paper: 0.4 at batch 32; scaled linearly")
     ap.add_argument("--datasets", default=",".join(DATASETS))
-    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), half (half the resolution), stride4 (a stride-4 patch grid), stride4_bank (the same, the default's bank rows), mirrors (the bank and the map averaged over the hv mirrors), mirrors_bank (the same, the default's bank rows), "
+    ap.add_argument("--configs", default="default,stpm", help="method configurations: default, lite2 (the Lite2 teacher), x2 (twice the resolution), x2_tile (the same with a 512 px tile), half (half the resolution), stride4 (a stride-4 patch grid), stride4_bank (the same, the default's bank rows), mirrors (the bank and the map averaged over the hv mirrors), mirrors_bank (the same, the default's bank rows), "
                     "no_prior (the default without a position prior), nbhd1 / nbhd5 (--neighbourhood 1 or 5, not 3), "
                     "search (--search-settings on), no_search (--search-settings off), stpm, stpm_cf (stpm with "
                     "--refit-folds)")
@@ -153,7 +153,8 @@ def config_of(label: str, a: argparse.Namespace) -> TrainingOptions:
     """default: what `stpm train DATA --name X` does (only the device set); lite2: the same on the larger
     EfficientNet-Lite2 teacher (its default layers); x2: the same at twice the default resolution (the
     training images' median short side scaled to two tiles, not one: what `--search-settings` calls scale
-    x2, here fixed); half: the same at half the default resolution (the median short side scaled to half a tile,
+    x2, here fixed); x2_tile: x2 with the tile doubled too (what the search's 2x now is: stpm.training.settings.finer);
+half: the same at half the default resolution (the median short side scaled to half a tile,
 padded to one); stride4: the default layers plus blocks.1, so the patch grid is stride 4 (4x the patches and
 queries; benchmarks/feature_taps.py); stride4_bank: the same with a quarter of the coreset ratio, so the bank keeps
 the default's rows; mirrors: the default with `--mirrors hv` (the bank also holds each good tile's three
@@ -200,15 +201,16 @@ keeps the settings search off, so it is the default *scale* with its one change,
     return TrainingOptions(model=model, train=train, tiling=tiling, calibration=calibration)
 
 
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")  # what decides a CPU's speed here
+
+
 def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from stpm.runtime.cpu import cpu_flags, cpu_name
+
+    flags = " ".join(f for f in SIMD_FLAGS if f in cpu_flags()) or "none of " + " ".join(SIMD_FLAGS)
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"load average at start {os.getloadavg()[0]:.1f}")
+    return (f"{cpu_name()} ({flags}), {os.cpu_count()} cores{gpu}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), load average at start {os.getloadavg()[0]:.1f}")
 
 
 def score_ms_per_image(bundle_dir: Path, data: Path, device: str) -> float:

@@ -82,22 +82,22 @@ def test_auto_buys_a_finer_scale_only_where_the_whole_training_fits_its_budget()
     when the default's trial at the area ratio (4x: a lower bound, whatever the tiles) says the whole training
     would overrun, and after it when its own trial says so. `on` has no whole-training budget."""
     base = settings.Trial(settings.Setting(1.0, ("a",)), 1.0, 1.0, 5.0, 0.9, 0.9, {}, trial_s=31.0)
-    sizes = settings.Sizes(n_train=20, n_val=10, spent_before_s=5.0)
+    budget = settings.Budget(n_train=20, n_val=10, spent_before_s=5.0)
     # scoring: 30 s for 10 held-out images and their 20 synthetic anomalies -> 1 s per image, 50 images
-    assert settings.expected_final_s(base, sizes) == pytest.approx(5 + settings.FINAL_SCORING_FACTOR * 50)
-    assert settings.expected_final_s(base, sizes, 4.0) == pytest.approx(4 * settings.expected_final_s(base, sizes))
+    assert settings.expected_final_s(base, budget) == pytest.approx(5 + settings.FINAL_SCORING_FACTOR * 50)
+    assert settings.expected_final_s(base, budget, 4.0) == pytest.approx(4 * settings.expected_final_s(base, budget))
     finer = settings.Setting(2.0, ("a",))
-    whole = sizes.spent_before_s + 31 + 4 * 31 + 4 * settings.expected_final_s(base, sizes)
-    assert whole < settings.TRAIN_BUDGET_S and settings._left_out_because(finer, [base], 31.0, sizes) is None
-    big = settings.Sizes(n_train=1000, n_val=10, spent_before_s=5.0)
+    whole = budget.spent_before_s + 31 + 4 * 31 + 4 * settings.expected_final_s(base, budget)
+    assert whole < settings.TRAIN_BUDGET_S and settings._left_out_because(finer, [base], 31.0, budget) is None
+    big = settings.Budget(n_train=1000, n_val=10, spent_before_s=5.0)
     assert "whole training" in settings._left_out_because(finer, [base], 31.0, big)
-    assert settings._left_out_because(finer, [base], 31.0, settings.Sizes(1000, 10, None)) is None  # on
+    assert settings._left_out_because(finer, [base], 31.0, settings.Budget(1000, 10, None)) is None  # on
     # planned at 9 overlapping tiles, 2x would overrun by the tiles, but the screen leaves out only what cannot fit
     tiled = settings.Trial(settings.Setting(1.0, ("a",), 1), 1.0, 1.0, 5.0, 0.9, 0.9, {}, trial_s=31.0)
-    assert sizes.spent_before_s + 31 + 9 * 31 + 9 * settings.expected_final_s(base, sizes) > settings.TRAIN_BUDGET_S
-    assert settings._left_out_because(settings.Setting(2.0, ("a",), 9), [tiled], 31.0, sizes) is None
-    assert settings._over_budget(base, 0.0, sizes) is None
-    assert "whole training" in settings._over_budget(base, settings.TRAIN_BUDGET_S, sizes)
+    assert budget.spent_before_s + 31 + 9 * 31 + 9 * settings.expected_final_s(base, budget) > settings.TRAIN_BUDGET_S
+    assert settings._left_out_because(settings.Setting(2.0, ("a",), 9), [tiled], 31.0, budget) is None
+    assert settings._over_budget(base, 0.0, budget) is None
+    assert "whole training" in settings._over_budget(base, settings.TRAIN_BUDGET_S, budget)
 
 
 def _trial(factor: float, layers: tuple[str, ...], auroc: float) -> settings.Trial:

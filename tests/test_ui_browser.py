@@ -373,13 +373,18 @@ def test_models_tab_activate_and_delete(page, server):
     assert httpx.get(server + "/models/demo").json()["active_version"] == "v1"
 
 
-def test_models_tab_names_the_position_prior(page, framed_server):
-    page.goto(framed_server + "/#models")
-    v1 = page.locator("section.model[data-model='framed'] tr[data-version='v1']")
+def open_details(page, url: str, model: str, line: str):
+    """The Models tab's row of `model`/v1 with its calibration details open and their `line` shown."""
+    page.goto(url + "/#models")
+    v1 = page.locator(f"section.model[data-model='{model}'] tr[data-version='v1']")
     v1.wait_for()
     v1.locator("summary:has-text('Calibration')").click()
-    v1.locator("dt:has-text('Image score')").wait_for()
-    text = v1.inner_text()
+    v1.locator(f"dt:has-text('{line}')").wait_for()
+    return v1
+
+
+def test_models_tab_names_the_position_prior(page, framed_server):
+    text = open_details(page, framed_server, "framed", "Image score").inner_text()
     assert "max · less a position prior (8 × 8 grid)" in text  # 64 px maps in 8 px cells
     assert "kept (on): synthetic image AUROC" in text and "from 9 out-of-fold images" in text  # 12 less 3 held out
     # cross-fitted calibration: the count says where its good scores came from
@@ -387,11 +392,7 @@ def test_models_tab_names_the_position_prior(page, framed_server):
 
 
 def test_models_tab_names_the_resolution_the_search_chose(page, framed_server):
-    page.goto(framed_server + "/#models")
-    v1 = page.locator("section.model[data-model='searched'] tr[data-version='v1']")
-    v1.wait_for()
-    v1.locator("summary:has-text('Calibration')").click()
-    v1.locator("dt:has-text('Resolution')").wait_for()
+    v1 = open_details(page, framed_server, "searched", "Resolution")
     text = v1.locator("dt:has-text('Resolution') + dd").inner_text()
     # both scales tried (the layers were given), the choice with its tiles, and the search's time
     assert re.search(r"^x[12] the default scale, layers layer2 \(1 tile of (64|128) px per image\); synthetic image AUROC: "

@@ -82,10 +82,11 @@ def _target_threshold(s: np.ndarray, fit: TailFit, alpha: float) -> tuple[float,
     the higher of it and a distribution-free bound -> (threshold, (the bound's conformal rank k, the test
     that showed the heavier tail: LARGEST or COUNT) when the bound set it, else None). With scores enough
     for a conformal bound at alpha (n >= (1 - alpha) / alpha), heavier means more of them reach the fitted
-    threshold than the family allows (binomial p < HEAVY_TAIL_P) and the bound is the k-th smallest. Where that bound would be the largest score (k = n) or there is none, a count cannot
-    show a heavier tail; the sign left is a largest score further out than the family puts the largest of n
-    (TailFit.max_p_value < HEAVY_TAIL_P), and the bound is that largest score, whose rate is 1 / (n + 1):
-    within alpha where k = n, above it (and said to be) where there is no bound."""
+    threshold than the family allows (binomial p < HEAVY_TAIL_P) and the bound is the k-th smallest. Where
+    that bound would be the largest score (k = n) or there is none, a count cannot show a heavier tail; the
+    sign left is a largest score further out than the family puts the largest of n (TailFit.max_p_value <
+    HEAVY_TAIL_P), and the bound is that largest score, whose rate is 1 / (n + 1): within alpha where k = n,
+    above it (and said to be) where there is no bound."""
     thr, k = fit.threshold(alpha), conformal_rank(s.size, alpha)
     if k is None or k == s.size:  # no bound at alpha, or the bound is the largest score: a count cannot tell
         if fit.max_p_value() < HEAVY_TAIL_P and float(s.max()) > thr:

@@ -185,10 +185,10 @@ def choose(settings: list[Setting], train_images: list[np.ndarray], val_images: 
     went before the search)."""
     trials: list[Trial] = []
     left_out: list[dict[str, Any]] = []
-    sizes = Sizes(n_train, len(val_images), spent_before_s if config.train.search_settings == "auto" else None)
+    budget = Budget(n_train, len(val_images), spent_before_s if config.train.search_settings == "auto" else None)
     t0 = time.monotonic()
     for s in settings:
-        why = _left_out_because(s, trials, time.monotonic() - t0, sizes)
+        why = _left_out_because(s, trials, time.monotonic() - t0, budget)
         if why:
             log.info("settings: %s left out (%s)", s.describe(), why)
             left_out.append({"scale_factor": s.factor, "layers": list(s.layers), "why": why})
@@ -199,7 +199,7 @@ def choose(settings: list[Setting], train_images: list[np.ndarray], val_images: 
         trial = _try(s, train_images, val_images, n_train, geometry, model_cfg, config, run, gen)
         log.info("settings: %s: synthetic image AUROC %.4f (%.0f s on %d images)", s.describe(),
                  trial.synthetic_image_auroc, trial.sample_fit_s, len(train_images))
-        why = _over_budget(trial, time.monotonic() - t0, sizes) if trials else None
+        why = _over_budget(trial, time.monotonic() - t0, budget) if trials else None
         if why:  # measured, but the final training it would lead to is not affordable
             log.info("settings: %s not chosen (%s)", s.describe(), why)
             left_out.append({**trial.record(), "why": why})
@@ -211,46 +211,46 @@ def choose(settings: list[Setting], train_images: list[np.ndarray], val_images: 
               "search_budget_s": SEARCH_BUDGET_S, "search_s": round(time.monotonic() - t0, 1),
               "reason": "the cheapest setting (default scale and layers first) unless another beats its synthetic "
                         f"image AUROC by {TOLERANCE}; then the best of those"}
-    if sizes.spent_before_s is not None:
+    if budget.spent_before_s is not None:
         report.update(mode="auto", train_budget_s=TRAIN_BUDGET_S, spent_before_s=round(spent_before_s, 1),
-                      expected_final_s={f"x{t.setting.factor:g}": round(expected_final_s(t, sizes), 1)
+                      expected_final_s={f"x{t.setting.factor:g}": round(expected_final_s(t, budget), 1)
                                         for t in trials})
     return Choice(best.setting, report)
 
 
 @dataclass(frozen=True)
-class Sizes:
-    """What the whole-training budget needs to know: the final fit's images, and the time spent before the
-    search (None: no whole-training budget, `search_settings` on)."""
+class Budget:
+    """What the whole-training budget (TRAIN_BUDGET_S) needs to know: the final fit's images, and the time
+    spent before the search (None: no whole-training budget, `search_settings` on)."""
 
     n_train: int
     n_val: int
     spent_before_s: float | None
 
 
-def expected_final_s(trial: Trial, sizes: Sizes, ratio: float = 1.0) -> float:
+def expected_final_s(trial: Trial, budget: Budget, ratio: float = 1.0) -> float:
     """The final training at a trial's setting (x `ratio` the cost), expected from the trial: its sample fit
     scaled to every training image, and its scoring (each held-out image and its PER_IMAGE synthetic
     anomalies) scaled to the final model's passes: every training image out of fold, and the held-out images
     and their synthetic anomalies again (model selection), at FINAL_SCORING_FACTOR the cost per image."""
-    scored = sizes.n_val * (1 + PER_IMAGE)
+    scored = budget.n_val * (1 + PER_IMAGE)
     per_image = max(trial.trial_s - trial.sample_fit_s, 0.0) / max(scored, 1)
-    return ratio * (trial.full_fit_s + FINAL_SCORING_FACTOR * per_image * (sizes.n_train + scored))
+    return ratio * (trial.full_fit_s + FINAL_SCORING_FACTOR * per_image * (budget.n_train + scored))
 
 
-def _over_budget(trial: Trial, spent_s: float, sizes: Sizes, ratio: float = 1.0, ahead_s: float = 0.0) -> str | None:
+def _over_budget(trial: Trial, spent_s: float, budget: Budget, ratio: float = 1.0, ahead_s: float = 0.0) -> str | None:
     """Why the whole training would overrun TRAIN_BUDGET_S (auto only) at `trial`'s setting, or at a setting
     `ratio` times as costly whose trial is still `ahead_s` away; else None."""
-    if sizes.spent_before_s is None:
+    if budget.spent_before_s is None:
         return None
-    total = sizes.spent_before_s + spent_s + ahead_s + expected_final_s(trial, sizes, ratio)
+    total = budget.spent_before_s + spent_s + ahead_s + expected_final_s(trial, budget, ratio)
     if total > TRAIN_BUDGET_S:
         return (f"the whole training would take about {total:.0f} s, over the {TRAIN_BUDGET_S:.0f} s of "
                 "search_settings auto")
     return None
 
 
-def _left_out_because(s: Setting, trials: list[Trial], spent_s: float, sizes: Sizes | None = None) -> str | None:
+def _left_out_because(s: Setting, trials: list[Trial], spent_s: float, budget: Budget | None = None) -> str | None:
     """Why a setting is not tried (the time budgets), or None. A trial's time is mostly the scoring of the
     held-out images' synthetic anomalies, not its sample fit (bottle at 2x: 19 s of fit in a search of 762
     s), so the search budget is checked against the time the trial is expected to take (the first trial's,
@@ -263,13 +263,13 @@ def _left_out_because(s: Setting, trials: list[Trial], spent_s: float, sizes: Si
                 f"{spent_s:.0f} s)")
     if trials and trials[0].full_fit_s * _cost_ratio(trials[0], s) > BUDGET_S:
         return f"its full fit would exceed {BUDGET_S:.0f} s"
-    if trials and sizes is not None:
+    if trials and budget is not None:
         # the whole-training budget (auto) screens with the area ratio, a lower bound on the cost (tiles cover at
         # least the area; the trials' fixed costs do not grow): only what cannot fit is left out untried, and the
         # candidate's own trial then decides (choose). By the tiles, bottle's 2x would be expected at 474 s where
         # it took 319 s (Zen 5), and a CPU half as fast would never try it.
         area = (s.factor / trials[0].setting.factor) ** 2
-        return _over_budget(trials[0], spent_s, sizes, area, trials[0].trial_s * area)
+        return _over_budget(trials[0], spent_s, budget, area, trials[0].trial_s * area)
     return None
 
 
